@@ -1,0 +1,72 @@
+// Whole-sequence pieces shared by the CPU drivers of every cell: the input projection
+// of all T steps as one GEMM, the weight and input gradients as whole-sequence GEMMs
+// after the reverse-time loop, and the parallel split of a step's pointwise work.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <optional>
+
+namespace rnnfast::cpu {
+
+using at::Tensor;
+
+// Time index of step s (0-based, in the order the forward pass visits them).
+inline int64_t time_index(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+
+// pre [T, N, G*H] = x W_ih^T + bias, in one GEMM over all T*N rows.
+inline Tensor input_projection(const Tensor& x, const Tensor& w_ih,
+                               const std::optional<Tensor>& bias) {
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
+  const Tensor x2d = x.view({T * N, C});
+  Tensor pre = bias ? at::addmm(*bias, x2d, w_ih.t()) : at::mm(x2d, w_ih.t());
+  return pre.view({T, N, w_ih.size(0)});
+}
+
+// Sum of two optional biases, or whichever exists.
+inline std::optional<Tensor> sum_biases(const std::optional<Tensor>& a,
+                                        const std::optional<Tensor>& b) {
+  if (a && b) return *a + *b;
+  if (a) return *a;
+  return b;
+}
+
+// Splits rows [0, rows) over threads, giving each task enough elements to pay for it.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t elements_per_row, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, elements_per_row));
+  at::parallel_for(0, rows, grain, f);
+}
+
+// dW_hh [G*H, H] = sum_t dg_hh[t]^T h_{t-1}, where h_{t-1} is h0 at the first step the
+// forward pass visited and the neighbouring y otherwise: two GEMMs, no gather.
+inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const Tensor& h0,
+                                    bool reverse) {
+  const int64_t T = dg_hh.size(0), GH = dg_hh.size(2), H = y.size(2);
+  const int64_t first = reverse ? T - 1 : 0;
+  Tensor dw_hh = at::mm(dg_hh[first].t(), h0);
+  if (T > 1) {
+    const Tensor dg = reverse ? dg_hh.narrow(0, 0, T - 1) : dg_hh.narrow(0, 1, T - 1);
+    const Tensor hp = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
+    dw_hh.addmm_(dg.reshape({-1, GH}).t(), hp.reshape({-1, H}));
+  }
+  return dw_hh;
+}
+
+struct InputGrads {
+  Tensor dx, dw_ih;
+};
+
+// dx [T, N, C] = dg_ih W_ih and dW_ih = dg_ih^T x, each one GEMM over all T*N rows.
+inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor& w_ih) {
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
+  const Tensor dg2d = dg_ih.view({T * N, -1});
+  return {at::mm(dg2d, w_ih).view({T, N, C}), at::mm(dg2d.t(), x.view({T * N, C}))};
+}
+
+// db [G*H] = sum over T and N of the gate gradients.
+inline Tensor bias_grad(const Tensor& dg) { return dg.sum(at::IntArrayRef{0, 1}); }
+
+}  // namespace rnnfast::cpu

@@ -1,0 +1,80 @@
+// Every op schema of rnnfast, in one place. Device bodies live in cpu/ and cuda/;
+// fake (meta) implementations are registered from Python (rnnfast/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "rnnfast.h"
+
+namespace rnnfast {
+
+static void check_float_tensor(const char* op, const char* name, const Tensor& t,
+                               const Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": expected ", name, " to have dtype ",
+              like.scalar_type(), " like the input, but got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on device ", like.device(),
+              " like the input, but got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous");
+}
+
+void check_same_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape,
+                      const Tensor& like) {
+  TORCH_CHECK(t.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", but got ",
+              t.sizes());
+  check_float_tensor(op, name, t, like);
+}
+
+void check_layer_inputs(const char* op, int64_t gates, const Tensor& x, const Tensor& h0,
+                        const Tensor& w_ih, const Tensor& w_hh,
+                        const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {
+  TORCH_CHECK(x.dim() == 3, op, ": expected x of shape [T, N, C], but got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
+              ": expected a floating-point input, but got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), op, ": expected a contiguous x");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), op,
+              ": expected w_hh of shape [", gates, "*H, H], but got ", w_hh.sizes());
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = w_hh.size(1);
+  (void)T;
+  check_same_shape(op, "w_ih", w_ih, {gates * H, C}, x);
+  check_same_shape(op, "w_hh", w_hh, {gates * H, H}, x);
+  check_same_shape(op, "h0", h0, {N, H}, x);
+  if (b_ih) check_same_shape(op, "b_ih", *b_ih, {gates * H}, x);
+  if (b_hh) check_same_shape(op, "b_hh", *b_hh, {gates * H}, x);
+}
+
+}  // namespace rnnfast
+
+TORCH_LIBRARY(rnnfast, m) {
+  // activation: 0 tanh, 1 relu, 2 identity (see rnnfast.h)
+  m.def("rnn_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "int activation, bool reverse, bool training) -> (Tensor y, Tensor hn)");
+  m.def("rnn_backward(Tensor dy, Tensor dhn, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
+        "Tensor y, int activation, bool reverse) "
+        "-> (Tensor dx, Tensor dh0, Tensor dw_ih, Tensor dw_hh, Tensor db)");
+  m.def("lstm_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+        "Tensor? b_hh, bool reverse, bool training) "
+        "-> (Tensor y, Tensor hn, Tensor cn, Tensor workspace)");
+  m.def("lstm_backward(Tensor dy, Tensor dhn, Tensor dcn, Tensor x, Tensor h0, Tensor c0, "
+        "Tensor w_ih, Tensor w_hh, Tensor y, Tensor workspace, bool reverse) "
+        "-> (Tensor dx, Tensor dh0, Tensor dc0, Tensor dw_ih, Tensor dw_hh, Tensor db)");
+  m.def("gru_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "bool reverse, bool training) -> (Tensor y, Tensor hn, Tensor workspace)");
+  m.def("gru_backward(Tensor dy, Tensor dhn, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
+        "Tensor y, Tensor workspace, bool reverse) "
+        "-> (Tensor dx, Tensor dh0, Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
+}
+
+TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
+  m.impl("rnn_forward", &rnnfast::rnn_forward_cpu);
+  m.impl("rnn_backward", &rnnfast::rnn_backward_cpu);
+  m.impl("lstm_forward", &rnnfast::lstm_forward_cpu);
+  m.impl("lstm_backward", &rnnfast::lstm_backward_cpu);
+  m.impl("gru_forward", &rnnfast::gru_forward_cpu);
+  m.impl("gru_backward", &rnnfast::gru_backward_cpu);
+}
+
+// `import rnnfast._C` loads this library, whose static initialisers register the ops
+// above with the dispatcher; the Python module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,81 @@
+// rnnfast: fused recurrent layers for PyTorch.
+//
+// Shape legend (every tensor is contiguous and time-major at the op boundary):
+//   T  time steps            N  batch            C  input features
+//   H  hidden units          G  gates per cell   (Elman 1, LSTM 4, GRU 3)
+//   x [T, N, C]   h0, c0, hn, cn [N, H]   y [T, N, H]
+//   w_ih [G*H, C]   w_hh [G*H, H]   b_ih, b_hh [G*H]   (torch.nn's layout and gate order)
+//
+// One op call runs one layer in one direction over the whole sequence. `reverse`
+// walks the time axis from T-1 down to 0 (the backward half of a bidirectional
+// layer) without copying the input.
+//
+// Cell equations, exactly torch.nn's:
+//   Elman:  h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act in {tanh, relu, identity}
+//   LSTM:   i,f,g,o = sigma,sigma,tanh,sigma(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)
+//           c_t = f * c_{t-1} + i * g,   h_t = o * tanh(c_t)
+//   GRU:    r = sigma(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)
+//           z = sigma(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)
+//           n = tanh(W_in x_t + b_in + r * (W_hn h_{t-1} + b_hn))
+//           h_t = (1 - z) * n + z * h_{t-1}
+//
+// Saved for backward (only when `training` is true; inference saves nothing):
+//   Elman: nothing beyond y (the activation's derivative is a function of h_t).
+//   LSTM:  workspace [T, N, 5H] = activated i, f, g, o and c_t.
+//   GRU:   workspace [T, N, 4H] = r, z, n and (W_hn h_{t-1} + b_hn).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace rnnfast {
+
+using at::Tensor;
+
+// Elman activations; the integer values are part of the op schema.
+enum class Activation : int64_t { Tanh = 0, Relu = 1, Identity = 2 };
+
+// ---- Elman (RNN_TANH, RNN_RELU, and SimpleRNN's linear recurrence) ----
+// returns (y, hn)
+std::tuple<Tensor, Tensor> rnn_forward_cpu(
+    const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    int64_t activation, bool reverse, bool training);
+// returns (dx, dh0, dw_ih, dw_hh, db)   (db is the gradient of b_ih and of b_hh)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0,
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, int64_t activation, bool reverse);
+
+// ---- LSTM ----
+// returns (y, hn, cn, workspace)
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, bool reverse,
+    bool training);
+// returns (dx, dh0, dc0, dw_ih, dw_hh, db)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cpu(
+    const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& y,
+    const Tensor& workspace, bool reverse);
+
+// ---- GRU ----
+// returns (y, hn, workspace)
+std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(
+    const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, bool reverse,
+    bool training);
+// returns (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+    const Tensor& w_hh, const Tensor& y, const Tensor& workspace, bool reverse);
+
+// Checks shared by every op at its boundary. `gates` is G.
+void check_layer_inputs(const char* op, int64_t gates, const Tensor& x, const Tensor& h0,
+                        const Tensor& w_ih, const Tensor& w_hh,
+                        const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh);
+void check_same_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape,
+                      const Tensor& like);
+
+}  // namespace rnnfast

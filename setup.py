@@ -1,0 +1,95 @@
+"""Builds rnnfast._C: the C++ kernels always, the CUDA kernels when torch has CUDA and a
+toolkit is found (no GPU needed).
+
+Environment:
+  RNNFAST_NO_CUDA=1        build the C++ kernels only
+  TORCH_CUDA_ARCH_LIST     CUDA archs to build (default: the visible GPU's, or
+                           8.0;8.6;8.9;9.0+PTX when none is visible)
+  CUDA_HOME                the CUDA toolkit (default: /usr/local/cuda when it has nvcc)
+  MAX_JOBS                 parallel compile jobs (ninja)
+  RNNFAST_DEBUG=1          -O0 -g, for debuggers and sanitizers
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+
+def _find_cuda_home():
+    """A CUDA toolkit with nvcc, preferring CUDA_HOME, then /usr/local/cuda.
+
+    Must run before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, and
+    left alone it can guess the directory of an nvcc wrapper rather than the toolkit.
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    return None
+
+
+def _nvidia_wheel_includes():
+    """Header folders of torch's nvidia-* wheels (cuBLAS, cuSPARSE, ...), which ATen's CUDA
+    headers include and a partial toolkit may lack."""
+    dirs = []
+    for site in sys.path:
+        for pattern in ("nvidia/*/include", "nvidia/*/*/include"):
+            dirs += [d for d in sorted(glob.glob(os.path.join(site, pattern))) if os.path.isdir(d)]
+    return list(dict.fromkeys(dirs))
+
+
+cuda_home = None if os.environ.get("RNNFAST_NO_CUDA") == "1" else _find_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+with_cuda = bool(cuda_home) and torch.version.cuda is not None and bool(cuda_sources)
+
+debug = os.environ.get("RNNFAST_DEBUG") == "1"
+opt = ["-O0", "-g"] if debug else ["-O3"]
+# torch.utils.cpp_extension picks the C++ standard that the installed torch needs.
+cxx_flags = opt + ["-fvisibility=hidden"]
+extra_compile_args = {"cxx": cxx_flags}
+define_macros = []
+include_dirs = [os.path.join(ROOT, "csrc")]
+
+if with_cuda:
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+    include_dirs += _nvidia_wheel_includes()
+    extra_compile_args["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+    define_macros.append(("RNNFAST_WITH_CUDA", None))
+    ext = CUDAExtension(
+        "rnnfast._C",
+        cpp_sources + cuda_sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+    )
+else:
+    ext = CppExtension(
+        "rnnfast._C",
+        cpp_sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+    )
+
+print(
+    f"rnnfast: torch {torch.__version__}, CUDA build: {with_cuda}"
+    + (f" ({cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPU')})" if with_cuda else ""),
+    file=sys.stderr,
+)
+
+# Name, version and packages are in pyproject.toml.
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

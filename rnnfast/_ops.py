@@ -1,0 +1,128 @@
+"""The compiled ops, their fake (meta) implementations, and one autograd.Function per cell
+family. Every op runs one layer in one direction over a whole time-major sequence; the
+shape legend and the equations are in csrc/rnnfast.h.
+"""
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers torch.ops.rnnfast.*)
+
+ops = torch.ops.rnnfast
+
+# Elman activations, as the ops number them.
+ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
+
+
+# ---- fake implementations: shapes and dtypes only, for torch.compile and opcheck ----
+
+@torch.library.register_fake("rnnfast::rnn_forward")
+def _rnn_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, training):
+    T, N, _ = x.shape
+    H = w_hh.shape[1]
+    return x.new_empty(T, N, H), x.new_empty(N, H)
+
+
+@torch.library.register_fake("rnnfast::rnn_backward")
+def _rnn_backward_fake(dy, dhn, x, h0, w_ih, w_hh, y, activation, reverse):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+
+
+@torch.library.register_fake("rnnfast::lstm_forward")
+def _lstm_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training):
+    T, N, _ = x.shape
+    H = w_hh.shape[1]
+    return (x.new_empty(T, N, H), x.new_empty(N, H), x.new_empty(N, H),
+            x.new_empty(T if training else 0, N, 5 * H))
+
+
+@torch.library.register_fake("rnnfast::lstm_backward")
+def _lstm_backward_fake(dy, dhn, dcn, x, h0, c0, w_ih, w_hh, y, workspace, reverse):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0),
+            torch.empty_like(w_ih), torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+
+
+@torch.library.register_fake("rnnfast::gru_forward")
+def _gru_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training):
+    T, N, _ = x.shape
+    H = w_hh.shape[1]
+    return (x.new_empty(T, N, H), x.new_empty(N, H),
+            x.new_empty(T if training else 0, N, 4 * H))
+
+
+@torch.library.register_fake("rnnfast::gru_backward")
+def _gru_backward_fake(dy, dhn, x, h0, w_ih, w_hh, y, workspace, reverse):
+    G = w_hh.shape[0]
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), w_hh.new_empty(G), w_hh.new_empty(G))
+
+
+# ---- autograd ----
+
+def _bias_grads(has_bias, db_ih, db_hh):
+    """The gradients of the biases that exist. Elman and LSTM pass one db for both, cloned
+    once so that b_ih.grad and b_hh.grad never share storage."""
+    return (db_ih if has_bias[0] else None, db_hh if has_bias[1] else None)
+
+
+class RNNFunction(torch.autograd.Function):
+    """One Elman layer and direction: (x, h0, w_ih, w_hh, b_ih, b_hh) -> (y, hn)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse):
+        training = any(ctx.needs_input_grad[:6])
+        y, hn = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, training)
+        if training:
+            ctx.save_for_backward(x, h0, w_ih, w_hh, y)
+            ctx.activation, ctx.reverse = activation, reverse
+            ctx.has_bias = (b_ih is not None, b_hh is not None)
+        return y, hn
+
+    @staticmethod
+    def backward(ctx, dy, dhn):
+        x, h0, w_ih, w_hh, y = ctx.saved_tensors
+        dx, dh0, dw_ih, dw_hh, db = ops.rnn_backward(
+            dy.contiguous(), dhn.contiguous(), x, h0, w_ih, w_hh, y, ctx.activation, ctx.reverse)
+        return (dx, dh0, dw_ih, dw_hh) + _bias_grads(ctx.has_bias, db, db.clone()) + (None, None)
+
+
+class LSTMFunction(torch.autograd.Function):
+    """One LSTM layer and direction: (x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> (y, hn, cn)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+        training = any(ctx.needs_input_grad[:7])
+        y, hn, cn, workspace = ops.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training)
+        if training:
+            ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, workspace)
+            ctx.reverse = reverse
+            ctx.has_bias = (b_ih is not None, b_hh is not None)
+        return y, hn, cn
+
+    @staticmethod
+    def backward(ctx, dy, dhn, dcn):
+        x, h0, c0, w_ih, w_hh, y, workspace = ctx.saved_tensors
+        dx, dh0, dc0, dw_ih, dw_hh, db = ops.lstm_backward(
+            dy.contiguous(), dhn.contiguous(), dcn.contiguous(), x, h0, c0, w_ih, w_hh, y,
+            workspace, ctx.reverse)
+        return (dx, dh0, dc0, dw_ih, dw_hh) + _bias_grads(ctx.has_bias, db, db.clone()) + (None,)
+
+
+class GRUFunction(torch.autograd.Function):
+    """One GRU layer and direction: (x, h0, w_ih, w_hh, b_ih, b_hh) -> (y, hn)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, reverse):
+        training = any(ctx.needs_input_grad[:6])
+        y, hn, workspace = ops.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training)
+        if training:
+            ctx.save_for_backward(x, h0, w_ih, w_hh, y, workspace)
+            ctx.reverse = reverse
+            ctx.has_bias = (b_ih is not None, b_hh is not None)
+        return y, hn
+
+    @staticmethod
+    def backward(ctx, dy, dhn):
+        x, h0, w_ih, w_hh, y, workspace = ctx.saved_tensors
+        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = ops.gru_backward(
+            dy.contiguous(), dhn.contiguous(), x, h0, w_ih, w_hh, y, workspace, ctx.reverse)
+        return (dx, dh0, dw_ih, dw_hh) + _bias_grads(ctx.has_bias, db_ih, db_hh) + (None,)

@@ -40,17 +40,26 @@ void parallel_rows(int64_t rows, int64_t elements_per_row, const F& f) {
   at::parallel_for(0, rows, grain, f);
 }
 
+// a^T b for a [K, M], b [K, P]: the weight-gradient GEMMs, reducing over all T*N rows.
+// MKL sums a long K far less accurately when the output is narrow (P of a few columns)
+// than when it is wide; computing (b^T a)^T when P < M keeps the error at torch.nn's level
+// for every shape, for the price of transposing the small [M, P] result.
+inline Tensor mm_tn(const Tensor& a, const Tensor& b) {
+  if (b.size(1) < a.size(1)) return at::mm(b.t(), a).t().contiguous();
+  return at::mm(a.t(), b);
+}
+
 // dW_hh [G*H, H] = sum_t dg_hh[t]^T h_{t-1}, where h_{t-1} is h0 at the first step the
 // forward pass visited and the neighbouring y otherwise: two GEMMs, no gather.
 inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const Tensor& h0,
                                     bool reverse) {
   const int64_t T = dg_hh.size(0), GH = dg_hh.size(2), H = y.size(2);
   const int64_t first = reverse ? T - 1 : 0;
-  Tensor dw_hh = at::mm(dg_hh[first].t(), h0);
+  Tensor dw_hh = mm_tn(dg_hh[first], h0);
   if (T > 1) {
     const Tensor dg = reverse ? dg_hh.narrow(0, 0, T - 1) : dg_hh.narrow(0, 1, T - 1);
     const Tensor hp = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-    dw_hh.addmm_(dg.reshape({-1, GH}).t(), hp.reshape({-1, H}));
+    dw_hh += mm_tn(dg.reshape({-1, GH}), hp.reshape({-1, H}));
   }
   return dw_hh;
 }
@@ -63,7 +72,7 @@ struct InputGrads {
 inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor& w_ih) {
   const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
   const Tensor dg2d = dg_ih.view({T * N, -1});
-  return {at::mm(dg2d, w_ih).view({T, N, C}), at::mm(dg2d.t(), x.view({T * N, C}))};
+  return {at::mm(dg2d, w_ih).view({T, N, C}), mm_tn(dg2d, x.view({T * N, C}))};
 }
 
 // db [G*H] = sum over T and N of the gate gradients.

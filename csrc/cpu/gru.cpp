@@ -15,9 +15,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
   check_layer_inputs("rnnfast::gru_forward", 3, x, h0, w_ih, w_hh, b_ih, b_hh);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   // b_hr and b_hz fold into the input projection; b_hn must stay inside r * (...).
-  std::optional<Tensor> b_hrz, b_hn;
+  std::optional<Tensor> b_hrz;
+  Tensor b_hn = at::zeros({H}, x.options());
   if (b_hh) {
-    b_hrz = at::cat({b_hh->narrow(0, 0, 2 * H), at::zeros({H}, b_hh->options())});
+    b_hrz = at::cat({b_hh->narrow(0, 0, 2 * H), b_hn});
     b_hn = b_hh->narrow(0, 2 * H, H);
   }
   const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hrz));
@@ -26,7 +27,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
   Tensor hh = at::empty({N, 3 * H}, x.options());
   const Tensor w_hh_t = w_hh.t();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_forward_cpu", [&] {
-    const scalar_t* bn = b_hn ? b_hn->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bn = b_hn.data_ptr<scalar_t>();
     const scalar_t* hhp = hh.data_ptr<scalar_t>();
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = time_index(s, T, reverse);

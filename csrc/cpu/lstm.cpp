@@ -17,9 +17,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   Tensor pre = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
   Tensor y = at::empty({T, N, H}, x.options());
-  // Training keeps i, f, g, o and c of every step; inference only a running c.
+  // Training keeps i, f, g, o and c of every step; inference only c of the last two
+  // steps, in turns (the kernel's c_prev and c never alias).
   Tensor workspace = at::empty({training ? T : 0, N, 5 * H}, x.options());
-  Tensor c_run = training ? Tensor() : c0.clone();
+  Tensor c_turns = at::empty({training ? 0 : 2, N, H}, x.options());
   const Tensor w_hh_t = w_hh.t();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward_cpu", [&] {
     for (int64_t s = 0; s < T; ++s) {
@@ -38,9 +39,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
         c_prev = s == 0 ? c0.data_ptr<scalar_t>() : workspace[tp].data_ptr<scalar_t>() + 4 * H;
         ld_c_prev = s == 0 ? H : 5 * H;
       } else {
-        c_out = c_run.data_ptr<scalar_t>();
+        c_out = c_turns[s % 2].data_ptr<scalar_t>();
         ld_c = H;
-        c_prev = c_out;
+        c_prev = s == 0 ? c0.data_ptr<scalar_t>() : c_turns[(s - 1) % 2].data_ptr<scalar_t>();
         ld_c_prev = H;
       }
       const scalar_t* p = pre_t.data_ptr<scalar_t>();
@@ -54,7 +55,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
   });
   if (T == 0) return {y, h0.clone(), c0.clone(), workspace};
   const int64_t last = time_index(T - 1, T, reverse);
-  Tensor cn = training ? workspace[last].narrow(1, 4 * H, H).clone() : c_run;
+  Tensor cn = training ? workspace[last].narrow(1, 4 * H, H).clone() : c_turns[(T - 1) % 2].clone();
   return {y, y[last].clone(), cn, workspace};
 }
 

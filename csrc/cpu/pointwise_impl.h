@@ -8,7 +8,15 @@
 // (libm's scalar expf/tanhf would cost more than the recurrent GEMM).
 //
 // Pointer arguments point at row n0 of a [N, ...] block; `ld*` are row strides in
-// elements. Shapes per step: pre/gates [N, G*H], states [N, H].
+// elements. Shapes per step: pre/gates [N, G*H], states [N, H]. Distinct arguments never
+// overlap (in_ptr/out_ptr below; an in/out argument is one pointer).
+
+// Pointers that alias no other pointer of the loop: without this GCC gives up
+// vectorising loops with many streams (too many run-time alias checks).
+template <typename T>
+using in_ptr = const T* __restrict__;
+template <typename T>
+using out_ptr = T* __restrict__;
 
 // ---- activations ----------------------------------------------------------------
 
@@ -91,44 +99,64 @@ void elman_backward_block(const scalar_t* dy, const scalar_t* dh_carry, const sc
 
 // ---- LSTM ------------------------------------------------------------------------
 
+// One row of the LSTM step; kCache selects training (store i, f, g, o, c) at compile
+// time so that the loop has no branch in it.
+template <bool kCache, typename scalar_t>
+inline void lstm_forward_row(const scalar_t* p, in_ptr<scalar_t> cp, out_ptr<scalar_t> hn,
+                             out_ptr<scalar_t> cn, scalar_t* s, int64_t H) {
+  // one pointer per gate block: GCC vectorises [j] accesses, not [k * H + j]
+  in_ptr<scalar_t> pi = p, pf = p + H, pg = p + 2 * H, po = p + 3 * H;
+  out_ptr<scalar_t> si = s, sf = s + H, sg = s + 2 * H, so = s + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const scalar_t i = sigmoid_act(pi[j]);
+    const scalar_t f = sigmoid_act(pf[j]);
+    const scalar_t g = tanh_act(pg[j]);
+    const scalar_t o = sigmoid_act(po[j]);
+    const scalar_t cv = f * cp[j] + i * g;
+    if (kCache) {
+      si[j] = i;
+      sf[j] = f;
+      sg[j] = g;
+      so[j] = o;
+    }
+    cn[j] = cv;
+    hn[j] = o * tanh_act(cv);
+  }
+}
+
 // pre [rows, 4H] (all biases and both GEMMs included); c_prev row stride ld_c_prev;
-// h, c [rows, H]; cache [rows, 5H] = i, f, g, o, c (null in inference, then c is the
-// running state and may alias c_prev).
+// h [rows, H]; c row stride ld_c; cache [rows, 5H] = i, f, g, o, c (null in inference).
 template <typename scalar_t>
 void lstm_forward_block(const scalar_t* pre, const scalar_t* c_prev, int64_t ld_c_prev,
                         scalar_t* h, scalar_t* c, int64_t ld_c, scalar_t* cache, int64_t rows,
                         int64_t H) {
   for (int64_t n = 0; n < rows; ++n) {
-    const scalar_t* p = pre + n * 4 * H;
-    const scalar_t* cp = c_prev + n * ld_c_prev;
-    scalar_t* hn = h + n * H;
-    scalar_t* cn = c + n * ld_c;
     if (cache) {
-      scalar_t* s = cache + n * 5 * H;
-      for (int64_t j = 0; j < H; ++j) {
-        const scalar_t i = sigmoid_act(p[j]);
-        const scalar_t f = sigmoid_act(p[H + j]);
-        const scalar_t g = tanh_act(p[2 * H + j]);
-        const scalar_t o = sigmoid_act(p[3 * H + j]);
-        const scalar_t cv = f * cp[j] + i * g;
-        s[j] = i;
-        s[H + j] = f;
-        s[2 * H + j] = g;
-        s[3 * H + j] = o;
-        cn[j] = cv;
-        hn[j] = o * tanh_act(cv);
-      }
+      lstm_forward_row<true>(pre + n * 4 * H, c_prev + n * ld_c_prev, h + n * H, c + n * ld_c,
+                             cache + n * 5 * H, H);
     } else {
-      for (int64_t j = 0; j < H; ++j) {
-        const scalar_t i = sigmoid_act(p[j]);
-        const scalar_t f = sigmoid_act(p[H + j]);
-        const scalar_t g = tanh_act(p[2 * H + j]);
-        const scalar_t o = sigmoid_act(p[3 * H + j]);
-        const scalar_t cv = f * cp[j] + i * g;
-        cn[j] = cv;
-        hn[j] = o * tanh_act(cv);
-      }
+      lstm_forward_row<false>(pre + n * 4 * H, c_prev + n * ld_c_prev, h + n * H, c + n * ld_c,
+                              static_cast<scalar_t*>(nullptr), H);
     }
+  }
+}
+
+template <typename scalar_t>
+inline void lstm_backward_row(in_ptr<scalar_t> dy, in_ptr<scalar_t> dh_carry, out_ptr<scalar_t> dc,
+                              in_ptr<scalar_t> s, in_ptr<scalar_t> cp, out_ptr<scalar_t> dg,
+                              int64_t H) {
+  in_ptr<scalar_t> si = s, sf = s + H, sg = s + 2 * H, so = s + 3 * H, sc = s + 4 * H;
+  out_ptr<scalar_t> di = dg, df = dg + H, dgg = dg + 2 * H, dout = dg + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const scalar_t i = si[j], f = sf[j], g = sg[j], o = so[j];
+    const scalar_t tc = tanh_act(sc[j]);
+    const scalar_t dh = dy[j] + dh_carry[j];
+    const scalar_t dcv = dc[j] + dh * o * (scalar_t(1) - tc * tc);
+    di[j] = dcv * g * i * (scalar_t(1) - i);
+    df[j] = dcv * cp[j] * f * (scalar_t(1) - f);
+    dgg[j] = dcv * i * (scalar_t(1) - g * g);
+    dout[j] = dh * tc * o * (scalar_t(1) - o);
+    dc[j] = dcv * f;
   }
 }
 
@@ -139,53 +167,73 @@ void lstm_backward_block(const scalar_t* dy, const scalar_t* dh_carry, scalar_t*
                          const scalar_t* cache, const scalar_t* c_prev, int64_t ld_c_prev,
                          scalar_t* dgates, int64_t rows, int64_t H) {
   for (int64_t n = 0; n < rows; ++n) {
-    const scalar_t* s = cache + n * 5 * H;
-    const scalar_t* cp = c_prev + n * ld_c_prev;
-    const scalar_t* dyn = dy + n * H;
-    const scalar_t* dhc = dh_carry + n * H;
-    scalar_t* dcn = dc + n * H;
-    scalar_t* dg = dgates + n * 4 * H;
-    for (int64_t j = 0; j < H; ++j) {
-      const scalar_t i = s[j], f = s[H + j], g = s[2 * H + j], o = s[3 * H + j];
-      const scalar_t tc = tanh_act(s[4 * H + j]);
-      const scalar_t dh = dyn[j] + dhc[j];
-      const scalar_t dcv = dcn[j] + dh * o * (scalar_t(1) - tc * tc);
-      dg[j] = dcv * g * i * (scalar_t(1) - i);
-      dg[H + j] = dcv * cp[j] * f * (scalar_t(1) - f);
-      dg[2 * H + j] = dcv * i * (scalar_t(1) - g * g);
-      dg[3 * H + j] = dh * tc * o * (scalar_t(1) - o);
-      dcn[j] = dcv * f;
-    }
+    lstm_backward_row(dy + n * H, dh_carry + n * H, dc + n * H, cache + n * 5 * H,
+                      c_prev + n * ld_c_prev, dgates + n * 4 * H, H);
   }
 }
 
 // ---- GRU -------------------------------------------------------------------------
 
+// One row of the GRU step; kCache as for the LSTM.
+template <bool kCache, typename scalar_t>
+inline void gru_forward_row(const scalar_t* x3, const scalar_t* h3, in_ptr<scalar_t> b_hn,
+                            in_ptr<scalar_t> hp, out_ptr<scalar_t> hn, scalar_t* s, int64_t H) {
+  in_ptr<scalar_t> xr = x3, xz = x3 + H, xn = x3 + 2 * H;
+  in_ptr<scalar_t> hr = h3, hz = h3 + H, hnl = h3 + 2 * H;
+  out_ptr<scalar_t> sr = s, sz = s + H, sn = s + 2 * H, sl = s + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const scalar_t r = sigmoid_act(xr[j] + hr[j]);
+    const scalar_t z = sigmoid_act(xz[j] + hz[j]);
+    const scalar_t hn_lin = hnl[j] + b_hn[j];
+    const scalar_t nv = tanh_act(xn[j] + r * hn_lin);
+    hn[j] = (scalar_t(1) - z) * nv + z * hp[j];
+    if (kCache) {
+      sr[j] = r;
+      sz[j] = z;
+      sn[j] = nv;
+      sl[j] = hn_lin;
+    }
+  }
+}
+
 // xp [rows, 3H] = W_ih x + b_ih + (b_hr, b_hz, 0); hh [rows, 3H] = W_hh h_prev (no bias);
-// b_hn [H] or null; h_prev, h [rows, H]; cache [rows, 4H] = r, z, n, W_hn h + b_hn or null.
+// b_hn [H] (zeros without bias); h_prev, h [rows, H]; cache [rows, 4H] = r, z, n and
+// W_hn h + b_hn, or null in inference.
 template <typename scalar_t>
 void gru_forward_block(const scalar_t* xp, const scalar_t* hh, const scalar_t* b_hn,
                        const scalar_t* h_prev, scalar_t* h, scalar_t* cache, int64_t rows,
                        int64_t H) {
   for (int64_t n = 0; n < rows; ++n) {
-    const scalar_t* x3 = xp + n * 3 * H;
-    const scalar_t* h3 = hh + n * 3 * H;
-    const scalar_t* hp = h_prev + n * H;
-    scalar_t* hn = h + n * H;
-    scalar_t* s = cache ? cache + n * 4 * H : nullptr;
-    for (int64_t j = 0; j < H; ++j) {
-      const scalar_t r = sigmoid_act(x3[j] + h3[j]);
-      const scalar_t z = sigmoid_act(x3[H + j] + h3[H + j]);
-      const scalar_t hn_lin = b_hn ? h3[2 * H + j] + b_hn[j] : h3[2 * H + j];
-      const scalar_t nv = tanh_act(x3[2 * H + j] + r * hn_lin);
-      hn[j] = (scalar_t(1) - z) * nv + z * hp[j];
-      if (s) {
-        s[j] = r;
-        s[H + j] = z;
-        s[2 * H + j] = nv;
-        s[3 * H + j] = hn_lin;
-      }
+    if (cache) {
+      gru_forward_row<true>(xp + n * 3 * H, hh + n * 3 * H, b_hn, h_prev + n * H, h + n * H,
+                            cache + n * 4 * H, H);
+    } else {
+      gru_forward_row<false>(xp + n * 3 * H, hh + n * 3 * H, b_hn, h_prev + n * H, h + n * H,
+                             static_cast<scalar_t*>(nullptr), H);
     }
+  }
+}
+
+template <typename scalar_t>
+inline void gru_backward_row(in_ptr<scalar_t> dy, out_ptr<scalar_t> dh_carry,
+                             in_ptr<scalar_t> hp, in_ptr<scalar_t> s, out_ptr<scalar_t> gi,
+                             out_ptr<scalar_t> gh, int64_t H) {
+  in_ptr<scalar_t> sr = s, sz = s + H, sn = s + 2 * H, sl = s + 3 * H;
+  out_ptr<scalar_t> gir = gi, giz = gi + H, gin = gi + 2 * H;
+  out_ptr<scalar_t> ghr = gh, ghz = gh + H, ghn = gh + 2 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const scalar_t r = sr[j], z = sz[j], nv = sn[j], hn_lin = sl[j];
+    const scalar_t dh = dy[j] + dh_carry[j];
+    const scalar_t dn = dh * (scalar_t(1) - z) * (scalar_t(1) - nv * nv);
+    const scalar_t dz = dh * (hp[j] - nv) * z * (scalar_t(1) - z);
+    const scalar_t dr = dn * hn_lin * r * (scalar_t(1) - r);
+    gir[j] = dr;
+    giz[j] = dz;
+    gin[j] = dn;
+    ghr[j] = dr;
+    ghz[j] = dz;
+    ghn[j] = dn * r;
+    dh_carry[j] = dh * z;
   }
 }
 
@@ -197,25 +245,7 @@ void gru_backward_block(const scalar_t* dy, scalar_t* dh_carry, const scalar_t* 
                         const scalar_t* cache, scalar_t* dg_ih, scalar_t* dg_hh, int64_t rows,
                         int64_t H) {
   for (int64_t n = 0; n < rows; ++n) {
-    const scalar_t* s = cache + n * 4 * H;
-    const scalar_t* dyn = dy + n * H;
-    const scalar_t* hp = h_prev + n * H;
-    scalar_t* dhc = dh_carry + n * H;
-    scalar_t* gi = dg_ih + n * 3 * H;
-    scalar_t* gh = dg_hh + n * 3 * H;
-    for (int64_t j = 0; j < H; ++j) {
-      const scalar_t r = s[j], z = s[H + j], nv = s[2 * H + j], hn_lin = s[3 * H + j];
-      const scalar_t dh = dyn[j] + dhc[j];
-      const scalar_t dn = dh * (scalar_t(1) - z) * (scalar_t(1) - nv * nv);
-      const scalar_t dz = dh * (hp[j] - nv) * z * (scalar_t(1) - z);
-      const scalar_t dr = dn * hn_lin * r * (scalar_t(1) - r);
-      gi[j] = dr;
-      gi[H + j] = dz;
-      gi[2 * H + j] = dn;
-      gh[j] = dr;
-      gh[H + j] = dz;
-      gh[2 * H + j] = dn * r;
-      dhc[j] = dh * z;
-    }
+    gru_backward_row(dy + n * H, dh_carry + n * H, h_prev + n * H, cache + n * 4 * H,
+                     dg_ih + n * 3 * H, dg_hh + n * 3 * H, H);
   }
 }

@@ -1,0 +1,229 @@
+"""rnnfast vs torch.nn vs a Python loop over torch.nn cells, side by side in one run.
+
+    python benchmarks/bench.py            # the small default (CPU, a few minutes)
+    python benchmarks/bench.py --cells lstm --shapes classic --modes fwd
+
+Every contender runs the same weights on the same inputs with the same thread count;
+before timing, each one's output is checked against rnnfast's (a contender that
+disagrees is reported and not timed). Times are medians of repeated runs; the table
+gives each contender's time and rnnfast's speedup over it. Results also go to JSON.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import rnnfast
+
+# name: (T, N, C, H)
+SHAPES = {
+    "classic": (100, 64, 256, 256),
+    "batch1": (100, 1, 256, 256),
+}
+CELLS = {
+    "lstm": (torch.nn.LSTM, rnnfast.LSTM, torch.nn.LSTMCell, {}),
+    "gru": (torch.nn.GRU, rnnfast.GRU, torch.nn.GRUCell, {}),
+    "rnn": (torch.nn.RNN, rnnfast.RNN, torch.nn.RNNCell, {"nonlinearity": "tanh"}),
+}
+MODES = ("fwd", "fwdbwd")
+
+
+def cell_loop(cell_module, is_lstm):
+    """A Python loop over a torch.nn cell: what people write without a fused layer."""
+    def run(x, hx):
+        h = hx[0][0] if is_lstm else hx[0]
+        c = hx[1][0] if is_lstm else None
+        ys = []
+        for t in range(x.shape[0]):
+            if is_lstm:
+                h, c = cell_module(x[t], (h, c))
+            else:
+                h = cell_module(x[t], h)
+            ys.append(h)
+        return torch.stack(ys), h
+    return run
+
+
+def make_contenders(cell, T, N, C, H, dtype, seed=0):
+    nn_cls, fast_cls, cell_cls, extra = CELLS[cell]
+    torch.manual_seed(seed)
+    ref = nn_cls(C, H, **extra).to(dtype)
+    fast = fast_cls(C, H, **extra).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    cell_mod = cell_cls(C, H, **extra).to(dtype)
+    cell_mod.load_state_dict({k[:-3]: v for k, v in ref.state_dict().items()})  # drop "_l0"
+    is_lstm = cell == "lstm"
+    return {
+        "rnnfast": (fast, lambda x, hx: fast(x, hx)),
+        "torch.nn": (ref, lambda x, hx: ref(x, hx)),
+        "cell loop": (cell_mod, cell_loop(cell_mod, is_lstm)),
+    }
+
+
+def first_output(out):
+    return out[0]
+
+
+def time_call(fn, repeats, min_time):
+    """Median and spread (interquartile range / median) of fn's wall time."""
+    fn()  # warm-up
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    med = statistics.median(times)
+    q1, q3 = times[len(times) // 4], times[(3 * len(times)) // 4]
+    return med, (q3 - q1) / med, len(times)
+
+
+def bench_case(cell, shape_name, mode, dtype, args):
+    T, N, C, H = SHAPES[shape_name]
+    contenders = make_contenders(cell, T, N, C, H, dtype)
+    g = torch.Generator().manual_seed(1)
+    # several input sets, rotated, so that no contender is flattered by a warm cache
+    inputs = [torch.randn(T, N, C, generator=g, dtype=dtype) for _ in range(3)]
+    h0 = torch.zeros(1, N, H, dtype=dtype)
+    hx = (h0, h0.clone()) if cell == "lstm" else h0
+
+    # correctness guard: every contender's output must match rnnfast's
+    with torch.no_grad():
+        expected = first_output(contenders["rnnfast"][1](inputs[0], hx))
+    rows = {}
+    for name, (module, fn) in contenders.items():
+        with torch.no_grad():
+            got = first_output(fn(inputs[0], hx))
+        err = (got - expected).abs().max().item()
+        if not err <= 1e-4:
+            rows[name] = {"error": f"disagrees with rnnfast (max abs diff {err:.2e}); not timed"}
+            continue
+        state = {"i": 0}
+
+        def step():
+            x = inputs[state["i"] % len(inputs)]
+            state["i"] += 1
+            if mode == "fwd":
+                with torch.no_grad():
+                    fn(x, hx)
+            else:
+                xr = x.requires_grad_(True)
+                out = first_output(fn(xr, hx))
+                out.sum().backward()
+                xr.grad = None
+                module.zero_grad(set_to_none=True)
+                xr.requires_grad_(False)
+
+        med, spread, n = time_call(step, args.repeats, args.min_time)
+        rows[name] = {"median_s": med, "spread": spread, "runs": n,
+                      "steps_per_s": T * N / med}
+    base = rows["rnnfast"].get("median_s")
+    for name, r in rows.items():
+        if "median_s" in r and base:
+            r["rnnfast_speedup"] = r["median_s"] / base
+    return {"cell": cell, "shape": shape_name, "T": T, "N": N, "C": C, "H": H, "mode": mode,
+            "dtype": str(dtype).replace("torch.", ""), "device": "cpu", "results": rows}
+
+
+def machine_header(threads):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"cpu": cpu, "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "rnnfast_commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def format_table(records):
+    names = ["rnnfast", "torch.nn", "cell loop"]
+    head = f"{'cell':5} {'shape':8} {'T':>4} {'N':>3} {'H':>4} {'mode':7}"
+    head += "".join(f" {n:>11}" for n in names)
+    head += f" {'vs torch.nn':>12} {'vs loop':>8}"
+    lines = [head, "-" * len(head)]
+    for rec in records:
+        res = rec["results"]
+        line = f"{rec['cell']:5} {rec['shape']:8} {rec['T']:>4} {rec['N']:>3} {rec['H']:>4} {rec['mode']:7}"
+        for n in names:
+            r = res.get(n, {})
+            line += f" {r['median_s'] * 1e3:9.2f}ms" if "median_s" in r else f" {'n/a':>11}"
+        for n in ("torch.nn", "cell loop"):
+            s = res.get(n, {}).get("rnnfast_speedup")
+            line += f" {s:11.2f}x" if s else f" {'n/a':>11}"
+        lines.append(line)
+    errors = [(rec, n, r["error"]) for rec in records for n, r in rec["results"].items()
+              if "error" in r]
+    for rec, n, e in errors:
+        lines.append(f"! {rec['cell']} {rec['shape']} {rec['mode']}: {n}: {e}")
+    return "\n".join(lines)
+
+
+def geomean(values):
+    values = [v for v in values if v]
+    return float(torch.tensor(values).log().mean().exp()) if values else float("nan")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="CPU threads, the same for every contender")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per contender (at least)")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs (at least)")
+    p.add_argument("--json", default=None, help="where to write the results "
+                   "(default: benchmarks/results/cpu-<date>.json)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    header = machine_header(args.threads)
+    print("rnnfast benchmark | " + " | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    cases = [(c, s, m) for c in args.cells for s in args.shapes for m in args.modes]
+    records = []
+    for i, (c, s, m) in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {c} {s} {m}", file=sys.stderr, flush=True)
+        records.append(bench_case(c, s, m, torch.float32, args))
+
+    print()
+    print(format_table(records))
+    summary = {}
+    for m in args.modes:
+        for other in ("torch.nn", "cell loop"):
+            summary[f"geomean speedup vs {other} ({m})"] = geomean(
+                [r["results"][other].get("rnnfast_speedup") for r in records
+                 if r["mode"] == m and other in r["results"]])
+    print()
+    for k, v in summary.items():
+        print(f"{k}: {v:.2f}x")
+
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"cpu-{header['date'][:10]}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"machine": header, "summary": summary, "records": records}, f, indent=1)
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()

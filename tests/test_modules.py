@@ -1,0 +1,164 @@
+"""Drop-in behaviour of rnnfast.RNN / LSTM / GRU: constructor, parameters, state_dict,
+dropout, eval-mode backward, and clear errors for bad input."""
+import inspect
+
+import pytest
+import torch
+
+import rnnfast
+from helpers import CELLS, assert_close_to_ref, make_pair
+from rnnfast import reference
+
+PAIRS = [(torch.nn.RNN, rnnfast.RNN), (torch.nn.LSTM, rnnfast.LSTM), (torch.nn.GRU, rnnfast.GRU)]
+IDS = ["RNN", "LSTM", "GRU"]
+
+
+@pytest.mark.parametrize("nn_cls,fast_cls", PAIRS, ids=IDS)
+def test_constructor_and_parameters_match_torch(nn_cls, fast_cls):
+    assert issubclass(fast_cls, nn_cls)
+    kwargs = dict(num_layers=2, bias=True, batch_first=True, dropout=0.1, bidirectional=True)
+    torch.manual_seed(0)
+    m = nn_cls(10, 20, **kwargs)
+    torch.manual_seed(0)
+    f = fast_cls(10, 20, **kwargs)  # same initialisation from the same seed
+    assert list(f.state_dict()) == list(m.state_dict())
+    for (n1, p1), (n2, p2) in zip(m.named_parameters(), f.named_parameters()):
+        assert n1 == n2 and p1.shape == p2.shape and torch.equal(p1, p2)
+    # positional arguments in torch.nn's order
+    args = (10, 20, 2) + (("relu",) if nn_cls is torch.nn.RNN else ()) + (False, True, 0.0, True)
+    a, b = nn_cls(*args), fast_cls(*args)
+    assert list(a.state_dict()) == list(b.state_dict())
+    assert (a.bias, a.batch_first, a.bidirectional) == (b.bias, b.batch_first, b.bidirectional)
+
+
+@pytest.mark.parametrize("nn_cls,fast_cls", PAIRS, ids=IDS)
+def test_acceptance_load_state_dict(nn_cls, fast_cls):
+    """The issue's example: load a torch.nn state_dict, get the same outputs and gradients."""
+    torch.manual_seed(0)
+    m = nn_cls(10, 20, num_layers=2, bidirectional=True)
+    f = fast_cls(10, 20, num_layers=2, bidirectional=True)
+    f.load_state_dict(m.state_dict())
+    x = torch.randn(7, 3, 10)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, sa = m(xa)
+    yb, sb = f(xb)
+    assert yb.shape == ya.shape
+    torch.testing.assert_close(yb, ya)
+    for u, v in zip(sb if isinstance(sb, tuple) else (sb,), sa if isinstance(sa, tuple) else (sa,)):
+        torch.testing.assert_close(u, v)
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad)
+    for (n, p), q in zip(m.named_parameters(), f.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=lambda s: f"{n}: {s}")
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_dropout_between_layers_follows_torch(cell):
+    """Training-mode dropout between layers: same masks as torch.nn under the same seed
+    (both draw them with the same call in the same order), none in eval mode."""
+    m, f, _ = make_pair(cell, 4, 6, num_layers=3, dropout=0.5, bidirectional=True)
+    x = torch.randn(5, 2, 4)
+    m.train(), f.train()
+    torch.manual_seed(123)
+    ya, _ = m(x)
+    torch.manual_seed(123)
+    yb, _ = f(x)
+    torch.testing.assert_close(yb, ya)
+    torch.manual_seed(7)
+    assert not torch.equal(f(x)[0], yb)  # a different seed draws different masks
+    m.eval(), f.eval()
+    torch.testing.assert_close(f(x)[0], m(x)[0])
+    torch.testing.assert_close(f(x)[0], f(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_backward_in_eval_mode(cell):
+    m, f, m64 = make_pair(cell, 4, 6, num_layers=2)
+    f.eval()
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    y, _ = f(x)
+    y.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    y64, _ = reference.forward(m64, x64)
+    y64.sum().backward()
+    xm = x.detach().clone().requires_grad_()
+    m(xm)[0].sum().backward()
+    assert_close_to_ref("grad_x", x.grad, xm.grad, x64.grad)
+
+
+def test_deterministic_bitwise():
+    _, f, _ = make_pair("lstm", 8, 16, num_layers=2, bidirectional=True)
+    x = torch.randn(20, 4, 8, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        x.grad = None
+        f.zero_grad()
+        y, (h, c) = f(x)
+        (y.sum() + h.sum() + c.sum()).backward()
+        runs.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in f.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_bias_grads_do_not_share_storage():
+    f = rnnfast.LSTM(3, 4)
+    f(torch.randn(2, 1, 3))[0].sum().backward()
+    assert f.bias_ih_l0.grad.data_ptr() != f.bias_hh_l0.grad.data_ptr()
+
+
+# ---- bad input: the same exception type as torch.nn, with a clear message ----
+
+def _bad_inputs(cell):
+    D, L, N, H = 1, 1, 3, 6
+    is_lstm = cell == "lstm"
+
+    def state(*shape):
+        return (torch.zeros(*shape), torch.zeros(*shape)) if is_lstm else torch.zeros(*shape)
+    return {
+        "rank4_input": (torch.randn(2, 3, 4, 5), None),
+        "rank1_input": (torch.randn(4), None),
+        "wrong_features": (torch.randn(5, N, 7), None),
+        "wrong_h0_batch": (torch.randn(5, N, 4), state(L * D, N + 1, H)),
+        "wrong_h0_hidden": (torch.randn(5, N, 4), state(L * D, N, H + 1)),
+        "wrong_h0_layers": (torch.randn(5, N, 4), state(L * D + 1, N, H)),
+        "h0_rank_for_batched": (torch.randn(5, N, 4), state(N, H)),
+        "h0_rank_for_unbatched": (torch.randn(5, 4), state(L * D, 1, H)),
+        "dtype_mismatch": (torch.randn(5, N, 4, dtype=torch.float64), None),
+    }
+
+
+BAD = [(c, k) for c in CELLS for k in _bad_inputs(c)]
+
+
+@pytest.mark.parametrize("cell,case", BAD, ids=[f"{c}-{k}" for c, k in BAD])
+def test_bad_input_raises_like_torch(cell, case):
+    m, f, _ = make_pair(cell, 4, 6)
+    x, hx = _bad_inputs(cell)[case]
+    with pytest.raises(Exception) as theirs:
+        m(x, hx)
+    with pytest.raises(type(theirs.value)) as ours:
+        f(x, hx)
+    assert str(ours.value), "the error must say what was expected"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64])
+def test_unsupported_dtype_is_a_clear_error(dtype):
+    f = rnnfast.LSTM(4, 6).to(dtype) if dtype.is_floating_point else rnnfast.LSTM(4, 6)
+    x = torch.ones(5, 2, 4, dtype=dtype)
+    with pytest.raises((TypeError, ValueError), match=str(dtype)):
+        f(x)
+
+
+def test_unsupported_features_are_clear_errors():
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        rnnfast.LSTM(4, 6, proj_size=3)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 4), [5, 3])
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        rnnfast.GRU(4, 6)(packed)
+
+
+def test_signature_matches_torch():
+    for nn_cls, fast_cls in PAIRS:
+        assert inspect.signature(fast_cls.forward).parameters.keys() == \
+            inspect.signature(nn_cls.forward).parameters.keys()

@@ -1,0 +1,110 @@
+"""The ops themselves: opcheck on every op (schema, fake/meta implementation, AOT
+dispatch), gradcheck in float64 of every autograd.Function, and the inference path
+saving nothing."""
+import pytest
+import torch
+
+from rnnfast._ops import GRUFunction, LSTMFunction, RNNFunction, ops
+
+T, N, C, H = 3, 2, 4, 5
+G = {"rnn": 1, "lstm": 4, "gru": 3}
+
+
+def _layer_args(cell, dtype=torch.float64, bias=True, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: (torch.randn(*s, generator=g, dtype=dtype) * 0.5).requires_grad_(requires_grad)  # noqa: E731
+    x, h0 = r(T, N, C), r(N, H)
+    w_ih, w_hh = r(G[cell] * H, C), r(G[cell] * H, H)
+    b_ih, b_hh = (r(G[cell] * H), r(G[cell] * H)) if bias else (None, None)
+    if cell == "lstm":
+        return x, h0, r(N, H), w_ih, w_hh, b_ih, b_hh
+    return x, h0, w_ih, w_hh, b_ih, b_hh
+
+
+FORWARD_CASES = [(cell, rev, train, bias) for cell in G for rev in (False, True)
+                 for train in (False, True) for bias in (True, False)]
+
+
+@pytest.mark.parametrize("cell,reverse,training,bias", FORWARD_CASES,
+                         ids=[f"{c}-{'rev' if r else 'fwd'}-{'train' if t else 'infer'}-"
+                              f"{'bias' if b else 'nobias'}" for c, r, t, b in FORWARD_CASES])
+def test_opcheck_forward(cell, reverse, training, bias):
+    args = _layer_args(cell, torch.float32, bias)
+    if cell == "rnn":
+        torch.library.opcheck(ops.rnn_forward, (*args, 0, reverse, training))
+    elif cell == "lstm":
+        torch.library.opcheck(ops.lstm_forward, (*args, reverse, training))
+    else:
+        torch.library.opcheck(ops.gru_forward, (*args, reverse, training))
+
+
+@pytest.mark.parametrize("cell", list(G))
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_opcheck_backward(cell, reverse):
+    args = _layer_args(cell, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    dy, dh = torch.randn(T, N, H, generator=g), torch.randn(N, H, generator=g)
+    if cell == "rnn":
+        x, h0, w_ih, w_hh, b_ih, b_hh = args
+        y, _ = ops.rnn_forward(*args, 1, reverse, True)
+        torch.library.opcheck(ops.rnn_backward, (dy, dh, x, h0, w_ih, w_hh, y, 1, reverse))
+    elif cell == "lstm":
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh = args
+        y, _, _, ws = ops.lstm_forward(*args, reverse, True)
+        dc = torch.randn(N, H, generator=g)
+        torch.library.opcheck(ops.lstm_backward,
+                              (dy, dh, dc, x, h0, c0, w_ih, w_hh, y, ws, reverse))
+    else:
+        x, h0, w_ih, w_hh, b_ih, b_hh = args
+        y, _, ws = ops.gru_forward(*args, reverse, True)
+        torch.library.opcheck(ops.gru_backward, (dy, dh, x, h0, w_ih, w_hh, y, ws, reverse))
+
+
+GRAD_CASES = [("rnn", "tanh"), ("rnn", "relu"), ("rnn", "identity"), ("lstm", None), ("gru", None)]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cell,act", GRAD_CASES, ids=[c + (f"-{a}" if a else "") for c, a in GRAD_CASES])
+def test_gradcheck(cell, act, bias, reverse):
+    args = _layer_args(cell, torch.float64, bias, requires_grad=True)
+    if cell == "rnn":
+        from rnnfast._ops import ACTIVATIONS
+        fn = lambda *a: RNNFunction.apply(*a, ACTIVATIONS[act], reverse)  # noqa: E731
+    elif cell == "lstm":
+        fn = lambda *a: LSTMFunction.apply(*a, reverse)  # noqa: E731
+    else:
+        fn = lambda *a: GRUFunction.apply(*a, reverse)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("cell", list(G))
+def test_inference_saves_nothing(cell):
+    args = _layer_args(cell, torch.float32)
+    if cell == "lstm":
+        assert ops.lstm_forward(*args, False, False)[3].numel() == 0
+        assert ops.lstm_forward(*args, False, True)[3].shape == (T, N, 5 * H)
+    elif cell == "gru":
+        assert ops.gru_forward(*args, False, False)[2].numel() == 0
+        assert ops.gru_forward(*args, False, True)[2].shape == (T, N, 4 * H)
+    # the inference result equals the training one
+    if cell == "rnn":
+        a, b = ops.rnn_forward(*args, 0, False, False), ops.rnn_forward(*args, 0, False, True)
+    elif cell == "lstm":
+        a, b = ops.lstm_forward(*args, False, False)[:3], ops.lstm_forward(*args, False, True)[:3]
+    else:
+        a, b = ops.gru_forward(*args, False, False)[:2], ops.gru_forward(*args, False, True)[:2]
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("cell", list(G))
+def test_no_grad_builds_no_graph(cell):
+    import rnnfast
+    m = {"rnn": rnnfast.RNN, "lstm": rnnfast.LSTM, "gru": rnnfast.GRU}[cell](C, H)
+    x = torch.randn(T, N, C)
+    with torch.no_grad():
+        y, _ = m(x)
+    assert y.grad_fn is None
+    y, _ = m(x)
+    assert y.grad_fn is not None

@@ -162,3 +162,24 @@ def test_signature_matches_torch():
     for nn_cls, fast_cls in PAIRS:
         assert inspect.signature(fast_cls.forward).parameters.keys() == \
             inspect.signature(nn_cls.forward).parameters.keys()
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_results_do_not_depend_on_thread_count(cell):
+    """Each output of a step is summed by one thread in a fixed order."""
+    _, f, _ = make_pair(cell, 8, 40, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 5, 8, requires_grad=True)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            x.grad = None
+            f.zero_grad()
+            y, _ = f(x)
+            y.sum().backward()
+            runs.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in f.parameters()])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

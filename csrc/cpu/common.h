@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <optional>
 
@@ -38,6 +40,53 @@ template <typename F>
 void parallel_rows(int64_t rows, int64_t elements_per_row, const F& f) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, elements_per_row));
   at::parallel_for(0, rows, grain, f);
+}
+
+// ---- the weight-stationary float32 path ----
+// Every step is one parallel region over 8-unit blocks of the hidden state. at::parallel_for
+// hands thread k the same contiguous range of blocks at every step, so each thread keeps
+// re-reading the same slice of the packed W_hh, from its own cache.
+
+inline int64_t unit_blocks(int64_t H) { return (H + kUnitBlock - 1) / kUnitBlock; }
+
+// Blocks per task such that a task has enough multiply-adds to pay for a thread.
+inline int64_t block_grain(int64_t fma_per_block) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, fma_per_block));
+}
+
+// Forward: step(s, b0, b1) computes step s (in visiting order) for unit blocks [b0, b1).
+template <typename F>
+void forward_steps(int64_t T, int64_t H, int64_t fma_per_block, const F& step) {
+  const int64_t grain = block_grain(fma_per_block);
+  for (int64_t s = 0; s < T; ++s)
+    at::parallel_for(0, unit_blocks(H), grain, [&](int64_t b0, int64_t b1) { step(s, b0, b1); });
+}
+
+// Backward, in reverse visiting order. gate_grads(s, b0, b1) computes step s's gate
+// gradients for its units; recurrent_grad(s, b0, b1) the gradient into h_{s-1} for its
+// units, which needs the gate gradients of every unit. The second of one step and the
+// first of the next touch the same units only, so they share a region: one barrier a step.
+template <typename A, typename B>
+void backward_steps(int64_t T, int64_t H, int64_t fma_per_block, const A& gate_grads,
+                    const B& recurrent_grad) {
+  if (T == 0) return;
+  const int64_t nb = unit_blocks(H), grain = block_grain(fma_per_block);
+  at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) { gate_grads(T - 1, b0, b1); });
+  for (int64_t s = T - 1; s >= 0; --s) {
+    at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
+      recurrent_grad(s, b0, b1);
+      if (s > 0) gate_grads(s - 1, b0, b1);
+    });
+  }
+}
+
+// Units [u0, u0 + count) of blocks [b0, b1).
+struct UnitRange {
+  int64_t u0, count;
+};
+inline UnitRange units_of(int64_t b0, int64_t b1, int64_t H) {
+  const int64_t u0 = b0 * kUnitBlock;
+  return {u0, std::min(b1 * kUnitBlock, H) - u0};
 }
 
 // a^T b for a [K, M], b [K, P]: the weight-gradient GEMMs, reducing over all T*N rows.

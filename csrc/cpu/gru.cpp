@@ -1,7 +1,7 @@
 // GRU on the CPU (b_hn inside r * (W_hn h + b_hn), as torch.nn).
 #include "../rnnfast.h"
 #include "common.h"
-#include "pointwise.h"
+#include "kernels.h"
 
 namespace rnnfast {
 
@@ -24,25 +24,43 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
   const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hrz));
   Tensor y = at::empty({T, N, H}, x.options());
   Tensor workspace = at::empty({training ? T : 0, N, 4 * H}, x.options());
-  Tensor hh = at::empty({N, 3 * H}, x.options());
-  const Tensor w_hh_t = w_hh.t();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_forward_cpu", [&] {
-    const scalar_t* bn = b_hn.data_ptr<scalar_t>();
-    const scalar_t* hhp = hh.data_ptr<scalar_t>();
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = time_index(s, T, reverse);
-      const Tensor h_prev = s == 0 ? h0 : y[time_index(s - 1, T, reverse)];
-      at::mm_out(hh, h_prev, w_hh_t);
-      const scalar_t* xp_t = xp[t].data_ptr<scalar_t>();
-      const scalar_t* hp = h_prev.data_ptr<scalar_t>();
-      scalar_t* h = y[t].data_ptr<scalar_t>();
-      scalar_t* cache = training ? workspace[t].data_ptr<scalar_t>() : nullptr;
-      parallel_rows(N, 3 * H, [&](int64_t b, int64_t e) {
-        gru_forward_block<scalar_t>(xp_t + b * 3 * H, hhp + b * 3 * H, bn, hp + b * H, h + b * H,
-                                    cache ? cache + b * 4 * H : nullptr, e - b, H);
+  Tensor hh = at::empty({N, 3 * H}, x.options());  // W_hh h_{t-1}, no bias
+  // a generic lambda, so that `if constexpr` below discards the float-only path for double
+  auto body = [&](auto zero) {
+    using scalar_t = decltype(zero);
+    const scalar_t *bn = b_hn.data_ptr<scalar_t>(), *xpp = xp.data_ptr<scalar_t>();
+    const scalar_t* h0p = h0.data_ptr<scalar_t>();
+    scalar_t *yp = y.data_ptr<scalar_t>(), *hhp = hh.data_ptr<scalar_t>();
+    scalar_t* wsp = workspace.data_ptr<scalar_t>();
+    auto t_of = [&](int64_t s) { return time_index(s, T, reverse); };
+    auto h_before = [&](int64_t s) -> const scalar_t* {
+      return s == 0 ? h0p : yp + t_of(s - 1) * N * H;
+    };
+    // the pointwise step for rows [n0, n0 + rows), units [u0, u0 + count)
+    auto cell = [&](int64_t s, int64_t rows, int64_t n0, int64_t u0, int64_t count) {
+      const int64_t t = t_of(s);
+      gru_forward_block<scalar_t>(xpp + (t * N + n0) * 3 * H, hhp + n0 * 3 * H, bn,
+                                  h_before(s) + n0 * H, yp + (t * N + n0) * H,
+                                  training ? wsp + (t * N + n0) * 4 * H : nullptr, rows, H, u0,
+                                  count);
+    };
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const Tensor wf = pack_forward_weights(w_hh, 3);
+      forward_steps(T, H, N * 3 * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
+        recurrent_gates_blocks(wf.data_ptr<float>(), 3, h_before(s), N, H, hhp, b0, b1,
+                               /*accumulate=*/false);
+        const UnitRange u = units_of(b0, b1, H);
+        cell(s, N, 0, u.u0, u.count);
       });
+    } else {
+      const Tensor w_hh_t = w_hh.t();
+      for (int64_t s = 0; s < T; ++s) {
+        at::mm_out(hh, s == 0 ? h0 : y[t_of(s - 1)], w_hh_t);
+        parallel_rows(N, 3 * H, [&](int64_t b, int64_t e) { cell(s, e - b, b, 0, H); });
+      }
     }
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_forward_cpu", [&] { body(scalar_t(0)); });
   Tensor hn = T == 0 ? h0.clone() : y[time_index(T - 1, T, reverse)].clone();
   return {y, hn, workspace};
 }
@@ -60,24 +78,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
   Tensor dg_ih = at::empty({T, N, 3 * H}, x.options());
   Tensor dg_hh = at::empty({T, N, 3 * H}, x.options());
   Tensor dh_carry = dhn.clone();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_backward_cpu", [&] {
+  // a generic lambda, so that `if constexpr` below discards the float-only path for double
+  auto body = [&](auto zero) {
+    using scalar_t = decltype(zero);
     scalar_t* dhc = dh_carry.data_ptr<scalar_t>();
-    for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t t = time_index(s, T, reverse);
-      const scalar_t* hp = s == 0 ? h0.data_ptr<scalar_t>()
-                                  : y[time_index(s - 1, T, reverse)].data_ptr<scalar_t>();
-      const scalar_t* dy_t = dy[t].data_ptr<scalar_t>();
-      const scalar_t* cache = workspace[t].data_ptr<scalar_t>();
-      Tensor dgh_t = dg_hh[t];
-      scalar_t* gi = dg_ih[t].data_ptr<scalar_t>();
-      scalar_t* gh = dgh_t.data_ptr<scalar_t>();
-      parallel_rows(N, 3 * H, [&](int64_t b, int64_t e) {
-        gru_backward_block<scalar_t>(dy_t + b * H, dhc + b * H, hp + b * H, cache + b * 4 * H,
-                                     gi + b * 3 * H, gh + b * 3 * H, e - b, H);
-      });
-      dh_carry.addmm_(dgh_t, w_hh);
+    scalar_t *gip = dg_ih.data_ptr<scalar_t>(), *ghp = dg_hh.data_ptr<scalar_t>();
+    const scalar_t *dyp = dy.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
+    const scalar_t *wsp = workspace.data_ptr<scalar_t>(), *h0p = h0.data_ptr<scalar_t>();
+    auto t_of = [&](int64_t s) { return time_index(s, T, reverse); };
+    // gate gradients of step s for rows [n0, n0 + rows), units [u0, u0 + count); leaves
+    // z * dL/dh_t in dh_carry, to which the recurrent GEMM then adds
+    auto gate_grads = [&](int64_t s, int64_t rows, int64_t n0, int64_t u0, int64_t count) {
+      const int64_t t = t_of(s);
+      const scalar_t* hp = s == 0 ? h0p : yp + t_of(s - 1) * N * H;
+      gru_backward_block<scalar_t>(dyp + (t * N + n0) * H, dhc + n0 * H, hp + n0 * H,
+                                   wsp + (t * N + n0) * 4 * H, gip + (t * N + n0) * 3 * H,
+                                   ghp + (t * N + n0) * 3 * H, rows, H, u0, count);
+    };
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const Tensor wb = pack_backward_weights(w_hh);
+      backward_steps(
+          T, H, N * 3 * H * kUnitBlock,
+          [&](int64_t s, int64_t b0, int64_t b1) {
+            const UnitRange u = units_of(b0, b1, H);
+            gate_grads(s, N, 0, u.u0, u.count);
+          },
+          [&](int64_t s, int64_t b0, int64_t b1) {
+            recurrent_dh_blocks(wb.data_ptr<float>(), ghp + t_of(s) * N * 3 * H, N, 3 * H, H, dhc,
+                                b0, b1, /*accumulate=*/true);
+          });
+    } else {
+      for (int64_t s = T - 1; s >= 0; --s) {
+        parallel_rows(N, 3 * H, [&](int64_t b, int64_t e) { gate_grads(s, e - b, b, 0, H); });
+        dh_carry.addmm_(dg_hh[t_of(s)], w_hh);
+      }
     }
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_backward_cpu", [&] { body(scalar_t(0)); });
   if (T == 0) {
     return {at::zeros_like(x),     dh_carry,
             at::zeros_like(w_ih),  at::zeros_like(w_hh),

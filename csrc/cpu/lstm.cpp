@@ -1,7 +1,7 @@
 // LSTM on the CPU.
 #include "../rnnfast.h"
 #include "common.h"
-#include "pointwise.h"
+#include "kernels.h"
 
 namespace rnnfast {
 
@@ -21,38 +21,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
   // steps, in turns (the kernel's c_prev and c never alias).
   Tensor workspace = at::empty({training ? T : 0, N, 5 * H}, x.options());
   Tensor c_turns = at::empty({training ? 0 : 2, N, H}, x.options());
-  const Tensor w_hh_t = w_hh.t();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward_cpu", [&] {
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = time_index(s, T, reverse);
-      const int64_t tp = time_index(s - 1, T, reverse);
-      Tensor pre_t = pre[t];
-      pre_t.addmm_(s == 0 ? h0 : y[tp], w_hh_t);
+  // a generic lambda, so that `if constexpr` below discards the float-only path for double
+  auto body = [&](auto zero) {
+    using scalar_t = decltype(zero);
+    scalar_t *yp = y.data_ptr<scalar_t>(), *prep = pre.data_ptr<scalar_t>();
+    scalar_t *wsp = workspace.data_ptr<scalar_t>(), *ctp = c_turns.data_ptr<scalar_t>();
+    const scalar_t *h0p = h0.data_ptr<scalar_t>(), *c0p = c0.data_ptr<scalar_t>();
+    auto t_of = [&](int64_t s) { return time_index(s, T, reverse); };
+    auto h_before = [&](int64_t s) -> const scalar_t* {
+      return s == 0 ? h0p : yp + t_of(s - 1) * N * H;
+    };
+    // the pointwise step for rows [n0, n0 + rows), units [u0, u0 + count)
+    auto cell = [&](int64_t s, int64_t rows, int64_t n0, int64_t u0, int64_t count) {
+      const int64_t t = t_of(s);
       const scalar_t* c_prev;
-      int64_t ld_c_prev;
+      int64_t ld_c_prev, ld_c;
       scalar_t *c_out, *cache = nullptr;
-      int64_t ld_c;
       if (training) {
-        cache = workspace[t].data_ptr<scalar_t>();
+        cache = wsp + t * N * 5 * H;
         c_out = cache + 4 * H;
         ld_c = 5 * H;
-        c_prev = s == 0 ? c0.data_ptr<scalar_t>() : workspace[tp].data_ptr<scalar_t>() + 4 * H;
+        c_prev = s == 0 ? c0p : wsp + t_of(s - 1) * N * 5 * H + 4 * H;
         ld_c_prev = s == 0 ? H : 5 * H;
       } else {
-        c_out = c_turns[s % 2].data_ptr<scalar_t>();
+        c_out = ctp + (s % 2) * N * H;
         ld_c = H;
-        c_prev = s == 0 ? c0.data_ptr<scalar_t>() : c_turns[(s - 1) % 2].data_ptr<scalar_t>();
+        c_prev = s == 0 ? c0p : ctp + ((s - 1) % 2) * N * H;
         ld_c_prev = H;
       }
-      const scalar_t* p = pre_t.data_ptr<scalar_t>();
-      scalar_t* h = y[t].data_ptr<scalar_t>();
-      parallel_rows(N, 4 * H, [&](int64_t b, int64_t e) {
-        lstm_forward_block<scalar_t>(p + b * 4 * H, c_prev + b * ld_c_prev, ld_c_prev, h + b * H,
-                                     c_out + b * ld_c, ld_c, cache ? cache + b * 5 * H : nullptr,
-                                     e - b, H);
+      lstm_forward_block<scalar_t>(prep + (t * N + n0) * 4 * H, c_prev + n0 * ld_c_prev, ld_c_prev,
+                                   yp + (t * N + n0) * H, c_out + n0 * ld_c, ld_c,
+                                   cache ? cache + n0 * 5 * H : nullptr, rows, H, u0, count);
+    };
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const Tensor wf = pack_forward_weights(w_hh, 4);
+      forward_steps(T, H, N * 4 * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
+        recurrent_gates_blocks(wf.data_ptr<float>(), 4, h_before(s), N, H,
+                               prep + t_of(s) * N * 4 * H, b0, b1, /*accumulate=*/true);
+        const UnitRange u = units_of(b0, b1, H);
+        cell(s, N, 0, u.u0, u.count);
       });
+    } else {
+      const Tensor w_hh_t = w_hh.t();
+      for (int64_t s = 0; s < T; ++s) {
+        pre[t_of(s)].addmm_(s == 0 ? h0 : y[t_of(s - 1)], w_hh_t);
+        parallel_rows(N, 4 * H, [&](int64_t b, int64_t e) { cell(s, e - b, b, 0, H); });
+      }
     }
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward_cpu", [&] { body(scalar_t(0)); });
   if (T == 0) return {y, h0.clone(), c0.clone(), workspace};
   const int64_t last = time_index(T - 1, T, reverse);
   Tensor cn = training ? workspace[last].narrow(1, 4 * H, H).clone() : c_turns[(T - 1) % 2].clone();
@@ -75,26 +92,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cpu(
   Tensor dg = at::empty({T, N, 4 * H}, x.options());
   Tensor dh_carry = dhn.clone();
   Tensor dc = dcn.clone();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_backward_cpu", [&] {
-    scalar_t* dhc = dh_carry.data_ptr<scalar_t>();
-    scalar_t* dcp = dc.data_ptr<scalar_t>();
-    for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t t = time_index(s, T, reverse);
-      const scalar_t* c_prev =
-          s == 0 ? c0.data_ptr<scalar_t>()
-                 : workspace[time_index(s - 1, T, reverse)].data_ptr<scalar_t>() + 4 * H;
+  // a generic lambda, so that `if constexpr` below discards the float-only path for double
+  auto body = [&](auto zero) {
+    using scalar_t = decltype(zero);
+    scalar_t *dhc = dh_carry.data_ptr<scalar_t>(), *dcp = dc.data_ptr<scalar_t>();
+    scalar_t* dgp = dg.data_ptr<scalar_t>();
+    const scalar_t *dyp = dy.data_ptr<scalar_t>(), *wsp = workspace.data_ptr<scalar_t>();
+    const scalar_t* c0p = c0.data_ptr<scalar_t>();
+    auto t_of = [&](int64_t s) { return time_index(s, T, reverse); };
+    // gate gradients of step s for rows [n0, n0 + rows), units [u0, u0 + count)
+    auto gate_grads = [&](int64_t s, int64_t rows, int64_t n0, int64_t u0, int64_t count) {
+      const int64_t t = t_of(s);
+      const scalar_t* c_prev = s == 0 ? c0p : wsp + t_of(s - 1) * N * 5 * H + 4 * H;
       const int64_t ld_c_prev = s == 0 ? H : 5 * H;
-      const scalar_t* dy_t = dy[t].data_ptr<scalar_t>();
-      const scalar_t* cache = workspace[t].data_ptr<scalar_t>();
-      Tensor dg_t = dg[t];
-      scalar_t* g = dg_t.data_ptr<scalar_t>();
-      parallel_rows(N, 4 * H, [&](int64_t b, int64_t e) {
-        lstm_backward_block<scalar_t>(dy_t + b * H, dhc + b * H, dcp + b * H, cache + b * 5 * H,
-                                      c_prev + b * ld_c_prev, ld_c_prev, g + b * 4 * H, e - b, H);
-      });
-      at::mm_out(dh_carry, dg_t, w_hh);
+      lstm_backward_block<scalar_t>(dyp + (t * N + n0) * H, dhc + n0 * H, dcp + n0 * H,
+                                    wsp + (t * N + n0) * 5 * H, c_prev + n0 * ld_c_prev,
+                                    ld_c_prev, dgp + (t * N + n0) * 4 * H, rows, H, u0, count);
+    };
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const Tensor wb = pack_backward_weights(w_hh);
+      backward_steps(
+          T, H, N * 4 * H * kUnitBlock,
+          [&](int64_t s, int64_t b0, int64_t b1) {
+            const UnitRange u = units_of(b0, b1, H);
+            gate_grads(s, N, 0, u.u0, u.count);
+          },
+          [&](int64_t s, int64_t b0, int64_t b1) {
+            recurrent_dh_blocks(wb.data_ptr<float>(), dgp + t_of(s) * N * 4 * H, N, 4 * H, H, dhc,
+                                b0, b1, /*accumulate=*/false);
+          });
+    } else {
+      for (int64_t s = T - 1; s >= 0; --s) {
+        parallel_rows(N, 4 * H, [&](int64_t b, int64_t e) { gate_grads(s, e - b, b, 0, H); });
+        at::mm_out(dh_carry, dg[t_of(s)], w_hh);
+      }
     }
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_backward_cpu", [&] { body(scalar_t(0)); });
   if (T == 0) {
     return {at::zeros_like(x), dh_carry, dc, at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({4 * H}, x.options())};

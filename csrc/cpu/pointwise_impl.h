@@ -72,20 +72,29 @@ inline scalar_t relu_act(scalar_t x) { return x < scalar_t(0) ? scalar_t(0) : x;
 
 // ---- Elman -----------------------------------------------------------------------
 
-// In place over `count` contiguous elements: pre-activation -> h.
+// Block functions take pointers at row 0, unit 0 of [rows, ...] arrays whose gate blocks
+// are H apart, and work on units [u0, u0 + count) of every row: the weight-stationary
+// float path gives each thread a fixed slice of units; the generic path passes all units
+// of a slice of rows.
+
+// In place: pre-activation -> h.
 template <typename scalar_t>
-void elman_forward_block(scalar_t* pre, int64_t count, int64_t activation) {
-  if (activation == 0) {
-    for (int64_t k = 0; k < count; ++k) pre[k] = tanh_act(pre[k]);
-  } else if (activation == 1) {
-    for (int64_t k = 0; k < count; ++k) pre[k] = relu_act(pre[k]);
+void elman_forward_block(scalar_t* pre, int64_t rows, int64_t H, int64_t u0, int64_t count,
+                         int64_t activation) {
+  for (int64_t n = 0; n < rows; ++n) {
+    out_ptr<scalar_t> p = pre + n * H + u0;
+    if (activation == 0) {
+      for (int64_t k = 0; k < count; ++k) p[k] = tanh_act(p[k]);
+    } else if (activation == 1) {
+      for (int64_t k = 0; k < count; ++k) p[k] = relu_act(p[k]);
+    }
   }
 }
 
-// dpre = (dy + dh_carry) * act'(pre), with act' written in terms of h.
 template <typename scalar_t>
-void elman_backward_block(const scalar_t* dy, const scalar_t* dh_carry, const scalar_t* h,
-                          scalar_t* dpre, int64_t count, int64_t activation) {
+inline void elman_backward_row(in_ptr<scalar_t> dy, in_ptr<scalar_t> dh_carry,
+                               in_ptr<scalar_t> h, out_ptr<scalar_t> dpre, int64_t count,
+                               int64_t activation) {
   if (activation == 0) {
     for (int64_t k = 0; k < count; ++k)
       dpre[k] = (dy[k] + dh_carry[k]) * (scalar_t(1) - h[k] * h[k]);
@@ -97,17 +106,28 @@ void elman_backward_block(const scalar_t* dy, const scalar_t* dh_carry, const sc
   }
 }
 
+// dpre = (dy + dh_carry) * act'(pre), with act' written in terms of h.
+template <typename scalar_t>
+void elman_backward_block(const scalar_t* dy, const scalar_t* dh_carry, const scalar_t* h,
+                          scalar_t* dpre, int64_t rows, int64_t H, int64_t u0, int64_t count,
+                          int64_t activation) {
+  for (int64_t n = 0; n < rows; ++n) {
+    const int64_t o = n * H + u0;
+    elman_backward_row(dy + o, dh_carry + o, h + o, dpre + o, count, activation);
+  }
+}
+
 // ---- LSTM ------------------------------------------------------------------------
 
-// One row of the LSTM step; kCache selects training (store i, f, g, o, c) at compile
-// time so that the loop has no branch in it.
+// One row of the LSTM step; kCache selects training (store i, f, g, o) at compile time
+// so that the loop has no branch in it.
 template <bool kCache, typename scalar_t>
 inline void lstm_forward_row(const scalar_t* p, in_ptr<scalar_t> cp, out_ptr<scalar_t> hn,
-                             out_ptr<scalar_t> cn, scalar_t* s, int64_t H) {
+                             out_ptr<scalar_t> cn, scalar_t* s, int64_t H, int64_t count) {
   // one pointer per gate block: GCC vectorises [j] accesses, not [k * H + j]
   in_ptr<scalar_t> pi = p, pf = p + H, pg = p + 2 * H, po = p + 3 * H;
   out_ptr<scalar_t> si = s, sf = s + H, sg = s + 2 * H, so = s + 3 * H;
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < count; ++j) {
     const scalar_t i = sigmoid_act(pi[j]);
     const scalar_t f = sigmoid_act(pf[j]);
     const scalar_t g = tanh_act(pg[j]);
@@ -129,14 +149,16 @@ inline void lstm_forward_row(const scalar_t* p, in_ptr<scalar_t> cp, out_ptr<sca
 template <typename scalar_t>
 void lstm_forward_block(const scalar_t* pre, const scalar_t* c_prev, int64_t ld_c_prev,
                         scalar_t* h, scalar_t* c, int64_t ld_c, scalar_t* cache, int64_t rows,
-                        int64_t H) {
+                        int64_t H, int64_t u0, int64_t count) {
   for (int64_t n = 0; n < rows; ++n) {
+    const scalar_t* p = pre + n * 4 * H + u0;
+    const scalar_t* cp = c_prev + n * ld_c_prev + u0;
+    scalar_t* hn = h + n * H + u0;
+    scalar_t* cn = c + n * ld_c + u0;
     if (cache) {
-      lstm_forward_row<true>(pre + n * 4 * H, c_prev + n * ld_c_prev, h + n * H, c + n * ld_c,
-                             cache + n * 5 * H, H);
+      lstm_forward_row<true>(p, cp, hn, cn, cache + n * 5 * H + u0, H, count);
     } else {
-      lstm_forward_row<false>(pre + n * 4 * H, c_prev + n * ld_c_prev, h + n * H, c + n * ld_c,
-                              static_cast<scalar_t*>(nullptr), H);
+      lstm_forward_row<false>(p, cp, hn, cn, static_cast<scalar_t*>(nullptr), H, count);
     }
   }
 }
@@ -144,10 +166,10 @@ void lstm_forward_block(const scalar_t* pre, const scalar_t* c_prev, int64_t ld_
 template <typename scalar_t>
 inline void lstm_backward_row(in_ptr<scalar_t> dy, in_ptr<scalar_t> dh_carry, out_ptr<scalar_t> dc,
                               in_ptr<scalar_t> s, in_ptr<scalar_t> cp, out_ptr<scalar_t> dg,
-                              int64_t H) {
+                              int64_t H, int64_t count) {
   in_ptr<scalar_t> si = s, sf = s + H, sg = s + 2 * H, so = s + 3 * H, sc = s + 4 * H;
   out_ptr<scalar_t> di = dg, df = dg + H, dgg = dg + 2 * H, dout = dg + 3 * H;
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < count; ++j) {
     const scalar_t i = si[j], f = sf[j], g = sg[j], o = so[j];
     const scalar_t tc = tanh_act(sc[j]);
     const scalar_t dh = dy[j] + dh_carry[j];
@@ -165,10 +187,11 @@ inline void lstm_backward_row(in_ptr<scalar_t> dy, in_ptr<scalar_t> dh_carry, ou
 template <typename scalar_t>
 void lstm_backward_block(const scalar_t* dy, const scalar_t* dh_carry, scalar_t* dc,
                          const scalar_t* cache, const scalar_t* c_prev, int64_t ld_c_prev,
-                         scalar_t* dgates, int64_t rows, int64_t H) {
+                         scalar_t* dgates, int64_t rows, int64_t H, int64_t u0, int64_t count) {
   for (int64_t n = 0; n < rows; ++n) {
-    lstm_backward_row(dy + n * H, dh_carry + n * H, dc + n * H, cache + n * 5 * H,
-                      c_prev + n * ld_c_prev, dgates + n * 4 * H, H);
+    const int64_t o = n * H + u0;
+    lstm_backward_row(dy + o, dh_carry + o, dc + o, cache + n * 5 * H + u0,
+                      c_prev + n * ld_c_prev + u0, dgates + n * 4 * H + u0, H, count);
   }
 }
 
@@ -177,11 +200,12 @@ void lstm_backward_block(const scalar_t* dy, const scalar_t* dh_carry, scalar_t*
 // One row of the GRU step; kCache as for the LSTM.
 template <bool kCache, typename scalar_t>
 inline void gru_forward_row(const scalar_t* x3, const scalar_t* h3, in_ptr<scalar_t> b_hn,
-                            in_ptr<scalar_t> hp, out_ptr<scalar_t> hn, scalar_t* s, int64_t H) {
+                            in_ptr<scalar_t> hp, out_ptr<scalar_t> hn, scalar_t* s, int64_t H,
+                            int64_t count) {
   in_ptr<scalar_t> xr = x3, xz = x3 + H, xn = x3 + 2 * H;
   in_ptr<scalar_t> hr = h3, hz = h3 + H, hnl = h3 + 2 * H;
   out_ptr<scalar_t> sr = s, sz = s + H, sn = s + 2 * H, sl = s + 3 * H;
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < count; ++j) {
     const scalar_t r = sigmoid_act(xr[j] + hr[j]);
     const scalar_t z = sigmoid_act(xz[j] + hz[j]);
     const scalar_t hn_lin = hnl[j] + b_hn[j];
@@ -202,14 +226,17 @@ inline void gru_forward_row(const scalar_t* x3, const scalar_t* h3, in_ptr<scala
 template <typename scalar_t>
 void gru_forward_block(const scalar_t* xp, const scalar_t* hh, const scalar_t* b_hn,
                        const scalar_t* h_prev, scalar_t* h, scalar_t* cache, int64_t rows,
-                       int64_t H) {
+                       int64_t H, int64_t u0, int64_t count) {
   for (int64_t n = 0; n < rows; ++n) {
+    const scalar_t* x3 = xp + n * 3 * H + u0;
+    const scalar_t* h3 = hh + n * 3 * H + u0;
+    const int64_t o = n * H + u0;
     if (cache) {
-      gru_forward_row<true>(xp + n * 3 * H, hh + n * 3 * H, b_hn, h_prev + n * H, h + n * H,
-                            cache + n * 4 * H, H);
+      gru_forward_row<true>(x3, h3, b_hn + u0, h_prev + o, h + o, cache + n * 4 * H + u0, H,
+                            count);
     } else {
-      gru_forward_row<false>(xp + n * 3 * H, hh + n * 3 * H, b_hn, h_prev + n * H, h + n * H,
-                             static_cast<scalar_t*>(nullptr), H);
+      gru_forward_row<false>(x3, h3, b_hn + u0, h_prev + o, h + o,
+                             static_cast<scalar_t*>(nullptr), H, count);
     }
   }
 }
@@ -217,11 +244,11 @@ void gru_forward_block(const scalar_t* xp, const scalar_t* hh, const scalar_t* b
 template <typename scalar_t>
 inline void gru_backward_row(in_ptr<scalar_t> dy, out_ptr<scalar_t> dh_carry,
                              in_ptr<scalar_t> hp, in_ptr<scalar_t> s, out_ptr<scalar_t> gi,
-                             out_ptr<scalar_t> gh, int64_t H) {
+                             out_ptr<scalar_t> gh, int64_t H, int64_t count) {
   in_ptr<scalar_t> sr = s, sz = s + H, sn = s + 2 * H, sl = s + 3 * H;
   out_ptr<scalar_t> gir = gi, giz = gi + H, gin = gi + 2 * H;
   out_ptr<scalar_t> ghr = gh, ghz = gh + H, ghn = gh + 2 * H;
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < count; ++j) {
     const scalar_t r = sr[j], z = sz[j], nv = sn[j], hn_lin = sl[j];
     const scalar_t dh = dy[j] + dh_carry[j];
     const scalar_t dn = dh * (scalar_t(1) - z) * (scalar_t(1) - nv * nv);
@@ -243,9 +270,10 @@ inline void gru_backward_row(in_ptr<scalar_t> dy, out_ptr<scalar_t> dh_carry,
 template <typename scalar_t>
 void gru_backward_block(const scalar_t* dy, scalar_t* dh_carry, const scalar_t* h_prev,
                         const scalar_t* cache, scalar_t* dg_ih, scalar_t* dg_hh, int64_t rows,
-                        int64_t H) {
+                        int64_t H, int64_t u0, int64_t count) {
   for (int64_t n = 0; n < rows; ++n) {
-    gru_backward_row(dy + n * H, dh_carry + n * H, h_prev + n * H, cache + n * 4 * H,
-                     dg_ih + n * 3 * H, dg_hh + n * 3 * H, H);
+    const int64_t o = n * H + u0;
+    gru_backward_row(dy + o, dh_carry + o, h_prev + o, cache + n * 4 * H + u0,
+                     dg_ih + n * 3 * H + u0, dg_hh + n * 3 * H + u0, H, count);
   }
 }

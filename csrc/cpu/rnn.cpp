@@ -1,7 +1,7 @@
 // Elman RNN on the CPU: tanh, relu, and the identity recurrence of SimpleRNN.
 #include "../rnnfast.h"
 #include "common.h"
-#include "pointwise.h"
+#include "kernels.h"
 
 namespace rnnfast {
 
@@ -22,18 +22,35 @@ std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, co
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   // y starts as the pre-activations of every step and is overwritten in place with h_t
   Tensor y = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
-  const Tensor w_hh_t = w_hh.t();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_forward_cpu", [&] {
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = time_index(s, T, reverse);
-      Tensor y_t = y[t];
-      y_t.addmm_(s == 0 ? h0 : y[time_index(s - 1, T, reverse)], w_hh_t);
-      scalar_t* p = y_t.data_ptr<scalar_t>();
-      parallel_rows(N, H, [&](int64_t b, int64_t e) {
-        elman_forward_block<scalar_t>(p + b * H, (e - b) * H, activation);
+  // a generic lambda, so that `if constexpr` below discards the float-only path for double
+  auto body = [&](auto zero) {
+    using scalar_t = decltype(zero);
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* h0p = h0.data_ptr<scalar_t>();
+    auto step = [&](int64_t s) { return yp + time_index(s, T, reverse) * N * H; };
+    auto h_before = [&](int64_t s) -> const scalar_t* { return s == 0 ? h0p : step(s - 1); };
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const Tensor wf = pack_forward_weights(w_hh, 1);
+      forward_steps(T, H, N * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
+        float* pre = step(s);
+        recurrent_gates_blocks(wf.data_ptr<float>(), 1, h_before(s), N, H, pre, b0, b1,
+                               /*accumulate=*/true);
+        const UnitRange u = units_of(b0, b1, H);
+        elman_forward_block<float>(pre, N, H, u.u0, u.count, activation);
       });
+    } else {
+      const Tensor w_hh_t = w_hh.t();
+      for (int64_t s = 0; s < T; ++s) {
+        Tensor y_t = y[time_index(s, T, reverse)];
+        y_t.addmm_(s == 0 ? h0 : y[time_index(s - 1, T, reverse)], w_hh_t);
+        scalar_t* p = step(s);
+        parallel_rows(N, H, [&](int64_t b, int64_t e) {
+          elman_forward_block<scalar_t>(p + b * H, e - b, H, 0, H, activation);
+        });
+      }
     }
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_forward_cpu", [&] { body(scalar_t(0)); });
   Tensor hn = T == 0 ? h0.clone() : y[time_index(T - 1, T, reverse)].clone();
   return {y, hn};
 }
@@ -50,21 +67,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   Tensor dg = at::empty({T, N, H}, x.options());
   Tensor dh_carry = dhn.clone();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] {
+  // a generic lambda, so that `if constexpr` below discards the float-only path for double
+  auto body = [&](auto zero) {
+    using scalar_t = decltype(zero);
     scalar_t* dhc = dh_carry.data_ptr<scalar_t>();
-    for (int64_t s = T - 1; s >= 0; --s) {
-      const int64_t t = time_index(s, T, reverse);
-      Tensor dg_t = dg[t];
-      const scalar_t* dy_t = dy[t].data_ptr<scalar_t>();
-      const scalar_t* h_t = y[t].data_ptr<scalar_t>();
-      scalar_t* g = dg_t.data_ptr<scalar_t>();
-      parallel_rows(N, H, [&](int64_t b, int64_t e) {
-        elman_backward_block<scalar_t>(dy_t + b * H, dhc + b * H, h_t + b * H, g + b * H,
-                                       (e - b) * H, activation);
-      });
-      at::mm_out(dh_carry, dg_t, w_hh);
+    const scalar_t *dyp = dy.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
+    scalar_t* dgp = dg.data_ptr<scalar_t>();
+    // dg[t] = (dy[t] + dh_carry) * act'(y[t]) for rows [n0, n0 + rows), units [u0, u0 + count)
+    auto gate_grads = [&](int64_t s, int64_t rows, int64_t n0, int64_t u0, int64_t count) {
+      const int64_t o = time_index(s, T, reverse) * N * H + n0 * H;
+      elman_backward_block<scalar_t>(dyp + o, dhc + n0 * H, yp + o, dgp + o, rows, H, u0, count,
+                                     activation);
+    };
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const Tensor wb = pack_backward_weights(w_hh);
+      backward_steps(
+          T, H, N * H * kUnitBlock,
+          [&](int64_t s, int64_t b0, int64_t b1) {
+            const UnitRange u = units_of(b0, b1, H);
+            gate_grads(s, N, 0, u.u0, u.count);
+          },
+          [&](int64_t s, int64_t b0, int64_t b1) {
+            recurrent_dh_blocks(wb.data_ptr<float>(), dgp + time_index(s, T, reverse) * N * H, N,
+                                H, H, dhc, b0, b1, /*accumulate=*/false);
+          });
+    } else {
+      for (int64_t s = T - 1; s >= 0; --s) {
+        parallel_rows(N, H, [&](int64_t b, int64_t e) { gate_grads(s, e - b, b, 0, H); });
+        at::mm_out(dh_carry, dg[time_index(s, T, reverse)], w_hh);
+      }
     }
-  });
+  };
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] { body(scalar_t(0)); });
   if (T == 0) {
     return {at::zeros_like(x), dh_carry, at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({H}, x.options())};

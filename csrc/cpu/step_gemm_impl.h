@@ -1,0 +1,168 @@
+// The recurrent GEMMs of one time step in float32, weight-stationary: each thread owns a
+// fixed range of 8-unit blocks of the hidden state for the whole sequence, so its slice
+// of W_hh stays in its own core's cache from step to step (at small batch the step is
+// bound by reading W_hh; BLAS re-reads and re-packs all of it every step).
+//
+// Packed layouts (made once per op call, units padded to a multiple of 8 with zeros):
+//   forward  wf [H/8 blocks][H (j)][G][8 units]: gate pre-activations of block b are
+//            sum_j h[n][j] * wf[b][j][k][:], one 8-wide FMA per (n, j, gate)
+//   backward wb [H/8 blocks][G*H (g)][8 units]: dh_prev[n][8b:8b+8] = sum_g dg[n][g] * wb[b][g][:]
+//
+// Like pointwise_impl.h, included twice (AVX2+FMA and baseline) by kernels.cpp. GCC's
+// vector extensions lower the 8-wide type to whatever the target has. Each output is
+// summed by one thread in a fixed order: results do not depend on the thread count.
+
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf8_unaligned __attribute__((vector_size(32), aligned(4), __may_alias__));
+
+inline vf8 load8(const float* p) { return *reinterpret_cast<const vf8_unaligned*>(p); }
+inline void store8(float* p, vf8 v) { *reinterpret_cast<vf8_unaligned*>(p) = v; }
+
+// Independent accumulator sets per output: an FMA chain waits ~4 cycles per step, so with
+// fewer than 8 accumulators in flight (few rows, few gates) the K loop is split into S
+// interleaved partial sums, added at the end (a fixed order: still deterministic).
+constexpr int splits_for(int accumulators) {
+  return accumulators >= 8 ? 1 : (accumulators >= 4 ? 2 : 4);
+}
+
+// Rows [0, NR) x gates [0, GP) of out[n][k * gate_stride + u] (+)= sum_j h[n][j] * w[j][k][u]
+// for u < valid, where w advances w_stride floats per j. NR x GP vectors of accumulators:
+// 12 of them, plus the GP weight vectors and one broadcast, fill AVX2's 16 registers.
+template <int GP, int NR>
+inline void gates_tile(const float* __restrict__ w, int64_t w_stride, const float* __restrict__ h,
+                       int64_t ld_h, int64_t K, float* __restrict__ out, int64_t ld_out,
+                       int64_t gate_stride, int64_t valid, bool accumulate) {
+  constexpr int S = splits_for(NR * GP);
+  vf8 acc[S][NR][GP];
+  for (int q = 0; q < S; ++q)
+    for (int r = 0; r < NR; ++r)
+      for (int k = 0; k < GP; ++k) acc[q][r][k] = vf8{};
+  auto step = [&](int q, int64_t j) {
+    vf8 wv[GP];
+    for (int k = 0; k < GP; ++k) wv[k] = load8(w + j * w_stride + k * 8);
+    for (int r = 0; r < NR; ++r) {
+      const float x = h[r * ld_h + j];
+      for (int k = 0; k < GP; ++k) acc[q][r][k] += wv[k] * x;
+    }
+  };
+  int64_t j = 0;
+  for (; j + S <= K; j += S)
+    for (int q = 0; q < S; ++q) step(q, j + q);
+  for (; j < K; ++j) step(0, j);
+  for (int q = 1; q < S; ++q)
+    for (int r = 0; r < NR; ++r)
+      for (int k = 0; k < GP; ++k) acc[0][r][k] += acc[q][r][k];
+  for (int r = 0; r < NR; ++r) {
+    for (int k = 0; k < GP; ++k) {
+      float* o = out + r * ld_out + k * gate_stride;
+      const vf8 v = acc[0][r][k];
+      if (valid == 8) {
+        store8(o, accumulate ? load8(o) + v : v);
+      } else {
+        for (int64_t u = 0; u < valid; ++u) o[u] = accumulate ? o[u] + v[u] : v[u];
+      }
+    }
+  }
+}
+
+// Rows [0, NR) x blocks [0, BP) of out[n][8 * c + u] (+)= sum_g dg[n][g] * wb[c][g][u], u <
+// valid (the last block's count), where block c's weights start c * w_block floats on.
+template <int BP, int NR>
+inline void dh_tile(const float* __restrict__ wb, int64_t w_block, const float* __restrict__ dg,
+                    int64_t ld_dg, int64_t K, float* __restrict__ out, int64_t ld_out,
+                    int64_t valid, bool accumulate) {
+  constexpr int S = splits_for(NR * BP);
+  vf8 acc[S][NR][BP];
+  for (int q = 0; q < S; ++q)
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < BP; ++c) acc[q][r][c] = vf8{};
+  auto step = [&](int q, int64_t g) {
+    vf8 wv[BP];
+    for (int c = 0; c < BP; ++c) wv[c] = load8(wb + c * w_block + g * 8);
+    for (int r = 0; r < NR; ++r) {
+      const float x = dg[r * ld_dg + g];
+      for (int c = 0; c < BP; ++c) acc[q][r][c] += wv[c] * x;
+    }
+  };
+  int64_t g = 0;
+  for (; g + S <= K; g += S)
+    for (int q = 0; q < S; ++q) step(q, g + q);
+  for (; g < K; ++g) step(0, g);
+  for (int q = 1; q < S; ++q)
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < BP; ++c) acc[0][r][c] += acc[q][r][c];
+  for (int r = 0; r < NR; ++r) {
+    for (int c = 0; c < BP; ++c) {
+      float* o = out + r * ld_out + c * 8;
+      const vf8 v = acc[0][r][c];
+      if (c < BP - 1 || valid == 8) {
+        store8(o, accumulate ? load8(o) + v : v);
+      } else {
+        for (int64_t u = 0; u < valid; ++u) o[u] = accumulate ? o[u] + v[u] : v[u];
+      }
+    }
+  }
+}
+
+// Rows of the K (reduction) dimension per pass: keeps the slice of packed weights that a
+// pass reads over and over (once per tile of rows) within 16 KiB, in L1.
+constexpr int64_t kWeightChunkFloats = 4096;
+
+// All N rows through tiles of NR rows, the remainder through tiles of 2 and 1:
+// tile(rows_tag, n) is called with std::integral_constant<int, rows>.
+template <int NR, typename F>
+inline void row_tiles(int64_t N, const F& tile) {
+  int64_t n = 0;
+  for (; n + NR <= N; n += NR) tile(std::integral_constant<int, NR>{}, n);
+  for (; n + 2 <= N; n += 2) tile(std::integral_constant<int, 2>{}, n);
+  for (; n < N; ++n) tile(std::integral_constant<int, 1>{}, n);
+}
+
+// Gate pre-activations of unit blocks [b0, b1) for all N rows:
+// out[n][k * H + u] (+)= sum_j h[n][j] W_hh[k * H + u][j]. out rows are G*H apart.
+template <int G>
+void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t H, float* out,
+                            int64_t b0, int64_t b1, bool accumulate) {
+  constexpr int GP = G == 4 ? 2 : G;                        // gates per pass
+  constexpr int NR = G == 4 ? 6 : (G == 3 ? 4 : 12);        // rows per tile
+  constexpr int64_t KC = kWeightChunkFloats / (G * 8);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t u = b * 8, valid = std::min<int64_t>(8, H - u);
+    for (int64_t k0 = 0; k0 < H; k0 += KC) {
+      const int64_t kc = std::min(KC, H - k0);
+      const bool acc = accumulate || k0 > 0;
+      for (int kg = 0; kg < G; kg += GP) {
+        const float* w = wf + ((b * H + k0) * G + kg) * 8;
+        row_tiles<NR>(N, [&](auto rows, int64_t n) {
+          gates_tile<GP, decltype(rows)::value>(w, G * 8, h + n * H + k0, H, kc,
+                                                out + n * G * H + kg * H + u, G * H, H, valid,
+                                                acc);
+        });
+      }
+    }
+  }
+}
+
+// dh[n][u] (+)= sum_g dg[n][g] W_hh[g][u] for the units of blocks [b0, b1), all N rows,
+// two blocks (16 units) per tile where there are two.
+inline void recurrent_dh_blocks(const float* wb, const float* dg, int64_t N, int64_t GH,
+                                int64_t H, float* dh, int64_t b0, int64_t b1, bool accumulate) {
+  constexpr int64_t KC = kWeightChunkFloats / 16;
+  for (int64_t b = b0; b < b1; b += 2) {
+    const int64_t bp = std::min<int64_t>(2, b1 - b);
+    const int64_t u = b * 8, valid = std::min<int64_t>(8, H - (b + bp - 1) * 8);
+    for (int64_t k0 = 0; k0 < GH; k0 += KC) {
+      const int64_t kc = std::min(KC, GH - k0);
+      const bool acc = accumulate || k0 > 0;
+      const float* w = wb + (b * GH + k0) * 8;
+      row_tiles<6>(N, [&](auto rows, int64_t n) {
+        constexpr int R = decltype(rows)::value;
+        if (bp == 2) {
+          dh_tile<2, R>(w, GH * 8, dg + n * GH + k0, GH, kc, dh + n * H + u, H, valid, acc);
+        } else {
+          dh_tile<1, R>(w, GH * 8, dg + n * GH + k0, GH, kc, dh + n * H + u, H, valid, acc);
+        }
+      });
+    }
+  }
+}

@@ -78,20 +78,27 @@ def _restore(module: nn.RNNBase, output: Tensor, is_batched: bool) -> Tensor:
     return output if is_batched else output.squeeze(0 if module.batch_first else 1)
 
 
+def _forward_one_state(module: nn.RNNBase, input: Tensor, hx: Optional[Tensor], run):
+    """forward of the cells with one state (RNN, GRU): torch.nn's checks and shapes around
+    run(x [T, N, C], hx [L * D, N, H], weights) -> (output, h_n)."""
+    _unsupported(module, input)
+    input, hx, is_batched = _batch_input(module, input, hx, 1)
+    if hx is None:
+        hx = _zeros_state(module, input)
+    module.check_forward_args(input, hx, None)
+    RF._check_input(input)
+    output, h_n = run(_time_major(module, input), hx, _layer_weights(module))
+    return _restore(module, output, is_batched), h_n if is_batched else h_n.squeeze(1)
+
+
 class RNN(nn.RNN):
     """Elman RNN with tanh or relu, drop-in for torch.nn.RNN (same arguments and
     parameters), computed by rnnfast's fused kernels."""
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        _unsupported(self, input)
-        input, hx, is_batched = _batch_input(self, input, hx, 1)
-        if hx is None:
-            hx = _zeros_state(self, input)
-        self.check_forward_args(input, hx, None)
-        RF._check_input(input)
-        output, h_n = RF.rnn(_time_major(self, input), hx, _layer_weights(self), self.num_layers,
-                             self.nonlinearity, self.bidirectional, self.dropout, self.training)
-        return _restore(self, output, is_batched), h_n if is_batched else h_n.squeeze(1)
+        return _forward_one_state(self, input, hx, lambda x, h, w: RF.rnn(
+            x, h, w, self.num_layers, self.nonlinearity, self.bidirectional, self.dropout,
+            self.training))
 
 
 class LSTM(nn.LSTM):
@@ -125,15 +132,8 @@ class GRU(nn.GRU):
     rnnfast's fused kernels."""
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        _unsupported(self, input)
-        input, hx, is_batched = _batch_input(self, input, hx, 1)
-        if hx is None:
-            hx = _zeros_state(self, input)
-        self.check_forward_args(input, hx, None)
-        RF._check_input(input)
-        output, h_n = RF.gru(_time_major(self, input), hx, _layer_weights(self), self.num_layers,
-                             self.bidirectional, self.dropout, self.training)
-        return _restore(self, output, is_batched), h_n if is_batched else h_n.squeeze(1)
+        return _forward_one_state(self, input, hx, lambda x, h, w: RF.gru(
+            x, h, w, self.num_layers, self.bidirectional, self.dropout, self.training))
 
 
 class SimpleRNN(nn.Module):

@@ -16,7 +16,7 @@ typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf8_unaligned __attribute__((vector_size(32), aligned(4), __may_alias__));
 
 inline vf8 load8(const float* p) { return *reinterpret_cast<const vf8_unaligned*>(p); }
-inline void store8(float* p, vf8 v) { *reinterpret_cast<vf8_unaligned*>(p) = v; }
+inline void store8(float* p, const vf8& v) { *reinterpret_cast<vf8_unaligned*>(p) = v; }
 
 // Independent accumulator sets per output: an FMA chain waits ~4 cycles per step, so with
 // fewer than 8 accumulators in flight (few rows, few gates) the K loop is split into S

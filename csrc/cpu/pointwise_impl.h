@@ -122,8 +122,8 @@ void elman_backward_block(const scalar_t* dy, const scalar_t* dh_carry, const sc
 // One row of the LSTM step; kCache selects training (store i, f, g, o) at compile time
 // so that the loop has no branch in it.
 template <bool kCache, typename scalar_t>
-inline void lstm_forward_row(const scalar_t* p, in_ptr<scalar_t> cp, out_ptr<scalar_t> hn,
-                             out_ptr<scalar_t> cn, scalar_t* s, int64_t H, int64_t count) {
+inline void lstm_forward_row(in_ptr<scalar_t> p, in_ptr<scalar_t> cp, out_ptr<scalar_t> hn,
+                             out_ptr<scalar_t> cn, out_ptr<scalar_t> s, int64_t H, int64_t count) {
   // one pointer per gate block: GCC vectorises [j] accesses, not [k * H + j]
   in_ptr<scalar_t> pi = p, pf = p + H, pg = p + 2 * H, po = p + 3 * H;
   out_ptr<scalar_t> si = s, sf = s + H, sg = s + 2 * H, so = s + 3 * H;
@@ -199,9 +199,9 @@ void lstm_backward_block(const scalar_t* dy, const scalar_t* dh_carry, scalar_t*
 
 // One row of the GRU step; kCache as for the LSTM.
 template <bool kCache, typename scalar_t>
-inline void gru_forward_row(const scalar_t* x3, const scalar_t* h3, in_ptr<scalar_t> b_hn,
-                            in_ptr<scalar_t> hp, out_ptr<scalar_t> hn, scalar_t* s, int64_t H,
-                            int64_t count) {
+inline void gru_forward_row(in_ptr<scalar_t> x3, in_ptr<scalar_t> h3, in_ptr<scalar_t> b_hn,
+                            in_ptr<scalar_t> hp, out_ptr<scalar_t> hn, out_ptr<scalar_t> s,
+                            int64_t H, int64_t count) {
   in_ptr<scalar_t> xr = x3, xz = x3 + H, xn = x3 + 2 * H;
   in_ptr<scalar_t> hr = h3, hz = h3 + H, hnl = h3 + 2 * H;
   out_ptr<scalar_t> sr = s, sz = s + H, sn = s + 2 * H, sl = s + 3 * H;

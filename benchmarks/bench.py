@@ -1,7 +1,7 @@
 """rnnfast vs torch.nn vs a Python loop over torch.nn cells, side by side in one run.
 
-    python benchmarks/bench.py            # the small default (CPU, a few minutes)
-    python benchmarks/bench.py --cells lstm --shapes classic --modes fwd
+    python -m benchmarks.bench            # from the repository root: the small default (CPU, about a minute)
+    python -m benchmarks.bench --cells lstm --shapes classic --modes fwd
 
 Every contender runs the same weights on the same inputs with the same thread count;
 before timing, each one's output is checked against rnnfast's (a contender that

@@ -13,6 +13,11 @@
 
 // Pointers that alias no other pointer of the loop: without this GCC gives up
 // vectorising loops with many streams (too many run-time alias checks).
+// Row kernels are not inlined into their callers, and their loops carry `ivdep`: the gate
+// blocks of one row (p, p + H, ...) derive from one pointer, and GCC would otherwise guard
+// the vector loop with run-time overlap checks whose scalar fallback it took in practice.
+#define RNNFAST_NOINLINE __attribute__((noinline))
+
 template <typename T>
 using in_ptr = const T* __restrict__;
 template <typename T>
@@ -84,24 +89,29 @@ void elman_forward_block(scalar_t* pre, int64_t rows, int64_t H, int64_t u0, int
   for (int64_t n = 0; n < rows; ++n) {
     out_ptr<scalar_t> p = pre + n * H + u0;
     if (activation == 0) {
+      #pragma GCC ivdep
       for (int64_t k = 0; k < count; ++k) p[k] = tanh_act(p[k]);
     } else if (activation == 1) {
+      #pragma GCC ivdep
       for (int64_t k = 0; k < count; ++k) p[k] = relu_act(p[k]);
     }
   }
 }
 
 template <typename scalar_t>
-inline void elman_backward_row(in_ptr<scalar_t> dy, in_ptr<scalar_t> dh_carry,
+RNNFAST_NOINLINE void elman_backward_row(in_ptr<scalar_t> dy, in_ptr<scalar_t> dh_carry,
                                in_ptr<scalar_t> h, out_ptr<scalar_t> dpre, int64_t count,
                                int64_t activation) {
   if (activation == 0) {
+    #pragma GCC ivdep
     for (int64_t k = 0; k < count; ++k)
       dpre[k] = (dy[k] + dh_carry[k]) * (scalar_t(1) - h[k] * h[k]);
   } else if (activation == 1) {
+    #pragma GCC ivdep
     for (int64_t k = 0; k < count; ++k)
       dpre[k] = h[k] > scalar_t(0) ? dy[k] + dh_carry[k] : scalar_t(0);
   } else {
+    #pragma GCC ivdep
     for (int64_t k = 0; k < count; ++k) dpre[k] = dy[k] + dh_carry[k];
   }
 }
@@ -122,11 +132,12 @@ void elman_backward_block(const scalar_t* dy, const scalar_t* dh_carry, const sc
 // One row of the LSTM step; kCache selects training (store i, f, g, o) at compile time
 // so that the loop has no branch in it.
 template <bool kCache, typename scalar_t>
-inline void lstm_forward_row(in_ptr<scalar_t> p, in_ptr<scalar_t> cp, out_ptr<scalar_t> hn,
+RNNFAST_NOINLINE void lstm_forward_row(in_ptr<scalar_t> p, in_ptr<scalar_t> cp, out_ptr<scalar_t> hn,
                              out_ptr<scalar_t> cn, out_ptr<scalar_t> s, int64_t H, int64_t count) {
   // one pointer per gate block: GCC vectorises [j] accesses, not [k * H + j]
   in_ptr<scalar_t> pi = p, pf = p + H, pg = p + 2 * H, po = p + 3 * H;
   out_ptr<scalar_t> si = s, sf = s + H, sg = s + 2 * H, so = s + 3 * H;
+  #pragma GCC ivdep
   for (int64_t j = 0; j < count; ++j) {
     const scalar_t i = sigmoid_act(pi[j]);
     const scalar_t f = sigmoid_act(pf[j]);
@@ -164,11 +175,12 @@ void lstm_forward_block(const scalar_t* pre, const scalar_t* c_prev, int64_t ld_
 }
 
 template <typename scalar_t>
-inline void lstm_backward_row(in_ptr<scalar_t> dy, in_ptr<scalar_t> dh_carry, out_ptr<scalar_t> dc,
+RNNFAST_NOINLINE void lstm_backward_row(in_ptr<scalar_t> dy, in_ptr<scalar_t> dh_carry, out_ptr<scalar_t> dc,
                               in_ptr<scalar_t> s, in_ptr<scalar_t> cp, out_ptr<scalar_t> dg,
                               int64_t H, int64_t count) {
   in_ptr<scalar_t> si = s, sf = s + H, sg = s + 2 * H, so = s + 3 * H, sc = s + 4 * H;
   out_ptr<scalar_t> di = dg, df = dg + H, dgg = dg + 2 * H, dout = dg + 3 * H;
+  #pragma GCC ivdep
   for (int64_t j = 0; j < count; ++j) {
     const scalar_t i = si[j], f = sf[j], g = sg[j], o = so[j];
     const scalar_t tc = tanh_act(sc[j]);
@@ -199,12 +211,13 @@ void lstm_backward_block(const scalar_t* dy, const scalar_t* dh_carry, scalar_t*
 
 // One row of the GRU step; kCache as for the LSTM.
 template <bool kCache, typename scalar_t>
-inline void gru_forward_row(in_ptr<scalar_t> x3, in_ptr<scalar_t> h3, in_ptr<scalar_t> b_hn,
+RNNFAST_NOINLINE void gru_forward_row(in_ptr<scalar_t> x3, in_ptr<scalar_t> h3, in_ptr<scalar_t> b_hn,
                             in_ptr<scalar_t> hp, out_ptr<scalar_t> hn, out_ptr<scalar_t> s,
                             int64_t H, int64_t count) {
   in_ptr<scalar_t> xr = x3, xz = x3 + H, xn = x3 + 2 * H;
   in_ptr<scalar_t> hr = h3, hz = h3 + H, hnl = h3 + 2 * H;
   out_ptr<scalar_t> sr = s, sz = s + H, sn = s + 2 * H, sl = s + 3 * H;
+  #pragma GCC ivdep
   for (int64_t j = 0; j < count; ++j) {
     const scalar_t r = sigmoid_act(xr[j] + hr[j]);
     const scalar_t z = sigmoid_act(xz[j] + hz[j]);
@@ -242,12 +255,13 @@ void gru_forward_block(const scalar_t* xp, const scalar_t* hh, const scalar_t* b
 }
 
 template <typename scalar_t>
-inline void gru_backward_row(in_ptr<scalar_t> dy, out_ptr<scalar_t> dh_carry,
+RNNFAST_NOINLINE void gru_backward_row(in_ptr<scalar_t> dy, out_ptr<scalar_t> dh_carry,
                              in_ptr<scalar_t> hp, in_ptr<scalar_t> s, out_ptr<scalar_t> gi,
                              out_ptr<scalar_t> gh, int64_t H, int64_t count) {
   in_ptr<scalar_t> sr = s, sz = s + H, sn = s + 2 * H, sl = s + 3 * H;
   out_ptr<scalar_t> gir = gi, giz = gi + H, gin = gi + 2 * H;
   out_ptr<scalar_t> ghr = gh, ghz = gh + H, ghn = gh + 2 * H;
+  #pragma GCC ivdep
   for (int64_t j = 0; j < count; ++j) {
     const scalar_t r = sr[j], z = sz[j], nv = sn[j], hn_lin = sl[j];
     const scalar_t dh = dy[j] + dh_carry[j];

@@ -178,6 +178,21 @@ def format_table(records):
     return "\n".join(lines)
 
 
+def markdown_table(records):
+    names = ["rnnfast", "torch.nn", "cell loop"]
+    lines = ["| cell | T | N | C=H | mode | " + " | ".join(names) + " | vs torch.nn | vs cell loop |",
+             "|---|---|---|---|---|" + "---|" * (len(names) + 2)]
+    for rec in records:
+        res = rec["results"]
+        cells = [f"{res[n]['median_s'] * 1e3:.2f} ms" if "median_s" in res.get(n, {}) else "n/a"
+                 for n in names]
+        speed = [f"{res[n]['rnnfast_speedup']:.2f}x" if res.get(n, {}).get("rnnfast_speedup")
+                 else "n/a" for n in ("torch.nn", "cell loop")]
+        lines.append(f"| {rec['cell']} | {rec['T']} | {rec['N']} | {rec['H']} | {rec['mode']} | "
+                     + " | ".join(cells + speed) + " |")
+    return "\n".join(lines)
+
+
 def geomean(values):
     values = [v for v in values if v]
     return float(torch.tensor(values).log().mean().exp()) if values else float("nan")
@@ -194,6 +209,7 @@ def main(argv=None):
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs (at least)")
     p.add_argument("--json", default=None, help="where to write the results "
                    "(default: benchmarks/results/cpu-<date>.json)")
+    p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -223,6 +239,9 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump({"machine": header, "summary": summary, "records": records}, f, indent=1)
     print(f"\nresults: {out}")
+    if args.markdown:
+        print()
+        print(markdown_table(records))
 
 
 if __name__ == "__main__":

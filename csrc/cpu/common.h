@@ -5,11 +5,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "kernels.h"
 
 #include <algorithm>
 #include <optional>
+#include <string>
+#include <vector>
 
 namespace rnnfast::cpu {
 
@@ -18,13 +21,30 @@ using at::Tensor;
 // Time index of step s (0-based, in the order the forward pass visits them).
 inline int64_t time_index(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
+// a [M, K] @ w [P, K]^T (+ bias [P]) -> [M, P]: the whole-sequence GEMMs that read a
+// weight. In float32 they go through oneDNN's linear where torch has it (torch's own
+// mkldnn::_linear_pointwise op, found once through the dispatcher and called boxed, so
+// that no C++ signature is assumed): on CPUs where MKL runs its generic code path (AMD) it
+// is markedly faster. Anywhere else, addmm.
+inline Tensor weight_gemm(const Tensor& a, const Tensor& w, const std::optional<Tensor>& bias) {
+  static const std::optional<c10::OperatorHandle> onednn =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (onednn && a.scalar_type() == at::kFloat && a.size(0) > 0 && a.size(1) > 0) {
+    std::vector<c10::IValue> stack{a, w.contiguous(), bias ? c10::IValue(*bias) : c10::IValue(),
+                                   c10::IValue(std::string("none")),
+                                   c10::IValue(c10::List<std::optional<c10::Scalar>>()),
+                                   c10::IValue()};
+    onednn->callBoxed(&stack);
+    return stack.at(0).toTensor();
+  }
+  return bias ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
+}
+
 // pre [T, N, G*H] = x W_ih^T + bias, in one GEMM over all T*N rows.
 inline Tensor input_projection(const Tensor& x, const Tensor& w_ih,
                                const std::optional<Tensor>& bias) {
   const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
-  const Tensor x2d = x.view({T * N, C});
-  Tensor pre = bias ? at::addmm(*bias, x2d, w_ih.t()) : at::mm(x2d, w_ih.t());
-  return pre.view({T, N, w_ih.size(0)});
+  return weight_gemm(x.view({T * N, C}), w_ih, bias).view({T, N, w_ih.size(0)});
 }
 
 // Sum of two optional biases, or whichever exists.
@@ -121,7 +141,7 @@ struct InputGrads {
 inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor& w_ih) {
   const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
   const Tensor dg2d = dg_ih.view({T * N, -1});
-  return {at::mm(dg2d, w_ih).view({T, N, C}), mm_tn(dg2d, x.view({T * N, C}))};
+  return {weight_gemm(dg2d, w_ih.t(), std::nullopt).view({T, N, C}), mm_tn(dg2d, x.view({T * N, C}))};
 }
 
 // db [G*H] = sum over T and N of the gate gradients.

@@ -55,6 +55,41 @@ inline std::optional<Tensor> sum_biases(const std::optional<Tensor>& a,
   return b;
 }
 
+// The input projection of LSTM and GRU, computed a chunk of steps at a time just before
+// those steps run: the chunk's pre-activations (about 2 MiB) are still in cache when the
+// recurrence reads them, and no [T, N, G*H] tensor is held.
+class ProjectedChunks {
+ public:
+  ProjectedChunks(const Tensor& x, const Tensor& w_ih, std::optional<Tensor> bias, bool reverse)
+      : x_(x), w_ih_(w_ih), bias_(std::move(bias)), reverse_(reverse) {
+    const int64_t step_floats = std::max<int64_t>(1, x.size(1) * w_ih.size(0));
+    steps_per_chunk = std::max<int64_t>(1, (int64_t{1} << 19) / step_floats);
+  }
+  int64_t steps_per_chunk;
+
+  // Projects the steps [s0, s1) (in visiting order).
+  void project(int64_t s0, int64_t s1) {
+    const int64_t T = x_.size(0), n = s1 - s0;
+    t_lo_ = reverse_ ? T - s1 : s0;
+    chunk_ = input_projection(x_.narrow(0, t_lo_, n), w_ih_, bias_);
+  }
+  // Pre-activations [N, G*H] of the step at time t, which the last chunk must hold.
+  template <typename scalar_t>
+  scalar_t* at_time(int64_t t) const {
+    return chunk_.data_ptr<scalar_t>() + (t - t_lo_) * chunk_.size(1) * chunk_.size(2);
+  }
+  const Tensor& chunk() const { return chunk_; }
+  int64_t t_lo() const { return t_lo_; }
+
+ private:
+  Tensor x_, w_ih_;
+  std::optional<Tensor> bias_;
+  bool reverse_;
+  Tensor chunk_;
+  int64_t t_lo_ = 0;
+};
+
+
 // Splits rows [0, rows) over threads, giving each task enough elements to pay for it.
 template <typename F>
 void parallel_rows(int64_t rows, int64_t elements_per_row, const F& f) {
@@ -74,11 +109,12 @@ inline int64_t block_grain(int64_t fma_per_block) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, fma_per_block));
 }
 
-// Forward: step(s, b0, b1) computes step s (in visiting order) for unit blocks [b0, b1).
+// Forward: step(s, b0, b1) computes step s (in visiting order, s0 <= s < s1) for unit
+// blocks [b0, b1).
 template <typename F>
-void forward_steps(int64_t T, int64_t H, int64_t fma_per_block, const F& step) {
+void forward_steps(int64_t s0, int64_t s1, int64_t H, int64_t fma_per_block, const F& step) {
   const int64_t grain = block_grain(fma_per_block);
-  for (int64_t s = 0; s < T; ++s)
+  for (int64_t s = s0; s < s1; ++s)
     at::parallel_for(0, unit_blocks(H), grain, [&](int64_t b0, int64_t b1) { step(s, b0, b1); });
 }
 

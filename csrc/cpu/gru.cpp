@@ -21,14 +21,14 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
     b_hrz = at::cat({b_hh->narrow(0, 0, 2 * H), b_hn});
     b_hn = b_hh->narrow(0, 2 * H, H);
   }
-  const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hrz));
+  ProjectedChunks xp(x, w_ih, sum_biases(b_ih, b_hrz), reverse);
   Tensor y = at::empty({T, N, H}, x.options());
   Tensor workspace = at::empty({training ? T : 0, N, 4 * H}, x.options());
   Tensor hh = at::empty({N, 3 * H}, x.options());  // W_hh h_{t-1}, no bias
   // a generic lambda, so that `if constexpr` below discards the float-only path for double
   auto body = [&](auto zero) {
     using scalar_t = decltype(zero);
-    const scalar_t *bn = b_hn.data_ptr<scalar_t>(), *xpp = xp.data_ptr<scalar_t>();
+    const scalar_t* bn = b_hn.data_ptr<scalar_t>();
     const scalar_t* h0p = h0.data_ptr<scalar_t>();
     scalar_t *yp = y.data_ptr<scalar_t>(), *hhp = hh.data_ptr<scalar_t>();
     scalar_t* wsp = workspace.data_ptr<scalar_t>();
@@ -39,24 +39,28 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
     // the pointwise step for rows [n0, n0 + rows), units [u0, u0 + count)
     auto cell = [&](int64_t s, int64_t rows, int64_t n0, int64_t u0, int64_t count) {
       const int64_t t = t_of(s);
-      gru_forward_block<scalar_t>(xpp + (t * N + n0) * 3 * H, hhp + n0 * 3 * H, bn,
+      gru_forward_block<scalar_t>(xp.at_time<scalar_t>(t) + n0 * 3 * H, hhp + n0 * 3 * H, bn,
                                   h_before(s) + n0 * H, yp + (t * N + n0) * H,
                                   training ? wsp + (t * N + n0) * 4 * H : nullptr, rows, H, u0,
                                   count);
     };
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      const Tensor wf = pack_forward_weights(w_hh, 3);
-      forward_steps(T, H, N * 3 * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
-        recurrent_gates_blocks(wf.data_ptr<float>(), 3, h_before(s), N, H, hhp, b0, b1,
-                               /*accumulate=*/false);
-        const UnitRange u = units_of(b0, b1, H);
-        cell(s, N, 0, u.u0, u.count);
-      });
-    } else {
-      const Tensor w_hh_t = w_hh.t();
-      for (int64_t s = 0; s < T; ++s) {
-        at::mm_out(hh, s == 0 ? h0 : y[t_of(s - 1)], w_hh_t);
-        parallel_rows(N, 3 * H, [&](int64_t b, int64_t e) { cell(s, e - b, b, 0, H); });
+    const Tensor wf = std::is_same_v<scalar_t, float> ? pack_forward_weights(w_hh, 3) : Tensor();
+    const Tensor w_hh_t = w_hh.t();
+    for (int64_t s0 = 0; s0 < T; s0 += xp.steps_per_chunk) {
+      const int64_t s1 = std::min(T, s0 + xp.steps_per_chunk);
+      xp.project(s0, s1);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        forward_steps(s0, s1, H, N * 3 * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
+          recurrent_gates_blocks(wf.data_ptr<float>(), 3, h_before(s), N, H, hhp, b0, b1,
+                                 /*accumulate=*/false);
+          const UnitRange u = units_of(b0, b1, H);
+          cell(s, N, 0, u.u0, u.count);
+        });
+      } else {
+        for (int64_t s = s0; s < s1; ++s) {
+          at::mm_out(hh, s == 0 ? h0 : y[t_of(s - 1)], w_hh_t);
+          parallel_rows(N, 3 * H, [&](int64_t b, int64_t e) { cell(s, e - b, b, 0, H); });
+        }
       }
     }
   };

@@ -15,7 +15,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
   check_layer_inputs(op, 4, x, h0, w_ih, w_hh, b_ih, b_hh);
   check_same_shape(op, "c0", c0, h0.sizes(), x);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
-  Tensor pre = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
+  ProjectedChunks pre(x, w_ih, sum_biases(b_ih, b_hh), reverse);
   Tensor y = at::empty({T, N, H}, x.options());
   // Training keeps i, f, g, o and c of every step; inference only c of the last two
   // steps, in turns (the kernel's c_prev and c never alias).
@@ -24,7 +24,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
   // a generic lambda, so that `if constexpr` below discards the float-only path for double
   auto body = [&](auto zero) {
     using scalar_t = decltype(zero);
-    scalar_t *yp = y.data_ptr<scalar_t>(), *prep = pre.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t *wsp = workspace.data_ptr<scalar_t>(), *ctp = c_turns.data_ptr<scalar_t>();
     const scalar_t *h0p = h0.data_ptr<scalar_t>(), *c0p = c0.data_ptr<scalar_t>();
     auto t_of = [&](int64_t s) { return time_index(s, T, reverse); };
@@ -49,23 +49,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
         c_prev = s == 0 ? c0p : ctp + ((s - 1) % 2) * N * H;
         ld_c_prev = H;
       }
-      lstm_forward_block<scalar_t>(prep + (t * N + n0) * 4 * H, c_prev + n0 * ld_c_prev, ld_c_prev,
+      lstm_forward_block<scalar_t>(pre.at_time<scalar_t>(t) + n0 * 4 * H, c_prev + n0 * ld_c_prev, ld_c_prev,
                                    yp + (t * N + n0) * H, c_out + n0 * ld_c, ld_c,
                                    cache ? cache + n0 * 5 * H : nullptr, rows, H, u0, count);
     };
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      const Tensor wf = pack_forward_weights(w_hh, 4);
-      forward_steps(T, H, N * 4 * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
-        recurrent_gates_blocks(wf.data_ptr<float>(), 4, h_before(s), N, H,
-                               prep + t_of(s) * N * 4 * H, b0, b1, /*accumulate=*/true);
-        const UnitRange u = units_of(b0, b1, H);
-        cell(s, N, 0, u.u0, u.count);
-      });
-    } else {
-      const Tensor w_hh_t = w_hh.t();
-      for (int64_t s = 0; s < T; ++s) {
-        pre[t_of(s)].addmm_(s == 0 ? h0 : y[t_of(s - 1)], w_hh_t);
-        parallel_rows(N, 4 * H, [&](int64_t b, int64_t e) { cell(s, e - b, b, 0, H); });
+    const Tensor wf = std::is_same_v<scalar_t, float> ? pack_forward_weights(w_hh, 4) : Tensor();
+    const Tensor w_hh_t = w_hh.t();
+    for (int64_t s0 = 0; s0 < T; s0 += pre.steps_per_chunk) {
+      const int64_t s1 = std::min(T, s0 + pre.steps_per_chunk);
+      pre.project(s0, s1);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        forward_steps(s0, s1, H, N * 4 * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
+          recurrent_gates_blocks(wf.data_ptr<float>(), 4, h_before(s), N, H,
+                                 pre.at_time<float>(t_of(s)), b0, b1, /*accumulate=*/true);
+          const UnitRange u = units_of(b0, b1, H);
+          cell(s, N, 0, u.u0, u.count);
+        });
+      } else {
+        for (int64_t s = s0; s < s1; ++s) {
+          pre.chunk()[t_of(s) - pre.t_lo()].addmm_(s == 0 ? h0 : y[t_of(s - 1)], w_hh_t);
+          parallel_rows(N, 4 * H, [&](int64_t b, int64_t e) { cell(s, e - b, b, 0, H); });
+        }
       }
     }
   };

@@ -31,7 +31,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, co
     auto h_before = [&](int64_t s) -> const scalar_t* { return s == 0 ? h0p : step(s - 1); };
     if constexpr (std::is_same_v<scalar_t, float>) {
       const Tensor wf = pack_forward_weights(w_hh, 1);
-      forward_steps(T, H, N * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
+      forward_steps(0, T, H, N * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
         float* pre = step(s);
         recurrent_gates_blocks(wf.data_ptr<float>(), 1, h_before(s), N, H, pre, b0, b1,
                                /*accumulate=*/true);

@@ -25,11 +25,12 @@ inline int64_t time_index(int64_t s, int64_t T, bool reverse) { return reverse ?
 // weight. In float32 they go through oneDNN's linear where torch has it (torch's own
 // mkldnn::_linear_pointwise op, found once through the dispatcher and called boxed, so
 // that no C++ signature is assumed): on CPUs where MKL runs its generic code path (AMD) it
-// is markedly faster. Anywhere else, addmm.
+// is markedly faster. Small GEMMs and anything else: addmm.
 inline Tensor weight_gemm(const Tensor& a, const Tensor& w, const std::optional<Tensor>& bias) {
   static const std::optional<c10::OperatorHandle> onednn =
       c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (onednn && a.scalar_type() == at::kFloat && a.size(0) > 0 && a.size(1) > 0) {
+  // oneDNN's per-call cost only pays off on GEMMs of some size
+  if (onednn && a.scalar_type() == at::kFloat && a.size(0) >= 256 && a.size(1) > 0) {
     std::vector<c10::IValue> stack{a, w.contiguous(), bias ? c10::IValue(*bias) : c10::IValue(),
                                    c10::IValue(std::string("none")),
                                    c10::IValue(c10::List<std::optional<c10::Scalar>>()),

@@ -112,20 +112,27 @@ RNNFAST_INSTANTIATE(float)
 RNNFAST_INSTANTIATE(double)
 
 // Plain loops: a permuted .contiguous() of these shapes goes through TensorIterator's
-// strided copy, which costs more than a whole short sequence.
+// strided copy, which costs more than a whole short sequence. Writes are sequential.
 at::Tensor pack_forward_weights(const at::Tensor& w_hh, int64_t G) {
   const int64_t H = w_hh.size(1), nb = (H + kUnitBlock - 1) / kUnitBlock;
-  at::Tensor packed = at::zeros({nb, H, G, kUnitBlock}, w_hh.options());
+  at::Tensor packed = at::empty({nb, H, G, kUnitBlock}, w_hh.options());
   const float* w = w_hh.data_ptr<float>();
   float* p = packed.data_ptr<float>();
+  // per block: read its G*8 rows of W_hh in order, scatter into the block's packed slice
+  // (H*G*8 floats, small enough to stay in L1 while it fills)
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t valid = std::min(kUnitBlock, H - b * kUnitBlock);
+      float* dst = p + b * H * G * kUnitBlock;
       for (int64_t k = 0; k < G; ++k)
-        for (int64_t u = 0; u < valid; ++u) {
-          const float* row = w + (k * H + b * kUnitBlock + u) * H;  // W_hh[k*H + unit][:]
-          float* dst = p + ((b * H) * G + k) * kUnitBlock + u;
-          for (int64_t j = 0; j < H; ++j) dst[j * G * kUnitBlock] = row[j];
+        for (int64_t u = 0; u < kUnitBlock; ++u) {
+          float* d = dst + k * kUnitBlock + u;
+          if (u < valid) {
+            const float* src = w + (k * H + b * kUnitBlock + u) * H;  // W_hh[k*H + unit][:]
+            for (int64_t j = 0; j < H; ++j) d[j * G * kUnitBlock] = src[j];
+          } else {
+            for (int64_t j = 0; j < H; ++j) d[j * G * kUnitBlock] = 0.0f;
+          }
         }
     }
   });
@@ -134,15 +141,17 @@ at::Tensor pack_forward_weights(const at::Tensor& w_hh, int64_t G) {
 
 at::Tensor pack_backward_weights(const at::Tensor& w_hh) {
   const int64_t GH = w_hh.size(0), H = w_hh.size(1), nb = (H + kUnitBlock - 1) / kUnitBlock;
-  at::Tensor packed = at::zeros({nb, GH, kUnitBlock}, w_hh.options());
+  at::Tensor packed = at::empty({nb, GH, kUnitBlock}, w_hh.options());
   const float* w = w_hh.data_ptr<float>();
   float* p = packed.data_ptr<float>();
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t valid = std::min(kUnitBlock, H - b * kUnitBlock);
-      for (int64_t g = 0; g < GH; ++g)
-        for (int64_t u = 0; u < valid; ++u)
-          p[(b * GH + g) * kUnitBlock + u] = w[g * H + b * kUnitBlock + u];
+      for (int64_t g = 0; g < GH; ++g) {
+        const float* src = w + g * H + b * kUnitBlock;
+        float* dst = p + (b * GH + g) * kUnitBlock;
+        for (int64_t u = 0; u < kUnitBlock; ++u) dst[u] = u < valid ? src[u] : 0.0f;
+      }
     }
   });
   return packed;

@@ -7,6 +7,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "kernels.h"
 
 #include <algorithm>
@@ -99,42 +103,75 @@ void parallel_rows(int64_t rows, int64_t elements_per_row, const F& f) {
 }
 
 // ---- the weight-stationary float32 path ----
-// Every step is one parallel region over 8-unit blocks of the hidden state. at::parallel_for
-// hands thread k the same contiguous range of blocks at every step, so each thread keeps
-// re-reading the same slice of the packed W_hh, from its own cache.
+// All steps of a sequence run inside one parallel region: thread k owns the same
+// contiguous range of 8-unit blocks of the hidden state at every step, so it keeps
+// re-reading the same slice of the packed W_hh from its own cache, and the threads meet at
+// one barrier per step (a fork and join per step would cost more than a small step).
 
 inline int64_t unit_blocks(int64_t H) { return (H + kUnitBlock - 1) / kUnitBlock; }
 
-// Blocks per task such that a task has enough multiply-adds to pay for a thread.
-inline int64_t block_grain(int64_t fma_per_block) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, fma_per_block));
+// Threads worth using: each needs enough multiply-adds per step to pay for a barrier.
+inline int64_t step_threads(int64_t nb, int64_t fma_per_block) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, fma_per_block));
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (nb + grain - 1) / grain));
+}
+
+// Runs body(b0, b1, barrier) on `threads` threads, thread k with blocks [b0, b1) of its
+// own; barrier() waits for all of them.
+template <typename F>
+void in_step_region(int64_t nb, int64_t threads, const F& body) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
+      const int64_t per = (nb + n - 1) / n;
+      const int64_t b0 = std::min(nb, k * per), b1 = std::min(nb, b0 + per);
+      body(b0, b1, [] {
+#pragma omp barrier
+      });
+    }
+    return;
+  }
+#endif
+  (void)threads;
+  body(int64_t{0}, nb, [] {});
 }
 
 // Forward: step(s, b0, b1) computes step s (in visiting order, s0 <= s < s1) for unit
 // blocks [b0, b1).
 template <typename F>
 void forward_steps(int64_t s0, int64_t s1, int64_t H, int64_t fma_per_block, const F& step) {
-  const int64_t grain = block_grain(fma_per_block);
-  for (int64_t s = s0; s < s1; ++s)
-    at::parallel_for(0, unit_blocks(H), grain, [&](int64_t b0, int64_t b1) { step(s, b0, b1); });
+  const int64_t nb = unit_blocks(H);
+  in_step_region(nb, step_threads(nb, fma_per_block), [&](int64_t b0, int64_t b1, auto barrier) {
+    for (int64_t s = s0; s < s1; ++s) {
+      if (b0 < b1) step(s, b0, b1);
+      barrier();
+    }
+  });
 }
 
 // Backward, in reverse visiting order. gate_grads(s, b0, b1) computes step s's gate
 // gradients for its units; recurrent_grad(s, b0, b1) the gradient into h_{s-1} for its
 // units, which needs the gate gradients of every unit. The second of one step and the
-// first of the next touch the same units only, so they share a region: one barrier a step.
+// first of the next touch the same units only, so no barrier separates them.
 template <typename A, typename B>
 void backward_steps(int64_t T, int64_t H, int64_t fma_per_block, const A& gate_grads,
                     const B& recurrent_grad) {
   if (T == 0) return;
-  const int64_t nb = unit_blocks(H), grain = block_grain(fma_per_block);
-  at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) { gate_grads(T - 1, b0, b1); });
-  for (int64_t s = T - 1; s >= 0; --s) {
-    at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
-      recurrent_grad(s, b0, b1);
-      if (s > 0) gate_grads(s - 1, b0, b1);
-    });
-  }
+  const int64_t nb = unit_blocks(H);
+  in_step_region(nb, step_threads(nb, fma_per_block), [&](int64_t b0, int64_t b1, auto barrier) {
+    if (b0 < b1) gate_grads(T - 1, b0, b1);
+    barrier();
+    for (int64_t s = T - 1; s >= 0; --s) {
+      if (b0 < b1) {
+        recurrent_grad(s, b0, b1);
+        if (s > 0) gate_grads(s - 1, b0, b1);
+      }
+      barrier();
+    }
+  });
 }
 
 // Units [u0, u0 + count) of blocks [b0, b1).

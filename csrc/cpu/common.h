@@ -31,8 +31,15 @@ inline int64_t time_index(int64_t s, int64_t T, bool reverse) { return reverse ?
 // that no C++ signature is assumed): on CPUs where MKL runs its generic code path (AMD) it
 // is markedly faster. Small GEMMs and anything else: addmm.
 inline Tensor weight_gemm(const Tensor& a, const Tensor& w, const std::optional<Tensor>& bias) {
-  static const std::optional<c10::OperatorHandle> onednn =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  // used only with the schema this code was written for:
+  // (Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, str? algorithm) -> Tensor
+  static const std::optional<c10::OperatorHandle> onednn = []() {
+    auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (op && op->schema().arguments().size() == 6 && op->schema().returns().size() == 1 &&
+        op->schema().arguments()[3].name() == "attr")
+      return op;
+    return std::optional<c10::OperatorHandle>();
+  }();
   // oneDNN's per-call cost only pays off on GEMMs of some size
   if (onednn && a.scalar_type() == at::kFloat && a.size(0) >= 256 && a.size(1) > 0) {
     std::vector<c10::IValue> stack{a, w.contiguous(), bias ? c10::IValue(*bias) : c10::IValue(),

@@ -1,6 +1,6 @@
-// Whole-sequence pieces shared by the CPU drivers of every cell: the input projection
-// of all T steps as one GEMM, the weight and input gradients as whole-sequence GEMMs
-// after the reverse-time loop, and the parallel split of a step's pointwise work.
+// Pieces shared by the CPU drivers of every cell: the input projection as GEMMs over many
+// steps at once, the weight and input gradients as whole-sequence GEMMs after the
+// reverse-time loop, and the threading of the step loops.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -52,7 +52,7 @@ inline Tensor weight_gemm(const Tensor& a, const Tensor& w, const std::optional<
   return bias ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
 }
 
-// pre [T, N, G*H] = x W_ih^T + bias, in one GEMM over all T*N rows.
+// pre [T, N, G*H] = x W_ih^T + bias, in one GEMM over all T*N rows of x.
 inline Tensor input_projection(const Tensor& x, const Tensor& w_ih,
                                const std::optional<Tensor>& bias) {
   const int64_t T = x.size(0), N = x.size(1), C = x.size(2);

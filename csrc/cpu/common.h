@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace rnnfast::cpu {
@@ -188,6 +189,42 @@ struct UnitRange {
 inline UnitRange units_of(int64_t b0, int64_t b1, int64_t H) {
   const int64_t u0 = b0 * kUnitBlock;
   return {u0, std::min(b1 * kUnitBlock, H) - u0};
+}
+
+// The reverse-time loop of every cell's backward, for time-major dg_hh [T, N, G*H] (the
+// gate gradients that W_hh multiplies). gate_grads(s, rows, n0, u0, count) computes step
+// s's gate gradients for rows [n0, n0 + rows) and units [u0, u0 + count) from dh_carry;
+// then dh_carry = dg_hh[t] W_hh, or += where gate_grads leaves a direct term there (GRU).
+// float32 runs weight-stationary (backward_steps); other dtypes with BLAS per step.
+template <typename scalar_t, typename F>
+void reverse_time_loop(const Tensor& dg_hh, const Tensor& w_hh, bool reverse, Tensor& dh_carry,
+                       bool accumulate, const F& gate_grads) {
+  const int64_t T = dg_hh.size(0), N = dg_hh.size(1), GH = dg_hh.size(2), H = w_hh.size(1);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const Tensor wb = pack_backward_weights(w_hh);
+    const float* dg = dg_hh.data_ptr<float>();
+    float* dhc = dh_carry.data_ptr<float>();
+    backward_steps(
+        T, H, N * GH * kUnitBlock,
+        [&](int64_t s, int64_t b0, int64_t b1) {
+          const UnitRange u = units_of(b0, b1, H);
+          gate_grads(s, N, 0, u.u0, u.count);
+        },
+        [&](int64_t s, int64_t b0, int64_t b1) {
+          recurrent_dh_blocks(wb.data_ptr<float>(), dg + time_index(s, T, reverse) * N * GH, N,
+                              GH, H, dhc, b0, b1, accumulate);
+        });
+  } else {
+    for (int64_t s = T - 1; s >= 0; --s) {
+      parallel_rows(N, GH, [&](int64_t b, int64_t e) { gate_grads(s, e - b, b, 0, H); });
+      const Tensor dg_t = dg_hh[time_index(s, T, reverse)];
+      if (accumulate) {
+        dh_carry.addmm_(dg_t, w_hh);
+      } else {
+        at::mm_out(dh_carry, dg_t, w_hh);
+      }
+    }
+  }
 }
 
 // a^T b for a [K, M], b [K, P]: the weight-gradient GEMMs, reducing over all T*N rows.

@@ -82,7 +82,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
   Tensor dg_ih = at::empty({T, N, 3 * H}, x.options());
   Tensor dg_hh = at::empty({T, N, 3 * H}, x.options());
   Tensor dh_carry = dhn.clone();
-  // a generic lambda, so that `if constexpr` below discards the float-only path for double
+  // the body for one dtype, dispatched below
   auto body = [&](auto zero) {
     using scalar_t = decltype(zero);
     scalar_t* dhc = dh_carry.data_ptr<scalar_t>();
@@ -99,24 +99,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
                                    wsp + (t * N + n0) * 4 * H, gip + (t * N + n0) * 3 * H,
                                    ghp + (t * N + n0) * 3 * H, rows, H, u0, count);
     };
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      const Tensor wb = pack_backward_weights(w_hh);
-      backward_steps(
-          T, H, N * 3 * H * kUnitBlock,
-          [&](int64_t s, int64_t b0, int64_t b1) {
-            const UnitRange u = units_of(b0, b1, H);
-            gate_grads(s, N, 0, u.u0, u.count);
-          },
-          [&](int64_t s, int64_t b0, int64_t b1) {
-            recurrent_dh_blocks(wb.data_ptr<float>(), ghp + t_of(s) * N * 3 * H, N, 3 * H, H, dhc,
-                                b0, b1, /*accumulate=*/true);
-          });
-    } else {
-      for (int64_t s = T - 1; s >= 0; --s) {
-        parallel_rows(N, 3 * H, [&](int64_t b, int64_t e) { gate_grads(s, e - b, b, 0, H); });
-        dh_carry.addmm_(dg_hh[t_of(s)], w_hh);
-      }
-    }
+    reverse_time_loop<scalar_t>(dg_hh, w_hh, reverse, dh_carry, /*accumulate=*/true, gate_grads);
   };
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_backward_cpu", [&] { body(scalar_t(0)); });
   if (T == 0) {

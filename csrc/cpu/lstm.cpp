@@ -96,7 +96,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cpu(
   Tensor dg = at::empty({T, N, 4 * H}, x.options());
   Tensor dh_carry = dhn.clone();
   Tensor dc = dcn.clone();
-  // a generic lambda, so that `if constexpr` below discards the float-only path for double
+  // the body for one dtype, dispatched below
   auto body = [&](auto zero) {
     using scalar_t = decltype(zero);
     scalar_t *dhc = dh_carry.data_ptr<scalar_t>(), *dcp = dc.data_ptr<scalar_t>();
@@ -113,24 +113,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cpu(
                                     wsp + (t * N + n0) * 5 * H, c_prev + n0 * ld_c_prev,
                                     ld_c_prev, dgp + (t * N + n0) * 4 * H, rows, H, u0, count);
     };
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      const Tensor wb = pack_backward_weights(w_hh);
-      backward_steps(
-          T, H, N * 4 * H * kUnitBlock,
-          [&](int64_t s, int64_t b0, int64_t b1) {
-            const UnitRange u = units_of(b0, b1, H);
-            gate_grads(s, N, 0, u.u0, u.count);
-          },
-          [&](int64_t s, int64_t b0, int64_t b1) {
-            recurrent_dh_blocks(wb.data_ptr<float>(), dgp + t_of(s) * N * 4 * H, N, 4 * H, H, dhc,
-                                b0, b1, /*accumulate=*/false);
-          });
-    } else {
-      for (int64_t s = T - 1; s >= 0; --s) {
-        parallel_rows(N, 4 * H, [&](int64_t b, int64_t e) { gate_grads(s, e - b, b, 0, H); });
-        at::mm_out(dh_carry, dg[t_of(s)], w_hh);
-      }
-    }
+    reverse_time_loop<scalar_t>(dg, w_hh, reverse, dh_carry, /*accumulate=*/false, gate_grads);
   };
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_backward_cpu", [&] { body(scalar_t(0)); });
   if (T == 0) {

@@ -67,7 +67,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   Tensor dg = at::empty({T, N, H}, x.options());
   Tensor dh_carry = dhn.clone();
-  // a generic lambda, so that `if constexpr` below discards the float-only path for double
+  // the body for one dtype, dispatched below
   auto body = [&](auto zero) {
     using scalar_t = decltype(zero);
     scalar_t* dhc = dh_carry.data_ptr<scalar_t>();
@@ -79,24 +79,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
       elman_backward_block<scalar_t>(dyp + o, dhc + n0 * H, yp + o, dgp + o, rows, H, u0, count,
                                      activation);
     };
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      const Tensor wb = pack_backward_weights(w_hh);
-      backward_steps(
-          T, H, N * H * kUnitBlock,
-          [&](int64_t s, int64_t b0, int64_t b1) {
-            const UnitRange u = units_of(b0, b1, H);
-            gate_grads(s, N, 0, u.u0, u.count);
-          },
-          [&](int64_t s, int64_t b0, int64_t b1) {
-            recurrent_dh_blocks(wb.data_ptr<float>(), dgp + time_index(s, T, reverse) * N * H, N,
-                                H, H, dhc, b0, b1, /*accumulate=*/false);
-          });
-    } else {
-      for (int64_t s = T - 1; s >= 0; --s) {
-        parallel_rows(N, H, [&](int64_t b, int64_t e) { gate_grads(s, e - b, b, 0, H); });
-        at::mm_out(dh_carry, dg[time_index(s, T, reverse)], w_hh);
-      }
-    }
+    reverse_time_loop<scalar_t>(dg, w_hh, reverse, dh_carry, /*accumulate=*/false, gate_grads);
   };
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] { body(scalar_t(0)); });
   if (T == 0) {

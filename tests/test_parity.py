@@ -65,6 +65,17 @@ def test_edge_shapes(cell, shape):
     compare_all(*run_three(cell, x, hx, m, f, m64, upstream))
 
 
+@pytest.mark.parametrize("H_", [12, 37])
+@pytest.mark.parametrize("N_", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_batch_sizes(cell, N_, H_):
+    """Small batches switch between the float32 step kernels (W_hh read directly, or
+    packed) by N; partial blocks of 8 units and K tails of the 8-wide loops included."""
+    m, f, m64 = make_pair(cell, 9, H_, torch.float32, bidirectional=True)
+    x, hx, upstream = _inputs(cell, 1, True, False, True, torch.float32, T=4, N=N_, C=9, H=H_)
+    compare_all(*run_three(cell, x, hx, m, f, m64, upstream))
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_long_sequence(cell):
     T_, N_, C_, H_ = 600, 2, 8, 16

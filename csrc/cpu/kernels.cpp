@@ -36,11 +36,17 @@ namespace rnnfast::cpu::avx2 {
 RNNFAST_INSTANTIATE(float)
 RNNFAST_INSTANTIATE(double)
 template void recurrent_gates_blocks<1>(const float*, const float*, int64_t, int64_t, float*,
-                                        int64_t, int64_t, bool);
+                                        int64_t, int64_t, bool, bool);
 template void recurrent_gates_blocks<3>(const float*, const float*, int64_t, int64_t, float*,
-                                        int64_t, int64_t, bool);
+                                        int64_t, int64_t, bool, bool);
 template void recurrent_gates_blocks<4>(const float*, const float*, int64_t, int64_t, float*,
-                                        int64_t, int64_t, bool);
+                                        int64_t, int64_t, bool, bool);
+template void recurrent_gates_rows<1>(const float*, const float*, int64_t, int64_t, float*,
+                                      int64_t, int64_t, bool, bool);
+template void recurrent_gates_rows<3>(const float*, const float*, int64_t, int64_t, float*,
+                                      int64_t, int64_t, bool, bool);
+template void recurrent_gates_rows<4>(const float*, const float*, int64_t, int64_t, float*,
+                                      int64_t, int64_t, bool, bool);
 }  // namespace rnnfast::cpu::avx2
 #pragma GCC pop_options
 #endif
@@ -157,24 +163,44 @@ at::Tensor pack_backward_weights(const at::Tensor& w_hh) {
   return packed;
 }
 
-void recurrent_gates_blocks(const float* wf, int64_t G, const float* h, int64_t N, int64_t H,
-                            float* out, int64_t b0, int64_t b1, bool accumulate) {
-  switch (G) {
+StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N) {
+  StepWeights w;
+  w.G = G;
+  w.packed = N * G > kMaxDotRowsTimesGates;
+  w.tensor = w.packed ? pack_forward_weights(w_hh, G) : w_hh.contiguous();
+  w.data = w.tensor.data_ptr<float>();
+  return w;
+}
+
+void recurrent_gates_blocks(const StepWeights& w, const float* h, int64_t N, int64_t H,
+                            float* out, int64_t b0, int64_t b1, bool accumulate,
+                            bool descending) {
+#define RNNFAST_GATES(G)                                                                    \
+  if (w.packed) {                                                                           \
+    RNNFAST_DISPATCH(recurrent_gates_blocks<G>, w.data, h, N, H, out, b0, b1, accumulate,   \
+                     descending);                                                           \
+  } else {                                                                                  \
+    RNNFAST_DISPATCH(recurrent_gates_rows<G>, w.data, h, N, H, out, b0, b1, accumulate,     \
+                     descending);                                                           \
+  }
+  switch (w.G) {
     case 1:
-      RNNFAST_DISPATCH(recurrent_gates_blocks<1>, wf, h, N, H, out, b0, b1, accumulate);
+      RNNFAST_GATES(1)
       break;
     case 3:
-      RNNFAST_DISPATCH(recurrent_gates_blocks<3>, wf, h, N, H, out, b0, b1, accumulate);
+      RNNFAST_GATES(3)
       break;
     default:
-      TORCH_CHECK(G == 4, "rnnfast: no recurrent GEMM for ", G, " gates");
-      RNNFAST_DISPATCH(recurrent_gates_blocks<4>, wf, h, N, H, out, b0, b1, accumulate);
+      TORCH_CHECK(w.G == 4, "rnnfast: no recurrent GEMM for ", w.G, " gates");
+      RNNFAST_GATES(4)
   }
+#undef RNNFAST_GATES
 }
 
 void recurrent_dh_blocks(const float* wb, const float* dg, int64_t N, int64_t GH, int64_t H,
-                         float* dh, int64_t b0, int64_t b1, bool accumulate) {
-  RNNFAST_DISPATCH(recurrent_dh_blocks, wb, dg, N, GH, H, dh, b0, b1, accumulate);
+                         float* dh, int64_t b0, int64_t b1, bool accumulate,
+                         bool descending) {
+  RNNFAST_DISPATCH(recurrent_dh_blocks, wb, dg, N, GH, H, dh, b0, b1, accumulate, descending);
 }
 
 }  // namespace rnnfast::cpu

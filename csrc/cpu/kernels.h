@@ -42,11 +42,25 @@ constexpr int64_t kUnitBlock = 8;
 at::Tensor pack_forward_weights(const at::Tensor& w_hh, int64_t G);
 at::Tensor pack_backward_weights(const at::Tensor& w_hh);
 
-// out[n][k*H + u] (+)= (h W_hh^T)[n][k*H + u] for the units of blocks [b0, b1).
-void recurrent_gates_blocks(const float* wf, int64_t G, const float* h, int64_t N, int64_t H,
-                            float* out, int64_t b0, int64_t b1, bool accumulate);
+// The forward's recurrent weights as the step kernels read them: packed (above), or W_hh
+// itself (contiguous, no packing) for batches of N rows with N * G <= 4, where the
+// dot-product kernel is faster (measured: Elman up to N = 4, GRU and LSTM at N = 1).
+constexpr int64_t kMaxDotRowsTimesGates = 4;
+struct StepWeights {
+  at::Tensor tensor;  // keeps `data` alive
+  const float* data;
+  int64_t G;
+  bool packed;
+};
+StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N);
+
+// out[n][k*H + u] (+)= (h W_hh^T)[n][k*H + u] for the units of blocks [b0, b1), visiting
+// the blocks in descending order when asked (alternate steps go opposite ways, so that
+// the end of one step's weights is still in cache at the start of the next).
+void recurrent_gates_blocks(const StepWeights& w, const float* h, int64_t N, int64_t H,
+                            float* out, int64_t b0, int64_t b1, bool accumulate, bool descending);
 // dh[n][u] (+)= (dg W_hh)[n][u] for the units of blocks [b0, b1).
 void recurrent_dh_blocks(const float* wb, const float* dg, int64_t N, int64_t GH, int64_t H,
-                         float* dh, int64_t b0, int64_t b1, bool accumulate);
+                         float* dh, int64_t b0, int64_t b1, bool accumulate, bool descending);
 
 }  // namespace rnnfast::cpu

@@ -53,15 +53,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
                                    yp + (t * N + n0) * H, c_out + n0 * ld_c, ld_c,
                                    cache ? cache + n0 * 5 * H : nullptr, rows, H, u0, count);
     };
-    const Tensor wf = std::is_same_v<scalar_t, float> ? pack_forward_weights(w_hh, 4) : Tensor();
+    const StepWeights wf =
+        std::is_same_v<scalar_t, float> ? forward_step_weights(w_hh, 4, N) : StepWeights{};
     const Tensor w_hh_t = w_hh.t();
     for (int64_t s0 = 0; s0 < T; s0 += pre.steps_per_chunk) {
       const int64_t s1 = std::min(T, s0 + pre.steps_per_chunk);
       pre.project(s0, s1);
       if constexpr (std::is_same_v<scalar_t, float>) {
         forward_steps(s0, s1, H, N * 4 * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
-          recurrent_gates_blocks(wf.data_ptr<float>(), 4, h_before(s), N, H,
-                                 pre.at_time<float>(t_of(s)), b0, b1, /*accumulate=*/true);
+          recurrent_gates_blocks(wf, h_before(s), N, H,
+                                 pre.at_time<float>(t_of(s)), b0, b1, /*accumulate=*/true, descending_step(s));
           const UnitRange u = units_of(b0, b1, H);
           cell(s, N, 0, u.u0, u.count);
         });

@@ -30,11 +30,11 @@ std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, co
     auto step = [&](int64_t s) { return yp + time_index(s, T, reverse) * N * H; };
     auto h_before = [&](int64_t s) -> const scalar_t* { return s == 0 ? h0p : step(s - 1); };
     if constexpr (std::is_same_v<scalar_t, float>) {
-      const Tensor wf = pack_forward_weights(w_hh, 1);
+      const StepWeights wf = forward_step_weights(w_hh, 1, N);
       forward_steps(0, T, H, N * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
         float* pre = step(s);
-        recurrent_gates_blocks(wf.data_ptr<float>(), 1, h_before(s), N, H, pre, b0, b1,
-                               /*accumulate=*/true);
+        recurrent_gates_blocks(wf, h_before(s), N, H, pre, b0, b1,
+                               /*accumulate=*/true, descending_step(s));
         const UnitRange u = units_of(b0, b1, H);
         elman_forward_block<float>(pre, N, H, u.u0, u.count, activation);
       });

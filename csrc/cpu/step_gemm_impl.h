@@ -122,11 +122,12 @@ inline void row_tiles(int64_t N, const F& tile) {
 // out[n][k * H + u] (+)= sum_j h[n][j] W_hh[k * H + u][j]. out rows are G*H apart.
 template <int G>
 void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t H, float* out,
-                            int64_t b0, int64_t b1, bool accumulate) {
+                            int64_t b0, int64_t b1, bool accumulate, bool descending) {
   constexpr int GP = G == 4 ? 2 : G;                        // gates per pass
   constexpr int NR = G == 4 ? 6 : (G == 3 ? 4 : 12);        // rows per tile
   constexpr int64_t KC = kWeightChunkFloats / (G * 8);
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t i = 0; i < b1 - b0; ++i) {
+    const int64_t b = descending ? b1 - 1 - i : b0 + i;
     const int64_t u = b * 8, valid = std::min<int64_t>(8, H - u);
     for (int64_t k0 = 0; k0 < H; k0 += KC) {
       const int64_t kc = std::min(KC, H - k0);
@@ -146,9 +147,12 @@ void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t 
 // dh[n][u] (+)= sum_g dg[n][g] W_hh[g][u] for the units of blocks [b0, b1), all N rows,
 // two blocks (16 units) per tile where there are two.
 inline void recurrent_dh_blocks(const float* wb, const float* dg, int64_t N, int64_t GH,
-                                int64_t H, float* dh, int64_t b0, int64_t b1, bool accumulate) {
+                                int64_t H, float* dh, int64_t b0, int64_t b1, bool accumulate,
+                                bool descending) {
   constexpr int64_t KC = kWeightChunkFloats / 16;
-  for (int64_t b = b0; b < b1; b += 2) {
+  const int64_t pairs = (b1 - b0 + 1) / 2;
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int64_t b = b0 + 2 * (descending ? pairs - 1 - i : i);
     const int64_t bp = std::min<int64_t>(2, b1 - b);
     const int64_t u = b * 8, valid = std::min<int64_t>(8, H - (b + bp - 1) * 8);
     for (int64_t k0 = 0; k0 < GH; k0 += KC) {
@@ -163,6 +167,85 @@ inline void recurrent_dh_blocks(const float* wb, const float* dg, int64_t N, int
           dh_tile<1, R>(w, GH * 8, dg + n * GH + k0, GH, kc, dh + n * H + u, H, valid, acc);
         }
       });
+    }
+  }
+}
+
+// ---- small batches: dot-product form straight from W_hh [G*H, H] (row-major), no packing ----
+// At one or two rows of h the packed kernels above run one or two FMA chains per weight
+// vector plus a broadcast per weight; here R rows of W_hh (R units of one gate) are each
+// multiplied with NR rows of h, 8 j's per FMA, in R * NR independent accumulators that are
+// summed across lanes once per output at the end (a fixed order: still deterministic).
+
+// s[r] = the sum of the 8 lanes of a[r], for r < R (R = 8 or 4).
+template <int R>
+inline void sum_lanes(const vf8* a, float* s) {
+  auto hadd = [](vf8 x, vf8 y) {
+    return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+  };
+  // t0[r] (r < 4) and t0[r + 4]: the low and high halves' sums of a[r]
+  const vf8 t0 = hadd(hadd(a[0], a[1]), hadd(a[2], a[3]));
+  if constexpr (R == 8) {
+    const vf8 t1 = hadd(hadd(a[4], a[5]), hadd(a[6], a[7]));
+    store8(s, __builtin_shufflevector(t0, t1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                  __builtin_shufflevector(t0, t1, 4, 5, 6, 7, 12, 13, 14, 15));
+  } else {
+    static_assert(R == 4, "sum_lanes: R is 4 or 8");
+    for (int r = 0; r < 4; ++r) s[r] = t0[r] + t0[r + 4];
+  }
+}
+
+// out[n][r] (+)= sum_j h[n][j] * w[r][j] for n < NR, r < rows (<= R); rows of w are ld_w
+// apart (rows past `rows` read the last valid row again and are not stored).
+template <int R, int NR>
+inline void dot_tile(const float* __restrict__ w, int64_t ld_w, int64_t rows,
+                     const float* __restrict__ h, int64_t ld_h, int64_t K,
+                     float* __restrict__ out, int64_t ld_out, bool accumulate) {
+  const float* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + std::min<int64_t>(r, rows - 1) * ld_w;
+  vf8 acc[NR][R];
+  for (int n = 0; n < NR; ++n)
+    for (int r = 0; r < R; ++r) acc[n][r] = vf8{};
+  const int64_t K8 = K - K % 8;
+  for (int64_t j = 0; j < K8; j += 8) {
+    vf8 hv[NR];
+    for (int n = 0; n < NR; ++n) hv[n] = load8(h + n * ld_h + j);
+    for (int r = 0; r < R; ++r) {
+      const vf8 wv = load8(wr[r] + j);
+      for (int n = 0; n < NR; ++n) acc[n][r] += wv * hv[n];
+    }
+  }
+  for (int n = 0; n < NR; ++n) {
+    float s[8] = {};
+    sum_lanes<R>(acc[n], s);
+    for (int64_t j = K8; j < K; ++j)
+      for (int r = 0; r < R; ++r) s[r] += wr[r][j] * h[n * ld_h + j];
+    float* o = out + n * ld_out;
+    for (int64_t r = 0; r < rows; ++r) o[r] = accumulate ? o[r] + s[r] : s[r];
+  }
+}
+
+// The same result as recurrent_gates_blocks, from W_hh itself: rows in pairs through R = 4
+// tiles, a last odd row through an R = 8 tile.
+template <int G>
+void recurrent_gates_rows(const float* w_hh, const float* h, int64_t N, int64_t H, float* out,
+                          int64_t b0, int64_t b1, bool accumulate, bool descending) {
+  for (int64_t i = 0; i < b1 - b0; ++i) {
+    const int64_t b = descending ? b1 - 1 - i : b0 + i;
+    const int64_t u = b * 8, valid = std::min<int64_t>(8, H - u);
+    for (int k = 0; k < G; ++k) {
+      const float* w = w_hh + (k * H + u) * H;
+      float* o = out + k * H + u;
+      int64_t n = 0;
+      for (; n + 2 <= N; n += 2) {
+        dot_tile<4, 2>(w, H, std::min<int64_t>(4, valid), h + n * H, H, H, o + n * G * H, G * H,
+                       accumulate);
+        if (valid > 4)
+          dot_tile<4, 2>(w + 4 * H, H, valid - 4, h + n * H, H, H, o + n * G * H + 4, G * H,
+                         accumulate);
+      }
+      if (n < N) dot_tile<8, 1>(w, H, valid, h + n * H, H, H, o + n * G * H, G * H, accumulate);
     }
   }
 }

@@ -17,6 +17,9 @@
 // blocks of one row (p, p + H, ...) derive from one pointer, and GCC would otherwise guard
 // the vector loop with run-time overlap checks whose scalar fallback it took in practice.
 #define RNNFAST_NOINLINE __attribute__((noinline))
+// Activations must inline into the row loops, or those loops stop vectorising (GCC's
+// inliner budget for this file otherwise depends on how much else it holds).
+#define RNNFAST_INLINE inline __attribute__((always_inline))
 
 template <typename T>
 using in_ptr = const T* __restrict__;
@@ -27,7 +30,7 @@ using out_ptr = T* __restrict__;
 
 // exp for float, |rel err| ~ 2 ulp on [-87, 88]; inputs are clamped to that range,
 // which only changes results that under- or overflow in every later use (sigmoid, tanh).
-inline float exp_f(float x) {
+RNNFAST_INLINE float exp_f(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   // round x / ln2 to the nearest integer n with the 1.5 * 2^23 shifter
@@ -52,10 +55,10 @@ inline float exp_f(float x) {
   return er * scale;
 }
 
-inline float sigmoid_act(float x) { return 1.0f / (1.0f + exp_f(-x)); }
-inline double sigmoid_act(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+RNNFAST_INLINE float sigmoid_act(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+RNNFAST_INLINE double sigmoid_act(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
-inline float tanh_act(float x) {
+RNNFAST_INLINE float tanh_act(float x) {
   const float ax = std::fabs(x);
   // |x| >= 0.625: 1 - 2 / (e^{2|x|} + 1), sign restored
   const float large = std::copysign(1.0f - 2.0f / (exp_f(2.0f * ax) + 1.0f), x);
@@ -69,11 +72,11 @@ inline float tanh_act(float x) {
   const float small = x + x * z * p;
   return ax < 0.625f ? small : large;
 }
-inline double tanh_act(double x) { return std::tanh(x); }
+RNNFAST_INLINE double tanh_act(double x) { return std::tanh(x); }
 
 // relu keeps NaN, as torch.relu does
 template <typename scalar_t>
-inline scalar_t relu_act(scalar_t x) { return x < scalar_t(0) ? scalar_t(0) : x; }
+RNNFAST_INLINE scalar_t relu_act(scalar_t x) { return x < scalar_t(0) ? scalar_t(0) : x; }
 
 // ---- Elman -----------------------------------------------------------------------
 

@@ -33,6 +33,11 @@ inline void gates_tile(const float* __restrict__ w, int64_t w_stride, const floa
                        int64_t ld_h, int64_t K, float* __restrict__ out, int64_t ld_out,
                        int64_t gate_stride, int64_t valid, bool accumulate) {
   constexpr int S = splits_for(NR * GP);
+  // the outputs are rows 4*G*H bytes apart, last written by the input projection (long
+  // gone from L1): fetch them while the K loop runs, not at the end
+  if (accumulate)
+    for (int r = 0; r < NR; ++r)
+      for (int k = 0; k < GP; ++k) __builtin_prefetch(out + r * ld_out + k * gate_stride, 1, 3);
   vf8 acc[S][NR][GP];
   for (int q = 0; q < S; ++q)
     for (int r = 0; r < NR; ++r)
@@ -104,9 +109,11 @@ inline void dh_tile(const float* __restrict__ wb, int64_t w_block, const float* 
   }
 }
 
-// Rows of the K (reduction) dimension per pass: keeps the slice of packed weights that a
-// pass reads over and over (once per tile of rows) within 16 KiB, in L1.
-constexpr int64_t kWeightChunkFloats = 4096;
+// Rows of the K (reduction) dimension per pass, in floats of packed weights: keeps the
+// slice that a pass reads over and over (once per tile of rows) L1-sized: 32 KiB forward
+// (all of H = 256 for LSTM: measured best, with the output prefetch below), 16 KiB for dh.
+constexpr int64_t kWeightChunkFloats = 8192;
+constexpr int64_t kDhChunkFloats = 4096;
 
 // All N rows through tiles of NR rows, the remainder through tiles of 2 and 1:
 // tile(rows_tag, n) is called with std::integral_constant<int, rows>.
@@ -120,11 +127,14 @@ inline void row_tiles(int64_t N, const F& tile) {
 
 // Gate pre-activations of unit blocks [b0, b1) for all N rows:
 // out[n][k * H + u] (+)= sum_j h[n][j] W_hh[k * H + u][j]. out rows are G*H apart.
+// Gate pre-activations of unit blocks [b0, b1) for all N rows:
+// out[n][k * H + u] (+)= sum_j h[n][j] W_hh[k * H + u][j]. out rows are G*H apart.
+// Tiles cover all G gates of a block for 12 / G rows (12 accumulators), so each pass over
+// a block's weights reads each h row once.
 template <int G>
 void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t H, float* out,
                             int64_t b0, int64_t b1, bool accumulate, bool descending) {
-  constexpr int GP = G == 4 ? 2 : G;                        // gates per pass
-  constexpr int NR = G == 4 ? 6 : (G == 3 ? 4 : 12);        // rows per tile
+  constexpr int NR = 12 / G;  // rows per tile
   constexpr int64_t KC = kWeightChunkFloats / (G * 8);
   for (int64_t i = 0; i < b1 - b0; ++i) {
     const int64_t b = descending ? b1 - 1 - i : b0 + i;
@@ -132,14 +142,11 @@ void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t 
     for (int64_t k0 = 0; k0 < H; k0 += KC) {
       const int64_t kc = std::min(KC, H - k0);
       const bool acc = accumulate || k0 > 0;
-      for (int kg = 0; kg < G; kg += GP) {
-        const float* w = wf + ((b * H + k0) * G + kg) * 8;
-        row_tiles<NR>(N, [&](auto rows, int64_t n) {
-          gates_tile<GP, decltype(rows)::value>(w, G * 8, h + n * H + k0, H, kc,
-                                                out + n * G * H + kg * H + u, G * H, H, valid,
-                                                acc);
-        });
-      }
+      const float* w = wf + (b * H + k0) * G * 8;
+      row_tiles<NR>(N, [&](auto rows, int64_t n) {
+        gates_tile<G, decltype(rows)::value>(w, G * 8, h + n * H + k0, H, kc,
+                                             out + n * G * H + u, G * H, H, valid, acc);
+      });
     }
   }
 }
@@ -149,7 +156,7 @@ void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t 
 inline void recurrent_dh_blocks(const float* wb, const float* dg, int64_t N, int64_t GH,
                                 int64_t H, float* dh, int64_t b0, int64_t b1, bool accumulate,
                                 bool descending) {
-  constexpr int64_t KC = kWeightChunkFloats / 16;
+  constexpr int64_t KC = kDhChunkFloats / 16;
   const int64_t pairs = (b1 - b0 + 1) / 2;
   for (int64_t i = 0; i < pairs; ++i) {
     const int64_t b = b0 + 2 * (descending ? pairs - 1 - i : i);

@@ -71,20 +71,53 @@ def first_output(out):
     return out[0]
 
 
-def time_call(fn, repeats, min_time):
-    """Median and spread (interquartile range / median) of fn's wall time."""
-    fn()  # warm-up
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 50):
-        t0 = time.perf_counter()
+def time_interleaved(fns, repeats, min_time):
+    """Median and spread (interquartile range / median) of each fn's wall time, timed in
+    rounds of one call each: a slow patch of a shared machine then hits every contender
+    alike, and the ratios stay fair. Rounds go on until each fn ran `repeats` times and,
+    within 50 rounds, `min_time` seconds of one contender's runs have passed."""
+    for fn in fns.values():  # warm-up
         fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    med = statistics.median(times)
-    q1, q3 = times[len(times) // 4], times[(3 * len(times)) // 4]
-    return med, (q3 - q1) / med, len(times)
+        fn()
+    times = {name: [] for name in fns}
+    total = {name: 0.0 for name in fns}
+    rounds = 0
+    while rounds < repeats or (min(total.values()) < min_time and rounds < 50):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            times[name].append(dt)
+            total[name] += dt
+        rounds += 1
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        med = statistics.median(ts)
+        q1, q3 = ts[len(ts) // 4], ts[(3 * len(ts)) // 4]
+        out[name] = (med, (q3 - q1) / med, len(ts))
+    return out
+
+
+def make_step(module, fn, inputs, hx, mode):
+    """One timed call: forward (no grad) or forward + backward of the output's sum, on the
+    next of the rotating input sets."""
+    state = {"i": 0}
+
+    def step():
+        x = inputs[state["i"] % len(inputs)]
+        state["i"] += 1
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(x, hx)
+        else:
+            xr = x.requires_grad_(True)
+            out = first_output(fn(xr, hx))
+            out.sum().backward()
+            xr.grad = None
+            module.zero_grad(set_to_none=True)
+            xr.requires_grad_(False)
+    return step
 
 
 def bench_case(cell, shape_name, mode, dtype, args):
@@ -99,7 +132,7 @@ def bench_case(cell, shape_name, mode, dtype, args):
     # correctness guard: every contender's output must match rnnfast's
     with torch.no_grad():
         expected = first_output(contenders["rnnfast"][1](inputs[0], hx))
-    rows = {}
+    rows, steps = {}, {}
     for name, (module, fn) in contenders.items():
         with torch.no_grad():
             got = first_output(fn(inputs[0], hx))
@@ -107,25 +140,9 @@ def bench_case(cell, shape_name, mode, dtype, args):
         if not err <= 1e-4:
             rows[name] = {"error": f"disagrees with rnnfast (max abs diff {err:.2e}); not timed"}
             continue
-        state = {"i": 0}
-
-        def step():
-            x = inputs[state["i"] % len(inputs)]
-            state["i"] += 1
-            if mode == "fwd":
-                with torch.no_grad():
-                    fn(x, hx)
-            else:
-                xr = x.requires_grad_(True)
-                out = first_output(fn(xr, hx))
-                out.sum().backward()
-                xr.grad = None
-                module.zero_grad(set_to_none=True)
-                xr.requires_grad_(False)
-
-        med, spread, n = time_call(step, args.repeats, args.min_time)
-        rows[name] = {"median_s": med, "spread": spread, "runs": n,
-                      "steps_per_s": T * N / med}
+        steps[name] = make_step(module, fn, inputs, hx, mode)
+    for name, (med, spread, n) in time_interleaved(steps, args.repeats, args.min_time).items():
+        rows[name] = {"median_s": med, "spread": spread, "runs": n, "steps_per_s": T * N / med}
     base = rows["rnnfast"].get("median_s")
     for name, r in rows.items():
         if "median_s" in r and base:
@@ -205,8 +222,8 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="CPU threads, the same for every contender")
-    p.add_argument("--repeats", type=int, default=7, help="timed runs per contender (at least)")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs (at least)")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds (one call of each contender per round; at least)")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs of each contender (at least, within 50 rounds)")
     p.add_argument("--json", default=None, help="where to write the results "
                    "(default: benchmarks/results/cpu-<date>.json)")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")

@@ -23,6 +23,8 @@
 //   Elman: nothing beyond y (the activation's derivative is a function of h_t).
 //   LSTM:  workspace [T, N, 5H] = activated i, f, g, o and c_t.
 //   GRU:   workspace [T, N, 4H] = r, z, n and (W_hn h_{t-1} + b_hn).
+// The workspace has the input's dtype, except for float16/bfloat16 (CUDA only), where it
+// is float32, like the LSTM cell state and all pointwise math.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -14,6 +14,11 @@ ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
 
 # ---- fake implementations: shapes and dtypes only, for torch.compile and opcheck ----
 
+def _workspace_dtype(x):
+    """Saved activations (and the LSTM cell state) stay in fp32 for fp16/bf16 inputs."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 @torch.library.register_fake("rnnfast::rnn_forward")
 def _rnn_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, training):
     T, N, _ = x.shape
@@ -32,7 +37,7 @@ def _lstm_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training):
     T, N, _ = x.shape
     H = w_hh.shape[1]
     return (x.new_empty(T, N, H), x.new_empty(N, H), x.new_empty(N, H),
-            x.new_empty(T if training else 0, N, 5 * H))
+            x.new_empty(T if training else 0, N, 5 * H, dtype=_workspace_dtype(x)))
 
 
 @torch.library.register_fake("rnnfast::lstm_backward")
@@ -46,7 +51,7 @@ def _gru_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training):
     T, N, _ = x.shape
     H = w_hh.shape[1]
     return (x.new_empty(T, N, H), x.new_empty(N, H),
-            x.new_empty(T if training else 0, N, 4 * H))
+            x.new_empty(T if training else 0, N, 4 * H, dtype=_workspace_dtype(x)))
 
 
 @torch.library.register_fake("rnnfast::gru_backward")

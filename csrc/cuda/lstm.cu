@@ -1,0 +1,174 @@
+// LSTM on CUDA: per step, the recurrent GEMM and one fused pointwise kernel (see common.cuh).
+#include "common.cuh"
+
+namespace rnnfast::cuda {
+
+// One step for N rows, H units: gates = xp + hh (xp holds both biases), then
+// c = f * c_prev + i * g, h = o * tanh(c). c in acc_t; cache [N, 5H] = i, f, g, o, c when
+// training (c then lives in the cache: c == cache + 4H).
+template <typename scalar_t, typename acc_t>
+__global__ void lstm_forward_step(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ hh,
+                                  const acc_t* c_prev, int64_t ld_c_prev, scalar_t* __restrict__ h,
+                                  acc_t* c, int64_t ld_c, acc_t* cache, int64_t N, int64_t H) {
+  RNNFAST_GRID_STRIDE(idx, N * H) {
+    const int64_t n = idx / H, u = idx % H;
+    const scalar_t* xr = xp + n * 4 * H + u;
+    const scalar_t* hr = hh + n * 4 * H + u;
+    const acc_t i = sigmoid_act(acc_t(xr[0]) + acc_t(hr[0]));
+    const acc_t f = sigmoid_act(acc_t(xr[H]) + acc_t(hr[H]));
+    const acc_t g = tanh_act(acc_t(xr[2 * H]) + acc_t(hr[2 * H]));
+    const acc_t o = sigmoid_act(acc_t(xr[3 * H]) + acc_t(hr[3 * H]));
+    const acc_t c_new = f * c_prev[n * ld_c_prev + u] + i * g;
+    c[n * ld_c + u] = c_new;
+    h[n * H + u] = scalar_t(o * tanh_act(c_new));
+    if (cache != nullptr) {
+      acc_t* cr = cache + n * 5 * H + u;
+      cr[0] = i;
+      cr[H] = f;
+      cr[2 * H] = g;
+      cr[3 * H] = o;
+    }
+  }
+}
+
+// Backward of one step: from dy[t] + the carried dh and dc, the gate pre-activation
+// gradients dg [N, 4H] and dc_{t-1} (in place in dc). dh is only read here; the GEMM
+// after this kernel overwrites it with dg W_hh.
+template <typename scalar_t, typename acc_t>
+__global__ void lstm_backward_step(const scalar_t* __restrict__ dy, const acc_t* __restrict__ dh,
+                                   acc_t* __restrict__ dc, const acc_t* __restrict__ cache,
+                                   const acc_t* __restrict__ c_prev, int64_t ld_c_prev,
+                                   acc_t* __restrict__ dg, int64_t N, int64_t H) {
+  RNNFAST_GRID_STRIDE(idx, N * H) {
+    const int64_t n = idx / H, u = idx % H;
+    const acc_t* cr = cache + n * 5 * H + u;
+    const acc_t i = cr[0], f = cr[H], g = cr[2 * H], o = cr[3 * H], c = cr[4 * H];
+    const acc_t dh_total = acc_t(dy[idx]) + dh[idx];
+    const acc_t tc = tanh_act(c);
+    const acc_t dc_total = dc[idx] + dh_total * o * (acc_t(1) - tc * tc);
+    acc_t* dr = dg + n * 4 * H + u;
+    dr[0] = dc_total * g * i * (acc_t(1) - i);
+    dr[H] = dc_total * c_prev[n * ld_c_prev + u] * f * (acc_t(1) - f);
+    dr[2 * H] = dc_total * i * (acc_t(1) - g * g);
+    dr[3 * H] = dh_total * tc * o * (acc_t(1) - o);
+    dc[idx] = dc_total * f;
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, bool reverse,
+    bool training) {
+  const char* op = "rnnfast::lstm_forward";
+  check_layer_inputs(op, 4, x, h0, w_ih, w_hh, b_ih, b_hh);
+  check_same_shape(op, "c0", c0, h0.sizes(), x);
+  check_cuda(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
+  const auto acc = acc_type(x.scalar_type());
+  Tensor y = at::empty({T, N, H}, x.options());
+  Tensor workspace = at::empty({training ? T : 0, N, 5 * H}, x.options().dtype(acc));
+  Tensor c_turns = at::empty({training ? 0 : 2, N, H}, x.options().dtype(acc));
+  const Tensor c0_acc = c0.to(acc).contiguous();
+  if (T == 0 || N == 0) {
+    return {y, h0.clone(), c0.clone(), workspace};
+  }
+  const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
+  Tensor hh = at::empty({N, 4 * H}, x.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "lstm_forward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        scalar_t* yp = y.data_ptr<scalar_t>();
+        acc_t* ws = workspace.data_ptr<acc_t>();
+        acc_t* ct = c_turns.data_ptr<acc_t>();
+        for (int64_t s = 0; s < T; ++s) {
+          const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
+          gates_gemm(s == 0 ? h0 : y[tp], w_hh, hh);
+          const acc_t* c_prev;
+          int64_t ld_c_prev, ld_c;
+          acc_t *c_out, *cache = nullptr;
+          if (training) {
+            cache = ws + t * N * 5 * H;
+            c_out = cache + 4 * H;
+            ld_c = 5 * H;
+            c_prev = s == 0 ? c0_acc.data_ptr<acc_t>() : ws + tp * N * 5 * H + 4 * H;
+            ld_c_prev = s == 0 ? H : 5 * H;
+          } else {
+            c_out = ct + (s % 2) * N * H;
+            ld_c = H;
+            c_prev = s == 0 ? c0_acc.data_ptr<acc_t>() : ct + ((s - 1) % 2) * N * H;
+            ld_c_prev = H;
+          }
+          lstm_forward_step<scalar_t, acc_t><<<grid_for(N * H), kThreads, 0, stream>>>(
+              xp.data_ptr<scalar_t>() + t * N * 4 * H, hh.data_ptr<scalar_t>(), c_prev,
+              ld_c_prev, yp + t * N * H, c_out, ld_c, cache, N, H);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+  const int64_t last = time_index(T - 1, T, reverse);
+  Tensor cn = training ? workspace[last].narrow(1, 4 * H, H) : c_turns[(T - 1) % 2];
+  return {y, y[last].clone(), cn.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true),
+          workspace};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
+    const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& y,
+    const Tensor& workspace, bool reverse) {
+  const char* op = "rnnfast::lstm_backward";
+  check_layer_inputs(op, 4, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
+  check_cuda(op, x);
+  const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
+  const auto acc = acc_type(x.scalar_type());
+  check_same_shape(op, "c0", c0, {N, H}, x);
+  check_same_shape(op, "y", y, {T, N, H}, x);
+  check_same_shape(op, "dy", dy, {T, N, H}, x);
+  check_same_shape(op, "dhn", dhn, {N, H}, x);
+  check_same_shape(op, "dcn", dcn, {N, H}, x);
+  TORCH_CHECK(workspace.sizes() == at::IntArrayRef({T, N, 5 * H}) &&
+                  workspace.scalar_type() == acc && workspace.is_contiguous() &&
+                  workspace.device() == x.device(),
+              op, ": expected the workspace of a training forward ([", T, ", ", N, ", ", 5 * H,
+              "], ", acc, "), but got ", workspace.sizes(), " ", workspace.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor dh = dhn.to(acc, false, /*copy=*/true);
+  Tensor dc = dcn.to(acc, false, /*copy=*/true);
+  if (T == 0 || N == 0) {
+    return {at::zeros_like(x), dh.to(x.scalar_type()), dc.to(x.scalar_type()),
+            at::zeros_like(w_ih), at::zeros_like(w_hh), at::zeros({4 * H}, x.options())};
+  }
+  Tensor dg = at::empty({T, N, 4 * H}, x.options().dtype(acc));
+  const Tensor w_hh_acc = w_hh.to(acc).contiguous();
+  const Tensor c0_acc = c0.to(acc).contiguous();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "lstm_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const acc_t* ws = workspace.data_ptr<acc_t>();
+        acc_t* dgp = dg.data_ptr<acc_t>();
+        for (int64_t s = T - 1; s >= 0; --s) {
+          const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
+          const acc_t* c_prev = s == 0 ? c0_acc.data_ptr<acc_t>() : ws + tp * N * 5 * H + 4 * H;
+          lstm_backward_step<scalar_t, acc_t><<<grid_for(N * H), kThreads, 0, stream>>>(
+              dy.data_ptr<scalar_t>() + t * N * H, dh.data_ptr<acc_t>(), dc.data_ptr<acc_t>(),
+              ws + t * N * 5 * H, c_prev, s == 0 ? H : 5 * H, dgp + t * N * 4 * H, N, H);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          dh_gemm(dg[t], w_hh_acc, dh, /*accumulate=*/false);
+        }
+      });
+  const InputGrads in = input_grads(dg, x, w_ih);
+  return {in.dx,
+          dh.to(x.scalar_type()),
+          dc.to(x.scalar_type()),
+          in.dw_ih,
+          recurrent_weight_grad(dg, y, h0, reverse).to(x.scalar_type()),
+          bias_grad(dg, x.scalar_type())};
+}
+
+}  // namespace rnnfast::cuda
+
+TORCH_LIBRARY_IMPL(rnnfast, CUDA, m) {
+  m.impl("lstm_forward", &rnnfast::cuda::lstm_forward_cuda);
+  m.impl("lstm_backward", &rnnfast::cuda::lstm_backward_cuda);
+}

@@ -1,0 +1,124 @@
+// Elman RNN on CUDA (tanh, relu, and the identity recurrence of SimpleRNN): per step, the
+// recurrent GEMM and one fused pointwise kernel (see common.cuh).
+#include "common.cuh"
+
+namespace rnnfast::cuda {
+
+// activation: 0 tanh, 1 relu (keeps NaN, as torch.relu does), 2 identity
+template <typename acc_t>
+__device__ __forceinline__ acc_t elman_act(acc_t v, int activation) {
+  if (activation == 0) return tanh_act(v);
+  if (activation == 1) return v < acc_t(0) ? acc_t(0) : v;
+  return v;
+}
+
+// the activation's derivative, from its output h
+template <typename acc_t>
+__device__ __forceinline__ acc_t elman_act_grad(acc_t h, int activation) {
+  if (activation == 0) return acc_t(1) - h * h;
+  if (activation == 1) return h > acc_t(0) ? acc_t(1) : acc_t(0);
+  return acc_t(1);
+}
+
+// h = act(xp + hh), xp holding both biases
+template <typename scalar_t, typename acc_t>
+__global__ void elman_forward_step(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ hh,
+                                   scalar_t* __restrict__ h, int64_t count, int activation) {
+  RNNFAST_GRID_STRIDE(idx, count) {
+    h[idx] = scalar_t(elman_act(acc_t(xp[idx]) + acc_t(hh[idx]), activation));
+  }
+}
+
+// dg = (dy + dh) * act'(h); the GEMM after this kernel overwrites dh with dg W_hh
+template <typename scalar_t, typename acc_t>
+__global__ void elman_backward_step(const scalar_t* __restrict__ dy, const acc_t* __restrict__ dh,
+                                    const scalar_t* __restrict__ h, acc_t* __restrict__ dg,
+                                    int64_t count, int activation) {
+  RNNFAST_GRID_STRIDE(idx, count) {
+    dg[idx] = (acc_t(dy[idx]) + dh[idx]) * elman_act_grad(acc_t(h[idx]), activation);
+  }
+}
+
+static void check_activation(const char* op, int64_t activation) {
+  TORCH_CHECK(activation >= 0 && activation <= 2, op,
+              ": expected activation 0 (tanh), 1 (relu) or 2 (identity), but got ", activation);
+}
+
+std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                                            const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                            const std::optional<Tensor>& b_hh, int64_t activation,
+                                            bool reverse, bool training) {
+  (void)training;  // Elman saves nothing beyond y
+  const char* op = "rnnfast::rnn_forward";
+  check_layer_inputs(op, 1, x, h0, w_ih, w_hh, b_ih, b_hh);
+  check_activation(op, activation);
+  check_cuda(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
+  Tensor y = at::empty({T, N, H}, x.options());
+  if (T == 0 || N == 0) return {y, h0.clone()};
+  const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
+  Tensor hh = at::empty({N, H}, x.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "rnn_forward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        scalar_t* yp = y.data_ptr<scalar_t>();
+        for (int64_t s = 0; s < T; ++s) {
+          const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
+          gates_gemm(s == 0 ? h0 : y[tp], w_hh, hh);
+          elman_forward_step<scalar_t, acc_t><<<grid_for(N * H), kThreads, 0, stream>>>(
+              xp.data_ptr<scalar_t>() + t * N * H, hh.data_ptr<scalar_t>(), yp + t * N * H,
+              N * H, static_cast<int>(activation));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+  return {y, y[time_index(T - 1, T, reverse)].clone()};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+    const Tensor& w_hh, const Tensor& y, int64_t activation, bool reverse) {
+  const char* op = "rnnfast::rnn_backward";
+  check_layer_inputs(op, 1, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
+  check_activation(op, activation);
+  check_cuda(op, x);
+  const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
+  check_same_shape(op, "y", y, {T, N, H}, x);
+  check_same_shape(op, "dy", dy, {T, N, H}, x);
+  check_same_shape(op, "dhn", dhn, {N, H}, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_type(x.scalar_type());
+  Tensor dh = dhn.to(acc, false, /*copy=*/true);
+  if (T == 0 || N == 0) {
+    return {at::zeros_like(x), dh.to(x.scalar_type()), at::zeros_like(w_ih),
+            at::zeros_like(w_hh), at::zeros({H}, x.options())};
+  }
+  Tensor dg = at::empty({T, N, H}, x.options().dtype(acc));
+  const Tensor w_hh_acc = w_hh.to(acc).contiguous();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "rnn_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        for (int64_t s = T - 1; s >= 0; --s) {
+          const int64_t t = time_index(s, T, reverse);
+          acc_t* dgt = dg.data_ptr<acc_t>() + t * N * H;
+          elman_backward_step<scalar_t, acc_t><<<grid_for(N * H), kThreads, 0, stream>>>(
+              dy.data_ptr<scalar_t>() + t * N * H, dh.data_ptr<acc_t>(),
+              y.data_ptr<scalar_t>() + t * N * H, dgt, N * H, static_cast<int>(activation));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          dh_gemm(dg[t], w_hh_acc, dh, /*accumulate=*/false);
+        }
+      });
+  const InputGrads in = input_grads(dg, x, w_ih);
+  return {in.dx, dh.to(x.scalar_type()), in.dw_ih,
+          recurrent_weight_grad(dg, y, h0, reverse).to(x.scalar_type()),
+          bias_grad(dg, x.scalar_type())};
+}
+
+}  // namespace rnnfast::cuda
+
+TORCH_LIBRARY_IMPL(rnnfast, CUDA, m) {
+  m.impl("rnn_forward", &rnnfast::cuda::rnn_forward_cuda);
+  m.impl("rnn_backward", &rnnfast::cuda::rnn_backward_cuda);
+}

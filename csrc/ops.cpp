@@ -23,6 +23,32 @@ void check_same_shape(const char* op, const char* name, const Tensor& t, at::Int
   check_float_tensor(op, name, t, like);
 }
 
+std::optional<Tensor> sum_biases(const std::optional<Tensor>& a, const std::optional<Tensor>& b) {
+  if (a && b) return *a + *b;
+  if (a) return *a;
+  return b;
+}
+
+at::ScalarType workspace_dtype(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16 ? at::kFloat : dtype;
+}
+
+void check_activation(const char* op, int64_t activation) {
+  TORCH_CHECK(activation >= 0 && activation <= 2, op,
+              ": expected activation 0 (tanh), 1 (relu) or 2 (identity), but got ", activation);
+}
+
+void check_workspace(const char* op, const Tensor& workspace, int64_t width, const Tensor& x) {
+  const auto dtype = workspace_dtype(x.scalar_type());
+  TORCH_CHECK(workspace.sizes() == at::IntArrayRef({x.size(0), x.size(1), width}) &&
+                  workspace.scalar_type() == dtype && workspace.device() == x.device() &&
+                  workspace.is_contiguous(),
+              op, ": expected the workspace of a training forward (contiguous, shape [",
+              x.size(0), ", ", x.size(1), ", ", width, "], ", dtype, ", on ", x.device(),
+              "), but got shape ", workspace.sizes(), ", ", workspace.scalar_type(), " on ",
+              workspace.device());
+}
+
 void check_layer_inputs(const char* op, int64_t gates, const Tensor& x, const Tensor& h0,
                         const Tensor& w_ih, const Tensor& w_hh,
                         const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {

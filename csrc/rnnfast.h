@@ -73,11 +73,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& y, const Tensor& workspace, bool reverse);
 
+// Step s of the visiting order runs time step time_index(s, T, reverse).
+inline int64_t time_index(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+
+// The sum of two optional biases, or whichever exists.
+std::optional<Tensor> sum_biases(const std::optional<Tensor>& a, const std::optional<Tensor>& b);
+
+// The dtype of the workspace (and of all pointwise math) for inputs of `dtype`: float32
+// for float16/bfloat16, else `dtype` itself.
+at::ScalarType workspace_dtype(at::ScalarType dtype);
+
 // Checks shared by every op at its boundary. `gates` is G.
 void check_layer_inputs(const char* op, int64_t gates, const Tensor& x, const Tensor& h0,
                         const Tensor& w_ih, const Tensor& w_hh,
                         const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh);
 void check_same_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape,
                       const Tensor& like);
+void check_activation(const char* op, int64_t activation);
+// The workspace of a training forward: [T, N, width], workspace_dtype, contiguous, on x's
+// device.
+void check_workspace(const char* op, const Tensor& workspace, int64_t width, const Tensor& x);
 
 }  // namespace rnnfast

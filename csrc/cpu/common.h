@@ -24,7 +24,6 @@ namespace rnnfast::cpu {
 using at::Tensor;
 
 // Time index of step s (0-based, in the order the forward pass visits them).
-inline int64_t time_index(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
 // a [M, K] @ w [P, K]^T (+ bias [P]) -> [M, P]: the whole-sequence GEMMs that read a
 // weight. In float32 they go through oneDNN's linear where torch has it (torch's own
@@ -60,13 +59,6 @@ inline Tensor input_projection(const Tensor& x, const Tensor& w_ih,
   return weight_gemm(x.view({T * N, C}), w_ih, bias).view({T, N, w_ih.size(0)});
 }
 
-// Sum of two optional biases, or whichever exists.
-inline std::optional<Tensor> sum_biases(const std::optional<Tensor>& a,
-                                        const std::optional<Tensor>& b) {
-  if (a && b) return *a + *b;
-  if (a) return *a;
-  return b;
-}
 
 // The input projection of LSTM and GRU: one GEMM over all steps whenever its output fits
 // in 32 MiB (8M floats), else one GEMM per chunk of that size, computed just before those

@@ -77,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
   check_layer_inputs(op, 3, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   check_same_shape(op, "y", y, {T, N, H}, x);
-  check_same_shape(op, "workspace", workspace, {T, N, 4 * H}, x);
+  check_workspace(op, workspace, 4 * H, x);
   check_same_shape(op, "dy", dy, {T, N, H}, x);
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   Tensor dg_ih = at::empty({T, N, 3 * H}, x.options());

@@ -90,7 +90,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cpu(
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   check_same_shape(op, "c0", c0, {N, H}, x);
   check_same_shape(op, "y", y, {T, N, H}, x);
-  check_same_shape(op, "workspace", workspace, {T, N, 5 * H}, x);
+  check_workspace(op, workspace, 5 * H, x);
   check_same_shape(op, "dy", dy, {T, N, H}, x);
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   check_same_shape(op, "dcn", dcn, {N, H}, x);

@@ -7,11 +7,6 @@ namespace rnnfast {
 
 using namespace rnnfast::cpu;
 
-static void check_activation(const char* op, int64_t activation) {
-  TORCH_CHECK(activation >= 0 && activation <= 2, op,
-              ": expected activation 0 (tanh), 1 (relu) or 2 (identity), but got ", activation);
-}
-
 std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                                            const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                            const std::optional<Tensor>& b_hh, int64_t activation,

@@ -26,8 +26,6 @@ namespace rnnfast::cuda {
 
 using at::Tensor;
 
-inline int64_t time_index(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
-
 // ---- launch geometry: grid-stride loops over `n` elements ----
 constexpr int kThreads = 256;
 inline unsigned grid_for(int64_t n) {
@@ -48,13 +46,6 @@ __device__ __forceinline__ T sigmoid_act(T x) { return T(1) / (T(1) + exp_act(-x
 // ---- checks and set-up shared by every op ----
 inline void check_cuda(const char* op, const Tensor& x) {
   TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors, but got ", x.device());
-}
-
-inline std::optional<Tensor> sum_biases(const std::optional<Tensor>& a,
-                                        const std::optional<Tensor>& b) {
-  if (a && b) return *a + *b;
-  if (a) return *a;
-  return b;
 }
 
 // x [T, N, C] -> x W_ih^T (+ bias) [T, N, G*H], one GEMM over all steps, in x's dtype.
@@ -116,8 +107,5 @@ inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor
 inline Tensor bias_grad(const Tensor& dg, at::ScalarType dtype) {
   return dg.sum(at::IntArrayRef{0, 1}).to(dtype);
 }
-
-// The dtype that the backward and the saved activations use for tensors of `dtype`.
-inline at::ScalarType acc_type(at::ScalarType dtype) { return at::toOpMathType(dtype); }
 
 }  // namespace rnnfast::cuda

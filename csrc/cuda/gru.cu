@@ -75,7 +75,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
   check_cuda(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
-  const auto acc = acc_type(x.scalar_type());
+  const auto acc = workspace_dtype(x.scalar_type());
   Tensor y = at::empty({T, N, H}, x.options());
   Tensor workspace = at::empty({training ? T : 0, N, 4 * H}, x.options().dtype(acc));
   if (T == 0 || N == 0) return {y, h0.clone(), workspace};
@@ -108,15 +108,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
   check_layer_inputs(op, 3, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
   check_cuda(op, x);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
-  const auto acc = acc_type(x.scalar_type());
+  const auto acc = workspace_dtype(x.scalar_type());
   check_same_shape(op, "y", y, {T, N, H}, x);
   check_same_shape(op, "dy", dy, {T, N, H}, x);
   check_same_shape(op, "dhn", dhn, {N, H}, x);
-  TORCH_CHECK(workspace.sizes() == at::IntArrayRef({T, N, 4 * H}) &&
-                  workspace.scalar_type() == acc && workspace.is_contiguous() &&
-                  workspace.device() == x.device(),
-              op, ": expected the workspace of a training forward ([", T, ", ", N, ", ", 4 * H,
-              "], ", acc, "), but got ", workspace.sizes(), " ", workspace.scalar_type());
+  check_workspace(op, workspace, 4 * H, x);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor dh = dhn.to(acc, false, /*copy=*/true);
   if (T == 0 || N == 0) {

@@ -39,11 +39,6 @@ __global__ void elman_backward_step(const scalar_t* __restrict__ dy, const acc_t
   }
 }
 
-static void check_activation(const char* op, int64_t activation) {
-  TORCH_CHECK(activation >= 0 && activation <= 2, op,
-              ": expected activation 0 (tanh), 1 (relu) or 2 (identity), but got ", activation);
-}
-
 std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                                             const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                             const std::optional<Tensor>& b_hh, int64_t activation,
@@ -88,7 +83,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
   check_same_shape(op, "dy", dy, {T, N, H}, x);
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = acc_type(x.scalar_type());
+  const auto acc = workspace_dtype(x.scalar_type());
   Tensor dh = dhn.to(acc, false, /*copy=*/true);
   if (T == 0 || N == 0) {
     return {at::zeros_like(x), dh.to(x.scalar_type()), at::zeros_like(w_ih),

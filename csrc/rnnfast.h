@@ -28,6 +28,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
 #include <tuple>
@@ -72,6 +73,12 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& y, const Tensor& workspace, bool reverse);
+
+// Every op body starts with this: the ATen calls inside an op must not be re-cast by an
+// enclosing torch.autocast (the op has chosen its dtypes; a GEMM coming back in another
+// dtype would break it).
+#define RNNFAST_NO_AUTOCAST \
+  const c10::impl::ExcludeDispatchKeyGuard rnnfast_no_autocast_(c10::autocast_dispatch_keyset)
 
 // Step s of the visiting order runs time step time_index(s, T, reverse).
 inline int64_t time_index(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }

@@ -108,3 +108,67 @@ def test_no_grad_builds_no_graph(cell):
     assert y.grad_fn is None
     y, _ = m(x)
     assert y.grad_fn is not None
+
+
+ZERO_CASES = [(cell, dim) for cell in G for dim in ("T", "N", "H")]
+
+
+@pytest.mark.parametrize("cell,dim", ZERO_CASES, ids=[f"{c}-{d}0" for c, d in ZERO_CASES])
+def test_zero_sized_dimension(cell, dim):
+    """T, N or H of zero: forward and backward run and give the empty or zero results
+    that an empty sum gives (dW and db zero, dh0/dc0 the incoming dhn/dcn)."""
+    sizes = {"T": T, "N": N, "H": H, dim: 0}
+    T_, N_, H_ = sizes["T"], sizes["N"], sizes["H"]
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
+    GH = G[cell] * H_
+    x, h0, w_ih, w_hh, b = r(T_, N_, C), r(N_, H_), r(GH, C), r(GH, H_), r(GH)
+    dy, dhn = r(T_, N_, H_), r(N_, H_)
+    if cell == "rnn":
+        y, hn = ops.rnn_forward(x, h0, w_ih, w_hh, b, b, 0, False, True)
+        grads = ops.rnn_backward(dy, dhn, x, h0, w_ih, w_hh, y, 0, False)
+        dh0, weight_grads = grads[1], grads[2:]
+    elif cell == "lstm":
+        c0, dcn = r(N_, H_), r(N_, H_)
+        y, hn, cn, ws = ops.lstm_forward(x, h0, c0, w_ih, w_hh, b, b, False, True)
+        grads = ops.lstm_backward(dy, dhn, dcn, x, h0, c0, w_ih, w_hh, y, ws, False)
+        dh0, weight_grads = grads[1], grads[3:]
+        assert cn.shape == (N_, H_)
+        if T_ == 0:
+            assert torch.equal(cn, c0) and torch.equal(grads[2], dcn)
+    else:
+        y, hn, ws = ops.gru_forward(x, h0, w_ih, w_hh, b, b, False, True)
+        grads = ops.gru_backward(dy, dhn, x, h0, w_ih, w_hh, y, ws, False)
+        dh0, weight_grads = grads[1], grads[2:]
+    assert y.shape == (T_, N_, H_) and hn.shape == (N_, H_)
+    assert grads[0].shape == x.shape and dh0.shape == (N_, H_)
+    if T_ == 0:
+        assert torch.equal(hn, h0) and torch.equal(dh0, dhn)
+    for gw in weight_grads:
+        assert not gw.any(), "gradients of a sum over no steps or rows must be zero"
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_autocast_does_not_reach_inside_the_ops(cell):
+    """Under an enclosing CPU autocast the ops keep the dtypes they chose (an inner GEMM
+    re-cast to bfloat16 used to fail): the results are those without autocast, bit for
+    bit."""
+    cls = {"rnn": __import__("rnnfast").RNN, "lstm": __import__("rnnfast").LSTM,
+           "gru": __import__("rnnfast").GRU}[cell]
+    torch.manual_seed(0)
+    m = cls(C, H, num_layers=2, bidirectional=True)
+    x = torch.randn(T, N, C)
+
+    def run():
+        xr = x.clone().requires_grad_()
+        out = m(xr)[0]
+        out.sum().backward()
+        grads = [xr.grad] + [p.grad.clone() for p in m.parameters()]
+        m.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    out, grads = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ac, grads_ac = run()
+    assert torch.equal(out, out_ac)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ac))

@@ -12,6 +12,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
                                                    const std::optional<Tensor>& b_ih,
                                                    const std::optional<Tensor>& b_hh,
                                                    bool reverse, bool training) {
+  RNNFAST_NO_AUTOCAST;
   check_layer_inputs("rnnfast::gru_forward", 3, x, h0, w_ih, w_hh, b_ih, b_hh);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   // b_hr and b_hz fold into the input projection; b_hn must stay inside r * (...).
@@ -73,6 +74,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& y, const Tensor& workspace, bool reverse) {
+  RNNFAST_NO_AUTOCAST;
   const char* op = "rnnfast::gru_backward";
   check_layer_inputs(op, 3, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
@@ -103,7 +105,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     reverse_time_loop<scalar_t>(dg_hh, w_hh, reverse, dh_carry, /*accumulate=*/true, gate_grads);
   };
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_backward_cpu", [&] { body(scalar_t(0)); });
-  if (T == 0) {
+  if (T == 0 || N == 0 || H == 0) {
     return {at::zeros_like(x),     dh_carry,
             at::zeros_like(w_ih),  at::zeros_like(w_hh),
             at::zeros({3 * H}, x.options()), at::zeros({3 * H}, x.options())};

@@ -11,6 +11,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, bool reverse,
     bool training) {
+  RNNFAST_NO_AUTOCAST;
   const char* op = "rnnfast::lstm_forward";
   check_layer_inputs(op, 4, x, h0, w_ih, w_hh, b_ih, b_hh);
   check_same_shape(op, "c0", c0, h0.sizes(), x);
@@ -85,6 +86,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cpu(
     const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const Tensor& h0,
     const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& y,
     const Tensor& workspace, bool reverse) {
+  RNNFAST_NO_AUTOCAST;
   const char* op = "rnnfast::lstm_backward";
   check_layer_inputs(op, 4, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
@@ -117,7 +119,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cpu(
     reverse_time_loop<scalar_t>(dg, w_hh, reverse, dh_carry, /*accumulate=*/false, gate_grads);
   };
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_backward_cpu", [&] { body(scalar_t(0)); });
-  if (T == 0) {
+  if (T == 0 || N == 0 || H == 0) {
     return {at::zeros_like(x), dh_carry, dc, at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({4 * H}, x.options())};
   }

@@ -11,6 +11,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, co
                                            const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                            const std::optional<Tensor>& b_hh, int64_t activation,
                                            bool reverse, bool training) {
+  RNNFAST_NO_AUTOCAST;
   (void)training;  // Elman saves nothing beyond y
   check_layer_inputs("rnnfast::rnn_forward", 1, x, h0, w_ih, w_hh, b_ih, b_hh);
   check_activation("rnnfast::rnn_forward", activation);
@@ -53,6 +54,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, co
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& y, int64_t activation, bool reverse) {
+  RNNFAST_NO_AUTOCAST;
   const char* op = "rnnfast::rnn_backward";
   check_layer_inputs(op, 1, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
   check_activation(op, activation);
@@ -77,7 +79,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
     reverse_time_loop<scalar_t>(dg, w_hh, reverse, dh_carry, /*accumulate=*/false, gate_grads);
   };
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] { body(scalar_t(0)); });
-  if (T == 0) {
+  if (T == 0 || N == 0 || H == 0) {
     return {at::zeros_like(x), dh_carry, at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({H}, x.options())};
   }

@@ -70,6 +70,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
                                                     const std::optional<Tensor>& b_ih,
                                                     const std::optional<Tensor>& b_hh,
                                                     bool reverse, bool training) {
+  RNNFAST_NO_AUTOCAST;
   const char* op = "rnnfast::gru_forward";
   check_layer_inputs(op, 3, x, h0, w_ih, w_hh, b_ih, b_hh);
   check_cuda(op, x);
@@ -78,7 +79,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
   const auto acc = workspace_dtype(x.scalar_type());
   Tensor y = at::empty({T, N, H}, x.options());
   Tensor workspace = at::empty({training ? T : 0, N, 4 * H}, x.options().dtype(acc));
-  if (T == 0 || N == 0) return {y, h0.clone(), workspace};
+  if (T == 0 || N == 0 || H == 0) return {y, h0.clone(), workspace};
   const Tensor xp = input_projection(x, w_ih, b_ih);
   Tensor hh = at::empty({N, 3 * H}, x.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -104,6 +105,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& y, const Tensor& workspace, bool reverse) {
+  RNNFAST_NO_AUTOCAST;
   const char* op = "rnnfast::gru_backward";
   check_layer_inputs(op, 3, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
   check_cuda(op, x);
@@ -115,7 +117,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
   check_workspace(op, workspace, 4 * H, x);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor dh = dhn.to(acc, false, /*copy=*/true);
-  if (T == 0 || N == 0) {
+  if (T == 0 || N == 0 || H == 0) {
     return {at::zeros_like(x), dh.to(x.scalar_type()), at::zeros_like(w_ih),
             at::zeros_like(w_hh), at::zeros({3 * H}, x.options()), at::zeros({3 * H}, x.options())};
   }

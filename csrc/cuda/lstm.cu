@@ -59,6 +59,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, bool reverse,
     bool training) {
+  RNNFAST_NO_AUTOCAST;
   const char* op = "rnnfast::lstm_forward";
   check_layer_inputs(op, 4, x, h0, w_ih, w_hh, b_ih, b_hh);
   check_same_shape(op, "c0", c0, h0.sizes(), x);
@@ -70,7 +71,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
   Tensor workspace = at::empty({training ? T : 0, N, 5 * H}, x.options().dtype(acc));
   Tensor c_turns = at::empty({training ? 0 : 2, N, H}, x.options().dtype(acc));
   const Tensor c0_acc = c0.to(acc).contiguous();
-  if (T == 0 || N == 0) {
+  if (T == 0 || N == 0 || H == 0) {
     return {y, h0.clone(), c0.clone(), workspace};
   }
   const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
@@ -116,6 +117,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
     const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const Tensor& h0,
     const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& y,
     const Tensor& workspace, bool reverse) {
+  RNNFAST_NO_AUTOCAST;
   const char* op = "rnnfast::lstm_backward";
   check_layer_inputs(op, 4, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
   check_cuda(op, x);
@@ -130,7 +132,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor dh = dhn.to(acc, false, /*copy=*/true);
   Tensor dc = dcn.to(acc, false, /*copy=*/true);
-  if (T == 0 || N == 0) {
+  if (T == 0 || N == 0 || H == 0) {
     return {at::zeros_like(x), dh.to(x.scalar_type()), dc.to(x.scalar_type()),
             at::zeros_like(w_ih), at::zeros_like(w_hh), at::zeros({4 * H}, x.options())};
   }

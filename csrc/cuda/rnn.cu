@@ -44,6 +44,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
                                             const std::optional<Tensor>& b_hh, int64_t activation,
                                             bool reverse, bool training) {
   (void)training;  // Elman saves nothing beyond y
+  RNNFAST_NO_AUTOCAST;
   const char* op = "rnnfast::rnn_forward";
   check_layer_inputs(op, 1, x, h0, w_ih, w_hh, b_ih, b_hh);
   check_activation(op, activation);
@@ -51,7 +52,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   Tensor y = at::empty({T, N, H}, x.options());
-  if (T == 0 || N == 0) return {y, h0.clone()};
+  if (T == 0 || N == 0 || H == 0) return {y, h0.clone()};
   const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
   Tensor hh = at::empty({N, H}, x.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -74,6 +75,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& y, int64_t activation, bool reverse) {
+  RNNFAST_NO_AUTOCAST;
   const char* op = "rnnfast::rnn_backward";
   check_layer_inputs(op, 1, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
   check_activation(op, activation);
@@ -85,7 +87,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = workspace_dtype(x.scalar_type());
   Tensor dh = dhn.to(acc, false, /*copy=*/true);
-  if (T == 0 || N == 0) {
+  if (T == 0 || N == 0 || H == 0) {
     return {at::zeros_like(x), dh.to(x.scalar_type()), at::zeros_like(w_ih),
             at::zeros_like(w_hh), at::zeros({H}, x.options())};
   }

@@ -60,9 +60,10 @@ inline Tensor input_projection(const Tensor& x, const Tensor& w_ih,
 // The per-step GEMMs, through ATen into preallocated outputs (no allocation; cuBLAS on
 // the current stream). at::cuda::blas::gemm would skip ATen's dispatch, but torch does not
 // export it to extensions.
-// out [N, GH] = h [N, H] W_hh^T, in the tensors' dtype
-inline void gates_gemm(const Tensor& h, const Tensor& w_hh, Tensor& out) {
-  at::mm_out(out, h, w_hh.t());
+// out [N, GH] = h [N, H] W_hh^T (w_hh_t = w_hh.t(), made once per call), in the tensors'
+// dtype
+inline void gates_gemm(const Tensor& h, const Tensor& w_hh_t, Tensor& out) {
+  at::mm_out(out, h, w_hh_t);
 }
 
 // dh [N, H] = dg [N, GH] W_hh [GH, H], or += when accumulate, in acc_t

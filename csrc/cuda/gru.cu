@@ -82,6 +82,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
   if (T == 0 || N == 0 || H == 0) return {y, h0.clone(), workspace};
   const Tensor xp = input_projection(x, w_ih, b_ih);
   Tensor hh = at::empty({N, 3 * H}, x.options());
+  const Tensor w_hh_t = w_hh.t();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "gru_forward_cuda", [&] {
@@ -92,7 +93,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const scalar_t* h_prev = s == 0 ? h0.data_ptr<scalar_t>() : yp + tp * N * H;
-          gates_gemm(s == 0 ? h0 : y[tp], w_hh, hh);
+          gates_gemm(s == 0 ? h0 : y[tp], w_hh_t, hh);
           gru_forward_step<scalar_t, acc_t><<<grid_for(N * H), kThreads, 0, stream>>>(
               xp.data_ptr<scalar_t>() + t * N * 3 * H, hh.data_ptr<scalar_t>(), bp, h_prev,
               yp + t * N * H, training ? ws + t * N * 4 * H : nullptr, N, H);

@@ -76,6 +76,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
   }
   const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
   Tensor hh = at::empty({N, 4 * H}, x.options());
+  const Tensor w_hh_t = w_hh.t();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "lstm_forward_cuda", [&] {
@@ -85,7 +86,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
         acc_t* ct = c_turns.data_ptr<acc_t>();
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
-          gates_gemm(s == 0 ? h0 : y[tp], w_hh, hh);
+          gates_gemm(s == 0 ? h0 : y[tp], w_hh_t, hh);
           const acc_t* c_prev;
           int64_t ld_c_prev, ld_c;
           acc_t *c_out, *cache = nullptr;

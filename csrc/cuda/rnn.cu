@@ -55,6 +55,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
   if (T == 0 || N == 0 || H == 0) return {y, h0.clone()};
   const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
   Tensor hh = at::empty({N, H}, x.options());
+  const Tensor w_hh_t = w_hh.t();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "rnn_forward_cuda", [&] {
@@ -62,7 +63,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
         scalar_t* yp = y.data_ptr<scalar_t>();
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
-          gates_gemm(s == 0 ? h0 : y[tp], w_hh, hh);
+          gates_gemm(s == 0 ? h0 : y[tp], w_hh_t, hh);
           elman_forward_step<scalar_t, acc_t><<<grid_for(N * H), kThreads, 0, stream>>>(
               xp.data_ptr<scalar_t>() + t * N * H, hh.data_ptr<scalar_t>(), yp + t * N * H,
               N * H, static_cast<int>(activation));

@@ -1,77 +1,347 @@
 #!/usr/bin/env bash
-# One command for a GPU machine without internet access (torch with CUDA, nvcc,
-# compute-sanitizer already there): builds rnnfast for the card present, runs the CUDA
-# tests, compute-sanitizer memcheck and racecheck on a small forward+backward of each cell,
-# and the GPU benchmark against torch.nn (cuDNN). Logs and JSON go to $OUT (default
-# ./gpu-check-out); a short summary prints last. Each stage has its own time limit, later
-# stages run even when an earlier one failed, and the exit status is non-zero if any did.
-# The limits add up to under 10 minutes (the device tool's limit per call).
-#   OUT=/some/dir bash scripts/gpu_check.sh
+# The first thing to run on a GPU machine, in one command, well inside 10 minutes:
+#   1. build rnnfast from source for the card that is there (no internet needed: no pip,
+#      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
+#   2. the CUDA tests (tests/test_cuda.py);
+#   3. compute-sanitizer (memcheck, racecheck) on a small forward + backward of each cell
+#      (lstm, gru, rnn tanh) in float32 and bfloat16 (scripts/sanitize_case.py);
+#   4. the GPU benchmark against cuDNN (benchmarks/bench.py --device cuda);
+#   5. the CPU tests (the rest of tests/), if time is left;
+# then prints a summary table last. Every stage has a time limit and later stages run
+# whatever happened before; the exit status is non-zero if anything failed.
+#
+#   bash scripts/gpu_check.sh                  # results under $OUT (default ./gpu-check-out)
+#   GPU_CHECK_BUDGET=400 bash scripts/gpu_check.sh
+#
+# Writes to $OUT (5 files at most, for the device tool's limit of 8): gpu_check.log (every
+# stage's output), summary.txt, gpu-bench.json, test_cuda.xml and tests_cpu.xml (JUnit).
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for the whole run,
+# default 480; each stage's limit shrinks so that the later ones keep their minimum),
+# MAX_JOBS (default: all cores), TORCH_CUDA_ARCH_LIST (default: the visible GPU's
+# capability, e.g. 9.0), CUDA_HOME (default /usr/local/cuda, else from nvcc on the PATH),
+# SANITIZE_JOBS (sanitizer processes at a time, default 6), BENCH_ARGS
+# (replaces the benchmark's arguments after --device cuda).
+#
+# The extension is built with `python setup.py build_ext --inplace` (not scripts/setup.sh,
+# which may pip install, nor pip, which may look for an index): the .so lands in rnnfast/
+# and PYTHONPATH points at this checkout.
 set -u
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-check-out}
-mkdir -p "$OUT"
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$(pwd)
 PY=${PYTHON:-python3}
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export PATH="$CUDA_HOME/bin:$PATH"
+OUT=${OUT:-$ROOT/gpu-check-out}
+mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+LOG=$OUT/gpu_check.log
+: >"$LOG"
+BUDGET=${GPU_CHECK_BUDGET:-480}
+START=$(date +%s)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's rnnfast, built in place
+export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-declare -A RESULT
-failed=0
+STAGES=$WORK/stages.tsv
+: >"$STAGES"
 
-stage() {  # stage NAME SECONDS COMMAND...: runs it, logs to $OUT/NAME.log, records the result
-  local name=$1 limit=$2
-  shift 2
-  echo "== $name (limit ${limit}s)"
-  local start=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  tail -n 25 "$OUT/$name.log"
-  RESULT[$name]="rc=$rc, $(( $(date +%s) - start )) s"
-  [ "$rc" -eq 0 ] || failed=1
+log() { echo "$*" | tee -a "$LOG"; }
+now() { date +%s; }
+remaining() { echo $((START + BUDGET - $(now))); }
+# record NAME STATUS SECONDS NOTE
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >>"$STAGES"; }
+# seconds for a stage: its cap, or less so that `reserve` seconds stay for later stages
+stage_time() {
+  local cap=$1 reserve=$2 r
+  r=$(($(remaining) - reserve))
+  if ((r < cap)); then echo "$r"; else echo "$cap"; fi
+}
+status_of() {  # exit code -> PASS / TIMEOUT / FAIL(rc)
+  case $1 in
+    0) echo PASS ;;
+    124 | 137) echo TIMEOUT ;;
+    *) echo "FAIL($1)" ;;
+  esac
+}
+
+# run_stage NAME CAP RESERVE CMD...: CMD under `timeout`, its output to the screen, the
+# log and $WORK/NAME.out; the result recorded. Returns CMD's exit code.
+run_stage() {
+  local name=$1 cap=$2 reserve=$3 t s rc
+  shift 3
+  t=$(stage_time "$cap" "$reserve")
+  if ((t < 15)); then
+    log "===== [$name] skipped: no time left (budget ${BUDGET}s)"
+    record "$name" SKIPPED 0 "no time left"
+    return 125
+  fi
+  log ""
+  log "===== [$name] at $(($(now) - START))s, limit ${t}s: $*"
+  s=$(now)
+  timeout -k 10 "$t" "$@" 2>&1 | tee -a "$LOG" "$WORK/$name.out"
+  rc=${PIPESTATUS[0]}
+  log "===== [$name] $(status_of "$rc") in $(($(now) - s))s"
+  record "$name" "$(status_of "$rc")" "$(($(now) - s))"
   return "$rc"
 }
 
+# ---- 0. the machine ----
+log "gpu_check: $(date -u +%FT%TZ) in $ROOT, budget ${BUDGET}s, MAX_JOBS=$MAX_JOBS"
+if [ -z "${CUDA_HOME:-}" ]; then
+  if [ -x /usr/local/cuda/bin/nvcc ]; then
+    export CUDA_HOME=/usr/local/cuda
+  elif command -v nvcc >/dev/null; then
+    CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    export CUDA_HOME
+  fi
+fi
+SANITIZER=$(command -v compute-sanitizer 2>/dev/null || true)
+for c in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
+  "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer"; do
+  if [ -z "$SANITIZER" ] && [ -x "$c" ]; then SANITIZER=$c; fi
+done
 {
-  echo "date: $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  nvcc --version | tail -n 1
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-} | tee "$OUT/machine.txt"
+  echo "CUDA_HOME=${CUDA_HOME:-unset}  compute-sanitizer=${SANITIZER:-not found}"
+  nvidia-smi 2>&1 || echo "nvidia-smi failed"
+  "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version 2>&1 | tail -n 2 || echo "no nvcc"
+  [ -n "$SANITIZER" ] && "$SANITIZER" --version 2>&1 | tail -n 1
+  ninja --version 2>&1 | sed 's/^/ninja /'
+  git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /'
+} 2>&1 | tee -a "$LOG"
+"$PY" - >"$WORK/env.txt" 2>&1 <<'PYEOF'
+import platform, torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"cuDNN {torch.backends.cudnn.version() if torch.cuda.is_available() else 'n/a'}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU {p.name}, capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
+          f"{p.multi_processor_count} SMs")
+else:
+    print("GPU none visible to torch")
+PYEOF
+tee -a "$LOG" <"$WORK/env.txt"
+CAP=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+if [ -n "$CAP" ]; then
+  record gpu PASS 0 "$(grep '^GPU' "$WORK/env.txt")"
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$CAP}
+else
+  log "!! torch sees no CUDA GPU: the build goes on (for ${TORCH_CUDA_ARCH_LIST:-the default archs of setup.py}), the GPU stages will fail"
+  record gpu FAIL 0 "torch.cuda.is_available() is False"
+fi
 
-ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-export TORCH_CUDA_ARCH_LIST=$ARCH
-stage build 170 "$PY" setup.py build_ext --inplace
-
-stage cuda_tests 120 "$PY" -m pytest -q --no-header -p no:cacheprovider tests/test_cuda.py \
-  --junitxml "$OUT/cuda-tests.xml"
-
-# A small forward + backward of every cell in float32 and bfloat16, in one process per
-# sanitizer tool (starting torch under compute-sanitizer is the slow part).
-cat > "$OUT/sanitize_case.py" <<'PYEOF'
+# ---- 1. build, in place (no pip, no internet); then every op must have its CUDA kernel ----
+log "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset} CUDA_HOME=${CUDA_HOME:-unset} MAX_JOBS=$MAX_JOBS"
+run_stage build 330 200 "$PY" setup.py build_ext --inplace
+run_stage import 60 200 env LD_BIND_NOW=1 "$PY" - <<'PYEOF'
 import torch
 import rnnfast
-for dtype in (torch.float32, torch.bfloat16):
-    for cls in (rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN):
-        torch.manual_seed(0)
-        m = cls(8, 16, num_layers=2, bidirectional=True).cuda().to(dtype)
-        x = torch.randn(5, 3, 8, device="cuda", dtype=dtype, requires_grad=True)
-        out = m(x)[0]
-        out.float().sum().backward()
-        torch.cuda.synchronize()
-        print(cls.__name__, dtype, "ok", float(out.float().abs().sum()))
+ops = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward", "gru_backward"]
+missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"rnnfast::{op}", "CUDA")]
+print(f"rnnfast {rnnfast.__version__} from {rnnfast.__file__}")
+assert not missing, f"no CUDA kernels for {missing}"
+print(f"CUDA kernels compiled and loaded for all {len(ops)} ops")
 PYEOF
+
+# ---- 2. the CUDA tests ----
+run_stage test_cuda 150 160 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
+  --junitxml="$OUT/test_cuda.xml" tests/test_cuda.py
+
+# ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
+# start under a sanitizer is the slow part, and in parallel it costs the time of one ----
+SAN_TSV=$WORK/sanitize.tsv
+: >"$SAN_TSV"
+san_case() {  # TOOL CELL DTYPE SECONDS: one sanitizer run; its log and exit code in $WORK
+  local tool=$1 cell=$2 dtype=$3 t=$4
+  # racecheck runs over every kernel, cuBLAS's included (a --kernel-name filter for
+  # rnnfast's own has not been tried on the GPU image yet)
+  # no caching allocator: each tensor its own allocation, so memcheck sees overruns
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$t" "$SANITIZER" --tool "$tool" \
+    --error-exitcode 1 --report-api-errors no --print-limit 20 \
+    "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" \
+    >"$WORK/san-$tool-$cell-$dtype.log" 2>&1
+  echo $? >"$WORK/san-$tool-$cell-$dtype.rc"
+}
+SAN_CASES=()
 for tool in memcheck racecheck; do
-  stage "sanitize_$tool" 90 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-    "$PY" "$OUT/sanitize_case.py"
+  for cell in lstm gru rnn_tanh; do
+    for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype"); done
+  done
 done
+t_san=$(stage_time 150 100)
+s=$(now)
+log ""
+log "===== [sanitize] at $((s - START))s, limit ${t_san}s: ${#SAN_CASES[@]} runs of ${SANITIZER:-compute-sanitizer}, ${SANITIZE_JOBS:-6} at a time"
+if [ -z "$SANITIZER" ]; then
+  log "!! compute-sanitizer not found (PATH, \$CUDA_HOME/bin, \$CUDA_HOME/compute-sanitizer)"
+  record sanitize FAIL 0 "compute-sanitizer not found"
+elif ((t_san < 20)); then
+  record sanitize SKIPPED 0 "no time left"
+else
+  deadline=$((s + t_san))
+  for c in "${SAN_CASES[@]}"; do
+    while (($(jobs -rp | wc -l) >= ${SANITIZE_JOBS:-6})); do wait -n 2>/dev/null || true; done
+    read -r tool cell dtype <<<"$c"
+    left=$((deadline - $(now)))
+    if ((left < 20)); then
+      printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell" "$dtype" SKIPPED "no time left" >>"$SAN_TSV"
+      continue
+    fi
+    log "  start $tool $cell $dtype (limit ${left}s)"
+    san_case "$tool" "$cell" "$dtype" "$left" &
+  done
+  wait
+  for c in "${SAN_CASES[@]}"; do
+    read -r tool cell dtype <<<"$c"
+    f=$WORK/san-$tool-$cell-$dtype
+    [ -f "$f.rc" ] || continue
+    rc=$(cat "$f.rc")
+    {
+      echo "----- $tool $cell $dtype: exit $rc"
+      cat "$f.log"
+    } >>"$LOG"
+    # the sanitizer's summary line; on failure also its first report, else the program's last line
+    note=$(grep -E "(ERROR|RACECHECK) SUMMARY" "$f.log" | tail -n 1 | sed 's/^========= //')
+    if [ "$rc" != 0 ]; then
+      first=$(grep -m1 -E '^========= +(Invalid|Program hit|Error|Race|.*[Hh]azard|Uninitialized|Barrier|Out of range|Misaligned)' "$f.log")
+      [ -n "$first" ] || first=$(grep -v -E '^=========|^[[:space:]]*$' "$f.log" | tail -n 1)
+      note="$note; $(echo "${first#========= }" | cut -c1-150)"
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell" "$dtype" "$(status_of "$rc")" "$note" >>"$SAN_TSV"
+  done
+  bad=$(awk -F'\t' '$4 != "PASS"' "$SAN_TSV" | wc -l)
+  if ((bad == 0)); then st=PASS; else st=FAIL; fi
+  log "===== [sanitize] $st ($bad of ${#SAN_CASES[@]} runs not clean) in $(($(now) - s))s"
+  record sanitize "$st" "$(($(now) - s))" "$bad of ${#SAN_CASES[@]} runs not clean"
+fi
 
-stage bench 110 "$PY" -m benchmarks.bench --device cuda --dtypes float32 bfloat16 \
-  --repeats 3 --min-time 0.2 --json "$OUT/gpu-bench.json" --markdown
+# ---- 4. the GPU benchmark against cuDNN (its JSON is written after every case) ----
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+run_stage bench 240 10 "$PY" -m benchmarks.bench --device cuda \
+  ${BENCH_ARGS:---dtypes float32 bfloat16 --markdown} --json "$OUT/gpu-bench.json"
 
-echo
-echo "== summary ($(head -n 2 "$OUT/machine.txt" | tail -n 1))"
-for k in $(printf '%s\n' "${!RESULT[@]}" | sort); do printf '%-34s %s\n' "$k" "${RESULT[$k]}"; done
-grep -E "passed|failed|error" "$OUT/cuda_tests.log" | tail -n 1
-grep -E "^(lstm|gru|rnn) |geomean" "$OUT/bench.log" || true
-exit "$failed"
+# ---- 5. the CPU tests, if time is left (CI runs them too) ----
+if (($(remaining) >= 45)); then
+  run_stage tests_cpu 120 10 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
+    --junitxml="$OUT/tests_cpu.xml" tests --ignore=tests/test_cuda.py
+else
+  record tests_cpu SKIPPED 0 "optional, no time left"
+fi
+
+# ---- summary, last ----
+"$PY" - "$STAGES" "$SAN_TSV" "$OUT" "$WORK/env.txt" "$BUDGET" "$(($(now) - START))" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt" | tee -a "$LOG"
+import json, math, os, re, sys
+import xml.etree.ElementTree as ET
+
+stages_tsv, san_tsv, out, env_txt, budget, took = sys.argv[1:7]
+failed = []
+rows = [line.rstrip("\n").split("\t") for line in open(stages_tsv) if line.strip()]
+stages = {r[0]: r for r in rows}
+
+
+def junit(path, name):
+    """Counts from pytest's JUnit XML, else from its last output line."""
+    try:
+        root = ET.parse(path).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        n["passed"] = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+        return (f"{n['passed']} passed, {n['failures']} failed, {n['errors']} errors, "
+                f"{n['skipped']} skipped"), n
+    except (OSError, ET.ParseError, AttributeError):
+        pass
+    try:
+        lines = [l for l in open(os.path.join(os.path.dirname(stages_tsv), name + ".out"))
+                 if re.search(r"\d+ (passed|failed|error)", l)]
+        return (lines[-1].strip(" =\n") if lines else "no counts (cut short?)"), None
+    except OSError:
+        return "did not run", None
+
+
+print()
+print("=" * 30 + " gpu_check summary " + "=" * 30)
+try:
+    print(open(env_txt).read().strip())
+except OSError:
+    pass
+print(f"took {took}s of a {budget}s budget")
+print()
+print(f"{'stage':10} {'result':10} {'time':>5}  note")
+for name in ("gpu", "build", "import", "test_cuda", "sanitize", "bench", "tests_cpu"):
+    r = stages.get(name, [name, "NOT RUN", "0", ""])
+    note = r[3] if len(r) > 3 else ""
+    status = r[1]
+    if name in ("test_cuda", "tests_cpu") and status != "SKIPPED":
+        note, n = junit(os.path.join(out, name + ".xml"), name)
+        if n and (n["failures"] or n["errors"]):
+            status = "FAIL" if status == "PASS" else status
+        if name == "test_cuda" and n and n["tests"] and n["skipped"] == n["tests"]:
+            status, note = "FAIL", note + " (all skipped: no GPU?)"
+    if name == "bench" and status != "SKIPPED":
+        try:
+            b = json.load(open(os.path.join(out, "gpu-bench.json")))
+            errs = [(rec, c, r2["error"]) for rec in b["records"] for c, r2 in rec["results"].items()
+                    if "error" in r2]
+            note = f"{len(b['records'])} cases, {len(errs)} contender errors"
+            if errs and status == "PASS":
+                status = "FAIL"
+        except (OSError, ValueError, KeyError):
+            try:  # the benchmark's last words
+                tail = [l.strip() for l in open(os.path.join(os.path.dirname(stages_tsv), "bench.out"))
+                        if l.strip() and not l.startswith("=====")]
+                note = "no results: " + (tail[-1][:150] if tail else "no output")
+            except OSError:
+                note = "no results"
+    if status not in ("PASS",) and not (name == "tests_cpu" and status == "SKIPPED"):
+        failed.append(name)
+    print(f"{name:10} {status:10} {r[2]:>4}s  {note}")
+
+# sanitizer, one line per tool
+san = [l.rstrip("\n").split("\t") for l in open(san_tsv) if l.strip()]
+if san:
+    cases = list(dict.fromkeys(f"{c}/{d}" for _, c, d, *_ in san))
+    print()
+    print(f"{'sanitizer':10} " + " ".join(f"{c:>17}" for c in cases))
+    for tool in dict.fromkeys(t for t, *_ in san):
+        res = {f"{c}/{d}": s for t, c, d, s, *_ in san if t == tool}
+        print(f"{tool:10} " + " ".join(f"{res.get(c, '-'):>17}" for c in cases))
+    for t, c, d, s, *note in san:
+        if s != "PASS":
+            print(f"  ! {t} {c} {d}: {s} {note[0] if note else ''}")
+
+# benchmark: rnnfast's speedup over cuDNN (torch.nn) / over the Python cell loop
+try:
+    b = json.load(open(os.path.join(out, "gpu-bench.json")))
+    recs = b["records"]
+except (OSError, ValueError, KeyError):
+    recs = []
+if recs:
+    cells = list(dict.fromkeys(r["cell"] for r in recs))
+    print()
+    print("benchmark: rnnfast speedup vs cuDNN / vs Python cell loop (>1: rnnfast faster); "
+          "rnnfast ms")
+    print(f"{'dtype':9} {'shape':8} {'mode':7} " + " ".join(f"{c:>26}" for c in cells))
+    keys = list(dict.fromkeys((r["dtype"], r["shape"], r["mode"]) for r in recs))
+    for k in keys:
+        line = f"{k[0]:9} {k[1]:8} {k[2]:7} "
+        for c in cells:
+            rec = next((r for r in recs if (r["dtype"], r["shape"], r["mode"], r["cell"]) == (*k, c)), None)
+            if rec is None:
+                line += f" {'-':>26}"
+                continue
+            res = rec["results"]
+            f = lambda n: (f"{res[n]['rnnfast_speedup']:.2f}x" if res.get(n, {}).get("rnnfast_speedup")
+                           else ("ERR" if "error" in res.get(n, {}) else "n/a"))
+            ms = f"{res['rnnfast']['median_s'] * 1e3:.2f}ms" if "median_s" in res.get("rnnfast", {}) else "ERR"
+            line += f" {f('torch.nn'):>7} / {f('cell loop'):>7} {ms:>9}"
+        print(line)
+    for k, v in b.get("summary", {}).items():
+        if not (isinstance(v, float) and math.isnan(v)):
+            print(f"  {k}: {v:.2f}x")
+    errs = [f"  ! {r['cell']} {r['shape']} {r['mode']} {r['dtype']}: {n}: {x['error'][:110]}"
+            for r in recs for n, x in r["results"].items() if "error" in x]
+    print("\n".join(errs[:10] + ([f"  ! ... {len(errs) - 10} more in gpu_check.log"] if len(errs) > 10 else [])))
+print()
+print(f"files: {', '.join(sorted(os.listdir(out)))} (in {out})")
+print("gpu_check: " + ("FAILED: " + ", ".join(failed) if failed else "ALL PASSED"))
+sys.exit(1 if failed else 0)
+PYEOF
+rc=${PIPESTATUS[0]}
+rm -rf "$WORK"
+exit "$rc"

@@ -20,6 +20,15 @@ CELLS = {
 }
 
 
+# Gates per cell family, as the ops see them, and the forward op cases that both the CPU
+# and the CUDA op tests check (cell, reverse, training, bias), with readable ids.
+OP_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+FORWARD_CASES = [(cell, rev, train, bias) for cell in OP_GATES for rev in (False, True)
+                 for train in (False, True) for bias in (True, False)]
+FORWARD_CASE_IDS = [f"{c}-{'rev' if r else 'fwd'}-{'train' if t else 'infer'}-"
+                    f"{'bias' if b else 'nobias'}" for c, r, t, b in FORWARD_CASES]
+
+
 def ulp_floor(dtype, ref):
     return 8 * torch.finfo(dtype).eps * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import rnnfast
-from helpers import CELLS, assert_close_to_ref, compare_all, make_pair, run_and_grad
+from helpers import (CELLS, FORWARD_CASE_IDS, FORWARD_CASES, OP_GATES, assert_close_to_ref,
+                     compare_all, make_pair, run_and_grad)
 from rnnfast import reference
 from rnnfast._ops import ACTIVATIONS, GRUFunction, LSTMFunction, RNNFunction, ops
 
@@ -355,7 +356,7 @@ def test_noncontiguous_inputs(cell, case):
 
 # ---- 5. the ops on CUDA tensors: opcheck, gradcheck, dtypes (mirrors test_ops.py) ----
 
-G = {"rnn": 1, "lstm": 4, "gru": 3}
+G = OP_GATES
 OT, ON, OC, OH = 3, 2, 4, 5
 
 
@@ -380,13 +381,7 @@ def _upstream(dtype, seed=5):
     return [torch.randn(*s, generator=g).to(CUDA, dtype) for s in shapes]
 
 
-FORWARD_CASES = [(cell, rev, train, bias) for cell in G for rev in (False, True)
-                 for train in (False, True) for bias in (True, False)]
-
-
-@pytest.mark.parametrize("cell,reverse,training,bias", FORWARD_CASES,
-                         ids=[f"{c}-{'rev' if r else 'fwd'}-{'train' if t else 'infer'}-"
-                              f"{'bias' if b else 'nobias'}" for c, r, t, b in FORWARD_CASES])
+@pytest.mark.parametrize("cell,reverse,training,bias", FORWARD_CASES, ids=FORWARD_CASE_IDS)
 def test_opcheck_forward(cell, reverse, training, bias):
     args = _layer_args(cell, torch.float32, bias)
     if cell == "rnn":

@@ -4,10 +4,11 @@ saving nothing."""
 import pytest
 import torch
 
+from helpers import FORWARD_CASE_IDS, FORWARD_CASES, OP_GATES
 from rnnfast._ops import GRUFunction, LSTMFunction, RNNFunction, ops
 
 T, N, C, H = 3, 2, 4, 5
-G = {"rnn": 1, "lstm": 4, "gru": 3}
+G = OP_GATES
 
 
 def _layer_args(cell, dtype=torch.float64, bias=True, seed=0, requires_grad=False):
@@ -21,13 +22,7 @@ def _layer_args(cell, dtype=torch.float64, bias=True, seed=0, requires_grad=Fals
     return x, h0, w_ih, w_hh, b_ih, b_hh
 
 
-FORWARD_CASES = [(cell, rev, train, bias) for cell in G for rev in (False, True)
-                 for train in (False, True) for bias in (True, False)]
-
-
-@pytest.mark.parametrize("cell,reverse,training,bias", FORWARD_CASES,
-                         ids=[f"{c}-{'rev' if r else 'fwd'}-{'train' if t else 'infer'}-"
-                              f"{'bias' if b else 'nobias'}" for c, r, t, b in FORWARD_CASES])
+@pytest.mark.parametrize("cell,reverse,training,bias", FORWARD_CASES, ids=FORWARD_CASE_IDS)
 def test_opcheck_forward(cell, reverse, training, bias):
     args = _layer_args(cell, torch.float32, bias)
     if cell == "rnn":

@@ -5,7 +5,7 @@ the kernels. This is the ground truth the tests compare rnnfast with (in float64
 or an rnnfast RNN/LSTM/GRU) without dropout; `simple_rnn_sequence` is the tutorial's
 step loop for SimpleRNN.
 """
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -61,9 +61,15 @@ def _params(module, layer: int, suffix: str):
     return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
 
 
-def forward(module, input: Tensor, hx=None):
+def forward(module, input: Tensor, hx=None, cells: Optional[Dict[str, Callable]] = None):
     """Runs `module` (torch.nn or rnnfast RNN/LSTM/GRU, no dropout) step by step.
-    Same inputs and outputs as the module's forward, unbatched input included."""
+    Same inputs and outputs as the module's forward, unbatched input included.
+    `cells` may replace the cell functions by name ("rnn", "lstm", "gru"), with the same
+    signatures (the benchmark passes torch.compile'd ones)."""
+    cells = cells or {}
+    rnn_step = cells.get("rnn", rnn_cell)
+    lstm_step = cells.get("lstm", lstm_cell)
+    gru_step = cells.get("gru", gru_cell)
     kind = {"RNN_TANH": "tanh", "RNN_RELU": "relu", "LSTM": "lstm", "GRU": "gru"}[module.mode]
     is_lstm = kind == "lstm"
     batched = input.dim() == 3
@@ -92,11 +98,11 @@ def forward(module, input: Tensor, hx=None):
             ys: List[Optional[Tensor]] = [None] * T
             for t in steps:
                 if is_lstm:
-                    h, c = lstm_cell(layer_input[t], h, c, *w)
+                    h, c = lstm_step(layer_input[t], h, c, *w)
                 elif kind == "gru":
-                    h = gru_cell(layer_input[t], h, *w)
+                    h = gru_step(layer_input[t], h, *w)
                 else:
-                    h = rnn_cell(layer_input[t], h, *w, nonlinearity=kind)
+                    h = rnn_step(layer_input[t], h, *w, nonlinearity=kind)
                 ys[t] = h
             outputs.append(torch.stack(ys) if T else layer_input.new_zeros(0, N, H))
             h_n.append(h)

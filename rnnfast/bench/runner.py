@@ -192,8 +192,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, help="timed runs per contender, at least")
     p.add_argument("--min-time", type=float, help="seconds of timed runs per contender, at least")
     p.add_argument("--loop-runs", type=int, help="timed runs of the Python loops, at most")
-    p.add_argument("--json", help="results file (default benchmarks/results/<device>-<date>.json when "
-                                  "run from a checkout, else ./rnnfast-bench-<device>-<date>.json)")
+    p.add_argument("--json", help="results file (default benchmarks/results/<device>-<set>-<date>.json when "
+                                  "run from a checkout, else ./rnnfast-bench-<device>-<set>-<date>.json)")
     p.add_argument("--png", help="plot file (default: the JSON's name with .png); 'none' for no plot")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     p.add_argument("--seed", type=int, default=0)
@@ -211,10 +211,10 @@ def select_shapes(args):
     return shapes
 
 
-def default_json_path(device, date):
+def default_json_path(device, label, date):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     results = os.path.join(root, "benchmarks", "results")
-    name = f"{device}-{date}.json"
+    name = f"{device}-{label}-{date}.json"
     if os.path.isdir(os.path.join(root, "benchmarks")):
         return os.path.join(results, name)
     return os.path.abspath(f"rnnfast-bench-{name}")
@@ -258,7 +258,8 @@ def main(argv=None):
     for n, why in skipped.items():
         print(f"skipped contender {n}: {why}", flush=True)
 
-    out = args.json or default_json_path(args.device, header["date"][:10])
+    label = "shapes" if args.shapes else (args.set or "quick")
+    out = args.json or default_json_path(args.device, label, header["date"][:10])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     png = None if args.png == "none" else (args.png or out.rsplit(".", 1)[0] + ".png")
     command = "python -m rnnfast.bench " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -5,7 +5,10 @@
 #   2. the CUDA tests (tests/test_cuda.py);
 #   3. compute-sanitizer (memcheck, racecheck) on a small forward + backward of each cell
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 (scripts/sanitize_case.py);
-#   4. the GPU benchmark against cuDNN (benchmarks/bench.py --device cuda);
+#   4. the GPU benchmark against cuDNN and the Python loop (benchmarks/bench.py --device cuda
+#      --set full, float32 and bfloat16);
+#   4b. if time is left, the published peers (FlashRNN, Haste from .peers/, see
+#      scripts/peers.sh) and the torch.compile'd loop on two shapes;
 #   5. the CPU tests (the rest of tests/), if time is left;
 # then prints a summary table last. Every stage has a time limit and later stages run
 # whatever happened before; the exit status is non-zero if anything failed.
@@ -13,8 +16,9 @@
 #   bash scripts/gpu_check.sh                  # results under $OUT (default ./gpu-check-out)
 #   GPU_CHECK_BUDGET=400 bash scripts/gpu_check.sh
 #
-# Writes to $OUT (5 files at most, for the device tool's limit of 8): gpu_check.log (every
-# stage's output), summary.txt, gpu-bench.json, test_cuda.xml and tests_cpu.xml (JUnit).
+# Writes to $OUT (8 files at most, the device tool's limit): gpu_check.log (every stage's
+# output), summary.txt, gpu-bench.json and .png, gpu-peers.json and .png, test_cuda.xml and
+# tests_cpu.xml (JUnit).
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for the whole run,
 # default 480; each stage's limit shrinks so that the later ones keep their minimum),
 # MAX_JOBS (default: all cores), TORCH_CUDA_ARCH_LIST (default: the visible GPU's
@@ -211,10 +215,35 @@ else
   record sanitize "$st" "$(($(now) - s))" "$bad of ${#SAN_CASES[@]} runs not clean"
 fi
 
-# ---- 4. the GPU benchmark against cuDNN (its JSON is written after every case) ----
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-run_stage bench 240 10 "$PY" -m benchmarks.bench --device cuda \
-  ${BENCH_ARGS:---dtypes float32 bfloat16 --markdown} --json "$OUT/gpu-bench.json"
+# ---- 4. the GPU benchmark against cuDNN and the Python loop (JSON written after every case) ----
+if [ -n "${BENCH_ARGS:-}" ]; then
+  # shellcheck disable=SC2206  # BENCH_ARGS is a list of words
+  BENCH=($BENCH_ARGS)
+else
+  BENCH=(--set full --dtypes float32 bfloat16 --contenders rnnfast torch.nn "reference loop" --markdown)
+fi
+run_stage bench 200 70 "$PY" -m benchmarks.bench --device cuda "${BENCH[@]}" --json "$OUT/gpu-bench.json"
+
+# ---- 4b. the published peers (FlashRNN, Haste) and torch.compile, on two shapes, if time is
+# left: they compile per shape at first use. Wheels and sources come from .peers/ (made by
+# scripts/peers.sh where pip works; the device tool carries it) ----
+PEERS_SITE=$WORK/peers-site
+if (($(remaining) >= 100)); then
+  mkdir -p "$PEERS_SITE"
+  if ls .peers/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$PEERS_SITE" .peers/*.whl 2>&1 | tee -a "$LOG"
+  else
+    log "no .peers/*.whl: FlashRNN will be skipped (run scripts/peers.sh where pip works, carry .peers)"
+  fi
+  if ls .peers/haste_pytorch-*.tar.gz >/dev/null 2>&1; then
+    run_stage build_haste 120 60 bash scripts/build_haste.sh "$PEERS_SITE"
+  fi
+  run_stage peers 150 10 env PYTHONPATH="$PEERS_SITE:$PYTHONPATH" "$PY" -m benchmarks.bench --device cuda \
+    --shapes classic batch1 --dtypes bfloat16 float32 \
+    --contenders rnnfast torch.nn "compiled loop" flashrnn haste --json "$OUT/gpu-peers.json"
+else
+  record peers SKIPPED 0 "optional, no time left"
+fi
 
 # ---- 5. the CPU tests, if time is left (CI runs them too) ----
 if (($(remaining) >= 45)); then
@@ -263,7 +292,9 @@ except OSError:
 print(f"took {took}s of a {budget}s budget")
 print()
 print(f"{'stage':10} {'result':10} {'time':>5}  note")
-for name in ("gpu", "build", "import", "test_cuda", "sanitize", "bench", "tests_cpu"):
+for name in ("gpu", "build", "import", "test_cuda", "sanitize", "bench", "build_haste", "peers", "tests_cpu"):
+    if name == "build_haste" and name not in stages:
+        continue
     r = stages.get(name, [name, "NOT RUN", "0", ""])
     note = r[3] if len(r) > 3 else ""
     status = r[1]
@@ -273,9 +304,9 @@ for name in ("gpu", "build", "import", "test_cuda", "sanitize", "bench", "tests_
             status = "FAIL" if status == "PASS" else status
         if name == "test_cuda" and n and n["tests"] and n["skipped"] == n["tests"]:
             status, note = "FAIL", note + " (all skipped: no GPU?)"
-    if name == "bench" and status != "SKIPPED":
+    if name in ("bench", "peers") and status != "SKIPPED":
         try:
-            b = json.load(open(os.path.join(out, "gpu-bench.json")))
+            b = json.load(open(os.path.join(out, "gpu-bench.json" if name == "bench" else "gpu-peers.json")))
             errs = [(rec, c, r2["error"]) for rec in b["records"] for c, r2 in rec["results"].items()
                     if "error" in r2]
             note = f"{len(b['records'])} cases, {len(errs)} contender errors"
@@ -283,12 +314,14 @@ for name in ("gpu", "build", "import", "test_cuda", "sanitize", "bench", "tests_
                 status = "FAIL"
         except (OSError, ValueError, KeyError):
             try:  # the benchmark's last words
-                tail = [l.strip() for l in open(os.path.join(os.path.dirname(stages_tsv), "bench.out"))
+                tail = [l.strip() for l in open(os.path.join(os.path.dirname(stages_tsv), name + ".out"))
                         if l.strip() and not l.startswith("=====")]
                 note = "no results: " + (tail[-1][:150] if tail else "no output")
             except OSError:
                 note = "no results"
-    if status not in ("PASS",) and not (name == "tests_cpu" and status == "SKIPPED"):
+    optional = name in ("tests_cpu", "peers", "build_haste")
+    if status not in ("PASS",) and not (name == "tests_cpu" and status == "SKIPPED") and not (
+            optional and name != "tests_cpu"):
         failed.append(name)
     print(f"{name:10} {status:10} {r[2]:>4}s  {note}")
 
@@ -305,38 +338,36 @@ if san:
         if s != "PASS":
             print(f"  ! {t} {c} {d}: {s} {note[0] if note else ''}")
 
-# benchmark: rnnfast's speedup over cuDNN (torch.nn) / over the Python cell loop
-try:
-    b = json.load(open(os.path.join(out, "gpu-bench.json")))
-    recs = b["records"]
-except (OSError, ValueError, KeyError):
-    recs = []
-if recs:
+# benchmarks: rnnfast's speedup over cuDNN (torch.nn) per case, then the geomeans
+for fname in ("gpu-bench.json", "gpu-peers.json"):
+    try:
+        b = json.load(open(os.path.join(out, fname)))
+        recs = b["records"]
+    except (OSError, ValueError, KeyError):
+        continue
     cells = list(dict.fromkeys(r["cell"] for r in recs))
     print()
-    print("benchmark: rnnfast speedup vs cuDNN / vs Python cell loop (>1: rnnfast faster); "
-          "rnnfast ms")
-    print(f"{'dtype':9} {'shape':8} {'mode':7} " + " ".join(f"{c:>26}" for c in cells))
-    keys = list(dict.fromkeys((r["dtype"], r["shape"], r["mode"]) for r in recs))
-    for k in keys:
-        line = f"{k[0]:9} {k[1]:8} {k[2]:7} "
+    print(f"{fname}: rnnfast speedup over torch.nn (cuDNN), >1: rnnfast faster; rnnfast ms")
+    print(f"{'dtype':9} {'shape':18} {'mode':7} " + " ".join(f"{c:>18}" for c in cells))
+    for k in dict.fromkeys((r["dtype"], r["shape"], r["mode"]) for r in recs):
+        line = f"{k[0]:9} {k[1]:18} {k[2]:7} "
         for c in cells:
             rec = next((r for r in recs if (r["dtype"], r["shape"], r["mode"], r["cell"]) == (*k, c)), None)
-            if rec is None:
-                line += f" {'-':>26}"
-                continue
-            res = rec["results"]
-            f = lambda n: (f"{res[n]['rnnfast_speedup']:.2f}x" if res.get(n, {}).get("rnnfast_speedup")
-                           else ("ERR" if "error" in res.get(n, {}) else "n/a"))
+            res = rec["results"] if rec else {}
+            tn = res.get("torch.nn", {})
+            sp = f"{tn['rnnfast_speedup']:.2f}x" if tn.get("rnnfast_speedup") else ("ERR" if "error" in tn else "-")
             ms = f"{res['rnnfast']['median_s'] * 1e3:.2f}ms" if "median_s" in res.get("rnnfast", {}) else "ERR"
-            line += f" {f('torch.nn'):>7} / {f('cell loop'):>7} {ms:>9}"
+            line += f" {sp:>7} {ms:>10}"
         print(line)
     for k, v in b.get("summary", {}).items():
-        if not (isinstance(v, float) and math.isnan(v)):
-            print(f"  {k}: {v:.2f}x")
+        print(f"  {k:40} {v['geomean']:6.2f}x over {v['cases']} cases ({v['min']:.2f}x-{v['max']:.2f}x)")
     errs = [f"  ! {r['cell']} {r['shape']} {r['mode']} {r['dtype']}: {n}: {x['error'][:110]}"
             for r in recs for n, x in r["results"].items() if "error" in x]
-    print("\n".join(errs[:10] + ([f"  ! ... {len(errs) - 10} more in gpu_check.log"] if len(errs) > 10 else [])))
+    skips = sorted({f"  - {n}: {x['skipped'][:130]}" for r in recs for n, x in r["results"].items() if "skipped" in x})
+    for n, why in b.get("machine", {}).get("skipped_contenders", {}).items():
+        skips.append(f"  - {n}: {why[:130]}")
+    print("\n".join(errs[:10] + ([f"  ! ... {len(errs) - 10} more in gpu_check.log"] if len(errs) > 10 else [])
+                    + skips[:8]))
 print()
 print(f"files: {', '.join(sorted(os.listdir(out)))} (in {out})")
 print("gpu_check: " + ("FAILED: " + ", ".join(failed) if failed else "ALL PASSED"))

@@ -133,3 +133,131 @@ def gru(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int 
         return gru_layer(x, s[0], *w, reverse=reverse)
     out, (h,) = _stack(run, x, (hx,), weights, num_layers, bidirectional, dropout, training)
     return out, torch.stack(h)
+
+
+# ---- PackedSequence: sequences of different lengths, sorted longest first ----
+# Packed data [sum(batch_sizes), C] holds, for each step t, the rows of the batch_sizes[t]
+# sequences still running. Runs of steps with the same batch size ("segments") are
+# rectangles [t1 - t0, n, C] in that layout, so each one is a single op call over only
+# its live rows: padded steps are never computed. Across segments the state is carried
+# (forward: the finished rows drop off; reverse: rows that start join with their h0).
+
+
+def check_batch_sizes(batch_sizes: Tensor, rows: int) -> List[int]:
+    """A PackedSequence's batch_sizes as a list, checked: a 1-D integer CPU tensor of
+    positive, non-increasing counts that add up to the data's rows."""
+    if not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64:
+        raise ValueError(f"rnnfast: expected PackedSequence.batch_sizes to be a 1-D int64 tensor, but got "
+                         f"{batch_sizes.dtype if isinstance(batch_sizes, Tensor) else type(batch_sizes).__name__}"
+                         f"{'' if not isinstance(batch_sizes, Tensor) else f' of {batch_sizes.dim()} dims'}")
+    sizes = batch_sizes.tolist()
+    if not sizes:
+        raise ValueError("rnnfast: expected a PackedSequence of at least one step, but batch_sizes is empty")
+    if sizes[-1] < 1 or any(a < b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"rnnfast: expected PackedSequence.batch_sizes to be positive and non-increasing "
+                         f"(sequences sorted longest first), but got {sizes[:16]}{'...' if len(sizes) > 16 else ''}")
+    if sum(sizes) != rows:
+        raise ValueError(f"rnnfast: PackedSequence.batch_sizes adds up to {sum(sizes)} rows, but its data "
+                         f"has {rows}")
+    return sizes
+
+
+def _segments(sizes: List[int]) -> List[Tuple[int, int, int, int]]:
+    """Maximal runs of steps with the same batch size: (t0, t1, n, row offset of t0)."""
+    segs, t0, row = [], 0, 0
+    for t in range(1, len(sizes) + 1):
+        if t == len(sizes) or sizes[t] != sizes[t0]:
+            segs.append((t0, t, sizes[t0], row))
+            row += (t - t0) * sizes[t0]
+            t0 = t
+    return segs
+
+
+def _packed_direction(run_layer, data: Tensor, segs, states0: Tuple[Tensor, ...], weights,
+                      reverse: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """One layer and direction over packed data; states0 [N, H] each (N = batch_sizes[0]).
+    Returns the packed output [rows, H] and the final states [N, H] in batch order."""
+    outs: List[Optional[Tensor]] = [None] * len(segs)
+    if not reverse:
+        parts: List[List[Tensor]] = [[] for _ in states0]
+        state = states0
+        for k, (t0, t1, n, row) in enumerate(segs):
+            x = data[row:row + (t1 - t0) * n].view(t1 - t0, n, data.size(1))
+            y, *final = run_layer(x, [s[:n] for s in state], weights, reverse=False)
+            outs[k] = y.reshape((t1 - t0) * n, y.size(2))
+            n_next = segs[k + 1][2] if k + 1 < len(segs) else 0
+            for acc, f in zip(parts, final):
+                acc.append(f[n_next:])  # rows n_next..n-1 end here
+            state = tuple(final)
+        finals = tuple(torch.cat(acc[::-1]) if len(acc) > 1 else acc[0] for acc in parts)
+    else:
+        state = None
+        for k in range(len(segs) - 1, -1, -1):
+            t0, t1, n, row = segs[k]
+            x = data[row:row + (t1 - t0) * n].view(t1 - t0, n, data.size(1))
+            if state is None:
+                init = [s[:n] for s in states0]
+            else:  # rows state[0].size(0)..n-1 start here, from their h0
+                m = state[0].size(0)
+                init = [torch.cat([s, s0[m:n]]) if n > m else s for s, s0 in zip(state, states0)]
+            y, *final = run_layer(x, init, weights, reverse=True)
+            outs[k] = y.reshape((t1 - t0) * n, y.size(2))
+            state = tuple(final)
+        finals = state
+    return torch.cat(outs) if len(outs) > 1 else outs[0], finals
+
+
+def _stack_packed(run_layer, data: Tensor, batch_sizes: Tensor, states: Tuple[Tensor, ...],
+                  weights: Sequence[LayerWeights], num_layers: int, bidirectional: bool,
+                  dropout: float, training: bool) -> Tuple[Tensor, List[List[Tensor]]]:
+    """_stack over packed data [rows, C] with states [L * D, N, H] in sorted batch order."""
+    segs = _segments(check_batch_sizes(batch_sizes, data.size(0)))
+    D = 2 if bidirectional else 1
+    finals: List[List[Tensor]] = [[] for _ in states]
+    x = data
+    for layer in range(num_layers):
+        outputs = []
+        for d in range(D):
+            k = layer * D + d
+            y, final = _packed_direction(run_layer, x, segs, tuple(s[k] for s in states), weights[k],
+                                         reverse=d == 1)
+            outputs.append(y)
+            for acc, f in zip(finals, final):
+                acc.append(f)
+        x = outputs[0] if D == 1 else torch.cat(outputs, dim=1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    return x, finals
+
+
+def rnn_packed(data: Tensor, batch_sizes: Tensor, hx: Tensor, weights: Sequence[LayerWeights],
+               num_layers: int = 1, nonlinearity: str = "tanh", bidirectional: bool = False,
+               dropout: float = 0.0, training: bool = False) -> Tuple[Tensor, Tensor]:
+    """Stacked Elman RNN over packed data [rows, C] (sorted order) -> (packed output, h_n)."""
+    def run(x, s, w, reverse):
+        return rnn_layer(x, s[0], *w, nonlinearity=nonlinearity, reverse=reverse)
+    out, (h,) = _stack_packed(run, data, batch_sizes, (hx,), weights, num_layers, bidirectional,
+                              dropout, training)
+    return out, torch.stack(h)
+
+
+def lstm_packed(data: Tensor, batch_sizes: Tensor, hx: Tuple[Tensor, Tensor],
+                weights: Sequence[LayerWeights], num_layers: int = 1, bidirectional: bool = False,
+                dropout: float = 0.0, training: bool = False) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """Stacked LSTM over packed data [rows, C] (sorted order) -> (packed output, (h_n, c_n))."""
+    def run(x, s, w, reverse):
+        return lstm_layer(x, s[0], s[1], *w, reverse=reverse)
+    out, (h, c) = _stack_packed(run, data, batch_sizes, hx, weights, num_layers, bidirectional,
+                                dropout, training)
+    return out, (torch.stack(h), torch.stack(c))
+
+
+def gru_packed(data: Tensor, batch_sizes: Tensor, hx: Tensor, weights: Sequence[LayerWeights],
+               num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
+               training: bool = False) -> Tuple[Tensor, Tensor]:
+    """Stacked GRU over packed data [rows, C] (sorted order) -> (packed output, h_n)."""
+    def run(x, s, w, reverse):
+        return gru_layer(x, s[0], *w, reverse=reverse)
+    out, (h,) = _stack_packed(run, data, batch_sizes, (hx,), weights, num_layers, bidirectional,
+                              dropout, training)
+    return out, torch.stack(h)

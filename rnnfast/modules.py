@@ -1,9 +1,11 @@
 """Drop-in recurrent modules.
 
-`RNN`, `LSTM` and `GRU` are subclasses of their torch.nn counterparts: the constructor,
-parameter names, shapes, initialisation and gate order are torch.nn's own, so a torch.nn
-state_dict loads unchanged and `isinstance(m, torch.nn.LSTM)` still holds. Only `forward`
-differs: it runs rnnfast's fused kernels.
+`RNN`, `LSTM` and `GRU` are torch.nn.RNNBase modules built as torch.nn's are: the
+constructor, parameter names, shapes, initialisation and gate order are torch.nn's own,
+so a torch.nn state_dict loads unchanged; only `forward` differs: it runs rnnfast's fused
+kernels. They derive from RNNBase rather than from nn.RNN / nn.LSTM / nn.GRU because
+torch.compile refuses to trace any instance of those three (it breaks the graph there),
+and rnnfast's layers are meant to compile into one graph.
 
 `SimpleRNN` is the classic tutorial cell (i2h and i2o over cat(input, hidden), LogSoftmax
 output) with a fused path over whole sequences.
@@ -26,11 +28,62 @@ def _layer_weights(module: nn.RNNBase):
     return weights
 
 
-def _unsupported(module: nn.RNNBase, input) -> None:
-    if isinstance(input, PackedSequence):
-        raise NotImplementedError(
-            f"rnnfast.{type(module).__name__}: PackedSequence input is not supported yet; "
-            "pass a padded tensor")
+def _autocast(module: nn.Module, x: Tensor, hx, weights):
+    """Under torch.autocast, what torch.nn does: input, states and weights in the autocast
+    dtype (float32 ones; float64 stays). On CUDA the float16/bfloat16 kernels run, with
+    float32 accumulation and cell state inside; the CPU has no half-precision kernels, so
+    there the values are rounded to the autocast dtype, computed in float32 and the
+    results returned in the autocast dtype. On the CPU torch's autocast lowers RNN,
+    RNNCell and LSTM but leaves GRU, GRUCell and LSTMCell in float32 (its CPU op lists);
+    each module's _cpu_autocast follows that, so the output dtypes are torch.nn's.
+    Returns (x, hx, weights, dtype to cast the results to, or None)."""
+    dev = x.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev) or (
+            dev == "cpu" and not module._cpu_autocast):
+        return x, hx, weights, None
+    low = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype in (torch.float64, low):
+            return t
+        return t.to(low).float() if dev == "cpu" else t.to(low)
+
+    if isinstance(hx, tuple):
+        hx = tuple(cast(s) for s in hx)
+    else:
+        hx = cast(hx)
+    weights = [tuple(cast(w) for w in ws) for ws in weights]
+    return cast(x), hx, weights, (low if dev == "cpu" else None)
+
+
+def _cast_results(dtype, *tensors):
+    return tensors if dtype is None else tuple(t.to(dtype) for t in tensors)
+
+
+def _packed_forward(module: nn.RNNBase, input: PackedSequence, hx, n_states: int, run_packed):
+    """forward over a PackedSequence, as torch.nn: hx (given in the caller's batch order)
+    is permuted to the sorted order, the final states back to the caller's."""
+    name = type(module).__name__
+    data, batch_sizes, sorted_indices, unsorted_indices = input
+    if data.dim() != 2:
+        raise ValueError(f"{name}: expected PackedSequence data of 2 dims [rows, {module.input_size}], "
+                         f"but got {data.dim()} dims")
+    RF.check_batch_sizes(batch_sizes, data.size(0))
+    if hx is None:
+        zeros = torch.zeros(module.num_layers * (2 if module.bidirectional else 1), int(batch_sizes[0]),
+                            module.hidden_size, dtype=data.dtype, device=data.device)
+        hx = (zeros, zeros) if n_states == 2 else zeros
+    else:
+        hx = module.permute_hidden(hx, sorted_indices)
+    module.check_forward_args(data, hx, batch_sizes)
+    data, hx, weights, out_dtype = _autocast(module, data, hx, _layer_weights(module))
+    RF._check_input(data)
+    out, state = run_packed(data, batch_sizes, hx, weights)
+    state = (state,) if n_states == 1 else state
+    out, *state = _cast_results(out_dtype, out, *state)
+    state = state[0] if n_states == 1 else tuple(state)
+    return (PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices),
+            module.permute_hidden(state, unsorted_indices))
 
 
 def _batch_input(module: nn.RNNBase, input: Tensor, hx, n_states: int):
@@ -81,57 +134,93 @@ def _restore(module: nn.RNNBase, output: Tensor, is_batched: bool) -> Tensor:
 def _forward_one_state(module: nn.RNNBase, input: Tensor, hx: Optional[Tensor], run):
     """forward of the cells with one state (RNN, GRU): torch.nn's checks and shapes around
     run(x [T, N, C], hx [L * D, N, H], weights) -> (output, h_n)."""
-    _unsupported(module, input)
     input, hx, is_batched = _batch_input(module, input, hx, 1)
     if hx is None:
         hx = _zeros_state(module, input)
     module.check_forward_args(input, hx, None)
+    input, hx, weights, out_dtype = _autocast(module, input, hx, _layer_weights(module))
     RF._check_input(input)
-    output, h_n = run(_time_major(module, input), hx, _layer_weights(module))
+    output, h_n = _cast_results(out_dtype, *run(_time_major(module, input), hx, weights))
     return _restore(module, output, is_batched), h_n if is_batched else h_n.squeeze(1)
 
 
-class RNN(nn.RNN):
-    """Elman RNN with tanh or relu, drop-in for torch.nn.RNN (same arguments and
-    parameters), computed by rnnfast's fused kernels."""
+class RNN(nn.RNNBase):
+    """Elman RNN with tanh or relu, drop-in for torch.nn.RNN (same arguments, in the same
+    positional order, and parameters), computed by rnnfast's fused kernels."""
+    _cpu_autocast = True
 
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None):
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if nonlinearity not in modes:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__(modes[nonlinearity], input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, 0, device, dtype)
+
+    def forward(self, input, hx: Optional[Tensor] = None):
+        if isinstance(input, PackedSequence):
+            return _packed_forward(self, input, hx, 1, lambda x, b, h, w: RF.rnn_packed(
+                x, b, h, w, self.num_layers, self.nonlinearity, self.bidirectional, self.dropout,
+                self.training))
         return _forward_one_state(self, input, hx, lambda x, h, w: RF.rnn(
             x, h, w, self.num_layers, self.nonlinearity, self.bidirectional, self.dropout,
             self.training))
 
 
-class LSTM(nn.LSTM):
-    """LSTM, drop-in for torch.nn.LSTM (same arguments and parameters), computed by
-    rnnfast's fused kernels. proj_size is not supported yet."""
+class LSTM(nn.RNNBase):
+    """LSTM, drop-in for torch.nn.LSTM (same arguments, in the same positional order, and
+    parameters), computed by rnnfast's fused kernels. proj_size is not supported yet."""
+    _cpu_autocast = True
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype)
         if self.proj_size > 0:
             raise NotImplementedError("rnnfast.LSTM: proj_size > 0 is not supported yet")
 
-    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
-                ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        _unsupported(self, input)
+    # torch.nn.LSTM's own checks and state permutation (two states, c of hidden_size)
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        if isinstance(input, PackedSequence):
+            return _packed_forward(self, input, hx, 2, lambda x, b, h, w: RF.lstm_packed(
+                x, b, h, w, self.num_layers, self.bidirectional, self.dropout, self.training))
         input, hx, is_batched = _batch_input(self, input, hx, 2)
         if hx is None:
             zeros = _zeros_state(self, input)
             hx = (zeros, zeros)
         self.check_forward_args(input, hx, None)
+        input, hx, weights, out_dtype = _autocast(self, input, hx, _layer_weights(self))
         RF._check_input(input)
-        output, (h_n, c_n) = RF.lstm(_time_major(self, input), hx, _layer_weights(self),
-                                     self.num_layers, self.bidirectional, self.dropout,
-                                     self.training)
+        output, (h_n, c_n) = RF.lstm(_time_major(self, input), hx, weights, self.num_layers,
+                                     self.bidirectional, self.dropout, self.training)
+        output, h_n, c_n = _cast_results(out_dtype, output, h_n, c_n)
         if not is_batched:
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return _restore(self, output, is_batched), (h_n, c_n)
 
 
-class GRU(nn.GRU):
-    """GRU, drop-in for torch.nn.GRU (same arguments and parameters), computed by
-    rnnfast's fused kernels."""
+class GRU(nn.RNNBase):
+    """GRU, drop-in for torch.nn.GRU (same arguments, in the same positional order, and
+    parameters), computed by rnnfast's fused kernels."""
+    _cpu_autocast = False
 
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None):
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype)
+
+    def forward(self, input, hx: Optional[Tensor] = None):
+        if isinstance(input, PackedSequence):
+            return _packed_forward(self, input, hx, 1, lambda x, b, h, w: RF.gru_packed(
+                x, b, h, w, self.num_layers, self.bidirectional, self.dropout, self.training))
         return _forward_one_state(self, input, hx, lambda x, h, w: RF.gru(
             x, h, w, self.num_layers, self.bidirectional, self.dropout, self.training))
 
@@ -192,3 +281,106 @@ class SimpleRNN(nn.Module):
         h_before = torch.cat((hidden.unsqueeze(0), hs[:-1]), 0)
         logits = self.i2o(torch.cat((inputs, h_before), 2))
         return torch.log_softmax(logits, dim=2), h_last
+
+
+def _cell_input(cell: nn.RNNCellBase, input: Tensor, hx, n_states: int):
+    """torch.nn's cell checks: input [N, C] or [C]; states [N, H] or [H] to match, zeros
+    when hx is None. Returns (input [N, C], states tuple, is_batched)."""
+    name = type(cell).__name__
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}: expected input to be a Tensor, but got {type(input).__name__}")
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    if input.size(-1) != cell.input_size:
+        raise RuntimeError(f"{name}: expected input with {cell.input_size} features (input_size), "
+                           f"but got {input.size(-1)}")
+    is_batched = input.dim() == 2
+    if not is_batched:
+        input = input.unsqueeze(0)
+    N = input.size(0)
+    if hx is None:
+        zeros = input.new_zeros(N, cell.hidden_size)
+        return input, (zeros,) * n_states, is_batched
+    states = (hx,) if n_states == 1 else tuple(hx)
+    if len(states) != n_states:
+        raise ValueError(f"{name}: expected hx to be a tuple (h_0, c_0), but got {len(states)} tensors")
+    want = 2 if is_batched else 1
+    for s in states:
+        if not isinstance(s, Tensor) or s.dim() != want:
+            got = f"{s.dim()}D" if isinstance(s, Tensor) else type(s).__name__
+            raise RuntimeError(f"{name}: expected hidden state of {want}D to match the {input.dim() if is_batched else 1}D "
+                               f"input, but got {got}")
+    if not is_batched:
+        states = tuple(s.unsqueeze(0) for s in states)
+    for s in states:
+        if s.shape != (N, cell.hidden_size):
+            raise RuntimeError(f"{name}: expected hidden state of shape {[N, cell.hidden_size]}, "
+                               f"but got {list(s.shape)}")
+    return input, states, is_batched
+
+
+def _cell_weights(cell: nn.RNNCellBase):
+    return cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+
+
+class RNNCell(nn.RNNCell):
+    """One Elman step (tanh or relu), drop-in for torch.nn.RNNCell: one fused op call."""
+    _cpu_autocast = True
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        x, (h,), is_batched = _cell_input(self, input, hx, 1)
+        x, h, (w,), out_dtype = _autocast(self, x, h, [_cell_weights(self)])
+        RF._check_input(x)
+        _, h1 = RF.rnn_layer(x.unsqueeze(0), h, *w, nonlinearity=self.nonlinearity)
+        (h1,) = _cast_results(out_dtype, h1)
+        return h1 if is_batched else h1.squeeze(0)
+
+
+class LSTMCell(nn.LSTMCell):
+    """One LSTM step, drop-in for torch.nn.LSTMCell: one fused op call."""
+    _cpu_autocast = False
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        x, (h, c), is_batched = _cell_input(self, input, hx, 2)
+        x, (h, c), (w,), out_dtype = _autocast(self, x, (h, c), [_cell_weights(self)])
+        RF._check_input(x)
+        _, h1, c1 = RF.lstm_layer(x.unsqueeze(0), h, c, *w)
+        h1, c1 = _cast_results(out_dtype, h1, c1)
+        return (h1, c1) if is_batched else (h1.squeeze(0), c1.squeeze(0))
+
+
+class GRUCell(nn.GRUCell):
+    """One GRU step, drop-in for torch.nn.GRUCell: one fused op call."""
+    _cpu_autocast = False
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        x, (h,), is_batched = _cell_input(self, input, hx, 1)
+        x, h, (w,), out_dtype = _autocast(self, x, h, [_cell_weights(self)])
+        RF._check_input(x)
+        _, h1 = RF.gru_layer(x.unsqueeze(0), h, *w)
+        (h1,) = _cast_results(out_dtype, h1)
+        return h1 if is_batched else h1.squeeze(0)
+
+
+_CONVERSIONS = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU,
+                nn.RNNCell: RNNCell, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Makes every torch.nn RNN, LSTM, GRU, RNNCell, LSTMCell and GRUCell inside `model`
+    (`model` itself included) run on rnnfast, in place, and returns `model`.
+
+    Each module keeps its identity, its parameters (the same Parameter objects, so an
+    optimizer made before still updates them), buffers, hooks and state_dict keys; only
+    its class changes to rnnfast's, whose forward runs the fused kernels (the layers then
+    are nn.RNNBase but no longer nn.LSTM etc. instances; see the module docstring).
+    Subclasses of the torch.nn modules (which may override forward) are left alone."""
+    for module in model.modules():
+        target = _CONVERSIONS.get(type(module))
+        if target is None:
+            continue
+        if target is LSTM and module.proj_size > 0:
+            raise NotImplementedError(f"rnnfast.convert: {module} has proj_size > 0, which "
+                                      "rnnfast.LSTM does not support yet")
+        module.__class__ = target
+    return model

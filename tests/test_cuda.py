@@ -646,3 +646,31 @@ def test_simple_rnn_sequence(nonlinearity):
     b, hb = gpu.forward_sequence(on_gpu[0], torch.zeros(SN, SH, device=CUDA))
     assert a.device.type == "cuda"
     assert torch.equal(a, b) and torch.equal(ha, hb)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=_dt)
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_autocast_runs_in_the_low_dtype(cell, dtype):
+    """Under torch.autocast on CUDA the layers run the float16/bfloat16 kernels, as
+    torch.nn runs cuDNN's: the same output dtypes, errors of the same order, float32
+    gradients for the float32 parameters."""
+    is_lstm = cell == "lstm"
+    m, f, m64 = make_pair(cell, C, H, num_layers=2, bidirectional=True)
+    m, f = m.to(CUDA), f.to(CUDA)
+    x = torch.randn(T, N, C)
+    with torch.autocast("cuda", dtype=dtype):
+        out_m, st_m = m(x.to(CUDA))
+        out_f, st_f = f(x.to(CUDA))
+    ref, st_ref = reference.forward(m64, x.double())
+    pairs = [(out_f, out_m, ref)] + list(zip(st_f if is_lstm else (st_f,), st_m if is_lstm else (st_m,),
+                                             st_ref if is_lstm else (st_ref,)))
+    for ours, theirs, r in pairs:
+        assert ours.dtype == theirs.dtype == dtype
+        err = (ours.cpu().double() - r).abs().max().item()
+        err_nn = (theirs.cpu().double() - r).abs().max().item()
+        assert err <= 2 * err_nn + 8 * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
+    with torch.autocast("cuda", dtype=dtype):
+        out_f, _ = f(x.to(CUDA))
+    out_f.float().sum().backward()
+    for name, p in f.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._ops import ACTIVATIONS, GRUFunction, LSTMFunction, RNNFunction, ops
 
-LayerWeights = Sequence[Optional[Tensor]]  # (w_ih, w_hh, b_ih, b_hh), biases may be None
+LayerWeights = Sequence[Optional[Tensor]]  # (w_ih, w_hh, b_ih, b_hh[, w_hr]), biases may be None
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -60,8 +60,11 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
 
 def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None,
-               reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer over x [T, N, C]; returns y [T, N, H], hn and cn [N, H]."""
+               reverse: bool = False, w_hr: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer over x [T, N, C]; returns y [T, N, H], hn and cn [N, H].
+    With w_hr [P, H] (torch.nn's proj_size P): h0, y and hn have P units, w_hh is [4H, P]."""
+    if w_hr is not None:
+        return _lstm_projected(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
     _check_input(x)
     args = (x.contiguous(), h0.contiguous(), c0.contiguous(), w_ih.contiguous(),
             w_hh.contiguous(), None if b_ih is None else b_ih.contiguous(),
@@ -69,6 +72,29 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
     if _needs_grad(*args):
         return LSTMFunction.apply(*args, reverse)
     return ops.lstm_forward(*args, reverse, False)[:3]
+
+
+def _lstm_projected(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+                    b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Tensor,
+                    reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The LSTM with a projection, h_t = W_hr m_t with m_t = o_t * tanh(c_t), on the fused
+    LSTM op by a change of variables: W_hh h_{t-1} = (W_hh W_hr) m_{t-1}, so the sequence is
+    an ordinary LSTM in m with the square recurrent weight W_hh W_hr [4H, H] from m = 0;
+    h0's term W_hh h0 enters the first step through the input projection (x extended by h0
+    at that step only, W_ih by W_hh), and y = m W_hr^T is one GEMM after the loop."""
+    T, N = x.shape[:2]
+    H, P = w_hh.shape[0] // 4, w_hr.shape[0]
+    if T == 0:
+        return x.new_zeros(0, N, P), h0, c0
+    # in float32 at least: the product is one more rounding than torch.nn's per-step path
+    w_rec = (w_hh.float() @ w_hr.float()).to(w_hh.dtype) if w_hh.dtype in (torch.float16, torch.bfloat16) \
+        else w_hh @ w_hr
+    zeros = x.new_zeros(T - 1, N, P)
+    first = h0.unsqueeze(0).to(x.dtype)
+    extra = torch.cat([zeros, first] if reverse else [first, zeros])
+    m, m_n, c_n = lstm_layer(torch.cat([x, extra], dim=2), x.new_zeros(N, H), c0,
+                             torch.cat([w_ih, w_hh], dim=1), w_rec, b_ih, b_hh, reverse=reverse)
+    return m @ w_hr.t(), m_n @ w_hr.t(), c_n
 
 
 def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
@@ -120,7 +146,7 @@ def lstm(x: Tensor, hx: Tuple[Tensor, Tensor], weights: Sequence[LayerWeights],
          training: bool = False) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """Stacked LSTM: x [T, N, C], (h0, c0) [L * D, N, H] -> (output, (h_n, c_n))."""
     def run(x, s, w, reverse):
-        return lstm_layer(x, s[0], s[1], *w, reverse=reverse)
+        return lstm_layer(x, s[0], s[1], *w[:4], reverse=reverse, w_hr=w[4] if len(w) > 4 else None)
     out, (h, c) = _stack(run, x, hx, weights, num_layers, bidirectional, dropout, training)
     return out, (torch.stack(h), torch.stack(c))
 
@@ -246,7 +272,7 @@ def lstm_packed(data: Tensor, batch_sizes: Tensor, hx: Tuple[Tensor, Tensor],
                 dropout: float = 0.0, training: bool = False) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """Stacked LSTM over packed data [rows, C] (sorted order) -> (packed output, (h_n, c_n))."""
     def run(x, s, w, reverse):
-        return lstm_layer(x, s[0], s[1], *w, reverse=reverse)
+        return lstm_layer(x, s[0], s[1], *w[:4], reverse=reverse, w_hr=w[4] if len(w) > 4 else None)
     out, (h, c) = _stack_packed(run, data, batch_sizes, hx, weights, num_layers, bidirectional,
                                 dropout, training)
     return out, (torch.stack(h), torch.stack(c))

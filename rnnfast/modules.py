@@ -20,11 +20,13 @@ from . import functional as RF
 
 
 def _layer_weights(module: nn.RNNBase):
-    """Per layer and direction, (w_ih, w_hh, b_ih, b_hh) with None for absent biases."""
+    """Per layer and direction, (w_ih, w_hh, b_ih, b_hh) with None for absent biases, and
+    w_hr last for an LSTM with proj_size."""
     weights = []
     for names in module._all_weights:
-        params = [getattr(module, n) for n in names]
-        weights.append(tuple(params) if len(params) == 4 else (params[0], params[1], None, None))
+        params = {n.split("_l")[0]: getattr(module, n) for n in names}
+        w = tuple(params.get(k) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        weights.append(w + (params["weight_hr"],) if "weight_hr" in params else w)
     return weights
 
 
@@ -70,9 +72,10 @@ def _packed_forward(module: nn.RNNBase, input: PackedSequence, hx, n_states: int
                          f"but got {data.dim()} dims")
     RF.check_batch_sizes(batch_sizes, data.size(0))
     if hx is None:
-        zeros = torch.zeros(module.num_layers * (2 if module.bidirectional else 1), int(batch_sizes[0]),
-                            module.hidden_size, dtype=data.dtype, device=data.device)
-        hx = (zeros, zeros) if n_states == 2 else zeros
+        shape = (module.num_layers * (2 if module.bidirectional else 1), int(batch_sizes[0]))
+        zeros = torch.zeros(*shape, module.hidden_size, dtype=data.dtype, device=data.device)
+        hx = (zeros.new_zeros(*shape, module.proj_size or module.hidden_size), zeros) \
+            if n_states == 2 else zeros
     else:
         hx = module.permute_hidden(hx, sorted_indices)
     module.check_forward_args(data, hx, batch_sizes)
@@ -114,10 +117,10 @@ def _batch_input(module: nn.RNNBase, input: Tensor, hx, n_states: int):
     return input, (states[0] if n_states == 1 else states), is_batched
 
 
-def _zeros_state(module: nn.RNNBase, input: Tensor) -> Tensor:
+def _zeros_state(module: nn.RNNBase, input: Tensor, size: Optional[int] = None) -> Tensor:
     D = 2 if module.bidirectional else 1
     N = input.size(0) if module.batch_first else input.size(1)
-    return torch.zeros(module.num_layers * D, N, module.hidden_size,
+    return torch.zeros(module.num_layers * D, N, size or module.hidden_size,
                        dtype=input.dtype, device=input.device)
 
 
@@ -171,7 +174,8 @@ class RNN(nn.RNNBase):
 
 class LSTM(nn.RNNBase):
     """LSTM, drop-in for torch.nn.LSTM (same arguments, in the same positional order, and
-    parameters), computed by rnnfast's fused kernels. proj_size is not supported yet."""
+    parameters), computed by rnnfast's fused kernels. With proj_size P each step's
+    h = W_hr (o * tanh(c)) has P units (functional._lstm_projected says how)."""
     _cpu_autocast = True
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -179,8 +183,6 @@ class LSTM(nn.RNNBase):
                  proj_size: int = 0, device=None, dtype=None):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
-        if self.proj_size > 0:
-            raise NotImplementedError("rnnfast.LSTM: proj_size > 0 is not supported yet")
 
     # torch.nn.LSTM's own checks and state permutation (two states, c of hidden_size)
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -192,9 +194,8 @@ class LSTM(nn.RNNBase):
             return _packed_forward(self, input, hx, 2, lambda x, b, h, w: RF.lstm_packed(
                 x, b, h, w, self.num_layers, self.bidirectional, self.dropout, self.training))
         input, hx, is_batched = _batch_input(self, input, hx, 2)
-        if hx is None:
-            zeros = _zeros_state(self, input)
-            hx = (zeros, zeros)
+        if hx is None:  # h has proj_size units where there is a projection, c hidden_size
+            hx = (_zeros_state(self, input, self.proj_size), _zeros_state(self, input))
         self.check_forward_args(input, hx, None)
         input, hx, weights, out_dtype = _autocast(self, input, hx, _layer_weights(self))
         RF._check_input(input)
@@ -379,8 +380,5 @@ def convert(model: nn.Module) -> nn.Module:
         target = _CONVERSIONS.get(type(module))
         if target is None:
             continue
-        if target is LSTM and module.proj_size > 0:
-            raise NotImplementedError(f"rnnfast.convert: {module} has proj_size > 0, which "
-                                      "rnnfast.LSTM does not support yet")
         module.__class__ = target
     return model

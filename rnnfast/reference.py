@@ -57,8 +57,9 @@ def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Te
 
 
 def _params(module, layer: int, suffix: str):
+    """(w_ih, w_hh, b_ih, b_hh) of one layer and direction, and w_hr (LSTM proj_size) or None."""
     get = lambda name: getattr(module, f"{name}_l{layer}{suffix}", None)  # noqa: E731
-    return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
+    return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")), get("weight_hr")
 
 
 def forward(module, input: Tensor, hx=None, cells: Optional[Dict[str, Callable]] = None):
@@ -81,9 +82,9 @@ def forward(module, input: Tensor, hx=None, cells: Optional[Dict[str, Callable]]
     T, N = x.shape[:2]
     D = 2 if module.bidirectional else 1
     L, H = module.num_layers, module.hidden_size
+    P = getattr(module, "proj_size", 0) or H  # LSTM proj_size: h has P units, c has H
     if hx is None:
-        zeros = x.new_zeros(L * D, N, H)
-        hx = (zeros, zeros) if is_lstm else zeros
+        hx = (x.new_zeros(L * D, N, P), x.new_zeros(L * D, N, H)) if is_lstm else x.new_zeros(L * D, N, H)
     h0, c0 = hx if is_lstm else (hx, None)
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
@@ -92,19 +93,21 @@ def forward(module, input: Tensor, hx=None, cells: Optional[Dict[str, Callable]]
         outputs = []
         for d in range(D):
             k = layer * D + d
-            w = _params(module, layer, "_reverse" if d == 1 else "")
+            w, w_hr = _params(module, layer, "_reverse" if d == 1 else "")
             h, c = h0[k], (c0[k] if is_lstm else None)
             steps = range(T - 1, -1, -1) if d == 1 else range(T)
             ys: List[Optional[Tensor]] = [None] * T
             for t in steps:
                 if is_lstm:
                     h, c = lstm_step(layer_input[t], h, c, *w)
+                    if w_hr is not None:
+                        h = h @ w_hr.t()
                 elif kind == "gru":
                     h = gru_step(layer_input[t], h, *w)
                 else:
                     h = rnn_step(layer_input[t], h, *w, nonlinearity=kind)
                 ys[t] = h
-            outputs.append(torch.stack(ys) if T else layer_input.new_zeros(0, N, H))
+            outputs.append(torch.stack(ys) if T else layer_input.new_zeros(0, N, P))
             h_n.append(h)
             if is_lstm:
                 c_n.append(c)

@@ -159,7 +159,7 @@ def test_converted_model_trains_the_same(dtype, rtol):
         torch.testing.assert_close(pb, pa, rtol=rtol * 10, atol=rtol * 10, msg=na)
 
 
-def test_convert_module_itself_subclasses_and_proj_size():
+def test_convert_module_itself_subclasses_and_projected_lstm():
     lstm = nn.LSTM(3, 4)
     assert type(rnnfast.convert(lstm)) is rnnfast.LSTM
 
@@ -168,5 +168,7 @@ def test_convert_module_itself_subclasses_and_proj_size():
     seq = nn.Sequential(MyRNN(3, 4), nn.RNNCell(3, 4), nn.LSTMCell(3, 4), nn.GRU(3, 4))
     rnnfast.convert(seq)
     assert [type(m) for m in seq] == [MyRNN, rnnfast.RNNCell, rnnfast.LSTMCell, rnnfast.GRU]
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        rnnfast.convert(nn.Sequential(nn.LSTM(3, 4, proj_size=2)))
+    proj = nn.LSTM(3, 4, proj_size=2)
+    x = torch.randn(5, 2, 3)
+    expected = proj(x)[0]
+    torch.testing.assert_close(rnnfast.convert(proj)(x)[0], expected, rtol=1e-5, atol=1e-6)

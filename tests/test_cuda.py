@@ -674,3 +674,54 @@ def test_autocast_runs_in_the_low_dtype(cell, dtype):
     out_f.float().sum().backward()
     for name, p in f.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+def test_packed_sequence(cell, enforce_sorted):
+    """PackedSequence on CUDA: every output, final state and gradient against cuDNN and
+    the float64 reference run sequence by sequence (test_packed.py's CPU test)."""
+    from test_packed import per_sequence_reference, run as run_packed
+    is_lstm = cell == "lstm"
+    m, f, m64 = make_pair(cell, C, H, num_layers=2, bidirectional=True)
+    m, f = m.to(CUDA), f.to(CUDA)
+    lengths = [5, 5, 3, 1] if enforce_sorted else [2, 5, 1, 4]
+    x = torch.randn(max(lengths), len(lengths), C, dtype=torch.float64)
+    hx = tuple(torch.randn(4, len(lengths), H, dtype=torch.float64) for _ in range(2 if is_lstm else 1))
+    hx = hx if is_lstm else hx[0]
+    upstream = [torch.randn(x.size(0), len(lengths), 2 * H, dtype=torch.float64)] + \
+        [torch.randn(4, len(lengths), H, dtype=torch.float64) for _ in range(2 if is_lstm else 1)]
+    for b, n in enumerate(lengths):
+        upstream[0][n:, b] = 0
+    to_cuda = (lambda s: tuple(t.float().to(CUDA) for t in s) if is_lstm else s.float().to(CUDA))
+    ours = run_packed(f, x.float().to(CUDA), lengths, to_cuda(hx), is_lstm, upstream, enforce_sorted)
+    theirs = run_packed(m, x.float().to(CUDA), lengths, to_cuda(hx), is_lstm, upstream, enforce_sorted)
+    ref = run_packed(m64, x, lengths, hx, is_lstm, upstream, enforce_sorted, forward=per_sequence_reference)
+    for name in ref:
+        assert_close_to_ref(name, ours[name].cpu(), theirs[name].cpu(), ref[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF, ids=_dt)
+def test_projected_lstm(dtype):
+    m, f, m64 = make_pair("lstm", C, H, num_layers=2, bidirectional=True, proj_size=3)
+    m, f = m.to(CUDA, dtype), f.to(CUDA, dtype)
+    x = torch.randn(T, N, C)
+    out_m, (h_m, c_m) = m(x.to(CUDA, dtype))
+    out_f, (h_f, c_f) = f(x.to(CUDA, dtype))
+    ref, (h_r, c_r) = reference.forward(m64, x.double())
+    for ours, theirs, r in ((out_f, out_m, ref), (h_f, h_m, h_r), (c_f, c_m, c_r)):
+        assert_close_to_ref("proj", ours.cpu(), theirs.cpu(), r)
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_cells(cell):
+    nn_cls = {"rnn_tanh": torch.nn.RNNCell, "lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}[cell]
+    fast_cls = {"rnn_tanh": rnnfast.RNNCell, "lstm": rnnfast.LSTMCell, "gru": rnnfast.GRUCell}[cell]
+    torch.manual_seed(0)
+    m = nn_cls(C, H).to(CUDA)
+    f = fast_cls(C, H).to(CUDA)
+    f.load_state_dict(m.state_dict())
+    x = torch.randn(N, C, device=CUDA)
+    out_m, out_f = m(x), f(x)
+    for a, b in zip(out_f if cell == "lstm" else (out_f,), out_m if cell == "lstm" else (out_m,)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

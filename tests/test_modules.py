@@ -155,9 +155,10 @@ def test_unsupported_dtype_is_a_clear_error(dtype):
         f(x)
 
 
-def test_unsupported_features_are_clear_errors():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        rnnfast.LSTM(4, 6, proj_size=3)
+def test_proj_size_is_checked_as_in_torch():
+    for bad in (6, 7, -1):  # proj_size must be in [0, hidden_size)
+        with pytest.raises(ValueError, match="proj_size"):
+            rnnfast.LSTM(4, 6, proj_size=bad)
 
 
 def test_signature_matches_torch():

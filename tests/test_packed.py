@@ -43,9 +43,9 @@ def run(module, x, lengths, hx, is_lstm, upstream, enforce_sorted, forward=None)
     else:
         out, state = forward(module, x, lengths, hx, is_lstm)
     states = state if is_lstm else (state,)
-    loss = (out * upstream[0].to(out.dtype)).sum()
+    loss = (out * upstream[0].to(out)).sum()
     for s, u in zip(states, upstream[1:]):
-        loss = loss + (s * u.to(s.dtype)).sum()
+        loss = loss + (s * u.to(s)).sum()
     named = {"x": x}
     if hx is not None:
         named.update(zip(("h0", "c0"), hx if is_lstm else (hx,)))

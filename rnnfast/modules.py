@@ -125,7 +125,10 @@ def _zeros_state(module: nn.RNNBase, input: Tensor, size: Optional[int] = None) 
 
 
 def _time_major(module: nn.RNNBase, input: Tensor) -> Tensor:
-    return input.transpose(0, 1) if module.batch_first else input
+    x = input.transpose(0, 1) if module.batch_first else input
+    if x.size(0) == 0:  # torch.nn's own error (the functional layers do take T = 0)
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    return x
 
 
 def _restore(module: nn.RNNBase, output: Tensor, is_batched: bool) -> Tensor:

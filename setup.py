@@ -8,6 +8,8 @@ Environment:
   CUDA_HOME                the CUDA toolkit (default: /usr/local/cuda when it has nvcc)
   MAX_JOBS                 parallel compile jobs (ninja)
   RNNFAST_DEBUG=1          -O0 -g, for debuggers and sanitizers
+  RNNFAST_SANITIZE=1       AddressSanitizer and UndefinedBehaviorSanitizer in the C++ code
+                           (scripts/sanitize.sh; run with libasan preloaded)
 """
 import glob
 import os
@@ -67,6 +69,13 @@ extra_link_args = []
 if "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
     cxx_flags.append("-fopenmp")
     extra_link_args.append("-fopenmp")
+if os.environ.get("RNNFAST_SANITIZE") == "1":
+    # -O1 keeps the sanitizers' reports readable at a tolerable speed; UB aborts (no
+    # recovery), so a finding fails the test that caused it
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                "-fno-omit-frame-pointer", "-g"]
+    cxx_flags = [f for f in cxx_flags if not f.startswith("-O")] + ["-O1"] + sanitize
+    extra_link_args += sanitize
 extra_compile_args = {"cxx": cxx_flags}
 define_macros = []
 include_dirs = [os.path.join(ROOT, "csrc")]

@@ -22,7 +22,8 @@ fi
 missing=$("$PY" - <<'PYEOF'
 import importlib.util
 need = {"ninja": "ninja", "pybind11": "pybind11", "numpy": "numpy", "pytest": "pytest",
-        "matplotlib": "matplotlib", "tqdm": "tqdm", "setuptools": "setuptools", "wheel": "wheel"}
+        "matplotlib": "matplotlib", "tqdm": "tqdm", "hypothesis": "hypothesis",
+        "setuptools": "setuptools", "wheel": "wheel"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 PYEOF
 )

@@ -3,7 +3,7 @@
 #   1. build rnnfast from source for the card that is there (no internet needed: no pip,
 #      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
 #   2. the CUDA tests (tests/test_cuda.py);
-#   3. compute-sanitizer (memcheck, racecheck) on a small forward + backward of each cell
+#   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 (scripts/sanitize_case.py);
 #   4. the GPU benchmark against cuDNN and the Python loop (benchmarks/bench.py --device cuda
 #      --set full, float32 and bfloat16);
@@ -163,7 +163,7 @@ san_case() {  # TOOL CELL DTYPE SECONDS: one sanitizer run; its log and exit cod
   echo $? >"$WORK/san-$tool-$cell-$dtype.rc"
 }
 SAN_CASES=()
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
   for cell in lstm gru rnn_tanh; do
     for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype"); done
   done

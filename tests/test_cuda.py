@@ -725,3 +725,22 @@ def test_cells(cell):
     out_m, out_f = m(x), f(x)
     for a, b in zip(out_f if cell == "lstm" else (out_f,), out_m if cell == "lstm" else (out_m,)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_raises_and_the_process_carries_on():
+    """A forward+backward whose output alone is larger than the card raises torch's
+    OutOfMemoryError; the allocator and the next call are fine."""
+    free, total = torch.cuda.mem_get_info()
+    H_big = 1024
+    N_big = 8192
+    T_big = max(16, int(2 * total // (N_big * H_big * 4)) + 1)  # y alone is twice the card
+    lstm = rnnfast.LSTM(8, H_big).to(CUDA)
+    x = torch.randn(1, 1, 8, device=CUDA).expand(T_big, N_big, 8).contiguous().requires_grad_()
+    with pytest.raises(torch.OutOfMemoryError):
+        lstm(x)[0].sum().backward()
+    del x
+    torch.cuda.empty_cache()
+    small = rnnfast.GRU(C, H).to(CUDA)
+    out = small(torch.randn(T, N, C, device=CUDA, requires_grad=True))[0]
+    out.sum().backward()
+    assert torch.isfinite(out).all()

@@ -28,14 +28,14 @@ constexpr int splits_for(int accumulators) {
 // Rows [0, NR) x gates [0, GP) of out[n][k * gate_stride + u] (+)= sum_j h[n][j] * w[j][k][u]
 // for u < valid, where w advances w_stride floats per j. NR x GP vectors of accumulators:
 // 12 of them, plus the GP weight vectors and one broadcast, fill AVX2's 16 registers.
-template <int GP, int NR>
+template <int GP, int NR, bool PREFETCH_OUT = true>
 inline void gates_tile(const float* __restrict__ w, int64_t w_stride, const float* __restrict__ h,
                        int64_t ld_h, int64_t K, float* __restrict__ out, int64_t ld_out,
                        int64_t gate_stride, int64_t valid, bool accumulate) {
   constexpr int S = splits_for(NR * GP);
   // the outputs are rows 4*G*H bytes apart, last written by the input projection (long
   // gone from L1): fetch them while the K loop runs, not at the end
-  if (accumulate)
+  if (accumulate && PREFETCH_OUT)
     for (int r = 0; r < NR; ++r)
       for (int k = 0; k < GP; ++k) __builtin_prefetch(out + r * ld_out + k * gate_stride, 1, 3);
   vf8 acc[S][NR][GP];
@@ -134,7 +134,11 @@ inline void row_tiles(int64_t N, const F& tile) {
 template <int G>
 void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t H, float* out,
                             int64_t b0, int64_t b1, bool accumulate, bool descending) {
-  constexpr int NR = 12 / G;  // rows per tile
+  // rows per tile. Elman (one gate) takes 6, not 12, and skips the output prefetch: its
+  // h rows and output rows are H floats apart (4 KiB when H = 1024), and 12 h streams plus
+  // 12 prefetched output lines in one 8-way L1 set thrashed it (N=64, H=1024: 0.64x of
+  // torch.nn with both, 0.70x without the prefetch, 0.80x with 6 rows and no prefetch)
+  constexpr int NR = G == 1 ? 6 : 12 / G;
   constexpr int64_t KC = kWeightChunkFloats / (G * 8);
   for (int64_t i = 0; i < b1 - b0; ++i) {
     const int64_t b = descending ? b1 - 1 - i : b0 + i;
@@ -144,8 +148,8 @@ void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t 
       const bool acc = accumulate || k0 > 0;
       const float* w = wf + (b * H + k0) * G * 8;
       row_tiles<NR>(N, [&](auto rows, int64_t n) {
-        gates_tile<G, decltype(rows)::value>(w, G * 8, h + n * H + k0, H, kc,
-                                             out + n * G * H + u, G * H, H, valid, acc);
+        gates_tile<G, decltype(rows)::value, /*PREFETCH_OUT=*/(G > 1)>(
+            w, G * 8, h + n * H + k0, H, kc, out + n * G * H + u, G * H, H, valid, acc);
       });
     }
   }

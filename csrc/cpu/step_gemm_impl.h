@@ -31,7 +31,8 @@ constexpr int splits_for(int accumulators) {
 template <int GP, int NR, bool PREFETCH_OUT = true>
 inline void gates_tile(const float* __restrict__ w, int64_t w_stride, const float* __restrict__ h,
                        int64_t ld_h, int64_t K, float* __restrict__ out, int64_t ld_out,
-                       int64_t gate_stride, int64_t valid, bool accumulate) {
+                       int64_t gate_stride, int64_t valid, bool accumulate,
+                       int64_t w_gate_stride = 8) {
   constexpr int S = splits_for(NR * GP);
   // the outputs are rows 4*G*H bytes apart, last written by the input projection (long
   // gone from L1): fetch them while the K loop runs, not at the end
@@ -44,7 +45,7 @@ inline void gates_tile(const float* __restrict__ w, int64_t w_stride, const floa
       for (int k = 0; k < GP; ++k) acc[q][r][k] = vf8{};
   auto step = [&](int q, int64_t j) {
     vf8 wv[GP];
-    for (int k = 0; k < GP; ++k) wv[k] = load8(w + j * w_stride + k * 8);
+    for (int k = 0; k < GP; ++k) wv[k] = load8(w + j * w_stride + k * w_gate_stride);
     for (int r = 0; r < NR; ++r) {
       const float x = h[r * ld_h + j];
       for (int k = 0; k < GP; ++k) acc[q][r][k] += wv[k] * x;
@@ -140,6 +141,30 @@ void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t 
   // torch.nn with both, 0.70x without the prefetch, 0.80x with 6 rows and no prefetch)
   constexpr int NR = G == 1 ? 6 : 12 / G;
   constexpr int64_t KC = kWeightChunkFloats / (G * 8);
+  if constexpr (G == 1) {
+    // Elman: two full blocks (16 units) per tile, as if they were two gates, so that each
+    // broadcast of h feeds two FMAs (8 loads per 12 FMAs rather than 14). Pairs are taken
+    // from the end the snake order starts at; the rest goes through single blocks below.
+    const int64_t full = H / 8;
+    while (b1 - b0 >= 2) {
+      const int64_t b = descending ? b1 - 2 : b0;
+      if (b + 1 >= full) break;  // the pair would hold the partial block
+      for (int64_t k0 = 0; k0 < H; k0 += KC / 2) {
+        const int64_t kc = std::min(KC / 2, H - k0);
+        const bool acc = accumulate || k0 > 0;
+        const float* w = wf + (b * H + k0) * 8;
+        row_tiles<NR>(N, [&](auto rows, int64_t n) {
+          gates_tile<2, decltype(rows)::value, false>(w, 8, h + n * H + k0, H, kc,
+                                                      out + n * H + b * 8, H, 8, 8, acc, H * 8);
+        });
+      }
+      if (descending) {
+        b1 -= 2;
+      } else {
+        b0 += 2;
+      }
+    }
+  }
   for (int64_t i = 0; i < b1 - b0; ++i) {
     const int64_t b = descending ? b1 - 1 - i : b0 + i;
     const int64_t u = b * 8, valid = std::min<int64_t>(8, H - u);

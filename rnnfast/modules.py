@@ -35,15 +35,20 @@ def _autocast(module: nn.Module, x: Tensor, hx, weights):
     dtype (float32 ones; float64 stays). On CUDA the float16/bfloat16 kernels run, with
     float32 accumulation and cell state inside; the CPU has no half-precision kernels, so
     there the values are rounded to the autocast dtype, computed in float32 and the
-    results returned in the autocast dtype. On the CPU torch's autocast lowers RNN,
-    RNNCell and LSTM but leaves GRU, GRUCell and LSTMCell in float32 (its CPU op lists);
-    each module's _cpu_autocast follows that, so the output dtypes are torch.nn's.
+    results returned in the autocast dtype. On CUDA the layers (not the cells) use
+    float16 whatever autocast asks for, as torch.nn's cuDNN layers do. On the CPU torch's
+    autocast lowers RNN, RNNCell and LSTM but leaves GRU, GRUCell and LSTMCell in float32
+    (its CPU op lists); each module's _cpu_autocast follows that, so the output dtypes
+    are torch.nn's.
     Returns (x, hx, weights, dtype to cast the results to, or None)."""
     dev = x.device.type
     if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev) or (
             dev == "cpu" and not module._cpu_autocast):
         return x, hx, weights, None
-    low = torch.get_autocast_dtype(dev)
+    # on CUDA torch's autocast casts cuDNN's RNN layers to float16 whatever dtype it was
+    # asked for (the cells follow the asked dtype); the layers here do the same
+    low = (torch.float16 if dev == "cuda" and isinstance(module, nn.RNNBase)
+           else torch.get_autocast_dtype(dev))
 
     def cast(t):
         if t is None or not t.is_floating_point() or t.dtype in (torch.float64, low):

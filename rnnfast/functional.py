@@ -131,13 +131,26 @@ def _stack(run_layer, x: Tensor, states: Tuple[Tensor, ...], weights: Sequence[L
     return x, finals
 
 
+# One layer and direction as _stack / _stack_packed call it: run(x, states, weights, reverse)
+def _rnn_runner(nonlinearity: str):
+    def run(x, s, w, reverse):
+        return rnn_layer(x, s[0], *w, nonlinearity=nonlinearity, reverse=reverse)
+    return run
+
+
+def _lstm_run(x, s, w, reverse):
+    return lstm_layer(x, s[0], s[1], *w[:4], reverse=reverse, w_hr=w[4] if len(w) > 4 else None)
+
+
+def _gru_run(x, s, w, reverse):
+    return gru_layer(x, s[0], *w, reverse=reverse)
+
+
 def rnn(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int = 1,
         nonlinearity: str = "tanh", bidirectional: bool = False, dropout: float = 0.0,
         training: bool = False) -> Tuple[Tensor, Tensor]:
     """Stacked Elman RNN: x [T, N, C], hx [L * D, N, H] -> (output [T, N, D * H], h_n)."""
-    def run(x, s, w, reverse):
-        return rnn_layer(x, s[0], *w, nonlinearity=nonlinearity, reverse=reverse)
-    out, (h,) = _stack(run, x, (hx,), weights, num_layers, bidirectional, dropout, training)
+    out, (h,) = _stack(_rnn_runner(nonlinearity), x, (hx,), weights, num_layers, bidirectional, dropout, training)
     return out, torch.stack(h)
 
 
@@ -145,9 +158,7 @@ def lstm(x: Tensor, hx: Tuple[Tensor, Tensor], weights: Sequence[LayerWeights],
          num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
          training: bool = False) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """Stacked LSTM: x [T, N, C], (h0, c0) [L * D, N, H] -> (output, (h_n, c_n))."""
-    def run(x, s, w, reverse):
-        return lstm_layer(x, s[0], s[1], *w[:4], reverse=reverse, w_hr=w[4] if len(w) > 4 else None)
-    out, (h, c) = _stack(run, x, hx, weights, num_layers, bidirectional, dropout, training)
+    out, (h, c) = _stack(_lstm_run, x, hx, weights, num_layers, bidirectional, dropout, training)
     return out, (torch.stack(h), torch.stack(c))
 
 
@@ -155,9 +166,7 @@ def gru(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int 
         bidirectional: bool = False, dropout: float = 0.0,
         training: bool = False) -> Tuple[Tensor, Tensor]:
     """Stacked GRU: x [T, N, C], hx [L * D, N, H] -> (output [T, N, D * H], h_n)."""
-    def run(x, s, w, reverse):
-        return gru_layer(x, s[0], *w, reverse=reverse)
-    out, (h,) = _stack(run, x, (hx,), weights, num_layers, bidirectional, dropout, training)
+    out, (h,) = _stack(_gru_run, x, (hx,), weights, num_layers, bidirectional, dropout, training)
     return out, torch.stack(h)
 
 
@@ -260,9 +269,7 @@ def rnn_packed(data: Tensor, batch_sizes: Tensor, hx: Tensor, weights: Sequence[
                num_layers: int = 1, nonlinearity: str = "tanh", bidirectional: bool = False,
                dropout: float = 0.0, training: bool = False) -> Tuple[Tensor, Tensor]:
     """Stacked Elman RNN over packed data [rows, C] (sorted order) -> (packed output, h_n)."""
-    def run(x, s, w, reverse):
-        return rnn_layer(x, s[0], *w, nonlinearity=nonlinearity, reverse=reverse)
-    out, (h,) = _stack_packed(run, data, batch_sizes, (hx,), weights, num_layers, bidirectional,
+    out, (h,) = _stack_packed(_rnn_runner(nonlinearity), data, batch_sizes, (hx,), weights, num_layers, bidirectional,
                               dropout, training)
     return out, torch.stack(h)
 
@@ -271,9 +278,7 @@ def lstm_packed(data: Tensor, batch_sizes: Tensor, hx: Tuple[Tensor, Tensor],
                 weights: Sequence[LayerWeights], num_layers: int = 1, bidirectional: bool = False,
                 dropout: float = 0.0, training: bool = False) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """Stacked LSTM over packed data [rows, C] (sorted order) -> (packed output, (h_n, c_n))."""
-    def run(x, s, w, reverse):
-        return lstm_layer(x, s[0], s[1], *w[:4], reverse=reverse, w_hr=w[4] if len(w) > 4 else None)
-    out, (h, c) = _stack_packed(run, data, batch_sizes, hx, weights, num_layers, bidirectional,
+    out, (h, c) = _stack_packed(_lstm_run, data, batch_sizes, hx, weights, num_layers, bidirectional,
                                 dropout, training)
     return out, (torch.stack(h), torch.stack(c))
 
@@ -282,8 +287,6 @@ def gru_packed(data: Tensor, batch_sizes: Tensor, hx: Tensor, weights: Sequence[
                num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
                training: bool = False) -> Tuple[Tensor, Tensor]:
     """Stacked GRU over packed data [rows, C] (sorted order) -> (packed output, h_n)."""
-    def run(x, s, w, reverse):
-        return gru_layer(x, s[0], *w, reverse=reverse)
-    out, (h,) = _stack_packed(run, data, batch_sizes, (hx,), weights, num_layers, bidirectional,
+    out, (h,) = _stack_packed(_gru_run, data, batch_sizes, (hx,), weights, num_layers, bidirectional,
                               dropout, training)
     return out, torch.stack(h)

@@ -3,6 +3,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
 #include "rnnfast.h"
 
 namespace rnnfast {
@@ -98,9 +102,96 @@ TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("gru_backward", &rnnfast::gru_backward_cpu);
 }
 
+// ---- the CUDA path setting (kept here so that it exists in CPU-only builds too) ----
+namespace rnnfast {
+namespace {
+constexpr const char* kPathNames[] = {"auto", "step", "persistent"};
+std::atomic<int> path_mode{-1};  // -1: not read from RNNFAST_CUDA_PATH yet
+std::atomic<int> last_path[2] = {-1, -1};
+
+int parse_path(const char* what, const std::string& name) {
+  for (int i = 0; i < 3; ++i) {
+    if (name == kPathNames[i]) return i;
+  }
+  TORCH_CHECK_VALUE(false, what, ": expected 'auto', 'persistent' or 'step', but got '", name,
+                    "'");
+}
+}  // namespace
+
+CudaPath cuda_path_mode() {
+  int mode = path_mode.load();
+  if (mode < 0) {
+    const char* env = std::getenv("RNNFAST_CUDA_PATH");
+    mode = env == nullptr || *env == 0 ? 0 : parse_path("RNNFAST_CUDA_PATH", env);
+    path_mode.store(mode);
+  }
+  return static_cast<CudaPath>(mode);
+}
+
+void note_cuda_path(bool backward, CudaPath used) {
+  last_path[backward ? 1 : 0].store(static_cast<int>(used));
+}
+}  // namespace rnnfast
+
+namespace {
+// Python: _C._set_cuda_path(name) -> the previous name; _C._cuda_path() -> name;
+// _C._last_cuda_path() -> (forward, backward), each a name or None.
+template <typename F>
+PyObject* python_call(F body) {
+  try {
+    return body();
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+PyObject* py_cuda_path(PyObject*, PyObject*) {
+  return python_call([] {
+    return PyUnicode_FromString(rnnfast::kPathNames[static_cast<int>(rnnfast::cuda_path_mode())]);
+  });
+}
+
+PyObject* py_set_cuda_path(PyObject*, PyObject* arg) {
+  return python_call([arg]() -> PyObject* {
+    const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+    if (name == nullptr) {
+      PyErr_Clear();
+      PyErr_SetString(PyExc_TypeError, "expected the path as a str: 'auto', 'persistent' or 'step'");
+      return nullptr;
+    }
+    const int mode = rnnfast::parse_path("rnnfast.cuda_path", name);
+    const int previous = static_cast<int>(rnnfast::cuda_path_mode());
+    rnnfast::path_mode.store(mode);
+    return PyUnicode_FromString(rnnfast::kPathNames[previous]);
+  });
+}
+
+PyObject* py_last_cuda_path(PyObject*, PyObject*) {
+  auto name = [](int v) -> PyObject* {
+    if (v < 0) Py_RETURN_NONE;
+    return PyUnicode_FromString(rnnfast::kPathNames[v]);
+  };
+  PyObject* fwd = name(rnnfast::last_path[0].load());
+  PyObject* bwd = name(rnnfast::last_path[1].load());
+  PyObject* out = PyTuple_Pack(2, fwd, bwd);
+  Py_DECREF(fwd);
+  Py_DECREF(bwd);
+  return out;
+}
+
+PyMethodDef methods[] = {
+    {"_cuda_path", py_cuda_path, METH_NOARGS, "the CUDA path setting"},
+    {"_set_cuda_path", py_set_cuda_path, METH_O, "sets the CUDA path, returns the previous"},
+    {"_last_cuda_path", py_last_cuda_path, METH_NOARGS, "(forward, backward) paths last run"},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 // `import rnnfast._C` loads this library, whose static initialisers register the ops
-// above with the dispatcher; the Python module itself is empty.
+// above with the dispatcher; the module itself holds only the CUDA path setting.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

@@ -81,7 +81,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
   const c10::impl::ExcludeDispatchKeyGuard rnnfast_no_autocast_(c10::autocast_dispatch_keyset)
 
 // Step s of the visiting order runs time step time_index(s, T, reverse).
-inline int64_t time_index(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+C10_HOST_DEVICE inline int64_t time_index(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
 
 // The sum of two optional biases, or whichever exists.
 std::optional<Tensor> sum_biases(const std::optional<Tensor>& a, const std::optional<Tensor>& b);
@@ -97,6 +97,15 @@ void check_layer_inputs(const char* op, int64_t gates, const Tensor& x, const Te
 void check_same_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape,
                       const Tensor& like);
 void check_activation(const char* op, int64_t activation);
+// Which CUDA design runs an op (see cuda/persistent.cuh): kAuto picks per call, the
+// persistent kernels where W_hh fits on chip and the cost model favours them, else the
+// per-step GEMMs. Set by rnnfast.cuda_path (Python) or RNNFAST_CUDA_PATH=auto|persistent|
+// step; the CPU ignores it.
+enum class CudaPath : int { kAuto = 0, kStep = 1, kPersistent = 2 };
+CudaPath cuda_path_mode();
+// Records the path the last CUDA forward (backward) took, for rnnfast.last_cuda_path().
+void note_cuda_path(bool backward, CudaPath used);
+
 // The workspace of a training forward: [T, N, width], workspace_dtype, contiguous, on x's
 // device.
 void check_workspace(const char* op, const Tensor& workspace, int64_t width, const Tensor& x);

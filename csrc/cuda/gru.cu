@@ -1,7 +1,58 @@
-// GRU on CUDA: per step, the recurrent GEMM and one fused pointwise kernel (see common.cuh).
-#include "common.cuh"
+// GRU on CUDA: the persistent kernels (persistent.cuh) where they fit, else per step the
+// recurrent GEMM and one fused pointwise kernel (common.cuh).
+#include "persistent.cuh"
 
 namespace rnnfast::cuda {
+
+// The GRU's pointwise work inside the persistent kernels: the same math and workspace
+// layout as gru_forward_step and gru_backward_step below.
+struct GruCell {
+  static constexpr int kGates = 3;
+  static constexpr bool kDirectDh = true;  // dh_{t-1} = dg_hh W_hh + dh_t * z
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static void forward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
+                                 int64_t, int64_t n, int64_t u, const acc_t (&hh)[3],
+                                 acc_t h_prev) {
+    const int64_t H = p.H, row = t * p.N + n;
+    const scalar_t* xr = p.xp + row * 3 * H + u;
+    const scalar_t* b = p.b_hh;
+    const acc_t r = sigmoid_act(acc_t(xr[0]) + (hh[0] + (b ? acc_t(b[u]) : acc_t(0))));
+    const acc_t z = sigmoid_act(acc_t(xr[H]) + (hh[1] + (b ? acc_t(b[H + u]) : acc_t(0))));
+    const acc_t hn = hh[2] + (b ? acc_t(b[2 * H + u]) : acc_t(0));
+    const acc_t nn = tanh_act(acc_t(xr[2 * H]) + r * hn);
+    p.y[row * H + u] = scalar_t((acc_t(1) - z) * nn + z * h_prev);
+    if (p.cache != nullptr) {
+      acc_t* cr = p.cache + row * 4 * H + u;
+      cr[0] = r;
+      cr[H] = z;
+      cr[2 * H] = nn;
+      cr[3 * H] = hn;
+    }
+  }
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t s,
+                                  int64_t t, int64_t tp, int64_t n, int64_t u) {
+    const int64_t H = p.H, N = p.N, row = t * N + n, idx = n * H + u;
+    const acc_t* cr = p.cache + row * 4 * H + u;
+    const acc_t r = cr[0], z = cr[H], nn = cr[2 * H], hn = cr[3 * H];
+    const acc_t dh_total = acc_t(p.dy[row * H + u]) + p.dh[idx];
+    const acc_t hp = acc_t(s == 0 ? p.h0[idx] : p.y[(tp * N + n) * H + u]);
+    const acc_t dn = dh_total * (acc_t(1) - z) * (acc_t(1) - nn * nn);
+    const acc_t dz = dh_total * (hp - nn) * z * (acc_t(1) - z);
+    const acc_t dr = dn * hn * r * (acc_t(1) - r);
+    acc_t* di = p.dg_ih + row * 3 * H + u;
+    acc_t* dhh = p.dg_hh + row * 3 * H + u;
+    di[0] = dr;
+    di[H] = dz;
+    di[2 * H] = dn;
+    dhh[0] = dr;
+    dhh[H] = dz;
+    dhh[2 * H] = dn * r;
+    p.dh[idx] = dh_total * z;
+  }
+};
 
 // One step: xp = x W_ih^T + b_ih (all three gates), hh = h_{t-1} W_hh^T (b_hh added here,
 // as b_hn must sit inside r * (...)):
@@ -90,6 +141,16 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
         scalar_t* yp = y.data_ptr<scalar_t>();
         acc_t* ws = workspace.data_ptr<acc_t>();
         const scalar_t* bp = b_hh ? b_hh->data_ptr<scalar_t>() : nullptr;
+        const PersistentLaunch plan =
+            plan_persistent<GruCell, scalar_t, acc_t, false>(op, N, H, x.scalar_type());
+        if (plan.kernel != nullptr) {
+          PersistentParams<scalar_t, acc_t> p{};
+          p.T = T, p.N = N, p.H = H, p.reverse = reverse;
+          p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hh.data_ptr<scalar_t>(), p.b_hh = bp;
+          p.h0 = h0.data_ptr<scalar_t>(), p.y = yp, p.cache = training ? ws : nullptr;
+          launch_persistent(plan, p, x);
+          return;
+        }
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const scalar_t* h_prev = s == 0 ? h0.data_ptr<scalar_t>() : yp + tp * N * H;
@@ -131,6 +192,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
         using acc_t = at::opmath_type<scalar_t>;
         const acc_t* ws = workspace.data_ptr<acc_t>();
         const scalar_t* yp = y.data_ptr<scalar_t>();
+        const PersistentLaunch plan =
+            plan_persistent<GruCell, scalar_t, acc_t, true>(op, N, H, x.scalar_type());
+        if (plan.kernel != nullptr) {
+          PersistentParams<scalar_t, acc_t> p{};
+          p.T = T, p.N = N, p.H = H, p.reverse = reverse;
+          p.w_hh = w_hh.data_ptr<scalar_t>(), p.h0 = h0.data_ptr<scalar_t>();
+          p.y = const_cast<scalar_t*>(yp), p.cache = const_cast<acc_t*>(ws);
+          p.dy = dy.data_ptr<scalar_t>(), p.dh = dh.data_ptr<acc_t>();
+          p.dg_ih = dg_ih.data_ptr<acc_t>(), p.dg_hh = dg_hh.data_ptr<acc_t>();
+          launch_persistent(plan, p, x);
+          return;
+        }
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const scalar_t* h_prev = s == 0 ? h0.data_ptr<scalar_t>() : yp + tp * N * H;

@@ -1,7 +1,62 @@
-// LSTM on CUDA: per step, the recurrent GEMM and one fused pointwise kernel (see common.cuh).
-#include "common.cuh"
+// LSTM on CUDA: the persistent kernels (persistent.cuh) where they fit, else per step the
+// recurrent GEMM and one fused pointwise kernel (common.cuh).
+#include "persistent.cuh"
 
 namespace rnnfast::cuda {
+
+// The LSTM's pointwise work inside the persistent kernels: the same math and workspace
+// layout as lstm_forward_step and lstm_backward_step below.
+struct LstmCell {
+  static constexpr int kGates = 4;
+  static constexpr bool kDirectDh = false;
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static acc_t c_prev(const PersistentParams<scalar_t, acc_t>& p, int64_t s,
+                                 int64_t tp, int64_t n, int64_t u) {
+    if (p.c_state != nullptr) return p.c_state[n * p.H + u];
+    return s == 0 ? p.c0[n * p.H + u] : p.cache[(tp * p.N + n) * 5 * p.H + 4 * p.H + u];
+  }
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static void forward(const PersistentParams<scalar_t, acc_t>& p, int64_t s, int64_t t,
+                                 int64_t tp, int64_t n, int64_t u, const acc_t (&hh)[4], acc_t) {
+    const int64_t H = p.H, row = t * p.N + n;
+    const scalar_t* xr = p.xp + row * 4 * H + u;
+    const acc_t i = sigmoid_act(acc_t(xr[0]) + hh[0]);
+    const acc_t f = sigmoid_act(acc_t(xr[H]) + hh[1]);
+    const acc_t g = tanh_act(acc_t(xr[2 * H]) + hh[2]);
+    const acc_t o = sigmoid_act(acc_t(xr[3 * H]) + hh[3]);
+    const acc_t c = f * c_prev(p, s, tp, n, u) + i * g;
+    if (p.cache != nullptr) {
+      acc_t* cr = p.cache + row * 5 * H + u;
+      cr[0] = i;
+      cr[H] = f;
+      cr[2 * H] = g;
+      cr[3 * H] = o;
+      cr[4 * H] = c;
+    } else {
+      p.c_state[n * H + u] = c;
+    }
+    p.y[row * H + u] = scalar_t(o * tanh_act(c));
+  }
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t s,
+                                  int64_t t, int64_t tp, int64_t n, int64_t u) {
+    const int64_t H = p.H, row = t * p.N + n, idx = n * H + u;
+    const acc_t* cr = p.cache + row * 5 * H + u;
+    const acc_t i = cr[0], f = cr[H], g = cr[2 * H], o = cr[3 * H], c = cr[4 * H];
+    const acc_t dh_total = acc_t(p.dy[row * H + u]) + p.dh[idx];
+    const acc_t tc = tanh_act(c);
+    const acc_t dc_total = p.dc[idx] + dh_total * o * (acc_t(1) - tc * tc);
+    acc_t* dr = p.dg_ih + row * 4 * H + u;
+    dr[0] = dc_total * g * i * (acc_t(1) - i);
+    dr[H] = dc_total * c_prev(p, s, tp, n, u) * f * (acc_t(1) - f);
+    dr[2 * H] = dc_total * i * (acc_t(1) - g * g);
+    dr[3 * H] = dh_total * tc * o * (acc_t(1) - o);
+    p.dc[idx] = dc_total * f;
+  }
+};
 
 // One step for N rows, H units: gates = xp + hh (xp holds both biases), then
 // c = f * c_prev + i * g, h = o * tanh(c). c in acc_t; cache [N, 5H] = i, f, g, o, c when
@@ -75,6 +130,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
     return {y, h0.clone(), c0.clone(), workspace};
   }
   const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
+  Tensor c_state;  // the persistent path's c in inference
   Tensor hh = at::empty({N, 4 * H}, x.options());
   const Tensor w_hh_t = w_hh.t();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -83,6 +139,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
         using acc_t = at::opmath_type<scalar_t>;
         scalar_t* yp = y.data_ptr<scalar_t>();
         acc_t* ws = workspace.data_ptr<acc_t>();
+        const PersistentLaunch plan =
+            plan_persistent<LstmCell, scalar_t, acc_t, false>(op, N, H, x.scalar_type());
+        if (plan.kernel != nullptr) {
+          c_state = c0_acc.clone();
+          PersistentParams<scalar_t, acc_t> p{};
+          p.T = T, p.N = N, p.H = H, p.reverse = reverse;
+          p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hh.data_ptr<scalar_t>();
+          p.h0 = h0.data_ptr<scalar_t>(), p.c0 = c0_acc.data_ptr<acc_t>(), p.y = yp;
+          p.cache = training ? ws : nullptr;
+          p.c_state = training ? nullptr : c_state.data_ptr<acc_t>();
+          launch_persistent(plan, p, x);
+          return;
+        }
         acc_t* ct = c_turns.data_ptr<acc_t>();
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
@@ -109,7 +178,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
         }
       });
   const int64_t last = time_index(T - 1, T, reverse);
-  Tensor cn = training ? workspace[last].narrow(1, 4 * H, H) : c_turns[(T - 1) % 2];
+  Tensor cn = training             ? workspace[last].narrow(1, 4 * H, H)
+               : c_state.defined() ? c_state
+                                   : c_turns[(T - 1) % 2];
   return {y, y[last].clone(), cn.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true),
           workspace};
 }
@@ -146,6 +217,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
         using acc_t = at::opmath_type<scalar_t>;
         const acc_t* ws = workspace.data_ptr<acc_t>();
         acc_t* dgp = dg.data_ptr<acc_t>();
+        const PersistentLaunch plan =
+            plan_persistent<LstmCell, scalar_t, acc_t, true>(op, N, H, x.scalar_type());
+        if (plan.kernel != nullptr) {
+          PersistentParams<scalar_t, acc_t> p{};
+          p.T = T, p.N = N, p.H = H, p.reverse = reverse;
+          p.w_hh = w_hh.data_ptr<scalar_t>(), p.c0 = c0_acc.data_ptr<acc_t>();
+          p.cache = const_cast<acc_t*>(ws), p.dy = dy.data_ptr<scalar_t>();
+          p.dh = dh.data_ptr<acc_t>(), p.dc = dc.data_ptr<acc_t>();
+          p.dg_ih = dgp, p.dg_hh = dgp;
+          launch_persistent(plan, p, x);
+          return;
+        }
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const acc_t* c_prev = s == 0 ? c0_acc.data_ptr<acc_t>() : ws + tp * N * 5 * H + 4 * H;

@@ -1,6 +1,7 @@
-// Elman RNN on CUDA (tanh, relu, and the identity recurrence of SimpleRNN): per step, the
-// recurrent GEMM and one fused pointwise kernel (see common.cuh).
-#include "common.cuh"
+// Elman RNN on CUDA (tanh, relu, and the identity recurrence of SimpleRNN): the persistent
+// kernels (persistent.cuh) where they fit, else per step the recurrent GEMM and one fused
+// pointwise kernel (common.cuh).
+#include "persistent.cuh"
 
 namespace rnnfast::cuda {
 
@@ -39,6 +40,28 @@ __global__ void elman_backward_step(const scalar_t* __restrict__ dy, const acc_t
   }
 }
 
+// The Elman cell's pointwise work inside the persistent kernels (the same math as the
+// two step kernels above).
+struct ElmanCell {
+  static constexpr int kGates = 1;
+  static constexpr bool kDirectDh = false;
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static void forward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
+                                 int64_t, int64_t n, int64_t u, const acc_t (&hh)[1], acc_t) {
+    const int64_t idx = (t * p.N + n) * p.H + u;
+    p.y[idx] = scalar_t(elman_act(acc_t(p.xp[idx]) + hh[0], p.activation));
+  }
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
+                                  int64_t, int64_t n, int64_t u) {
+    const int64_t idx = (t * p.N + n) * p.H + u;
+    p.dg_ih[idx] = (acc_t(p.dy[idx]) + p.dh[n * p.H + u]) *
+                   elman_act_grad(acc_t(p.y[idx]), p.activation);
+  }
+};
+
 std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                                             const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                             const std::optional<Tensor>& b_hh, int64_t activation,
@@ -61,6 +84,17 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "rnn_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         scalar_t* yp = y.data_ptr<scalar_t>();
+        const PersistentLaunch plan =
+            plan_persistent<ElmanCell, scalar_t, acc_t, false>(op, N, H, x.scalar_type());
+        if (plan.kernel != nullptr) {
+          PersistentParams<scalar_t, acc_t> p{};
+          p.T = T, p.N = N, p.H = H, p.reverse = reverse;
+          p.activation = static_cast<int>(activation);
+          p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hh.data_ptr<scalar_t>();
+          p.h0 = h0.data_ptr<scalar_t>(), p.y = yp;
+          launch_persistent(plan, p, x);
+          return;
+        }
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           gates_gemm(s == 0 ? h0 : y[tp], w_hh_t, hh);
@@ -98,6 +132,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "rnn_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const PersistentLaunch plan =
+            plan_persistent<ElmanCell, scalar_t, acc_t, true>(op, N, H, x.scalar_type());
+        if (plan.kernel != nullptr) {
+          PersistentParams<scalar_t, acc_t> p{};
+          p.T = T, p.N = N, p.H = H, p.reverse = reverse;
+          p.activation = static_cast<int>(activation);
+          p.w_hh = w_hh.data_ptr<scalar_t>(), p.y = const_cast<scalar_t*>(y.data_ptr<scalar_t>());
+          p.dy = dy.data_ptr<scalar_t>(), p.dh = dh.data_ptr<acc_t>();
+          p.dg_ih = dg.data_ptr<acc_t>(), p.dg_hh = dg.data_ptr<acc_t>();
+          launch_persistent(plan, p, x);
+          return;
+        }
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse);
           acc_t* dgt = dg.data_ptr<acc_t>() + t * N * H;

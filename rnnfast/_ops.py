@@ -2,9 +2,11 @@
 family. Every op runs one layer in one direction over a whole time-major sequence; the
 shape legend and the equations are in csrc/rnnfast.h.
 """
+import contextlib
+
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.rnnfast.*)
+from . import _C  # loading the library registers torch.ops.rnnfast.*
 
 ops = torch.ops.rnnfast
 
@@ -131,3 +133,37 @@ class GRUFunction(torch.autograd.Function):
         dx, dh0, dw_ih, dw_hh, db_ih, db_hh = ops.gru_backward(
             dy.contiguous(), dhn.contiguous(), x, h0, w_ih, w_hh, y, workspace, ctx.reverse)
         return (dx, dh0, dw_ih, dw_hh) + _bias_grads(ctx.has_bias, db_ih, db_hh) + (None,)
+
+
+# ---- which CUDA design runs (csrc/cuda/persistent.cuh); the CPU ignores the setting ----
+
+def get_cuda_path():
+    """The CUDA path setting: 'auto' (the default: the persistent kernels where the weights
+    fit on chip and they are expected to be faster, else the per-step GEMMs),
+    'persistent' or 'step'. The environment variable RNNFAST_CUDA_PATH sets the initial
+    value."""
+    return _C._cuda_path()
+
+
+def set_cuda_path(path):
+    """Sets the CUDA path ('auto', 'persistent' or 'step') for every later call, in every
+    thread, and returns the previous setting. Forcing 'persistent' where it cannot run (the
+    weights do not fit on chip) makes those calls raise rather than fall back."""
+    return _C._set_cuda_path(path)
+
+
+@contextlib.contextmanager
+def cuda_path(path):
+    """``with rnnfast.cuda_path("step"): ...`` runs the block with that path, then restores
+    the previous setting."""
+    previous = set_cuda_path(path)
+    try:
+        yield
+    finally:
+        set_cuda_path(previous)
+
+
+def last_cuda_path():
+    """(forward, backward): the path the last CUDA forward and backward op took,
+    'persistent' or 'step', or None where none has run yet."""
+    return _C._last_cuda_path()

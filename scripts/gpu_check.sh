@@ -4,10 +4,13 @@
 #      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
 #   2. the CUDA tests (tests/test_cuda.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
-#      (lstm, gru, rnn tanh) in float32 and bfloat16 (scripts/sanitize_case.py);
-#   4. the GPU benchmark against cuDNN and the Python loop (benchmarks/bench.py --device cuda
-#      --set full, float32 and bfloat16);
-#   4b. if time is left, the published peers (FlashRNN, Haste from .peers/, see
+#      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels
+#      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
+#      have not changed since);
+#   4. bench7: the persistent-kernel issue's table (--set issue7: T=1024, N 1-256, H 256-1024,
+#      float32 and bfloat16) with rnnfast on auto, both paths forced, and cuDNN;
+#   4b. bench: the full set against cuDNN and the Python loop, if time is left;
+#   4c. peers (only when named in GPU_CHECK_STAGES): FlashRNN, Haste from .peers/ (see
 #      scripts/peers.sh) and the torch.compile'd loop on two shapes;
 #   5. the CPU tests (the rest of tests/), if time is left;
 # then prints a summary table last. Every stage has a time limit and later stages run
@@ -15,11 +18,14 @@
 #
 #   bash scripts/gpu_check.sh                  # results under $OUT (default ./gpu-check-out)
 #   GPU_CHECK_BUDGET=400 bash scripts/gpu_check.sh
+#   GPU_CHECK_STAGES="test_cuda sanitize" bash scripts/gpu_check.sh   # a first call, then
+#   GPU_CHECK_STAGES="bench7 bench" bash scripts/gpu_check.sh         # a second (the build is kept)
 #
 # Writes to $OUT (8 files at most, the device tool's limit): gpu_check.log (every stage's
-# output), summary.txt, gpu-bench.json and .png, gpu-peers.json and .png, test_cuda.xml and
-# tests_cpu.xml (JUnit).
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds for the whole run,
+# output), summary.txt, gpu-bench7.json and .png, gpu-bench.json and .png (gpu-peers.json and
+# .png instead, when peers runs), test_cuda.xml and tests_cpu.xml (JUnit).
+# Environment: PYTHON (default python3), GPU_CHECK_STAGES (the stages after build and import,
+# default "test_cuda sanitize bench7 bench tests_cpu"), GPU_CHECK_BUDGET (seconds for the whole run,
 # default 480; each stage's limit shrinks so that the later ones keep their minimum),
 # MAX_JOBS (default: all cores), TORCH_CUDA_ARCH_LIST (default: the visible GPU's
 # capability, e.g. 9.0), CUDA_HOME (default /usr/local/cuda, else from nvcc on the PATH),
@@ -45,6 +51,8 @@ export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 STAGES=$WORK/stages.tsv
 : >"$STAGES"
+WANT=" ${GPU_CHECK_STAGES:-test_cuda sanitize bench7 bench tests_cpu} "
+wanted() { [[ "$WANT" == *" $1 "* ]]; }
 
 log() { echo "$*" | tee -a "$LOG"; }
 now() { date +%s; }
@@ -143,9 +151,11 @@ assert not missing, f"no CUDA kernels for {missing}"
 print(f"CUDA kernels compiled and loaded for all {len(ops)} ops")
 PYEOF
 
-# ---- 2. the CUDA tests ----
-run_stage test_cuda 150 160 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
-  --junitxml="$OUT/test_cuda.xml" tests/test_cuda.py
+# ---- 2. the CUDA tests (each on both paths) ----
+if wanted test_cuda; then
+  run_stage test_cuda 240 160 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
+    --junitxml="$OUT/test_cuda.xml" tests/test_cuda.py
+fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
 # start under a sanitizer is the slow part, and in parallel it costs the time of one ----
@@ -156,9 +166,10 @@ san_case() {  # TOOL CELL DTYPE SECONDS: one sanitizer run; its log and exit cod
   # racecheck runs over every kernel, cuBLAS's included (a --kernel-name filter for
   # rnnfast's own has not been tried on the GPU image yet)
   # no caching allocator: each tensor its own allocation, so memcheck sees overruns
+  # N=5: the persistent kernels' 16-row tile, partly past N
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$t" "$SANITIZER" --tool "$tool" \
     --error-exitcode 1 --report-api-errors no --print-limit 20 \
-    "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" \
+    "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path persistent --N 5 \
     >"$WORK/san-$tool-$cell-$dtype.log" 2>&1
   echo $? >"$WORK/san-$tool-$cell-$dtype.rc"
 }
@@ -175,6 +186,8 @@ log "===== [sanitize] at $((s - START))s, limit ${t_san}s: ${#SAN_CASES[@]} runs
 if [ -z "$SANITIZER" ]; then
   log "!! compute-sanitizer not found (PATH, \$CUDA_HOME/bin, \$CUDA_HOME/compute-sanitizer)"
   record sanitize FAIL 0 "compute-sanitizer not found"
+elif ! wanted sanitize; then
+  :
 elif ((t_san < 20)); then
   record sanitize SKIPPED 0 "no time left"
 else
@@ -224,13 +237,23 @@ else
   BENCH=(--set full --dtypes float32 bfloat16 --contenders rnnfast torch.nn "reference loop"
     --repeats 15 --min-time 0.1 --loop-runs 3 --markdown)
 fi
-run_stage bench 200 70 "$PY" -m benchmarks.bench --device cuda "${BENCH[@]}" --json "$OUT/gpu-bench.json"
+if wanted bench7; then
+  # 144 cases x 4 contenders at T=1024: few runs each
+  run_stage bench7 300 60 "$PY" -m benchmarks.bench --device cuda --set issue7 \
+    --dtypes float32 bfloat16 --contenders rnnfast "rnnfast persistent" "rnnfast step" torch.nn \
+    --repeats 5 --min-time 0 --markdown --json "$OUT/gpu-bench7.json"
+fi
+if wanted bench; then
+  run_stage bench 200 40 "$PY" -m benchmarks.bench --device cuda "${BENCH[@]}" --json "$OUT/gpu-bench.json"
+fi
 
 # ---- 4b. the published peers (FlashRNN, Haste) and torch.compile, on two shapes, if time is
 # left: they compile per shape at first use. Wheels and sources come from .peers/ (made by
 # scripts/peers.sh where pip works; the device tool carries it) ----
 PEERS_SITE=$WORK/peers-site
-if (($(remaining) >= 100)); then
+if ! wanted peers; then
+  :
+elif (($(remaining) >= 100)); then
   mkdir -p "$PEERS_SITE"
   if ls .peers/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$PEERS_SITE" .peers/*.whl 2>&1 | tee -a "$LOG"
@@ -248,7 +271,9 @@ else
 fi
 
 # ---- 5. the CPU tests, if time is left (CI runs them too) ----
-if (($(remaining) >= 45)); then
+if ! wanted tests_cpu; then
+  :
+elif (($(remaining) >= 45)); then
   run_stage tests_cpu 120 10 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
     --junitxml="$OUT/tests_cpu.xml" tests --ignore=tests/test_cuda.py
 else
@@ -294,9 +319,10 @@ except OSError:
 print(f"took {took}s of a {budget}s budget")
 print()
 print(f"{'stage':10} {'result':10} {'time':>5}  note")
-for name in ("gpu", "build", "import", "test_cuda", "sanitize", "bench", "build_haste", "peers", "tests_cpu"):
-    if name == "build_haste" and name not in stages:
-        continue
+for name in ("gpu", "build", "import", "test_cuda", "sanitize", "bench7", "bench", "build_haste", "peers",
+             "tests_cpu"):
+    if name not in stages and name not in ("gpu", "build", "import"):
+        continue  # not asked for (GPU_CHECK_STAGES)
     r = stages.get(name, [name, "NOT RUN", "0", ""])
     note = r[3] if len(r) > 3 else ""
     status = r[1]
@@ -306,9 +332,9 @@ for name in ("gpu", "build", "import", "test_cuda", "sanitize", "bench", "build_
             status = "FAIL" if status == "PASS" else status
         if name == "test_cuda" and n and n["tests"] and n["skipped"] == n["tests"]:
             status, note = "FAIL", note + " (all skipped: no GPU?)"
-    if name in ("bench", "peers") and status != "SKIPPED":
+    if name in ("bench7", "bench", "peers") and status != "SKIPPED":
         try:
-            b = json.load(open(os.path.join(out, "gpu-bench.json" if name == "bench" else "gpu-peers.json")))
+            b = json.load(open(os.path.join(out, f"gpu-{name}.json")))
             errs = [(rec, c, r2["error"]) for rec in b["records"] for c, r2 in rec["results"].items()
                     if "error" in r2]
             note = f"{len(b['records'])} cases, {len(errs)} contender errors"
@@ -341,7 +367,7 @@ if san:
             print(f"  ! {t} {c} {d}: {s} {note[0] if note else ''}")
 
 # benchmarks: rnnfast's speedup over cuDNN (torch.nn) per case, then the geomeans
-for fname in ("gpu-bench.json", "gpu-peers.json"):
+for fname in ("gpu-bench7.json", "gpu-bench.json", "gpu-peers.json"):
     try:
         b = json.load(open(os.path.join(out, fname)))
         recs = b["records"]
@@ -349,8 +375,8 @@ for fname in ("gpu-bench.json", "gpu-peers.json"):
         continue
     cells = list(dict.fromkeys(r["cell"] for r in recs))
     print()
-    print(f"{fname}: rnnfast speedup over torch.nn (cuDNN), >1: rnnfast faster; rnnfast ms")
-    print(f"{'dtype':9} {'shape':18} {'mode':7} " + " ".join(f"{c:>18}" for c in cells))
+    print(f"{fname}: rnnfast speedup over torch.nn (cuDNN), >1: rnnfast faster; rnnfast ms and path")
+    print(f"{'dtype':9} {'shape':18} {'mode':7} " + " ".join(f"{c:>20}" for c in cells))
     for k in dict.fromkeys((r["dtype"], r["shape"], r["mode"]) for r in recs):
         line = f"{k[0]:9} {k[1]:18} {k[2]:7} "
         for c in cells:
@@ -359,7 +385,9 @@ for fname in ("gpu-bench.json", "gpu-peers.json"):
             tn = res.get("torch.nn", {})
             sp = f"{tn['rnnfast_speedup']:.2f}x" if tn.get("rnnfast_speedup") else ("ERR" if "error" in tn else "-")
             ms = f"{res['rnnfast']['median_s'] * 1e3:.2f}ms" if "median_s" in res.get("rnnfast", {}) else "ERR"
-            line += f" {sp:>7} {ms:>10}"
+            # the path auto took: p(ersistent) / s(tep), forward then backward
+            ms += "".join(v[0] for v in res.get("rnnfast", {}).get("cuda_path", "").split("/") if v)
+            line += f" {sp:>7} {ms:>12}"
         print(line)
     for k, v in b.get("summary", {}).items():
         print(f"  {k:40} {v['geomean']:6.2f}x over {v['cases']} cases ({v['min']:.2f}x-{v['max']:.2f}x)")

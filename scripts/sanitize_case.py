@@ -37,8 +37,11 @@ def main():
     p.add_argument("--C", type=int, default=8)
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--path", default="auto", choices=["auto", "step", "persistent"],
+                   help="the CUDA path, forced (rnnfast.cuda_path)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try this script out")
     args = p.parse_args()
+    rnnfast.set_cuda_path(args.path)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("sanitize_case: no CUDA GPU visible")
 
@@ -72,7 +75,8 @@ def main():
     diff = (y_inf.double() - y.detach().double()).abs().max().item()
     tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
     print(f"sanitize_case {args.cell} {args.dtype} T={args.T} N={args.N} C={args.C} H={args.H} "
-          f"layers={args.layers} bidirectional: {len(checks)} tensors checked, "
+          f"layers={args.layers} bidirectional, path {args.path} (ran {rnnfast.last_cuda_path()}): "
+          f"{len(checks)} tensors checked, "
           f"max |inference - training forward| = {diff:.2e}"
           + (f"; NOT FINITE or missing: {bad}" if bad else "")
           + (f"; inference and training forward DIFFER (bound {tol:.0e})" if not diff <= tol else ""))

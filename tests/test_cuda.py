@@ -11,6 +11,9 @@ dtype being the yardstick. Then: bitwise determinism, non-contiguous inputs, opc
 gradcheck of the ops on CUDA tensors, the dtypes the ops return, dropout between layers,
 clear errors for inputs and modules on different devices, and SimpleRNN.
 
+Every test runs twice, with the per-step path and with the persistent kernels forced
+(the `path` fixture), plus the persistent kernels' tilings and path reporting.
+
 torch.nn on CUDA runs cuDNN, which uses TF32 for float32 unless told not to: every test
 here runs with TF32 off (cuBLAS and cuDNN), so that torch.nn's float32 error is a fair
 float32 baseline.
@@ -37,6 +40,17 @@ HALF = [torch.float16, torch.bfloat16]
 
 def _dt(dtype):
     return str(dtype).replace("torch.", "")
+
+
+PATHS = ["step", "persistent"]
+
+
+@pytest.fixture(autouse=True, params=PATHS)
+def path(request):
+    """Every test runs on both CUDA designs, forced (a forced persistent path that cannot
+    run raises, so nothing here falls back unseen); the setting comes back afterwards."""
+    with rnnfast.cuda_path(request.param):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)
@@ -211,6 +225,51 @@ def test_larger_shapes(cell):
     m, f, m64 = _cuda_pair(cell, C_, H_, num_layers=2, bidirectional=True)
     x, hx, upstream = _inputs(cell, 2, True, False, True, torch.float32, T=T_, N=N_, C=C_, H=H_)
     compare_all(*run_cuda(cell, x, hx, m, f, m64, upstream))
+
+
+# The persistent kernels' tilings (persistent.cuh): U = ceil(H / SMs) units per block, the
+# last block owning fewer; tiles of 4 or 16 batch rows, the last one partial.
+TILINGS = [(3, 1, 1), (3, 4, 7), (3, 5, 33), (2, 17, 133), (2, 3, 401), (2, 40, 64),
+           (2, 33, 1024)]
+
+
+@pytest.mark.parametrize("shape", TILINGS, ids=[f"T{t}-N{n}-H{h}" for t, n, h in TILINGS])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_tilings(cell, shape, path):
+    T_, N_, H_ = shape
+    m, f, m64 = _cuda_pair(cell, 8, H_, bidirectional=True)
+    x, hx, upstream = _inputs(cell, 1, True, False, True, torch.float32, T=T_, N=N_, C=8, H=H_)
+    compare_all(*run_cuda(cell, x, hx, m, f, m64, upstream))
+    assert rnnfast.last_cuda_path() == (path, path)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_inference_equals_training_forward(cell, path):
+    """Inference saves nothing (and the persistent LSTM keeps c in place): bitwise the
+    outputs and final states of a training forward, on each path."""
+    _, f, _ = _cuda_pair(cell, 8, 48)
+    x = torch.randn(7, 5, 8, device=CUDA)
+    got = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out, state = f(x)
+        states = state if isinstance(state, tuple) else (state,)
+        got.append([out.detach(), *[s.detach() for s in states]])
+        assert rnnfast.last_cuda_path()[0] == path
+    assert all(torch.equal(a, b) for a, b in zip(*got))
+
+
+def test_forcing_the_persistent_path_where_it_cannot_run_is_a_clear_error():
+    """W_hh of an LSTM with H = 4096 in float32 (256 MiB) cannot stay on chip: forced, the
+    persistent path says so; on auto the per-step path runs."""
+    f = rnnfast.LSTM(4, 4096).to(CUDA)
+    x = torch.randn(2, 1, 4, device=CUDA)
+    with rnnfast.cuda_path("persistent"):
+        with pytest.raises(RuntimeError, match="persistent CUDA path was forced.*cannot run"):
+            f(x)
+    with rnnfast.cuda_path("auto"), torch.no_grad():
+        f(x)
+    assert rnnfast.last_cuda_path()[0] == "step"
 
 
 @pytest.mark.parametrize("cell", list(CELLS))

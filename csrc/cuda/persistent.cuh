@@ -337,8 +337,9 @@ PersistentLaunch plan_persistent(const char* op, int64_t N, int64_t H, at::Scala
               "the device allows " + std::to_string(prop.sharedMemPerBlockOptin / 1024) + " KiB";
         return false;
       }
+      // the device's maximum, not this call's size: calls from several threads may race
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+                                          static_cast<int>(prop.sharedMemPerBlockOptin)));
       int per_sm = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
                                                                    kPersistentThreads, smem));

@@ -6,7 +6,11 @@ time-major `x` [T, N, C] from the initial state `hx` and returns (output, state)
 torch.nn; `module` owns the parameters whose gradients forward+backward produces.
 
 Contenders:
-  rnnfast         rnnfast.RNN / LSTM / GRU with the torch.nn module's state_dict
+  rnnfast         rnnfast.RNN / LSTM / GRU with the torch.nn module's state_dict, on the
+                  CUDA path setting in force when the benchmark started (default auto)
+  rnnfast step, rnnfast persistent
+                  (GPU) the same with that CUDA path forced (csrc/cuda/persistent.cuh),
+                  to see what `auto` chose against what it could have had
   torch.nn        the torch.nn module itself (CPU: native ATen/oneDNN kernels; GPU: cuDNN)
   reference loop  rnnfast.reference.forward: a Python loop over the cell equations, the
                   code people write without a fused layer
@@ -50,12 +54,24 @@ def make_torch_module(cell, shape, dtype, device, seed=0):
     return m.to(dtype=dtype, device=device)
 
 
-def _rnnfast(ref, cell, shape, mode):
-    m = FAST_CLASSES[cell](shape.C, shape.H, num_layers=shape.layers,
-                           bidirectional=shape.bidirectional, **EXTRA_ARGS[cell])
-    m = m.to(dtype=ref.weight_ih_l0.dtype, device=ref.weight_ih_l0.device)
-    m.load_state_dict(ref.state_dict())
-    return m, m
+def _rnnfast_on(path):
+    """The rnnfast contender on a CUDA path (None: the setting in force when it is built).
+    Each call sets the path, which stays set through the backward that follows it: the
+    contenders' calls interleave."""
+    def build(ref, cell, shape, mode):
+        if path is not None:
+            _require_cuda(f"rnnfast {path}", ref)
+        m = FAST_CLASSES[cell](shape.C, shape.H, num_layers=shape.layers,
+                               bidirectional=shape.bidirectional, **EXTRA_ARGS[cell])
+        m = m.to(dtype=ref.weight_ih_l0.dtype, device=ref.weight_ih_l0.device)
+        m.load_state_dict(ref.state_dict())
+        chosen = path or rnnfast.get_cuda_path()
+
+        def call(x, hx):
+            rnnfast.set_cuda_path(chosen)
+            return m(x, hx)
+        return m, call
+    return build
 
 
 def _torch_nn(ref, cell, shape, mode):
@@ -218,7 +234,9 @@ def _haste(ref, cell, shape, mode):
 
 
 BUILDERS: Dict[str, Callable] = {
-    "rnnfast": _rnnfast,
+    "rnnfast": _rnnfast_on(None),
+    "rnnfast step": _rnnfast_on("step"),
+    "rnnfast persistent": _rnnfast_on("persistent"),
     "torch.nn": _torch_nn,
     "reference loop": _reference_loop,
     "compiled loop": _compiled_loop,
@@ -237,7 +255,7 @@ def build(name, ref, cell, shape, mode) -> Tuple[nn.Module, Callable]:
 
 def unavailable_here(name: str, device: str) -> Optional[str]:
     """Why `name` cannot run at all on `device` (checked once per run), or None."""
-    if name in ("flashrnn", "haste") and device != "cuda":
+    if name in ("flashrnn", "haste", "rnnfast step", "rnnfast persistent") and device != "cuda":
         return f"{name} runs on CUDA only"
     try:
         if name == "flashrnn":

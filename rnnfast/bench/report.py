@@ -83,11 +83,20 @@ def _mib(r: dict) -> str:
     return f"{m / 2**20:.1f}" if m is not None else "n/a"
 
 
+def _us_per_step(rec: dict) -> str:
+    r = rec["results"].get("rnnfast", {})
+    return f"{r['median_s'] / rec['T'] * 1e6:.1f}" if "median_s" in r else "n/a"
+
+
 def table_rows(records: Sequence[dict], contenders: Sequence[str]):
-    """Column names and rows (lists of strings) of the results table."""
+    """Column names and rows (lists of strings) of the results table. On CUDA two more
+    columns: rnnfast's time per step (time / T) and the path it took (forward, or
+    forward/backward)."""
     others = [c for c in contenders if c != "rnnfast"]
+    cuda = any(rec["device"] == "cuda" for rec in records)
     cols = (["cell", "mode", "dtype", "shape", "T", "N", "C", "H", "L", "D"]
             + [f"{c} ms" for c in contenders] + ["rnnfast steps/s"]
+            + (["rnnfast us/step", "path"] if cuda else [])
             + [f"vs {c}" for c in others] + ["MiB rnnfast", "MiB torch.nn"])
     rows = []
     for rec in records:
@@ -95,6 +104,8 @@ def table_rows(records: Sequence[dict], contenders: Sequence[str]):
         rows.append([rec["cell"], rec["mode"], rec["dtype"], rec["shape"], str(rec["T"]), str(rec["N"]),
                      str(rec["C"]), str(rec["H"]), str(rec["layers"]), str(rec["D"])]
                     + [_ms(res.get(c, {})) for c in contenders] + [_rate(res.get("rnnfast", {}))]
+                    + ([_us_per_step(rec), res.get("rnnfast", {}).get("cuda_path", "n/a")]
+                       if cuda else [])
                     + [_speedup(rec, c) for c in others]
                     + [_mib(res.get("rnnfast", {})), _mib(res.get("torch.nn", {}))])
     return cols, rows

@@ -8,6 +8,8 @@ import time
 
 import torch
 
+import rnnfast
+
 from . import contenders as C
 from .plot import plot
 from .report import (case_label, format_summary, format_table, header_line, machine_header,
@@ -61,7 +63,16 @@ def guard_error(got, expected) -> float:
 def bench_case(cell, shape, mode, dtype, device, names, timing, seed=0):
     """Times one case; returns its record. Every contender runs the same weights on the
     same inputs; one whose output disagrees with rnnfast's (torch.nn's if rnnfast
-    itself failed) is reported, not timed."""
+    itself failed) is reported, not timed. The CUDA path setting, which the rnnfast
+    contenders switch, is restored afterwards."""
+    path = rnnfast.get_cuda_path()
+    try:
+        return _bench_case(cell, shape, mode, dtype, device, names, timing, seed)
+    finally:
+        rnnfast.set_cuda_path(path)
+
+
+def _bench_case(cell, shape, mode, dtype, device, names, timing, seed):
     ref = C.make_torch_module(cell, shape, dtype, device, seed)
     g = torch.Generator().manual_seed(seed + 1)
     # drawn in float32 on the CPU, so every dtype and device sees the same numbers
@@ -116,6 +127,12 @@ def bench_case(cell, shape, mode, dtype, device, names, timing, seed=0):
                                      warmup=timing["warmup"], max_runs=max_runs)
     for name, e in errors.items():
         rows[name] = {"error": e}
+    if cuda and "rnnfast" in steps:
+        # the path auto takes: one more call of rnnfast's, alone
+        steps["rnnfast"]()
+        torch.cuda.synchronize()
+        fwd, bwd = rnnfast.last_cuda_path()
+        rows["rnnfast"]["cuda_path"] = fwd if mode == "fwd" else f"{fwd}/{bwd}"
     for name, (med, spread, n) in timed.items():
         rows[name].update({"median_s": med, "spread": spread, "runs": n,
                            "steps_per_s": shape.T * shape.N / med})

@@ -1,0 +1,77 @@
+"""The CUDA path switch (rnnfast.cuda_path and friends, RNNFAST_CUDA_PATH): its API on any
+machine. Which path runs on a GPU, and that both give torch.nn's results, is tested in
+test_cuda.py."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rnnfast
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_default_is_auto():
+    assert rnnfast.get_cuda_path() == "auto"
+
+
+def test_set_returns_the_previous_setting():
+    assert rnnfast.set_cuda_path("step") == "auto"
+    try:
+        assert rnnfast.get_cuda_path() == "step"
+        assert rnnfast.set_cuda_path("persistent") == "step"
+        assert rnnfast.get_cuda_path() == "persistent"
+    finally:
+        rnnfast.set_cuda_path("auto")
+    assert rnnfast.get_cuda_path() == "auto"
+
+
+def test_context_manager_restores_even_after_an_error():
+    with pytest.raises(KeyError):
+        with rnnfast.cuda_path("step"):
+            assert rnnfast.get_cuda_path() == "step"
+            raise KeyError("inside")
+    assert rnnfast.get_cuda_path() == "auto"
+
+
+@pytest.mark.parametrize("bad", ["fast", "", "Persistent"])
+def test_unknown_path_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="expected 'auto', 'persistent' or 'step', but got"):
+        rnnfast.set_cuda_path(bad)
+    assert rnnfast.get_cuda_path() == "auto"
+
+
+def test_non_string_path_is_a_clear_error():
+    with pytest.raises(TypeError, match="expected the path as a str"):
+        rnnfast.set_cuda_path(1)
+
+
+def test_the_cpu_ignores_the_setting():
+    f = rnnfast.LSTM(3, 5)
+    x = torch.randn(4, 2, 3)
+    expected = f(x)[0]
+    with rnnfast.cuda_path("persistent"):
+        assert torch.equal(f(x)[0], expected)
+
+
+def _in_child(code, env_value):
+    env = dict(os.environ, RNNFAST_CUDA_PATH=env_value)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("value", ["step", "persistent", "auto"])
+def test_environment_variable_sets_the_initial_value(value):
+    done = _in_child("import rnnfast; print(rnnfast.get_cuda_path())", value)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == value
+
+
+def test_bad_environment_variable_is_a_clear_error():
+    done = _in_child("import rnnfast; rnnfast.get_cuda_path()", "fastest")
+    assert done.returncode != 0
+    assert "RNNFAST_CUDA_PATH: expected 'auto', 'persistent' or 'step', but got 'fastest'" \
+        in done.stderr

@@ -21,10 +21,15 @@
 //   GEMMs, and the workspace layout is the per-step path's, so either forward path pairs
 //   with either backward path.
 //
-// Dot product (tile_dot, FFMA in acc_t): warp w takes the rows in chunks of RPW; lane l
-//   takes k = l, l + 32, ...; each lane holds NT x RPW partial sums, and a halving
-//   exchange across the lanes (warp_split_reduce) leaves each lane NT * RPW / 32 finished
-//   sums. The order is fixed: results are bitwise deterministic.
+// Dot products, in a fixed order (results are bitwise deterministic):
+//   tile_dot (FFMA in acc_t; float32/float64, and every backward): warp w takes the rows in
+//   chunks of RPW; lane l takes k = l, l + 32, ...; each lane holds NT x RPW partial sums,
+//   and a halving exchange across the lanes (warp_split_reduce) leaves each lane
+//   NT * RPW / 32 finished sums.
+//   tile_dot_mma (tensor cores; the float16/bfloat16 forward, NT = 16): WMMA 16x16x16 tiles
+//   with fp32 accumulators; the r_pad / 16 column tiles are shared out to the warps, each
+//   tile's k range split over several warps whose partial tiles are then summed. K is
+//   zero-padded to a multiple of 16.
 //
 // Barrier protocol (grid_barrier): one 64-bit counter per launch, zeroed before it. At
 //   its k-th barrier every block adds 1 and waits until the counter reaches k * B; the
@@ -37,6 +42,7 @@
 #pragma once
 
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <string>
 
@@ -122,20 +128,37 @@ __device__ __forceinline__ void warp_split_reduce(acc_t (&v)[M], int lane) {
   warp_split_stage<M, M / 2>(v, lane);
 }
 
-// out[n][r] = sum_k xs[n][k] ws[r][k] for n < NT, r < r_pad (r_pad a multiple of RPW,
-// padded rows of ws are zero); xs [NT, K], ws [r_pad, K], out [NT, r_pad], all in shared
-// memory.
+// The warps over one k range each of a row chunk, when the chunks are fewer than the warps.
+__host__ __device__ inline int ffma_splits(int chunks, int warps) {
+  return chunks >= warps ? 1 : warps / chunks;
+}
+
+// Elements of tile_dot's scratch (acc_t) for NT rows and r_pad rows of ws.
+template <int NT, int RPW>
+__host__ __device__ inline int ffma_scratch(int r_pad) {
+  const int splits = ffma_splits(r_pad / RPW, kPersistentThreads / 32);
+  return splits == 1 ? 0 : splits * NT * r_pad;
+}
+
+// out[n][r] = sum_k xs[n][k] ws[r][k] for n < NT, r < r_pad (a multiple of RPW; padded
+// rows of ws are zero); xs [NT, K], ws [r_pad, K], out [NT, r_pad] and scratch
+// (ffma_scratch elements), all in shared memory. Jobs: each chunk of RPW rows, split into
+// `splits` k ranges when there are fewer chunks than warps (small H); the ranges' partial
+// sums meet in scratch and are added in a fixed order.
 template <int NT, int RPW, typename w_t, typename x_t, typename acc_t>
 __device__ __forceinline__ void tile_dot(const w_t* __restrict__ ws, int r_pad,
                                          const x_t* __restrict__ xs, int K,
-                                         acc_t* __restrict__ out) {
+                                         acc_t* __restrict__ out, acc_t* __restrict__ scratch) {
   constexpr int M = NT * RPW, kPerLane = M / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  for (int r0 = warp * RPW; r0 < r_pad; r0 += warps * RPW) {
+  const int chunks = r_pad / RPW, splits = ffma_splits(chunks, warps);
+  for (int job = warp; job < chunks * splits; job += warps) {
+    const int r0 = (job / splits) * RPW, sp = job % splits;
+    const int k_end = (sp + 1) * K / splits;
     acc_t acc[M];
 #pragma unroll
     for (int i = 0; i < M; ++i) acc[i] = acc_t(0);
-    for (int k = lane; k < K; k += 32) {
+    for (int k = sp * K / splits + lane; k < k_end; k += 32) {
       acc_t xv[NT];
 #pragma unroll
       for (int n = 0; n < NT; ++n) xv[n] = acc_t(xs[n * K + k]);
@@ -147,40 +170,129 @@ __device__ __forceinline__ void tile_dot(const w_t* __restrict__ ws, int r_pad,
       }
     }
     warp_split_reduce<M>(acc, lane);
+    acc_t* dst = splits == 1 ? out : scratch + sp * NT * r_pad;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
       const int idx = lane * kPerLane + j;
-      out[(idx / RPW) * r_pad + r0 + idx % RPW] = acc[j];
+      dst[(idx / RPW) * r_pad + r0 + idx % RPW] = acc[j];
+    }
+  }
+  if (splits > 1) {
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < NT * r_pad; idx += blockDim.x) {
+      acc_t v = scratch[idx];
+      for (int sp = 1; sp < splits; ++sp) v += scratch[sp * NT * r_pad + idx];
+      out[idx] = v;
     }
   }
 }
 
-// xs[nl][k] = src[n0 + nl][k] for the NT rows of a tile (zero past N); src [N, K].
+// xs[nl][k] = src[n0 + nl][k] for the NT rows of a tile, zero past N and for K <= k < ld;
+// src [N, K], xs [NT, ld].
 template <int NT, typename x_t>
-__device__ __forceinline__ void stage_rows(const x_t* src, int64_t n0, int64_t N, int K,
+__device__ __forceinline__ void stage_rows(const x_t* src, int64_t n0, int64_t N, int K, int ld,
                                            x_t* __restrict__ xs) {
 #pragma unroll 1
   for (int nl = 0; nl < NT; ++nl) {
     const bool valid = n0 + nl < N;
     const x_t* row = src + (n0 + nl) * K;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) {
-      xs[nl * K + k] = valid ? load_cg(row + k) : x_t(0);
+    for (int k = threadIdx.x; k < ld; k += blockDim.x) {
+      xs[nl * ld + k] = valid && k < K ? load_cg(row + k) : x_t(0);
     }
   }
 }
 
-// Shared memory of a persistent kernel: ws [r_pad, K] w_t, xs [NT, K] x_t, out [NT, r_pad]
-// acc_t, each region 16-byte aligned.
-struct SmemLayout {
-  size_t xs_offset, out_offset, bytes;
+// ---- tensor cores for float16/bfloat16 (the forward): WMMA 16x16x16, fp32 accumulators ----
+template <typename scalar_t>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
 };
-__host__ __device__ inline size_t align16(size_t v) { return (v + 15) / 16 * 16; }
-template <typename w_t, typename x_t, typename acc_t>
-__host__ __device__ inline SmemLayout smem_layout(int nt, int r_pad, int64_t K) {
-  const size_t xs = align16(size_t(r_pad) * K * sizeof(w_t));
-  const size_t out = align16(xs + size_t(nt) * K * sizeof(x_t));
-  return {xs, out, out + size_t(nt) * r_pad * sizeof(acc_t)};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Warps of the MMA tile: the r_pad / 16 column tiles, each split over kMmaSplits(r_tiles)
+// warps by ranges of k (their partial tiles summed in `scratch` afterwards).
+__host__ __device__ inline int mma_splits(int r_tiles, int warps) {
+  return r_tiles >= warps ? 1 : warps / r_tiles;
 }
+
+// out[n][r] = sum_{k < K} xs[n][k] ws[r][k] for n < 16, r < r_pad (a multiple of 16), K a
+// multiple of 16 (zero-padded); xs [16, ld], ws [r_pad, ld] in scalar_t (ld = mma_ld(K):
+// rows 16 bytes apart modulo 128, so a fragment's rows fall in different banks), out
+// [16, r_pad] and scratch [r_tiles * splits, 16, 16] in float; all shared memory, 32-byte
+// aligned.
+template <typename scalar_t>
+__device__ __forceinline__ void tile_dot_mma(const scalar_t* ws, int r_pad, const scalar_t* xs,
+                                             int K, int ld, float* out, float* scratch) {
+  using namespace nvcuda;
+  using T = typename WmmaType<scalar_t>::type;
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int r_tiles = r_pad / 16, k_steps = K / 16, splits = mma_splits(r_tiles, warps);
+  const T* a_base = reinterpret_cast<const T*>(xs);
+  const T* b_base = reinterpret_cast<const T*>(ws);
+  for (int job = warp; job < r_tiles * splits; job += warps) {
+    const int rt = job / splits, sp = job % splits;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    wmma::fill_fragment(c, 0.0f);
+    for (int ks = sp * k_steps / splits; ks < (sp + 1) * k_steps / splits; ++ks) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+      wmma::load_matrix_sync(a, a_base + ks * 16, ld);                 // a[n][k] = xs[n][k]
+      wmma::load_matrix_sync(b, b_base + rt * 16 * ld + ks * 16, ld);  // b[k][r] = ws[r][k]
+      wmma::mma_sync(c, a, b, c);
+    }
+    wmma::store_matrix_sync(scratch + job * 256, c, 16, wmma::mem_row_major);
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < 16 * r_pad; idx += blockDim.x) {
+    const int n = idx / r_pad, r = idx % r_pad, rt = r / 16;
+    float v = 0.0f;
+    for (int sp = 0; sp < splits; ++sp) v += scratch[(rt * splits + sp) * 256 + n * 16 + r % 16];
+    out[idx] = v;
+  }
+}
+
+// The row length of tile_dot_mma's operands for K columns.
+__host__ __device__ inline int mma_ld(int K) { return round_up(K, 16) + 8; }
+
+// Bytes of tile_dot_mma's scratch for r_pad rows.
+__host__ __device__ inline size_t mma_scratch_bytes(int r_pad) {
+  const int r_tiles = r_pad / 16;
+  return size_t(r_tiles) * mma_splits(r_tiles, kPersistentThreads / 32) * 256 * sizeof(float);
+}
+
+// Shared memory of a persistent kernel: ws [r_pad, ld] w_t, xs [NT, ld] x_t, out [NT, r_pad]
+// acc_t, then the dot product's scratch; each region 128-byte aligned.
+struct SmemLayout {
+  size_t xs_offset, out_offset, scratch_offset, bytes;
+};
+__host__ __device__ inline size_t align128(size_t v) { return (v + 127) / 128 * 128; }
+template <typename w_t, typename x_t, typename acc_t>
+__host__ __device__ inline SmemLayout smem_layout(int nt, int r_pad, int64_t ld,
+                                                  size_t scratch_bytes) {
+  const size_t xs = align128(size_t(r_pad) * ld * sizeof(w_t));
+  const size_t out = align128(xs + size_t(nt) * ld * sizeof(x_t));
+  const size_t sc = align128(out + size_t(nt) * r_pad * sizeof(acc_t));
+  return {xs, out, sc, sc + scratch_bytes};
+}
+
+// The scratch bytes of a kernel's dot product.
+template <int NT, int RPW, bool kMma, typename acc_t>
+__host__ __device__ inline size_t scratch_bytes(int r_pad) {
+  if constexpr (kMma) {
+    return mma_scratch_bytes(r_pad);
+  } else {
+    return size_t(ffma_scratch<NT, RPW>(r_pad)) * sizeof(acc_t);
+  }
+}
+
+// Whether the forward of scalar_t runs on tensor cores (tile_dot_mma, NT = RPW = 16).
+template <typename scalar_t>
+constexpr bool kForwardMma = sizeof(scalar_t) == 2;
 
 // The forward of one layer and direction. Cell provides kGates and
 //   forward(p, s, t, tp, n, u, hh[G], h_prev): the pointwise update of unit u, row n.
@@ -188,21 +300,24 @@ template <typename Cell, typename scalar_t, typename acc_t, int NT, int RPW>
 __global__ void __launch_bounds__(kPersistentThreads, 1)
     persistent_forward(const PersistentParams<scalar_t, acc_t> p) {
   constexpr int G = Cell::kGates;
-  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr bool kMma = kForwardMma<scalar_t>;
+  static_assert(!kMma || (NT == 16 && RPW == 16), "the MMA tile is 16 x 16");
+  extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
-  const int U = p.units, K = static_cast<int>(H);
+  const int U = p.units, K = static_cast<int>(H), ld = kMma ? mma_ld(K) : K;
   const int64_t u0 = int64_t(blockIdx.x) * U;
   const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
   const int r_pad = round_up(G * U, RPW);
-  const SmemLayout lay = smem_layout<scalar_t, scalar_t, acc_t>(NT, r_pad, K);
+  const SmemLayout lay = smem_layout<scalar_t, scalar_t, acc_t>(
+      NT, r_pad, ld, scratch_bytes<NT, RPW, kMma, acc_t>(r_pad));
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
   scalar_t* xs = reinterpret_cast<scalar_t*>(smem + lay.xs_offset);
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
 
-  for (int64_t idx = threadIdx.x; idx < int64_t(r_pad) * K; idx += blockDim.x) {
-    const int r = static_cast<int>(idx / K), k = static_cast<int>(idx % K);
+  for (int64_t idx = threadIdx.x; idx < int64_t(r_pad) * ld; idx += blockDim.x) {
+    const int r = static_cast<int>(idx / ld), k = static_cast<int>(idx % ld);
     const int g = r / U, j = r % U;
-    ws[idx] = g < G && j < here ? p.w_hh[(g * H + u0 + j) * H + k] : scalar_t(0);
+    ws[idx] = g < G && j < here && k < K ? p.w_hh[(g * H + u0 + j) * H + k] : scalar_t(0);
   }
   __syncthreads();
 
@@ -210,9 +325,15 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
     const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
     for (int64_t n0 = 0; n0 < N; n0 += NT) {
-      stage_rows<NT>(h_prev, n0, N, K, xs);
+      stage_rows<NT>(h_prev, n0, N, K, ld, xs);
       __syncthreads();
-      tile_dot<NT, RPW>(ws, r_pad, xs, K, out);
+      if constexpr (kMma) {
+        tile_dot_mma(ws, r_pad, xs, round_up(K, 16), ld, out,
+                     reinterpret_cast<float*>(smem + lay.scratch_offset));
+      } else {
+        tile_dot<NT, RPW>(ws, r_pad, xs, K, out,
+                          reinterpret_cast<acc_t*>(smem + lay.scratch_offset));
+      }
       __syncthreads();
       for (int idx = threadIdx.x; idx < NT * here; idx += blockDim.x) {
         const int nl = idx / here, j = idx % here;
@@ -220,7 +341,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         acc_t hh[G];
 #pragma unroll
         for (int g = 0; g < G; ++g) hh[g] = out[nl * r_pad + g * U + j];
-        Cell::forward(p, s, t, tp, n0 + nl, u0 + j, hh, acc_t(xs[nl * K + u0 + j]));
+        Cell::forward(p, s, t, tp, n0 + nl, u0 + j, hh, acc_t(xs[nl * ld + u0 + j]));
       }
       __syncthreads();  // xs and out are reused by the next tile
     }
@@ -235,13 +356,14 @@ template <typename Cell, typename scalar_t, typename acc_t, int NT, int RPW>
 __global__ void __launch_bounds__(kPersistentThreads, 1)
     persistent_backward(const PersistentParams<scalar_t, acc_t> p) {
   constexpr int G = Cell::kGates;
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
   const int U = p.units, K = static_cast<int>(G * H);
   const int64_t u0 = int64_t(blockIdx.x) * U;
   const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
   const int r_pad = round_up(U, RPW);
-  const SmemLayout lay = smem_layout<scalar_t, acc_t, acc_t>(NT, r_pad, K);
+  const SmemLayout lay = smem_layout<scalar_t, acc_t, acc_t>(
+      NT, r_pad, K, scratch_bytes<NT, RPW, false, acc_t>(r_pad));
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
   acc_t* xs = reinterpret_cast<acc_t*>(smem + lay.xs_offset);
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
@@ -261,9 +383,9 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     grid_barrier(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
     const acc_t* dg = p.dg_hh + t * N * K;
     for (int64_t n0 = 0; n0 < N; n0 += NT) {
-      stage_rows<NT>(dg, n0, N, K, xs);
+      stage_rows<NT>(dg, n0, N, K, K, xs);
       __syncthreads();
-      tile_dot<NT, RPW>(ws, r_pad, xs, K, out);
+      tile_dot<NT, RPW>(ws, r_pad, xs, K, out, reinterpret_cast<acc_t*>(smem + lay.scratch_offset));
       __syncthreads();
       for (int idx = threadIdx.x; idx < NT * here; idx += blockDim.x) {
         const int nl = idx / here, j = idx % here;
@@ -280,12 +402,12 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 // ---- host side: which path runs, and the launch ----
 
 // A first cost model for `auto`, per step, to be refined with measurements: the persistent
-// path does 2*N*G*H*H FFMA flops spread over the SMs at about half of their peak, plus a
-// barrier; the per-step path pays its launches, plus a GEMM at tensor-core (16-bit) or
-// FFMA (fp32/fp64) speed.
+// path does 2*N*G*H*H flops spread over the SMs, with FFMA at about half of their peak
+// (or tensor cores at a quarter of a GEMM's rate), plus a barrier; the per-step path pays
+// its launches, plus a GEMM at tensor-core (16-bit) or FFMA (fp32/fp64) speed.
 constexpr double kBarrierUs = 2.0, kStepOverheadUs = 15.0, kFfmaEfficiency = 0.5;
 
-inline bool persistent_wins(int64_t N, int G, int64_t H, at::ScalarType dtype,
+inline bool persistent_wins(int64_t N, int G, int64_t H, at::ScalarType dtype, bool mma,
                             const cudaDeviceProp& prop) {
   const double flops = 2.0 * N * G * H * H;
   int clock_khz = 0;
@@ -293,9 +415,10 @@ inline bool persistent_wins(int64_t N, int G, int64_t H, at::ScalarType dtype,
   const double clock_hz = clock_khz * 1e3;
   const double fma_lanes = dtype == at::kDouble ? 64.0 : 128.0;  // per SM per cycle
   const double ffma_per_s = prop.multiProcessorCount * fma_lanes * 2.0 * clock_hz;
-  const double persistent_us = flops / (ffma_per_s * kFfmaEfficiency) * 1e6 + kBarrierUs;
   const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16;
   const double gemm_per_s = tensor_cores ? 8.0 * ffma_per_s : 0.7 * ffma_per_s;
+  const double persistent_per_s = mma ? 0.25 * gemm_per_s : kFfmaEfficiency * ffma_per_s;
+  const double persistent_us = flops / persistent_per_s * 1e6 + kBarrierUs;
   const double step_us = kStepOverheadUs + flops / gemm_per_s * 1e6;
   return persistent_us < step_us;
 }
@@ -324,14 +447,19 @@ PersistentLaunch plan_persistent(const char* op, int64_t N, int64_t H, at::Scala
   const int64_t K = kBackward ? G * H : H;
   const int64_t rows = kBackward ? units : G * units;
   using x_t = std::conditional_t<kBackward, acc_t, scalar_t>;
+  constexpr bool kMma = !kBackward && kForwardMma<scalar_t>;
   std::string why;
   if (!prop.cooperativeLaunch) {
     why = "the device does not support cooperative launches";
   } else {
     auto try_tile = [&](auto nt, auto rpw, const void* kernel) {
       constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
+      const int r_pad = round_up(static_cast<int>(rows), kRPW);
+      const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : K;
       const size_t smem =
-          smem_layout<scalar_t, x_t, acc_t>(kNT, round_up(static_cast<int>(rows), kRPW), K).bytes;
+          smem_layout<scalar_t, x_t, acc_t>(kNT, r_pad, ld,
+                                            scratch_bytes<kNT, kRPW, kMma, acc_t>(r_pad))
+              .bytes;
       if (smem > prop.sharedMemPerBlockOptin) {
         why = "it needs " + std::to_string(smem / 1024) + " KiB of shared memory per block and " +
               "the device allows " + std::to_string(prop.sharedMemPerBlockOptin / 1024) + " KiB";
@@ -354,19 +482,30 @@ PersistentLaunch plan_persistent(const char* op, int64_t N, int64_t H, at::Scala
     using I4 = std::integral_constant<int, 4>;
     using I8 = std::integral_constant<int, 8>;
     using I16 = std::integral_constant<int, 16>;
-    const void* k16 = kBackward
-        ? reinterpret_cast<const void*>(&persistent_backward<Cell, scalar_t, acc_t, 16, 4>)
-        : reinterpret_cast<const void*>(&persistent_forward<Cell, scalar_t, acc_t, 16, 4>);
-    const void* k4 = kBackward
-        ? reinterpret_cast<const void*>(&persistent_backward<Cell, scalar_t, acc_t, 4, 8>)
-        : reinterpret_cast<const void*>(&persistent_forward<Cell, scalar_t, acc_t, 4, 8>);
-    if (!(N > 4 && try_tile(I16{}, I4{}, k16))) try_tile(I4{}, I8{}, k4);
+    if constexpr (kMma) {
+      try_tile(I16{}, I16{},
+               reinterpret_cast<const void*>(&persistent_forward<Cell, scalar_t, acc_t, 16, 16>));
+    } else if constexpr (kBackward) {
+      if (!(N > 4 && try_tile(I16{}, I4{},
+                              reinterpret_cast<const void*>(
+                                  &persistent_backward<Cell, scalar_t, acc_t, 16, 4>)))) {
+        try_tile(I4{}, I8{},
+                 reinterpret_cast<const void*>(&persistent_backward<Cell, scalar_t, acc_t, 4, 8>));
+      }
+    } else {
+      if (!(N > 4 && try_tile(I16{}, I4{},
+                              reinterpret_cast<const void*>(
+                                  &persistent_forward<Cell, scalar_t, acc_t, 16, 4>)))) {
+        try_tile(I4{}, I8{},
+                 reinterpret_cast<const void*>(&persistent_forward<Cell, scalar_t, acc_t, 4, 8>));
+      }
+    }
   }
   if (plan.kernel == nullptr) {
     TORCH_CHECK(mode != CudaPath::kPersistent, op,
                 ": the persistent CUDA path was forced (rnnfast.cuda_path / RNNFAST_CUDA_PATH), "
                 "but it cannot run for H=", H, ": ", why);
-  } else if (mode == CudaPath::kAuto && !persistent_wins(N, G, H, dtype, prop)) {
+  } else if (mode == CudaPath::kAuto && !persistent_wins(N, G, H, dtype, kMma, prop)) {
     plan = PersistentLaunch{};
   }
   note_cuda_path(kBackward, plan.kernel ? CudaPath::kPersistent : CudaPath::kStep);

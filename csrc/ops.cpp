@@ -122,7 +122,9 @@ CudaPath cuda_path_mode() {
   int mode = path_mode.load();
   if (mode < 0) {
     const char* env = std::getenv("RNNFAST_CUDA_PATH");
-    mode = env == nullptr || *env == 0 ? 0 : parse_path("RNNFAST_CUDA_PATH", env);
+    // the default stays `step` until the persistent kernels have passed on a GPU
+    mode = env == nullptr || *env == 0 ? static_cast<int>(CudaPath::kStep)
+                                       : parse_path("RNNFAST_CUDA_PATH", env);
     path_mode.store(mode);
   }
   return static_cast<CudaPath>(mode);

@@ -100,7 +100,8 @@ void check_activation(const char* op, int64_t activation);
 // Which CUDA design runs an op (see cuda/persistent.cuh): kAuto picks per call, the
 // persistent kernels where W_hh fits on chip and the cost model favours them, else the
 // per-step GEMMs. Set by rnnfast.cuda_path (Python) or RNNFAST_CUDA_PATH=auto|persistent|
-// step; the CPU ignores it.
+// step; the default is kStep until the persistent kernels have run on a GPU. The CPU
+// ignores it.
 enum class CudaPath : int { kAuto = 0, kStep = 1, kPersistent = 2 };
 CudaPath cuda_path_mode();
 // Records the path the last CUDA forward (backward) took, for rnnfast.last_cuda_path().

@@ -138,10 +138,10 @@ class GRUFunction(torch.autograd.Function):
 # ---- which CUDA design runs (csrc/cuda/persistent.cuh); the CPU ignores the setting ----
 
 def get_cuda_path():
-    """The CUDA path setting: 'auto' (the default: the persistent kernels where the weights
-    fit on chip and they are expected to be faster, else the per-step GEMMs),
-    'persistent' or 'step'. The environment variable RNNFAST_CUDA_PATH sets the initial
-    value."""
+    """The CUDA path setting: 'auto' (the persistent kernels where the weights fit on chip
+    and they are expected to be faster, else the per-step GEMMs), 'persistent' or 'step'
+    (the default, until the persistent kernels have run on a GPU). The environment
+    variable RNNFAST_CUDA_PATH sets the initial value."""
     return _C._cuda_path()
 
 

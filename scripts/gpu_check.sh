@@ -9,7 +9,7 @@
 #      have not changed since);
 #   4. bench7: the persistent-kernel issue's table (--set issue7: T=1024, N 1-256, H 256-1024,
 #      float32 and bfloat16) with rnnfast on auto, both paths forced, and cuDNN;
-#   4b. bench: the full set against cuDNN and the Python loop, if time is left;
+#   4b. bench: the full set against cuDNN and the Python loop (rnnfast on auto), if time is left;
 #   4c. peers (only when named in GPU_CHECK_STAGES): FlashRNN, Haste from .peers/ (see
 #      scripts/peers.sh) and the torch.compile'd loop on two shapes;
 #   5. the CPU tests (the rest of tests/), if time is left;
@@ -239,12 +239,13 @@ else
 fi
 if wanted bench7; then
   # 144 cases x 4 contenders at T=1024: few runs each
-  run_stage bench7 300 60 "$PY" -m benchmarks.bench --device cuda --set issue7 \
+  run_stage bench7 300 60 env RNNFAST_CUDA_PATH=auto "$PY" -m benchmarks.bench --device cuda --set issue7 \
     --dtypes float32 bfloat16 --contenders rnnfast "rnnfast persistent" "rnnfast step" torch.nn \
     --repeats 5 --min-time 0 --markdown --json "$OUT/gpu-bench7.json"
 fi
 if wanted bench; then
-  run_stage bench 200 40 "$PY" -m benchmarks.bench --device cuda "${BENCH[@]}" --json "$OUT/gpu-bench.json"
+  run_stage bench 200 40 env RNNFAST_CUDA_PATH=auto "$PY" -m benchmarks.bench --device cuda "${BENCH[@]}" \
+    --json "$OUT/gpu-bench.json"
 fi
 
 # ---- 4b. the published peers (FlashRNN, Haste) and torch.compile, on two shapes, if time is

@@ -132,8 +132,6 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
   Tensor workspace = at::empty({training ? T : 0, N, 4 * H}, x.options().dtype(acc));
   if (T == 0 || N == 0 || H == 0) return {y, h0.clone(), workspace};
   const Tensor xp = input_projection(x, w_ih, b_ih);
-  Tensor hh = at::empty({N, 3 * H}, x.options());
-  const Tensor w_hh_t = w_hh.t();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "gru_forward_cuda", [&] {
@@ -151,6 +149,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
           launch_persistent(plan, p, x);
           return;
         }
+        Tensor hh = at::empty({N, 3 * H}, x.options());
+        const Tensor w_hh_t = w_hh.t();
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const scalar_t* h_prev = s == 0 ? h0.data_ptr<scalar_t>() : yp + tp * N * H;
@@ -185,7 +185,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
   }
   Tensor dg_ih = at::empty({T, N, 3 * H}, x.options().dtype(acc));
   Tensor dg_hh = at::empty({T, N, 3 * H}, x.options().dtype(acc));
-  const Tensor w_hh_acc = w_hh.to(acc).contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "gru_backward_cuda", [&] {
@@ -204,6 +203,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
           launch_persistent(plan, p, x);
           return;
         }
+        const Tensor w_hh_acc = w_hh.to(acc).contiguous();
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const scalar_t* h_prev = s == 0 ? h0.data_ptr<scalar_t>() : yp + tp * N * H;

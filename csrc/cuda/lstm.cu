@@ -124,15 +124,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
   const auto acc = workspace_dtype(x.scalar_type());
   Tensor y = at::empty({T, N, H}, x.options());
   Tensor workspace = at::empty({training ? T : 0, N, 5 * H}, x.options().dtype(acc));
-  Tensor c_turns = at::empty({training ? 0 : 2, N, H}, x.options().dtype(acc));
+  Tensor c_turns;  // the per-step path's c in inference (two turns)
   const Tensor c0_acc = c0.to(acc).contiguous();
   if (T == 0 || N == 0 || H == 0) {
     return {y, h0.clone(), c0.clone(), workspace};
   }
   const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
   Tensor c_state;  // the persistent path's c in inference
-  Tensor hh = at::empty({N, 4 * H}, x.options());
-  const Tensor w_hh_t = w_hh.t();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "lstm_forward_cuda", [&] {
@@ -142,7 +140,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
         const PersistentLaunch plan =
             plan_persistent<LstmCell, scalar_t, acc_t, false>(op, N, H, x.scalar_type());
         if (plan.kernel != nullptr) {
-          c_state = c0_acc.clone();
+          if (!training) c_state = c0_acc.clone();
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hh.data_ptr<scalar_t>();
@@ -152,7 +150,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
           launch_persistent(plan, p, x);
           return;
         }
-        acc_t* ct = c_turns.data_ptr<acc_t>();
+        if (!training) c_turns = at::empty({2, N, H}, x.options().dtype(acc));
+        acc_t* ct = training ? nullptr : c_turns.data_ptr<acc_t>();
+        Tensor hh = at::empty({N, 4 * H}, x.options());
+        const Tensor w_hh_t = w_hh.t();
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           gates_gemm(s == 0 ? h0 : y[tp], w_hh_t, hh);
@@ -209,7 +210,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
             at::zeros_like(w_ih), at::zeros_like(w_hh), at::zeros({4 * H}, x.options())};
   }
   Tensor dg = at::empty({T, N, 4 * H}, x.options().dtype(acc));
-  const Tensor w_hh_acc = w_hh.to(acc).contiguous();
   const Tensor c0_acc = c0.to(acc).contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -229,6 +229,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
           launch_persistent(plan, p, x);
           return;
         }
+        const Tensor w_hh_acc = w_hh.to(acc).contiguous();
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const acc_t* c_prev = s == 0 ? c0_acc.data_ptr<acc_t>() : ws + tp * N * 5 * H + 4 * H;

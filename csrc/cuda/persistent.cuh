@@ -403,11 +403,15 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 
 // A first cost model for `auto`, per step, to be refined with measurements: the persistent
 // path does 2*N*G*H*H flops spread over the SMs, with FFMA at about half of their peak
-// (or tensor cores at a quarter of a GEMM's rate), plus a barrier; the per-step path pays
-// its launches, plus a GEMM at tensor-core (16-bit) or FFMA (fp32/fp64) speed.
+// (or tensor cores at a quarter of a GEMM's rate), reads all of h (forward) or dg
+// (backward: G*H wide, in acc_t) from L2 in every block, and waits at a barrier; the
+// per-step path pays its launches, plus a GEMM at tensor-core (16-bit) or FFMA (fp32/fp64)
+// speed.
 constexpr double kBarrierUs = 2.0, kStepOverheadUs = 15.0, kFfmaEfficiency = 0.5;
+constexpr double kL2BytesPerS = 5e12;
 
 inline bool persistent_wins(int64_t N, int G, int64_t H, at::ScalarType dtype, bool mma,
+                            int64_t blocks, double staged_bytes_per_row,
                             const cudaDeviceProp& prop) {
   const double flops = 2.0 * N * G * H * H;
   int clock_khz = 0;
@@ -418,7 +422,8 @@ inline bool persistent_wins(int64_t N, int G, int64_t H, at::ScalarType dtype, b
   const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16;
   const double gemm_per_s = tensor_cores ? 8.0 * ffma_per_s : 0.7 * ffma_per_s;
   const double persistent_per_s = mma ? 0.25 * gemm_per_s : kFfmaEfficiency * ffma_per_s;
-  const double persistent_us = flops / persistent_per_s * 1e6 + kBarrierUs;
+  const double staging_us = blocks * N * staged_bytes_per_row / kL2BytesPerS * 1e6;
+  const double persistent_us = flops / persistent_per_s * 1e6 + staging_us + kBarrierUs;
   const double step_us = kStepOverheadUs + flops / gemm_per_s * 1e6;
   return persistent_us < step_us;
 }
@@ -505,7 +510,8 @@ PersistentLaunch plan_persistent(const char* op, int64_t N, int64_t H, at::Scala
     TORCH_CHECK(mode != CudaPath::kPersistent, op,
                 ": the persistent CUDA path was forced (rnnfast.cuda_path / RNNFAST_CUDA_PATH), "
                 "but it cannot run for H=", H, ": ", why);
-  } else if (mode == CudaPath::kAuto && !persistent_wins(N, G, H, dtype, kMma, prop)) {
+  } else if (mode == CudaPath::kAuto &&
+             !persistent_wins(N, G, H, dtype, kMma, plan.blocks, double(K) * sizeof(x_t), prop)) {
     plan = PersistentLaunch{};
   }
   note_cuda_path(kBackward, plan.kernel ? CudaPath::kPersistent : CudaPath::kStep);

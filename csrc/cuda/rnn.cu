@@ -77,8 +77,6 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
   Tensor y = at::empty({T, N, H}, x.options());
   if (T == 0 || N == 0 || H == 0) return {y, h0.clone()};
   const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
-  Tensor hh = at::empty({N, H}, x.options());
-  const Tensor w_hh_t = w_hh.t();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "rnn_forward_cuda", [&] {
@@ -95,6 +93,8 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
           launch_persistent(plan, p, x);
           return;
         }
+        Tensor hh = at::empty({N, H}, x.options());
+        const Tensor w_hh_t = w_hh.t();
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           gates_gemm(s == 0 ? h0 : y[tp], w_hh_t, hh);
@@ -127,7 +127,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
             at::zeros_like(w_hh), at::zeros({H}, x.options())};
   }
   Tensor dg = at::empty({T, N, H}, x.options().dtype(acc));
-  const Tensor w_hh_acc = w_hh.to(acc).contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "rnn_backward_cuda", [&] {
@@ -144,6 +143,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
           launch_persistent(plan, p, x);
           return;
         }
+        const Tensor w_hh_acc = w_hh.to(acc).contiguous();
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse);
           acc_t* dgt = dg.data_ptr<acc_t>() + t * N * H;

@@ -4,8 +4,67 @@
 
 namespace rnnfast::cuda {
 
-// The GRU's pointwise work inside the persistent kernels: the same math and workspace
-// layout as gru_forward_step and gru_backward_step below.
+// ---- the GRU's pointwise math, once, for both designs ----
+
+// From the input side's pre-activations x_r, x_z, x_n (b_ih included) and the hidden side's
+// hh_r, hh_z, hh_n (b_hh included):
+//   r = sigma(x_r + hh_r), z = sigma(x_z + hh_z), n = tanh(x_n + r * hh_n),
+// and hn = hh_n, which the backward needs.
+template <typename acc_t>
+struct GruGates {
+  acc_t r, z, n, hn;
+};
+template <typename acc_t>
+__device__ __forceinline__ GruGates<acc_t> gru_point(acc_t xr, acc_t xz, acc_t xn, acc_t hr,
+                                                     acc_t hz, acc_t hn) {
+  const acc_t r = sigmoid_act(xr + hr);
+  const acc_t z = sigmoid_act(xz + hz);
+  return {r, z, tanh_act(xn + r * hn), hn};
+}
+
+// h_t from the gates and h_{t-1}
+template <typename acc_t>
+__device__ __forceinline__ acc_t gru_h(const GruGates<acc_t>& s, acc_t h_prev) {
+  return (acc_t(1) - s.z) * s.n + s.z * h_prev;
+}
+
+// r, z, n, hn into a workspace row (cr = its unit's first entry)
+template <typename acc_t>
+__device__ __forceinline__ void gru_store(acc_t* cr, int64_t H, const GruGates<acc_t>& s) {
+  cr[0] = s.r;
+  cr[H] = s.z;
+  cr[2 * H] = s.n;
+  cr[3 * H] = s.hn;
+}
+
+// Backward of one unit and row: from its workspace row cr (r, z, n, hn), the total dh and
+// h_{t-1}, the gate gradients of the input side di[0, H, 2H] and of the hidden side
+// dhh[0, H, 2H] (they differ in the n gate: r scales the hidden side); returns dh_{t-1}'s
+// direct term dh_total * z (the hidden side's GEMM adds the rest).
+template <typename acc_t>
+__device__ __forceinline__ acc_t gru_point_backward(const acc_t* cr, int64_t H, acc_t dh_total,
+                                                    acc_t h_prev, acc_t* di, acc_t* dhh) {
+  const acc_t r = cr[0], z = cr[H], nn = cr[2 * H], hn = cr[3 * H];
+  const acc_t dn = dh_total * (acc_t(1) - z) * (acc_t(1) - nn * nn);
+  const acc_t dz = dh_total * (h_prev - nn) * z * (acc_t(1) - z);
+  const acc_t dr = dn * hn * r * (acc_t(1) - r);
+  di[0] = dr;
+  di[H] = dz;
+  di[2 * H] = dn;
+  dhh[0] = dr;
+  dhh[H] = dz;
+  dhh[2 * H] = dn * r;
+  return dh_total * z;
+}
+
+// b_hh's entry for gate g of unit u, or 0 without bias
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t gru_hidden_bias(const scalar_t* b_hh, int64_t H, int g,
+                                                 int64_t u) {
+  return b_hh ? acc_t(b_hh[g * H + u]) : acc_t(0);
+}
+
+// ---- persistent kernels: the GRU's part (see persistent.cuh) ----
 struct GruCell {
   static constexpr int kGates = 3;
   static constexpr bool kDirectDh = true;  // dh_{t-1} = dg_hh W_hh + dh_t * z
@@ -16,49 +75,30 @@ struct GruCell {
                                  acc_t h_prev) {
     const int64_t H = p.H, row = t * p.N + n;
     const scalar_t* xr = p.xp + row * 3 * H + u;
-    const scalar_t* b = p.b_hh;
-    const acc_t r = sigmoid_act(acc_t(xr[0]) + (hh[0] + (b ? acc_t(b[u]) : acc_t(0))));
-    const acc_t z = sigmoid_act(acc_t(xr[H]) + (hh[1] + (b ? acc_t(b[H + u]) : acc_t(0))));
-    const acc_t hn = hh[2] + (b ? acc_t(b[2 * H + u]) : acc_t(0));
-    const acc_t nn = tanh_act(acc_t(xr[2 * H]) + r * hn);
-    p.y[row * H + u] = scalar_t((acc_t(1) - z) * nn + z * h_prev);
-    if (p.cache != nullptr) {
-      acc_t* cr = p.cache + row * 4 * H + u;
-      cr[0] = r;
-      cr[H] = z;
-      cr[2 * H] = nn;
-      cr[3 * H] = hn;
-    }
+    const GruGates<acc_t> st = gru_point(
+        acc_t(xr[0]), acc_t(xr[H]), acc_t(xr[2 * H]),
+        hh[0] + gru_hidden_bias<scalar_t, acc_t>(p.b_hh, H, 0, u),
+        hh[1] + gru_hidden_bias<scalar_t, acc_t>(p.b_hh, H, 1, u),
+        hh[2] + gru_hidden_bias<scalar_t, acc_t>(p.b_hh, H, 2, u));
+    p.y[row * H + u] = scalar_t(gru_h(st, h_prev));
+    if (p.cache != nullptr) gru_store(p.cache + row * 4 * H + u, H, st);
   }
 
   template <typename scalar_t, typename acc_t>
   __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t s,
                                   int64_t t, int64_t tp, int64_t n, int64_t u) {
     const int64_t H = p.H, N = p.N, row = t * N + n, idx = n * H + u;
-    const acc_t* cr = p.cache + row * 4 * H + u;
-    const acc_t r = cr[0], z = cr[H], nn = cr[2 * H], hn = cr[3 * H];
-    const acc_t dh_total = acc_t(p.dy[row * H + u]) + p.dh[idx];
-    const acc_t hp = acc_t(s == 0 ? p.h0[idx] : p.y[(tp * N + n) * H + u]);
-    const acc_t dn = dh_total * (acc_t(1) - z) * (acc_t(1) - nn * nn);
-    const acc_t dz = dh_total * (hp - nn) * z * (acc_t(1) - z);
-    const acc_t dr = dn * hn * r * (acc_t(1) - r);
-    acc_t* di = p.dg_ih + row * 3 * H + u;
-    acc_t* dhh = p.dg_hh + row * 3 * H + u;
-    di[0] = dr;
-    di[H] = dz;
-    di[2 * H] = dn;
-    dhh[0] = dr;
-    dhh[H] = dz;
-    dhh[2 * H] = dn * r;
-    p.dh[idx] = dh_total * z;
+    const acc_t h_prev = acc_t(s == 0 ? p.h0[idx] : p.y[(tp * N + n) * H + u]);
+    p.dh[idx] = gru_point_backward(p.cache + row * 4 * H + u, H,
+                                   acc_t(p.dy[row * H + u]) + p.dh[idx], h_prev,
+                                   p.dg_ih + row * 3 * H + u, p.dg_hh + row * 3 * H + u);
   }
 };
 
+// ---- per-step kernels ----
+
 // One step: xp = x W_ih^T + b_ih (all three gates), hh = h_{t-1} W_hh^T (b_hh added here,
-// as b_hn must sit inside r * (...)):
-//   r = sigma(xp_r + hh_r + b_hr), z = sigma(xp_z + hh_z + b_hz),
-//   n = tanh(xp_n + r * (hh_n + b_hn)), h = (1 - z) * n + z * h_{t-1}.
-// cache [N, 4H] = r, z, n, hh_n + b_hn when training.
+// as b_hn must sit inside r * (...)); cache [N, 4H] = r, z, n, hh_n + b_hn when training.
 template <typename scalar_t, typename acc_t>
 __global__ void gru_forward_step(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ hh,
                                  const scalar_t* __restrict__ b_hh,
@@ -68,28 +108,18 @@ __global__ void gru_forward_step(const scalar_t* __restrict__ xp, const scalar_t
     const int64_t n = idx / H, u = idx % H;
     const scalar_t* xr = xp + n * 3 * H + u;
     const scalar_t* hr = hh + n * 3 * H + u;
-    const acc_t br = b_hh ? acc_t(b_hh[u]) : acc_t(0);
-    const acc_t bz = b_hh ? acc_t(b_hh[H + u]) : acc_t(0);
-    const acc_t bn = b_hh ? acc_t(b_hh[2 * H + u]) : acc_t(0);
-    const acc_t r = sigmoid_act(acc_t(xr[0]) + (acc_t(hr[0]) + br));
-    const acc_t z = sigmoid_act(acc_t(xr[H]) + (acc_t(hr[H]) + bz));
-    const acc_t hn = acc_t(hr[2 * H]) + bn;
-    const acc_t nn = tanh_act(acc_t(xr[2 * H]) + r * hn);
-    const acc_t hp = acc_t(h_prev[idx]);
-    h[idx] = scalar_t((acc_t(1) - z) * nn + z * hp);
-    if (cache != nullptr) {
-      acc_t* cr = cache + n * 4 * H + u;
-      cr[0] = r;
-      cr[H] = z;
-      cr[2 * H] = nn;
-      cr[3 * H] = hn;
-    }
+    const GruGates<acc_t> st = gru_point(
+        acc_t(xr[0]), acc_t(xr[H]), acc_t(xr[2 * H]),
+        acc_t(hr[0]) + gru_hidden_bias<scalar_t, acc_t>(b_hh, H, 0, u),
+        acc_t(hr[H]) + gru_hidden_bias<scalar_t, acc_t>(b_hh, H, 1, u),
+        acc_t(hr[2 * H]) + gru_hidden_bias<scalar_t, acc_t>(b_hh, H, 2, u));
+    h[idx] = scalar_t(gru_h(st, acc_t(h_prev[idx])));
+    if (cache != nullptr) gru_store(cache + n * 4 * H + u, H, st);
   }
 }
 
-// Backward of one step: gate gradients for the input side dg_ih [N, 3H] and the hidden
-// side dg_hh [N, 3H] (they differ in the n gate: r scales the hidden side), and dh's
-// direct term dh_total * z written into dh, to which the GEMM then adds dg_hh W_hh.
+// Backward of one step: the gate gradients dg_ih and dg_hh [N, 3H], and dh's direct term
+// written into dh, to which the GEMM then adds dg_hh W_hh.
 template <typename scalar_t, typename acc_t>
 __global__ void gru_backward_step(const scalar_t* __restrict__ dy, acc_t* __restrict__ dh,
                                   const scalar_t* __restrict__ h_prev,
@@ -97,22 +127,8 @@ __global__ void gru_backward_step(const scalar_t* __restrict__ dy, acc_t* __rest
                                   acc_t* __restrict__ dg_hh, int64_t N, int64_t H) {
   RNNFAST_GRID_STRIDE(idx, N * H) {
     const int64_t n = idx / H, u = idx % H;
-    const acc_t* cr = cache + n * 4 * H + u;
-    const acc_t r = cr[0], z = cr[H], nn = cr[2 * H], hn = cr[3 * H];
-    const acc_t dh_total = acc_t(dy[idx]) + dh[idx];
-    const acc_t hp = acc_t(h_prev[idx]);
-    const acc_t dn = dh_total * (acc_t(1) - z) * (acc_t(1) - nn * nn);
-    const acc_t dz = dh_total * (hp - nn) * z * (acc_t(1) - z);
-    const acc_t dr = dn * hn * r * (acc_t(1) - r);
-    acc_t* di = dg_ih + n * 3 * H + u;
-    acc_t* dhh = dg_hh + n * 3 * H + u;
-    di[0] = dr;
-    di[H] = dz;
-    di[2 * H] = dn;
-    dhh[0] = dr;
-    dhh[H] = dz;
-    dhh[2 * H] = dn * r;
-    dh[idx] = dh_total * z;
+    dh[idx] = gru_point_backward(cache + n * 4 * H + u, H, acc_t(dy[idx]) + dh[idx],
+                                 acc_t(h_prev[idx]), dg_ih + n * 3 * H + u, dg_hh + n * 3 * H + u);
   }
 }
 

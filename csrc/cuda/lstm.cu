@@ -4,8 +4,48 @@
 
 namespace rnnfast::cuda {
 
-// The LSTM's pointwise work inside the persistent kernels: the same math and workspace
-// layout as lstm_forward_step and lstm_backward_step below.
+// ---- the LSTM's pointwise math, once, for both designs ----
+
+// From the gate pre-activations x_g + hh_g (both biases included) and c_{t-1}: the
+// activated gates i, f, g, o and c_t.
+template <typename acc_t>
+struct LstmGates {
+  acc_t i, f, g, o, c;
+};
+template <typename acc_t>
+__device__ __forceinline__ LstmGates<acc_t> lstm_point(acc_t pi, acc_t pf, acc_t pg, acc_t po,
+                                                       acc_t c_prev) {
+  LstmGates<acc_t> s{sigmoid_act(pi), sigmoid_act(pf), tanh_act(pg), sigmoid_act(po), acc_t(0)};
+  s.c = s.f * c_prev + s.i * s.g;
+  return s;
+}
+
+// i, f, g, o into a workspace row (cr = its unit's first entry; c sits at 4H, written by
+// the caller, which may keep c elsewhere)
+template <typename acc_t>
+__device__ __forceinline__ void lstm_store_gates(acc_t* cr, int64_t H, const LstmGates<acc_t>& s) {
+  cr[0] = s.i;
+  cr[H] = s.f;
+  cr[2 * H] = s.g;
+  cr[3 * H] = s.o;
+}
+
+// Backward of one unit and row: from its workspace row cr (i, f, g, o, c), the total dh and
+// the carried dc_t, the gate gradients into dr[0, H, 2H, 3H]; returns dc_{t-1}.
+template <typename acc_t>
+__device__ __forceinline__ acc_t lstm_point_backward(const acc_t* cr, int64_t H, acc_t dh_total,
+                                                     acc_t dc, acc_t c_prev, acc_t* dr) {
+  const acc_t i = cr[0], f = cr[H], g = cr[2 * H], o = cr[3 * H], c = cr[4 * H];
+  const acc_t tc = tanh_act(c);
+  const acc_t dc_total = dc + dh_total * o * (acc_t(1) - tc * tc);
+  dr[0] = dc_total * g * i * (acc_t(1) - i);
+  dr[H] = dc_total * c_prev * f * (acc_t(1) - f);
+  dr[2 * H] = dc_total * i * (acc_t(1) - g * g);
+  dr[3 * H] = dh_total * tc * o * (acc_t(1) - o);
+  return dc_total * f;
+}
+
+// ---- persistent kernels: the LSTM's part (see persistent.cuh) ----
 struct LstmCell {
   static constexpr int kGates = 4;
   static constexpr bool kDirectDh = false;
@@ -22,45 +62,33 @@ struct LstmCell {
                                  int64_t tp, int64_t n, int64_t u, const acc_t (&hh)[4], acc_t) {
     const int64_t H = p.H, row = t * p.N + n;
     const scalar_t* xr = p.xp + row * 4 * H + u;
-    const acc_t i = sigmoid_act(acc_t(xr[0]) + hh[0]);
-    const acc_t f = sigmoid_act(acc_t(xr[H]) + hh[1]);
-    const acc_t g = tanh_act(acc_t(xr[2 * H]) + hh[2]);
-    const acc_t o = sigmoid_act(acc_t(xr[3 * H]) + hh[3]);
-    const acc_t c = f * c_prev(p, s, tp, n, u) + i * g;
+    const LstmGates<acc_t> st =
+        lstm_point(acc_t(xr[0]) + hh[0], acc_t(xr[H]) + hh[1], acc_t(xr[2 * H]) + hh[2],
+                   acc_t(xr[3 * H]) + hh[3], c_prev(p, s, tp, n, u));
     if (p.cache != nullptr) {
       acc_t* cr = p.cache + row * 5 * H + u;
-      cr[0] = i;
-      cr[H] = f;
-      cr[2 * H] = g;
-      cr[3 * H] = o;
-      cr[4 * H] = c;
+      lstm_store_gates(cr, H, st);
+      cr[4 * H] = st.c;
     } else {
-      p.c_state[n * H + u] = c;
+      p.c_state[n * H + u] = st.c;
     }
-    p.y[row * H + u] = scalar_t(o * tanh_act(c));
+    p.y[row * H + u] = scalar_t(st.o * tanh_act(st.c));
   }
 
   template <typename scalar_t, typename acc_t>
   __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t s,
                                   int64_t t, int64_t tp, int64_t n, int64_t u) {
     const int64_t H = p.H, row = t * p.N + n, idx = n * H + u;
-    const acc_t* cr = p.cache + row * 5 * H + u;
-    const acc_t i = cr[0], f = cr[H], g = cr[2 * H], o = cr[3 * H], c = cr[4 * H];
-    const acc_t dh_total = acc_t(p.dy[row * H + u]) + p.dh[idx];
-    const acc_t tc = tanh_act(c);
-    const acc_t dc_total = p.dc[idx] + dh_total * o * (acc_t(1) - tc * tc);
-    acc_t* dr = p.dg_ih + row * 4 * H + u;
-    dr[0] = dc_total * g * i * (acc_t(1) - i);
-    dr[H] = dc_total * c_prev(p, s, tp, n, u) * f * (acc_t(1) - f);
-    dr[2 * H] = dc_total * i * (acc_t(1) - g * g);
-    dr[3 * H] = dh_total * tc * o * (acc_t(1) - o);
-    p.dc[idx] = dc_total * f;
+    p.dc[idx] = lstm_point_backward(p.cache + row * 5 * H + u, H,
+                                    acc_t(p.dy[row * H + u]) + p.dh[idx], p.dc[idx],
+                                    c_prev(p, s, tp, n, u), p.dg_ih + row * 4 * H + u);
   }
 };
 
-// One step for N rows, H units: gates = xp + hh (xp holds both biases), then
-// c = f * c_prev + i * g, h = o * tanh(c). c in acc_t; cache [N, 5H] = i, f, g, o, c when
-// training (c then lives in the cache: c == cache + 4H).
+// ---- per-step kernels ----
+
+// One step for N rows, H units: gates = xp + hh (xp holds both biases). c in acc_t; cache
+// [N, 5H] = i, f, g, o, c when training (c then lives in the cache: c == cache + 4H).
 template <typename scalar_t, typename acc_t>
 __global__ void lstm_forward_step(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ hh,
                                   const acc_t* c_prev, int64_t ld_c_prev, scalar_t* __restrict__ h,
@@ -69,20 +97,13 @@ __global__ void lstm_forward_step(const scalar_t* __restrict__ xp, const scalar_
     const int64_t n = idx / H, u = idx % H;
     const scalar_t* xr = xp + n * 4 * H + u;
     const scalar_t* hr = hh + n * 4 * H + u;
-    const acc_t i = sigmoid_act(acc_t(xr[0]) + acc_t(hr[0]));
-    const acc_t f = sigmoid_act(acc_t(xr[H]) + acc_t(hr[H]));
-    const acc_t g = tanh_act(acc_t(xr[2 * H]) + acc_t(hr[2 * H]));
-    const acc_t o = sigmoid_act(acc_t(xr[3 * H]) + acc_t(hr[3 * H]));
-    const acc_t c_new = f * c_prev[n * ld_c_prev + u] + i * g;
-    c[n * ld_c + u] = c_new;
-    h[n * H + u] = scalar_t(o * tanh_act(c_new));
-    if (cache != nullptr) {
-      acc_t* cr = cache + n * 5 * H + u;
-      cr[0] = i;
-      cr[H] = f;
-      cr[2 * H] = g;
-      cr[3 * H] = o;
-    }
+    const LstmGates<acc_t> st = lstm_point(
+        acc_t(xr[0]) + acc_t(hr[0]), acc_t(xr[H]) + acc_t(hr[H]),
+        acc_t(xr[2 * H]) + acc_t(hr[2 * H]), acc_t(xr[3 * H]) + acc_t(hr[3 * H]),
+        c_prev[n * ld_c_prev + u]);
+    c[n * ld_c + u] = st.c;
+    h[n * H + u] = scalar_t(st.o * tanh_act(st.c));
+    if (cache != nullptr) lstm_store_gates(cache + n * 5 * H + u, H, st);
   }
 }
 
@@ -96,17 +117,8 @@ __global__ void lstm_backward_step(const scalar_t* __restrict__ dy, const acc_t*
                                    acc_t* __restrict__ dg, int64_t N, int64_t H) {
   RNNFAST_GRID_STRIDE(idx, N * H) {
     const int64_t n = idx / H, u = idx % H;
-    const acc_t* cr = cache + n * 5 * H + u;
-    const acc_t i = cr[0], f = cr[H], g = cr[2 * H], o = cr[3 * H], c = cr[4 * H];
-    const acc_t dh_total = acc_t(dy[idx]) + dh[idx];
-    const acc_t tc = tanh_act(c);
-    const acc_t dc_total = dc[idx] + dh_total * o * (acc_t(1) - tc * tc);
-    acc_t* dr = dg + n * 4 * H + u;
-    dr[0] = dc_total * g * i * (acc_t(1) - i);
-    dr[H] = dc_total * c_prev[n * ld_c_prev + u] * f * (acc_t(1) - f);
-    dr[2 * H] = dc_total * i * (acc_t(1) - g * g);
-    dr[3 * H] = dh_total * tc * o * (acc_t(1) - o);
-    dc[idx] = dc_total * f;
+    dc[idx] = lstm_point_backward(cache + n * 5 * H + u, H, acc_t(dy[idx]) + dh[idx], dc[idx],
+                                  c_prev[n * ld_c_prev + u], dg + n * 4 * H + u);
   }
 }
 

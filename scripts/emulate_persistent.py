@@ -1,0 +1,1514 @@
+#!/usr/bin/env python3
+"""CPU emulation of the persistent CUDA kernels, to check them without a GPU.
+
+Emulates, as of commit 05f1272: csrc/cuda/persistent.cuh (stage_rows, tile_dot with its
+split-K, tile_dot_mma's WMMA 16x16x16 forward for 16-bit types, smem_layout and the scratch
+sizes, grid_barrier, both kernels, plan_persistent with the path forced) and the cells and
+ops of lstm.cu, gru.cu and rnn.cu. Indices are the CUDA code's; values are float64. Blocks
+are generators that yield at grid_barrier, run in a shuffled order on one counter; a thread
+loop is one vectorised operation; a warp's registers are a [32, ...] array (__shfl_xor_sync
+is lane ^ distance); load_matrix_sync / mma_sync / store_matrix_sync are the matrix
+operations they stand for, on the pointers and ldm passed, each asserting CUDA's rules
+(32-byte aligned pointer, ldm a multiple of 16 bytes); shared memory is one byte array of the
+host's plan.smem. A tracker flags out-of-bounds, misaligned or uninitialised accesses,
+cross-block races between grid barriers, plain loads of another block's data (needs
+__ldcg) and intra-block races between __syncthreads. A case's dtype picks the element sizes
+and so the kernels and layout (16-bit: tensor cores). Results are compared with
+rnnfast.reference and torch autograd, and with the CPU ops when a built rnnfast imports.
+
+It cannot show memory ordering on real hardware (fences and __ldcg are checked as rules),
+WMMA fragment internals (lane layout, rounding and summation order inside mma_sync),
+float32/16-bit rounding, or timing (bank conflicts, occupancy, the `auto` cost model).
+
+Run (exit status 1 on any mismatch or finding):
+  python scripts/emulate_persistent.py                  # the default case set
+  python scripts/emulate_persistent.py --full           # more shapes
+  python scripts/emulate_persistent.py --dtype float16  # every case on one dtype's path
+  python scripts/emulate_persistent.py --self-test      # every planted bug is caught
+tests/test_persistent_emulation.py runs the default set and the self-test under pytest.
+"""
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+BLOCK_DIM = 256  # kPersistentThreads
+WARPS = BLOCK_DIM // 32
+F64 = torch.float64
+
+# sizeof(scalar_t), sizeof(acc_t). bfloat16 takes float16's path (kForwardMma tests the
+# size only), so float16 stands for both.
+DTYPES = {"float64": (8, 8), "float32": (4, 4), "float16": (2, 4)}
+
+
+class Finding(Exception):
+    pass
+
+
+FINDINGS = {}
+
+# --self-test: planted bugs, one at a time, each of which the emulation must catch
+MUTATIONS = {
+    "shfl_distance": "warp_split_stage: xor distance HALF * 16 / M instead of HALF * 32 / M",
+    "split_keep_swapped": "warp_split_stage: the upper lane keeps the lower half",
+    "out_lane_map": "tile_dot: out index from idx = j * 32 + lane",
+    "fwd_ws_no_u0": "forward Ws load: W_hh row g * H + j (u0 missing)",
+    "bwd_ws_transposed": "backward Ws store at q * r_pad + j",
+    "r_pad_unrounded": "forward r_pad = G * U (not rounded up to RPW)",
+    "plain_stage_load": "stage_rows with a plain load instead of __ldcg",
+    "no_zero_rows": "stage_rows leaves the rows past N unwritten",
+    "no_tile_sync": "no __syncthreads between the dot product and the pointwise loop",
+    "no_bwd_barrier": "backward: no grid barrier between phase A and phase B",
+    "barrier_target_low": "barrier target k * B - 1",
+    "gru_direct_dh_off": "GRU phase B overwrites dh (kDirectDh ignored)",
+    "here_is_U": "here = U for every block",
+    "lstm_c_prev_t": "LSTM c_prev from cache[t] instead of cache[tp]",
+    "split_k_remainder": "tile_dot split-K: k_end = k_begin + K / splits (drops K % splits)",
+    "split_no_sync": "tile_dot split-K: no __syncthreads before the partials are summed",
+    "split_scratch_short": "ffma_scratch: (splits - 1) * NT * r_pad elements",
+    "split_slot_stride": "tile_dot split-K: partial sp at scratch + sp * NT * RPW",
+    "mma_b_pointer": "tile_dot_mma: b = ws + rt * 16 * K + ks * 16 (K for ld)",
+    "mma_ld_unpadded": "mma_ld(K) = K (no padding to a multiple of 16)",
+    "mma_ld_odd": "mma_ld(K) = round_up(K, 16) + 4 (ldm not a multiple of 8)",
+    "mma_split_slot": "tile_dot_mma: the sum over splits reads slot sp * r_tiles + rt",
+    "mma_no_k_pad": "stage_rows leaves xs[n][K:ld] unwritten",
+    "mma_ws_no_k_pad": "forward Ws load without k < K (reads W_hh past the row)",
+    "mma_scratch_no_splits": "mma_scratch_bytes: r_tiles * 256 floats (splits missing)",
+}
+MUT = set()
+
+
+def mut(name):
+    assert name in MUTATIONS, name
+    return name in MUT
+
+
+def finding(msg):
+    FINDINGS[msg] = FINDINGS.get(msg, 0) + 1
+
+
+# --------------------------------------------------------------------------------------
+# memory with access tracking
+# --------------------------------------------------------------------------------------
+class Ctx:
+    """One block: its index, the grid size, the launch's dynamic shared-memory bytes, its
+    grid epoch (barriers passed) and its __syncthreads count."""
+
+    def __init__(self, block, grid, smem_bytes):
+        self.block, self.grid, self.smem_bytes = block, grid, smem_bytes
+        self.epoch, self.sync = 0, 0
+
+    def syncthreads(self):
+        self.sync += 1
+
+    def key(self):
+        """This block's current __syncthreads interval, for the intra-block checks."""
+        return (self.block << 32) | self.sync
+
+    def shared_memory(self):
+        return Buf(f"smem[b{self.block}]", np.zeros(self.smem_bytes), initialized=False,
+                   shared=True)
+
+
+class Buf:
+    """A device buffer. Global buffers hold one type and are addressed by element; shared
+    memory (shared=True) is addressed by byte, a value living at its first byte with its
+    size in `tsize`, so that a read can tell a value of its own type from bytes that a
+    store through another region's pointer partly overwrote."""
+
+    def __init__(self, name, data, initialized=True, shared=False):
+        self.name, self.shared = name, shared
+        if isinstance(data, torch.Tensor):
+            data = data.detach().to(F64).contiguous().reshape(-1).numpy()
+        self.v = np.array(data, dtype=np.float64).reshape(-1).copy()
+        n = self.v.size
+        if not initialized:
+            self.v[:] = np.nan
+        self.init = np.full(n, bool(initialized))
+        self.tsize = np.zeros(n, np.int64) if shared else None
+        self.reset_launch()
+
+    def reset_launch(self):
+        n = self.v.size
+        # the intra-block checks compare (block, __syncthreads count) keys; the cross-block
+        # ones (global memory only) blocks and grid epochs
+        self.wkey = np.full(n, -1, np.int64)  # writer's key during this launch
+        self.wt = np.full(n, -1, np.int64)  # writer thread
+        self.rkey = np.full(n, -1, np.int64)  # key of the last reads
+        self.rt = np.full(n, -1, np.int64)  # their thread (-2: several)
+        if not self.shared:
+            self.wb = np.full(n, -1, np.int64)  # writer block
+            self.we = np.full(n, -1, np.int64)  # writer's grid epoch
+            self.re = np.full(n, -1, np.int64)  # grid epoch of the last reads
+            self.rmask = np.zeros(n, np.int64)  # blocks that read at epoch re
+
+    def tensor(self, shape):
+        return torch.from_numpy(self.v.copy()).reshape(shape)
+
+    def _check_access(self, addr, size, what, where):
+        if addr.min() < 0 or addr.max() + size > self.v.size:
+            raise Finding(f"{what} at {where} out of bounds of {self.name} (size "
+                          f"{self.v.size}): [{addr.min()}, {addr.max() + size - 1}]")
+        if self.shared and size > 1 and (addr % size).any():
+            finding(f"{what} at {where}: a {size}-byte access of {self.name} not "
+                    f"{size}-byte aligned")
+
+    @staticmethod
+    def _flat(addr, thr, val=None):
+        """Flattened addresses, with the threads (and values) broadcast to their shape."""
+        addr = np.asarray(addr, np.int64)
+        thr = np.asarray(thr, np.int64)
+        if thr.shape != addr.shape:
+            thr = np.broadcast_to(thr, addr.shape)
+        if val is not None:
+            val = np.asarray(val, np.float64)
+            if val.shape != addr.shape:
+                val = np.broadcast_to(val, addr.shape)
+            val = val.reshape(-1)
+        return addr.reshape(-1), thr.reshape(-1), val
+
+    def read(self, addr, ctx, thr, cg=False, where="", size=1):
+        """The values at addr, in its shape."""
+        shape = np.shape(addr)
+        addr, thr, _ = self._flat(addr, thr)
+        if not addr.size:
+            return np.zeros(shape)
+        self._check_access(addr, size, "read", where)
+        valid = self.init[addr]
+        if self.shared:
+            valid &= self.tsize[addr] == size
+        if not valid.all():
+            finding(f"uninitialised (or partly overwritten) read of {self.name} at {where}")
+        if not self.shared:
+            wb = self.wb[addr]
+            other = (wb >= 0) & (wb != ctx.block)
+            if other.any():
+                if (other & (self.we[addr] == ctx.epoch)).any():
+                    finding(f"RACE: {self.name} read at {where} in the same barrier interval "
+                            f"in which another block writes it")
+                if not cg:
+                    finding(f"plain load of {self.name} at {where}, written by another "
+                            f"block during the launch (needs __ldcg)")
+            bit = np.int64(1) << np.int64(ctx.block)
+            same = self.re[addr] == ctx.epoch
+            self.rmask[addr] = np.where(same, self.rmask[addr] | bit, bit)
+            self.re[addr] = ctx.epoch
+        key = ctx.key()
+        if ((self.wkey[addr] == key) & (self.wt[addr] != thr)).any():
+            finding(f"RACE (intra-block RAW): {self.name} at {where}")
+        # the last readers, for the intra-block WAR check: -2 once two threads read an
+        # address in one interval (two threads of this read among them when the stored
+        # thread differs from one of theirs)
+        newt = np.where((self.rkey[addr] == key) & (self.rt[addr] != thr), -2, thr)
+        self.rkey[addr], self.rt[addr] = key, newt
+        clash = self.rt[addr] != newt
+        if clash.any():
+            self.rt[addr[clash]] = -2
+        return self.v[addr].reshape(shape)
+
+    def write(self, addr, val, ctx, thr, where="", size=1):
+        addr, thr, val = self._flat(addr, thr, val)
+        if not addr.size:
+            return
+        self._check_access(addr, size, "write", where)
+        if not self.shared:
+            wb = self.wb[addr]
+            if ((wb >= 0) & (wb != ctx.block) & (self.we[addr] == ctx.epoch)).any():
+                finding(f"RACE (WAW): {self.name} at {where} written by two blocks in one "
+                        f"barrier interval")
+            bit = np.int64(1) << np.int64(ctx.block)
+            if ((self.re[addr] == ctx.epoch) & ((self.rmask[addr] & ~bit) != 0)).any():
+                finding(f"RACE (WAR): {self.name} written at {where} in the barrier interval "
+                        f"in which another block reads it")
+            self.wb[addr], self.we[addr] = ctx.block, ctx.epoch
+        key = ctx.key()
+        if ((self.wkey[addr] == key) & (self.wt[addr] != thr)).any():
+            finding(f"RACE (intra-block WAW): {self.name} at {where}")
+        if ((self.rkey[addr] == key) & (self.rt[addr] != thr)).any():
+            finding(f"RACE (intra-block WAR): {self.name} at {where}")
+        self.wkey[addr], self.wt[addr] = key, thr
+        if (self.wt[addr] != thr).any():
+            finding(f"RACE: two threads of one store to {self.name} at {where} write the same "
+                    f"address")
+        if self.shared:
+            # a value that starts up to 7 bytes below and reaches into this store is spoilt,
+            # as is any value starting inside the bytes this store covers
+            d = np.arange(1, 8)
+            below = (addr[:, None] - d).reshape(-1)
+            dist = np.broadcast_to(d, (addr.size, 7)).reshape(-1)
+            keep = below >= 0
+            below, dist = below[keep], dist[keep]
+            hit = below[self.tsize[below] > dist]
+            inside = (addr[:, None] + np.arange(1, size)).reshape(-1)
+            self.init[hit], self.tsize[hit] = False, 0
+            self.init[inside], self.tsize[inside] = False, 0
+            self.tsize[addr] = size
+        self.v[addr] = val
+        self.init[addr] = True
+
+
+class Ptr:
+    """A typed device pointer: a buffer, an address and the pointee's size in the buffer's
+    address units (bytes in shared memory; 1 in the element-addressed global buffers)."""
+
+    def __init__(self, buf, off=0, size=1):
+        self.buf, self.off, self.size = buf, int(off), size
+
+    def __add__(self, n):
+        return Ptr(self.buf, self.off + int(n) * self.size, self.size)
+
+    def addr(self, idx):
+        return self.off + np.asarray(idx, np.int64) * self.size
+
+    def read(self, idx, ctx, thr, cg=False, where=""):
+        return self.buf.read(self.addr(idx), ctx, thr, cg, where, self.size)
+
+    def write(self, idx, val, ctx, thr, where=""):
+        self.buf.write(self.addr(idx), val, ctx, thr, where, self.size)
+
+
+# --------------------------------------------------------------------------------------
+# device helpers (common.cuh, rnnfast.h)
+# --------------------------------------------------------------------------------------
+def sigmoid_act(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+tanh_act = np.tanh
+
+
+def time_index(s, T, reverse):
+    return T - 1 - s if reverse else s
+
+
+def round_up(v, m):
+    return (v + m - 1) // m * m
+
+
+# --------------------------------------------------------------------------------------
+# persistent.cuh: sizes and the shared-memory layout
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DType:
+    """What a kernel's code path depends on: sizeof(scalar_t) and sizeof(acc_t)."""
+    scalar: int
+    acc: int
+
+    @property
+    def mma(self):  # kForwardMma<scalar_t>
+        return self.scalar == 2
+
+
+def dtype_of(name):
+    return DType(*DTYPES[name])
+
+
+def ffma_splits(chunks, warps):
+    return 1 if chunks >= warps else warps // chunks
+
+
+def ffma_scratch(NT, RPW, r_pad):
+    splits = ffma_splits(r_pad // RPW, WARPS)
+    return 0 if splits == 1 else (splits - mut("split_scratch_short")) * NT * r_pad
+
+
+def mma_splits(r_tiles, warps):
+    return 1 if r_tiles >= warps else warps // r_tiles
+
+
+def mma_ld(K):
+    if mut("mma_ld_unpadded"):
+        return K
+    return round_up(K, 16) + (4 if mut("mma_ld_odd") else 8)
+
+
+def mma_scratch_bytes(r_pad):
+    r_tiles = r_pad // 16
+    splits = 1 if mut("mma_scratch_no_splits") else mma_splits(r_tiles, WARPS)
+    return r_tiles * splits * 256 * 4
+
+
+def scratch_bytes(NT, RPW, mma, acc_size, r_pad):
+    return mma_scratch_bytes(r_pad) if mma else ffma_scratch(NT, RPW, r_pad) * acc_size
+
+
+def align128(v):
+    return (v + 127) // 128 * 128
+
+
+@dataclasses.dataclass(frozen=True)
+class SmemLayout:
+    xs_offset: int
+    out_offset: int
+    scratch_offset: int
+    bytes: int
+
+
+def smem_layout(nt, r_pad, ld, scratch, w_size, x_size, acc_size):
+    xs = align128(r_pad * ld * w_size)
+    out = align128(xs + nt * ld * x_size)
+    sc = align128(out + nt * r_pad * acc_size)
+    return SmemLayout(xs, out, sc, sc + scratch)
+
+
+# --------------------------------------------------------------------------------------
+# persistent.cuh: the warp reduce, tile_dot, stage_rows
+# --------------------------------------------------------------------------------------
+LANES = np.arange(32, dtype=np.int64)
+STATS = {}
+
+
+def cover(*items):
+    STATS["cover"].update(items)
+
+
+def shfl_xor_sync(val, dist):
+    """__shfl_xor_sync(0xffffffff, ...) over val [jobs, 32 lanes, ...]: the partner lane's
+    value. The full mask is right: every lane has left the k loop before the reduce."""
+    return val[:, LANES ^ dist]
+
+
+def warp_split_stage(v, M, HALF):
+    kDist = HALF * 32 // M
+    if mut("shfl_distance"):
+        kDist = max(1, HALF * 16 // M)
+    upper = (LANES & kDist) != 0
+    if mut("split_keep_swapped"):
+        upper = ~upper
+    # `for i < HALF` (unrolled): iteration i reads v[i], v[i + HALF] and writes v[i] only,
+    # so the HALF iterations run here side by side, column i being iteration i
+    up = upper[None, :, None]
+    send = np.where(up, v[:, :, :HALF], v[:, :, HALF:2 * HALF])
+    keep = np.where(up, v[:, :, HALF:2 * HALF], v[:, :, :HALF])
+    v[:, :, :HALF] = keep + shfl_xor_sync(send, kDist)
+    if HALF > M // 32:
+        warp_split_stage(v, M, HALF // 2)
+
+
+def warp_split_reduce(v, M):
+    assert M >= 32 and (M & (M - 1)) == 0
+    warp_split_stage(v, M, M // 2)
+
+
+def tile_dot(NT, RPW, ws, r_pad, xs, K, out, scratch, ctx):
+    M, kPerLane = NT * RPW, NT * RPW // 32
+    chunks = r_pad // RPW
+    splits = ffma_splits(chunks, WARPS)
+    cover("ffma: split-K" if splits > 1 else "ffma: one k range per chunk")
+    if chunks > WARPS:
+        cover("ffma: several jobs per warp")
+    if splits > 1 and K % splits:
+        cover("ffma: K % splits != 0")
+    # `for (job = warp; job < chunks * splits; job += warps)`: row j of every array below
+    # is job j, run by warp j % warps (a warp's later jobs touch other outputs, and nothing
+    # orders the warps before the next __syncthreads, so all jobs run side by side)
+    job = np.arange(chunks * splits, dtype=np.int64)
+    r0, sp = job // splits * RPW, job % splits
+    k_begin = sp * K // splits
+    k_end = k_begin + K // splits if mut("split_k_remainder") else (sp + 1) * K // splits
+    thr = (job % WARPS * 32)[:, None] + LANES
+    # `for (k = k_begin + lane; k < k_end; k += 32)`, per lane: iteration it at k[:, :, it]
+    iters = -(-int((k_end - k_begin).max()) // 32)
+    k = k_begin[:, None, None] + LANES[None, :, None] + 32 * np.arange(iters)
+    act = k < k_end[:, None, None]
+    ka = k[act]
+    ta = np.broadcast_to(thr[:, :, None], k.shape)[act][:, None]
+    ra = np.broadcast_to(r0[:, None, None], k.shape)[act][:, None]
+    xv = np.zeros(k.shape + (NT,))
+    xv[act] = xs.read(np.arange(NT) * K + ka[:, None], ctx, ta, where="tile_dot xs")
+    w = np.zeros(k.shape + (RPW,))
+    w[act] = ws.read((ra + np.arange(RPW)) * K + ka[:, None], ctx, ta, where="tile_dot ws")
+    acc = np.zeros((job.size, 32, M))
+    for it in range(iters):  # for i < RPW, n < NT: acc[n * RPW + i] += xv[n] * w_i
+        a = act[:, :, it]
+        acc[a] += (xv[:, :, it, :, None] * w[:, :, it, None, :]).reshape(job.size, 32, M)[a]
+    warp_split_reduce(acc, M)
+    jj = np.arange(kPerLane)
+    idx = jj * 32 + LANES[:, None] if mut("out_lane_map") else LANES[:, None] * kPerLane + jj
+    elem = (idx // RPW) * r_pad + r0[:, None, None] + idx % RPW  # [job, lane, j]
+    slot = NT * (RPW if mut("split_slot_stride") else r_pad)  # scratch + sp * NT * r_pad
+    if splits == 1:
+        out.write(elem, acc[:, :, :kPerLane], ctx, thr[:, :, None], where="tile_dot out")
+    else:
+        scratch.write(sp[:, None, None] * slot + elem, acc[:, :, :kPerLane], ctx,
+                      thr[:, :, None], where="tile_dot scratch")
+        if not mut("split_no_sync"):
+            ctx.syncthreads()
+        idx = np.arange(NT * r_pad, dtype=np.int64)
+        t = idx % BLOCK_DIM
+        part = scratch.read(np.arange(splits) * slot + idx[:, None], ctx, t[:, None],
+                            where="tile_dot split sum")
+        v = part[:, 0].copy()
+        for s in range(1, splits):
+            v += part[:, s]
+        out.write(idx, v, ctx, t, where="tile_dot out (split sum)")
+
+
+def stage_rows(NT, src, n0, N, K, ld, xs, ctx):
+    # `#pragma unroll 1` over nl, then `for (k = threadIdx.x; k < ld; k += blockDim.x)`:
+    # no barrier inside, so the NT rows run side by side, row nl of the arrays
+    nl = np.arange(NT, dtype=np.int64)[:, None]
+    k = np.arange(ld, dtype=np.int64)[None, :]
+    thr = np.broadcast_to(k % BLOCK_DIM, (NT, ld))
+    row_valid = np.broadcast_to(n0 + nl < N, (NT, ld))
+    load = row_valid & (k < K)
+    val = np.zeros((NT, ld))
+    val[load] = src.read(((n0 + nl) * K + k)[load], ctx, thr[load],
+                         cg=not mut("plain_stage_load"), where="stage_rows (load_cg)")
+    store = np.ones((NT, ld), bool)
+    if mut("no_zero_rows"):
+        store &= row_valid
+    if mut("mma_no_k_pad"):
+        store &= k < K
+    xs.write((nl * ld + k)[store], val[store], ctx, thr[store], where="stage_rows xs")
+
+
+# --------------------------------------------------------------------------------------
+# persistent.cuh: tile_dot_mma on WMMA 16x16x16 fragments
+# --------------------------------------------------------------------------------------
+FRAG_I = np.arange(16, dtype=np.int64)[:, None]
+FRAG_J = np.arange(16, dtype=np.int64)[None, :]
+
+
+def wmma_rules(base, off, ldm, what):
+    """CUDA's rules for load_matrix_sync / store_matrix_sync: mptr 256-bit aligned, ldm a
+    multiple of 16 bytes. base + off[f] is fragment f's pointer; the smem base is
+    128-byte aligned (__align__(128)), so its offsets stand for the addresses."""
+    if (base.addr(off) % 32).any():
+        finding(f"WMMA {what}: pointer not 32-byte aligned")
+    if ldm * base.size % 16:
+        finding(f"WMMA {what}: ldm {ldm} not a multiple of {16 // base.size} elements")
+
+
+def frag_elem(ldm, layout):
+    """The element offset of a 16x16 matrix's (i, j) from its pointer."""
+    return FRAG_I * ldm + FRAG_J if layout == "row_major" else FRAG_I + FRAG_J * ldm
+
+
+def frag_thr(warp):
+    # which lane holds which element is unspecified; element e goes to lane e % 32 here,
+    # enough to tell the warp's accesses from other warps'
+    return warp[:, None, None] * 32 + (FRAG_I * 16 + FRAG_J) % 32
+
+
+def load_matrix_sync(base, off, ldm, layout, warp, ctx, what):
+    """Fragments f = (base + off[f]) [16, 16], (i, j) at (base + off[f])[frag_elem]."""
+    wmma_rules(base, off, ldm, f"load_matrix_sync ({what})")
+    return base.read(off[:, None, None] + frag_elem(ldm, layout), ctx, frag_thr(warp),
+                     where=f"load_matrix_sync ({what})")
+
+
+def store_matrix_sync(base, off, c, ldm, warp, ctx):
+    wmma_rules(base, off, ldm, "store_matrix_sync")
+    base.write(off[:, None, None] + frag_elem(ldm, "row_major"), c, ctx, frag_thr(warp),
+               where="store_matrix_sync")
+
+
+def mma_sync(a, b, c):
+    return a @ b + c
+
+
+def tile_dot_mma(ws, r_pad, xs, K, ld, out, scratch, ctx):
+    r_tiles, k_steps = r_pad // 16, K // 16
+    splits = mma_splits(r_tiles, WARPS)
+    cover("mma: split-K" if splits > 1 else "mma: one k range per tile")
+    if r_tiles > WARPS:
+        cover("mma: several jobs per warp")
+    # `for (job = warp; job < r_tiles * splits; job += warps)`, every job side by side as
+    # in tile_dot; the k loop runs in step over the jobs, inactive where a job's range ended
+    job = np.arange(r_tiles * splits, dtype=np.int64)
+    rt, sp, warp = job // splits, job % splits, job % WARPS
+    ks_begin, ks_end = sp * k_steps // splits, (sp + 1) * k_steps // splits
+    c = np.zeros((job.size, 16, 16))  # fill_fragment(c, 0.0f)
+    for it in range(int((ks_end - ks_begin).max())):
+        ks = ks_begin + it
+        on = ks < ks_end
+        ks, row = ks[on], rt[on] * 16 * (K if mut("mma_b_pointer") else ld)
+        a = load_matrix_sync(xs, ks * 16, ld, "row_major", warp[on], ctx, "a = xs")
+        b = load_matrix_sync(ws, row + ks * 16, ld, "col_major", warp[on], ctx, "b = ws")
+        c[on] = mma_sync(a, b, c[on])
+    store_matrix_sync(scratch, job * 256, c, 16, warp, ctx)
+    ctx.syncthreads()
+    idx = np.arange(16 * r_pad, dtype=np.int64)
+    n, r = idx // r_pad, idx % r_pad
+    sps = np.arange(splits)
+    slot = sps * r_tiles + (r // 16)[:, None] if mut("mma_split_slot") else \
+        (r // 16)[:, None] * splits + sps  # job rt * splits + sp
+    t = idx % BLOCK_DIM
+    part = scratch.read(slot * 256 + (n * 16 + r % 16)[:, None], ctx, t[:, None],
+                        where="tile_dot_mma split sum")
+    v = np.zeros(idx.size)
+    for s in range(splits):
+        v += part[:, s]
+    out.write(idx, v, ctx, t, where="tile_dot_mma out")
+
+
+# --------------------------------------------------------------------------------------
+# persistent.cuh: the kernels (generators that yield the barrier's target)
+# --------------------------------------------------------------------------------------
+class Params:
+    FIELDS = ("T N H units reverse activation xp w_hh b_hh h0 c0 y cache c_state dy dh dc "
+              "dg_ih dg_hh barrier").split()
+
+    def __init__(self, **kw):
+        for f in self.FIELDS:
+            setattr(self, f, None)
+        self.activation = 0
+        for k, v in kw.items():
+            assert k in self.FIELDS, k
+            setattr(self, k, v)
+
+
+def persistent_forward(Cell, NT, RPW, dt, p, ctx):
+    G = Cell.kGates
+    mma = dt.mma
+    assert not mma or (NT == 16 and RPW == 16), "the MMA tile is 16 x 16"
+    N, H = p.N, p.H
+    U, K = p.units, H
+    ld = mma_ld(K) if mma else K
+    u0 = ctx.block * U
+    here = H - u0 if H - u0 < U else U
+    if mut("here_is_U"):
+        here = U
+    r_pad = round_up(G * U, RPW) if not mut("r_pad_unrounded") else G * U
+    lay = smem_layout(NT, r_pad, ld, scratch_bytes(NT, RPW, mma, dt.acc, r_pad), dt.scalar,
+                      dt.scalar, dt.acc)
+    smem = ctx.shared_memory()
+    ws, xs = Ptr(smem, 0, dt.scalar), Ptr(smem, lay.xs_offset, dt.scalar)
+    out = Ptr(smem, lay.out_offset, dt.acc)
+    scratch = Ptr(smem, lay.scratch_offset, 4 if mma else dt.acc)  # float* for tile_dot_mma
+
+    idx = np.arange(r_pad * ld, dtype=np.int64)
+    thr = idx % BLOCK_DIM
+    r, k = idx // ld, idx % ld
+    g, j = r // U, r % U
+    valid = (g < G) & (j < here)
+    if not mut("mma_ws_no_k_pad"):
+        valid &= k < K
+    val = np.zeros(idx.size)
+    val[valid] = p.w_hh.read(((g * H + (0 if mut("fwd_ws_no_u0") else u0) + j) * H + k)[valid],
+                             ctx, thr[valid], where="forward Ws load")
+    ws.write(idx, val, ctx, thr, where="forward Ws store")
+    ctx.syncthreads()
+
+    for s in range(p.T):
+        t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
+        h_prev = p.h0 if s == 0 else p.y + tp * N * H
+        for n0 in range(0, N, NT):
+            stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx)
+            ctx.syncthreads()
+            if mma:
+                tile_dot_mma(ws, r_pad, xs, round_up(K, 16), ld, out, scratch, ctx)
+            else:
+                tile_dot(NT, RPW, ws, r_pad, xs, K, out, scratch, ctx)
+            if not mut("no_tile_sync"):
+                ctx.syncthreads()
+            idx = np.arange(NT * here, dtype=np.int64)
+            thr = idx % BLOCK_DIM
+            nl, j = idx // here, idx % here
+            keep = n0 + nl < N  # `continue` for rows past N
+            nl, j, thr = nl[keep], j[keep], thr[keep]
+            hh = out.read(nl * r_pad + gate_offsets(G, U) + j, ctx, thr, where="forward out")
+            hp = xs.read(nl * ld + u0 + j, ctx, thr, where="forward h_prev from xs")
+            Cell.forward(p, s, t, tp, n0 + nl, u0 + j, hh, hp, ctx, thr)
+            ctx.syncthreads()
+        if s + 1 < p.T:
+            yield (s + 1) * ctx.grid - mut("barrier_target_low")
+
+
+def persistent_backward(Cell, NT, RPW, dt, p, ctx):
+    G = Cell.kGates
+    N, H = p.N, p.H
+    U, K = p.units, G * H
+    u0 = ctx.block * U
+    here = H - u0 if H - u0 < U else U
+    if mut("here_is_U"):
+        here = U
+    r_pad = round_up(U, RPW)
+    lay = smem_layout(NT, r_pad, K, scratch_bytes(NT, RPW, False, dt.acc, r_pad), dt.scalar,
+                      dt.acc, dt.acc)
+    smem = ctx.shared_memory()
+    ws, xs = Ptr(smem, 0, dt.scalar), Ptr(smem, lay.xs_offset, dt.acc)
+    out, scratch = Ptr(smem, lay.out_offset, dt.acc), Ptr(smem, lay.scratch_offset, dt.acc)
+
+    idx = np.arange(r_pad * K, dtype=np.int64)
+    thr = idx % BLOCK_DIM
+    q, j = idx // r_pad, idx % r_pad
+    valid = j < here
+    val = np.zeros(idx.size)
+    val[valid] = p.w_hh.read(q[valid] * H + u0 + j[valid], ctx, thr[valid],
+                             where="backward Ws load")
+    ws.write(q * r_pad + j if mut("bwd_ws_transposed") else j * K + q, val, ctx, thr,
+             where="backward Ws store")
+    ctx.syncthreads()
+
+    for s in range(p.T - 1, -1, -1):
+        t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
+        idx = np.arange(N * here, dtype=np.int64)
+        Cell.backward(p, s, t, tp, idx // here, u0 + idx % here, ctx, idx % BLOCK_DIM)
+        if not mut("no_bwd_barrier"):
+            yield (p.T - s) * ctx.grid - mut("barrier_target_low")
+        dg = p.dg_hh + t * N * K
+        for n0 in range(0, N, NT):
+            stage_rows(NT, dg, n0, N, K, K, xs, ctx)
+            ctx.syncthreads()
+            tile_dot(NT, RPW, ws, r_pad, xs, K, out, scratch, ctx)
+            if not mut("no_tile_sync"):
+                ctx.syncthreads()
+            idx = np.arange(NT * here, dtype=np.int64)
+            thr = idx % BLOCK_DIM
+            nl, j = idx // here, idx % here
+            keep = n0 + nl < N
+            nl, j, thr = nl[keep], j[keep], thr[keep]
+            dh_addr = (n0 + nl) * H + u0 + j
+            v = out.read(nl * r_pad + j, ctx, thr, where="backward out")
+            if Cell.kDirectDh and not mut("gru_direct_dh_off"):
+                v = p.dh.read(dh_addr, ctx, thr, where="backward phase B dh") + v
+            p.dh.write(dh_addr, v, ctx, thr, where="backward phase B dh")
+            ctx.syncthreads()
+
+
+def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
+    """The cooperative launch: `grid` blocks, grid_barrier emulated on one counter."""
+    for b in bufs:
+        b.reset_launch()
+    rng = np.random.default_rng(seed)
+    counter = 0
+    ctxs = [Ctx(b, grid, smem_bytes) for b in range(grid)]
+    gens = [kernel(p, c) for c in ctxs]
+    waiting = [None] * grid
+    passed = [0] * grid
+    done = [False] * grid
+    while not all(done):
+        # any block that can make progress may run next (a released block may race ahead)
+        runnable = [b for b in range(grid)
+                    if not done[b] and (waiting[b] is None or counter >= waiting[b])]
+        if not runnable:
+            raise Finding(f"DEADLOCK: blocks waiting at {waiting} with the counter at {counter}")
+        b = runnable[rng.integers(len(runnable))]
+        if waiting[b] is not None:
+            passed[b] += 1
+            if counter < passed[b] * grid:
+                finding("grid_barrier released a block before every block arrived")
+            waiting[b] = None
+            ctxs[b].epoch += 1  # thread 0's fence after the wait + the second __syncthreads
+            ctxs[b].syncthreads()
+        try:
+            target = next(gens[b])
+            ctxs[b].syncthreads()  # the barrier's first __syncthreads
+            counter += 1  # thread 0: __threadfence(); atomicAdd(counter, 1)
+            waiting[b] = target
+        except StopIteration:
+            done[b] = True
+    if len(set(passed)) != 1:
+        finding(f"blocks passed different numbers of grid barriers: {passed}")
+
+
+# --------------------------------------------------------------------------------------
+# the cells (lstm.cu, gru.cu, rnn.cu)
+# --------------------------------------------------------------------------------------
+def gate_offsets(m, H):
+    """Offsets of m gates H apart, one row each: a thread's m accesses read or written
+    side by side (in program order, with no other access to that buffer between)."""
+    return H * np.arange(m, dtype=np.int64)[:, None]
+
+
+def lstm_point(pi, pf, pg, po, c_prev):
+    """LstmGates i, f, g, o, c from the pre-activations and c_{t-1}."""
+    i, f, g, o = sigmoid_act(pi), sigmoid_act(pf), tanh_act(pg), sigmoid_act(po)
+    return i, f, g, o, f * c_prev + i * g
+
+
+def lstm_point_backward(cr, dh_total, dc, c_prev):
+    """The gate gradients dr[0, H, 2H, 3H] (rows) and dc_{t-1}, from the workspace row's
+    values cr = i, f, g, o, c."""
+    i, f, g, o, c = cr
+    tc = tanh_act(c)
+    dc_total = dc + dh_total * o * (1 - tc * tc)
+    dr = np.stack((dc_total * g * i * (1 - i), dc_total * c_prev * f * (1 - f),
+                   dc_total * i * (1 - g * g), dh_total * tc * o * (1 - o)))
+    return dr, dc_total * f
+
+
+class LstmCell:
+    kGates = 4
+    kDirectDh = False
+
+    @staticmethod
+    def c_prev(p, s, tp, n, u, ctx, thr):
+        if p.c_state is not None:
+            return p.c_state.read(n * p.H + u, ctx, thr, where="lstm c_prev (c_state)")
+        if s == 0:
+            return p.c0.read(n * p.H + u, ctx, thr, where="lstm c_prev (c0)")
+        tq = tp if not mut("lstm_c_prev_t") else tp + (1 if tp < p.T - 1 else -1)
+        return p.cache.read((tq * p.N + n) * 5 * p.H + 4 * p.H + u, ctx, thr,
+                            where="lstm c_prev (cache)")
+
+    @staticmethod
+    def forward(p, s, t, tp, n, u, hh, _h_prev, ctx, thr):
+        H = p.H
+        row = t * p.N + n
+        xr = p.xp.read(row * 4 * H + u + gate_offsets(4, H), ctx, thr, where="lstm xp")
+        st = lstm_point(*(xr + hh), LstmCell.c_prev(p, s, tp, n, u, ctx, thr))
+        if p.cache is not None:  # lstm_store_gates, then c at 4H
+            p.cache.write(row * 5 * H + u + gate_offsets(5, H), np.stack(st), ctx, thr,
+                          where="lstm cache")
+        else:
+            p.c_state.write(n * H + u, st[4], ctx, thr, where="lstm c_state")
+        p.y.write(row * H + u, st[3] * tanh_act(st[4]), ctx, thr, where="lstm y")
+
+    @staticmethod
+    def backward(p, s, t, tp, n, u, ctx, thr):
+        H = p.H
+        row, idx = t * p.N + n, n * H + u
+        dh_total = p.dy.read(row * H + u, ctx, thr, where="lstm dy") + \
+            p.dh.read(idx, ctx, thr, where="lstm phase A dh")
+        dc = p.dc.read(idx, ctx, thr, where="lstm dc")
+        cp = LstmCell.c_prev(p, s, tp, n, u, ctx, thr)
+        cr = p.cache.read(row * 5 * H + u + gate_offsets(5, H), ctx, thr,
+                          where="lstm bwd cache")
+        dr, dc_prev = lstm_point_backward(cr, dh_total, dc, cp)
+        p.dg_ih.write(row * 4 * H + u + gate_offsets(4, H), dr, ctx, thr, where="lstm dg")
+        p.dc.write(idx, dc_prev, ctx, thr, where="lstm dc")
+
+
+def gru_point(xr, xz, xn, hr, hz, hn):
+    """GruGates r, z, n, hn (the hidden side's pre-activations include b_hh)."""
+    r = sigmoid_act(xr + hr)
+    z = sigmoid_act(xz + hz)
+    return r, z, tanh_act(xn + r * hn), hn
+
+
+def gru_h(st, h_prev):
+    _, z, n, _ = st
+    return (1 - z) * n + z * h_prev
+
+
+def gru_point_backward(cr, dh_total, h_prev):
+    """The gate gradients di and dhh (rows 0, H, 2H) and dh_{t-1}'s direct term, from the
+    workspace row's values cr = r, z, n, hn."""
+    r, z, nn, hn = cr
+    dn = dh_total * (1 - z) * (1 - nn * nn)
+    dz = dh_total * (h_prev - nn) * z * (1 - z)
+    dr = dn * hn * r * (1 - r)
+    return np.stack((dr, dz, dn)), np.stack((dr, dz, dn * r)), dh_total * z
+
+
+class GruCell:
+    kGates = 3
+    kDirectDh = True
+
+    @staticmethod
+    def forward(p, s, t, tp, n, u, hh, h_prev, ctx, thr):
+        H = p.H
+        row = t * p.N + n
+        xr = p.xp.read(row * 3 * H + u + gate_offsets(3, H), ctx, thr, where="gru xp")
+        b = (p.b_hh.read(u + gate_offsets(3, H), ctx, thr, where="gru b_hh")
+             if p.b_hh is not None else np.zeros((3, 1)))  # gru_hidden_bias
+        st = gru_point(*xr, *(hh + b))
+        p.y.write(row * H + u, gru_h(st, h_prev), ctx, thr, where="gru y")
+        if p.cache is not None:  # gru_store
+            p.cache.write(row * 4 * H + u + gate_offsets(4, H), np.stack(st), ctx, thr,
+                          where="gru cache")
+
+    @staticmethod
+    def backward(p, s, t, tp, n, u, ctx, thr):
+        H, N = p.H, p.N
+        row, idx = t * N + n, n * H + u
+        h_prev = (p.h0.read(idx, ctx, thr, where="gru h0") if s == 0 else
+                  p.y.read((tp * N + n) * H + u, ctx, thr, where="gru y (h_prev)"))
+        dh_total = p.dy.read(row * H + u, ctx, thr, where="gru dy") + \
+            p.dh.read(idx, ctx, thr, where="gru phase A dh")
+        cr = p.cache.read(row * 4 * H + u + gate_offsets(4, H), ctx, thr,
+                          where="gru bwd cache")
+        di, dhh, dh_direct = gru_point_backward(cr, dh_total, h_prev)
+        p.dg_ih.write(row * 3 * H + u + gate_offsets(3, H), di, ctx, thr, where="gru dg_ih")
+        p.dg_hh.write(row * 3 * H + u + gate_offsets(3, H), dhh, ctx, thr, where="gru dg_hh")
+        p.dh.write(idx, dh_direct, ctx, thr, where="gru phase A dh")
+
+
+def elman_act(v, activation):
+    if activation == 0:
+        return tanh_act(v)
+    if activation == 1:
+        return np.where(v < 0, 0.0, v)
+    return v
+
+
+def elman_act_grad(h, activation):
+    if activation == 0:
+        return 1 - h * h
+    if activation == 1:
+        return np.where(h > 0, 1.0, 0.0)
+    return np.ones_like(h)
+
+
+class ElmanCell:
+    kGates = 1
+    kDirectDh = False
+
+    @staticmethod
+    def forward(p, s, t, tp, n, u, hh, _h_prev, ctx, thr):
+        idx = (t * p.N + n) * p.H + u
+        p.y.write(idx, elman_act(p.xp.read(idx, ctx, thr, where="elman xp") + hh[0],
+                                 p.activation), ctx, thr, where="elman y")
+
+    @staticmethod
+    def backward(p, s, t, tp, n, u, ctx, thr):
+        idx = (t * p.N + n) * p.H + u
+        p.dg_ih.write(idx, (p.dy.read(idx, ctx, thr, where="elman dy")
+                            + p.dh.read(n * p.H + u, ctx, thr, where="elman phase A dh"))
+                      * elman_act_grad(p.y.read(idx, ctx, thr, where="elman y"), p.activation),
+                      ctx, thr, where="elman dg")
+
+
+# --------------------------------------------------------------------------------------
+# host side: plan_persistent, launch_persistent (persistent.cuh)
+# --------------------------------------------------------------------------------------
+class FakeDevice:
+    def __init__(self, sms, smem_optin=227 * 1024, smem_per_sm=228 * 1024):
+        self.sms, self.smem_optin, self.smem_per_sm = sms, smem_optin, smem_per_sm
+
+    def occupancy(self, smem):  # __launch_bounds__(256, 1): registers allow one block
+        return 1 if smem + 1024 <= self.smem_per_sm else 0
+
+
+@dataclasses.dataclass
+class Plan:
+    kernel: object = None
+    blocks: int = 0
+    units: int = 0
+    smem: int = 0
+    nt: int = 0
+    rpw: int = 0
+
+
+def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
+    """plan_persistent with mode == kPersistent (forced). tile: force (NT, RPW) of the FFMA
+    kernels (the MMA forward has only (16, 16))."""
+    G = Cell.kGates
+    sms = dev.sms
+    units = (H + sms - 1) // sms
+    K = G * H if backward else H
+    rows = units if backward else G * units
+    x_size = dt.acc if backward else dt.scalar
+    mma = not backward and dt.mma
+    plan = Plan()
+
+    def try_tile(nt, rpw):
+        nonlocal plan
+        r_pad = round_up(rows, rpw)
+        ld = mma_ld(K) if mma else K
+        smem = smem_layout(nt, r_pad, ld, scratch_bytes(nt, rpw, mma, dt.acc, r_pad),
+                           dt.scalar, x_size, dt.acc).bytes
+        if smem > dev.smem_optin:
+            return False
+        per_sm = dev.occupancy(smem)
+        blocks = (H + units - 1) // units
+        if per_sm * sms < blocks:
+            return False
+        kern = persistent_backward if backward else persistent_forward
+        plan = Plan(lambda p, ctx: kern(Cell, nt, rpw, dt, p, ctx), blocks, units, smem, nt,
+                    rpw)
+        return True
+
+    if mma:
+        try_tile(16, 16)
+    elif tile is not None:
+        try_tile(*tile)
+    elif not (N > 4 and try_tile(16, 4)):
+        try_tile(4, 8)
+    if plan.kernel is None:
+        raise Finding(f"the persistent path cannot run for H={H}")
+    assert plan.blocks <= sms
+    return plan
+
+
+def launch_persistent(plan, p, bufs, seed):
+    p.units = plan.units
+    run_grid(plan.kernel, plan.blocks, plan.smem, p, bufs, seed)
+
+
+# --------------------------------------------------------------------------------------
+# host side: common.cuh's whole-sequence helpers, and the ops
+# --------------------------------------------------------------------------------------
+def empty(name, n):
+    """at::empty: every element uninitialised."""
+    return Buf(name, np.zeros(n), initialized=False)
+
+
+def input_projection(x, w_ih, bias):
+    T, N, C = x.shape
+    x2 = x.reshape(T * N, C)
+    out = torch.addmm(bias, x2, w_ih.t()) if bias is not None else x2 @ w_ih.t()
+    return out.reshape(T, N, w_ih.shape[0])
+
+
+def sum_biases(a, b):
+    if a is not None and b is not None:
+        return a + b
+    return a if a is not None else b
+
+
+def recurrent_weight_grad(dg_hh, y, h0, reverse):
+    T, GH, H = dg_hh.shape[0], dg_hh.shape[2], y.shape[2]
+    first = T - 1 if reverse else 0
+    dw = dg_hh[first].t() @ h0
+    if T > 1:
+        dg = dg_hh[: T - 1] if reverse else dg_hh[1:]
+        hp = y[1:] if reverse else y[: T - 1]
+        dw = dw + dg.reshape(-1, GH).t() @ hp.reshape(-1, H)
+    return dw
+
+
+def input_grads(dg_ih, x, w_ih):
+    T, N, C = x.shape
+    dg = dg_ih.reshape(T * N, -1)
+    return (dg @ w_ih).reshape(T, N, C), dg.t() @ x.reshape(T * N, C)
+
+
+def bias_grad(dg):
+    return dg.sum(dim=(0, 1))
+
+
+def lstm_forward_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, tile, seed):
+    T, N, _ = x.shape
+    H = w_hh.shape[1]
+    y = empty("y", T * N * H)
+    ws = empty("workspace", (T if training else 0) * N * 5 * H)
+    c0_acc = Buf("c0_acc", c0)
+    xp = Buf("xp", input_projection(x, w_ih, sum_biases(b_ih, b_hh)))
+    w = Buf("w_hh", w_hh)
+    h0b = Buf("h0", h0)
+    plan = plan_persistent(LstmCell, False, N, H, dev, dt, tile)
+    c_state = None if training else Buf("c_state", c0)  # c0_acc.clone()
+    p = Params(T=T, N=N, H=H, reverse=reverse, xp=Ptr(xp), w_hh=Ptr(w), h0=Ptr(h0b),
+               c0=Ptr(c0_acc), y=Ptr(y), cache=Ptr(ws) if training else None,
+               c_state=None if training else Ptr(c_state))
+    launch_persistent(plan, p, [b for b in (y, ws, c0_acc, xp, w, h0b, c_state) if b], seed)
+    last = time_index(T - 1, T, reverse)
+    yt = y.tensor((T, N, H))
+    wst = ws.tensor(((T if training else 0), N, 5 * H))
+    cn = wst[last][:, 4 * H:] if training else c_state.tensor((N, H))
+    return yt, yt[last].clone(), cn.clone(), wst, plan
+
+
+def lstm_backward_op(dy, dhn, dcn, x, h0, c0, w_ih, w_hh, y, workspace, reverse, dev, dt, tile,
+                     seed):
+    T, N, _ = x.shape
+    H = w_hh.shape[1]
+    dh = Buf("dh", dhn)
+    dc = Buf("dc", dcn)
+    dg = empty("dg", T * N * 4 * H)
+    bufs = dict(w_hh=Buf("w_hh", w_hh), c0=Buf("c0_acc", c0), cache=Buf("workspace", workspace),
+                dy=Buf("dy", dy))
+    plan = plan_persistent(LstmCell, True, N, H, dev, dt, tile)
+    p = Params(T=T, N=N, H=H, reverse=reverse, w_hh=Ptr(bufs["w_hh"]), c0=Ptr(bufs["c0"]),
+               cache=Ptr(bufs["cache"]), dy=Ptr(bufs["dy"]), dh=Ptr(dh), dc=Ptr(dc),
+               dg_ih=Ptr(dg), dg_hh=Ptr(dg))
+    launch_persistent(plan, p, [dh, dc, dg, *bufs.values()], seed)
+    dgt = dg.tensor((T, N, 4 * H))
+    dx, dw_ih = input_grads(dgt, x, w_ih)
+    return (dx, dh.tensor((N, H)), dc.tensor((N, H)), dw_ih,
+            recurrent_weight_grad(dgt, y, h0, reverse), bias_grad(dgt)), plan
+
+
+def gru_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, tile, seed):
+    T, N, _ = x.shape
+    H = w_hh.shape[1]
+    y = empty("y", T * N * H)
+    ws = empty("workspace", (T if training else 0) * N * 4 * H)
+    xp = Buf("xp", input_projection(x, w_ih, b_ih))
+    w = Buf("w_hh", w_hh)
+    h0b = Buf("h0", h0)
+    bb = Buf("b_hh", b_hh) if b_hh is not None else None
+    plan = plan_persistent(GruCell, False, N, H, dev, dt, tile)
+    p = Params(T=T, N=N, H=H, reverse=reverse, xp=Ptr(xp), w_hh=Ptr(w),
+               b_hh=Ptr(bb) if bb is not None else None, h0=Ptr(h0b), y=Ptr(y),
+               cache=Ptr(ws) if training else None)
+    launch_persistent(plan, p, [b for b in (y, ws, xp, w, h0b, bb) if b is not None], seed)
+    yt = y.tensor((T, N, H))
+    return (yt, yt[time_index(T - 1, T, reverse)].clone(),
+            ws.tensor(((T if training else 0), N, 4 * H)), plan)
+
+
+def gru_backward_op(dy, dhn, x, h0, w_ih, w_hh, y, workspace, reverse, dev, dt, tile, seed):
+    T, N, _ = x.shape
+    H = w_hh.shape[1]
+    dh = Buf("dh", dhn)
+    dg_ih = empty("dg_ih", T * N * 3 * H)
+    dg_hh = empty("dg_hh", T * N * 3 * H)
+    bufs = [Buf("w_hh", w_hh), Buf("h0", h0), Buf("y", y), Buf("workspace", workspace),
+            Buf("dy", dy)]
+    plan = plan_persistent(GruCell, True, N, H, dev, dt, tile)
+    p = Params(T=T, N=N, H=H, reverse=reverse, w_hh=Ptr(bufs[0]), h0=Ptr(bufs[1]),
+               y=Ptr(bufs[2]), cache=Ptr(bufs[3]), dy=Ptr(bufs[4]), dh=Ptr(dh),
+               dg_ih=Ptr(dg_ih), dg_hh=Ptr(dg_hh))
+    launch_persistent(plan, p, [dh, dg_ih, dg_hh, *bufs], seed)
+    dgi, dgh = dg_ih.tensor((T, N, 3 * H)), dg_hh.tensor((T, N, 3 * H))
+    dx, dw_ih = input_grads(dgi, x, w_ih)
+    return (dx, dh.tensor((N, H)), dw_ih, recurrent_weight_grad(dgh, y, h0, reverse),
+            bias_grad(dgi), bias_grad(dgh)), plan
+
+
+def rnn_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, dev, dt, tile, seed):
+    T, N, _ = x.shape
+    H = w_hh.shape[1]
+    y = empty("y", T * N * H)
+    xp = Buf("xp", input_projection(x, w_ih, sum_biases(b_ih, b_hh)))
+    w = Buf("w_hh", w_hh)
+    h0b = Buf("h0", h0)
+    plan = plan_persistent(ElmanCell, False, N, H, dev, dt, tile)
+    p = Params(T=T, N=N, H=H, reverse=reverse, activation=activation, xp=Ptr(xp), w_hh=Ptr(w),
+               h0=Ptr(h0b), y=Ptr(y))
+    launch_persistent(plan, p, [y, xp, w, h0b], seed)
+    yt = y.tensor((T, N, H))
+    return yt, yt[time_index(T - 1, T, reverse)].clone(), plan
+
+
+def rnn_backward_op(dy, dhn, x, h0, w_ih, w_hh, y, activation, reverse, dev, dt, tile, seed):
+    T, N, _ = x.shape
+    H = w_hh.shape[1]
+    dh = Buf("dh", dhn)
+    dg = empty("dg", T * N * H)
+    bufs = [Buf("w_hh", w_hh), Buf("y", y), Buf("dy", dy)]
+    plan = plan_persistent(ElmanCell, True, N, H, dev, dt, tile)
+    p = Params(T=T, N=N, H=H, reverse=reverse, activation=activation, w_hh=Ptr(bufs[0]),
+               y=Ptr(bufs[1]), dy=Ptr(bufs[2]), dh=Ptr(dh), dg_ih=Ptr(dg), dg_hh=Ptr(dg))
+    launch_persistent(plan, p, [dh, dg, *bufs], seed)
+    dgt = dg.tensor((T, N, H))
+    dx, dw_ih = input_grads(dgt, x, w_ih)
+    return (dx, dh.tensor((N, H)), dw_ih, recurrent_weight_grad(dgt, y, h0, reverse),
+            bias_grad(dgt)), plan
+
+
+# --------------------------------------------------------------------------------------
+# references
+# --------------------------------------------------------------------------------------
+def load_reference():
+    """rnnfast/reference.py by path: it needs torch only, not the built extension."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, "..", "rnnfast", "reference.py")
+    spec = importlib.util.spec_from_file_location("rnnfast_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+REF = load_reference()
+
+
+def cpu_ops():
+    """torch.ops.rnnfast on the CPU when a built rnnfast imports, else None."""
+    try:
+        import rnnfast  # noqa: F401  (loading it registers the ops)
+        ops = torch.ops.rnnfast
+        ops.lstm_forward  # noqa: B018  (raises if the ops are not registered)
+        return ops
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def reference_run(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, act):
+    """(y, hn, cn, expected workspace) from the reference cells; differentiable."""
+    T = x.shape[0]
+    H = w_hh.shape[1]
+    h, c = h0, c0
+    ys, wsl = [None] * T, [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        if kind == "lstm":
+            gates = x[t] @ w_ih.t() + h @ w_hh.t()
+            for b in (b_ih, b_hh):
+                if b is not None:
+                    gates = gates + b
+            gi, gf, gg, go = gates.chunk(4, -1)
+            h, c = REF.lstm_cell(x[t], h, c, w_ih, w_hh, b_ih, b_hh)
+            wsl[t] = torch.cat([torch.sigmoid(gi), torch.sigmoid(gf), torch.tanh(gg),
+                                torch.sigmoid(go), c], -1)
+        elif kind == "gru":
+            gi = x[t] @ w_ih.t() + (b_ih if b_ih is not None else 0)
+            gh = h @ w_hh.t() + (b_hh if b_hh is not None else 0)
+            r = torch.sigmoid(gi[:, :H] + gh[:, :H])
+            z = torch.sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
+            n = torch.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
+            wsl[t] = torch.cat([r, z, n, gh[:, 2 * H:]], -1)
+            h = REF.gru_cell(x[t], h, w_ih, w_hh, b_ih, b_hh)
+        else:
+            h = REF.rnn_cell(x[t], h, w_ih, w_hh, b_ih, b_hh, ["tanh", "relu", "identity"][act])
+        ys[t] = h
+    ws = torch.stack(wsl) if kind != "rnn" else None
+    return torch.stack(ys), h, c, ws
+
+
+# --------------------------------------------------------------------------------------
+# one case
+# --------------------------------------------------------------------------------------
+def reset_stats():
+    STATS.clear()
+    STATS.update(cases=0, backward=0, max_err=0.0, tiles=set(), cover=set())
+
+
+def check(name, got, want, case, tol=1e-9):
+    if got is None and want is None:
+        return
+    if want is None:
+        want = torch.zeros_like(got)
+    got, want = got.detach(), want.detach()
+    if got.shape != want.shape:
+        raise Finding(f"{case}: {name} shape {tuple(got.shape)} != {tuple(want.shape)}")
+    if got.numel() == 0:
+        return
+    err = ((got - want).abs() / (1 + want.abs())).max().item()
+    if not err <= tol:  # NaN fails too
+        raise Finding(f"{case}: {name} differs from the reference, max rel err {err:.3g}")
+    STATS["max_err"] = max(STATS["max_err"], err)
+
+
+def case_name(c):
+    keys = ("kind", "dtype", "T", "N", "C", "H", "reverse", "training", "sms", "bias", "act",
+            "gru_bhh", "tile")
+    return " ".join(f"{k}={c[k]}" for k in keys if k in c)
+
+
+def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True, tile=None,
+             dtype="float64", seed=0, ops=None):
+    g = torch.Generator().manual_seed(seed)
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
+    scale = 1.0 / math.sqrt(H)
+    dt = dtype_of(dtype)
+
+    def rnd(*shape):
+        return ((torch.rand(*shape, generator=g, dtype=F64) * 2 - 1) * scale * 2)\
+            .requires_grad_()
+    x = rnd(T, N, C)
+    h0 = rnd(N, H)
+    c0 = rnd(N, H) if kind == "lstm" else None
+    w_ih, w_hh = rnd(G * H, C), rnd(G * H, H)
+    b_ih = rnd(G * H) if bias else None
+    b_hh = rnd(G * H) if bias and (kind != "gru" or gru_bhh) else None
+    if kind == "rnn" and act == 1 and b_ih is not None:
+        with torch.no_grad():
+            b_ih += 0.05  # keep some units alive under relu
+    dev = FakeDevice(sms)
+    case = case_name(dict(kind=kind, dtype=dtype, T=T, N=N, C=C, H=H, reverse=reverse,
+                          training=training, sms=sms, bias=bias,
+                          **({"act": act} if kind == "rnn" else {}),
+                          **({"gru_bhh": gru_bhh} if kind == "gru" else {}),
+                          **({"tile": tile} if tile else {})))
+
+    y_ref, hn_ref, cn_ref, ws_ref = reference_run(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                  reverse, act)
+    D = lambda t: t.detach() if t is not None else None  # noqa: E731
+    args = [D(x), D(h0), D(c0), D(w_ih), D(w_hh), D(b_ih), D(b_hh)]
+    if kind == "lstm":
+        y, hn, cn, ws, plan = lstm_forward_op(*args, reverse, training, dev, dt, tile, seed)
+    elif kind == "gru":
+        y, hn, ws, plan = gru_forward_op(*(args[:2] + args[3:]), reverse, training, dev, dt,
+                                         tile, seed)
+        cn = None
+    else:
+        y, hn, plan = rnn_forward_op(*(args[:2] + args[3:]), act, reverse, dev, dt, tile, seed)
+        cn = ws = None
+    STATS["tiles"].add((plan.nt, plan.rpw))
+    cover(*(c for c, on in (
+        ("last block owns fewer units", H % plan.units != 0),
+        ("blocks own several units", plan.units > 1),
+        ("H < SM count", H < sms), ("H > SM count", H > sms),
+        ("several row tiles", N > plan.nt), ("a partial row tile", N % plan.nt != 0),
+        ("K > 32 (several k per lane)", H > 32),
+        ("mma: K % 16 != 0 (zero padding)", dt.mma and H % 16 != 0),
+        ("mma: K % 16 == 0", dt.mma and H % 16 == 0),
+        ("mma: several row tiles", dt.mma and N > 16)) if on))
+    check("y", y, y_ref, case)
+    check("hn", hn, hn_ref, case)
+    if kind == "lstm":
+        check("cn", cn, cn_ref, case)
+    if kind != "rnn":
+        if training:
+            check("workspace", ws, ws_ref, case)
+        elif ws.numel() != 0:
+            raise Finding(f"{case}: inference workspace not empty")
+    if ops is not None and kind != "rnn" and training:  # the per-step layout, from the CPU op
+        if kind == "lstm":
+            cpu = ops.lstm_forward(*args, reverse, True)
+        else:
+            cpu = ops.gru_forward(*(args[:2] + args[3:]), reverse, True)
+        check("workspace vs the CPU op", ws, cpu[-1], case)
+    STATS["cases"] += 1
+    if not training:
+        return
+
+    # backward: autograd through the reference, with random output gradients
+    dy = torch.randn(T, N, H, generator=g, dtype=F64)
+    dhn = torch.randn(N, H, generator=g, dtype=F64)
+    dcn = torch.randn(N, H, generator=g, dtype=F64) if kind == "lstm" else None
+    loss = (y_ref * dy).sum() + (hn_ref * dhn).sum()
+    if kind == "lstm":
+        loss = loss + (cn_ref * dcn).sum()
+    leaves = [x, h0, c0, w_ih, w_hh, b_ih, b_hh]
+    live = [t for t in leaves if t is not None]
+    grads = dict(zip(map(id, live), torch.autograd.grad(loss, live)))
+    gr = lambda t: grads[id(t)] if t is not None else None  # noqa: E731
+    if kind == "lstm":
+        out, plan = lstm_backward_op(dy, dhn, dcn, D(x), D(h0), D(c0), D(w_ih), D(w_hh), y, ws,
+                                     reverse, dev, dt, tile, seed + 1)
+        dx, dh0, dc0, dw_ih, dw_hh, db = out
+        check("dc0", dc0, gr(c0), case)
+        db_ih = db_hh = db
+    elif kind == "gru":
+        out, plan = gru_backward_op(dy, dhn, D(x), D(h0), D(w_ih), D(w_hh), y, ws, reverse,
+                                    dev, dt, tile, seed + 1)
+        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = out
+    else:
+        out, plan = rnn_backward_op(dy, dhn, D(x), D(h0), D(w_ih), D(w_hh), y, act, reverse,
+                                    dev, dt, tile, seed + 1)
+        dx, dh0, dw_ih, dw_hh, db = out
+        db_ih = db_hh = db
+    STATS["tiles"].add((plan.nt, plan.rpw))
+    STATS["backward"] += 1
+    check("dx", dx, gr(x), case)
+    check("dh0", dh0, gr(h0), case)
+    check("dw_ih", dw_ih, gr(w_ih), case)
+    check("dw_hh", dw_hh, gr(w_hh), case)
+    if b_ih is not None:
+        check("db_ih", db_ih, gr(b_ih), case)
+    if b_hh is not None:
+        check("db_hh", db_hh, gr(b_hh), case)
+    if ops is not None:  # the CPU op's backward from the same forward results
+        if kind == "lstm":
+            cpu = ops.lstm_backward(dy, dhn, dcn, D(x), D(h0), D(c0), D(w_ih), D(w_hh), y, ws,
+                                    reverse)
+        elif kind == "gru":
+            cpu = ops.gru_backward(dy, dhn, D(x), D(h0), D(w_ih), D(w_hh), y, ws, reverse)
+        else:
+            cpu = ops.rnn_backward(dy, dhn, D(x), D(h0), D(w_ih), D(w_hh), y, act, reverse)
+        for i, (a, b) in enumerate(zip(out, cpu)):
+            check(f"backward output {i} vs the CPU op", a, b, case)
+
+
+# --------------------------------------------------------------------------------------
+# the case sets
+# --------------------------------------------------------------------------------------
+def variants(kind):
+    if kind == "rnn":
+        return [dict(act=a) for a in (0, 1, 2)]
+    if kind == "gru":
+        return [dict(gru_bhh=b) for b in (True, False)]
+    return [{}]
+
+
+def cases(full=False):
+    """A deterministic spread over the shape space. The FFMA set (float64, some float32):
+    every kind and variant meets every H, and N, T, the SM count, reverse, training and
+    bias cycle with co-prime strides. The MMA set (float16): every kind meets N in
+    {1, 5, 17} and H = K a multiple of 16 or not; two larger H give one k range per tile
+    and several tiles per warp."""
+    Ns = [1, 3, 4, 5, 16, 17, 33]
+    Ts = [1, 2, 3]
+    Hs = [1, 2, 3, 5, 7, 8, 10, 13, 17, 33]
+    smss = [3, 5, 7]
+    out = []
+    i = 0
+    for kind in ("lstm", "gru", "rnn"):
+        vs = variants(kind)
+        for H in Hs:
+            for rep in range(6 if full else 3):
+                N = Ns[(i * 3 + rep * 5) % len(Ns)]
+                out.append(dict(
+                    kind=kind, T=Ts[(i + rep) % len(Ts)], N=N, C=3, H=H,
+                    reverse=(i + rep) % 2 == 1, training=(i + 2 * rep) % 4 != 3,
+                    sms=smss[(i + 2 * rep) % len(smss)], bias=(i + rep) % 5 != 4,
+                    dtype="float32" if (i + rep) % 4 == 2 else "float64", seed=100 * i + rep,
+                    **vs[(i + rep) % len(vs)]))
+            i += 1
+    # the planner's fallback tile (4, 8) when (16, 4) does not fit, at N > 4, and corners
+    extra = [dict(kind=k, T=3, N=n, C=2, H=h, reverse=r, training=True, sms=sm, bias=True,
+                  tile=(4, 8))
+             for k in ("lstm", "gru", "rnn") for n, h, sm, r in
+             ((5, 11, 3, True), (9, 10, 3, False), (17, 20, 5, True))]
+    extra += [
+        dict(kind="lstm", T=5, N=33, C=2, H=33, reverse=True, training=True, sms=7, bias=True),
+        dict(kind="gru", T=5, N=16, C=2, H=17, reverse=False, training=True, sms=3, bias=True,
+             gru_bhh=False),
+        dict(kind="lstm", T=5, N=4, C=2, H=2, reverse=False, training=False, sms=7, bias=True),
+        dict(kind="rnn", T=5, N=3, C=2, H=40, reverse=True, training=True, sms=3, bias=False,
+             act=1),
+        dict(kind="gru", T=1, N=1, C=1, H=1, reverse=True, training=True, sms=5, bias=False),
+    ]
+    # the tensor-core forward
+    m = 0
+    for kind in ("lstm", "gru", "rnn"):
+        vs = variants(kind)
+        for H in ((5, 16, 20, 32, 33, 48) if full else (16, 20, 33)):
+            for N in (1, 5, 17):
+                extra.append(dict(
+                    kind=kind, T=(1, 2, 3)[m % 3], N=N, C=2, H=H, reverse=m % 2 == 1,
+                    training=m % 4 != 3, sms=(3, 5, 7)[(m // 3 + m) % 3], bias=m % 5 != 4,
+                    dtype="float16", **vs[m % len(vs)]))
+                m += 1
+    extra += [
+        dict(kind="lstm", T=2, N=5, C=2, H=120, reverse=False, training=False, sms=3,
+             bias=True, dtype="float16"),
+        dict(kind="gru", T=2, N=17, C=2, H=112, reverse=True, training=False, sms=3,
+             bias=True, dtype="float16"),
+    ]
+    for j, e in enumerate(extra):
+        e.setdefault("seed", 100000 + j)
+    return out + extra
+
+
+COVERAGE = {"last block owns fewer units", "blocks own several units", "H < SM count",
+            "H > SM count", "several row tiles", "a partial row tile",
+            "K > 32 (several k per lane)", "ffma: split-K", "ffma: one k range per chunk",
+            "ffma: several jobs per warp", "ffma: K % splits != 0", "mma: split-K",
+            "mma: one k range per tile", "mma: several jobs per warp",
+            "mma: K % 16 != 0 (zero padding)", "mma: K % 16 == 0", "mma: several row tiles"}
+TILES = {(16, 4), (4, 8), (16, 16)}
+
+
+@dataclasses.dataclass
+class Report:
+    mismatches: list  # a Finding per case that raised one (mismatch, out of bounds, ...)
+    findings: dict  # tracker findings: message -> count
+    uncovered: set  # COVERAGE items and tiles no case reached
+    stats: dict
+    seconds: float
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """The torch calls here are tiny: on a busy machine, intra-op threads only wait for
+    each other (the suite ran 3x slower on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_suite(case_list, ops=None, coverage=True):
+    """Runs every case; the Report says what failed. coverage: also require that the set
+    reached COVERAGE and TILES."""
+    MUT.clear()
+    FINDINGS.clear()
+    reset_stats()
+    t0 = time.time()
+    mismatches = []
+    with one_torch_thread():
+        for c in case_list:
+            try:
+                run_case(ops=ops, **c)
+            except Finding as e:
+                mismatches.append(str(e))
+    uncovered = set()
+    if coverage:
+        uncovered = (COVERAGE - STATS["cover"]) | {str(t) for t in TILES - STATS["tiles"]}
+    return Report(mismatches, dict(FINDINGS), uncovered, dict(STATS), time.time() - t0)
+
+
+# --------------------------------------------------------------------------------------
+# the self-test
+# --------------------------------------------------------------------------------------
+SELF_TEST_CASES = [
+    dict(kind="lstm", T=3, N=5, C=2, H=7, reverse=False, training=True, sms=3, bias=True),
+    dict(kind="gru", T=3, N=17, C=2, H=5, reverse=True, training=True, sms=3, bias=True),
+    dict(kind="lstm", T=3, N=17, C=2, H=20, reverse=False, training=True, sms=3, bias=True,
+         dtype="float16"),
+    dict(kind="rnn", T=2, N=3, C=2, H=10, reverse=False, training=True, sms=7, bias=True,
+         act=0),
+    dict(kind="gru", T=2, N=5, C=2, H=33, reverse=True, training=True, sms=5, bias=True,
+         dtype="float16"),
+    dict(kind="lstm", T=2, N=33, C=2, H=40, reverse=True, training=True, sms=5, bias=True),
+]
+
+
+def self_test_cases():
+    return [dict(c, seed=i) for i, c in enumerate(SELF_TEST_CASES)]
+
+
+def catch(name, ops=None):
+    """Plants the bug `name` and runs SELF_TEST_CASES until one flags it; returns what that
+    case flagged (tracker findings first, then the mismatch), empty when nothing did."""
+    MUT.clear()
+    MUT.add(name)
+    try:
+        with one_torch_thread():
+            for c in self_test_cases():
+                FINDINGS.clear()
+                reset_stats()
+                try:
+                    run_case(ops=ops, **c)
+                    mismatch = []
+                except Finding as e:
+                    mismatch = [str(e)]
+                if FINDINGS or mismatch:
+                    return list(FINDINGS) + mismatch
+        return []
+    finally:
+        MUT.clear()
+        FINDINGS.clear()
+
+
+def self_test(ops=None):
+    """Every planted bug, after a clean run of SELF_TEST_CASES (so that a catch means the
+    bug); returns 0 when all were caught."""
+    clean = run_suite(self_test_cases(), ops, coverage=False)
+    if clean.mismatches or clean.findings:
+        print("self-test cases fail without a planted bug:",
+              clean.mismatches + list(clean.findings))
+        return 1
+    missed = []
+    for name in MUTATIONS:
+        caught = catch(name, ops)
+        print(f"self-test {name:22s} {'caught' if caught else 'MISSED'}: "
+              f"{caught[0][:110] if caught else MUTATIONS[name]}")
+        if not caught:
+            missed.append(name)
+    print(f"emulate_persistent self-test: {len(MUTATIONS) - len(missed)}/{len(MUTATIONS)} "
+          f"planted bugs caught")
+    return 1 if missed else 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="more shapes")
+    ap.add_argument("--dtype", choices=sorted(DTYPES),
+                    help="run every case on this dtype's code path (coverage not required)")
+    ap.add_argument("--self-test", action="store_true",
+                    help="check that each planted bug in MUTATIONS is caught")
+    ap.add_argument("--no-cpu-ops", action="store_true",
+                    help="do not compare with the CPU ops even when rnnfast imports")
+    args = ap.parse_args()
+    ops = None if args.no_cpu_ops else cpu_ops()
+    if args.self_test:
+        return self_test(ops)
+    case_list = cases(args.full)
+    if args.dtype:
+        case_list = [dict(c, dtype=args.dtype) for c in case_list]
+    rep = run_suite(case_list, ops, coverage=not args.dtype)
+    for f in rep.mismatches:
+        print("MISMATCH:", f)
+    for f, n in sorted(rep.findings.items()):
+        print(f"FINDING ({n}x): {f}")
+    if rep.uncovered:
+        print("NOT COVERED:", sorted(rep.uncovered))
+    ok = not rep.mismatches and not rep.findings and not rep.uncovered
+    s = rep.stats
+    print(f"emulate_persistent: {'OK' if ok else 'FAILED'}: {s['cases']} cases "
+          f"(forward; {s['backward']} with backward), {len(rep.mismatches)} mismatched, "
+          f"{len(rep.findings)} distinct findings, tiles {sorted(s['tiles'])}, "
+          f"max rel err {s['max_err']:.2e}, CPU ops {'on' if ops else 'off'}, "
+          f"{rep.seconds:.1f}s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The CPU emulation of the persistent CUDA kernels (scripts/emulate_persistent.py): its
+default case set matches the float64 reference with nothing flagged, and its self-test
+catches every planted bug. No GPU needed; without a built rnnfast only the comparison with
+the CPU ops is left out."""
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_emulation():
+    path = os.path.join(ROOT, "scripts", "emulate_persistent.py")
+    spec = importlib.util.spec_from_file_location("emulate_persistent", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+emu = load_emulation()
+OPS = emu.cpu_ops()  # None without a built rnnfast
+
+
+def test_default_cases_match_the_reference_and_flag_nothing():
+    case_list = emu.cases()
+    report = emu.run_suite(case_list, OPS)
+    assert report.mismatches == []
+    assert report.findings == {}
+    assert report.uncovered == set()
+    assert report.stats["cases"] == len(case_list)
+
+
+def test_self_test_cases_are_clean_without_a_planted_bug():
+    report = emu.run_suite(emu.self_test_cases(), OPS, coverage=False)
+    assert report.mismatches == []
+    assert report.findings == {}
+
+
+@pytest.mark.parametrize("bug", list(emu.MUTATIONS))
+def test_self_test_catches_the_planted_bug(bug):
+    assert emu.catch(bug, OPS), f"not caught: {emu.MUTATIONS[bug]}"
+
+
+def plan(dtype, backward, N, smem_optin=227 * 1024):
+    """The emulated plan_persistent for an LSTM with H = 20 on 3 SMs (7 units a block)."""
+    device = emu.FakeDevice(3, smem_optin=smem_optin)
+    return emu.plan_persistent(emu.LstmCell, backward, N, 20, device, emu.dtype_of(dtype))
+
+
+# Shared-memory bytes for the LSTM with H = 20, U = 7, worked out by hand from
+# persistent.cuh's smem_layout: ws, xs, out, scratch (every sum a multiple of 128 here).
+# forward: 28 rows, K = 20
+FFMA_16_4 = 4480 + 2560 + 3584  # r_pad 28 (7 chunks: one k range each), no scratch
+FFMA_4_8 = 5120 + 640 + 1024 + 2048  # r_pad 32, 4 chunks split twice: 2 * 4 * 32 doubles
+MMA_16_16 = 2560 + 1280 + 2048 + 8192  # r_pad 32, ld 40 halves; 2 tiles x 4 splits x 1 KiB
+# backward in float16: 7 rows, K = 80, ws in halves, the rest in float
+BWD_16_4 = 1280 + 5120 + 512 + 2048  # r_pad 8 (2 chunks split 4 ways: 4 * 16 * 8 floats)
+
+
+@pytest.mark.parametrize("dtype, backward, N, tile, smem", [
+    ("float64", False, 5, (16, 4), FFMA_16_4),
+    ("float64", False, 4, (4, 8), FFMA_4_8),
+    ("float16", False, 1, (16, 16), MMA_16_16),
+    ("float16", False, 5, (16, 16), MMA_16_16),
+    ("float16", True, 5, (16, 4), BWD_16_4),
+], ids=["fp64-fwd-N5", "fp64-fwd-N4", "fp16-fwd-N1", "fp16-fwd-N5", "fp16-bwd-N5"])
+def test_plan_picks_the_tile_and_sizes_the_shared_memory(dtype, backward, N, tile, smem):
+    p = plan(dtype, backward, N)
+    assert (p.nt, p.rpw) == tile
+    assert (p.blocks, p.units) == (3, 7)
+    assert p.smem == smem
+
+
+def test_plan_falls_back_to_4_8_when_16_4_does_not_fit():
+    p = plan("float64", False, 5, smem_optin=FFMA_16_4 - 1)
+    assert (p.nt, p.rpw, p.smem) == (4, 8, FFMA_4_8)
+
+
+def test_plan_has_no_fallback_for_the_mma_forward():
+    with pytest.raises(emu.Finding, match="cannot run"):
+        plan("float16", False, 5, smem_optin=MMA_16_16 - 1)
+
+
+def test_wmma_rules_flag_a_misaligned_pointer_and_a_bad_ldm():
+    smem = emu.Buf("smem", np.zeros(4096), initialized=False, shared=True)
+    half, single = emu.Ptr(smem, 0, 2), emu.Ptr(smem, 0, 4)
+    emu.FINDINGS.clear()
+    try:
+        emu.wmma_rules(half, np.array([0, 16, 48]), 24, "aligned half")
+        emu.wmma_rules(single, np.array([8, 256]), 4, "aligned float")
+        assert emu.FINDINGS == {}
+        emu.wmma_rules(half, np.array([0, 8]), 24, "half 16 bytes off")
+        emu.wmma_rules(half, np.array([0]), 20, "half ldm 20")
+        emu.wmma_rules(single, np.array([0]), 6, "float ldm 6")
+        assert sorted(emu.FINDINGS) == [
+            "WMMA float ldm 6: ldm 6 not a multiple of 4 elements",
+            "WMMA half 16 bytes off: pointer not 32-byte aligned",
+            "WMMA half ldm 20: ldm 20 not a multiple of 8 elements",
+        ]
+    finally:
+        emu.FINDINGS.clear()

@@ -30,6 +30,6 @@ if [ $# -eq 0 ]; then
   # the plain run (they exercise the same code at sizes that are slow under ASan)
   set -- tests/test_ops.py tests/test_parity.py tests/test_packed.py tests/test_proj.py \
     tests/test_cells_convert.py tests/test_bad_input.py tests/test_properties.py \
-    tests/test_simple_rnn.py -k "not converted_model_trains"
+    tests/test_simple_rnn.py tests/test_cuda_path.py -k "not converted_model_trains"
 fi
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"

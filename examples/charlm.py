@@ -161,7 +161,7 @@ def plot_surprisal(path, text: str, bits: np.ndarray, title: str, cols: int = 80
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], epochs=4)
+    p = common.parser(__doc__, epochs=8)
     p.add_argument("--corpus", default=None,
                    help="a text file or a folder of them (default: the standard library's source)")
     p.add_argument("--max-chars", type=int, default=400_000)

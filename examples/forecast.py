@@ -121,9 +121,9 @@ def plot_forecast(path, years, y, n_train, one_step, multi, baselines, title):
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], epochs=60)
+    p = common.parser(__doc__, epochs=30)
     p.add_argument("--test-years", type=int, default=40, help="held-out years at the end")
-    p.add_argument("--window", type=int, default=30, help="years the LSTM reads per training sample")
+    p.add_argument("--window", type=int, default=40, help="years the LSTM reads per training sample")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)

@@ -52,6 +52,7 @@ LETTERS = string.ascii_letters + " .,;'-"
 # Letters that Unicode decomposition does not reduce to an ASCII base letter.
 FOLD = str.maketrans({"ß": "ss", "ł": "l", "Ł": "L", "ø": "o", "Ø": "O", "æ": "ae", "Æ": "Ae",
                       "đ": "d", "Đ": "D", "ı": "i", "œ": "oe", "Œ": "Oe", "’": "'"})
+DEFAULT_EPOCHS = {"simple": 20, "gru": 8, "lstm": 10}
 MAX_PER_LANGUAGE = 1000  # keeps the largest lists (Irish, Slovak) from swamping the rest
 
 
@@ -224,14 +225,19 @@ def plot_confusion(path, confusion: np.ndarray, title: str):
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], epochs=8)
-    p.add_argument("--model", choices=("simple", "gru", "lstm"), default="simple")
+    p = common.parser(__doc__, epochs=None, epochs_help=(
+        "passes over the training data (default: " +
+        ", ".join(f"{k} for --model {m}" for m, k in DEFAULT_EPOCHS.items()) + ")"))
+    p.add_argument("--model", choices=("simple", "gru", "lstm"), default="simple",
+                   help="simple: the tutorial's cell (rnnfast.SimpleRNN); gru, lstm: the layers")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-names", type=int, default=None,
                    help="use only this many names (a seeded sample), for a quick try")
     args = p.parse_args(argv)
+    if args.epochs is None:  # the gated cells learn faster and start to overfit sooner
+        args.epochs = DEFAULT_EPOCHS[args.model]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"names-{args.model}"
 

@@ -23,7 +23,9 @@ missing=$("$PY" - <<'PYEOF'
 import importlib.util
 need = {"ninja": "ninja", "pybind11": "pybind11", "numpy": "numpy", "pytest": "pytest",
         "matplotlib": "matplotlib", "tqdm": "tqdm", "hypothesis": "hypothesis",
-        "setuptools": "setuptools", "wheel": "wheel"}
+        "setuptools": "setuptools", "wheel": "wheel",
+        # the examples' data: Faker's surname lists, statsmodels' sunspot series
+        "faker": "faker", "statsmodels": "statsmodels"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 PYEOF
 )

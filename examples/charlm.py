@@ -33,6 +33,8 @@ def read_corpus(path, max_chars: int) -> str:
         files = sorted(Path(os.path.dirname(os.__file__)).glob("*.py"))
     else:
         path = Path(path)
+        if not path.exists():
+            raise SystemExit(f"charlm: no such file or folder: {path}")
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     parts, size = [], 0
     for f in files:

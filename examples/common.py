@@ -189,10 +189,9 @@ def plot_losses(path: Path, title: str, history: dict, layer: str,
         ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_yscale("log")  # early spikes would otherwise flatten the rest of the curve
-    plain = ticker.FormatStrFormatter("%g")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 3, 5)))
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -11,6 +11,10 @@ each against a naive forecast that needs no training:
   year's value and the value one solar cycle (11 years) before;
   the whole held-out span at once, from the end of the training years, feeding its own
   predictions back: against repeating the last observed 11-year cycle.
+The first is robust: RMSE 13-16 against 29.9 for last year's value over seeds 0-3. The
+second is not: forty years fed back on themselves amplify small differences between
+trained models; seed 0 gives RMSE 23.7, seeds 1-3 give 47-59, against 39.6 for the
+repeated cycle.
 """
 import matplotlib.pyplot as plt
 import numpy as np

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnfast
+from rnnfast import reference
 
 from . import common
 
@@ -112,24 +113,6 @@ def encode(names, device) -> tuple:
     return x.to(device), lengths.to(device)
 
 
-class TutorialRNN(nn.Module):
-    """The tutorial's cell in plain torch.nn: what `--layer torch` trains for
-    `--model simple`, and the weights rnnfast.SimpleRNN loads."""
-
-    def __init__(self, input_size, hidden_size, output_size):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.i2h = nn.Linear(input_size + hidden_size, hidden_size)
-        self.i2o = nn.Linear(input_size + hidden_size, output_size)
-        self.softmax = nn.LogSoftmax(dim=1)
-
-    def forward(self, input, hidden):
-        combined = torch.cat((input, hidden), 1)
-        hidden = self.i2h(combined)
-        output = self.softmax(self.i2o(combined))
-        return output, hidden
-
-
 class SimpleClassifier(nn.Module):
     """The tutorial's classifier: the cell's log-probs at each name's last letter."""
 
@@ -171,7 +154,7 @@ def build(args, n_classes: int, layer: str):
     rnnfast's layers. Returns (model, optimizer)."""
     torch.manual_seed(args.seed)
     if args.model == "simple":
-        cell = TutorialRNN(len(LETTERS), args.hidden, n_classes)
+        cell = reference.TutorialRNN(len(LETTERS), args.hidden, n_classes)
         if layer == "rnnfast":
             fast = nn.utils.skip_init(rnnfast.SimpleRNN, len(LETTERS), args.hidden, n_classes)
             fast.load_state_dict(cell.state_dict())

@@ -3,12 +3,13 @@ the kernels. This is the ground truth the tests compare rnnfast with (in float64
 
 `forward(module, input, hx)` runs any module with torch.nn's parameter names (a torch.nn
 or an rnnfast RNN/LSTM/GRU) without dropout; `simple_rnn_sequence` is the tutorial's
-step loop for SimpleRNN.
+step loop for SimpleRNN, and `TutorialRNN` the tutorial's cell itself, as users have it in
+their code (the module rnnfast.SimpleRNN replaces).
 """
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def rnn_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
@@ -134,3 +135,25 @@ def simple_rnn_sequence(module, inputs: Tensor, hidden: Optional[Tensor] = None)
         hidden = rnn_cell(x, hidden, w[:, :C], w[:, C:], b, None,
                           module.nonlinearity or "identity")
     return torch.stack(outs), hidden
+
+
+class TutorialRNN(nn.Module):
+    """The classic tutorial's cell in plain torch.nn: `i2h` and `i2o` over
+    cat(input, hidden), LogSoftmax output, `initHidden()`."""
+
+    def __init__(self, input_size, hidden_size, output_size):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.i2h = nn.Linear(input_size + hidden_size, hidden_size)
+        self.i2o = nn.Linear(input_size + hidden_size, output_size)
+        self.softmax = nn.LogSoftmax(dim=1)
+
+    def forward(self, input, hidden):
+        combined = torch.cat((input, hidden), 1)
+        hidden = self.i2h(combined)
+        output = self.i2o(combined)
+        output = self.softmax(output)
+        return output, hidden
+
+    def initHidden(self):
+        return torch.zeros(1, self.hidden_size)

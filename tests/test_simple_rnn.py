@@ -1,38 +1,18 @@
 """SimpleRNN: the classic tutorial cell, its one-step forward and its fused sequence path,
-against the tutorial's formulation written out here and the float64 reference loop."""
+against the tutorial's cell (rnnfast.reference.TutorialRNN) and the float64 reference loop."""
 import copy
 
 import pytest
 import torch
-from torch import nn
 
 import rnnfast
 from rnnfast import reference
+from rnnfast.reference import TutorialRNN
 
 from helpers import assert_close_to_ref
 
 C, H, O, T, N = 7, 9, 5, 6, 3
 
-
-class TutorialRNN(nn.Module):
-    """The tutorial's cell, as users have it in their code."""
-
-    def __init__(self, input_size, hidden_size, output_size):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.i2h = nn.Linear(input_size + hidden_size, hidden_size)
-        self.i2o = nn.Linear(input_size + hidden_size, output_size)
-        self.softmax = nn.LogSoftmax(dim=1)
-
-    def forward(self, input, hidden):
-        combined = torch.cat((input, hidden), 1)
-        hidden = self.i2h(combined)
-        output = self.i2o(combined)
-        output = self.softmax(output)
-        return output, hidden
-
-    def initHidden(self):
-        return torch.zeros(1, self.hidden_size)
 
 
 def _pair(nonlinearity=None):

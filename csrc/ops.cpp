@@ -133,6 +133,12 @@ CudaPath cuda_path_mode() {
 void note_cuda_path(bool backward, CudaPath used) {
   last_path[backward ? 1 : 0].store(static_cast<int>(used));
 }
+
+void check_persistent_refusal(const char* op, const std::string& why) {
+  TORCH_CHECK(why.empty(), op,
+              ": the persistent CUDA path was forced (rnnfast.cuda_path / RNNFAST_CUDA_PATH), "
+              "but ", why);
+}
 }  // namespace rnnfast
 
 namespace {

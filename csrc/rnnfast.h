@@ -31,6 +31,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace rnnfast {
@@ -106,6 +107,11 @@ enum class CudaPath : int { kAuto = 0, kStep = 1, kPersistent = 2 };
 CudaPath cuda_path_mode();
 // Records the path the last CUDA forward (backward) took, for rnnfast.last_cuda_path().
 void note_cuda_path(bool backward, CudaPath used);
+// Raises when `why` is not empty: the persistent path was forced and cannot run. The CUDA
+// ops call it after their dispatch, so that the error is thrown from a C++ (not nvcc)
+// frame, with no dispatch lambda between it and the op (on the H100 a TORCH_CHECK thrown
+// inside plan_persistent crashed the process; the cause is not known).
+void check_persistent_refusal(const char* op, const std::string& why);
 
 // The workspace of a training forward: [T, N, width], workspace_dtype, contiguous, on x's
 // device.

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """CPU emulation of the persistent CUDA kernels, to check them without a GPU.
 
-Emulates, as of commit 05f1272: csrc/cuda/persistent.cuh (stage_rows, tile_dot with its
+Emulates, as of the commit that batched stage_rows' loads (after 6add24c):
+csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, tile_dot with its
 split-K, tile_dot_mma's WMMA 16x16x16 forward for 16-bit types, smem_layout and the scratch
 sizes, grid_barrier, both kernels, plan_persistent with the path forced) and the cells and
 ops of lstm.cu, gru.cu and rnn.cu. Indices are the CUDA code's; values are float64. Blocks
@@ -79,6 +80,8 @@ MUTATIONS = {
     "mma_ld_odd": "mma_ld(K) = round_up(K, 16) + 4 (ldm not a multiple of 8)",
     "mma_split_slot": "tile_dot_mma: the sum over splits reads slot sp * r_tiles + rt",
     "mma_no_k_pad": "stage_rows leaves xs[n][K:ld] unwritten",
+    "stage_vec_unaligned": "stage_rows takes 16-byte vectors without checking the alignment",
+    "stage_batch_overlap": "stage_rows: a batch's units e0 + i instead of e0 + i * blockDim",
     "mma_ws_no_k_pad": "forward Ws load without k < K (reads W_hh past the row)",
     "mma_scratch_no_splits": "mma_scratch_bytes: r_tiles * 256 floats (splits missing)",
 }
@@ -451,23 +454,49 @@ def tile_dot(NT, RPW, ws, r_pad, xs, K, out, scratch, ctx):
         out.write(idx, v, ctx, t, where="tile_dot out (split sum)")
 
 
-def stage_rows(NT, src, n0, N, K, ld, xs, ctx):
-    # `#pragma unroll 1` over nl, then `for (k = threadIdx.x; k < ld; k += blockDim.x)`:
-    # no barrier inside, so the NT rows run side by side, row nl of the arrays
-    nl = np.arange(NT, dtype=np.int64)[:, None]
-    k = np.arange(ld, dtype=np.int64)[None, :]
-    thr = np.broadcast_to(k % BLOCK_DIM, (NT, ld))
-    row_valid = np.broadcast_to(n0 + nl < N, (NT, ld))
-    load = row_valid & (k < K)
-    val = np.zeros((NT, ld))
-    val[load] = src.read(((n0 + nl) * K + k)[load], ctx, thr[load],
+STAGE_BATCH = 8  # kStageBatch
+
+
+def stage_rows(NT, src, n0, N, K, ld, xs, ctx, x_size):
+    # 16-byte vectors (V elements) where K and ld hold whole vectors and the tile's first
+    # row is 16-byte aligned, else elements; unit e (vector or element) of xs is thread
+    # e % blockDim's, in its batch `e0 + i * blockDim` (e0 = thread + j * kStageBatch *
+    # blockDim). No barrier inside: every unit runs side by side here.
+    V = 16 // x_size
+    rows = min(NT, N - n0)
+    base_bytes = (src.off + n0 * K) * x_size  # global buffers start 256-byte aligned
+    vector = K % V == 0 and ld % V == 0 and (base_bytes % 16 == 0 or mut("stage_vec_unaligned"))
+    cover("stage_rows: 16-byte vectors" if vector else "stage_rows: elements")
+    e = np.arange(NT * ld, dtype=np.int64)
+    unit = e // V if vector else e
+    units = NT * ld // V if vector else NT * ld
+    if units > STAGE_BATCH * BLOCK_DIM:
+        cover("stage_rows: several batches per thread")
+    thr = unit % BLOCK_DIM
+    overlap = mut("stage_batch_overlap")  # e = e0 + i instead of e0 + i * blockDim:
+    if overlap:  # unit u' of a batch is thread t's for t <= u' < t + kStageBatch, t < blockDim
+        u = unit % (STAGE_BATCH * BLOCK_DIM)
+        thr = np.minimum(u, BLOCK_DIM - 1)
+    nl, k = e // ld, e % ld
+    load = (nl < rows) & (k < K)
+    if vector and load.any():
+        starts = (base_bytes + (nl * K + k) * x_size)[load & (k % V == 0)]
+        if (starts % 16).any():
+            finding("stage_rows: a 16-byte vector load from an address not 16-byte aligned")
+    val = np.zeros(NT * ld)
+    val[load] = src.read((n0 * K + nl * K + k)[load], ctx, thr[load],
                          cg=not mut("plain_stage_load"), where="stage_rows (load_cg)")
-    store = np.ones((NT, ld), bool)
+    store = np.ones(NT * ld, bool)
     if mut("no_zero_rows"):
-        store &= row_valid
+        store &= nl < rows
     if mut("mma_no_k_pad"):
         store &= k < K
-    xs.write((nl * ld + k)[store], val[store], ctx, thr[store], where="stage_rows xs")
+    if overlap:
+        store &= u < BLOCK_DIM + STAGE_BATCH - 1  # the units past every thread's batch
+        again = store & (u >= 1) & (u <= BLOCK_DIM)  # and a second thread's store
+    xs.write(e[store], val[store], ctx, thr[store], where="stage_rows xs")
+    if overlap:
+        xs.write(e[again], val[again], ctx, thr[again] - 1, where="stage_rows xs")
 
 
 # --------------------------------------------------------------------------------------
@@ -602,7 +631,7 @@ def persistent_forward(Cell, NT, RPW, dt, p, ctx):
         t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
         h_prev = p.h0 if s == 0 else p.y + tp * N * H
         for n0 in range(0, N, NT):
-            stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx)
+            stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx, dt.scalar)
             ctx.syncthreads()
             if mma:
                 tile_dot_mma(ws, r_pad, xs, round_up(K, 16), ld, out, scratch, ctx)
@@ -657,7 +686,7 @@ def persistent_backward(Cell, NT, RPW, dt, p, ctx):
             yield (p.T - s) * ctx.grid - mut("barrier_target_low")
         dg = p.dg_hh + t * N * K
         for n0 in range(0, N, NT):
-            stage_rows(NT, dg, n0, N, K, K, xs, ctx)
+            stage_rows(NT, dg, n0, N, K, K, xs, ctx, dt.acc)
             ctx.syncthreads()
             tile_dot(NT, RPW, ws, r_pad, xs, K, out, scratch, ctx)
             if not mut("no_tile_sync"):
@@ -944,6 +973,13 @@ def empty(name, n):
     return Buf(name, np.zeros(n), initialized=False)
 
 
+def offset_buf(name, t, off):
+    """A buffer holding t from element `off` on (a view that starts `off` elements into
+    its allocation, so possibly not 16-byte aligned); read it through Ptr(buf, off)."""
+    t = t.detach().to(F64).reshape(-1)
+    return Buf(name, torch.cat([torch.zeros(off, dtype=F64), t]))
+
+
 def input_projection(x, w_ih, bias):
     T, N, C = x.shape
     x2 = x.reshape(T * N, C)
@@ -978,7 +1014,7 @@ def bias_grad(dg):
     return dg.sum(dim=(0, 1))
 
 
-def lstm_forward_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, tile, seed):
+def lstm_forward_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, tile, seed, h0_off=0):
     T, N, _ = x.shape
     H = w_hh.shape[1]
     y = empty("y", T * N * H)
@@ -986,10 +1022,10 @@ def lstm_forward_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, d
     c0_acc = Buf("c0_acc", c0)
     xp = Buf("xp", input_projection(x, w_ih, sum_biases(b_ih, b_hh)))
     w = Buf("w_hh", w_hh)
-    h0b = Buf("h0", h0)
+    h0b = offset_buf("h0", h0, h0_off)
     plan = plan_persistent(LstmCell, False, N, H, dev, dt, tile)
     c_state = None if training else Buf("c_state", c0)  # c0_acc.clone()
-    p = Params(T=T, N=N, H=H, reverse=reverse, xp=Ptr(xp), w_hh=Ptr(w), h0=Ptr(h0b),
+    p = Params(T=T, N=N, H=H, reverse=reverse, xp=Ptr(xp), w_hh=Ptr(w), h0=Ptr(h0b, h0_off),
                c0=Ptr(c0_acc), y=Ptr(y), cache=Ptr(ws) if training else None,
                c_state=None if training else Ptr(c_state))
     launch_persistent(plan, p, [b for b in (y, ws, c0_acc, xp, w, h0b, c_state) if b], seed)
@@ -1020,18 +1056,18 @@ def lstm_backward_op(dy, dhn, dcn, x, h0, c0, w_ih, w_hh, y, workspace, reverse,
             recurrent_weight_grad(dgt, y, h0, reverse), bias_grad(dgt)), plan
 
 
-def gru_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, tile, seed):
+def gru_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, tile, seed, h0_off=0):
     T, N, _ = x.shape
     H = w_hh.shape[1]
     y = empty("y", T * N * H)
     ws = empty("workspace", (T if training else 0) * N * 4 * H)
     xp = Buf("xp", input_projection(x, w_ih, b_ih))
     w = Buf("w_hh", w_hh)
-    h0b = Buf("h0", h0)
+    h0b = offset_buf("h0", h0, h0_off)
     bb = Buf("b_hh", b_hh) if b_hh is not None else None
     plan = plan_persistent(GruCell, False, N, H, dev, dt, tile)
     p = Params(T=T, N=N, H=H, reverse=reverse, xp=Ptr(xp), w_hh=Ptr(w),
-               b_hh=Ptr(bb) if bb is not None else None, h0=Ptr(h0b), y=Ptr(y),
+               b_hh=Ptr(bb) if bb is not None else None, h0=Ptr(h0b, h0_off), y=Ptr(y),
                cache=Ptr(ws) if training else None)
     launch_persistent(plan, p, [b for b in (y, ws, xp, w, h0b, bb) if b is not None], seed)
     yt = y.tensor((T, N, H))
@@ -1058,16 +1094,16 @@ def gru_backward_op(dy, dhn, x, h0, w_ih, w_hh, y, workspace, reverse, dev, dt, 
             bias_grad(dgi), bias_grad(dgh)), plan
 
 
-def rnn_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, dev, dt, tile, seed):
+def rnn_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, dev, dt, tile, seed, h0_off=0):
     T, N, _ = x.shape
     H = w_hh.shape[1]
     y = empty("y", T * N * H)
     xp = Buf("xp", input_projection(x, w_ih, sum_biases(b_ih, b_hh)))
     w = Buf("w_hh", w_hh)
-    h0b = Buf("h0", h0)
+    h0b = offset_buf("h0", h0, h0_off)
     plan = plan_persistent(ElmanCell, False, N, H, dev, dt, tile)
     p = Params(T=T, N=N, H=H, reverse=reverse, activation=activation, xp=Ptr(xp), w_hh=Ptr(w),
-               h0=Ptr(h0b), y=Ptr(y))
+               h0=Ptr(h0b, h0_off), y=Ptr(y))
     launch_persistent(plan, p, [y, xp, w, h0b], seed)
     yt = y.tensor((T, N, H))
     return yt, yt[time_index(T - 1, T, reverse)].clone(), plan
@@ -1173,12 +1209,12 @@ def check(name, got, want, case, tol=1e-9):
 
 def case_name(c):
     keys = ("kind", "dtype", "T", "N", "C", "H", "reverse", "training", "sms", "bias", "act",
-            "gru_bhh", "tile")
+            "gru_bhh", "tile", "h0_off")
     return " ".join(f"{k}={c[k]}" for k in keys if k in c)
 
 
 def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True, tile=None,
-             dtype="float64", seed=0, ops=None):
+             dtype="float64", seed=0, ops=None, h0_off=0):
     g = torch.Generator().manual_seed(seed)
     G = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
     scale = 1.0 / math.sqrt(H)
@@ -1201,20 +1237,23 @@ def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True
                           training=training, sms=sms, bias=bias,
                           **({"act": act} if kind == "rnn" else {}),
                           **({"gru_bhh": gru_bhh} if kind == "gru" else {}),
-                          **({"tile": tile} if tile else {})))
+                          **({"tile": tile} if tile else {}),
+                          **({"h0_off": h0_off} if h0_off else {})))
 
     y_ref, hn_ref, cn_ref, ws_ref = reference_run(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                   reverse, act)
     D = lambda t: t.detach() if t is not None else None  # noqa: E731
     args = [D(x), D(h0), D(c0), D(w_ih), D(w_hh), D(b_ih), D(b_hh)]
     if kind == "lstm":
-        y, hn, cn, ws, plan = lstm_forward_op(*args, reverse, training, dev, dt, tile, seed)
+        y, hn, cn, ws, plan = lstm_forward_op(*args, reverse, training, dev, dt, tile, seed,
+                                              h0_off)
     elif kind == "gru":
         y, hn, ws, plan = gru_forward_op(*(args[:2] + args[3:]), reverse, training, dev, dt,
-                                         tile, seed)
+                                         tile, seed, h0_off)
         cn = None
     else:
-        y, hn, plan = rnn_forward_op(*(args[:2] + args[3:]), act, reverse, dev, dt, tile, seed)
+        y, hn, plan = rnn_forward_op(*(args[:2] + args[3:]), act, reverse, dev, dt, tile, seed,
+                                     h0_off)
         cn = ws = None
     STATS["tiles"].add((plan.nt, plan.rpw))
     cover(*(c for c, on in (
@@ -1341,6 +1380,15 @@ def cases(full=False):
         dict(kind="rnn", T=5, N=3, C=2, H=40, reverse=True, training=True, sms=3, bias=False,
              act=1),
         dict(kind="gru", T=1, N=1, C=1, H=1, reverse=True, training=True, sms=5, bias=False),
+        # h0 one element into its allocation: the first step stages elements, later ones
+        # 16-byte vectors
+        dict(kind="gru", T=3, N=5, C=2, H=8, reverse=False, training=True, sms=3, bias=True,
+             dtype="float32", h0_off=1),
+        dict(kind="lstm", T=2, N=17, C=2, H=16, reverse=True, training=True, sms=5,
+             bias=True, dtype="float16", h0_off=3),
+        # the backward stages 16 rows of 3 * 45 elements: two batches per thread
+        dict(kind="gru", T=2, N=17, C=2, H=45, reverse=False, training=True, sms=5,
+             bias=True),
     ]
     # the tensor-core forward
     m = 0
@@ -1364,7 +1412,8 @@ def cases(full=False):
     return out + extra
 
 
-COVERAGE = {"last block owns fewer units", "blocks own several units", "H < SM count",
+COVERAGE = {"stage_rows: 16-byte vectors", "stage_rows: elements",
+            "stage_rows: several batches per thread", "last block owns fewer units", "blocks own several units", "H < SM count",
             "H > SM count", "several row tiles", "a partial row tile",
             "K > 32 (several k per lane)", "ffma: split-K", "ffma: one k range per chunk",
             "ffma: several jobs per warp", "ffma: K % splits != 0", "mma: split-K",
@@ -1427,6 +1476,8 @@ SELF_TEST_CASES = [
     dict(kind="gru", T=2, N=5, C=2, H=33, reverse=True, training=True, sms=5, bias=True,
          dtype="float16"),
     dict(kind="lstm", T=2, N=33, C=2, H=40, reverse=True, training=True, sms=5, bias=True),
+    dict(kind="rnn", T=2, N=3, C=2, H=8, reverse=False, training=True, sms=3, bias=True,
+         dtype="float32", h0_off=1),
 ]
 
 

@@ -259,17 +259,45 @@ def test_inference_equals_training_forward(cell, path):
     assert all(torch.equal(a, b) for a, b in zip(*got))
 
 
-def test_forcing_the_persistent_path_where_it_cannot_run_is_a_clear_error():
-    """W_hh of an LSTM with H = 4096 in float32 (256 MiB) cannot stay on chip: forced, the
-    persistent path says so; on auto the per-step path runs."""
-    f = rnnfast.LSTM(4, 4096).to(CUDA)
-    x = torch.randn(2, 1, 4, device=CUDA)
+_REFUSAL_CHILD = r"""
+import sys
+import torch
+import rnnfast
+
+cuda = torch.device("cuda")
+for name, H in (("LSTM", 4096), ("GRU", 4096), ("RNN", 8192)):
+    f = getattr(rnnfast, name)(4, H).to(cuda)
+    x = torch.randn(2, 1, 4, device=cuda)
     with rnnfast.cuda_path("persistent"):
-        with pytest.raises(RuntimeError, match="persistent CUDA path was forced.*cannot run"):
+        try:
             f(x)
+        except RuntimeError as e:
+            msg = str(e)
+        else:
+            sys.exit(f"{name}: forcing the persistent path at H={H} raised nothing")
+    if not ("persistent CUDA path was forced" in msg and f"cannot run for H={H}" in msg):
+        sys.exit(f"{name}: unexpected message: {msg}")
     with rnnfast.cuda_path("auto"), torch.no_grad():
         f(x)
-    assert rnnfast.last_cuda_path()[0] == "step"
+    if rnnfast.last_cuda_path()[0] != "step":
+        sys.exit(f"{name}: auto ran {rnnfast.last_cuda_path()} at H={H}")
+    print(f"{name} H={H}: {msg.splitlines()[0]}")
+"""
+
+
+def test_forcing_the_persistent_path_where_it_cannot_run_is_a_clear_error():
+    """W_hh of an LSTM or GRU with H = 4096 or an RNN with H = 8192 in float32 (200-256 MiB)
+    cannot stay on chip: forced, the persistent path raises an error saying so; on auto
+    the per-step path runs. In a child process: on the H100 this once crashed the process
+    (a segfault, not an exception), which must fail this test, not end the run."""
+    import subprocess
+    import sys
+    child = subprocess.run([sys.executable, "-c", _REFUSAL_CHILD], capture_output=True,
+                           text=True, timeout=300)
+    assert child.returncode == 0, (
+        f"exit status {child.returncode}\n--- stdout\n{child.stdout}\n--- stderr\n"
+        f"{child.stderr[-4000:]}")
+    assert child.stdout.count("cannot run for H=") == 3, child.stdout
 
 
 @pytest.mark.parametrize("cell", list(CELLS))

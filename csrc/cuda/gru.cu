@@ -149,6 +149,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
   if (T == 0 || N == 0 || H == 0) return {y, h0.clone(), workspace};
   const Tensor xp = input_projection(x, w_ih, b_ih);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  std::string refused;  // why the forced persistent path cannot run, or empty
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "gru_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -156,7 +157,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
         acc_t* ws = workspace.data_ptr<acc_t>();
         const scalar_t* bp = b_hh ? b_hh->data_ptr<scalar_t>() : nullptr;
         const PersistentLaunch plan =
-            plan_persistent<GruCell, scalar_t, acc_t, false>(op, N, H, x.scalar_type());
+            plan_persistent<GruCell, scalar_t, acc_t, false>(N, H, x.scalar_type());
+        if (!plan.refused.empty()) {
+          refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
+          return;
+        }
         if (plan.kernel != nullptr) {
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
@@ -177,6 +182,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
+  check_persistent_refusal(op, refused);
   return {y, y[time_index(T - 1, T, reverse)].clone(), workspace};
 }
 
@@ -202,13 +208,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
   Tensor dg_ih = at::empty({T, N, 3 * H}, x.options().dtype(acc));
   Tensor dg_hh = at::empty({T, N, 3 * H}, x.options().dtype(acc));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  std::string refused;  // why the forced persistent path cannot run, or empty
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "gru_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const acc_t* ws = workspace.data_ptr<acc_t>();
         const scalar_t* yp = y.data_ptr<scalar_t>();
         const PersistentLaunch plan =
-            plan_persistent<GruCell, scalar_t, acc_t, true>(op, N, H, x.scalar_type());
+            plan_persistent<GruCell, scalar_t, acc_t, true>(N, H, x.scalar_type());
+        if (!plan.refused.empty()) {
+          refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
+          return;
+        }
         if (plan.kernel != nullptr) {
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
@@ -231,6 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
           dh_gemm(dg_hh[t], w_hh_acc, dh, /*accumulate=*/true);
         }
       });
+  check_persistent_refusal(op, refused);
   const InputGrads in = input_grads(dg_ih, x, w_ih);
   return {in.dx,
           dh.to(x.scalar_type()),

@@ -144,13 +144,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
   const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
   Tensor c_state;  // the persistent path's c in inference
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  std::string refused;  // why the forced persistent path cannot run, or empty
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "lstm_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         scalar_t* yp = y.data_ptr<scalar_t>();
         acc_t* ws = workspace.data_ptr<acc_t>();
         const PersistentLaunch plan =
-            plan_persistent<LstmCell, scalar_t, acc_t, false>(op, N, H, x.scalar_type());
+            plan_persistent<LstmCell, scalar_t, acc_t, false>(N, H, x.scalar_type());
+        if (!plan.refused.empty()) {
+          refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
+          return;
+        }
         if (plan.kernel != nullptr) {
           if (!training) c_state = c0_acc.clone();
           PersistentParams<scalar_t, acc_t> p{};
@@ -190,6 +195,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
+  check_persistent_refusal(op, refused);
   const int64_t last = time_index(T - 1, T, reverse);
   Tensor cn = training             ? workspace[last].narrow(1, 4 * H, H)
                : c_state.defined() ? c_state
@@ -224,13 +230,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
   Tensor dg = at::empty({T, N, 4 * H}, x.options().dtype(acc));
   const Tensor c0_acc = c0.to(acc).contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  std::string refused;  // why the forced persistent path cannot run, or empty
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "lstm_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const acc_t* ws = workspace.data_ptr<acc_t>();
         acc_t* dgp = dg.data_ptr<acc_t>();
         const PersistentLaunch plan =
-            plan_persistent<LstmCell, scalar_t, acc_t, true>(op, N, H, x.scalar_type());
+            plan_persistent<LstmCell, scalar_t, acc_t, true>(N, H, x.scalar_type());
+        if (!plan.refused.empty()) {
+          refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
+          return;
+        }
         if (plan.kernel != nullptr) {
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
@@ -252,6 +263,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
           dh_gemm(dg[t], w_hh_acc, dh, /*accumulate=*/false);
         }
       });
+  check_persistent_refusal(op, refused);
   const InputGrads in = input_grads(dg, x, w_ih);
   return {in.dx,
           dh.to(x.scalar_type()),

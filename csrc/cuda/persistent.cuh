@@ -44,6 +44,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "common.cuh"
@@ -188,16 +189,51 @@ __device__ __forceinline__ void tile_dot(const w_t* __restrict__ ws, int r_pad,
 }
 
 // xs[nl][k] = src[n0 + nl][k] for the NT rows of a tile, zero past N and for K <= k < ld;
-// src [N, K], xs [NT, ld].
+// src [N, K], xs [NT, ld]. Element e of xs (or 16-byte vector e, where K and ld hold whole
+// vectors and src is 16-byte aligned) is thread e % blockDim's, as e runs over [0, NT * ld)
+// (vectors: [0, NT * ld / V)). Each thread issues its next kStageBatch loads before it
+// stores any, so their L2 round trips overlap: one load-store pair at a time pays a round
+// trip per element, which on the H100 was most of a step from N = 16 on (N = 64, H = 768:
+// 48 round trips a tile, 4 tiles).
+constexpr int kStageBatch = 8;
 template <int NT, typename x_t>
 __device__ __forceinline__ void stage_rows(const x_t* src, int64_t n0, int64_t N, int K, int ld,
                                            x_t* __restrict__ xs) {
-#pragma unroll 1
-  for (int nl = 0; nl < NT; ++nl) {
-    const bool valid = n0 + nl < N;
-    const x_t* row = src + (n0 + nl) * K;
-    for (int k = threadIdx.x; k < ld; k += blockDim.x) {
-      xs[nl * ld + k] = valid && k < K ? load_cg(row + k) : x_t(0);
+  constexpr int V = 16 / sizeof(x_t);
+  const int rows = static_cast<int>(N - n0 < NT ? N - n0 : NT);  // rows of src in the tile
+  const x_t* base = src + n0 * K;
+  if (K % V == 0 && ld % V == 0 && (reinterpret_cast<uintptr_t>(base) & 15) == 0) {
+    const int per_row = ld / V, loaded = K / V, total = NT * per_row;
+    const uint4* vsrc = reinterpret_cast<const uint4*>(base);
+    uint4* vxs = reinterpret_cast<uint4*>(xs);
+    for (int e0 = threadIdx.x; e0 < total; e0 += kStageBatch * blockDim.x) {
+      uint4 v[kStageBatch];
+#pragma unroll
+      for (int i = 0; i < kStageBatch; ++i) {
+        const int e = e0 + i * blockDim.x, nl = e / per_row, c = e - nl * per_row;
+        v[i] = e < total && nl < rows && c < loaded ? __ldcg(vsrc + nl * loaded + c)
+                                                    : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int i = 0; i < kStageBatch; ++i) {
+        const int e = e0 + i * blockDim.x;
+        if (e < total) vxs[e] = v[i];
+      }
+    }
+  } else {
+    const int total = NT * ld;
+    for (int e0 = threadIdx.x; e0 < total; e0 += kStageBatch * blockDim.x) {
+      x_t v[kStageBatch];
+#pragma unroll
+      for (int i = 0; i < kStageBatch; ++i) {
+        const int e = e0 + i * blockDim.x, nl = e / ld, k = e - nl * ld;
+        v[i] = e < total && nl < rows && k < K ? load_cg(base + nl * K + k) : x_t(0);
+      }
+#pragma unroll
+      for (int i = 0; i < kStageBatch; ++i) {
+        const int e = e0 + i * blockDim.x;
+        if (e < total) xs[e] = v[i];
+      }
     }
   }
 }
@@ -401,44 +437,70 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 
 // ---- host side: which path runs, and the launch ----
 
-// A first cost model for `auto`, per step, to be refined with measurements: the persistent
-// path does 2*N*G*H*H flops spread over the SMs, with FFMA at about half of their peak
-// (or tensor cores at a quarter of a GEMM's rate), reads all of h (forward) or dg
-// (backward: G*H wide, in acc_t) from L2 in every block, and waits at a barrier; the
-// per-step path pays its launches, plus a GEMM at tensor-core (16-bit) or FFMA (fp32/fp64)
-// speed.
-constexpr double kBarrierUs = 2.0, kStepOverheadUs = 15.0, kFfmaEfficiency = 0.5;
-constexpr double kL2BytesPerS = 5e12;
-
-inline bool persistent_wins(int64_t N, int G, int64_t H, at::ScalarType dtype, bool mma,
-                            int64_t blocks, double staged_bytes_per_row,
-                            const cudaDeviceProp& prop) {
-  const double flops = 2.0 * N * G * H * H;
-  int clock_khz = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, c10::cuda::current_device()));
-  const double clock_hz = clock_khz * 1e3;
-  const double fma_lanes = dtype == at::kDouble ? 64.0 : 128.0;  // per SM per cycle
-  const double ffma_per_s = prop.multiProcessorCount * fma_lanes * 2.0 * clock_hz;
-  const bool tensor_cores = dtype == at::kHalf || dtype == at::kBFloat16;
-  const double gemm_per_s = tensor_cores ? 8.0 * ffma_per_s : 0.7 * ffma_per_s;
-  const double persistent_per_s = mma ? 0.25 * gemm_per_s : kFfmaEfficiency * ffma_per_s;
-  const double staging_us = blocks * N * staged_bytes_per_row / kL2BytesPerS * 1e6;
-  const double persistent_us = flops / persistent_per_s * 1e6 + staging_us + kBarrierUs;
-  const double step_us = kStepOverheadUs + flops / gemm_per_s * 1e6;
-  return persistent_us < step_us;
-}
+// The cost model of `auto`: microseconds per step of each path, fitted to the first H100
+// run (benchmarks/results/cuda-h100-issue7-partial-2026-11-27.json, float32).
+// Persistent: a floor (the grid barrier, the __syncthreads and one pointwise pass, whose
+// loads are one L2 round trip), then per tile of NT rows the staging's round trips
+// (kStageBatch loads in flight per thread), the dot product at a share of the SM's FFMA
+// (or tensor-core) rate and one more pointwise pass after the first tile; never less than
+// all blocks' staging at L2 bandwidth. That run staged one element at a time, a round trip
+// each; counting them so, the model gives 0.78x-1.25x of the measured forward times
+// (geomean 1.03x) and 0.86x-1.26x of the backward (1.10x). scripts/fit_cost_model.py
+// prints the fit, reading the constants below from this file.
+// Per step: the launches from the host through ATen, plus the GEMM at a share of the
+// device's rate (16-bit forward on tensor cores; float32 on FFMA, TF32 being off by
+// default, as is every backward, which runs in acc_t). The 16-bit shares are guesses until
+// a GPU run measures them.
+struct CostModel {
+  static constexpr double kFloorUs = 3.5, kRoundTripUs = 0.27, kFfmaShare = 0.4,
+                          kMmaShare = 0.15, kL2BytesPerS = 5e12;
+  static constexpr double kStepOverheadUs = 17.0, kGemmFfmaShare = 0.4, kGemmMmaShare = 0.25;
+  double ffma_flops_per_sm_us;  // flop per SM per microsecond (FFMA, fp32; fp64 at half)
+  double mma_factor;            // dense 16-bit tensor-core rate over FFMA
+  int sms;
+  CostModel(const cudaDeviceProp& prop, bool fp64) {
+    int clock_khz = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate,
+                                          c10::cuda::current_device()));
+    ffma_flops_per_sm_us = (fp64 ? 128.0 : 256.0) * clock_khz * 1e-3;
+    mma_factor = prop.major >= 9 ? 16.0 : 8.0;
+    sms = prop.multiProcessorCount;
+  }
+  // x_size: bytes of a staged element; v: elements per 16-byte vector when staging takes
+  // vectors, else 1.
+  double persistent_us(int64_t N, int nt, int r_pad, int64_t K, int64_t ld, int x_size, int v,
+                       bool mma, int blocks) const {
+    const int64_t tiles = (N + nt - 1) / nt;
+    const int64_t per_thread = (nt * ld / v + kPersistentThreads - 1) / kPersistentThreads;
+    const double trips = double((per_thread + kStageBatch - 1) / kStageBatch);
+    const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : kFfmaShare);
+    const double dot_us = 2.0 * nt * r_pad * K / rate;
+    const double latency_us =
+        kFloorUs + tiles * (trips * kRoundTripUs + dot_us) + (tiles - 1) * kRoundTripUs;
+    const double bandwidth_us = double(blocks) * N * K * x_size / kL2BytesPerS * 1e6;
+    return std::max(latency_us, bandwidth_us);
+  }
+  // flops: the step's GEMM (2 N G H H); mma: on tensor cores
+  double step_us(double flops, bool mma) const {
+    const double rate = sms * ffma_flops_per_sm_us * (mma ? mma_factor * kGemmMmaShare
+                                                          : kGemmFfmaShare);
+    return kStepOverheadUs + flops / rate;
+  }
+};
 
 struct PersistentLaunch {
   const void* kernel = nullptr;  // null: the per-step path runs
   int blocks = 0, units = 0;
   size_t smem = 0;
+  std::string refused;  // the path was forced but cannot run: why (the op then raises)
 };
 
 // Picks the path for one op call from the mode (rnnfast::cuda_path_mode), the fit on chip
-// and the cost model, and records it (rnnfast::note_cuda_path). Forcing the persistent path
-// where it cannot run is an error that says why.
+// and the cost model, and records it (rnnfast::note_cuda_path). Where the persistent path
+// is forced and cannot run, the plan says why in `refused` and the op, after its dispatch,
+// raises with check_persistent_refusal (ops.cpp; nothing is thrown from here).
 template <typename Cell, typename scalar_t, typename acc_t, bool kBackward>
-PersistentLaunch plan_persistent(const char* op, int64_t N, int64_t H, at::ScalarType dtype) {
+PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
   const CudaPath mode = cuda_path_mode();
   PersistentLaunch plan;
   if (mode == CudaPath::kStep) {
@@ -448,12 +510,20 @@ PersistentLaunch plan_persistent(const char* op, int64_t N, int64_t H, at::Scala
   constexpr int G = Cell::kGates;
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
   const int sms = prop.multiProcessorCount;
-  const int64_t units = (H + sms - 1) / sms;
+  // RNNFAST_PERSISTENT_MAX_BLOCKS (a tuning knob, read once): at most that many blocks, so
+  // more units per block; for measuring what the block count costs at the grid barrier
+  static const int max_blocks = [] {
+    const char* env = std::getenv("RNNFAST_PERSISTENT_MAX_BLOCKS");
+    return env != nullptr && std::atoi(env) > 0 ? std::atoi(env) : 0;
+  }();
+  const int64_t spread = max_blocks > 0 ? std::min(sms, max_blocks) : sms;
+  const int64_t units = (H + spread - 1) / spread;
   const int64_t K = kBackward ? G * H : H;
   const int64_t rows = kBackward ? units : G * units;
   using x_t = std::conditional_t<kBackward, acc_t, scalar_t>;
   constexpr bool kMma = !kBackward && kForwardMma<scalar_t>;
   std::string why;
+  double persistent_us = 0.0;
   if (!prop.cooperativeLaunch) {
     why = "the device does not support cooperative launches";
   } else {
@@ -482,6 +552,11 @@ PersistentLaunch plan_persistent(const char* op, int64_t N, int64_t H, at::Scala
         return false;
       }
       plan = {kernel, static_cast<int>(blocks), static_cast<int>(units), smem};
+      const int x_size = sizeof(x_t), v = 16 / x_size;
+      const bool vectors = K % v == 0 && ld % v == 0;  // and aligned, as y and dg are
+      persistent_us = CostModel(prop, dtype == at::kDouble)
+                          .persistent_us(N, kNT, r_pad, K, ld, x_size, vectors ? v : 1, kMma,
+                                         plan.blocks);
       return true;
     };
     using I4 = std::integral_constant<int, 4>;
@@ -507,12 +582,16 @@ PersistentLaunch plan_persistent(const char* op, int64_t N, int64_t H, at::Scala
     }
   }
   if (plan.kernel == nullptr) {
-    TORCH_CHECK(mode != CudaPath::kPersistent, op,
-                ": the persistent CUDA path was forced (rnnfast.cuda_path / RNNFAST_CUDA_PATH), "
-                "but it cannot run for H=", H, ": ", why);
-  } else if (mode == CudaPath::kAuto &&
-             !persistent_wins(N, G, H, dtype, kMma, plan.blocks, double(K) * sizeof(x_t), prop)) {
-    plan = PersistentLaunch{};
+    if (mode == CudaPath::kPersistent) {
+      plan.refused = "it cannot run for H=" + std::to_string(H) + ": " + why;
+      return plan;
+    }
+  } else if (mode == CudaPath::kAuto) {
+    const bool step_mma = kMma;  // the per-step forward GEMM runs in scalar_t, on tensor
+                                 // cores for 16-bit; the backward's in acc_t
+    const double step_us =
+        CostModel(prop, dtype == at::kDouble).step_us(2.0 * N * G * H * H, step_mma);
+    if (!(persistent_us < step_us)) plan = PersistentLaunch{};
   }
   note_cuda_path(kBackward, plan.kernel ? CudaPath::kPersistent : CudaPath::kStep);
   return plan;

@@ -78,12 +78,17 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
   if (T == 0 || N == 0 || H == 0) return {y, h0.clone()};
   const Tensor xp = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  std::string refused;  // why the forced persistent path cannot run, or empty
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "rnn_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         scalar_t* yp = y.data_ptr<scalar_t>();
         const PersistentLaunch plan =
-            plan_persistent<ElmanCell, scalar_t, acc_t, false>(op, N, H, x.scalar_type());
+            plan_persistent<ElmanCell, scalar_t, acc_t, false>(N, H, x.scalar_type());
+        if (!plan.refused.empty()) {
+          refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
+          return;
+        }
         if (plan.kernel != nullptr) {
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
@@ -104,6 +109,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
+  check_persistent_refusal(op, refused);
   return {y, y[time_index(T - 1, T, reverse)].clone()};
 }
 
@@ -128,11 +134,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
   }
   Tensor dg = at::empty({T, N, H}, x.options().dtype(acc));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  std::string refused;  // why the forced persistent path cannot run, or empty
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "rnn_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const PersistentLaunch plan =
-            plan_persistent<ElmanCell, scalar_t, acc_t, true>(op, N, H, x.scalar_type());
+            plan_persistent<ElmanCell, scalar_t, acc_t, true>(N, H, x.scalar_type());
+        if (!plan.refused.empty()) {
+          refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
+          return;
+        }
         if (plan.kernel != nullptr) {
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
@@ -154,6 +165,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
           dh_gemm(dg[t], w_hh_acc, dh, /*accumulate=*/false);
         }
       });
+  check_persistent_refusal(op, refused);
   const InputGrads in = input_grads(dg, x, w_ih);
   return {in.dx, dh.to(x.scalar_type()), in.dw_ih,
           recurrent_weight_grad(dg, y, h0, reverse).to(x.scalar_type()),

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""The `auto` cost model of csrc/cuda/persistent.cuh (CostModel, and plan_persistent's
+choice of tile), in Python, against a GPU benchmark's JSON (`--set issue7` with the
+`rnnfast persistent` and `rnnfast step` contenders).
+
+The constants are read from persistent.cuh, so this checks the header's own numbers. For
+each case it prints the measured per-step times of both forced paths and of cuDNN, the
+model's estimate of the persistent kernels as that run's code staged rows (`--staging
+old`: one element at a time per thread, a round trip each, as before the batched
+stage_rows) or as the code stages them now (`new`), the per-step path's estimate, and
+what `auto` would pick. The fit summary (model over measured, geomean and range) is what
+the header's comment quotes.
+
+  python scripts/fit_cost_model.py                      # the committed H100 run
+  python scripts/fit_cost_model.py --json gpu-bench7.json --staging new
+
+Float32 and float64 cases only (the 16-bit rates are not fitted yet); the device is taken
+to be the H100 SXM of the committed run (132 SMs, clockRate 1980 MHz) unless --sms and
+--clock-mhz say otherwise.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = os.path.join(ROOT, "csrc", "cuda", "persistent.cuh")
+DEFAULT_JSON = os.path.join(ROOT, "benchmarks", "results",
+                            "cuda-h100-issue7-partial-2026-11-27.json")
+GATES = {"lstm": 4, "gru": 3, "rnn": 1, "rnn_tanh": 1, "rnn_relu": 1}
+THREADS = 256  # kPersistentThreads
+
+
+def header_constants(path=HEADER):
+    """kStageBatch and CostModel's constants, as persistent.cuh defines them."""
+    text = open(path).read()
+    consts = {}
+    for name in ("kStageBatch", "kFloorUs", "kRoundTripUs", "kFfmaShare", "kMmaShare",
+                 "kL2BytesPerS", "kStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare"):
+        m = re.search(rf"\b{name}\s*=\s*([0-9.eE+-]+)", text)
+        if m is None:
+            raise SystemExit(f"{name} not found in {path}")
+        consts[name] = float(m.group(1))
+    return consts
+
+
+def round_up(v, m):
+    return (v + m - 1) // m * m
+
+
+class Model:
+    def __init__(self, consts, sms, clock_mhz, fp64=False):
+        self.c, self.sms = consts, sms
+        self.ffma = (128.0 if fp64 else 256.0) * clock_mhz  # flop per SM per microsecond
+
+    def tile(self, N, backward):
+        """plan_persistent's FFMA tile (NT, RPW) where the (16, 4) tile fits."""
+        return (16, 4) if N > 4 else (4, 8)
+
+    def persistent_us(self, cell, N, H, backward, staging, x_size=4):
+        c = self.c
+        G = GATES[cell]
+        units = -(-H // self.sms)
+        blocks = -(-H // units)
+        K = G * H if backward else H
+        rows = units if backward else G * units
+        nt, rpw = self.tile(N, backward)
+        r_pad, ld = round_up(rows, rpw), K
+        tiles = -(-N // nt)
+        dot = 2.0 * nt * r_pad * K / (self.ffma * c["kFfmaShare"])
+        if staging == "old":  # each valid row: ceil(ld / 256) loads, one after another
+            trips = sum(min(nt, N - n0) * -(-ld // THREADS) for n0 in range(0, N, nt))
+        else:
+            v = 16 // x_size if K % (16 // x_size) == 0 else 1
+            per_thread = -(-(nt * ld // v) // THREADS)
+            trips = tiles * -(-per_thread // int(c["kStageBatch"]))
+        latency = (c["kFloorUs"] + trips * c["kRoundTripUs"] + tiles * dot
+                   + (tiles - 1) * c["kRoundTripUs"])
+        bandwidth = blocks * N * K * x_size / c["kL2BytesPerS"] * 1e6
+        return max(latency, bandwidth)
+
+    def gemm_us(self, cell, N, H):
+        """One [N, H] x [H, G*H] GEMM's share of a step, at the per-step GEMMs' rate."""
+        flops = 2.0 * N * GATES[cell] * H * H
+        return flops / (self.sms * self.ffma * self.c["kGemmFfmaShare"])
+
+    def step_us(self, cell, N, H):
+        return self.c["kStepOverheadUs"] + self.gemm_us(cell, N, H)
+
+
+def per_step(rec, name):
+    r = rec["results"].get(name, {})
+    return r["median_s"] / rec["T"] * 1e6 if "median_s" in r else None
+
+
+def geo(xs):
+    return math.exp(statistics.mean(math.log(x) for x in xs)) if xs else float("nan")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=DEFAULT_JSON)
+    ap.add_argument("--staging", choices=("old", "new"), default="old",
+                    help="how the measured run staged rows (default: old, the committed run)")
+    ap.add_argument("--sms", type=int, default=132)
+    ap.add_argument("--clock-mhz", type=float, default=1980.0)
+    args = ap.parse_args(argv)
+    consts = header_constants()
+    records = json.load(open(args.json))["records"]
+    fwd = {(r["cell"], r["N"], r["H"], r["dtype"]): r for r in records if r["mode"] == "fwd"}
+    ratios = {"fwd": [], "bwd": []}
+    print(f"{'cell':5s} {'dtype':8s} {'N':>4s} {'H':>5s} {'mode':4s} | {'persistent':>10s} "
+          f"{'model':>6s} {'ratio':>5s} {'now':>6s} | {'step':>6s} {'model':>6s} | "
+          f"{'cuDNN':>6s} | auto  (us/step; model columns include the whole-sequence GEMMs)")
+    for r in records:
+        if r["dtype"] not in ("float32", "float64"):
+            continue
+        model = Model(consts, args.sms, args.clock_mhz, fp64=r["dtype"] == "float64")
+        x_size = 8 if r["dtype"] == "float64" else 4
+        cell, N, H = r["cell"], r["N"], r["H"]
+        pers, step, cudnn = (per_step(r, n) for n in ("rnnfast persistent", "rnnfast step",
+                                                      "torch.nn"))
+        if pers is None or step is None:
+            continue
+        if r["mode"] == "fwd":
+            mode, backward = "fwd", False
+        else:  # the backward alone: forward+backward less the same path's forward
+            f = fwd.get((cell, N, H, r["dtype"]))
+            if f is None or per_step(f, "rnnfast persistent") is None:
+                continue
+            mode, backward = "bwd", True
+            pers -= per_step(f, "rnnfast persistent")
+            step -= per_step(f, "rnnfast step")
+            cudnn -= per_step(f, "torch.nn")
+        # what both paths share: the whole-sequence GEMMs (forward: the input projection;
+        # backward: dx, dW_ih, dW_hh), per step, C = H here
+        common = (3 if backward else 1) * model.gemm_us(cell, N, H)
+        m_fit = model.persistent_us(cell, N, H, backward, args.staging, x_size) + common
+        m_now = model.persistent_us(cell, N, H, backward, "new", x_size) + common
+        m_step = model.step_us(cell, N, H) + common
+        ratios[mode].append(m_fit / pers)
+        pick = "persistent" if m_now < m_step else "step"
+        print(f"{cell:5s} {r['dtype']:8s} {N:4d} {H:5d} {mode:4s} | {pers:10.1f} {m_fit:6.1f} "
+              f"{m_fit / pers:5.2f} {m_now:6.1f} | {step:6.1f} {m_step:6.1f} | {cudnn:6.1f} | "
+              f"{pick}")
+    for mode, rs in ratios.items():
+        if rs:
+            print(f"{mode}: model over measured (persistent, staging {args.staging}): geomean "
+                  f"{geo(rs):.2f}, range {min(rs):.2f}-{max(rs):.2f}, {len(rs)} cases")
+    return ratios
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -80,6 +80,9 @@ MUTATIONS = {
     "mma_ld_odd": "mma_ld(K) = round_up(K, 16) + 4 (ldm not a multiple of 8)",
     "mma_split_slot": "tile_dot_mma: the sum over splits reads slot sp * r_tiles + rt",
     "mma_no_k_pad": "stage_rows leaves xs[n][K:ld] unwritten",
+    "bwd_ahead_this_step": "backward: the inputs loaded ahead of the barrier are the step's own",
+    "ahead_this_step": "forward: the inputs loaded ahead of the barrier are the step's own",
+    "no_next_tile_sync": "forward: no __syncthreads between one row tile and the next",
     "stage_vec_unaligned": "stage_rows takes 16-byte vectors without checking the alignment",
     "stage_batch_overlap": "stage_rows: a batch's units e0 + i instead of e0 + i * blockDim",
     "mma_ws_no_k_pad": "forward Ws load without k < K (reads W_hh past the row)",
@@ -625,6 +628,14 @@ def persistent_forward(Cell, NT, RPW, dt, p, ctx):
     val[valid] = p.w_hh.read(((g * H + (0 if mut("fwd_ws_no_u0") else u0) + j) * H + k)[valid],
                              ctx, thr[valid], where="forward Ws load")
     ws.write(idx, val, ctx, thr, where="forward Ws store")
+
+    # this thread's first item of a step (tile 0, idx = threadIdx.x), its inputs loaded ahead
+    ahead_thr = np.arange(min(min(N, NT) * here, BLOCK_DIM), dtype=np.int64)
+    if min(N, NT) * here > BLOCK_DIM:
+        cover("forward: tile 0 has more items than threads")
+    ahead_n, ahead_u = ahead_thr // here, u0 + ahead_thr % here
+    ahead = Cell.load(p, 0, time_index(0, p.T, p.reverse), time_index(-1, p.T, p.reverse),
+                      ahead_n, ahead_u, ctx, ahead_thr)
     ctx.syncthreads()
 
     for s in range(p.T):
@@ -646,9 +657,24 @@ def persistent_forward(Cell, NT, RPW, dt, p, ctx):
             nl, j, thr = nl[keep], j[keep], thr[keep]
             hh = out.read(nl * r_pad + gate_offsets(G, U) + j, ctx, thr, where="forward out")
             hp = xs.read(nl * ld + u0 + j, ctx, thr, where="forward h_prev from xs")
-            Cell.forward(p, s, t, tp, n0 + nl, u0 + j, hh, hp, ctx, thr)
-            ctx.syncthreads()
+            # items run side by side: tile 0's first item per thread takes `ahead`
+            first = (n0 == 0) & (idx[keep] < BLOCK_DIM)
+            inp = np.zeros((Cell.kLoads, thr.size))
+            if (~first).any():
+                inp[:, ~first] = Cell.load(p, s, t, tp, n0 + nl[~first], u0 + j[~first], ctx,
+                                           thr[~first])
+            if first.any():
+                assert np.array_equal(thr[first], ahead_thr)  # the same threads' registers
+                inp[:, first] = ahead
+            Cell.forward(p, s, t, tp, n0 + nl, u0 + j, hh, hp, inp, ctx, thr)
+            if n0 + NT < N and not mut("no_next_tile_sync"):
+                ctx.syncthreads()
         if s + 1 < p.T:
+            if mut("ahead_this_step"):  # loads step s's inputs again, not step s + 1's
+                ahead = Cell.load(p, s, t, tp, ahead_n, ahead_u, ctx, ahead_thr)
+            else:
+                ahead = Cell.load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n,
+                                  ahead_u, ctx, ahead_thr)
             yield (s + 1) * ctx.grid - mut("barrier_target_low")
 
 
@@ -676,12 +702,33 @@ def persistent_backward(Cell, NT, RPW, dt, p, ctx):
                              where="backward Ws load")
     ws.write(q * r_pad + j if mut("bwd_ws_transposed") else j * K + q, val, ctx, thr,
              where="backward Ws store")
+
+    # phase A's inputs but dh of this thread's first item (idx = threadIdx.x), loaded ahead
+    ahead_thr = np.arange(min(N * here, BLOCK_DIM), dtype=np.int64)
+    ahead_n, ahead_u = ahead_thr // here, u0 + ahead_thr % here
+    ahead = Cell.load_backward(p, p.T - 1, time_index(p.T - 1, p.T, p.reverse),
+                               time_index(p.T - 2, p.T, p.reverse), ahead_n, ahead_u, ctx,
+                               ahead_thr)
     ctx.syncthreads()
 
     for s in range(p.T - 1, -1, -1):
         t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
         idx = np.arange(N * here, dtype=np.int64)
-        Cell.backward(p, s, t, tp, idx // here, u0 + idx % here, ctx, idx % BLOCK_DIM)
+        first = idx < BLOCK_DIM  # idx == threadIdx.x: the values loaded ahead
+        inp = np.zeros((Cell.kBackwardLoads, idx.size))
+        inp[:, first] = ahead
+        if (~first).any():
+            cover("backward: more phase A items than threads")
+            rest = idx[~first]
+            inp[:, ~first] = Cell.load_backward(p, s, t, tp, rest // here, u0 + rest % here, ctx,
+                                                rest % BLOCK_DIM)
+        Cell.backward(p, s, t, tp, idx // here, u0 + idx % here, inp, ctx, idx % BLOCK_DIM)
+        if s > 0:
+            if mut("bwd_ahead_this_step"):
+                ahead = Cell.load_backward(p, s, t, tp, ahead_n, ahead_u, ctx, ahead_thr)
+            else:
+                ahead = Cell.load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse),
+                                           ahead_n, ahead_u, ctx, ahead_thr)
         if not mut("no_bwd_barrier"):
             yield (p.T - s) * ctx.grid - mut("barrier_target_low")
         dg = p.dg_hh + t * N * K
@@ -727,12 +774,12 @@ def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
             if counter < passed[b] * grid:
                 finding("grid_barrier released a block before every block arrived")
             waiting[b] = None
-            ctxs[b].epoch += 1  # thread 0's fence after the wait + the second __syncthreads
+            ctxs[b].epoch += 1  # thread 0's ld.acquire wait + the second __syncthreads
             ctxs[b].syncthreads()
         try:
             target = next(gens[b])
             ctxs[b].syncthreads()  # the barrier's first __syncthreads
-            counter += 1  # thread 0: __threadfence(); atomicAdd(counter, 1)
+            counter += 1  # thread 0: fence.acq_rel.gpu; red.relaxed.gpu.add(counter, 1)
             waiting[b] = target
         except StopIteration:
             done[b] = True
@@ -780,12 +827,21 @@ class LstmCell:
         return p.cache.read((tq * p.N + n) * 5 * p.H + 4 * p.H + u, ctx, thr,
                             where="lstm c_prev (cache)")
 
+    kLoads = 5
+
     @staticmethod
-    def forward(p, s, t, tp, n, u, hh, _h_prev, ctx, thr):
+    def load(p, s, t, tp, n, u, ctx, thr):
+        """x_i, x_f, x_g, x_o and c_{t-1}: [5, items]."""
+        H = p.H
+        xr = p.xp.read((t * p.N + n) * 4 * H + u + gate_offsets(4, H), ctx, thr,
+                       where="lstm xp")
+        return np.concatenate([xr, LstmCell.c_prev(p, s, tp, n, u, ctx, thr)[None]])
+
+    @staticmethod
+    def forward(p, s, t, tp, n, u, hh, _h_prev, inp, ctx, thr):
         H = p.H
         row = t * p.N + n
-        xr = p.xp.read(row * 4 * H + u + gate_offsets(4, H), ctx, thr, where="lstm xp")
-        st = lstm_point(*(xr + hh), LstmCell.c_prev(p, s, tp, n, u, ctx, thr))
+        st = lstm_point(*(inp[:4] + hh), inp[4])
         if p.cache is not None:  # lstm_store_gates, then c at 4H
             p.cache.write(row * 5 * H + u + gate_offsets(5, H), np.stack(st), ctx, thr,
                           where="lstm cache")
@@ -793,17 +849,25 @@ class LstmCell:
             p.c_state.write(n * H + u, st[4], ctx, thr, where="lstm c_state")
         p.y.write(row * H + u, st[3] * tanh_act(st[4]), ctx, thr, where="lstm y")
 
+    kBackwardLoads = 8
+
     @staticmethod
-    def backward(p, s, t, tp, n, u, ctx, thr):
+    def load_backward(p, s, t, tp, n, u, ctx, thr):
+        """The saved i, f, g, o, c, then dy, dc and c_{t-1}: [8, items]."""
         H = p.H
-        row, idx = t * p.N + n, n * H + u
-        dh_total = p.dy.read(row * H + u, ctx, thr, where="lstm dy") + \
-            p.dh.read(idx, ctx, thr, where="lstm phase A dh")
-        dc = p.dc.read(idx, ctx, thr, where="lstm dc")
-        cp = LstmCell.c_prev(p, s, tp, n, u, ctx, thr)
+        row = t * p.N + n
         cr = p.cache.read(row * 5 * H + u + gate_offsets(5, H), ctx, thr,
                           where="lstm bwd cache")
-        dr, dc_prev = lstm_point_backward(cr, dh_total, dc, cp)
+        return np.concatenate([cr, p.dy.read(row * H + u, ctx, thr, where="lstm dy")[None],
+                               p.dc.read(n * H + u, ctx, thr, where="lstm dc")[None],
+                               LstmCell.c_prev(p, s, tp, n, u, ctx, thr)[None]])
+
+    @staticmethod
+    def backward(p, s, t, tp, n, u, inp, ctx, thr):
+        H = p.H
+        row, idx = t * p.N + n, n * H + u
+        dh_total = inp[5] + p.dh.read(idx, ctx, thr, where="lstm phase A dh")
+        dr, dc_prev = lstm_point_backward(inp[:5], dh_total, inp[6], inp[7])
         p.dg_ih.write(row * 4 * H + u + gate_offsets(4, H), dr, ctx, thr, where="lstm dg")
         p.dc.write(idx, dc_prev, ctx, thr, where="lstm dc")
 
@@ -834,30 +898,48 @@ class GruCell:
     kGates = 3
     kDirectDh = True
 
+    kLoads = 6
+
     @staticmethod
-    def forward(p, s, t, tp, n, u, hh, h_prev, ctx, thr):
+    def load(p, s, t, tp, n, u, ctx, thr):
+        """x_r, x_z, x_n and b_hr, b_hz, b_hn (zero without b_hh): [6, items]."""
+        H = p.H
+        xr = p.xp.read((t * p.N + n) * 3 * H + u + gate_offsets(3, H), ctx, thr,
+                       where="gru xp")
+        b = (p.b_hh.read(u + gate_offsets(3, H), ctx, thr, where="gru b_hh")
+             if p.b_hh is not None else np.zeros_like(xr))  # gru_hidden_bias
+        return np.concatenate([xr, b])
+
+    @staticmethod
+    def forward(p, s, t, tp, n, u, hh, h_prev, inp, ctx, thr):
         H = p.H
         row = t * p.N + n
-        xr = p.xp.read(row * 3 * H + u + gate_offsets(3, H), ctx, thr, where="gru xp")
-        b = (p.b_hh.read(u + gate_offsets(3, H), ctx, thr, where="gru b_hh")
-             if p.b_hh is not None else np.zeros((3, 1)))  # gru_hidden_bias
-        st = gru_point(*xr, *(hh + b))
+        st = gru_point(*inp[:3], *(hh + inp[3:]))
         p.y.write(row * H + u, gru_h(st, h_prev), ctx, thr, where="gru y")
         if p.cache is not None:  # gru_store
             p.cache.write(row * 4 * H + u + gate_offsets(4, H), np.stack(st), ctx, thr,
                           where="gru cache")
 
+    kBackwardLoads = 6
+
     @staticmethod
-    def backward(p, s, t, tp, n, u, ctx, thr):
+    def load_backward(p, s, t, tp, n, u, ctx, thr):
+        """The saved r, z, n, hn, then dy and h_{t-1}: [6, items]."""
         H, N = p.H, p.N
-        row, idx = t * N + n, n * H + u
-        h_prev = (p.h0.read(idx, ctx, thr, where="gru h0") if s == 0 else
-                  p.y.read((tp * N + n) * H + u, ctx, thr, where="gru y (h_prev)"))
-        dh_total = p.dy.read(row * H + u, ctx, thr, where="gru dy") + \
-            p.dh.read(idx, ctx, thr, where="gru phase A dh")
+        row = t * N + n
         cr = p.cache.read(row * 4 * H + u + gate_offsets(4, H), ctx, thr,
                           where="gru bwd cache")
-        di, dhh, dh_direct = gru_point_backward(cr, dh_total, h_prev)
+        h_prev = (p.h0.read(n * H + u, ctx, thr, where="gru h0") if s == 0 else
+                  p.y.read((tp * N + n) * H + u, ctx, thr, where="gru y (h_prev)"))
+        return np.concatenate([cr, p.dy.read(row * H + u, ctx, thr, where="gru dy")[None],
+                               h_prev[None]])
+
+    @staticmethod
+    def backward(p, s, t, tp, n, u, inp, ctx, thr):
+        H, N = p.H, p.N
+        row, idx = t * N + n, n * H + u
+        dh_total = inp[4] + p.dh.read(idx, ctx, thr, where="gru phase A dh")
+        di, dhh, dh_direct = gru_point_backward(inp[:4], dh_total, inp[5])
         p.dg_ih.write(row * 3 * H + u + gate_offsets(3, H), di, ctx, thr, where="gru dg_ih")
         p.dg_hh.write(row * 3 * H + u + gate_offsets(3, H), dhh, ctx, thr, where="gru dg_hh")
         p.dh.write(idx, dh_direct, ctx, thr, where="gru phase A dh")
@@ -883,19 +965,30 @@ class ElmanCell:
     kGates = 1
     kDirectDh = False
 
-    @staticmethod
-    def forward(p, s, t, tp, n, u, hh, _h_prev, ctx, thr):
-        idx = (t * p.N + n) * p.H + u
-        p.y.write(idx, elman_act(p.xp.read(idx, ctx, thr, where="elman xp") + hh[0],
-                                 p.activation), ctx, thr, where="elman y")
+    kLoads = 1
 
     @staticmethod
-    def backward(p, s, t, tp, n, u, ctx, thr):
+    def load(p, s, t, tp, n, u, ctx, thr):
+        return p.xp.read((t * p.N + n) * p.H + u, ctx, thr, where="elman xp")[None]
+
+    @staticmethod
+    def forward(p, s, t, tp, n, u, hh, _h_prev, inp, ctx, thr):
         idx = (t * p.N + n) * p.H + u
-        p.dg_ih.write(idx, (p.dy.read(idx, ctx, thr, where="elman dy")
-                            + p.dh.read(n * p.H + u, ctx, thr, where="elman phase A dh"))
-                      * elman_act_grad(p.y.read(idx, ctx, thr, where="elman y"), p.activation),
-                      ctx, thr, where="elman dg")
+        p.y.write(idx, elman_act(inp[0] + hh[0], p.activation), ctx, thr, where="elman y")
+
+    kBackwardLoads = 2
+
+    @staticmethod
+    def load_backward(p, s, t, tp, n, u, ctx, thr):
+        idx = (t * p.N + n) * p.H + u
+        return np.stack([p.dy.read(idx, ctx, thr, where="elman dy"),
+                         p.y.read(idx, ctx, thr, where="elman y")])
+
+    @staticmethod
+    def backward(p, s, t, tp, n, u, inp, ctx, thr):
+        idx = (t * p.N + n) * p.H + u
+        p.dg_ih.write(idx, (inp[0] + p.dh.read(n * p.H + u, ctx, thr, where="elman phase A dh"))
+                      * elman_act_grad(inp[1], p.activation), ctx, thr, where="elman dg")
 
 
 # --------------------------------------------------------------------------------------
@@ -952,8 +1045,15 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
         try_tile(16, 16)
     elif tile is not None:
         try_tile(*tile)
-    elif not (N > 4 and try_tile(16, 4)):
-        try_tile(4, 8)
+    else:
+        done = False
+        if N > 4:
+            if dt.acc == 4 and round_up(rows, 8) == round_up(rows, 4):
+                done = try_tile(16, 8)
+            if not done:
+                done = try_tile(16, 4)
+        if not done:
+            try_tile(4, 8)
     if plan.kernel is None:
         raise Finding(f"the persistent path cannot run for H={H}")
     assert plan.blocks <= sms
@@ -1412,14 +1512,15 @@ def cases(full=False):
     return out + extra
 
 
-COVERAGE = {"stage_rows: 16-byte vectors", "stage_rows: elements",
+COVERAGE = {"forward: tile 0 has more items than threads",
+            "backward: more phase A items than threads", "stage_rows: 16-byte vectors", "stage_rows: elements",
             "stage_rows: several batches per thread", "last block owns fewer units", "blocks own several units", "H < SM count",
             "H > SM count", "several row tiles", "a partial row tile",
             "K > 32 (several k per lane)", "ffma: split-K", "ffma: one k range per chunk",
             "ffma: several jobs per warp", "ffma: K % splits != 0", "mma: split-K",
             "mma: one k range per tile", "mma: several jobs per warp",
             "mma: K % 16 != 0 (zero padding)", "mma: K % 16 == 0", "mma: several row tiles"}
-TILES = {(16, 4), (4, 8), (16, 16)}
+TILES = {(16, 8), (16, 4), (4, 8), (16, 16)}
 
 
 @dataclasses.dataclass

@@ -7,6 +7,8 @@
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
 #      have not changed since);
+#   3b. calib: the persistent kernels' per-step time against their block count
+#      (scripts/calibrate_persistent.py, small shapes, T=256: the cost model's data);
 #   4. bench7: the persistent-kernel issue's table (--set issue7: T=1024, N 1-256, H 256-1024,
 #      float32 and bfloat16) with rnnfast on auto, both paths forced, and cuDNN;
 #   4b. bench: the full set against cuDNN and the Python loop (rnnfast on auto), if time is left;
@@ -22,10 +24,10 @@
 #   GPU_CHECK_STAGES="bench7 bench" bash scripts/gpu_check.sh         # a second (the build is kept)
 #
 # Writes to $OUT (8 files at most, the device tool's limit): gpu_check.log (every stage's
-# output), summary.txt, gpu-bench7.json and .png, gpu-bench.json and .png (gpu-peers.json and
+# output), summary.txt, gpu-calib.json, gpu-bench7.json, gpu-bench.json and .png (gpu-peers.json and
 # .png instead, when peers runs), test_cuda.xml and tests_cpu.xml (JUnit).
 # Environment: PYTHON (default python3), GPU_CHECK_STAGES (the stages after build and import,
-# default "test_cuda sanitize bench7 bench tests_cpu"), GPU_CHECK_BUDGET (seconds for the whole run,
+# default "test_cuda sanitize calib bench7 bench tests_cpu"), GPU_CHECK_BUDGET (seconds for the whole run,
 # default 480; each stage's limit shrinks so that the later ones keep their minimum),
 # MAX_JOBS (default: all cores), TORCH_CUDA_ARCH_LIST (default: the visible GPU's
 # capability, e.g. 9.0), CUDA_HOME (default /usr/local/cuda, else from nvcc on the PATH),
@@ -35,7 +37,7 @@
 # seconds, default 300).
 #
 # With 15 device minutes, two calls fit (the second finds the build in place):
-#   GPU_CHECK_STAGES="test_cuda sanitize bench7" BENCH7_DTYPES=bfloat16 GPU_CHECK_BUDGET=540
+#   GPU_CHECK_STAGES="test_cuda sanitize calib bench7" BENCH7_DTYPES=bfloat16 GPU_CHECK_BUDGET=540
 #   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES=float32 BENCH7_CAP=420 GPU_CHECK_BUDGET=480
 #
 # The extension is built with `python setup.py build_ext --inplace` (not scripts/setup.sh,
@@ -57,7 +59,7 @@ export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 STAGES=$WORK/stages.tsv
 : >"$STAGES"
-WANT=" ${GPU_CHECK_STAGES:-test_cuda sanitize bench7 bench tests_cpu} "
+WANT=" ${GPU_CHECK_STAGES:-test_cuda sanitize calib bench7 bench tests_cpu} "
 wanted() { [[ "$WANT" == *" $1 "* ]]; }
 
 log() { echo "$*" | tee -a "$LOG"; }
@@ -243,6 +245,10 @@ else
   BENCH=(--set full --dtypes float32 bfloat16 --contenders rnnfast torch.nn "reference loop"
     --repeats 15 --min-time 0.1 --loop-runs 3 --markdown)
 fi
+if wanted calib; then
+  # the persistent kernels' per-step time against their block count (RNNFAST_PERSISTENT_MAX_BLOCKS)
+  run_stage calib 120 60 "$PY" scripts/calibrate_persistent.py --json "$OUT/gpu-calib.json"
+fi
 if wanted bench7; then
   # 72 cases per dtype x 4 contenders at T=1024: few runs each. bfloat16 first: the first
   # H100 run (2026-11-27) ran out of time inside float32 and never reached it.
@@ -250,7 +256,7 @@ if wanted bench7; then
   run_stage bench7 "${BENCH7_CAP:-300}" 60 env RNNFAST_CUDA_PATH=auto "$PY" -m benchmarks.bench \
     --device cuda --set issue7 --dtypes ${BENCH7_DTYPES:-bfloat16 float32} \
     --contenders rnnfast "rnnfast persistent" "rnnfast step" torch.nn \
-    --repeats "${BENCH7_REPEATS:-3}" --min-time 0 --markdown --json "$OUT/gpu-bench7.json"
+    --repeats "${BENCH7_REPEATS:-3}" --min-time 0 --markdown --json "$OUT/gpu-bench7.json" --png none
 fi
 if wanted bench; then
   run_stage bench 200 40 env RNNFAST_CUDA_PATH=auto "$PY" -m benchmarks.bench --device cuda "${BENCH[@]}" \
@@ -329,7 +335,7 @@ except OSError:
 print(f"took {took}s of a {budget}s budget")
 print()
 print(f"{'stage':10} {'result':10} {'time':>5}  note")
-for name in ("gpu", "build", "import", "test_cuda", "sanitize", "bench7", "bench", "build_haste", "peers",
+for name in ("gpu", "build", "import", "test_cuda", "sanitize", "calib", "bench7", "bench", "build_haste", "peers",
              "tests_cpu"):
     if name not in stages and name not in ("gpu", "build", "import"):
         continue  # not asked for (GPU_CHECK_STAGES)
@@ -357,7 +363,7 @@ for name in ("gpu", "build", "import", "test_cuda", "sanitize", "bench7", "bench
                 note = "no results: " + (tail[-1][:150] if tail else "no output")
             except OSError:
                 note = "no results"
-    optional = name in ("tests_cpu", "peers", "build_haste")
+    optional = name in ("tests_cpu", "peers", "build_haste", "calib")
     if status not in ("PASS",) and not (name == "tests_cpu" and status == "SKIPPED") and not (
             optional and name != "tests_cpu"):
         failed.append(name)

@@ -59,6 +59,10 @@ FFMA_4_8 = 5120 + 640 + 1024 + 2048  # r_pad 32, 4 chunks split twice: 2 * 4 * 3
 MMA_16_16 = 2560 + 1280 + 2048 + 8192  # r_pad 32, ld 40 halves; 2 tiles x 4 splits x 1 KiB
 # backward in float16: 7 rows, K = 80, ws in halves, the rest in float
 BWD_16_4 = 1280 + 5120 + 512 + 2048  # r_pad 8 (2 chunks split 4 ways: 4 * 16 * 8 floats)
+BWD_16_8 = 1280 + 5120 + 512 + 4096  # r_pad 8 (1 chunk split 8 ways: 8 * 16 * 8 floats)
+# float32: forward 28 rows (8 a warp would pad to 32: so 4), backward 7 rows (8 either way)
+F32_FWD_16_4 = 2304 + 1280 + 1792  # ws 28 x 20 floats (2240, aligned up), xs 16 x 20, out 16 x 28
+F32_BWD_16_8 = 2560 + 5120 + 512 + 4096  # ws 8 x 80, xs 16 x 80, out 16 x 8, 8 splits
 
 
 @pytest.mark.parametrize("dtype, backward, N, tile, smem", [
@@ -66,13 +70,23 @@ BWD_16_4 = 1280 + 5120 + 512 + 2048  # r_pad 8 (2 chunks split 4 ways: 4 * 16 * 
     ("float64", False, 4, (4, 8), FFMA_4_8),
     ("float16", False, 1, (16, 16), MMA_16_16),
     ("float16", False, 5, (16, 16), MMA_16_16),
-    ("float16", True, 5, (16, 4), BWD_16_4),
-], ids=["fp64-fwd-N5", "fp64-fwd-N4", "fp16-fwd-N1", "fp16-fwd-N5", "fp16-bwd-N5"])
+    ("float16", True, 5, (16, 8), BWD_16_8),
+    ("float16", True, 4, (4, 8), None),
+    ("float32", False, 5, (16, 4), F32_FWD_16_4),
+    ("float32", True, 5, (16, 8), F32_BWD_16_8),
+], ids=["fp64-fwd-N5", "fp64-fwd-N4", "fp16-fwd-N1", "fp16-fwd-N5", "fp16-bwd-N5", "fp16-bwd-N4",
+        "fp32-fwd-N5", "fp32-bwd-N5"])
 def test_plan_picks_the_tile_and_sizes_the_shared_memory(dtype, backward, N, tile, smem):
     p = plan(dtype, backward, N)
     assert (p.nt, p.rpw) == tile
     assert (p.blocks, p.units) == (3, 7)
-    assert p.smem == smem
+    if smem is not None:
+        assert p.smem == smem
+
+
+def test_plan_falls_back_to_16_4_when_16_8_does_not_fit():
+    p = plan("float16", True, 5, smem_optin=BWD_16_8 - 1)
+    assert (p.nt, p.rpw, p.smem) == (16, 4, BWD_16_4)
 
 
 def test_plan_falls_back_to_4_8_when_16_4_does_not_fit():

@@ -37,14 +37,22 @@ __device__ __forceinline__ void gru_store(acc_t* cr, int64_t H, const GruGates<a
   cr[3 * H] = s.hn;
 }
 
-// Backward of one unit and row: from its workspace row cr (r, z, n, hn), the total dh and
-// h_{t-1}, the gate gradients of the input side di[0, H, 2H] and of the hidden side
-// dhh[0, H, 2H] (they differ in the n gate: r scales the hidden side); returns dh_{t-1}'s
-// direct term dh_total * z (the hidden side's GEMM adds the rest).
+// A unit's saved r, z, n, hn from its workspace row cr.
 template <typename acc_t>
-__device__ __forceinline__ acc_t gru_point_backward(const acc_t* cr, int64_t H, acc_t dh_total,
-                                                    acc_t h_prev, acc_t* di, acc_t* dhh) {
-  const acc_t r = cr[0], z = cr[H], nn = cr[2 * H], hn = cr[3 * H];
+__device__ __forceinline__ void gru_saved(const acc_t* cr, int64_t H, acc_t (&sv)[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) sv[k] = cr[k * H];
+}
+
+// Backward of one unit and row: from its saved r, z, n, hn (sv), the total dh and h_{t-1},
+// the gate gradients of the input side di[0, H, 2H] and of the hidden side dhh[0, H, 2H]
+// (they differ in the n gate: r scales the hidden side); returns dh_{t-1}'s direct term
+// dh_total * z (the hidden side's GEMM adds the rest).
+template <typename acc_t>
+__device__ __forceinline__ acc_t gru_point_backward(const acc_t (&sv)[4], int64_t H,
+                                                    acc_t dh_total, acc_t h_prev, acc_t* di,
+                                                    acc_t* dhh) {
+  const acc_t r = sv[0], z = sv[1], nn = sv[2], hn = sv[3];
   const acc_t dn = dh_total * (acc_t(1) - z) * (acc_t(1) - nn * nn);
   const acc_t dz = dh_total * (h_prev - nn) * z * (acc_t(1) - z);
   const acc_t dr = dn * hn * r * (acc_t(1) - r);
@@ -69,29 +77,54 @@ struct GruCell {
   static constexpr int kGates = 3;
   static constexpr bool kDirectDh = true;  // dh_{t-1} = dg_hh W_hh + dh_t * z
 
+  // the pointwise inputs of unit u, row n at step s: x_r, x_z, x_n (the input projection
+  // with b_ih) and b_hr, b_hz, b_hn (zero without b_hh)
+  static constexpr int kLoads = 6;
+  template <typename scalar_t, typename acc_t>
+  __device__ static void load(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
+                              int64_t, int64_t n, int64_t u, acc_t (&in)[kLoads]) {
+    const int64_t H = p.H;
+    const scalar_t* xr = p.xp + (t * p.N + n) * 3 * H + u;
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {
+      in[g] = acc_t(xr[g * H]);
+      in[3 + g] = gru_hidden_bias<scalar_t, acc_t>(p.b_hh, H, g, u);
+    }
+  }
+
   template <typename scalar_t, typename acc_t>
   __device__ static void forward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
                                  int64_t, int64_t n, int64_t u, const acc_t (&hh)[3],
-                                 acc_t h_prev) {
+                                 acc_t h_prev, const acc_t (&in)[kLoads]) {
     const int64_t H = p.H, row = t * p.N + n;
-    const scalar_t* xr = p.xp + row * 3 * H + u;
-    const GruGates<acc_t> st = gru_point(
-        acc_t(xr[0]), acc_t(xr[H]), acc_t(xr[2 * H]),
-        hh[0] + gru_hidden_bias<scalar_t, acc_t>(p.b_hh, H, 0, u),
-        hh[1] + gru_hidden_bias<scalar_t, acc_t>(p.b_hh, H, 1, u),
-        hh[2] + gru_hidden_bias<scalar_t, acc_t>(p.b_hh, H, 2, u));
+    const GruGates<acc_t> st =
+        gru_point(in[0], in[1], in[2], hh[0] + in[3], hh[1] + in[4], hh[2] + in[5]);
     p.y[row * H + u] = scalar_t(gru_h(st, h_prev));
     if (p.cache != nullptr) gru_store(p.cache + row * 4 * H + u, H, st);
   }
 
+  // phase A's inputs of unit u, row n at step s but the carried dh (phase B writes it after
+  // the barrier): the saved r, z, n, hn, then dy and h_{t-1}
+  static constexpr int kBackwardLoads = 6;
   template <typename scalar_t, typename acc_t>
-  __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t s,
-                                  int64_t t, int64_t tp, int64_t n, int64_t u) {
-    const int64_t H = p.H, N = p.N, row = t * N + n, idx = n * H + u;
-    const acc_t h_prev = acc_t(s == 0 ? p.h0[idx] : p.y[(tp * N + n) * H + u]);
-    p.dh[idx] = gru_point_backward(p.cache + row * 4 * H + u, H,
-                                   acc_t(p.dy[row * H + u]) + p.dh[idx], h_prev,
-                                   p.dg_ih + row * 3 * H + u, p.dg_hh + row * 3 * H + u);
+  __device__ static void load_backward(const PersistentParams<scalar_t, acc_t>& p, int64_t s,
+                                       int64_t t, int64_t tp, int64_t n, int64_t u,
+                                       acc_t (&in)[kBackwardLoads]) {
+    const int64_t H = p.H, N = p.N, row = t * N + n;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) in[k] = p.cache[row * 4 * H + k * H + u];
+    in[4] = acc_t(p.dy[row * H + u]);
+    in[5] = acc_t(s == 0 ? p.h0[n * H + u] : p.y[(tp * N + n) * H + u]);
+  }
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
+                                  int64_t, int64_t n, int64_t u,
+                                  const acc_t (&in)[kBackwardLoads]) {
+    const int64_t H = p.H, row = t * p.N + n, idx = n * H + u;
+    const acc_t sv[4] = {in[0], in[1], in[2], in[3]};
+    p.dh[idx] = gru_point_backward(sv, H, in[4] + p.dh[idx], in[5], p.dg_ih + row * 3 * H + u,
+                                   p.dg_hh + row * 3 * H + u);
   }
 };
 
@@ -127,8 +160,10 @@ __global__ void gru_backward_step(const scalar_t* __restrict__ dy, acc_t* __rest
                                   acc_t* __restrict__ dg_hh, int64_t N, int64_t H) {
   RNNFAST_GRID_STRIDE(idx, N * H) {
     const int64_t n = idx / H, u = idx % H;
-    dh[idx] = gru_point_backward(cache + n * 4 * H + u, H, acc_t(dy[idx]) + dh[idx],
-                                 acc_t(h_prev[idx]), dg_ih + n * 3 * H + u, dg_hh + n * 3 * H + u);
+    acc_t sv[4];
+    gru_saved(cache + n * 4 * H + u, H, sv);
+    dh[idx] = gru_point_backward(sv, H, acc_t(dy[idx]) + dh[idx], acc_t(h_prev[idx]),
+                                 dg_ih + n * 3 * H + u, dg_hh + n * 3 * H + u);
   }
 }
 

@@ -30,12 +30,20 @@ __device__ __forceinline__ void lstm_store_gates(acc_t* cr, int64_t H, const Lst
   cr[3 * H] = s.o;
 }
 
-// Backward of one unit and row: from its workspace row cr (i, f, g, o, c), the total dh and
-// the carried dc_t, the gate gradients into dr[0, H, 2H, 3H]; returns dc_{t-1}.
+// A unit's saved i, f, g, o, c from its workspace row cr.
 template <typename acc_t>
-__device__ __forceinline__ acc_t lstm_point_backward(const acc_t* cr, int64_t H, acc_t dh_total,
-                                                     acc_t dc, acc_t c_prev, acc_t* dr) {
-  const acc_t i = cr[0], f = cr[H], g = cr[2 * H], o = cr[3 * H], c = cr[4 * H];
+__device__ __forceinline__ void lstm_saved(const acc_t* cr, int64_t H, acc_t (&sv)[5]) {
+#pragma unroll
+  for (int k = 0; k < 5; ++k) sv[k] = cr[k * H];
+}
+
+// Backward of one unit and row: from its saved i, f, g, o, c (sv), the total dh and the
+// carried dc_t, the gate gradients into dr[0, H, 2H, 3H]; returns dc_{t-1}.
+template <typename acc_t>
+__device__ __forceinline__ acc_t lstm_point_backward(const acc_t (&sv)[5], int64_t H,
+                                                     acc_t dh_total, acc_t dc, acc_t c_prev,
+                                                     acc_t* dr) {
+  const acc_t i = sv[0], f = sv[1], g = sv[2], o = sv[3], c = sv[4];
   const acc_t tc = tanh_act(c);
   const acc_t dc_total = dc + dh_total * o * (acc_t(1) - tc * tc);
   dr[0] = dc_total * g * i * (acc_t(1) - i);
@@ -57,14 +65,26 @@ struct LstmCell {
     return s == 0 ? p.c0[n * p.H + u] : p.cache[(tp * p.N + n) * 5 * p.H + 4 * p.H + u];
   }
 
+  // the pointwise inputs of unit u, row n at step s: x_i, x_f, x_g, x_o (the input
+  // projection, both biases in it) and c_{t-1}
+  static constexpr int kLoads = 5;
   template <typename scalar_t, typename acc_t>
-  __device__ static void forward(const PersistentParams<scalar_t, acc_t>& p, int64_t s, int64_t t,
-                                 int64_t tp, int64_t n, int64_t u, const acc_t (&hh)[4], acc_t) {
+  __device__ static void load(const PersistentParams<scalar_t, acc_t>& p, int64_t s, int64_t t,
+                              int64_t tp, int64_t n, int64_t u, acc_t (&in)[kLoads]) {
+    const int64_t H = p.H;
+    const scalar_t* xr = p.xp + (t * p.N + n) * 4 * H + u;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) in[g] = acc_t(xr[g * H]);
+    in[4] = c_prev(p, s, tp, n, u);
+  }
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static void forward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
+                                 int64_t, int64_t n, int64_t u, const acc_t (&hh)[4], acc_t,
+                                 const acc_t (&in)[kLoads]) {
     const int64_t H = p.H, row = t * p.N + n;
-    const scalar_t* xr = p.xp + row * 4 * H + u;
     const LstmGates<acc_t> st =
-        lstm_point(acc_t(xr[0]) + hh[0], acc_t(xr[H]) + hh[1], acc_t(xr[2 * H]) + hh[2],
-                   acc_t(xr[3 * H]) + hh[3], c_prev(p, s, tp, n, u));
+        lstm_point(in[0] + hh[0], in[1] + hh[1], in[2] + hh[2], in[3] + hh[3], in[4]);
     if (p.cache != nullptr) {
       acc_t* cr = p.cache + row * 5 * H + u;
       lstm_store_gates(cr, H, st);
@@ -75,13 +95,30 @@ struct LstmCell {
     p.y[row * H + u] = scalar_t(st.o * tanh_act(st.c));
   }
 
+  // phase A's inputs of unit u, row n at step s but the carried dh (phase B writes it after
+  // the barrier): the saved i, f, g, o, c, then dy, the carried dc (this thread's own) and
+  // c_{t-1}
+  static constexpr int kBackwardLoads = 8;
   template <typename scalar_t, typename acc_t>
-  __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t s,
-                                  int64_t t, int64_t tp, int64_t n, int64_t u) {
-    const int64_t H = p.H, row = t * p.N + n, idx = n * H + u;
-    p.dc[idx] = lstm_point_backward(p.cache + row * 5 * H + u, H,
-                                    acc_t(p.dy[row * H + u]) + p.dh[idx], p.dc[idx],
-                                    c_prev(p, s, tp, n, u), p.dg_ih + row * 4 * H + u);
+  __device__ static void load_backward(const PersistentParams<scalar_t, acc_t>& p, int64_t s,
+                                       int64_t t, int64_t tp, int64_t n, int64_t u,
+                                       acc_t (&in)[kBackwardLoads]) {
+    const int64_t H = p.H, row = t * p.N + n;
+#pragma unroll
+    for (int k = 0; k < 5; ++k) in[k] = p.cache[row * 5 * H + k * H + u];
+    in[5] = acc_t(p.dy[row * H + u]);
+    in[6] = p.dc[n * H + u];
+    in[7] = c_prev(p, s, tp, n, u);
+  }
+
+  template <typename scalar_t, typename acc_t>
+  __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
+                                  int64_t, int64_t n, int64_t u,
+                                  const acc_t (&in)[kBackwardLoads]) {
+    const int64_t H = p.H, idx = n * H + u;
+    const acc_t sv[5] = {in[0], in[1], in[2], in[3], in[4]};
+    p.dc[idx] = lstm_point_backward(sv, H, in[5] + p.dh[idx], in[6], in[7],
+                                    p.dg_ih + (t * p.N + n) * 4 * H + u);
   }
 };
 
@@ -117,7 +154,9 @@ __global__ void lstm_backward_step(const scalar_t* __restrict__ dy, const acc_t*
                                    acc_t* __restrict__ dg, int64_t N, int64_t H) {
   RNNFAST_GRID_STRIDE(idx, N * H) {
     const int64_t n = idx / H, u = idx % H;
-    dc[idx] = lstm_point_backward(cache + n * 5 * H + u, H, acc_t(dy[idx]) + dh[idx], dc[idx],
+    acc_t sv[5];
+    lstm_saved(cache + n * 5 * H + u, H, sv);
+    dc[idx] = lstm_point_backward(sv, H, acc_t(dy[idx]) + dh[idx], dc[idx],
                                   c_prev[n * ld_c_prev + u], dg + n * 4 * H + u);
   }
 }

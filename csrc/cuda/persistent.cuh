@@ -10,7 +10,10 @@
 //   forward : Ws[g * U + j][k] = W_hh[g * H + u0 + j][k]     R = G * U rows, K = H.
 //             Per step and per tile of NT batch rows: stage h_{t-1}[n0 : n0 + NT, :] in
 //             shared memory; gates[n][r] = sum_k h[n][k] Ws[r][k] in acc_t; the cell's
-//             pointwise update of the block's units writes y[t] (and the cache).
+//             pointwise update of the block's units writes y[t] (and the cache). Its other
+//             inputs (Cell::load: the input projection, GRU's b_hh, the LSTM's c) are
+//             loaded for each thread's first item of step s + 1 before the barrier that
+//             ends step s.
 //   backward: Ws[j][q] = W_hh[q][u0 + j]                     R = U rows, K = G * H.
 //             Per step, phase A: the cell's pointwise backward of the block's units writes
 //             the gate gradients dg[t]; grid barrier; phase B, per tile of NT rows: stage
@@ -25,7 +28,9 @@
 //   tile_dot (FFMA in acc_t; float32/float64, and every backward): warp w takes the rows in
 //   chunks of RPW; lane l takes k = l, l + 32, ...; each lane holds NT x RPW partial sums,
 //   and a halving exchange across the lanes (warp_split_reduce) leaves each lane
-//   NT * RPW / 32 finished sums.
+//   NT * RPW / 32 finished sums. Tiles (NT, RPW): (16, 8) for N > 4 with float sums where
+//   8 rows a warp pad no more than 4 would (24 shared-memory loads per 128 FMAs, so FFMA-
+//   rather than load-bound), else (16, 4) (20 per 64); (4, 8) for N <= 4.
 //   tile_dot_mma (tensor cores; the float16/bfloat16 forward, NT = 16): WMMA 16x16x16 tiles
 //   with fp32 accumulators; the r_pad / 16 column tiles are shared out to the warps, each
 //   tile's k range split over several warps whose partial tiles are then summed. K is
@@ -34,9 +39,11 @@
 // Barrier protocol (grid_barrier): one 64-bit counter per launch, zeroed before it. At
 //   its k-th barrier every block adds 1 and waits until the counter reaches k * B; the
 //   counter only grows, so nothing is reset between steps. __syncthreads, then thread 0's
-//   __threadfence before its add, order the block's writes before its arrival; thread 0's
-//   fence after the wait and a second __syncthreads order every later read after it. Data
-//   that another block wrote is read with ld.global.cg (L2), never from a stale L1 line.
+//   fence.acq_rel.gpu before its add (red.relaxed.gpu: no value comes back, so its wait
+//   starts at once) make the arrival a release of the block's writes; thread 0 waits with
+//   ld.acquire.gpu, and a second __syncthreads orders every later read of the block after
+//   that acquire (the pattern of CUTLASS's GenericBarrier). Data that another block wrote
+//   is read with ld.global.cg (L2), never from a stale L1 line.
 //   All B blocks are co-resident: the launch is cooperative (it fails rather than
 //   deadlocks otherwise) and B was checked against the occupancy query first.
 #pragma once
@@ -96,11 +103,14 @@ __device__ __forceinline__ void grid_barrier(unsigned long long* counter,
                                              unsigned long long target) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(counter, 1ull);
-    while (*reinterpret_cast<volatile unsigned long long*>(counter) < target) {
-    }
-    __threadfence();
+    asm volatile("fence.acq_rel.gpu;\n\tred.relaxed.gpu.global.add.u64 [%0], 1;"
+                 :
+                 : "l"(counter)
+                 : "memory");
+    unsigned long long seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(seen) : "l"(counter) : "memory");
+    } while (seen < target);
   }
   __syncthreads();
 }
@@ -355,6 +365,19 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     const int g = r / U, j = r % U;
     ws[idx] = g < G && j < here && k < K ? p.w_hh[(g * H + u0 + j) * H + k] : scalar_t(0);
   }
+
+  // The pointwise inputs that do not depend on the step before (the input projection, GRU's
+  // b_hh, the LSTM's c_{t-1}, which this thread wrote) of this thread's first item of a step
+  // (tile 0, idx = threadIdx.x) are loaded ahead: for step s + 1 before the grid barrier,
+  // so that their round trip overlaps the wait. Other items load theirs when they run.
+  constexpr int L = Cell::kLoads;
+  const bool ahead_item = threadIdx.x < (N < NT ? N : NT) * here;
+  const int64_t ahead_n = threadIdx.x / here, ahead_u = u0 + threadIdx.x % here;
+  acc_t ahead[L];
+  if (ahead_item) {
+    Cell::load(p, 0, time_index(0, p.T, p.reverse), time_index(-1, p.T, p.reverse), ahead_n,
+               ahead_u, ahead);
+  }
   __syncthreads();
 
   for (int64_t s = 0; s < p.T; ++s) {
@@ -374,14 +397,27 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       for (int idx = threadIdx.x; idx < NT * here; idx += blockDim.x) {
         const int nl = idx / here, j = idx % here;
         if (n0 + nl >= N) continue;
-        acc_t hh[G];
+        acc_t hh[G], in[L];
 #pragma unroll
         for (int g = 0; g < G; ++g) hh[g] = out[nl * r_pad + g * U + j];
-        Cell::forward(p, s, t, tp, n0 + nl, u0 + j, hh, acc_t(xs[nl * ld + u0 + j]));
+        if (n0 == 0 && idx == threadIdx.x) {
+#pragma unroll
+          for (int l = 0; l < L; ++l) in[l] = ahead[l];
+        } else {
+          Cell::load(p, s, t, tp, n0 + nl, u0 + j, in);
+        }
+        Cell::forward(p, s, t, tp, n0 + nl, u0 + j, hh, acc_t(xs[nl * ld + u0 + j]), in);
       }
-      __syncthreads();  // xs and out are reused by the next tile
+      // xs and out are reused by the next tile; after the last, the grid barrier's
+      // __syncthreads orders them before the next step's staging
+      if (n0 + NT < N) __syncthreads();
     }
-    if (s + 1 < p.T) grid_barrier(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
+    if (s + 1 < p.T) {
+      if (ahead_item) {
+        Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
+      }
+      grid_barrier(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
+    }
   }
 }
 
@@ -409,12 +445,34 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     const int q = static_cast<int>(idx / r_pad), j = static_cast<int>(idx % r_pad);
     ws[j * K + q] = j < here ? p.w_hh[q * H + u0 + j] : scalar_t(0);
   }
+
+  // Phase A's inputs but the carried dh (Cell::load_backward) of this thread's first item
+  // (idx = threadIdx.x) are loaded ahead: for step s - 1 before step s's grid barrier.
+  constexpr int L = Cell::kBackwardLoads;
+  const bool ahead_item = threadIdx.x < N * here;
+  const int64_t ahead_n = threadIdx.x / here, ahead_u = u0 + threadIdx.x % here;
+  acc_t ahead[L];
+  if (ahead_item) {
+    Cell::load_backward(p, p.T - 1, time_index(p.T - 1, p.T, p.reverse),
+                        time_index(p.T - 2, p.T, p.reverse), ahead_n, ahead_u, ahead);
+  }
   __syncthreads();
 
   for (int64_t s = p.T - 1; s >= 0; --s) {
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
     for (int64_t idx = threadIdx.x; idx < N * here; idx += blockDim.x) {
-      Cell::backward(p, s, t, tp, idx / here, u0 + idx % here);
+      acc_t in[L];
+      if (idx == threadIdx.x) {
+#pragma unroll
+        for (int l = 0; l < L; ++l) in[l] = ahead[l];
+      } else {
+        Cell::load_backward(p, s, t, tp, idx / here, u0 + idx % here, in);
+      }
+      Cell::backward(p, s, t, tp, idx / here, u0 + idx % here, in);
+    }
+    if (s > 0 && ahead_item) {
+      Cell::load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse), ahead_n, ahead_u,
+                          ahead);
     }
     grid_barrier(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
     const acc_t* dg = p.dg_hh + t * N * K;
@@ -455,15 +513,25 @@ struct CostModel {
   static constexpr double kFloorUs = 3.5, kRoundTripUs = 0.27, kFfmaShare = 0.4,
                           kMmaShare = 0.15, kL2BytesPerS = 5e12;
   static constexpr double kStepOverheadUs = 17.0, kGemmFfmaShare = 0.4, kGemmMmaShare = 0.25;
-  double ffma_flops_per_sm_us;  // flop per SM per microsecond (FFMA, fp32; fp64 at half)
-  double mma_factor;            // dense 16-bit tensor-core rate over FFMA
+  double ffma_flops_per_sm_us;  // flop per SM per microsecond, FFMA (DFMA for float64)
+  double mma_factor;            // dense 16-bit tensor cores (fp32 sums) over FP32 FFMA
   int sms;
+  // Per SM and cycle: 128 FP32 FMA lanes (64 on sm_80), FP64 at half that on sm_80 and
+  // sm_90 and at 1/64 elsewhere; tensor cores 16x FFMA on sm_80 and sm_90, about 4x on the
+  // others (sm_86, sm_89, ...). Fitted on the H100 only.
   CostModel(const cudaDeviceProp& prop, bool fp64) {
     int clock_khz = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate,
-                                          c10::cuda::current_device()));
-    ffma_flops_per_sm_us = (fp64 ? 128.0 : 256.0) * clock_khz * 1e-3;
-    mma_factor = prop.major >= 9 ? 16.0 : 8.0;
+    if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, c10::cuda::current_device()) !=
+            cudaSuccess ||
+        clock_khz <= 0) {
+      (void)cudaGetLastError();  // not sticky; a guess instead
+      clock_khz = 1500000;
+    }
+    const bool datacenter = (prop.major == 8 && prop.minor == 0) || prop.major == 9;
+    const double fp32_lanes = prop.major == 8 && prop.minor == 0 ? 64.0 : 128.0;
+    const double lanes = fp64 ? (datacenter ? fp32_lanes / 2 : fp32_lanes / 64) : fp32_lanes;
+    ffma_flops_per_sm_us = 2.0 * lanes * clock_khz * 1e-3;
+    mma_factor = datacenter ? 16.0 : 4.0;
     sms = prop.multiProcessorCount;
   }
   // x_size: bytes of a staged element; v: elements per 16-byte vector when staging takes
@@ -510,12 +578,11 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
   constexpr int G = Cell::kGates;
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
   const int sms = prop.multiProcessorCount;
-  // RNNFAST_PERSISTENT_MAX_BLOCKS (a tuning knob, read once): at most that many blocks, so
-  // more units per block; for measuring what the block count costs at the grid barrier
-  static const int max_blocks = [] {
-    const char* env = std::getenv("RNNFAST_PERSISTENT_MAX_BLOCKS");
-    return env != nullptr && std::atoi(env) > 0 ? std::atoi(env) : 0;
-  }();
+  // RNNFAST_PERSISTENT_MAX_BLOCKS (a tuning knob, read at each call, for
+  // scripts/calibrate_persistent.py): at most that many blocks, so more units per block,
+  // to measure what the block count costs at the grid barrier
+  const char* max_blocks_env = std::getenv("RNNFAST_PERSISTENT_MAX_BLOCKS");
+  const int max_blocks = max_blocks_env != nullptr ? std::atoi(max_blocks_env) : 0;
   const int64_t spread = max_blocks > 0 ? std::min(sms, max_blocks) : sms;
   const int64_t units = (H + spread - 1) / spread;
   const int64_t K = kBackward ? G * H : H;
@@ -540,12 +607,26 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
               "the device allows " + std::to_string(prop.sharedMemPerBlockOptin / 1024) + " KiB";
         return false;
       }
-      // the device's maximum, not this call's size: calls from several threads may race
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(prop.sharedMemPerBlockOptin)));
+      // the device's maximum, not this call's size: calls from several threads may race.
+      // A CUDA error here is a reason not to run, not an exception (nothing is thrown
+      // inside the op's dispatch; see check_persistent_refusal).
+      auto cuda_ok = [&](cudaError_t e, const char* what) {
+        if (e == cudaSuccess) return true;
+        (void)cudaGetLastError();
+        why = std::string(what) + " failed: " + cudaGetErrorString(e);
+        return false;
+      };
+      if (!cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(prop.sharedMemPerBlockOptin)),
+                   "cudaFuncSetAttribute")) {
+        return false;
+      }
       int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
-                                                                   kPersistentThreads, smem));
+      if (!cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
+                                                                 kPersistentThreads, smem),
+                   "the occupancy query")) {
+        return false;
+      }
       const int64_t blocks = (H + units - 1) / units;
       if (int64_t(per_sm) * sms < blocks) {
         why = "its " + std::to_string(blocks) + " blocks cannot all be resident at once";
@@ -553,7 +634,8 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
       }
       plan = {kernel, static_cast<int>(blocks), static_cast<int>(units), smem};
       const int x_size = sizeof(x_t), v = 16 / x_size;
-      const bool vectors = K % v == 0 && ld % v == 0;  // and aligned, as y and dg are
+      // and aligned, as y and dg are (h0, staged at the first step only, may not be)
+      const bool vectors = K % v == 0 && ld % v == 0;
       persistent_us = CostModel(prop, dtype == at::kDouble)
                           .persistent_us(N, kNT, r_pad, K, ld, x_size, vectors ? v : 1, kMma,
                                          plan.blocks);
@@ -562,23 +644,36 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
     using I4 = std::integral_constant<int, 4>;
     using I8 = std::integral_constant<int, 8>;
     using I16 = std::integral_constant<int, 16>;
+    // the FFMA kernel of a tile
+    auto ffma_kernel = [](auto nt, auto rpw) {
+      constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
+      using P = PersistentParams<scalar_t, acc_t>;
+      void (*kernel)(const P);
+      if constexpr (kBackward) {
+        kernel = &persistent_backward<Cell, scalar_t, acc_t, kNT, kRPW>;
+      } else {
+        kernel = &persistent_forward<Cell, scalar_t, acc_t, kNT, kRPW>;
+      }
+      return reinterpret_cast<const void*>(kernel);
+    };
     if constexpr (kMma) {
       try_tile(I16{}, I16{},
                reinterpret_cast<const void*>(&persistent_forward<Cell, scalar_t, acc_t, 16, 16>));
-    } else if constexpr (kBackward) {
-      if (!(N > 4 && try_tile(I16{}, I4{},
-                              reinterpret_cast<const void*>(
-                                  &persistent_backward<Cell, scalar_t, acc_t, 16, 4>)))) {
-        try_tile(I4{}, I8{},
-                 reinterpret_cast<const void*>(&persistent_backward<Cell, scalar_t, acc_t, 4, 8>));
-      }
     } else {
-      if (!(N > 4 && try_tile(I16{}, I4{},
-                              reinterpret_cast<const void*>(
-                                  &persistent_forward<Cell, scalar_t, acc_t, 16, 4>)))) {
-        try_tile(I4{}, I8{},
-                 reinterpret_cast<const void*>(&persistent_forward<Cell, scalar_t, acc_t, 4, 8>));
+      // N > 4: 16 rows a tile, and 8 rows of W a warp where that pads no more rows than 4
+      // (128 sums a lane, 24 shared-memory loads per 128 FMAs against 20 per 64: FFMA- rather
+      // than load-bound; float sums only, as 128 doubles would spill), else 4; N <= 4, or
+      // where 16 rows do not fit: 4 rows a tile, 8 of W a warp.
+      bool done = false;
+      if (N > 4) {
+        if constexpr (sizeof(acc_t) == 4) {
+          if (round_up(static_cast<int>(rows), 8) == round_up(static_cast<int>(rows), 4)) {
+            done = try_tile(I16{}, I8{}, ffma_kernel(I16{}, I8{}));
+          }
+        }
+        if (!done) done = try_tile(I16{}, I4{}, ffma_kernel(I16{}, I4{}));
       }
+      if (!done) try_tile(I4{}, I8{}, ffma_kernel(I4{}, I8{}));
     }
   }
   if (plan.kernel == nullptr) {

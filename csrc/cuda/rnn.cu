@@ -46,19 +46,38 @@ struct ElmanCell {
   static constexpr int kGates = 1;
   static constexpr bool kDirectDh = false;
 
+  // the pointwise input of unit u, row n at step s: the input projection (both biases in it)
+  static constexpr int kLoads = 1;
+  template <typename scalar_t, typename acc_t>
+  __device__ static void load(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
+                              int64_t, int64_t n, int64_t u, acc_t (&in)[kLoads]) {
+    in[0] = acc_t(p.xp[(t * p.N + n) * p.H + u]);
+  }
+
   template <typename scalar_t, typename acc_t>
   __device__ static void forward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
-                                 int64_t, int64_t n, int64_t u, const acc_t (&hh)[1], acc_t) {
+                                 int64_t, int64_t n, int64_t u, const acc_t (&hh)[1], acc_t,
+                                 const acc_t (&in)[kLoads]) {
+    p.y[(t * p.N + n) * p.H + u] = scalar_t(elman_act(in[0] + hh[0], p.activation));
+  }
+
+  // phase A's inputs of unit u, row n at step s but the carried dh: dy and y
+  static constexpr int kBackwardLoads = 2;
+  template <typename scalar_t, typename acc_t>
+  __device__ static void load_backward(const PersistentParams<scalar_t, acc_t>& p, int64_t,
+                                       int64_t t, int64_t, int64_t n, int64_t u,
+                                       acc_t (&in)[kBackwardLoads]) {
     const int64_t idx = (t * p.N + n) * p.H + u;
-    p.y[idx] = scalar_t(elman_act(acc_t(p.xp[idx]) + hh[0], p.activation));
+    in[0] = acc_t(p.dy[idx]);
+    in[1] = acc_t(p.y[idx]);
   }
 
   template <typename scalar_t, typename acc_t>
   __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
-                                  int64_t, int64_t n, int64_t u) {
-    const int64_t idx = (t * p.N + n) * p.H + u;
-    p.dg_ih[idx] = (acc_t(p.dy[idx]) + p.dh[n * p.H + u]) *
-                   elman_act_grad(acc_t(p.y[idx]), p.activation);
+                                  int64_t, int64_t n, int64_t u,
+                                  const acc_t (&in)[kBackwardLoads]) {
+    p.dg_ih[(t * p.N + n) * p.H + u] =
+        (in[0] + p.dh[n * p.H + u]) * elman_act_grad(in[1], p.activation);
   }
 };
 

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Per-step times of the persistent CUDA kernels against their block count, on a GPU: the
+data that the `auto` cost model (csrc/cuda/persistent.cuh, CostModel) and the choice of
+the block count need.
+
+For each cell, dtype, N and H (small sets, T=256), the forward (under no_grad) and the
+forward+backward run with the persistent path forced, once with a block per SM (the
+default plan) and once for each cap in --max-blocks (RNNFAST_PERSISTENT_MAX_BLOCKS: fewer
+blocks, more hidden units each, so a cheaper grid barrier and more work per block); and
+the per-step path forced, for comparison. Times are the median of --repeats CUDA-event
+timings after a warm-up, divided by T. A cap that does not fit on chip is reported as
+such (the forced path raises).
+
+  python scripts/calibrate_persistent.py                       # prints a table
+  python scripts/calibrate_persistent.py --json calib.json     # and writes the rows
+
+Needs a CUDA GPU and rnnfast built with its CUDA kernels.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import rnnfast  # noqa: E402
+
+MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
+ENV = "RNNFAST_PERSISTENT_MAX_BLOCKS"
+
+
+def time_per_step(fn, T, repeats, warmup=2):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / T)  # ms -> us, per step
+    return statistics.median(times)
+
+
+def measure(cell, dtype, N, H, T, path, max_blocks, mode, repeats):
+    """Microseconds per step, or the first line of the error the call raised."""
+    torch.manual_seed(0)
+    m = MODULES[cell](H, H).to("cuda", dtype)
+    x = torch.randn(T, N, H, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
+    if max_blocks:
+        os.environ[ENV] = str(max_blocks)
+    else:
+        os.environ.pop(ENV, None)
+
+    def fwd():
+        with torch.no_grad():
+            m(x)
+
+    def fwdbwd():
+        m(x)[0].sum().backward()
+
+    try:
+        with rnnfast.cuda_path(path):
+            us = time_per_step(fwd if mode == "fwd" else fwdbwd, T, repeats)
+            return us, rnnfast.last_cuda_path()
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0][:160], None
+    finally:
+        os.environ.pop(ENV, None)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cells", nargs="+", default=["lstm", "gru", "rnn"], choices=list(MODULES))
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--hidden", nargs="+", type=int, default=[256, 768])
+    ap.add_argument("--max-blocks", nargs="+", type=int, default=[64, 32, 16])
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("calibrate_persistent: needs a CUDA GPU")
+    prop = torch.cuda.get_device_properties(0)
+    rows = []
+    print(f"{prop.name}, {prop.multi_processor_count} SMs, torch {torch.__version__}, "
+          f"T={args.seq_len}, us per step (median of {args.repeats})")
+    caps = [0] + args.max_blocks
+    head = "  ".join(f"{'all' if c == 0 else f'<={c}':>8s}" for c in caps)
+    print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent, blocks: "
+          f"{head} | {'step':>8s}")
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for cell in args.cells:
+            for N in args.batch:
+                for H in args.hidden:
+                    for mode in args.modes:
+                        cells = []
+                        for cap in caps:
+                            us, used = measure(cell, dtype, N, H, args.seq_len, "persistent",
+                                               cap, mode, args.repeats)
+                            rows.append(dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode,
+                                             path="persistent", max_blocks=cap, us=us,
+                                             used=used))
+                            cells.append(f"{us:8.2f}" if isinstance(us, float) else
+                                         f"{'n/a':>8s}")
+                        us, used = measure(cell, dtype, N, H, args.seq_len, "step", 0, mode,
+                                           args.repeats)
+                        rows.append(dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode,
+                                         path="step", max_blocks=0, us=us, used=used))
+                        step = f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
+                        print(f"{cell:5s} {dtype_name:9s} {N:4d} {H:5d} {mode:6s} | "
+                              f"{'':20s}{'  '.join(cells)} | {step}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=prop.name, sms=prop.multi_processor_count,
+                           torch=torch.__version__, T=args.seq_len, repeats=args.repeats,
+                           rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

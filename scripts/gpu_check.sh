@@ -169,23 +169,28 @@ fi
 # start under a sanitizer is the slow part, and in parallel it costs the time of one ----
 SAN_TSV=$WORK/sanitize.tsv
 : >"$SAN_TSV"
-san_case() {  # TOOL CELL DTYPE SECONDS: one sanitizer run; its log and exit code in $WORK
-  local tool=$1 cell=$2 dtype=$3 t=$4
+san_case() {  # TOOL CELL DTYPE H SECONDS: one sanitizer run; its log and exit code in $WORK
+  local tool=$1 cell=$2 dtype=$3 h=$4 t=$5
   # racecheck runs over every kernel, cuBLAS's included (a --kernel-name filter for
   # rnnfast's own has not been tried on the GPU image yet)
   # no caching allocator: each tensor its own allocation, so memcheck sees overruns
-  # N=5: the persistent kernels' 16-row tile, partly past N
+  # N=5: the persistent kernels' 16-row tile, partly past N. H=16: one unit a block (4 rows
+  # of W a warp); H=700: 6 units a block on 132 SMs, so 8 rows of W a warp in the float32
+  # and bfloat16 backward and the float32 LSTM forward
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$t" "$SANITIZER" --tool "$tool" \
     --error-exitcode 1 --report-api-errors no --print-limit 20 \
     "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path persistent --N 5 \
-    >"$WORK/san-$tool-$cell-$dtype.log" 2>&1
-  echo $? >"$WORK/san-$tool-$cell-$dtype.rc"
+    --H "$h" >"$WORK/san-$tool-$cell-$dtype-$h.log" 2>&1
+  echo $? >"$WORK/san-$tool-$cell-$dtype-$h.rc"
 }
 SAN_CASES=()
 for tool in memcheck racecheck synccheck; do
   for cell in lstm gru rnn_tanh; do
-    for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype"); done
+    for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype 16"); done
   done
+done
+for tool in memcheck racecheck; do
+  for dtype in float32 bfloat16; do SAN_CASES+=("$tool lstm $dtype 700"); done
 done
 t_san=$(stage_time 150 100)
 s=$(now)
@@ -202,23 +207,23 @@ else
   deadline=$((s + t_san))
   for c in "${SAN_CASES[@]}"; do
     while (($(jobs -rp | wc -l) >= ${SANITIZE_JOBS:-6})); do wait -n 2>/dev/null || true; done
-    read -r tool cell dtype <<<"$c"
+    read -r tool cell dtype h <<<"$c"
     left=$((deadline - $(now)))
     if ((left < 20)); then
-      printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell" "$dtype" SKIPPED "no time left" >>"$SAN_TSV"
+      printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell-h$h" "$dtype" SKIPPED "no time left" >>"$SAN_TSV"
       continue
     fi
-    log "  start $tool $cell $dtype (limit ${left}s)"
-    san_case "$tool" "$cell" "$dtype" "$left" &
+    log "  start $tool $cell $dtype H=$h (limit ${left}s)"
+    san_case "$tool" "$cell" "$dtype" "$h" "$left" &
   done
   wait
   for c in "${SAN_CASES[@]}"; do
-    read -r tool cell dtype <<<"$c"
-    f=$WORK/san-$tool-$cell-$dtype
+    read -r tool cell dtype h <<<"$c"
+    f=$WORK/san-$tool-$cell-$dtype-$h
     [ -f "$f.rc" ] || continue
     rc=$(cat "$f.rc")
     {
-      echo "----- $tool $cell $dtype: exit $rc"
+      echo "----- $tool $cell $dtype H=$h: exit $rc"
       cat "$f.log"
     } >>"$LOG"
     # the sanitizer's summary line; on failure also its first report, else the program's last line
@@ -228,7 +233,7 @@ else
       [ -n "$first" ] || first=$(grep -v -E '^=========|^[[:space:]]*$' "$f.log" | tail -n 1)
       note="$note; $(echo "${first#========= }" | cut -c1-150)"
     fi
-    printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell" "$dtype" "$(status_of "$rc")" "$note" >>"$SAN_TSV"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell-h$h" "$dtype" "$(status_of "$rc")" "$note" >>"$SAN_TSV"
   done
   bad=$(awk -F'\t' '$4 != "PASS"' "$SAN_TSV" | wc -l)
   if ((bad == 0)); then st=PASS; else st=FAIL; fi
@@ -374,10 +379,10 @@ san = [l.rstrip("\n").split("\t") for l in open(san_tsv) if l.strip()]
 if san:
     cases = list(dict.fromkeys(f"{c}/{d}" for _, c, d, *_ in san))
     print()
-    print(f"{'sanitizer':10} " + " ".join(f"{c:>17}" for c in cases))
+    print(f"{'sanitizer':10} " + " ".join(f"{c:>22}" for c in cases))
     for tool in dict.fromkeys(t for t, *_ in san):
         res = {f"{c}/{d}": s for t, c, d, s, *_ in san if t == tool}
-        print(f"{tool:10} " + " ".join(f"{res.get(c, '-'):>17}" for c in cases))
+        print(f"{tool:10} " + " ".join(f"{res.get(c, '-'):>22}" for c in cases))
     for t, c, d, s, *note in san:
         if s != "PASS":
             print(f"  ! {t} {c} {d}: {s} {note[0] if note else ''}")

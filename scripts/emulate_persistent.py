@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """CPU emulation of the persistent CUDA kernels, to check them without a GPU.
 
-Emulates, as of the commit that batched stage_rows' loads (after 6add24c):
+Emulates, as of the commit that added the backward's (8, 8) tile (2026-11-27):
 csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, tile_dot with its
 split-K, tile_dot_mma's WMMA 16x16x16 forward for 16-bit types, smem_layout and the scratch
-sizes, grid_barrier, both kernels, plan_persistent with the path forced) and the cells and
-ops of lstm.cu, gru.cu and rnn.cu. Indices are the CUDA code's; values are float64. Blocks
+sizes, grid_barrier, both kernels with their loads ahead of the barrier, plan_persistent's
+tile choice with the path forced) and the cells and ops of lstm.cu, gru.cu and rnn.cu. Indices are the CUDA code's; values are float64. Blocks
 are generators that yield at grid_barrier, run in a shuffled order on one counter; a thread
 loop is one vectorised operation; a warp's registers are a [32, ...] array (__shfl_xor_sync
 is lane ^ distance); load_matrix_sync / mma_sync / store_matrix_sync are the matrix
@@ -1052,6 +1052,8 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
                 done = try_tile(16, 8)
             if not done:
                 done = try_tile(16, 4)
+            if backward and not done:
+                done = try_tile(8, 8)
         if not done:
             try_tile(4, 8)
     if plan.kernel is None:
@@ -1309,12 +1311,12 @@ def check(name, got, want, case, tol=1e-9):
 
 def case_name(c):
     keys = ("kind", "dtype", "T", "N", "C", "H", "reverse", "training", "sms", "bias", "act",
-            "gru_bhh", "tile", "h0_off")
+            "gru_bhh", "tile", "h0_off", "smem_optin")
     return " ".join(f"{k}={c[k]}" for k in keys if k in c)
 
 
 def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True, tile=None,
-             dtype="float64", seed=0, ops=None, h0_off=0):
+             dtype="float64", seed=0, ops=None, h0_off=0, smem_optin=None):
     g = torch.Generator().manual_seed(seed)
     G = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
     scale = 1.0 / math.sqrt(H)
@@ -1332,13 +1334,14 @@ def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True
     if kind == "rnn" and act == 1 and b_ih is not None:
         with torch.no_grad():
             b_ih += 0.05  # keep some units alive under relu
-    dev = FakeDevice(sms)
+    dev = FakeDevice(sms) if smem_optin is None else FakeDevice(sms, smem_optin=smem_optin)
     case = case_name(dict(kind=kind, dtype=dtype, T=T, N=N, C=C, H=H, reverse=reverse,
                           training=training, sms=sms, bias=bias,
                           **({"act": act} if kind == "rnn" else {}),
                           **({"gru_bhh": gru_bhh} if kind == "gru" else {}),
                           **({"tile": tile} if tile else {}),
-                          **({"h0_off": h0_off} if h0_off else {})))
+                          **({"h0_off": h0_off} if h0_off else {}),
+                          **({"smem_optin": smem_optin} if smem_optin else {})))
 
     y_ref, hn_ref, cn_ref, ws_ref = reference_run(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                   reverse, act)
@@ -1489,6 +1492,11 @@ def cases(full=False):
         # the backward stages 16 rows of 3 * 45 elements: two batches per thread
         dict(kind="gru", T=2, N=17, C=2, H=45, reverse=False, training=True, sms=5,
              bias=True),
+        # 16 rows of the backward's 4 * 20 do not fit in 16000 bytes beside W's slice: (8, 8)
+        dict(kind="lstm", T=3, N=9, C=2, H=20, reverse=True, training=True, sms=3, bias=True,
+             smem_optin=16000),
+        dict(kind="gru", T=2, N=19, C=2, H=20, reverse=False, training=True, sms=3,
+             bias=True, dtype="float32", smem_optin=12000),
     ]
     # the tensor-core forward
     m = 0
@@ -1520,7 +1528,7 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "ffma: several jobs per warp", "ffma: K % splits != 0", "mma: split-K",
             "mma: one k range per tile", "mma: several jobs per warp",
             "mma: K % 16 != 0 (zero padding)", "mma: K % 16 == 0", "mma: several row tiles"}
-TILES = {(16, 8), (16, 4), (4, 8), (16, 16)}
+TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16)}
 
 
 @dataclasses.dataclass

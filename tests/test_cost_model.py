@@ -27,7 +27,7 @@ def test_the_header_constants_fit_the_committed_h100_run(capsys):
         rs = ratios[mode]
         assert len(rs) == 32, mode  # float32: LSTM and GRU 12 shapes each, RNN 8 (measured)
         assert 0.9 <= fit.geo(rs) <= 1.15, (mode, fit.geo(rs))
-        assert 0.75 <= min(rs) and max(rs) <= 1.3, (mode, min(rs), max(rs))
+        assert 0.7 <= min(rs) and max(rs) <= 1.3, (mode, min(rs), max(rs))
 
 
 def test_batched_staging_is_predicted_no_slower_and_far_faster_where_it_dominated():

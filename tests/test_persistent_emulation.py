@@ -84,6 +84,18 @@ def test_plan_picks_the_tile_and_sizes_the_shared_memory(dtype, backward, N, til
         assert p.smem == smem
 
 
+# backward in float64, 8 rows a tile: ws 8 x 80 doubles, xs 8 x 80, out 8 x 8, scratch 8
+# splits of 8 x 8 (1 chunk)
+BWD_8_8 = 5120 + 5120 + 512 + 4096
+
+
+def test_plan_takes_8_rows_a_tile_when_16_do_not_fit_in_the_backward():
+    p = plan("float64", True, 9, smem_optin=16000)  # (16, 4) needs 20480 bytes
+    assert (p.nt, p.rpw, p.smem) == (8, 8, BWD_8_8)
+    f = plan("float64", False, 9, smem_optin=16000)  # the forward has no (8, 8)
+    assert (f.nt, f.rpw) == (16, 4)
+
+
 def test_plan_falls_back_to_16_4_when_16_8_does_not_fit():
     p = plan("float16", True, 5, smem_optin=BWD_16_8 - 1)
     assert (p.nt, p.rpw, p.smem) == (16, 4, BWD_16_4)

@@ -30,7 +30,8 @@
 //   and a halving exchange across the lanes (warp_split_reduce) leaves each lane
 //   NT * RPW / 32 finished sums. Tiles (NT, RPW): (16, 8) for N > 4 with float sums where
 //   8 rows a warp pad no more than 4 would (24 shared-memory loads per 128 FMAs, so FFMA-
-//   rather than load-bound), else (16, 4) (20 per 64); (4, 8) for N <= 4.
+//   rather than load-bound), else (16, 4) (20 per 64), then in the backward (8, 8) where 16
+//   staged rows do not fit; (4, 8) for N <= 4 and where nothing else fits.
 //   tile_dot_mma (tensor cores; the float16/bfloat16 forward, NT = 16): WMMA 16x16x16 tiles
 //   with fp32 accumulators; the r_pad / 16 column tiles are shared out to the warps, each
 //   tile's k range split over several warps whose partial tiles are then summed. K is
@@ -502,8 +503,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 // (kStageBatch loads in flight per thread), the dot product at a share of the SM's FFMA
 // (or tensor-core) rate and one more pointwise pass after the first tile; never less than
 // all blocks' staging at L2 bandwidth. That run staged one element at a time, a round trip
-// each; counting them so, the model gives 0.78x-1.25x of the measured forward times
-// (geomean 1.03x) and 0.86x-1.26x of the backward (1.10x). scripts/fit_cost_model.py
+// each; counting them so, the model gives 0.75x-1.20x of the measured forward times
+// (geomean 1.00x) and 0.84x-1.18x of the backward (1.05x). scripts/fit_cost_model.py
 // prints the fit, reading the constants below from this file.
 // Per step: the launches from the host through ATen, plus the GEMM at a share of the
 // device's rate (16-bit forward on tensor cores; float32 on FFMA, TF32 being off by
@@ -664,6 +665,8 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
       // (128 sums a lane, 24 shared-memory loads per 128 FMAs against 20 per 64: FFMA- rather
       // than load-bound; float sums only, as 128 doubles would spill), else 4; N <= 4, or
       // where 16 rows do not fit: 4 rows a tile, 8 of W a warp.
+      // The backward stages G*H-wide rows of acc_t: where 16 of them do not fit beside W's
+      // slice (float32 LSTM and GRU from H of about 600 on), 8 rows a tile before 4.
       bool done = false;
       if (N > 4) {
         if constexpr (sizeof(acc_t) == 4) {
@@ -672,6 +675,9 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
           }
         }
         if (!done) done = try_tile(I16{}, I4{}, ffma_kernel(I16{}, I4{}));
+        if constexpr (kBackward) {
+          if (!done) done = try_tile(I8{}, I8{}, ffma_kernel(I8{}, I8{}));
+        }
       }
       if (!done) try_tile(I4{}, I8{}, ffma_kernel(I4{}, I8{}));
     }

@@ -249,6 +249,26 @@ __device__ __forceinline__ void stage_rows(const x_t* src, int64_t n0, int64_t N
   }
 }
 
+// store(e, load(e)) for e < total, e being thread e % blockDim's, each thread with
+// kStageBatch loads in flight before it stores: the one-time copy of W's slice into shared
+// memory (one load at a time it cost a round trip per element, 128 of them at H = 1024).
+template <typename T, typename Load, typename Store>
+__device__ __forceinline__ void batched_copy(int64_t total, Load load, Store store) {
+  for (int64_t e0 = threadIdx.x; e0 < total; e0 += int64_t(kStageBatch) * blockDim.x) {
+    T v[kStageBatch];
+#pragma unroll
+    for (int i = 0; i < kStageBatch; ++i) {
+      const int64_t e = e0 + int64_t(i) * blockDim.x;
+      v[i] = e < total ? load(e) : T(0);
+    }
+#pragma unroll
+    for (int i = 0; i < kStageBatch; ++i) {
+      const int64_t e = e0 + int64_t(i) * blockDim.x;
+      if (e < total) store(e, v[i]);
+    }
+  }
+}
+
 // ---- tensor cores for float16/bfloat16 (the forward): WMMA 16x16x16, fp32 accumulators ----
 template <typename scalar_t>
 struct WmmaType;
@@ -361,11 +381,14 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   scalar_t* xs = reinterpret_cast<scalar_t*>(smem + lay.xs_offset);
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
 
-  for (int64_t idx = threadIdx.x; idx < int64_t(r_pad) * ld; idx += blockDim.x) {
-    const int r = static_cast<int>(idx / ld), k = static_cast<int>(idx % ld);
-    const int g = r / U, j = r % U;
-    ws[idx] = g < G && j < here && k < K ? p.w_hh[(g * H + u0 + j) * H + k] : scalar_t(0);
-  }
+  batched_copy<scalar_t>(
+      int64_t(r_pad) * ld,
+      [&](int64_t idx) {
+        const int r = static_cast<int>(idx / ld), k = static_cast<int>(idx % ld);
+        const int g = r / U, j = r % U;
+        return g < G && j < here && k < K ? p.w_hh[(g * H + u0 + j) * H + k] : scalar_t(0);
+      },
+      [&](int64_t idx, scalar_t v) { ws[idx] = v; });
 
   // The pointwise inputs that do not depend on the step before (the input projection, GRU's
   // b_hh, the LSTM's c_{t-1}, which this thread wrote) of this thread's first item of a step
@@ -442,10 +465,15 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
 
   // consecutive threads read consecutive units of one row of W_hh
-  for (int64_t idx = threadIdx.x; idx < int64_t(r_pad) * K; idx += blockDim.x) {
-    const int q = static_cast<int>(idx / r_pad), j = static_cast<int>(idx % r_pad);
-    ws[j * K + q] = j < here ? p.w_hh[q * H + u0 + j] : scalar_t(0);
-  }
+  batched_copy<scalar_t>(
+      int64_t(r_pad) * K,
+      [&](int64_t idx) {
+        const int j = static_cast<int>(idx % r_pad);
+        return j < here ? p.w_hh[(idx / r_pad) * H + u0 + j] : scalar_t(0);
+      },
+      [&](int64_t idx, scalar_t v) {
+        ws[(idx % r_pad) * K + idx / r_pad] = v;
+      });
 
   // Phase A's inputs but the carried dh (Cell::load_backward) of this thread's first item
   // (idx = threadIdx.x) are loaded ahead: for step s - 1 before step s's grid barrier.

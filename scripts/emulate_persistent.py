@@ -81,6 +81,7 @@ MUTATIONS = {
     "mma_split_slot": "tile_dot_mma: the sum over splits reads slot sp * r_tiles + rt",
     "mma_no_k_pad": "stage_rows leaves xs[n][K:ld] unwritten",
     "bwd_ahead_this_step": "backward: the inputs loaded ahead of the barrier are the step's own",
+    "tile_ahead_row": "forward: a later tile's first items take tile 0's inputs",
     "ahead_this_step": "forward: the inputs loaded ahead of the barrier are the step's own",
     "no_next_tile_sync": "forward: no __syncthreads between one row tile and the next",
     "stage_vec_unaligned": "stage_rows takes 16-byte vectors without checking the alignment",
@@ -644,6 +645,15 @@ def persistent_forward(Cell, NT, RPW, dt, p, ctx):
         for n0 in range(0, N, NT):
             stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx, dt.scalar)
             ctx.syncthreads()
+            if n0 > 0:  # a later tile's first item per thread, loaded before the dot
+                cur_thr = np.arange(min(min(NT, N - n0) * here, BLOCK_DIM), dtype=np.int64)
+                if mut("tile_ahead_row"):  # the row of tile 0 instead of this tile's
+                    ahead = Cell.load(p, s, t, tp, cur_thr // here, u0 + cur_thr % here, ctx,
+                                      cur_thr)
+                else:
+                    ahead = Cell.load(p, s, t, tp, n0 + cur_thr // here, u0 + cur_thr % here,
+                                      ctx, cur_thr)
+                cover("forward: a later tile's inputs loaded before its dot")
             if mma:
                 tile_dot_mma(ws, r_pad, xs, round_up(K, 16), ld, out, scratch, ctx)
             else:
@@ -657,14 +667,14 @@ def persistent_forward(Cell, NT, RPW, dt, p, ctx):
             nl, j, thr = nl[keep], j[keep], thr[keep]
             hh = out.read(nl * r_pad + gate_offsets(G, U) + j, ctx, thr, where="forward out")
             hp = xs.read(nl * ld + u0 + j, ctx, thr, where="forward h_prev from xs")
-            # items run side by side: tile 0's first item per thread takes `ahead`
-            first = (n0 == 0) & (idx[keep] < BLOCK_DIM)
+            # items run side by side: each thread's first item takes `ahead`
+            first = idx[keep] < BLOCK_DIM
             inp = np.zeros((Cell.kLoads, thr.size))
             if (~first).any():
                 inp[:, ~first] = Cell.load(p, s, t, tp, n0 + nl[~first], u0 + j[~first], ctx,
                                            thr[~first])
             if first.any():
-                assert np.array_equal(thr[first], ahead_thr)  # the same threads' registers
+                assert ahead.shape[1] == first.sum()  # the same threads' registers
                 inp[:, first] = ahead
             Cell.forward(p, s, t, tp, n0 + nl, u0 + j, hh, hp, inp, ctx, thr)
             if n0 + NT < N and not mut("no_next_tile_sync"):
@@ -1521,6 +1531,7 @@ def cases(full=False):
 
 
 COVERAGE = {"forward: tile 0 has more items than threads",
+            "forward: a later tile's inputs loaded before its dot",
             "backward: more phase A items than threads", "stage_rows: 16-byte vectors", "stage_rows: elements",
             "stage_rows: several batches per thread", "last block owns fewer units", "blocks own several units", "H < SM count",
             "H > SM count", "several row tiles", "a partial row tile",

@@ -391,9 +391,10 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       [&](int64_t idx, scalar_t v) { ws[idx] = v; });
 
   // The pointwise inputs that do not depend on the step before (the input projection, GRU's
-  // b_hh, the LSTM's c_{t-1}, which this thread wrote) of this thread's first item of a step
-  // (tile 0, idx = threadIdx.x) are loaded ahead: for step s + 1 before the grid barrier,
-  // so that their round trip overlaps the wait. Other items load theirs when they run.
+  // b_hh, the LSTM's c_{t-1}, which this thread wrote) of this thread's first item of a
+  // tile (idx = threadIdx.x) are loaded ahead, so that their round trip overlaps other
+  // work: for tile 0 of step s + 1 before the grid barrier that ends step s, for a later
+  // tile before its dot product. Other items load theirs when they run.
   constexpr int L = Cell::kLoads;
   const bool ahead_item = threadIdx.x < (N < NT ? N : NT) * here;
   const int64_t ahead_n = threadIdx.x / here, ahead_u = u0 + threadIdx.x % here;
@@ -410,6 +411,10 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     for (int64_t n0 = 0; n0 < N; n0 += NT) {
       stage_rows<NT>(h_prev, n0, N, K, ld, xs);
       __syncthreads();
+      // a later tile's first item per thread: its inputs load while the dot product runs
+      if (n0 > 0 && threadIdx.x < (N - n0 < NT ? N - n0 : NT) * here) {
+        Cell::load(p, s, t, tp, n0 + threadIdx.x / here, u0 + threadIdx.x % here, ahead);
+      }
       if constexpr (kMma) {
         tile_dot_mma(ws, r_pad, xs, round_up(K, 16), ld, out,
                      reinterpret_cast<float*>(smem + lay.scratch_offset));
@@ -424,7 +429,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         acc_t hh[G], in[L];
 #pragma unroll
         for (int g = 0; g < G; ++g) hh[g] = out[nl * r_pad + g * U + j];
-        if (n0 == 0 && idx == threadIdx.x) {
+        if (idx == threadIdx.x) {  // loaded ahead: before the barrier (tile 0) or the dot
 #pragma unroll
           for (int l = 0; l < L; ++l) in[l] = ahead[l];
         } else {

@@ -176,11 +176,11 @@ san_case() {  # TOOL CELL DTYPE H SECONDS: one sanitizer run; its log and exit c
   # no caching allocator: each tensor its own allocation, so memcheck sees overruns
   # N=5: the persistent kernels' 16-row tile, partly past N. H=16: one unit a block (4 rows
   # of W a warp); H=700: 6 units a block on 132 SMs, so 8 rows of W a warp in the float32
-  # and bfloat16 backward and the float32 LSTM forward
+  # and bfloat16 backward and the float32 LSTM forward (T=3, one layer: a sanitizer is slow)
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$t" "$SANITIZER" --tool "$tool" \
     --error-exitcode 1 --report-api-errors no --print-limit 20 \
     "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path persistent --N 5 \
-    --H "$h" >"$WORK/san-$tool-$cell-$dtype-$h.log" 2>&1
+    --H "$h" $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h.log" 2>&1
   echo $? >"$WORK/san-$tool-$cell-$dtype-$h.rc"
 }
 SAN_CASES=()

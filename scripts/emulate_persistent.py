@@ -800,6 +800,11 @@ def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
 # --------------------------------------------------------------------------------------
 # the cells (lstm.cu, gru.cu, rnn.cu)
 # --------------------------------------------------------------------------------------
+def read_xp(p, G, t, n, u, ctx, thr, where):
+    """Cell::load's gather_gates of the input projection: [G, items]."""
+    return p.xp.read((t * p.N + n) * G * p.H + u + gate_offsets(G, p.H), ctx, thr, where=where)
+
+
 def gate_offsets(m, H):
     """Offsets of m gates H apart, one row each: a thread's m accesses read or written
     side by side (in program order, with no other access to that buffer between)."""
@@ -842,10 +847,8 @@ class LstmCell:
     @staticmethod
     def load(p, s, t, tp, n, u, ctx, thr):
         """x_i, x_f, x_g, x_o and c_{t-1}: [5, items]."""
-        H = p.H
-        xr = p.xp.read((t * p.N + n) * 4 * H + u + gate_offsets(4, H), ctx, thr,
-                       where="lstm xp")
-        return np.concatenate([xr, LstmCell.c_prev(p, s, tp, n, u, ctx, thr)[None]])
+        return np.concatenate([read_xp(p, 4, t, n, u, ctx, thr, "lstm xp"),
+                               LstmCell.c_prev(p, s, tp, n, u, ctx, thr)[None]])
 
     @staticmethod
     def forward(p, s, t, tp, n, u, hh, _h_prev, inp, ctx, thr):
@@ -913,10 +916,8 @@ class GruCell:
     @staticmethod
     def load(p, s, t, tp, n, u, ctx, thr):
         """x_r, x_z, x_n and b_hr, b_hz, b_hn (zero without b_hh): [6, items]."""
-        H = p.H
-        xr = p.xp.read((t * p.N + n) * 3 * H + u + gate_offsets(3, H), ctx, thr,
-                       where="gru xp")
-        b = (p.b_hh.read(u + gate_offsets(3, H), ctx, thr, where="gru b_hh")
+        xr = read_xp(p, 3, t, n, u, ctx, thr, "gru xp")
+        b = (p.b_hh.read(u + gate_offsets(3, p.H), ctx, thr, where="gru b_hh")
              if p.b_hh is not None else np.zeros_like(xr))  # gru_hidden_bias
         return np.concatenate([xr, b])
 
@@ -979,7 +980,7 @@ class ElmanCell:
 
     @staticmethod
     def load(p, s, t, tp, n, u, ctx, thr):
-        return p.xp.read((t * p.N + n) * p.H + u, ctx, thr, where="elman xp")[None]
+        return read_xp(p, 1, t, n, u, ctx, thr, "elman xp")
 
     @staticmethod
     def forward(p, s, t, tp, n, u, hh, _h_prev, inp, ctx, thr):

@@ -43,6 +43,14 @@ __device__ __forceinline__ double tanh_act(double x) { return tanh(x); }
 template <typename T>
 __device__ __forceinline__ T sigmoid_act(T x) { return T(1) / (T(1) + exp_act(-x)); }
 
+// out[k] = acc_t(p[k * stride]) for k < M: a unit's M gate values (or saved values) of one
+// row, stride (H) apart. out may be part of a register array: every index is a constant.
+template <int M, typename T, typename acc_t>
+__device__ __forceinline__ void gather_gates(const T* p, int64_t stride, acc_t* out) {
+#pragma unroll
+  for (int k = 0; k < M; ++k) out[k] = acc_t(p[k * stride]);
+}
+
 // ---- checks and set-up shared by every op ----
 inline void check_cuda(const char* op, const Tensor& x) {
   TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors, but got ", x.device());

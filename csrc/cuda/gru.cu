@@ -37,19 +37,13 @@ __device__ __forceinline__ void gru_store(acc_t* cr, int64_t H, const GruGates<a
   cr[3 * H] = s.hn;
 }
 
-// A unit's saved r, z, n, hn from its workspace row cr.
-template <typename acc_t>
-__device__ __forceinline__ void gru_saved(const acc_t* cr, int64_t H, acc_t (&sv)[4]) {
-#pragma unroll
-  for (int k = 0; k < 4; ++k) sv[k] = cr[k * H];
-}
-
-// Backward of one unit and row: from its saved r, z, n, hn (sv), the total dh and h_{t-1},
+// Backward of one unit and row: from its saved r, z, n, hn (sv[0..4), gathered from its
+// workspace row), the total dh and h_{t-1},
 // the gate gradients of the input side di[0, H, 2H] and of the hidden side dhh[0, H, 2H]
 // (they differ in the n gate: r scales the hidden side); returns dh_{t-1}'s direct term
 // dh_total * z (the hidden side's GEMM adds the rest).
 template <typename acc_t>
-__device__ __forceinline__ acc_t gru_point_backward(const acc_t (&sv)[4], int64_t H,
+__device__ __forceinline__ acc_t gru_point_backward(const acc_t* sv, int64_t H,
                                                     acc_t dh_total, acc_t h_prev, acc_t* di,
                                                     acc_t* dhh) {
   const acc_t r = sv[0], z = sv[1], nn = sv[2], hn = sv[3];
@@ -84,12 +78,9 @@ struct GruCell {
   __device__ static void load(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
                               int64_t, int64_t n, int64_t u, acc_t (&in)[kLoads]) {
     const int64_t H = p.H;
-    const scalar_t* xr = p.xp + (t * p.N + n) * 3 * H + u;
+    gather_gates<3>(p.xp + (t * p.N + n) * 3 * H + u, H, in);
 #pragma unroll
-    for (int g = 0; g < 3; ++g) {
-      in[g] = acc_t(xr[g * H]);
-      in[3 + g] = gru_hidden_bias<scalar_t, acc_t>(p.b_hh, H, g, u);
-    }
+    for (int g = 0; g < 3; ++g) in[3 + g] = gru_hidden_bias<scalar_t, acc_t>(p.b_hh, H, g, u);
   }
 
   template <typename scalar_t, typename acc_t>
@@ -111,8 +102,7 @@ struct GruCell {
                                        int64_t t, int64_t tp, int64_t n, int64_t u,
                                        acc_t (&in)[kBackwardLoads]) {
     const int64_t H = p.H, N = p.N, row = t * N + n;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) in[k] = p.cache[row * 4 * H + k * H + u];
+    gather_gates<4>(p.cache + row * 4 * H + u, H, in);
     in[4] = acc_t(p.dy[row * H + u]);
     in[5] = acc_t(s == 0 ? p.h0[n * H + u] : p.y[(tp * N + n) * H + u]);
   }
@@ -122,8 +112,7 @@ struct GruCell {
                                   int64_t, int64_t n, int64_t u,
                                   const acc_t (&in)[kBackwardLoads]) {
     const int64_t H = p.H, row = t * p.N + n, idx = n * H + u;
-    const acc_t sv[4] = {in[0], in[1], in[2], in[3]};
-    p.dh[idx] = gru_point_backward(sv, H, in[4] + p.dh[idx], in[5], p.dg_ih + row * 3 * H + u,
+    p.dh[idx] = gru_point_backward(in, H, in[4] + p.dh[idx], in[5], p.dg_ih + row * 3 * H + u,
                                    p.dg_hh + row * 3 * H + u);
   }
 };
@@ -161,7 +150,7 @@ __global__ void gru_backward_step(const scalar_t* __restrict__ dy, acc_t* __rest
   RNNFAST_GRID_STRIDE(idx, N * H) {
     const int64_t n = idx / H, u = idx % H;
     acc_t sv[4];
-    gru_saved(cache + n * 4 * H + u, H, sv);
+    gather_gates<4>(cache + n * 4 * H + u, H, sv);
     dh[idx] = gru_point_backward(sv, H, acc_t(dy[idx]) + dh[idx], acc_t(h_prev[idx]),
                                  dg_ih + n * 3 * H + u, dg_hh + n * 3 * H + u);
   }

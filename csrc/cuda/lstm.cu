@@ -30,17 +30,11 @@ __device__ __forceinline__ void lstm_store_gates(acc_t* cr, int64_t H, const Lst
   cr[3 * H] = s.o;
 }
 
-// A unit's saved i, f, g, o, c from its workspace row cr.
+// Backward of one unit and row: from its saved i, f, g, o, c (sv[0..5), gathered from its
+// workspace row), the total dh and the carried dc_t, the gate gradients into
+// dr[0, H, 2H, 3H]; returns dc_{t-1}.
 template <typename acc_t>
-__device__ __forceinline__ void lstm_saved(const acc_t* cr, int64_t H, acc_t (&sv)[5]) {
-#pragma unroll
-  for (int k = 0; k < 5; ++k) sv[k] = cr[k * H];
-}
-
-// Backward of one unit and row: from its saved i, f, g, o, c (sv), the total dh and the
-// carried dc_t, the gate gradients into dr[0, H, 2H, 3H]; returns dc_{t-1}.
-template <typename acc_t>
-__device__ __forceinline__ acc_t lstm_point_backward(const acc_t (&sv)[5], int64_t H,
+__device__ __forceinline__ acc_t lstm_point_backward(const acc_t* sv, int64_t H,
                                                      acc_t dh_total, acc_t dc, acc_t c_prev,
                                                      acc_t* dr) {
   const acc_t i = sv[0], f = sv[1], g = sv[2], o = sv[3], c = sv[4];
@@ -72,9 +66,7 @@ struct LstmCell {
   __device__ static void load(const PersistentParams<scalar_t, acc_t>& p, int64_t s, int64_t t,
                               int64_t tp, int64_t n, int64_t u, acc_t (&in)[kLoads]) {
     const int64_t H = p.H;
-    const scalar_t* xr = p.xp + (t * p.N + n) * 4 * H + u;
-#pragma unroll
-    for (int g = 0; g < 4; ++g) in[g] = acc_t(xr[g * H]);
+    gather_gates<4>(p.xp + (t * p.N + n) * 4 * H + u, H, in);
     in[4] = c_prev(p, s, tp, n, u);
   }
 
@@ -104,8 +96,7 @@ struct LstmCell {
                                        int64_t t, int64_t tp, int64_t n, int64_t u,
                                        acc_t (&in)[kBackwardLoads]) {
     const int64_t H = p.H, row = t * p.N + n;
-#pragma unroll
-    for (int k = 0; k < 5; ++k) in[k] = p.cache[row * 5 * H + k * H + u];
+    gather_gates<5>(p.cache + row * 5 * H + u, H, in);
     in[5] = acc_t(p.dy[row * H + u]);
     in[6] = p.dc[n * H + u];
     in[7] = c_prev(p, s, tp, n, u);
@@ -116,8 +107,7 @@ struct LstmCell {
                                   int64_t, int64_t n, int64_t u,
                                   const acc_t (&in)[kBackwardLoads]) {
     const int64_t H = p.H, idx = n * H + u;
-    const acc_t sv[5] = {in[0], in[1], in[2], in[3], in[4]};
-    p.dc[idx] = lstm_point_backward(sv, H, in[5] + p.dh[idx], in[6], in[7],
+    p.dc[idx] = lstm_point_backward(in, H, in[5] + p.dh[idx], in[6], in[7],
                                     p.dg_ih + (t * p.N + n) * 4 * H + u);
   }
 };
@@ -155,7 +145,7 @@ __global__ void lstm_backward_step(const scalar_t* __restrict__ dy, const acc_t*
   RNNFAST_GRID_STRIDE(idx, N * H) {
     const int64_t n = idx / H, u = idx % H;
     acc_t sv[5];
-    lstm_saved(cache + n * 5 * H + u, H, sv);
+    gather_gates<5>(cache + n * 5 * H + u, H, sv);
     dc[idx] = lstm_point_backward(sv, H, acc_t(dy[idx]) + dh[idx], dc[idx],
                                   c_prev[n * ld_c_prev + u], dg + n * 4 * H + u);
   }

@@ -105,16 +105,16 @@ TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
 // ---- the CUDA path setting (kept here so that it exists in CPU-only builds too) ----
 namespace rnnfast {
 namespace {
-constexpr const char* kPathNames[] = {"auto", "step", "persistent"};
+constexpr const char* kPathNames[] = {"auto", "step", "persistent", "cluster"};
 std::atomic<int> path_mode{-1};  // -1: not read from RNNFAST_CUDA_PATH yet
 std::atomic<int> last_path[2] = {-1, -1};
 
 int parse_path(const char* what, const std::string& name) {
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < 4; ++i) {
     if (name == kPathNames[i]) return i;
   }
-  TORCH_CHECK_VALUE(false, what, ": expected 'auto', 'persistent' or 'step', but got '", name,
-                    "'");
+  TORCH_CHECK_VALUE(false, what, ": expected 'auto', 'persistent', 'cluster' or 'step', but got '",
+                    name, "'");
 }
 }  // namespace
 
@@ -135,9 +135,7 @@ void note_cuda_path(bool backward, CudaPath used) {
 }
 
 void check_persistent_refusal(const char* op, const std::string& why) {
-  TORCH_CHECK(why.empty(), op,
-              ": the persistent CUDA path was forced (rnnfast.cuda_path / RNNFAST_CUDA_PATH), "
-              "but ", why);
+  TORCH_CHECK(why.empty(), op, ": ", why);
 }
 }  // namespace rnnfast
 
@@ -167,7 +165,8 @@ PyObject* py_set_cuda_path(PyObject*, PyObject* arg) {
     const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
     if (name == nullptr) {
       PyErr_Clear();
-      PyErr_SetString(PyExc_TypeError, "expected the path as a str: 'auto', 'persistent' or 'step'");
+      PyErr_SetString(PyExc_TypeError,
+                      "expected the path as a str: 'auto', 'persistent', 'cluster' or 'step'");
       return nullptr;
     }
     const int mode = rnnfast::parse_path("rnnfast.cuda_path", name);

@@ -98,19 +98,21 @@ void check_layer_inputs(const char* op, int64_t gates, const Tensor& x, const Te
 void check_same_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape,
                       const Tensor& like);
 void check_activation(const char* op, int64_t activation);
-// Which CUDA design runs an op (see cuda/persistent.cuh): kAuto picks per call, the
-// persistent kernels where W_hh fits on chip and the cost model favours them, else the
-// per-step GEMMs. Set by rnnfast.cuda_path (Python) or RNNFAST_CUDA_PATH=auto|persistent|
-// step; the default is kStep until the persistent kernels have run on a GPU. The CPU
-// ignores it.
-enum class CudaPath : int { kAuto = 0, kStep = 1, kPersistent = 2 };
+// Which CUDA design runs an op (see cuda/persistent.cuh): kStep the per-step GEMMs,
+// kPersistent the persistent kernels' grid variant (a grid-wide barrier), kCluster their
+// cluster variant (thread-block clusters, compute capability 9.0 on), kAuto per call the
+// cheapest by the cost model of those that fit. Set by rnnfast.cuda_path (Python) or
+// RNNFAST_CUDA_PATH=auto|persistent|cluster|step; the default is kStep until the
+// persistent kernels have run on a GPU. The CPU ignores it.
+enum class CudaPath : int { kAuto = 0, kStep = 1, kPersistent = 2, kCluster = 3 };
 CudaPath cuda_path_mode();
 // Records the path the last CUDA forward (backward) took, for rnnfast.last_cuda_path().
 void note_cuda_path(bool backward, CudaPath used);
-// Raises when `why` is not empty: the persistent path was forced and cannot run. The CUDA
-// ops call it after their dispatch, so that the error is thrown from a C++ (not nvcc)
-// frame, with no dispatch lambda between it and the op (on the H100 a TORCH_CHECK thrown
-// inside plan_persistent crashed the process; the cause is not known).
+// Raises `op: why` when `why` is not empty: a persistent variant was forced and cannot
+// run (why says which and why). The CUDA ops call it after their dispatch, so that the
+// error is thrown from a C++ (not nvcc) frame, with no dispatch lambda between it and the
+// op (on the H100 a TORCH_CHECK thrown inside plan_persistent crashed the process; the
+// cause is not known).
 void check_persistent_refusal(const char* op, const std::string& why);
 
 // The workspace of a training forward: [T, N, width], workspace_dtype, contiguous, on x's

@@ -138,17 +138,21 @@ class GRUFunction(torch.autograd.Function):
 # ---- which CUDA design runs (csrc/cuda/persistent.cuh); the CPU ignores the setting ----
 
 def get_cuda_path():
-    """The CUDA path setting: 'auto' (the persistent kernels where the weights fit on chip
-    and they are expected to be faster, else the per-step GEMMs), 'persistent' or 'step'
-    (the default, until the persistent kernels have run on a GPU). The environment
-    variable RNNFAST_CUDA_PATH sets the initial value."""
+    """The CUDA path setting: 'auto' (per call, the cheapest by a cost model of the designs
+    that fit: the persistent kernels where the weights fit on chip, else the per-step
+    GEMMs), 'persistent' (the persistent kernels' grid variant: the whole device, one
+    grid-wide barrier a step), 'cluster' (their cluster variant: thread-block clusters of
+    up to 16 SMs, each holding all of W_hh and a share of the batch, compute capability 9.0
+    on) or 'step' (the default, until the persistent kernels have run on a GPU). The
+    environment variable RNNFAST_CUDA_PATH sets the initial value."""
     return _C._cuda_path()
 
 
 def set_cuda_path(path):
-    """Sets the CUDA path ('auto', 'persistent' or 'step') for every later call, in every
-    thread, and returns the previous setting. Forcing 'persistent' where it cannot run (the
-    weights do not fit on chip) makes those calls raise rather than fall back."""
+    """Sets the CUDA path ('auto', 'persistent', 'cluster' or 'step') for every later call,
+    in every thread, and returns the previous setting. Forcing 'persistent' or 'cluster'
+    where it cannot run (the weights do not fit on chip) makes those calls raise rather
+    than fall back."""
     return _C._set_cuda_path(path)
 
 
@@ -165,5 +169,5 @@ def cuda_path(path):
 
 def last_cuda_path():
     """(forward, backward): the path the last CUDA forward and backward op took,
-    'persistent' or 'step', or None where none has run yet."""
+    'persistent', 'cluster' or 'step', or None where none has run yet."""
     return _C._last_cuda_path()

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Per-step times of the persistent CUDA kernels against their block count, on a GPU: the
-data that the `auto` cost model (csrc/cuda/persistent.cuh, CostModel) and the choice of
-the block count need.
+"""Per-step times of the persistent CUDA kernels against their block count and cluster
+size, on a GPU: the data that the `auto` cost model (csrc/cuda/persistent.cuh, CostModel)
+and the choice of the block count need.
 
 For each cell, dtype, N and H (small sets, T=256), the forward (under no_grad) and the
-forward+backward run with the persistent path forced, once with a block per SM (the
-default plan) and once for each cap in --max-blocks (RNNFAST_PERSISTENT_MAX_BLOCKS: fewer
-blocks, more hidden units each, so a cheaper grid barrier and more work per block); and
-the per-step path forced, for comparison. Times are the median of --repeats CUDA-event
+forward+backward run with the persistent path (grid variant) forced, once with a block per
+SM (the default plan) and once for each cap in --max-blocks (RNNFAST_PERSISTENT_MAX_BLOCKS:
+fewer blocks, more hidden units each, so a cheaper grid barrier and more work per block);
+with the cluster variant forced, the planner's cluster size and each of --cluster-sizes
+(RNNFAST_CLUSTER_SIZE); and the per-step path forced, for comparison. Times are the median of --repeats CUDA-event
 timings after a warm-up, divided by T. A cap that does not fit on chip is reported as
 such (the forced path raises).
 
@@ -30,7 +31,7 @@ sys.path.insert(0, ROOT)
 import rnnfast  # noqa: E402
 
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
-ENV = "RNNFAST_PERSISTENT_MAX_BLOCKS"
+KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE")
 
 
 def time_per_step(fn, T, repeats, warmup=2):
@@ -48,15 +49,17 @@ def time_per_step(fn, T, repeats, warmup=2):
     return statistics.median(times)
 
 
-def measure(cell, dtype, N, H, T, path, max_blocks, mode, repeats):
-    """Microseconds per step, or the first line of the error the call raised."""
+def measure(cell, dtype, N, H, T, path, knob, mode, repeats):
+    """Microseconds per step, or the first line of the error the call raised. knob: the
+    value of RNNFAST_PERSISTENT_MAX_BLOCKS (path persistent) or RNNFAST_CLUSTER_SIZE
+    (path cluster), 0 for none."""
     torch.manual_seed(0)
     m = MODULES[cell](H, H).to("cuda", dtype)
     x = torch.randn(T, N, H, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
-    if max_blocks:
-        os.environ[ENV] = str(max_blocks)
-    else:
-        os.environ.pop(ENV, None)
+    for name in KNOBS:
+        os.environ.pop(name, None)
+    if knob:
+        os.environ[KNOBS[0] if path == "persistent" else KNOBS[1]] = str(knob)
 
     def fwd():
         with torch.no_grad():
@@ -72,7 +75,8 @@ def measure(cell, dtype, N, H, T, path, max_blocks, mode, repeats):
     except RuntimeError as e:
         return str(e).strip().splitlines()[0][:160], None
     finally:
-        os.environ.pop(ENV, None)
+        for name in KNOBS:
+            os.environ.pop(name, None)
 
 
 def main(argv=None):
@@ -81,7 +85,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--hidden", nargs="+", type=int, default=[256, 768])
-    ap.add_argument("--max-blocks", nargs="+", type=int, default=[64, 32, 16])
+    ap.add_argument("--max-blocks", nargs="+", type=int, default=[64, 32])
+    ap.add_argument("--cluster-sizes", nargs="+", type=int, default=[16, 8, 4])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
@@ -94,9 +99,11 @@ def main(argv=None):
     print(f"{prop.name}, {prop.multi_processor_count} SMs, torch {torch.__version__}, "
           f"T={args.seq_len}, us per step (median of {args.repeats})")
     caps = [0] + args.max_blocks
+    sizes = [0] + args.cluster_sizes
     head = "  ".join(f"{'all' if c == 0 else f'<={c}':>8s}" for c in caps)
+    chead = "  ".join(f"{'auto' if c == 0 else f'C={c}':>8s}" for c in sizes)
     print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent, blocks: "
-          f"{head} | {'step':>8s}")
+          f"{head} | cluster: {chead} | {'step':>8s}")
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for cell in args.cells:
@@ -112,13 +119,23 @@ def main(argv=None):
                                              used=used))
                             cells.append(f"{us:8.2f}" if isinstance(us, float) else
                                          f"{'n/a':>8s}")
+                        ccells = []
+                        for size in sizes:
+                            us, used = measure(cell, dtype, N, H, args.seq_len, "cluster",
+                                               size, mode, args.repeats)
+                            rows.append(dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode,
+                                             path="cluster", cluster_size=size, us=us,
+                                             used=used))
+                            ccells.append(f"{us:8.2f}" if isinstance(us, float) else
+                                          f"{'n/a':>8s}")
                         us, used = measure(cell, dtype, N, H, args.seq_len, "step", 0, mode,
                                            args.repeats)
                         rows.append(dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode,
                                          path="step", max_blocks=0, us=us, used=used))
                         step = f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
                         print(f"{cell:5s} {dtype_name:9s} {N:4d} {H:5d} {mode:6s} | "
-                              f"{'':20s}{'  '.join(cells)} | {step}", flush=True)
+                              f"{'':20s}{'  '.join(cells)} | {'':9s}{'  '.join(ccells)} | "
+                              f"{step}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=prop.name, sms=prop.multi_processor_count,

@@ -2,15 +2,15 @@
 # The first thing to run on a GPU machine, in one command, well inside 10 minutes:
 #   1. build rnnfast from source for the card that is there (no internet needed: no pip,
 #      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
-#   2. the CUDA tests (tests/test_cuda.py);
+#   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
-#      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels
+#      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants)
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
 #      have not changed since);
 #   3b. calib: the persistent kernels' per-step time against their block count
 #      (scripts/calibrate_persistent.py, small shapes, T=256: the cost model's data);
 #   4. bench7: the persistent-kernel issue's table (--set issue7: T=1024, N 1-256, H 256-1024,
-#      float32 and bfloat16) with rnnfast on auto, both paths forced, and cuDNN;
+#      float32 and bfloat16) with rnnfast on auto, each path forced, and cuDNN;
 #   4b. bench: the full set against cuDNN and the Python loop (rnnfast on auto), if time is left;
 #   4c. peers (only when named in GPU_CHECK_STAGES): FlashRNN, Haste from .peers/ (see
 #      scripts/peers.sh) and the torch.compile'd loop on two shapes;
@@ -159,38 +159,44 @@ assert not missing, f"no CUDA kernels for {missing}"
 print(f"CUDA kernels compiled and loaded for all {len(ops)} ops")
 PYEOF
 
-# ---- 2. the CUDA tests (each on both paths) ----
+# ---- 2. the CUDA tests (each on every path) ----
 if wanted test_cuda; then
-  run_stage test_cuda 240 160 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
-    --junitxml="$OUT/test_cuda.xml" tests/test_cuda.py
+  run_stage test_cuda 300 160 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
+    --junitxml="$OUT/test_cuda.xml" tests/test_cuda.py tests/test_cuda_cluster.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
 # start under a sanitizer is the slow part, and in parallel it costs the time of one ----
 SAN_TSV=$WORK/sanitize.tsv
 : >"$SAN_TSV"
-san_case() {  # TOOL CELL DTYPE H SECONDS: one sanitizer run; its log and exit code in $WORK
-  local tool=$1 cell=$2 dtype=$3 h=$4 t=$5
+san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and exit code in $WORK
+  local tool=$1 cell=$2 dtype=$3 h=$4 path=$5 t=$6
   # racecheck runs over every kernel, cuBLAS's included (a --kernel-name filter for
   # rnnfast's own has not been tried on the GPU image yet)
   # no caching allocator: each tensor its own allocation, so memcheck sees overruns
   # N=5: the persistent kernels' 16-row tile, partly past N. H=16: one unit a block (4 rows
   # of W a warp); H=700: 6 units a block on 132 SMs, so 8 rows of W a warp in the float32
-  # and bfloat16 backward and the float32 LSTM forward (T=3, one layer: a sanitizer is slow)
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$t" "$SANITIZER" --tool "$tool" \
+  # and bfloat16 backward and the float32 LSTM forward (T=3, one layer: a sanitizer is slow).
+  # The cluster variant: clusters of 4 blocks (4 units each), 2 batch rows a cluster, so
+  # 3 clusters, the last with 1 row
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 RNNFAST_CLUSTER_SIZE=4 RNNFAST_CLUSTER_ROWS=2 \
+    timeout -k 5 "$t" "$SANITIZER" --tool "$tool" \
     --error-exitcode 1 --report-api-errors no --print-limit 20 \
-    "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path persistent --N 5 \
-    --H "$h" $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h.log" 2>&1
-  echo $? >"$WORK/san-$tool-$cell-$dtype-$h.rc"
+    "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$path" --N 5 \
+    --H "$h" $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h-$path.log" 2>&1
+  echo $? >"$WORK/san-$tool-$cell-$dtype-$h-$path.rc"
 }
 SAN_CASES=()
 for tool in memcheck racecheck synccheck; do
   for cell in lstm gru rnn_tanh; do
-    for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype 16"); done
+    for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype 16 persistent"); done
   done
 done
 for tool in memcheck racecheck; do
-  for dtype in float32 bfloat16; do SAN_CASES+=("$tool lstm $dtype 700"); done
+  for dtype in float32 bfloat16; do SAN_CASES+=("$tool lstm $dtype 700 persistent"); done
+  for cell in lstm gru rnn_tanh; do
+    for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype 16 cluster"); done
+  done
 done
 t_san=$(stage_time 150 100)
 s=$(now)
@@ -207,23 +213,23 @@ else
   deadline=$((s + t_san))
   for c in "${SAN_CASES[@]}"; do
     while (($(jobs -rp | wc -l) >= ${SANITIZE_JOBS:-6})); do wait -n 2>/dev/null || true; done
-    read -r tool cell dtype h <<<"$c"
+    read -r tool cell dtype h path <<<"$c"
     left=$((deadline - $(now)))
     if ((left < 20)); then
-      printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell-h$h" "$dtype" SKIPPED "no time left" >>"$SAN_TSV"
+      printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell-h$h-$path" "$dtype" SKIPPED "no time left" >>"$SAN_TSV"
       continue
     fi
-    log "  start $tool $cell $dtype H=$h (limit ${left}s)"
-    san_case "$tool" "$cell" "$dtype" "$h" "$left" &
+    log "  start $tool $cell $dtype H=$h $path (limit ${left}s)"
+    san_case "$tool" "$cell" "$dtype" "$h" "$path" "$left" &
   done
   wait
   for c in "${SAN_CASES[@]}"; do
-    read -r tool cell dtype h <<<"$c"
-    f=$WORK/san-$tool-$cell-$dtype-$h
+    read -r tool cell dtype h path <<<"$c"
+    f=$WORK/san-$tool-$cell-$dtype-$h-$path
     [ -f "$f.rc" ] || continue
     rc=$(cat "$f.rc")
     {
-      echo "----- $tool $cell $dtype H=$h: exit $rc"
+      echo "----- $tool $cell $dtype H=$h $path: exit $rc"
       cat "$f.log"
     } >>"$LOG"
     # the sanitizer's summary line; on failure also its first report, else the program's last line
@@ -233,7 +239,7 @@ else
       [ -n "$first" ] || first=$(grep -v -E '^=========|^[[:space:]]*$' "$f.log" | tail -n 1)
       note="$note; $(echo "${first#========= }" | cut -c1-150)"
     fi
-    printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell-h$h" "$dtype" "$(status_of "$rc")" "$note" >>"$SAN_TSV"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell-h$h-$path" "$dtype" "$(status_of "$rc")" "$note" >>"$SAN_TSV"
   done
   bad=$(awk -F'\t' '$4 != "PASS"' "$SAN_TSV" | wc -l)
   if ((bad == 0)); then st=PASS; else st=FAIL; fi
@@ -260,7 +266,7 @@ if wanted bench7; then
   # shellcheck disable=SC2086  # BENCH7_DTYPES is a list
   run_stage bench7 "${BENCH7_CAP:-300}" 60 env RNNFAST_CUDA_PATH=auto "$PY" -m benchmarks.bench \
     --device cuda --set issue7 --dtypes ${BENCH7_DTYPES:-bfloat16 float32} \
-    --contenders rnnfast "rnnfast persistent" "rnnfast step" torch.nn \
+    --contenders rnnfast "rnnfast persistent" "rnnfast cluster" "rnnfast step" torch.nn \
     --repeats "${BENCH7_REPEATS:-3}" --min-time 0 --markdown --json "$OUT/gpu-bench7.json" --png none
 fi
 if wanted bench; then
@@ -296,7 +302,7 @@ if ! wanted tests_cpu; then
   :
 elif (($(remaining) >= 45)); then
   run_stage tests_cpu 120 10 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
-    --junitxml="$OUT/tests_cpu.xml" tests --ignore=tests/test_cuda.py
+    --junitxml="$OUT/tests_cpu.xml" tests --ignore=tests/test_cuda.py --ignore=tests/test_cuda_cluster.py
 else
   record tests_cpu SKIPPED 0 "optional, no time left"
 fi

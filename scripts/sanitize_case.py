@@ -37,7 +37,7 @@ def main():
     p.add_argument("--C", type=int, default=8)
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--path", default="auto", choices=["auto", "step", "persistent"],
+    p.add_argument("--path", default="auto", choices=["auto", "step", "persistent", "cluster"],
                    help="the CUDA path, forced (rnnfast.cuda_path)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try this script out")
     args = p.parse_args()

@@ -11,8 +11,9 @@ dtype being the yardstick. Then: bitwise determinism, non-contiguous inputs, opc
 gradcheck of the ops on CUDA tensors, the dtypes the ops return, dropout between layers,
 clear errors for inputs and modules on different devices, and SimpleRNN.
 
-Every test runs twice, with the per-step path and with the persistent kernels forced
-(the `path` fixture), plus the persistent kernels' tilings and path reporting.
+Every test runs three times, with the per-step path, the persistent kernels' grid variant
+and their cluster variant forced (the `path` fixture), plus the persistent kernels' tilings
+and path reporting (the cluster variant's sizes and batch shares: test_cuda_cluster.py).
 
 torch.nn on CUDA runs cuDNN, which uses TF32 for float32 unless told not to: every test
 here runs with TF32 off (cuBLAS and cuDNN), so that torch.nn's float32 error is a fair
@@ -42,12 +43,12 @@ def _dt(dtype):
     return str(dtype).replace("torch.", "")
 
 
-PATHS = ["step", "persistent"]
+PATHS = ["step", "persistent", "cluster"]
 
 
 @pytest.fixture(autouse=True, params=PATHS)
 def path(request):
-    """Every test runs on both CUDA designs, forced (a forced persistent path that cannot
+    """Every test runs on each CUDA design, forced (a forced persistent variant that cannot
     run raises, so nothing here falls back unseen); the setting comes back afterwards."""
     with rnnfast.cuda_path(request.param):
         yield request.param
@@ -238,7 +239,12 @@ TILINGS = [(3, 1, 1), (3, 4, 7), (3, 5, 33), (2, 17, 133), (2, 3, 401), (2, 40, 
 @pytest.mark.parametrize("shape", TILINGS, ids=[f"T{t}-N{n}-H{h}" for t, n, h in TILINGS])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_tilings(cell, shape, path):
+    """(The cluster variant holds all of W_hh in one cluster's shared memory, which H=1024
+    in float32 outgrows: on that path the last shape runs with H=256, N=33; its refusal at
+    large H is tested below.)"""
     T_, N_, H_ = shape
+    if path == "cluster" and H_ == 1024:
+        H_ = 256
     m, f, m64 = _cuda_pair(cell, 8, H_, bidirectional=True)
     x, hx, upstream = _inputs(cell, 1, True, False, True, torch.float32, T=T_, N=N_, C=8, H=H_)
     compare_all(*run_cuda(cell, x, hx, m, f, m64, upstream))
@@ -270,28 +276,29 @@ cuda = torch.device("cuda")
 for name, H in (("LSTM", 4096), ("GRU", 4096), ("RNN", 8192)):
     f = getattr(rnnfast, name)(4, H).to(cuda)
     x = torch.randn(2, 1, 4, device=cuda)
-    with rnnfast.cuda_path("persistent"):
-        try:
-            f(x)
-        except RuntimeError as e:
-            msg = str(e)
-        else:
-            sys.exit(f"{name}: forcing the persistent path at H={H} raised nothing")
-    if not ("persistent CUDA path was forced" in msg and f"cannot run for H={H}" in msg):
-        sys.exit(f"{name}: unexpected message: {msg}")
+    for path in ("persistent", "cluster"):
+        with rnnfast.cuda_path(path):
+            try:
+                f(x)
+            except RuntimeError as e:
+                msg = str(e)
+            else:
+                sys.exit(f"{name}: forcing the {path} path at H={H} raised nothing")
+        if not (f"the {path} CUDA path was forced" in msg and f"cannot run for H={H}" in msg):
+            sys.exit(f"{name}: unexpected message: {msg}")
+        print(f"{name} H={H} {path}: {msg.splitlines()[0]}")
     with rnnfast.cuda_path("auto"), torch.no_grad():
         f(x)
     if rnnfast.last_cuda_path()[0] != "step":
         sys.exit(f"{name}: auto ran {rnnfast.last_cuda_path()} at H={H}")
-    print(f"{name} H={H}: {msg.splitlines()[0]}")
 """
 
 
 def test_forcing_the_persistent_path_where_it_cannot_run_is_a_clear_error():
     """W_hh of an LSTM or GRU with H = 4096 or an RNN with H = 8192 in float32 (200-256 MiB)
-    cannot stay on chip: forced, the persistent path raises an error saying so; on auto
-    the per-step path runs. In a child process: on the H100 this once crashed the process
-    (a segfault, not an exception), which must fail this test, not end the run."""
+    cannot stay on chip: forced, either persistent variant raises an error saying so; on
+    auto the per-step path runs. In a child process: on the H100 this once crashed the
+    process (a segfault, not an exception), which must fail this test, not end the run."""
     import subprocess
     import sys
     child = subprocess.run([sys.executable, "-c", _REFUSAL_CHILD], capture_output=True,
@@ -299,7 +306,7 @@ def test_forcing_the_persistent_path_where_it_cannot_run_is_a_clear_error():
     assert child.returncode == 0, (
         f"exit status {child.returncode}\n--- stdout\n{child.stdout}\n--- stderr\n"
         f"{child.stderr[-4000:]}")
-    assert child.stdout.count("cannot run for H=") == 3, child.stdout
+    assert child.stdout.count("cannot run for H=") == 6, child.stdout
 
 
 @pytest.mark.parametrize("cell", list(CELLS))

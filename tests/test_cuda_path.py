@@ -26,6 +26,8 @@ def test_set_returns_the_previous_setting():
         assert rnnfast.get_cuda_path() == "auto"
         assert rnnfast.set_cuda_path("persistent") == "auto"
         assert rnnfast.get_cuda_path() == "persistent"
+        assert rnnfast.set_cuda_path("cluster") == "persistent"
+        assert rnnfast.get_cuda_path() == "cluster"
     finally:
         rnnfast.set_cuda_path(DEFAULT)
     assert rnnfast.get_cuda_path() == DEFAULT
@@ -39,9 +41,10 @@ def test_context_manager_restores_even_after_an_error():
     assert rnnfast.get_cuda_path() == DEFAULT
 
 
-@pytest.mark.parametrize("bad", ["fast", "", "Persistent"])
+@pytest.mark.parametrize("bad", ["fast", "", "Persistent", "clusters"])
 def test_unknown_path_is_a_clear_error(bad):
-    with pytest.raises(ValueError, match="expected 'auto', 'persistent' or 'step', but got"):
+    with pytest.raises(ValueError,
+                       match="expected 'auto', 'persistent', 'cluster' or 'step', but got"):
         rnnfast.set_cuda_path(bad)
     assert rnnfast.get_cuda_path() == DEFAULT
 
@@ -55,8 +58,9 @@ def test_the_cpu_ignores_the_setting():
     f = rnnfast.LSTM(3, 5)
     x = torch.randn(4, 2, 3)
     expected = f(x)[0]
-    with rnnfast.cuda_path("persistent"):
-        assert torch.equal(f(x)[0], expected)
+    for path in ("persistent", "cluster"):
+        with rnnfast.cuda_path(path):
+            assert torch.equal(f(x)[0], expected)
 
 
 def _in_child(code, env_value):
@@ -66,7 +70,7 @@ def _in_child(code, env_value):
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("value", ["step", "persistent", "auto"])
+@pytest.mark.parametrize("value", ["step", "persistent", "cluster", "auto"])
 def test_environment_variable_sets_the_initial_value(value):
     done = _in_child("import rnnfast; print(rnnfast.get_cuda_path())", value)
     assert done.returncode == 0, done.stderr
@@ -76,5 +80,5 @@ def test_environment_variable_sets_the_initial_value(value):
 def test_bad_environment_variable_is_a_clear_error():
     done = _in_child("import rnnfast; rnnfast.get_cuda_path()", "fastest")
     assert done.returncode != 0
-    assert "RNNFAST_CUDA_PATH: expected 'auto', 'persistent' or 'step', but got 'fastest'" \
-        in done.stderr
+    assert ("RNNFAST_CUDA_PATH: expected 'auto', 'persistent', 'cluster' or 'step', but got "
+            "'fastest'") in done.stderr

@@ -84,14 +84,17 @@ struct GruCell {
   }
 
   template <typename scalar_t, typename acc_t>
-  __device__ static void forward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
-                                 int64_t, int64_t n, int64_t u, const acc_t (&hh)[3],
-                                 acc_t h_prev, const acc_t (&in)[kLoads]) {
+  __device__ static scalar_t forward(const PersistentParams<scalar_t, acc_t>& p, int64_t,
+                                     int64_t t, int64_t, int64_t n, int64_t u,
+                                     const acc_t (&hh)[3], acc_t h_prev,
+                                     const acc_t (&in)[kLoads]) {
     const int64_t H = p.H, row = t * p.N + n;
     const GruGates<acc_t> st =
         gru_point(in[0], in[1], in[2], hh[0] + in[3], hh[1] + in[4], hh[2] + in[5]);
-    p.y[row * H + u] = scalar_t(gru_h(st, h_prev));
+    const scalar_t h = scalar_t(gru_h(st, h_prev));
+    p.y[row * H + u] = h;
     if (p.cache != nullptr) gru_store(p.cache + row * 4 * H + u, H, st);
+    return h;
   }
 
   // phase A's inputs of unit u, row n at step s but the carried dh (phase B writes it after
@@ -110,10 +113,16 @@ struct GruCell {
   template <typename scalar_t, typename acc_t>
   __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
                                   int64_t, int64_t n, int64_t u,
-                                  const acc_t (&in)[kBackwardLoads]) {
+                                  const acc_t (&in)[kBackwardLoads], acc_t (&dgh)[3]) {
     const int64_t H = p.H, row = t * p.N + n, idx = n * H + u;
-    p.dh[idx] = gru_point_backward(in, H, in[4] + p.dh[idx], in[5], p.dg_ih + row * 3 * H + u,
-                                   p.dg_hh + row * 3 * H + u);
+    acc_t di[3];
+    p.dh[idx] = gru_point_backward(in, 1, in[4] + p.dh[idx], in[5], di, dgh);
+    acc_t *dgi = p.dg_ih + row * 3 * H + u, *dgr = p.dg_hh + row * 3 * H + u;
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {
+      dgi[g * H] = di[g];
+      dgr[g * H] = dgh[g];
+    }
   }
 };
 

@@ -71,9 +71,9 @@ struct LstmCell {
   }
 
   template <typename scalar_t, typename acc_t>
-  __device__ static void forward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
-                                 int64_t, int64_t n, int64_t u, const acc_t (&hh)[4], acc_t,
-                                 const acc_t (&in)[kLoads]) {
+  __device__ static scalar_t forward(const PersistentParams<scalar_t, acc_t>& p, int64_t,
+                                     int64_t t, int64_t, int64_t n, int64_t u,
+                                     const acc_t (&hh)[4], acc_t, const acc_t (&in)[kLoads]) {
     const int64_t H = p.H, row = t * p.N + n;
     const LstmGates<acc_t> st =
         lstm_point(in[0] + hh[0], in[1] + hh[1], in[2] + hh[2], in[3] + hh[3], in[4]);
@@ -84,7 +84,9 @@ struct LstmCell {
     } else {
       p.c_state[n * H + u] = st.c;
     }
-    p.y[row * H + u] = scalar_t(st.o * tanh_act(st.c));
+    const scalar_t h = scalar_t(st.o * tanh_act(st.c));
+    p.y[row * H + u] = h;
+    return h;
   }
 
   // phase A's inputs of unit u, row n at step s but the carried dh (phase B writes it after
@@ -102,13 +104,16 @@ struct LstmCell {
     in[7] = c_prev(p, s, tp, n, u);
   }
 
+  // (dg_hh is dg_ih: dgh is what it wrote)
   template <typename scalar_t, typename acc_t>
   __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
                                   int64_t, int64_t n, int64_t u,
-                                  const acc_t (&in)[kBackwardLoads]) {
+                                  const acc_t (&in)[kBackwardLoads], acc_t (&dgh)[4]) {
     const int64_t H = p.H, idx = n * H + u;
-    p.dc[idx] = lstm_point_backward(in, H, in[5] + p.dh[idx], in[6], in[7],
-                                    p.dg_ih + (t * p.N + n) * 4 * H + u);
+    p.dc[idx] = lstm_point_backward(in, 1, in[5] + p.dh[idx], in[6], in[7], dgh);
+    acc_t* dg = p.dg_ih + (t * p.N + n) * 4 * H + u;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) dg[g * H] = dgh[g];
   }
 };
 

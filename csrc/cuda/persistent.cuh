@@ -1,28 +1,50 @@
-// Persistent (weight-stationary) kernels: one cooperative launch runs a whole layer and
-// direction, forward or backward, with W_hh held in shared memory for every step.
+// Persistent (weight-stationary) kernels: one launch runs a whole layer and direction,
+// forward or backward, with W_hh held in shared memory for every step.
 //
 // Why: the per-step path (common.cuh) launches a GEMM and a pointwise kernel per step and
 // reads W_hh from memory each time; at small N that costs ~15 us a step whatever the
-// size. Here the steps are separated only by a grid-wide barrier.
+// size. Here the steps are separated only by a barrier.
 //
-// Tiling (G gates, U units per block, B = ceil(H / U) blocks, B <= the SM count):
-//   Block b owns the hidden units [u0, u0 + U), u0 = b * U (the last block may own fewer).
+// Two variants of each kernel (template parameter kCluster):
+//   grid variant (`persistent`): one cooperative launch of B <= SMs blocks sharing W_hh
+//     and every batch row; a step ends with a grid-wide barrier (global memory), and
+//     each block stages the step's input (h_{t-1}, or the backward's gate gradients) from
+//     L2. The first H100 run measured its floor at ~3.5 us a step.
+//   cluster variant (`cluster`, compute capability 9.0 on): clusters of C <= 16 blocks,
+//     each cluster holding all of W_hh and N_c rows of the batch (batch rows are
+//     independent, so clusters never wait on each other, and more clusters than fit
+//     simply take turns). A block stores each value it makes (h_t; the backward's dg_hh)
+//     straight into the shared memory of every block of its cluster (distributed shared
+//     memory), into the "turn" of xs that the next step reads; a step ends with the
+//     cluster barrier (barrier.cluster arrive.release / wait.acquire), so nothing is
+//     staged and no global atomics are involved. Two turns (xs[2][round_up(N_c, NT)][ld])
+//     make one barrier a step enough: step s reads turn s & 1 and fills turn (s + 1) & 1,
+//     and a block can only fill a turn again after every block of the cluster passed the
+//     barrier that follows their last reads of it. Padding rows and columns of both turns
+//     are zeroed once. It fits where W_hh's slices fit in a cluster (16 SMs: ~3.5 MiB);
+//     it pays where the grid barrier's floor dominates (small H or N).
+//
+// Tiling (G gates, U units per block, B = ceil(H / U) blocks per group; a group is the
+// grid (all N rows) or a cluster (its N_c rows)):
+//   Block of rank b in its group owns the hidden units [u0, u0 + U), u0 = b * U (the last
+//   may own fewer).
 //   forward : Ws[g * U + j][k] = W_hh[g * H + u0 + j][k]     R = G * U rows, K = H.
-//             Per step and per tile of NT batch rows: stage h_{t-1}[n0 : n0 + NT, :] in
-//             shared memory; gates[n][r] = sum_k h[n][k] Ws[r][k] in acc_t; the cell's
-//             pointwise update of the block's units writes y[t] (and the cache). Its other
-//             inputs (Cell::load: the input projection, GRU's b_hh, the LSTM's c) are
-//             loaded for each thread's first item of step s + 1 before the barrier that
-//             ends step s.
+//             Per step and per tile of NT batch rows: h_{t-1} of the tile's rows in
+//             shared memory (grid: staged from y; cluster: already there); gates[n][r] =
+//             sum_k h[n][k] Ws[r][k] in acc_t; the cell's pointwise update of the block's
+//             units writes y[t] (and the cache). Its other inputs (Cell::load: the input
+//             projection, GRU's b_hh, the LSTM's c) are loaded for each thread's first
+//             item of step s + 1 before the barrier that ends step s.
 //   backward: Ws[j][q] = W_hh[q][u0 + j]                     R = U rows, K = G * H.
 //             Per step, phase A: the cell's pointwise backward of the block's units writes
-//             the gate gradients dg[t]; grid barrier; phase B, per tile of NT rows: stage
-//             dg_hh[t][n0 : n0 + NT, :]; dh_{t-1}[n][u0 + j] = sum_q dg[n][q] Ws[j][q].
+//             the gate gradients dg[t] (cluster: and stores dg_hh into every block's
+//             turn); barrier; phase B, per tile of NT rows: dg_hh[t][n0 : n0 + NT, :]
+//             (grid: staged; cluster: there); dh_{t-1}[n][u0 + j] = sum_q dg[n][q] Ws[j][q].
 //             A unit's dh and dc are only touched by its own block, so no barrier sits
 //             between phase B and the next step's phase A: one barrier per step.
 //   The input projection (before) and dx, dW_ih, dW_hh, db (after) stay whole-sequence
-//   GEMMs, and the workspace layout is the per-step path's, so either forward path pairs
-//   with either backward path.
+//   GEMMs, and the workspace layout is the per-step path's, so any forward path pairs
+//   with any backward path.
 //
 // Dot products, in a fixed order (results are bitwise deterministic):
 //   tile_dot (FFMA in acc_t; float32/float64, and every backward): warp w takes the rows in
@@ -37,16 +59,23 @@
 //   tile's k range split over several warps whose partial tiles are then summed. K is
 //   zero-padded to a multiple of 16.
 //
-// Barrier protocol (grid_barrier): one 64-bit counter per launch, zeroed before it. At
-//   its k-th barrier every block adds 1 and waits until the counter reaches k * B; the
-//   counter only grows, so nothing is reset between steps. __syncthreads, then thread 0's
-//   fence.acq_rel.gpu before its add (red.relaxed.gpu: no value comes back, so its wait
-//   starts at once) make the arrival a release of the block's writes; thread 0 waits with
-//   ld.acquire.gpu, and a second __syncthreads orders every later read of the block after
-//   that acquire (the pattern of CUTLASS's GenericBarrier). Data that another block wrote
-//   is read with ld.global.cg (L2), never from a stale L1 line.
-//   All B blocks are co-resident: the launch is cooperative (it fails rather than
-//   deadlocks otherwise) and B was checked against the occupancy query first.
+// Barrier protocol of the grid variant (grid_barrier): one 64-bit counter per launch,
+//   zeroed before it. At its k-th barrier every block adds 1 and waits until the counter
+//   reaches k * B; the counter only grows, so nothing is reset between steps.
+//   __syncthreads, then thread 0's fence.acq_rel.gpu before its add (red.relaxed.gpu: no
+//   value comes back, so its wait starts at once) make the arrival a release of the
+//   block's writes; thread 0 waits with ld.acquire.gpu, and a second __syncthreads orders
+//   every later read of the block after that acquire (the pattern of CUTLASS's
+//   GenericBarrier). Data that another block wrote is read with ld.global.cg (L2), never
+//   from a stale L1 line. All B blocks are co-resident: the launch is cooperative (it
+//   fails rather than deadlocks otherwise) and B was checked against the occupancy query.
+// The cluster variant's barrier (cluster_sync) is the hardware's: every thread of the
+//   cluster arrives with release semantics and waits with acquire semantics at cluster
+//   scope, which orders the stores into peers' shared memory. A cluster's blocks are
+//   co-scheduled by the launch (cudaLaunchKernelEx with a cluster dimension); one more
+//   cluster_sync before the loop (every block started and zeroed its turns before any
+//   store into them) and one after it (no block leaves while a peer may address its
+//   shared memory).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -69,6 +98,7 @@ template <typename scalar_t, typename acc_t>
 struct PersistentParams {
   int64_t T, N, H;
   int units;  // U
+  int64_t group_rows;  // the cluster variant: batch rows per cluster (N_c); else N
   bool reverse;
   int activation;  // Elman: 0 tanh, 1 relu, 2 identity
   const scalar_t* xp;
@@ -84,7 +114,7 @@ struct PersistentParams {
   acc_t* dc;  // LSTM backward: dc_t likewise
   acc_t* dg_ih;
   acc_t* dg_hh;  // the gradients phase B multiplies by W_hh (== dg_ih but for GRU)
-  unsigned long long* barrier;
+  unsigned long long* barrier;  // the grid variant's counter
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -114,6 +144,56 @@ __device__ __forceinline__ void grid_barrier(unsigned long long* counter,
     } while (seen < target);
   }
   __syncthreads();
+}
+
+// ---- thread-block clusters (the cluster variant; compute capability 9.0 and newer) ----
+// Compiled for every architecture; the host launches the cluster variant only on 9.0 and
+// newer, so below that these trap.
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return static_cast<int>(__clusterRelativeBlockRank());
+#else
+  __trap();
+  return 0;
+#endif
+}
+__device__ __forceinline__ int cluster_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return static_cast<int>(__clusterSizeInBlocks());
+#else
+  __trap();
+  return 1;
+#endif
+}
+__device__ __forceinline__ int cluster_index() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return static_cast<int>(__clusterIdx().x);
+#else
+  __trap();
+  return 0;
+#endif
+}
+// barrier.cluster.arrive (release) + barrier.cluster.wait (acquire): every thread of the
+// cluster's blocks; orders the stores before it into peers' shared memory before every
+// access after it.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __cluster_barrier_arrive();
+  __cluster_barrier_wait();
+#else
+  __trap();
+#endif
+}
+// The address of *p (this block's shared memory) in the shared memory of the cluster's
+// block `rank` (distributed shared memory).
+template <typename T>
+__device__ __forceinline__ T* peer_shared(T* p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return static_cast<T*>(__cluster_map_shared_rank(static_cast<void*>(p), rank));
+#else
+  __trap();
+  return p;
+#endif
 }
 
 // Sums v[M] (M = 2^m >= 32) over the warp's 32 lanes in five stages: at the stage that
@@ -332,19 +412,27 @@ __host__ __device__ inline size_t mma_scratch_bytes(int r_pad) {
   return size_t(r_tiles) * mma_splits(r_tiles, kPersistentThreads / 32) * 256 * sizeof(float);
 }
 
-// Shared memory of a persistent kernel: ws [r_pad, ld] w_t, xs [NT, ld] x_t, out [NT, r_pad]
-// acc_t, then the dot product's scratch; each region 128-byte aligned.
+// Shared memory of a persistent kernel: ws [r_pad, ld] w_t, xs [xs_rows, ld] x_t, out
+// [nt, r_pad] acc_t, then the dot product's scratch; each region 128-byte aligned. xs_rows:
+// the grid variant's NT staged rows, the cluster variant's two turns of its rows
+// (2 * round_up(N_c, NT)).
 struct SmemLayout {
   size_t xs_offset, out_offset, scratch_offset, bytes;
 };
 __host__ __device__ inline size_t align128(size_t v) { return (v + 127) / 128 * 128; }
 template <typename w_t, typename x_t, typename acc_t>
-__host__ __device__ inline SmemLayout smem_layout(int nt, int r_pad, int64_t ld,
+__host__ __device__ inline SmemLayout smem_layout(int64_t xs_rows, int nt, int r_pad, int64_t ld,
                                                   size_t scratch_bytes) {
   const size_t xs = align128(size_t(r_pad) * ld * sizeof(w_t));
-  const size_t out = align128(xs + size_t(nt) * ld * sizeof(x_t));
+  const size_t out = align128(xs + size_t(xs_rows) * ld * sizeof(x_t));
   const size_t sc = align128(out + size_t(nt) * r_pad * sizeof(acc_t));
   return {xs, out, sc, sc + scratch_bytes};
+}
+
+// The rows of xs: NT, or for the cluster variant two turns of round_up(N_c, NT).
+template <bool kCluster>
+__host__ __device__ inline int64_t xs_rows(int nt, int64_t group_rows) {
+  return kCluster ? 2 * ((group_rows + nt - 1) / nt * nt) : nt;
 }
 
 // The scratch bytes of a kernel's dot product.
@@ -361,9 +449,41 @@ __host__ __device__ inline size_t scratch_bytes(int r_pad) {
 template <typename scalar_t>
 constexpr bool kForwardMma = sizeof(scalar_t) == 2;
 
-// The forward of one layer and direction. Cell provides kGates and
-//   forward(p, s, t, tp, n, u, hh[G], h_prev): the pointwise update of unit u, row n.
-template <typename Cell, typename scalar_t, typename acc_t, int NT, int RPW>
+// Where a block works: the units [u0, u0 + here) of its group's batch rows [n_begin,
+// n_begin + rows). The grid variant has one group (every block, every row); the cluster
+// variant a group per cluster, p.group_rows rows each.
+struct BlockWork {
+  int rank, group_blocks;
+  int64_t n_begin, rows, u0;
+  int here;
+};
+template <bool kCluster, typename Params>
+__device__ __forceinline__ BlockWork block_work(const Params& p) {
+  BlockWork w;
+  if constexpr (kCluster) {
+    w.rank = cluster_rank();
+    w.group_blocks = cluster_blocks();
+    w.n_begin = int64_t(cluster_index()) * p.group_rows;
+    w.rows = p.N - w.n_begin < p.group_rows ? p.N - w.n_begin : p.group_rows;
+  } else {
+    w.rank = blockIdx.x;
+    w.group_blocks = gridDim.x;
+    w.n_begin = 0;
+    w.rows = p.N;
+  }
+  w.u0 = int64_t(w.rank) * p.units;
+  w.here = static_cast<int>(p.H - w.u0 < p.units ? p.H - w.u0 : p.units);
+  return w;
+}
+
+// The forward of one layer and direction. Cell provides kGates, kLoads and
+//   load(p, s, t, tp, n, u, in[kLoads]): the pointwise inputs of unit u, row n at step s
+//     that do not depend on step s - 1 (loaded ahead, see below);
+//   forward(p, s, t, tp, n, u, hh[G], h_prev, in): the pointwise update of unit u, row n;
+//     writes y (and the cache) and returns h_t as stored in y.
+// kCluster: the cluster variant (see the header): no staging; h_t goes into every
+// block's next turn of xs.
+template <typename Cell, typename scalar_t, typename acc_t, int NT, int RPW, bool kCluster>
 __global__ void __launch_bounds__(kPersistentThreads, 1)
     persistent_forward(const PersistentParams<scalar_t, acc_t> p) {
   constexpr int G = Cell::kGates;
@@ -372,11 +492,13 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
   const int U = p.units, K = static_cast<int>(H), ld = kMma ? mma_ld(K) : K;
-  const int64_t u0 = int64_t(blockIdx.x) * U;
-  const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
+  const BlockWork w = block_work<kCluster>(p);
+  const int64_t u0 = w.u0, n_begin = w.n_begin, rows = w.rows;
+  const int here = w.here;
   const int r_pad = round_up(G * U, RPW);
+  const int64_t turn = xs_rows<kCluster>(NT, p.group_rows) / 2;  // the cluster variant's
   const SmemLayout lay = smem_layout<scalar_t, scalar_t, acc_t>(
-      NT, r_pad, ld, scratch_bytes<NT, RPW, kMma, acc_t>(r_pad));
+      xs_rows<kCluster>(NT, p.group_rows), NT, r_pad, ld, scratch_bytes<NT, RPW, kMma, acc_t>(r_pad));
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
   scalar_t* xs = reinterpret_cast<scalar_t*>(smem + lay.xs_offset);
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
@@ -389,43 +511,68 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         return g < G && j < here && k < K ? p.w_hh[(g * H + u0 + j) * H + k] : scalar_t(0);
       },
       [&](int64_t idx, scalar_t v) { ws[idx] = v; });
+  if constexpr (kCluster) {
+    // turn 0: h0's rows of the group; zero elsewhere (the padding rows and columns stay
+    // zero: the peers' stores fill only rows < rows and columns < K)
+    batched_copy<scalar_t>(
+        2 * turn * ld,
+        [&](int64_t idx) {
+          const int64_t nl = idx / ld, k = idx % ld;
+          return nl < rows && k < K ? p.h0[(n_begin + nl) * H + k] : scalar_t(0);
+        },
+        [&](int64_t idx, scalar_t v) { xs[idx] = v; });
+  }
 
   // The pointwise inputs that do not depend on the step before (the input projection, GRU's
   // b_hh, the LSTM's c_{t-1}, which this thread wrote) of this thread's first item of a
   // tile (idx = threadIdx.x) are loaded ahead, so that their round trip overlaps other
-  // work: for tile 0 of step s + 1 before the grid barrier that ends step s, for a later
-  // tile before its dot product. Other items load theirs when they run.
+  // work: for tile 0 of step s + 1 before the barrier that ends step s, for a later tile
+  // before its dot product. Other items load theirs when they run.
   constexpr int L = Cell::kLoads;
-  const bool ahead_item = threadIdx.x < (N < NT ? N : NT) * here;
-  const int64_t ahead_n = threadIdx.x / here, ahead_u = u0 + threadIdx.x % here;
+  const bool ahead_item = threadIdx.x < (rows < NT ? rows : NT) * here;
+  const int64_t ahead_n = n_begin + threadIdx.x / here, ahead_u = u0 + threadIdx.x % here;
   acc_t ahead[L];
   if (ahead_item) {
     Cell::load(p, 0, time_index(0, p.T, p.reverse), time_index(-1, p.T, p.reverse), ahead_n,
                ahead_u, ahead);
   }
-  __syncthreads();
+  // the cluster variant: every block of the cluster has started and zeroed its turns
+  // before any stores into them
+  if constexpr (kCluster) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
 
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
     const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
-    for (int64_t n0 = 0; n0 < N; n0 += NT) {
-      stage_rows<NT>(h_prev, n0, N, K, ld, xs);
-      __syncthreads();
+    scalar_t* next = xs + ((s + 1) & 1) * turn * ld;  // the cluster variant's next turn
+    for (int64_t n0 = 0; n0 < rows; n0 += NT) {
+      const scalar_t* xt;  // h_{t-1} of the tile's rows
+      if constexpr (kCluster) {
+        xt = xs + ((s & 1) * turn + n0) * ld;
+      } else {
+        stage_rows<NT>(h_prev, n0, N, K, ld, xs);
+        xt = xs;
+        __syncthreads();
+      }
       // a later tile's first item per thread: its inputs load while the dot product runs
-      if (n0 > 0 && threadIdx.x < (N - n0 < NT ? N - n0 : NT) * here) {
-        Cell::load(p, s, t, tp, n0 + threadIdx.x / here, u0 + threadIdx.x % here, ahead);
+      if (n0 > 0 && threadIdx.x < (rows - n0 < NT ? rows - n0 : NT) * here) {
+        Cell::load(p, s, t, tp, n_begin + n0 + threadIdx.x / here, u0 + threadIdx.x % here,
+                   ahead);
       }
       if constexpr (kMma) {
-        tile_dot_mma(ws, r_pad, xs, round_up(K, 16), ld, out,
+        tile_dot_mma(ws, r_pad, xt, round_up(K, 16), ld, out,
                      reinterpret_cast<float*>(smem + lay.scratch_offset));
       } else {
-        tile_dot<NT, RPW>(ws, r_pad, xs, K, out,
+        tile_dot<NT, RPW>(ws, r_pad, xt, K, out,
                           reinterpret_cast<acc_t*>(smem + lay.scratch_offset));
       }
       __syncthreads();
       for (int idx = threadIdx.x; idx < NT * here; idx += blockDim.x) {
         const int nl = idx / here, j = idx % here;
-        if (n0 + nl >= N) continue;
+        if (n0 + nl >= rows) continue;
         acc_t hh[G], in[L];
 #pragma unroll
         for (int g = 0; g < G; ++g) hh[g] = out[nl * r_pad + g * U + j];
@@ -433,38 +580,62 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 #pragma unroll
           for (int l = 0; l < L; ++l) in[l] = ahead[l];
         } else {
-          Cell::load(p, s, t, tp, n0 + nl, u0 + j, in);
+          Cell::load(p, s, t, tp, n_begin + n0 + nl, u0 + j, in);
         }
-        Cell::forward(p, s, t, tp, n0 + nl, u0 + j, hh, acc_t(xs[nl * ld + u0 + j]), in);
+        const scalar_t h = Cell::forward(p, s, t, tp, n_begin + n0 + nl, u0 + j, hh,
+                                         acc_t(xt[nl * ld + u0 + j]), in);
+        if constexpr (kCluster) {
+          // into every block's next turn, this block's own included (none after the last
+          // step: nothing reads it, and a peer may have finished)
+          if (s + 1 < p.T) {
+            scalar_t* dst = next + (n0 + nl) * ld + u0 + j;
+            for (int r = 0; r < w.group_blocks; ++r) *peer_shared(dst, r) = h;
+          }
+        }
       }
-      // xs and out are reused by the next tile; after the last, the grid barrier's
-      // __syncthreads orders them before the next step's staging
-      if (n0 + NT < N) __syncthreads();
+      // xs and out are reused by the next tile; after the last, the barrier (whose
+      // __syncthreads or cluster barrier includes this block's threads) orders them
+      // before the next step
+      if (n0 + NT < rows) __syncthreads();
     }
     if (s + 1 < p.T) {
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
       }
-      grid_barrier(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
+      if constexpr (kCluster) {
+        cluster_sync();
+      } else {
+        grid_barrier(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
+      }
     }
   }
+  // no block of a cluster leaves while a peer may still address its shared memory
+  if constexpr (kCluster) cluster_sync();
 }
 
 // The backward of one layer and direction. Cell provides kGates, kDirectDh (dh_{t-1} has a
-// term besides dg_hh W_hh, left in dh by phase A) and
-//   backward(p, s, t, tp, n, u): phase A for unit u, row n.
-template <typename Cell, typename scalar_t, typename acc_t, int NT, int RPW>
+// term besides dg_hh W_hh, left in dh by phase A), kBackwardLoads and
+//   load_backward(p, s, t, tp, n, u, in): phase A's inputs but the carried dh;
+//   backward(p, s, t, tp, n, u, in, dgh[G]): phase A for unit u, row n; writes dg_ih and
+//     dg_hh and returns the latter's G values (the gradients phase B multiplies by W_hh)
+//     in dgh.
+// kCluster: the cluster variant: phase A stores dgh into every block's turn of xs, and
+// phase B reads it there.
+template <typename Cell, typename scalar_t, typename acc_t, int NT, int RPW, bool kCluster>
 __global__ void __launch_bounds__(kPersistentThreads, 1)
     persistent_backward(const PersistentParams<scalar_t, acc_t> p) {
   constexpr int G = Cell::kGates;
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
   const int U = p.units, K = static_cast<int>(G * H);
-  const int64_t u0 = int64_t(blockIdx.x) * U;
-  const int here = static_cast<int>(H - u0 < U ? H - u0 : U);
+  const BlockWork w = block_work<kCluster>(p);
+  const int64_t u0 = w.u0, n_begin = w.n_begin, rows = w.rows;
+  const int here = w.here;
   const int r_pad = round_up(U, RPW);
+  const int64_t turn = xs_rows<kCluster>(NT, p.group_rows) / 2;  // the cluster variant's
   const SmemLayout lay = smem_layout<scalar_t, acc_t, acc_t>(
-      NT, r_pad, K, scratch_bytes<NT, RPW, false, acc_t>(r_pad));
+      xs_rows<kCluster>(NT, p.group_rows), NT, r_pad, K,
+      scratch_bytes<NT, RPW, false, acc_t>(r_pad));
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
   acc_t* xs = reinterpret_cast<acc_t*>(smem + lay.xs_offset);
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
@@ -479,52 +650,80 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       [&](int64_t idx, scalar_t v) {
         ws[(idx % r_pad) * K + idx / r_pad] = v;
       });
+  if constexpr (kCluster) {  // the padding rows of both turns stay zero
+    for (int64_t idx = threadIdx.x; idx < 2 * turn * K; idx += blockDim.x) xs[idx] = acc_t(0);
+  }
 
   // Phase A's inputs but the carried dh (Cell::load_backward) of this thread's first item
-  // (idx = threadIdx.x) are loaded ahead: for step s - 1 before step s's grid barrier.
+  // (idx = threadIdx.x) are loaded ahead: for step s - 1 before step s's barrier.
   constexpr int L = Cell::kBackwardLoads;
-  const bool ahead_item = threadIdx.x < N * here;
-  const int64_t ahead_n = threadIdx.x / here, ahead_u = u0 + threadIdx.x % here;
+  const bool ahead_item = threadIdx.x < rows * here;
+  const int64_t ahead_n = n_begin + threadIdx.x / here, ahead_u = u0 + threadIdx.x % here;
   acc_t ahead[L];
   if (ahead_item) {
     Cell::load_backward(p, p.T - 1, time_index(p.T - 1, p.T, p.reverse),
                         time_index(p.T - 2, p.T, p.reverse), ahead_n, ahead_u, ahead);
   }
-  __syncthreads();
+  if constexpr (kCluster) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
 
   for (int64_t s = p.T - 1; s >= 0; --s) {
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
-    for (int64_t idx = threadIdx.x; idx < N * here; idx += blockDim.x) {
-      acc_t in[L];
+    acc_t* cur = xs + (s & 1) * turn * K;  // the cluster variant's turn for this step
+    for (int64_t idx = threadIdx.x; idx < rows * here; idx += blockDim.x) {
+      const int64_t nl = idx / here, u = u0 + idx % here;
+      acc_t in[L], dgh[G];
       if (idx == threadIdx.x) {
 #pragma unroll
         for (int l = 0; l < L; ++l) in[l] = ahead[l];
       } else {
-        Cell::load_backward(p, s, t, tp, idx / here, u0 + idx % here, in);
+        Cell::load_backward(p, s, t, tp, n_begin + nl, u, in);
       }
-      Cell::backward(p, s, t, tp, idx / here, u0 + idx % here, in);
+      Cell::backward(p, s, t, tp, n_begin + nl, u, in, dgh);
+      if constexpr (kCluster) {
+        acc_t* dst = cur + nl * K + u;
+        for (int r = 0; r < w.group_blocks; ++r) {
+          acc_t* q = peer_shared(dst, r);
+#pragma unroll
+          for (int g = 0; g < G; ++g) q[g * H] = dgh[g];
+        }
+      }
     }
     if (s > 0 && ahead_item) {
       Cell::load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse), ahead_n, ahead_u,
                           ahead);
     }
-    grid_barrier(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
+    if constexpr (kCluster) {
+      cluster_sync();
+    } else {
+      grid_barrier(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
+    }
     const acc_t* dg = p.dg_hh + t * N * K;
-    for (int64_t n0 = 0; n0 < N; n0 += NT) {
-      stage_rows<NT>(dg, n0, N, K, K, xs);
-      __syncthreads();
-      tile_dot<NT, RPW>(ws, r_pad, xs, K, out, reinterpret_cast<acc_t*>(smem + lay.scratch_offset));
+    for (int64_t n0 = 0; n0 < rows; n0 += NT) {
+      const acc_t* xt;  // dg_hh of the tile's rows
+      if constexpr (kCluster) {
+        xt = cur + n0 * K;
+      } else {
+        stage_rows<NT>(dg, n0, N, K, K, xs);
+        xt = xs;
+        __syncthreads();
+      }
+      tile_dot<NT, RPW>(ws, r_pad, xt, K, out, reinterpret_cast<acc_t*>(smem + lay.scratch_offset));
       __syncthreads();
       for (int idx = threadIdx.x; idx < NT * here; idx += blockDim.x) {
         const int nl = idx / here, j = idx % here;
-        if (n0 + nl >= N) continue;
-        acc_t* dh = p.dh + (n0 + nl) * H + u0 + j;
+        if (n0 + nl >= rows) continue;
+        acc_t* dh = p.dh + (n_begin + n0 + nl) * H + u0 + j;
         const acc_t v = out[nl * r_pad + j];
         *dh = Cell::kDirectDh ? *dh + v : v;
       }
       __syncthreads();
     }
   }
+  if constexpr (kCluster) cluster_sync();
 }
 
 // ---- host side: which path runs, and the launch ----
@@ -547,6 +746,11 @@ struct CostModel {
   static constexpr double kFloorUs = 3.5, kRoundTripUs = 0.27, kFfmaShare = 0.4,
                           kMmaShare = 0.15, kL2BytesPerS = 5e12;
   static constexpr double kStepOverheadUs = 17.0, kGemmFfmaShare = 0.4, kGemmMmaShare = 0.25;
+  // The cluster variant (guesses until a GPU run measures them, scripts/gpu_check.sh's
+  // calib stage): a floor (the cluster barrier, two __syncthreads and a pointwise pass
+  // whose loads went ahead), the dot product as above, and the stores into the peers'
+  // shared memory at kDsmemBytesPerClk per SM.
+  static constexpr double kClusterFloorUs = 1.2, kDsmemBytesPerClk = 32.0;
   double ffma_flops_per_sm_us;  // flop per SM per microsecond, FFMA (DFMA for float64)
   double mma_factor;            // dense 16-bit tensor cores (fp32 sums) over FP32 FFMA
   int sms;
@@ -567,7 +771,9 @@ struct CostModel {
     ffma_flops_per_sm_us = 2.0 * lanes * clock_khz * 1e-3;
     mma_factor = datacenter ? 16.0 : 4.0;
     sms = prop.multiProcessorCount;
+    clock_mhz = clock_khz * 1e-3;
   }
+  double clock_mhz;
   // x_size: bytes of a staged element; v: elements per 16-byte vector when staging takes
   // vectors, else 1.
   double persistent_us(int64_t N, int nt, int r_pad, int64_t K, int64_t ld, int x_size, int v,
@@ -582,6 +788,18 @@ struct CostModel {
     const double bandwidth_us = double(blocks) * N * K * x_size / kL2BytesPerS * 1e6;
     return std::max(latency_us, bandwidth_us);
   }
+  // The cluster variant, per step of one cluster: rows of N (group_rows) in tiles of nt;
+  // pushes: the stores a block makes into the cluster's shared memory (x_size bytes each);
+  // waves: how many times the clusters take turns on the device (more clusters than fit).
+  double cluster_us(int64_t group_rows, int nt, int r_pad, int64_t K, int64_t pushes,
+                    int x_size, bool mma, int64_t waves) const {
+    const int64_t tiles = (group_rows + nt - 1) / nt;
+    const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : kFfmaShare);
+    const double dot_us = 2.0 * nt * r_pad * K / rate;
+    const double push_us = double(pushes) * x_size / (kDsmemBytesPerClk * clock_mhz);
+    return double(waves) *
+           (kClusterFloorUs + tiles * dot_us + (tiles - 1) * kRoundTripUs + push_us);
+  }
   // flops: the step's GEMM (2 N G H H); mma: on tensor cores
   double step_us(double flops, bool mma) const {
     const double rate = sms * ffma_flops_per_sm_us * (mma ? mma_factor * kGemmMmaShare
@@ -593,72 +811,131 @@ struct CostModel {
 struct PersistentLaunch {
   const void* kernel = nullptr;  // null: the per-step path runs
   int blocks = 0, units = 0;
+  int cluster = 0;          // blocks per cluster: the cluster variant; 0: the grid variant
+  int64_t group_rows = 0;   // the cluster variant's rows of N per cluster
   size_t smem = 0;
-  std::string refused;  // the path was forced but cannot run: why (the op then raises)
+  double us = 0.0;          // the cost model's microseconds per step
+  std::string refused;      // the path was forced but cannot run: why (the op then raises)
 };
 
-// Picks the path for one op call from the mode (rnnfast::cuda_path_mode), the fit on chip
-// and the cost model, and records it (rnnfast::note_cuda_path). Where the persistent path
-// is forced and cannot run, the plan says why in `refused` and the op, after its dispatch,
-// raises with check_persistent_refusal (ops.cpp; nothing is thrown from here).
+// A CUDA error is a reason not to run, not an exception (nothing is thrown inside the op's
+// dispatch; see check_persistent_refusal): false, with the reason in why.
+inline bool cuda_ok(cudaError_t e, const char* what, std::string& why) {
+  if (e == cudaSuccess) return true;
+  (void)cudaGetLastError();  // not sticky
+  why = std::string(what) + " failed: " + cudaGetErrorString(e);
+  return false;
+}
+
+// A knob read at each call (scripts/calibrate_persistent.py, the tests): its value, or 0.
+inline int64_t env_knob(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? std::atoll(v) : 0;
+}
+
+// What plan_persistent's variants share: the cell's sizes, the device and the cost model.
 template <typename Cell, typename scalar_t, typename acc_t, bool kBackward>
-PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
-  const CudaPath mode = cuda_path_mode();
-  PersistentLaunch plan;
-  if (mode == CudaPath::kStep) {
-    note_cuda_path(kBackward, CudaPath::kStep);
-    return plan;
-  }
-  constexpr int G = Cell::kGates;
-  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
-  const int sms = prop.multiProcessorCount;
-  // RNNFAST_PERSISTENT_MAX_BLOCKS (a tuning knob, read at each call, for
-  // scripts/calibrate_persistent.py): at most that many blocks, so more units per block,
-  // to measure what the block count costs at the grid barrier
-  const char* max_blocks_env = std::getenv("RNNFAST_PERSISTENT_MAX_BLOCKS");
-  const int max_blocks = max_blocks_env != nullptr ? std::atoi(max_blocks_env) : 0;
-  const int64_t spread = max_blocks > 0 ? std::min(sms, max_blocks) : sms;
-  const int64_t units = (H + spread - 1) / spread;
-  const int64_t K = kBackward ? G * H : H;
-  const int64_t rows = kBackward ? units : G * units;
+struct PersistentPlanner {
+  static constexpr int G = Cell::kGates;
+  static constexpr bool kMma = !kBackward && kForwardMma<scalar_t>;
   using x_t = std::conditional_t<kBackward, acc_t, scalar_t>;
-  constexpr bool kMma = !kBackward && kForwardMma<scalar_t>;
-  std::string why;
-  double persistent_us = 0.0;
-  if (!prop.cooperativeLaunch) {
-    why = "the device does not support cooperative launches";
-  } else {
-    auto try_tile = [&](auto nt, auto rpw, const void* kernel) {
-      constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
-      const int r_pad = round_up(static_cast<int>(rows), kRPW);
-      const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : K;
-      const size_t smem =
-          smem_layout<scalar_t, x_t, acc_t>(kNT, r_pad, ld,
-                                            scratch_bytes<kNT, kRPW, kMma, acc_t>(r_pad))
-              .bytes;
-      if (smem > prop.sharedMemPerBlockOptin) {
-        why = "it needs " + std::to_string(smem / 1024) + " KiB of shared memory per block and " +
-              "the device allows " + std::to_string(prop.sharedMemPerBlockOptin / 1024) + " KiB";
-        return false;
+  using P = PersistentParams<scalar_t, acc_t>;
+  using I4 = std::integral_constant<int, 4>;
+  using I8 = std::integral_constant<int, 8>;
+  using I16 = std::integral_constant<int, 16>;
+
+  int64_t N, H;
+  const cudaDeviceProp& prop;
+  CostModel model;
+  std::string why;  // why the last variant planned cannot run
+
+  PersistentPlanner(int64_t n, int64_t h, at::ScalarType dtype)
+      : N(n), H(h), prop(*at::cuda::getCurrentDeviceProperties()),
+        model(prop, dtype == at::kDouble) {}
+
+  template <int NT, int RPW, bool kCluster>
+  static const void* kernel() {
+    void (*k)(const P);
+    if constexpr (kBackward) {
+      k = &persistent_backward<Cell, scalar_t, acc_t, NT, RPW, kCluster>;
+    } else {
+      k = &persistent_forward<Cell, scalar_t, acc_t, NT, RPW, kCluster>;
+    }
+    return reinterpret_cast<const void*>(k);
+  }
+
+  // Tries the tiles in order, try_tile(nt, rpw) returning whether one ran:
+  // tensor cores: (16, 16). FFMA: with more than 4 rows (n_rows), 16 rows a tile, and 8
+  // rows of W a warp where that pads no more rows than 4 (128 sums a lane, 24 shared-memory
+  // loads per 128 FMAs against 20 per 64: FFMA- rather than load-bound; float sums only,
+  // as 128 doubles would spill), else 4; the backward stages G*H-wide rows of acc_t: where
+  // 16 of them do not fit beside W's slice (float32 LSTM and GRU from H of about 600 on),
+  // 8 rows a tile before 4; with 4 rows or fewer, or where nothing else fits, (4, 8).
+  template <typename TryTile>
+  static void for_tiles(int64_t n_rows, int64_t w_rows, TryTile try_tile) {
+    if constexpr (kMma) {
+      try_tile(I16{}, I16{});
+    } else {
+      bool done = false;
+      if (n_rows > 4) {
+        if constexpr (sizeof(acc_t) == 4) {
+          if (round_up(static_cast<int>(w_rows), 8) == round_up(static_cast<int>(w_rows), 4)) {
+            done = try_tile(I16{}, I8{});
+          }
+        }
+        if (!done) done = try_tile(I16{}, I4{});
+        if constexpr (kBackward) {
+          if (!done) done = try_tile(I8{}, I8{});
+        }
       }
-      // the device's maximum, not this call's size: calls from several threads may race.
-      // A CUDA error here is a reason not to run, not an exception (nothing is thrown
-      // inside the op's dispatch; see check_persistent_refusal).
-      auto cuda_ok = [&](cudaError_t e, const char* what) {
-        if (e == cudaSuccess) return true;
-        (void)cudaGetLastError();
-        why = std::string(what) + " failed: " + cudaGetErrorString(e);
-        return false;
-      };
-      if (!cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      if (!done) try_tile(I4{}, I8{});
+    }
+  }
+
+  template <int NT, int RPW, bool kCluster>
+  size_t smem_bytes(int r_pad, int64_t ld, int64_t group_rows) const {
+    return smem_layout<scalar_t, x_t, acc_t>(xs_rows<kCluster>(NT, group_rows), NT, r_pad, ld,
+                                             scratch_bytes<NT, RPW, kMma, acc_t>(r_pad))
+        .bytes;
+  }
+  bool fits(size_t smem) {
+    if (smem <= prop.sharedMemPerBlockOptin) return true;
+    why = "it needs " + std::to_string(smem / 1024) + " KiB of shared memory per block and " +
+          "the device allows " + std::to_string(prop.sharedMemPerBlockOptin / 1024) + " KiB";
+    return false;
+  }
+  // the device's maximum, not this call's size: calls from several threads may race
+  bool allow_smem(const void* k) {
+    return cuda_ok(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(prop.sharedMemPerBlockOptin)),
-                   "cudaFuncSetAttribute")) {
-        return false;
-      }
+                   "cudaFuncSetAttribute", why);
+  }
+
+  // The grid variant: B = ceil(H / U) blocks, U = ceil(H / SMs) units each (at most
+  // RNNFAST_PERSISTENT_MAX_BLOCKS blocks, a knob for scripts/calibrate_persistent.py), all
+  // co-resident; a cooperative launch.
+  PersistentLaunch grid() {
+    PersistentLaunch plan;
+    if (!prop.cooperativeLaunch) {
+      why = "the device does not support cooperative launches";
+      return plan;
+    }
+    const int sms = prop.multiProcessorCount;
+    const int64_t max_blocks = env_knob("RNNFAST_PERSISTENT_MAX_BLOCKS");
+    const int64_t spread = max_blocks > 0 ? std::min<int64_t>(sms, max_blocks) : sms;
+    const int64_t units = (H + spread - 1) / spread;
+    const int64_t K = kBackward ? G * H : H, w_rows = kBackward ? units : G * units;
+    for_tiles(N, w_rows, [&](auto nt, auto rpw) {
+      constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
+      const void* k = kernel<kNT, kRPW, false>();
+      const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
+      const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : K;
+      const size_t smem = smem_bytes<kNT, kRPW, false>(r_pad, ld, 0);
+      if (!fits(smem) || !allow_smem(k)) return false;
       int per_sm = 0;
-      if (!cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
-                                                                 kPersistentThreads, smem),
-                   "the occupancy query")) {
+      if (!cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kPersistentThreads,
+                                                                 smem),
+                   "the occupancy query", why)) {
         return false;
       }
       const int64_t blocks = (H + units - 1) / units;
@@ -666,80 +943,166 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
         why = "its " + std::to_string(blocks) + " blocks cannot all be resident at once";
         return false;
       }
-      plan = {kernel, static_cast<int>(blocks), static_cast<int>(units), smem};
+      // vectors where K and ld allow (y and dg are aligned; h0, staged at the first step
+      // only, may not be)
       const int x_size = sizeof(x_t), v = 16 / x_size;
-      // and aligned, as y and dg are (h0, staged at the first step only, may not be)
       const bool vectors = K % v == 0 && ld % v == 0;
-      persistent_us = CostModel(prop, dtype == at::kDouble)
-                          .persistent_us(N, kNT, r_pad, K, ld, x_size, vectors ? v : 1, kMma,
-                                         plan.blocks);
+      plan = {k, static_cast<int>(blocks), static_cast<int>(units), 0, N, smem};
+      plan.us = model.persistent_us(N, kNT, r_pad, K, ld, x_size, vectors ? v : 1, kMma,
+                                    plan.blocks);
       return true;
-    };
-    using I4 = std::integral_constant<int, 4>;
-    using I8 = std::integral_constant<int, 8>;
-    using I16 = std::integral_constant<int, 16>;
-    // the FFMA kernel of a tile
-    auto ffma_kernel = [](auto nt, auto rpw) {
-      constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
-      using P = PersistentParams<scalar_t, acc_t>;
-      void (*kernel)(const P);
-      if constexpr (kBackward) {
-        kernel = &persistent_backward<Cell, scalar_t, acc_t, kNT, kRPW>;
-      } else {
-        kernel = &persistent_forward<Cell, scalar_t, acc_t, kNT, kRPW>;
-      }
-      return reinterpret_cast<const void*>(kernel);
-    };
-    if constexpr (kMma) {
-      try_tile(I16{}, I16{},
-               reinterpret_cast<const void*>(&persistent_forward<Cell, scalar_t, acc_t, 16, 16>));
+    });
+    return plan;
+  }
+
+  // The cluster variant: clusters of C blocks (C = ceil(H / U), U = ceil(H / C0), C0 in
+  // 16 (where the device allows clusters that large), 8, 4, 2, 1, at most H), each cluster
+  // holding all of W_hh and taking N_c rows of the batch; as many clusters as run at once
+  // (the occupancy query), N_c = ceil(N / clusters), fewer clusters where N_c's two turns
+  // do not fit in shared memory (then they take turns). The cheapest C by the cost model.
+  // Knobs for the tests and calibration: RNNFAST_CLUSTER_SIZE (C0),
+  // RNNFAST_CLUSTER_ROWS (N_c, where it fits).
+  PersistentLaunch cluster() {
+    PersistentLaunch best;
+    if (prop.major < 9) {
+      why = "thread-block clusters need compute capability 9.0 or newer, and the device has " +
+            std::to_string(prop.major) + "." + std::to_string(prop.minor);
+      return best;
+    }
+    const int sms = prop.multiProcessorCount;
+    const int64_t forced_size = env_knob("RNNFAST_CLUSTER_SIZE");
+    const int64_t forced_rows = env_knob("RNNFAST_CLUSTER_ROWS");
+    std::string first_why;
+    for (int c0 : {16, 8, 4, 2, 1}) {
+      if (forced_size > 0 ? c0 != forced_size : c0 > H) continue;
+      const int64_t units = (H + c0 - 1) / c0;
+      const int cs = static_cast<int>((H + units - 1) / units);
+      const int64_t K = kBackward ? G * H : H, w_rows = kBackward ? units : G * units;
+      const int64_t guess_rows = (N + std::max(1, sms / cs) - 1) / std::max(1, sms / cs);
+      for_tiles(guess_rows, w_rows, [&](auto nt, auto rpw) {
+        constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
+        const void* k = kernel<kNT, kRPW, true>();
+        const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
+        const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : K;
+        if (!fits(smem_bytes<kNT, kRPW, true>(r_pad, ld, 1)) || !allow_smem(k)) return false;
+        // the most rows whose two turns fit
+        int64_t cap = kNT;
+        while (cap < N && smem_bytes<kNT, kRPW, true>(r_pad, ld, cap + kNT) <=
+                              prop.sharedMemPerBlockOptin) {
+          cap += kNT;
+        }
+        if (cs > 8 && !cuda_ok(cudaFuncSetAttribute(
+                                   k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+                               "allowing clusters of more than 8 blocks", why)) {
+          return false;
+        }
+        auto active = [&](int64_t rows, int& clusters) {
+          cudaLaunchConfig_t cfg = {};
+          cudaLaunchAttribute attr;
+          attr.id = cudaLaunchAttributeClusterDimension;
+          attr.val.clusterDim.x = cs, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+          cfg.gridDim = dim3(cs), cfg.blockDim = dim3(kPersistentThreads);
+          cfg.dynamicSmemBytes = smem_bytes<kNT, kRPW, true>(r_pad, ld, rows);
+          cfg.attrs = &attr, cfg.numAttrs = 1;
+          return cuda_ok(cudaOccupancyMaxActiveClusters(&clusters, k, &cfg),
+                         "the cluster occupancy query", why);
+        };
+        int at_once = 0;
+        if (!active(std::min(cap, guess_rows), at_once)) return false;
+        if (at_once < 1) {
+          why = "a cluster of " + std::to_string(cs) + " blocks cannot be scheduled";
+          return false;
+        }
+        int64_t rows = (N + std::min<int64_t>(N, at_once) - 1) / std::min<int64_t>(N, at_once);
+        if (forced_rows > 0) rows = std::min(forced_rows, N);
+        rows = std::min(rows, cap);
+        const int64_t clusters = (N + rows - 1) / rows;
+        PersistentLaunch plan{k, static_cast<int>(clusters * cs), static_cast<int>(units), cs,
+                              rows, smem_bytes<kNT, kRPW, true>(r_pad, ld, rows)};
+        // a block stores each of its values (G of them in the backward) into each block
+        const int64_t pushes = rows * units * (kBackward ? G : 1) * cs;
+        plan.us = model.cluster_us(rows, kNT, r_pad, K, pushes, sizeof(x_t), kMma,
+                                   (clusters + at_once - 1) / at_once);
+        if (best.kernel == nullptr || plan.us < best.us) best = plan;
+        return true;
+      });
+      if (first_why.empty()) first_why = why;  // the largest cluster's reason
+    }
+    if (best.kernel == nullptr) {
+      why = !first_why.empty() ? first_why
+                               : "RNNFAST_CLUSTER_SIZE=" + std::to_string(forced_size) +
+                                     " is not one of 16, 8, 4, 2, 1";
+    }
+    return best;
+  }
+};
+
+// Picks the path for one op call from the mode (rnnfast::cuda_path_mode), the fit on chip
+// and the cost model, and records it (rnnfast::note_cuda_path): `persistent` is the grid
+// variant, `cluster` the cluster variant, `auto` the cheapest of those and the per-step
+// path. Where a forced variant cannot run, the plan says why in `refused` and the op, after
+// its dispatch, raises with check_persistent_refusal (ops.cpp; nothing is thrown from here).
+template <typename Cell, typename scalar_t, typename acc_t, bool kBackward>
+PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
+  const CudaPath mode = cuda_path_mode();
+  if (mode == CudaPath::kStep) {
+    note_cuda_path(kBackward, CudaPath::kStep);
+    return {};
+  }
+  PersistentPlanner<Cell, scalar_t, acc_t, kBackward> planner(N, H, dtype);
+  auto forced = [&](PersistentLaunch plan, const char* name) {
+    if (plan.kernel == nullptr) {
+      plan.refused = std::string("the ") + name +
+                     " CUDA path was forced (rnnfast.cuda_path / RNNFAST_CUDA_PATH), but it "
+                     "cannot run for H=" + std::to_string(H) + ": " + planner.why;
     } else {
-      // N > 4: 16 rows a tile, and 8 rows of W a warp where that pads no more rows than 4
-      // (128 sums a lane, 24 shared-memory loads per 128 FMAs against 20 per 64: FFMA- rather
-      // than load-bound; float sums only, as 128 doubles would spill), else 4; N <= 4, or
-      // where 16 rows do not fit: 4 rows a tile, 8 of W a warp.
-      // The backward stages G*H-wide rows of acc_t: where 16 of them do not fit beside W's
-      // slice (float32 LSTM and GRU from H of about 600 on), 8 rows a tile before 4.
-      bool done = false;
-      if (N > 4) {
-        if constexpr (sizeof(acc_t) == 4) {
-          if (round_up(static_cast<int>(rows), 8) == round_up(static_cast<int>(rows), 4)) {
-            done = try_tile(I16{}, I8{}, ffma_kernel(I16{}, I8{}));
-          }
-        }
-        if (!done) done = try_tile(I16{}, I4{}, ffma_kernel(I16{}, I4{}));
-        if constexpr (kBackward) {
-          if (!done) done = try_tile(I8{}, I8{}, ffma_kernel(I8{}, I8{}));
-        }
-      }
-      if (!done) try_tile(I4{}, I8{}, ffma_kernel(I4{}, I8{}));
+      note_cuda_path(kBackward, mode);
     }
+    return plan;
+  };
+  if (mode == CudaPath::kPersistent) return forced(planner.grid(), "persistent");
+  if (mode == CudaPath::kCluster) return forced(planner.cluster(), "cluster");
+  // auto
+  PersistentLaunch plan = planner.grid();
+  const PersistentLaunch clustered = planner.cluster();
+  if (clustered.kernel != nullptr && (plan.kernel == nullptr || clustered.us < plan.us)) {
+    plan = clustered;
   }
-  if (plan.kernel == nullptr) {
-    if (mode == CudaPath::kPersistent) {
-      plan.refused = "it cannot run for H=" + std::to_string(H) + ": " + why;
-      return plan;
-    }
-  } else if (mode == CudaPath::kAuto) {
-    const bool step_mma = kMma;  // the per-step forward GEMM runs in scalar_t, on tensor
-                                 // cores for 16-bit; the backward's in acc_t
-    const double step_us =
-        CostModel(prop, dtype == at::kDouble).step_us(2.0 * N * G * H * H, step_mma);
-    if (!(persistent_us < step_us)) plan = PersistentLaunch{};
+  // the per-step forward GEMM runs in scalar_t, on tensor cores for 16-bit; the backward's
+  // in acc_t
+  constexpr int G = Cell::kGates;
+  if (plan.kernel != nullptr &&
+      !(plan.us < planner.model.step_us(2.0 * N * G * H * H, planner.kMma))) {
+    plan = PersistentLaunch{};
   }
-  note_cuda_path(kBackward, plan.kernel ? CudaPath::kPersistent : CudaPath::kStep);
+  note_cuda_path(kBackward, plan.kernel == nullptr ? CudaPath::kStep
+                            : plan.cluster > 0     ? CudaPath::kCluster
+                                                   : CudaPath::kPersistent);
   return plan;
 }
 
 template <typename scalar_t, typename acc_t>
 void launch_persistent(const PersistentLaunch& plan, PersistentParams<scalar_t, acc_t> params,
                        const Tensor& like) {
+  params.units = plan.units;
+  params.group_rows = plan.group_rows;
+  void* args[] = {&params};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (plan.cluster > 0) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = plan.cluster, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+    cfg.gridDim = dim3(plan.blocks), cfg.blockDim = dim3(kPersistentThreads);
+    cfg.dynamicSmemBytes = plan.smem, cfg.stream = stream;
+    cfg.attrs = &attr, cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelExC(&cfg, plan.kernel, args));
+    return;
+  }
   Tensor barrier = at::zeros({1}, like.options().dtype(at::kLong));
   params.barrier = reinterpret_cast<unsigned long long*>(barrier.data_ptr<int64_t>());
-  params.units = plan.units;
-  void* args[] = {&params};
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(plan.kernel, plan.blocks, kPersistentThreads, args,
-                                             plan.smem, at::cuda::getCurrentCUDAStream()));
+                                             plan.smem, stream));
 }
 
 }  // namespace rnnfast::cuda

@@ -55,10 +55,12 @@ struct ElmanCell {
   }
 
   template <typename scalar_t, typename acc_t>
-  __device__ static void forward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
-                                 int64_t, int64_t n, int64_t u, const acc_t (&hh)[1], acc_t,
-                                 const acc_t (&in)[kLoads]) {
-    p.y[(t * p.N + n) * p.H + u] = scalar_t(elman_act(in[0] + hh[0], p.activation));
+  __device__ static scalar_t forward(const PersistentParams<scalar_t, acc_t>& p, int64_t,
+                                     int64_t t, int64_t, int64_t n, int64_t u,
+                                     const acc_t (&hh)[1], acc_t, const acc_t (&in)[kLoads]) {
+    const scalar_t h = scalar_t(elman_act(in[0] + hh[0], p.activation));
+    p.y[(t * p.N + n) * p.H + u] = h;
+    return h;
   }
 
   // phase A's inputs of unit u, row n at step s but the carried dh: dy and y
@@ -75,9 +77,9 @@ struct ElmanCell {
   template <typename scalar_t, typename acc_t>
   __device__ static void backward(const PersistentParams<scalar_t, acc_t>& p, int64_t, int64_t t,
                                   int64_t, int64_t n, int64_t u,
-                                  const acc_t (&in)[kBackwardLoads]) {
-    p.dg_ih[(t * p.N + n) * p.H + u] =
-        (in[0] + p.dh[n * p.H + u]) * elman_act_grad(in[1], p.activation);
+                                  const acc_t (&in)[kBackwardLoads], acc_t (&dgh)[1]) {
+    dgh[0] = (in[0] + p.dh[n * p.H + u]) * elman_act_grad(in[1], p.activation);
+    p.dg_ih[(t * p.N + n) * p.H + u] = dgh[0];
   }
 };
 

@@ -8,7 +8,7 @@ torch.nn; `module` owns the parameters whose gradients forward+backward produces
 Contenders:
   rnnfast         rnnfast.RNN / LSTM / GRU with the torch.nn module's state_dict, on the
                   CUDA path setting in force when the benchmark started (default auto)
-  rnnfast step, rnnfast persistent
+  rnnfast step, rnnfast persistent, rnnfast cluster
                   (GPU) the same with that CUDA path forced (csrc/cuda/persistent.cuh),
                   to see what `auto` chose against what it could have had
   torch.nn        the torch.nn module itself (CPU: native ATen/oneDNN kernels; GPU: cuDNN)
@@ -237,6 +237,7 @@ BUILDERS: Dict[str, Callable] = {
     "rnnfast": _rnnfast_on(None),
     "rnnfast step": _rnnfast_on("step"),
     "rnnfast persistent": _rnnfast_on("persistent"),
+    "rnnfast cluster": _rnnfast_on("cluster"),
     "torch.nn": _torch_nn,
     "reference loop": _reference_loop,
     "compiled loop": _compiled_loop,
@@ -255,7 +256,8 @@ def build(name, ref, cell, shape, mode) -> Tuple[nn.Module, Callable]:
 
 def unavailable_here(name: str, device: str) -> Optional[str]:
     """Why `name` cannot run at all on `device` (checked once per run), or None."""
-    if name in ("flashrnn", "haste", "rnnfast step", "rnnfast persistent") and device != "cuda":
+    if name in ("flashrnn", "haste", "rnnfast step", "rnnfast persistent",
+                "rnnfast cluster") and device != "cuda":
         return f"{name} runs on CUDA only"
     try:
         if name == "flashrnn":

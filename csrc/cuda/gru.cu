@@ -200,7 +200,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hh.data_ptr<scalar_t>(), p.b_hh = bp;
           p.h0 = h0.data_ptr<scalar_t>(), p.y = yp, p.cache = training ? ws : nullptr;
-          launch_persistent(plan, p, x);
+          refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
         Tensor hh = at::empty({N, 3 * H}, x.options());
@@ -260,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
           p.y = const_cast<scalar_t*>(yp), p.cache = const_cast<acc_t*>(ws);
           p.dy = dy.data_ptr<scalar_t>(), p.dh = dh.data_ptr<acc_t>();
           p.dg_ih = dg_ih.data_ptr<acc_t>(), p.dg_hh = dg_hh.data_ptr<acc_t>();
-          launch_persistent(plan, p, x);
+          refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
         const Tensor w_hh_acc = w_hh.to(acc).contiguous();

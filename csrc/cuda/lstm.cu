@@ -198,7 +198,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
           p.h0 = h0.data_ptr<scalar_t>(), p.c0 = c0_acc.data_ptr<acc_t>(), p.y = yp;
           p.cache = training ? ws : nullptr;
           p.c_state = training ? nullptr : c_state.data_ptr<acc_t>();
-          launch_persistent(plan, p, x);
+          refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
         if (!training) c_turns = at::empty({2, N, H}, x.options().dtype(acc));
@@ -283,7 +283,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
           p.cache = const_cast<acc_t*>(ws), p.dy = dy.data_ptr<scalar_t>();
           p.dh = dh.data_ptr<acc_t>(), p.dc = dc.data_ptr<acc_t>();
           p.dg_ih = dgp, p.dg_hh = dgp;
-          launch_persistent(plan, p, x);
+          refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
         const Tensor w_hh_acc = w_hh.to(acc).contiguous();

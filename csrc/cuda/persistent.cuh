@@ -82,6 +82,7 @@
 #include <mma.h>
 
 #include <cstdlib>
+#include <limits>
 #include <string>
 
 #include "common.cuh"
@@ -174,15 +175,27 @@ __device__ __forceinline__ int cluster_index() {
 #endif
 }
 // barrier.cluster.arrive (release) + barrier.cluster.wait (acquire): every thread of the
-// cluster's blocks; orders the stores before it into peers' shared memory before every
-// access after it.
-__device__ __forceinline__ void cluster_sync() {
+// cluster's blocks; orders the stores before the arrival into peers' shared memory before
+// every access after the wait. Split, so that loads which need no peer's data can be
+// issued between the two (the release fences this thread's earlier stores GPU-wide: in
+// SASS a MEMBAR.ALL.GPU, so the arrival itself takes a round trip).
+__device__ __forceinline__ void cluster_arrive() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __cluster_barrier_arrive();
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __cluster_barrier_wait();
 #else
   __trap();
 #endif
+}
+__device__ __forceinline__ void cluster_sync() {
+  cluster_arrive();
+  cluster_wait();
 }
 // The address of *p (this block's shared memory) in the shared memory of the cluster's
 // block `rank` (distributed shared memory).
@@ -476,6 +489,16 @@ __device__ __forceinline__ BlockWork block_work(const Params& p) {
   return w;
 }
 
+// store(r) for every block r of the cluster, this one's included, starting at this block's
+// rank: the blocks' stores spread over the peers rather than all going to rank 0 first.
+template <typename Store>
+__device__ __forceinline__ void for_each_peer(const BlockWork& w, Store store) {
+  for (int i = 0, r = w.rank; i < w.group_blocks; ++i) {
+    store(r);
+    r = r + 1 < w.group_blocks ? r + 1 : 0;
+  }
+}
+
 // The forward of one layer and direction. Cell provides kGates, kLoads and
 //   load(p, s, t, tp, n, u, in[kLoads]): the pointwise inputs of unit u, row n at step s
 //     that do not depend on step s - 1 (loaded ahead, see below);
@@ -586,10 +609,10 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
                                          acc_t(xt[nl * ld + u0 + j]), in);
         if constexpr (kCluster) {
           // into every block's next turn, this block's own included (none after the last
-          // step: nothing reads it, and a peer may have finished)
+          // step: nothing reads that turn)
           if (s + 1 < p.T) {
             scalar_t* dst = next + (n0 + nl) * ld + u0 + j;
-            for (int r = 0; r < w.group_blocks; ++r) *peer_shared(dst, r) = h;
+            for_each_peer(w, [&](int r) { *peer_shared(dst, r) = h; });
           }
         }
       }
@@ -599,17 +622,21 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if (n0 + NT < rows) __syncthreads();
     }
     if (s + 1 < p.T) {
+      // the cluster variant loads between its arrival and its wait (none of these inputs
+      // is a peer's)
+      if constexpr (kCluster) cluster_arrive();
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
       }
       if constexpr (kCluster) {
-        cluster_sync();
+        cluster_wait();
       } else {
         grid_barrier(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
       }
     }
   }
-  // no block of a cluster leaves while a peer may still address its shared memory
+  // no block of a cluster leaves while a peer may still address its shared memory (the
+  // last step's pushes are skipped, so this is belt and braces: once a launch)
   if constexpr (kCluster) cluster_sync();
 }
 
@@ -685,19 +712,20 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       Cell::backward(p, s, t, tp, n_begin + nl, u, in, dgh);
       if constexpr (kCluster) {
         acc_t* dst = cur + nl * K + u;
-        for (int r = 0; r < w.group_blocks; ++r) {
+        for_each_peer(w, [&](int r) {
           acc_t* q = peer_shared(dst, r);
 #pragma unroll
           for (int g = 0; g < G; ++g) q[g * H] = dgh[g];
-        }
+        });
       }
     }
+    if constexpr (kCluster) cluster_arrive();  // the loads below need no peer's data
     if (s > 0 && ahead_item) {
       Cell::load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse), ahead_n, ahead_u,
                           ahead);
     }
     if constexpr (kCluster) {
-      cluster_sync();
+      cluster_wait();
     } else {
       grid_barrier(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
     }
@@ -985,6 +1013,18 @@ struct PersistentPlanner {
         const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
         const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : K;
         if (!fits(smem_bytes<kNT, kRPW, true>(r_pad, ld, 1)) || !allow_smem(k)) return false;
+        // code for 9.0 or newer (below it the cluster helpers trap): not so where only an
+        // older architecture's PTX was built and the driver compiled that
+        cudaFuncAttributes attrs;
+        if (!cuda_ok(cudaFuncGetAttributes(&attrs, k), "cudaFuncGetAttributes", why)) {
+          return false;
+        }
+        if (attrs.ptxVersion < 90) {
+          why = "this build's kernels were compiled for compute capability " +
+                std::to_string(attrs.ptxVersion / 10) + "." + std::to_string(attrs.ptxVersion % 10) +
+                ", and clusters need 9.0 (build with TORCH_CUDA_ARCH_LIST including 9.0)";
+          return false;
+        }
         // the most rows whose two turns fit
         int64_t cap = kNT;
         while (cap < N && smem_bytes<kNT, kRPW, true>(r_pad, ld, cap + kNT) <=
@@ -1017,6 +1057,16 @@ struct PersistentPlanner {
         if (forced_rows > 0) rows = std::min(forced_rows, N);
         rows = std::min(rows, cap);
         const int64_t clusters = (N + rows - 1) / rows;
+        if (clusters * cs > std::numeric_limits<int>::max()) {
+          why = "its " + std::to_string(clusters * cs) + " blocks exceed a launch's limit";
+          return false;
+        }
+        // the clusters that run at once with this many rows (the first query's were a guess)
+        if (!active(rows, at_once)) return false;
+        if (at_once < 1) {
+          why = "a cluster of " + std::to_string(cs) + " blocks cannot be scheduled";
+          return false;
+        }
         PersistentLaunch plan{k, static_cast<int>(clusters * cs), static_cast<int>(units), cs,
                               rows, smem_bytes<kNT, kRPW, true>(r_pad, ld, rows)};
         // a block stores each of its values (G of them in the backward) into each block
@@ -1081,9 +1131,11 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
   return plan;
 }
 
+// Launches the plan's kernel; returns "" or the launch's CUDA error, which the op raises
+// after its dispatch (check_persistent_refusal), as it does a refusal.
 template <typename scalar_t, typename acc_t>
-void launch_persistent(const PersistentLaunch& plan, PersistentParams<scalar_t, acc_t> params,
-                       const Tensor& like) {
+std::string launch_persistent(const PersistentLaunch& plan,
+                              PersistentParams<scalar_t, acc_t> params, const Tensor& like) {
   params.units = plan.units;
   params.group_rows = plan.group_rows;
   void* args[] = {&params};
@@ -1096,13 +1148,17 @@ void launch_persistent(const PersistentLaunch& plan, PersistentParams<scalar_t, 
     cfg.gridDim = dim3(plan.blocks), cfg.blockDim = dim3(kPersistentThreads);
     cfg.dynamicSmemBytes = plan.smem, cfg.stream = stream;
     cfg.attrs = &attr, cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelExC(&cfg, plan.kernel, args));
-    return;
+    std::string why;
+    cuda_ok(cudaLaunchKernelExC(&cfg, plan.kernel, args), "launching the cluster kernel", why);
+    return why;
   }
   Tensor barrier = at::zeros({1}, like.options().dtype(at::kLong));
   params.barrier = reinterpret_cast<unsigned long long*>(barrier.data_ptr<int64_t>());
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(plan.kernel, plan.blocks, kPersistentThreads, args,
-                                             plan.smem, stream));
+  std::string why;
+  cuda_ok(cudaLaunchCooperativeKernel(plan.kernel, plan.blocks, kPersistentThreads, args,
+                                      plan.smem, stream),
+          "the cooperative launch", why);
+  return why;
 }
 
 }  // namespace rnnfast::cuda

@@ -116,7 +116,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
           p.activation = static_cast<int>(activation);
           p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hh.data_ptr<scalar_t>();
           p.h0 = h0.data_ptr<scalar_t>(), p.y = yp;
-          launch_persistent(plan, p, x);
+          refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
         Tensor hh = at::empty({N, H}, x.options());
@@ -172,7 +172,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
           p.w_hh = w_hh.data_ptr<scalar_t>(), p.y = const_cast<scalar_t*>(y.data_ptr<scalar_t>());
           p.dy = dy.data_ptr<scalar_t>(), p.dh = dh.data_ptr<acc_t>();
           p.dg_ih = dg.data_ptr<acc_t>(), p.dg_hh = dg.data_ptr<acc_t>();
-          launch_persistent(plan, p, x);
+          refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
         const Tensor w_hh_acc = w_hh.to(acc).contiguous();

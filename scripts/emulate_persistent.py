@@ -1,25 +1,45 @@
 #!/usr/bin/env python3
 """CPU emulation of the persistent CUDA kernels, to check them without a GPU.
 
-Emulates, as of the commit that added the backward's (8, 8) tile (2026-11-27):
+Emulates, as of the commit that added the cluster variant (2026-11-27):
 csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, tile_dot with its
-split-K, tile_dot_mma's WMMA 16x16x16 forward for 16-bit types, smem_layout and the scratch
-sizes, grid_barrier, both kernels with their loads ahead of the barrier, plan_persistent's
-tile choice with the path forced) and the cells and ops of lstm.cu, gru.cu and rnn.cu. Indices are the CUDA code's; values are float64. Blocks
-are generators that yield at grid_barrier, run in a shuffled order on one counter; a thread
-loop is one vectorised operation; a warp's registers are a [32, ...] array (__shfl_xor_sync
-is lane ^ distance); load_matrix_sync / mma_sync / store_matrix_sync are the matrix
-operations they stand for, on the pointers and ldm passed, each asserting CUDA's rules
-(32-byte aligned pointer, ldm a multiple of 16 bytes); shared memory is one byte array of the
-host's plan.smem. A tracker flags out-of-bounds, misaligned or uninitialised accesses,
-cross-block races between grid barriers, plain loads of another block's data (needs
-__ldcg) and intra-block races between __syncthreads. A case's dtype picks the element sizes
-and so the kernels and layout (16-bit: tensor cores). Results are compared with
+split-K, tile_dot_mma's WMMA 16x16x16 forward for 16-bit types, smem_layout with its xs_rows
+and the scratch sizes, grid_barrier, both kernels in both variants (kCluster) with their
+loads ahead of the barrier, PersistentPlanner's grid() and cluster() with the path forced)
+and the cells and ops of lstm.cu, gru.cu and rnn.cu (forward returning h, backward handing
+back dgh). Indices are the CUDA code's; values are float64. Blocks are generators that
+yield at each barrier. The grid variant's blocks run in a shuffled order on grid_barrier's
+one counter. The cluster variant's launch (run_clusters) puts at most the occupancy
+query's number of clusters on the device at once, the rest waiting for a slot in a random
+order (clusters need not be co-resident), and interleaves the blocks of the clusters on it
+at random; a cluster_sync releases a cluster's blocks once all of them arrived, and blocks
+of different clusters never wait on each other. block_work's rank, cluster_blocks and
+cluster_index are the launch's; peer_shared maps a store into a peer block's shared
+memory (distributed shared memory). A thread loop is one vectorised operation; a warp's
+registers are a [32, ...] array (__shfl_xor_sync is lane ^ distance); load_matrix_sync /
+mma_sync / store_matrix_sync are the matrix operations they stand for, on the pointers
+and ldm passed, each asserting CUDA's rules (32-byte aligned pointer, ldm a multiple of
+16 bytes); shared memory is one byte array of the host's plan.smem per block. A tracker
+flags out-of-bounds, misaligned or uninitialised accesses, cross-block races between
+barriers (grid barriers for global memory; in a cluster launch, cluster barriers for
+global memory and for every access to a block's shared memory by it or its peers, and any
+conflicting accesses by blocks of two clusters, which nothing orders), plain loads of
+another block's data (needs __ldcg), a peer's shared memory mapped before the first
+cluster_sync or after the peer exited, and intra-block races between __syncthreads. A
+case's dtype picks the element sizes and so the kernels and layout (16-bit: tensor
+cores); its `cluster` = (RNNFAST_CLUSTER_SIZE, RNNFAST_CLUSTER_ROWS), None in either for
+the planner's choice, picks the cluster variant. Results are compared with
 rnnfast.reference and torch autograd, and with the CPU ops when a built rnnfast imports.
 
-It cannot show memory ordering on real hardware (fences and __ldcg are checked as rules),
-WMMA fragment internals (lane layout, rounding and summation order inside mma_sync),
-float32/16-bit rounding, or timing (bank conflicts, occupancy, the `auto` cost model).
+It cannot show memory ordering on real hardware (fences, __ldcg and the cluster barrier's
+release/acquire are checked as rules), WMMA fragment internals (lane layout, rounding and
+summation order inside mma_sync), float32/16-bit rounding, or timing (bank conflicts,
+occupancy, the `auto` cost model). For the cluster variant in particular: the hardware's
+cluster scheduling (a FakeDevice runs sms // C clusters at once; GPC limits, and whether a
+16-block cluster fits at all, are the real occupancy query's), the choice among cluster
+sizes (cluster_us runs on a stand-in device, an H100's clock and rates, not the CUDA
+code's cudaDeviceProp), the cost of the stores into peers' shared memory, and the
+__trap() of the cluster helpers below compute capability 9.0.
 
 Run (exit status 1 on any mismatch or finding):
   python scripts/emulate_persistent.py                  # the default case set
@@ -88,6 +108,18 @@ MUTATIONS = {
     "stage_batch_overlap": "stage_rows: a batch's units e0 + i instead of e0 + i * blockDim",
     "mma_ws_no_k_pad": "forward Ws load without k < K (reads W_hh past the row)",
     "mma_scratch_no_splits": "mma_scratch_bytes: r_tiles * 256 floats (splits missing)",
+    # the cluster variant
+    "cluster_one_turn": "cluster: one turn of xs (each step stores into the turn it reads)",
+    "cluster_no_self_store": "cluster: the stores into the cluster start at rank 1 (not its own)",
+    "cluster_h_no_u0": "cluster forward: h stored at column j of the next turn (u0 missing)",
+    "cluster_h_no_n0": "cluster forward: h stored at row nl of the next turn (n0 missing)",
+    "cluster_no_pre_sync": "cluster: no cluster_sync before the loop",
+    "cluster_no_n_begin": "cluster: the cell's row n0 + nl (n_begin missing)",
+    "cluster_rows_unclamped": "cluster: rows = group_rows for the last cluster too",
+    "cluster_fill_one_turn": "cluster: only turn 0 of xs written before the loop",
+    "cluster_bwd_gru_dg_ih": "cluster backward: GRU stores its dg_ih, not dgh, into the turns",
+    "cluster_phase_b_other_turn": "cluster backward: phase B reads turn (s + 1) & 1",
+    "cluster_plan_smem_one_row": "cluster plan: smem sized for N_c = 1 (smem_bytes(..., 1))",
 }
 MUT = set()
 
@@ -106,11 +138,26 @@ def finding(msg):
 # --------------------------------------------------------------------------------------
 class Ctx:
     """One block: its index, the grid size, the launch's dynamic shared-memory bytes, its
-    grid epoch (barriers passed) and its __syncthreads count."""
+    barrier epoch (grid or cluster barriers passed) and its __syncthreads count. Its group
+    is the blocks that a barrier joins: the whole grid (rank = block index), or for a
+    cluster launch its cluster (`group` the cluster index, `rank` the rank in it, `peers`
+    the cluster's blocks, whose shared memory peer_shared maps). Its shared memory exists
+    from the start, as a resident block's does (a peer may address it before this block
+    ran a line)."""
 
-    def __init__(self, block, grid, smem_bytes):
+    def __init__(self, block, grid, smem_bytes, rank=None, group=0, group_blocks=None,
+                 peers=None):
         self.block, self.grid, self.smem_bytes = block, grid, smem_bytes
+        self.rank = block if rank is None else rank
+        self.group = group
+        self.group_blocks = grid if group_blocks is None else group_blocks
+        self.peers = peers  # filled in by run_clusters
         self.epoch, self.sync = 0, 0
+        self.window = False  # between cluster_arrive and cluster_wait
+        self.exited = False
+        # a cluster launch tracks the peers' accesses to this block's shared memory too
+        self.smem = Buf(f"smem[b{block}]", np.zeros(smem_bytes), initialized=False,
+                        shared=True, cross=peers is not None)
 
     def syncthreads(self):
         self.sync += 1
@@ -120,18 +167,24 @@ class Ctx:
         return (self.block << 32) | self.sync
 
     def shared_memory(self):
-        return Buf(f"smem[b{self.block}]", np.zeros(self.smem_bytes), initialized=False,
-                   shared=True)
+        return self.smem
 
 
 class Buf:
     """A device buffer. Global buffers hold one type and are addressed by element; shared
     memory (shared=True) is addressed by byte, a value living at its first byte with its
     size in `tsize`, so that a read can tell a value of its own type from bytes that a
-    store through another region's pointer partly overwrote."""
+    store through another region's pointer partly overwrote.
 
-    def __init__(self, name, data, initialized=True, shared=False):
+    Accesses by several blocks are checked between barriers (`cross`: global memory, and a
+    cluster block's shared memory, which its peers store into): a block's access conflicts
+    with another block's to the same address where one of them writes and the two may
+    overlap in time (overlap()), and always where the two blocks are of different groups
+    (clusters), which no barrier orders."""
+
+    def __init__(self, name, data, initialized=True, shared=False, cross=None):
         self.name, self.shared = name, shared
+        self.cross = not shared if cross is None else cross
         if isinstance(data, torch.Tensor):
             data = data.detach().to(F64).contiguous().reshape(-1).numpy()
         self.v = np.array(data, dtype=np.float64).reshape(-1).copy()
@@ -145,16 +198,45 @@ class Buf:
     def reset_launch(self):
         n = self.v.size
         # the intra-block checks compare (block, __syncthreads count) keys; the cross-block
-        # ones (global memory only) blocks and grid epochs
+        # ones (self.cross) blocks, groups and barrier epochs
         self.wkey = np.full(n, -1, np.int64)  # writer's key during this launch
         self.wt = np.full(n, -1, np.int64)  # writer thread
         self.rkey = np.full(n, -1, np.int64)  # key of the last reads
         self.rt = np.full(n, -1, np.int64)  # their thread (-2: several)
-        if not self.shared:
+        if self.cross:
             self.wb = np.full(n, -1, np.int64)  # writer block
-            self.we = np.full(n, -1, np.int64)  # writer's grid epoch
-            self.re = np.full(n, -1, np.int64)  # grid epoch of the last reads
-            self.rmask = np.zeros(n, np.int64)  # blocks that read at epoch re
+            self.we = np.full(n, -1, np.int64)  # writer's barrier epoch
+            self.re = np.full(n, -1, np.int64)  # barrier epoch of the last reads
+            self.rmask = np.zeros(n, np.int64)  # ranks of the blocks that read at epoch re
+            self.rg = np.full(n, -1, np.int64)  # the readers' group (-2: several groups)
+            # accesses between cluster_arrive and cluster_wait (Ctx.window), once any
+            self.windowed = False
+            self.ww = np.zeros(n, bool)  # the writer wrote in its window
+            self.rwe = np.full(n, -1, np.int64)  # epoch of the last reads in a window
+            self.rwmask = np.zeros(n, np.int64)  # ranks of the blocks that made them
+
+    @staticmethod
+    def overlap(e, window, ctx):
+        """Whether another block's access at barrier epoch e (in its window: between its
+        cluster_arrive and cluster_wait) may overlap this block's now. Epoch k is the
+        interval after the k-th wait; a window at k, after the (k + 1)-th arrival, lasts until
+        this block's (k + 1)-th wait, which others can pass meanwhile. So: equal epochs, or
+        epochs one apart where the earlier access was in its window."""
+        hit = e == ctx.epoch
+        if window is not None:
+            hit |= window & (e + 1 == ctx.epoch)
+        if ctx.window:
+            hit |= e == ctx.epoch + 1
+        return hit
+
+    def _readers_overlap(self, addr, ctx):
+        """Another block's reads of addr may overlap this block's write now."""
+        bit = np.int64(1) << np.int64(ctx.rank)
+        hit = ((self.rmask[addr] & ~bit) != 0) & self.overlap(self.re[addr], None, ctx)
+        if self.windowed:
+            hit |= ((self.rwmask[addr] & ~bit) != 0) & self.overlap(
+                self.rwe[addr], np.ones(addr.size, bool), ctx)
+        return hit
 
     def tensor(self, shape):
         return torch.from_numpy(self.v.copy()).reshape(shape)
@@ -193,20 +275,34 @@ class Buf:
             valid &= self.tsize[addr] == size
         if not valid.all():
             finding(f"uninitialised (or partly overwritten) read of {self.name} at {where}")
-        if not self.shared:
+        if self.cross:
             wb = self.wb[addr]
             other = (wb >= 0) & (wb != ctx.block)
+            groups = ctx.group_blocks != ctx.grid  # a launch of several clusters
             if other.any():
-                if (other & (self.we[addr] == ctx.epoch)).any():
+                ww = self.ww[addr] if self.windowed else None
+                if (other & self.overlap(self.we[addr], ww, ctx)).any():
                     finding(f"RACE: {self.name} read at {where} in the same barrier interval "
                             f"in which another block writes it")
-                if not cg:
+                if groups and (other & (wb // ctx.group_blocks != ctx.group)).any():
+                    finding(f"RACE: {self.name} read at {where}, written by a block of "
+                            f"another cluster (no barrier orders them)")
+                if not cg and not self.shared:
                     finding(f"plain load of {self.name} at {where}, written by another "
                             f"block during the launch (needs __ldcg)")
-            bit = np.int64(1) << np.int64(ctx.block)
-            same = self.re[addr] == ctx.epoch
-            self.rmask[addr] = np.where(same, self.rmask[addr] | bit, bit)
-            self.re[addr] = ctx.epoch
+            bit = np.int64(1) << np.int64(ctx.rank)
+            if ctx.window:
+                self.windowed = True
+                same = self.rwe[addr] == ctx.epoch
+                self.rwmask[addr] = np.where(same, self.rwmask[addr] | bit, bit)
+                self.rwe[addr] = ctx.epoch
+            else:
+                same = self.re[addr] == ctx.epoch
+                self.rmask[addr] = np.where(same, self.rmask[addr] | bit, bit)
+                self.re[addr] = ctx.epoch
+            if groups:
+                rg = self.rg[addr]
+                self.rg[addr] = np.where((rg == -1) | (rg == ctx.group), ctx.group, -2)
         key = ctx.key()
         if ((self.wkey[addr] == key) & (self.wt[addr] != thr)).any():
             finding(f"RACE (intra-block RAW): {self.name} at {where}")
@@ -225,16 +321,29 @@ class Buf:
         if not addr.size:
             return
         self._check_access(addr, size, "write", where)
-        if not self.shared:
+        if self.cross:
             wb = self.wb[addr]
-            if ((wb >= 0) & (wb != ctx.block) & (self.we[addr] == ctx.epoch)).any():
+            other = (wb >= 0) & (wb != ctx.block)
+            ww = self.ww[addr] if self.windowed else None
+            if (other & self.overlap(self.we[addr], ww, ctx)).any():
                 finding(f"RACE (WAW): {self.name} at {where} written by two blocks in one "
                         f"barrier interval")
-            bit = np.int64(1) << np.int64(ctx.block)
-            if ((self.re[addr] == ctx.epoch) & ((self.rmask[addr] & ~bit) != 0)).any():
+            groups = ctx.group_blocks != ctx.grid  # a launch of several clusters
+            if groups and (other & (wb // ctx.group_blocks != ctx.group)).any():
+                finding(f"RACE (WAW): {self.name} at {where} written by blocks of two "
+                        f"clusters")
+            if self._readers_overlap(addr, ctx).any():
                 finding(f"RACE (WAR): {self.name} written at {where} in the barrier interval "
                         f"in which another block reads it")
+            if groups and ((self.rg[addr] != -1) & (self.rg[addr] != ctx.group)).any():
+                finding(f"RACE (WAR): {self.name} written at {where}, read by a block of "
+                        f"another cluster")
             self.wb[addr], self.we[addr] = ctx.block, ctx.epoch
+            if ctx.window:
+                self.windowed = True
+                self.ww[addr] = True
+            elif self.windowed:
+                self.ww[addr] = False
         key = ctx.key()
         if ((self.wkey[addr] == key) & (self.wt[addr] != thr)).any():
             finding(f"RACE (intra-block WAW): {self.name} at {where}")
@@ -358,11 +467,16 @@ class SmemLayout:
     bytes: int
 
 
-def smem_layout(nt, r_pad, ld, scratch, w_size, x_size, acc_size):
+def smem_layout(xs_rows, nt, r_pad, ld, scratch, w_size, x_size, acc_size):
     xs = align128(r_pad * ld * w_size)
-    out = align128(xs + nt * ld * x_size)
+    out = align128(xs + xs_rows * ld * x_size)
     sc = align128(out + nt * r_pad * acc_size)
     return SmemLayout(xs, out, sc, sc + scratch)
+
+
+def xs_rows(cluster, nt, group_rows):
+    """xs_rows<kCluster>: NT staged rows, or the cluster variant's two turns of its rows."""
+    return 2 * round_up(group_rows, nt) if cluster else nt
 
 
 # --------------------------------------------------------------------------------------
@@ -584,11 +698,12 @@ def tile_dot_mma(ws, r_pad, xs, K, ld, out, scratch, ctx):
 
 
 # --------------------------------------------------------------------------------------
-# persistent.cuh: the kernels (generators that yield the barrier's target)
+# persistent.cuh: the kernels (generators that yield at each barrier: the grid barrier's
+# target, or CLUSTER_SYNC)
 # --------------------------------------------------------------------------------------
 class Params:
-    FIELDS = ("T N H units reverse activation xp w_hh b_hh h0 c0 y cache c_state dy dh dc "
-              "dg_ih dg_hh barrier").split()
+    FIELDS = ("T N H units group_rows reverse activation xp w_hh b_hh h0 c0 y cache c_state dy "
+              "dh dc dg_ih dg_hh barrier").split()
 
     def __init__(self, **kw):
         for f in self.FIELDS:
@@ -599,20 +714,75 @@ class Params:
             setattr(self, k, v)
 
 
-def persistent_forward(Cell, NT, RPW, dt, p, ctx):
+CLUSTER_SYNC = "cluster_sync"  # what a cluster kernel yields at cluster_sync()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockWork:
+    rank: int
+    group_blocks: int
+    n_begin: int
+    rows: int
+    u0: int
+    here: int
+
+
+def block_work(cluster, p, ctx):
+    """block_work<kCluster>: the units [u0, u0 + here) of the group's batch rows [n_begin,
+    n_begin + rows); the grid is one group, a cluster launch a group per cluster
+    (cluster_rank() = ctx.rank, cluster_blocks() = ctx.group_blocks, cluster_index() =
+    ctx.group)."""
+    if cluster:
+        rank, group_blocks = ctx.rank, ctx.group_blocks
+        n_begin = ctx.group * p.group_rows
+        rows = p.group_rows if mut("cluster_rows_unclamped") else \
+            min(p.N - n_begin, p.group_rows)
+    else:
+        rank, group_blocks, n_begin, rows = ctx.block, ctx.grid, 0, p.N
+    u0 = rank * p.units
+    here = p.units if mut("here_is_U") else min(p.H - u0, p.units)
+    return BlockWork(rank, group_blocks, n_begin, rows, u0, here)
+
+
+def peer_shared(ptr, r, ctx):
+    """peer_shared(p, r): *p (in this block's shared memory) in the shared memory of the
+    cluster's block r. Mapping a peer's memory is legal once the peer is known to have
+    started (a cluster_sync passed) and while it has not exited."""
+    if ctx.peers is None:
+        raise Finding("peer_shared outside a cluster launch (it traps)")
+    if not 0 <= r < len(ctx.peers):
+        raise Finding(f"peer_shared: rank {r} outside the cluster of {len(ctx.peers)} blocks")
+    assert ptr.buf is ctx.smem
+    peer = ctx.peers[r]
+    if peer is not ctx:
+        if ctx.epoch == 0:
+            finding("DSMEM: a peer's shared memory accessed before the first cluster_sync "
+                    "(the peer may not have started, or may zero it after)")
+        if peer.exited:
+            finding("DSMEM: an access to the shared memory of a block that has exited")
+    return Ptr(peer.smem, ptr.off, ptr.size)
+
+
+def turn_index(s):
+    """The cluster variant's turn of xs for step s: s & 1."""
+    return 0 if mut("cluster_one_turn") else s & 1
+
+
+def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
     G = Cell.kGates
     mma = dt.mma
     assert not mma or (NT == 16 and RPW == 16), "the MMA tile is 16 x 16"
     N, H = p.N, p.H
     U, K = p.units, H
     ld = mma_ld(K) if mma else K
-    u0 = ctx.block * U
-    here = H - u0 if H - u0 < U else U
-    if mut("here_is_U"):
-        here = U
+    w = block_work(cluster, p, ctx)
+    u0, n_begin, rows, here = w.u0, w.n_begin, w.rows, w.here
+    nb = 0 if mut("cluster_no_n_begin") else n_begin  # the cell's row offset
     r_pad = round_up(G * U, RPW) if not mut("r_pad_unrounded") else G * U
-    lay = smem_layout(NT, r_pad, ld, scratch_bytes(NT, RPW, mma, dt.acc, r_pad), dt.scalar,
-                      dt.scalar, dt.acc)
+    x_rows = xs_rows(cluster, NT, p.group_rows)
+    turn = x_rows // 2  # the cluster variant's
+    lay = smem_layout(x_rows, NT, r_pad, ld, scratch_bytes(NT, RPW, mma, dt.acc, r_pad),
+                      dt.scalar, dt.scalar, dt.acc)
     smem = ctx.shared_memory()
     ws, xs = Ptr(smem, 0, dt.scalar), Ptr(smem, lay.xs_offset, dt.scalar)
     out = Ptr(smem, lay.out_offset, dt.acc)
@@ -629,55 +799,78 @@ def persistent_forward(Cell, NT, RPW, dt, p, ctx):
     val[valid] = p.w_hh.read(((g * H + (0 if mut("fwd_ws_no_u0") else u0) + j) * H + k)[valid],
                              ctx, thr[valid], where="forward Ws load")
     ws.write(idx, val, ctx, thr, where="forward Ws store")
+    if cluster:
+        # batched_copy of both turns: turn 0 h0's rows of the group, zero elsewhere;
+        # element e is thread e % blockDim's
+        idx = np.arange((1 if mut("cluster_fill_one_turn") else 2) * turn * ld, dtype=np.int64)
+        thr = idx % BLOCK_DIM
+        nl, k = idx // ld, idx % ld
+        load = (nl < rows) & (k < K)
+        val = np.zeros(idx.size)
+        val[load] = p.h0.read(((n_begin + nl) * H + k)[load], ctx, thr[load],
+                              where="cluster forward h0 into turn 0")
+        xs.write(idx, val, ctx, thr, where="cluster forward turns of xs")
 
     # this thread's first item of a step (tile 0, idx = threadIdx.x), its inputs loaded ahead
-    ahead_thr = np.arange(min(min(N, NT) * here, BLOCK_DIM), dtype=np.int64)
-    if min(N, NT) * here > BLOCK_DIM:
+    ahead_thr = np.arange(min(min(rows, NT) * here, BLOCK_DIM), dtype=np.int64)
+    if min(rows, NT) * here > BLOCK_DIM:
         cover("forward: tile 0 has more items than threads")
-    ahead_n, ahead_u = ahead_thr // here, u0 + ahead_thr % here
+    ahead_n, ahead_u = nb + ahead_thr // here, u0 + ahead_thr % here
     ahead = Cell.load(p, 0, time_index(0, p.T, p.reverse), time_index(-1, p.T, p.reverse),
                       ahead_n, ahead_u, ctx, ahead_thr)
-    ctx.syncthreads()
+    if cluster:
+        if not mut("cluster_no_pre_sync"):
+            yield CLUSTER_SYNC
+    else:
+        ctx.syncthreads()
 
     for s in range(p.T):
         t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
         h_prev = p.h0 if s == 0 else p.y + tp * N * H
-        for n0 in range(0, N, NT):
-            stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx, dt.scalar)
-            ctx.syncthreads()
+        nxt = xs + turn_index(s + 1) * turn * ld  # the cluster variant's next turn
+        for n0 in range(0, rows, NT):
+            if cluster:  # h_{t-1} of the tile's rows
+                xt = xs + (turn_index(s) * turn + n0) * ld
+            else:
+                stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx, dt.scalar)
+                xt = xs
+                ctx.syncthreads()
             if n0 > 0:  # a later tile's first item per thread, loaded before the dot
-                cur_thr = np.arange(min(min(NT, N - n0) * here, BLOCK_DIM), dtype=np.int64)
-                if mut("tile_ahead_row"):  # the row of tile 0 instead of this tile's
-                    ahead = Cell.load(p, s, t, tp, cur_thr // here, u0 + cur_thr % here, ctx,
-                                      cur_thr)
-                else:
-                    ahead = Cell.load(p, s, t, tp, n0 + cur_thr // here, u0 + cur_thr % here,
-                                      ctx, cur_thr)
+                cur_thr = np.arange(min(min(NT, rows - n0) * here, BLOCK_DIM), dtype=np.int64)
+                row0 = 0 if mut("tile_ahead_row") else n0  # tile 0's rows, not this tile's
+                ahead = Cell.load(p, s, t, tp, nb + row0 + cur_thr // here,
+                                  u0 + cur_thr % here, ctx, cur_thr)
                 cover("forward: a later tile's inputs loaded before its dot")
             if mma:
-                tile_dot_mma(ws, r_pad, xs, round_up(K, 16), ld, out, scratch, ctx)
+                tile_dot_mma(ws, r_pad, xt, round_up(K, 16), ld, out, scratch, ctx)
             else:
-                tile_dot(NT, RPW, ws, r_pad, xs, K, out, scratch, ctx)
+                tile_dot(NT, RPW, ws, r_pad, xt, K, out, scratch, ctx)
             if not mut("no_tile_sync"):
                 ctx.syncthreads()
             idx = np.arange(NT * here, dtype=np.int64)
             thr = idx % BLOCK_DIM
             nl, j = idx // here, idx % here
-            keep = n0 + nl < N  # `continue` for rows past N
+            keep = n0 + nl < rows  # `continue` for rows past the group's
             nl, j, thr = nl[keep], j[keep], thr[keep]
             hh = out.read(nl * r_pad + gate_offsets(G, U) + j, ctx, thr, where="forward out")
-            hp = xs.read(nl * ld + u0 + j, ctx, thr, where="forward h_prev from xs")
+            hp = xt.read(nl * ld + u0 + j, ctx, thr, where="forward h_prev from xs")
             # items run side by side: each thread's first item takes `ahead`
             first = idx[keep] < BLOCK_DIM
             inp = np.zeros((Cell.kLoads, thr.size))
             if (~first).any():
-                inp[:, ~first] = Cell.load(p, s, t, tp, n0 + nl[~first], u0 + j[~first], ctx,
-                                           thr[~first])
+                inp[:, ~first] = Cell.load(p, s, t, tp, nb + n0 + nl[~first], u0 + j[~first],
+                                           ctx, thr[~first])
             if first.any():
                 assert ahead.shape[1] == first.sum()  # the same threads' registers
                 inp[:, first] = ahead
-            Cell.forward(p, s, t, tp, n0 + nl, u0 + j, hh, hp, inp, ctx, thr)
-            if n0 + NT < N and not mut("no_next_tile_sync"):
+            h = Cell.forward(p, s, t, tp, nb + n0 + nl, u0 + j, hh, hp, inp, ctx, thr)
+            if cluster and s + 1 < p.T:  # into every block's next turn, its own included
+                col = j if mut("cluster_h_no_u0") else u0 + j
+                row = nl if mut("cluster_h_no_n0") else n0 + nl
+                for rk in range(1 if mut("cluster_no_self_store") else 0, w.group_blocks):
+                    peer_shared(nxt, rk, ctx).write(row * ld + col, h, ctx, thr,
+                                                    where="cluster forward h into a turn")
+            if n0 + NT < rows and not mut("no_next_tile_sync"):
                 ctx.syncthreads()
         if s + 1 < p.T:
             if mut("ahead_this_step"):  # loads step s's inputs again, not step s + 1's
@@ -685,20 +878,26 @@ def persistent_forward(Cell, NT, RPW, dt, p, ctx):
             else:
                 ahead = Cell.load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n,
                                   ahead_u, ctx, ahead_thr)
-            yield (s + 1) * ctx.grid - mut("barrier_target_low")
+            if cluster:
+                yield CLUSTER_SYNC
+            else:
+                yield (s + 1) * ctx.grid - mut("barrier_target_low")
+    if cluster:  # no block leaves while a peer may still address its shared memory
+        yield CLUSTER_SYNC
 
 
-def persistent_backward(Cell, NT, RPW, dt, p, ctx):
+def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
     G = Cell.kGates
     N, H = p.N, p.H
     U, K = p.units, G * H
-    u0 = ctx.block * U
-    here = H - u0 if H - u0 < U else U
-    if mut("here_is_U"):
-        here = U
+    w = block_work(cluster, p, ctx)
+    u0, n_begin, rows, here = w.u0, w.n_begin, w.rows, w.here
+    nb = 0 if mut("cluster_no_n_begin") else n_begin  # the cell's row offset
     r_pad = round_up(U, RPW)
-    lay = smem_layout(NT, r_pad, K, scratch_bytes(NT, RPW, False, dt.acc, r_pad), dt.scalar,
-                      dt.acc, dt.acc)
+    x_rows = xs_rows(cluster, NT, p.group_rows)
+    turn = x_rows // 2  # the cluster variant's
+    lay = smem_layout(x_rows, NT, r_pad, K, scratch_bytes(NT, RPW, False, dt.acc, r_pad),
+                      dt.scalar, dt.acc, dt.acc)
     smem = ctx.shared_memory()
     ws, xs = Ptr(smem, 0, dt.scalar), Ptr(smem, lay.xs_offset, dt.acc)
     out, scratch = Ptr(smem, lay.out_offset, dt.acc), Ptr(smem, lay.scratch_offset, dt.acc)
@@ -712,53 +911,76 @@ def persistent_backward(Cell, NT, RPW, dt, p, ctx):
                              where="backward Ws load")
     ws.write(q * r_pad + j if mut("bwd_ws_transposed") else j * K + q, val, ctx, thr,
              where="backward Ws store")
+    if cluster:  # both turns zero (their padding rows stay so)
+        idx = np.arange((1 if mut("cluster_fill_one_turn") else 2) * turn * K, dtype=np.int64)
+        xs.write(idx, 0.0, ctx, idx % BLOCK_DIM, where="cluster backward turns of xs")
 
     # phase A's inputs but dh of this thread's first item (idx = threadIdx.x), loaded ahead
-    ahead_thr = np.arange(min(N * here, BLOCK_DIM), dtype=np.int64)
-    ahead_n, ahead_u = ahead_thr // here, u0 + ahead_thr % here
+    ahead_thr = np.arange(min(rows * here, BLOCK_DIM), dtype=np.int64)
+    ahead_n, ahead_u = nb + ahead_thr // here, u0 + ahead_thr % here
     ahead = Cell.load_backward(p, p.T - 1, time_index(p.T - 1, p.T, p.reverse),
                                time_index(p.T - 2, p.T, p.reverse), ahead_n, ahead_u, ctx,
                                ahead_thr)
-    ctx.syncthreads()
+    if cluster:
+        if not mut("cluster_no_pre_sync"):
+            yield CLUSTER_SYNC
+    else:
+        ctx.syncthreads()
 
     for s in range(p.T - 1, -1, -1):
         t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
-        idx = np.arange(N * here, dtype=np.int64)
+        cur = xs + turn_index(s) * turn * K  # the cluster variant's turn for this step
+        idx = np.arange(rows * here, dtype=np.int64)
         first = idx < BLOCK_DIM  # idx == threadIdx.x: the values loaded ahead
         inp = np.zeros((Cell.kBackwardLoads, idx.size))
         inp[:, first] = ahead
         if (~first).any():
             cover("backward: more phase A items than threads")
             rest = idx[~first]
-            inp[:, ~first] = Cell.load_backward(p, s, t, tp, rest // here, u0 + rest % here, ctx,
-                                                rest % BLOCK_DIM)
-        Cell.backward(p, s, t, tp, idx // here, u0 + idx % here, inp, ctx, idx % BLOCK_DIM)
+            inp[:, ~first] = Cell.load_backward(p, s, t, tp, nb + rest // here,
+                                                u0 + rest % here, ctx, rest % BLOCK_DIM)
+        thr = idx % BLOCK_DIM
+        nl, u = idx // here, u0 + idx % here
+        dgh = Cell.backward(p, s, t, tp, nb + nl, u, inp, ctx, thr)
+        if cluster:  # dgh into every block's turn, its own included
+            for rk in range(1 if mut("cluster_no_self_store") else 0, w.group_blocks):
+                peer_shared(cur, rk, ctx).write(nl * K + u + gate_offsets(G, H), dgh, ctx, thr,
+                                                where="cluster backward dgh into a turn")
         if s > 0:
             if mut("bwd_ahead_this_step"):
                 ahead = Cell.load_backward(p, s, t, tp, ahead_n, ahead_u, ctx, ahead_thr)
             else:
                 ahead = Cell.load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse),
                                            ahead_n, ahead_u, ctx, ahead_thr)
-        if not mut("no_bwd_barrier"):
+        if cluster:
+            yield CLUSTER_SYNC
+        elif not mut("no_bwd_barrier"):
             yield (p.T - s) * ctx.grid - mut("barrier_target_low")
         dg = p.dg_hh + t * N * K
-        for n0 in range(0, N, NT):
-            stage_rows(NT, dg, n0, N, K, K, xs, ctx, dt.acc)
-            ctx.syncthreads()
-            tile_dot(NT, RPW, ws, r_pad, xs, K, out, scratch, ctx)
+        for n0 in range(0, rows, NT):
+            if cluster:  # dg_hh of the tile's rows
+                xt = (xs + turn_index(s + 1) * turn * K if mut("cluster_phase_b_other_turn")
+                      else cur) + n0 * K
+            else:
+                stage_rows(NT, dg, n0, N, K, K, xs, ctx, dt.acc)
+                xt = xs
+                ctx.syncthreads()
+            tile_dot(NT, RPW, ws, r_pad, xt, K, out, scratch, ctx)
             if not mut("no_tile_sync"):
                 ctx.syncthreads()
             idx = np.arange(NT * here, dtype=np.int64)
             thr = idx % BLOCK_DIM
             nl, j = idx // here, idx % here
-            keep = n0 + nl < N
+            keep = n0 + nl < rows
             nl, j, thr = nl[keep], j[keep], thr[keep]
-            dh_addr = (n0 + nl) * H + u0 + j
+            dh_addr = (nb + n0 + nl) * H + u0 + j
             v = out.read(nl * r_pad + j, ctx, thr, where="backward out")
             if Cell.kDirectDh and not mut("gru_direct_dh_off"):
                 v = p.dh.read(dh_addr, ctx, thr, where="backward phase B dh") + v
             p.dh.write(dh_addr, v, ctx, thr, where="backward phase B dh")
             ctx.syncthreads()
+    if cluster:
+        yield CLUSTER_SYNC
 
 
 def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
@@ -788,13 +1010,71 @@ def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
             ctxs[b].syncthreads()
         try:
             target = next(gens[b])
+            assert target is not CLUSTER_SYNC, "cluster_sync in a cooperative launch"
             ctxs[b].syncthreads()  # the barrier's first __syncthreads
             counter += 1  # thread 0: fence.acq_rel.gpu; red.relaxed.gpu.add(counter, 1)
             waiting[b] = target
         except StopIteration:
             done[b] = True
+            ctxs[b].exited = True
     if len(set(passed)) != 1:
         finding(f"blocks passed different numbers of grid barriers: {passed}")
+
+
+def run_clusters(kernel, blocks, cluster, smem_bytes, p, bufs, seed, at_once):
+    """The cluster launch: `blocks` blocks in clusters of `cluster`; at most `at_once`
+    clusters on the device (the occupancy query's), the others waiting for a free slot in a
+    random order (clusters need not be co-resident, so none may wait for another). A
+    cluster's blocks start together; one yielding CLUSTER_SYNC waits until all of its
+    cluster's blocks arrived, which releases them together (barrier.cluster.arrive.release +
+    wait.acquire: the epoch and a __syncthreads). Blocks of every cluster on the device run
+    interleaved in a random order."""
+    assert blocks % cluster == 0 and at_once >= 1
+    for b in bufs:
+        b.reset_launch()
+    rng = np.random.default_rng(seed)
+    queue = list(rng.permutation(blocks // cluster))
+    active = []  # [cluster index, ctxs, generators, arrived, done]
+    while queue or active:
+        while queue and len(active) < at_once:
+            c = int(queue.pop(0))
+            ctxs = [Ctx(c * cluster + r, blocks, smem_bytes, rank=r, group=c,
+                        group_blocks=cluster, peers=[]) for r in range(cluster)]
+            for x in ctxs:
+                x.peers = ctxs
+            active.append([c, ctxs, [kernel(p, x) for x in ctxs], [False] * cluster,
+                           [False] * cluster])
+        runnable = [(a, r) for a in active for r in range(cluster) if not a[3][r] and not a[4][r]]
+        if not runnable:
+            raise Finding("DEADLOCK: no block of the clusters on the device can run")
+        a, r = runnable[rng.integers(len(runnable))]
+        c, ctxs, gens, arrived, done = a
+        try:
+            what = next(gens[r])
+            assert what is CLUSTER_SYNC, "a grid barrier in a cluster launch"
+            arrived[r] = True
+        except StopIteration:
+            done[r] = True
+            ctxs[r].exited = True
+        if any(arrived) and all(arrived[i] or done[i] for i in range(cluster)):
+            if any(done):
+                gone = [i for i in range(cluster) if done[i]]
+                raise Finding(f"DEADLOCK: cluster {c}: blocks {gone} exited while the others "
+                              f"wait at a cluster_sync")
+            for i in range(cluster):  # every block arrived: the barrier releases them all
+                arrived[i] = False
+                ctxs[i].epoch += 1
+                ctxs[i].syncthreads()
+        if all(done):
+            active.remove(a)
+            if len({x.epoch for x in ctxs}) != 1:
+                finding(f"cluster {c}: blocks passed different numbers of cluster barriers")
+            for x in ctxs:  # a peer's store in the interval in which x exited may land late
+                sm = x.smem
+                late = (sm.wb >= 0) & (sm.wb != x.block) & (sm.we >= x.epoch)
+                if late.any():
+                    finding("DSMEM: a store into a block's shared memory in the barrier "
+                            "interval in which that block exits")
 
 
 # --------------------------------------------------------------------------------------
@@ -818,8 +1098,8 @@ def lstm_point(pi, pf, pg, po, c_prev):
 
 
 def lstm_point_backward(cr, dh_total, dc, c_prev):
-    """The gate gradients dr[0, H, 2H, 3H] (rows) and dc_{t-1}, from the workspace row's
-    values cr = i, f, g, o, c."""
+    """The gate gradients dr[0, H, 2H, 3H] (rows; the cells pass stride 1 and a local dr)
+    and dc_{t-1}, from the workspace row's values cr = i, f, g, o, c."""
     i, f, g, o, c = cr
     tc = tanh_act(c)
     dc_total = dc + dh_total * o * (1 - tc * tc)
@@ -852,6 +1132,7 @@ class LstmCell:
 
     @staticmethod
     def forward(p, s, t, tp, n, u, hh, _h_prev, inp, ctx, thr):
+        """Writes y (and the cache or c_state); returns h as stored in y."""
         H = p.H
         row = t * p.N + n
         st = lstm_point(*(inp[:4] + hh), inp[4])
@@ -860,7 +1141,9 @@ class LstmCell:
                           where="lstm cache")
         else:
             p.c_state.write(n * H + u, st[4], ctx, thr, where="lstm c_state")
-        p.y.write(row * H + u, st[3] * tanh_act(st[4]), ctx, thr, where="lstm y")
+        h = st[3] * tanh_act(st[4])
+        p.y.write(row * H + u, h, ctx, thr, where="lstm y")
+        return h
 
     kBackwardLoads = 8
 
@@ -877,12 +1160,15 @@ class LstmCell:
 
     @staticmethod
     def backward(p, s, t, tp, n, u, inp, ctx, thr):
+        """Phase A: writes dc and dg (dg_hh is dg_ih); returns dgh [4, items], what it wrote
+        (lstm_point_backward with stride 1 into the local dgh, then stored)."""
         H = p.H
         row, idx = t * p.N + n, n * H + u
         dh_total = inp[5] + p.dh.read(idx, ctx, thr, where="lstm phase A dh")
-        dr, dc_prev = lstm_point_backward(inp[:5], dh_total, inp[6], inp[7])
-        p.dg_ih.write(row * 4 * H + u + gate_offsets(4, H), dr, ctx, thr, where="lstm dg")
+        dgh, dc_prev = lstm_point_backward(inp[:5], dh_total, inp[6], inp[7])
         p.dc.write(idx, dc_prev, ctx, thr, where="lstm dc")
+        p.dg_ih.write(row * 4 * H + u + gate_offsets(4, H), dgh, ctx, thr, where="lstm dg")
+        return dgh
 
 
 def gru_point(xr, xz, xn, hr, hz, hn):
@@ -898,8 +1184,8 @@ def gru_h(st, h_prev):
 
 
 def gru_point_backward(cr, dh_total, h_prev):
-    """The gate gradients di and dhh (rows 0, H, 2H) and dh_{t-1}'s direct term, from the
-    workspace row's values cr = r, z, n, hn."""
+    """The gate gradients di and dhh (rows 0, H, 2H; the cell passes stride 1 and local
+    arrays) and dh_{t-1}'s direct term, from the workspace row's values cr = r, z, n, hn."""
     r, z, nn, hn = cr
     dn = dh_total * (1 - z) * (1 - nn * nn)
     dz = dh_total * (h_prev - nn) * z * (1 - z)
@@ -923,13 +1209,16 @@ class GruCell:
 
     @staticmethod
     def forward(p, s, t, tp, n, u, hh, h_prev, inp, ctx, thr):
+        """Writes y (and the cache); returns h as stored in y."""
         H = p.H
         row = t * p.N + n
         st = gru_point(*inp[:3], *(hh + inp[3:]))
-        p.y.write(row * H + u, gru_h(st, h_prev), ctx, thr, where="gru y")
+        h = gru_h(st, h_prev)
+        p.y.write(row * H + u, h, ctx, thr, where="gru y")
         if p.cache is not None:  # gru_store
             p.cache.write(row * 4 * H + u + gate_offsets(4, H), np.stack(st), ctx, thr,
                           where="gru cache")
+        return h
 
     kBackwardLoads = 6
 
@@ -950,10 +1239,12 @@ class GruCell:
         H, N = p.H, p.N
         row, idx = t * N + n, n * H + u
         dh_total = inp[4] + p.dh.read(idx, ctx, thr, where="gru phase A dh")
-        di, dhh, dh_direct = gru_point_backward(inp[:4], dh_total, inp[5])
-        p.dg_ih.write(row * 3 * H + u + gate_offsets(3, H), di, ctx, thr, where="gru dg_ih")
-        p.dg_hh.write(row * 3 * H + u + gate_offsets(3, H), dhh, ctx, thr, where="gru dg_hh")
+        di, dgh, dh_direct = gru_point_backward(inp[:4], dh_total, inp[5])
         p.dh.write(idx, dh_direct, ctx, thr, where="gru phase A dh")
+        # `for g < 3: dgi[g * H] = di[g]; dgr[g * H] = dgh[g]`
+        p.dg_ih.write(row * 3 * H + u + gate_offsets(3, H), di, ctx, thr, where="gru dg_ih")
+        p.dg_hh.write(row * 3 * H + u + gate_offsets(3, H), dgh, ctx, thr, where="gru dg_hh")
+        return di if mut("cluster_bwd_gru_dg_ih") else dgh
 
 
 def elman_act(v, activation):
@@ -985,7 +1276,9 @@ class ElmanCell:
     @staticmethod
     def forward(p, s, t, tp, n, u, hh, _h_prev, inp, ctx, thr):
         idx = (t * p.N + n) * p.H + u
-        p.y.write(idx, elman_act(inp[0] + hh[0], p.activation), ctx, thr, where="elman y")
+        h = elman_act(inp[0] + hh[0], p.activation)
+        p.y.write(idx, h, ctx, thr, where="elman y")
+        return h
 
     kBackwardLoads = 2
 
@@ -998,12 +1291,14 @@ class ElmanCell:
     @staticmethod
     def backward(p, s, t, tp, n, u, inp, ctx, thr):
         idx = (t * p.N + n) * p.H + u
-        p.dg_ih.write(idx, (inp[0] + p.dh.read(n * p.H + u, ctx, thr, where="elman phase A dh"))
-                      * elman_act_grad(inp[1], p.activation), ctx, thr, where="elman dg")
+        dgh = (inp[0] + p.dh.read(n * p.H + u, ctx, thr, where="elman phase A dh")) \
+            * elman_act_grad(inp[1], p.activation)
+        p.dg_ih.write(idx, dgh, ctx, thr, where="elman dg")
+        return dgh[None]
 
 
 # --------------------------------------------------------------------------------------
-# host side: plan_persistent, launch_persistent (persistent.cuh)
+# host side: PersistentPlanner's grid() and cluster(), launch_persistent (persistent.cuh)
 # --------------------------------------------------------------------------------------
 class FakeDevice:
     def __init__(self, sms, smem_optin=227 * 1024, smem_per_sm=228 * 1024):
@@ -1012,54 +1307,37 @@ class FakeDevice:
     def occupancy(self, smem):  # __launch_bounds__(256, 1): registers allow one block
         return 1 if smem + 1024 <= self.smem_per_sm else 0
 
+    def active_clusters(self, cs, smem):
+        """cudaOccupancyMaxActiveClusters: a block an SM, so sms // cs clusters of cs blocks
+        (a GPC's limits aside), none where a block does not fit or cs > 16."""
+        return 0 if cs > 16 or not self.occupancy(smem) else self.sms // cs
+
 
 @dataclasses.dataclass
 class Plan:
     kernel: object = None
     blocks: int = 0
     units: int = 0
+    cluster: int = 0  # blocks per cluster: the cluster variant; 0: the grid variant
+    group_rows: int = 0  # the cluster variant's rows of N per cluster (N for the grid)
     smem: int = 0
     nt: int = 0
     rpw: int = 0
+    at_once: int = 0  # the cluster variant: clusters the device runs at once
+    us: float = 0.0  # the cluster variant: the stand-in cost (see cluster_us)
 
 
-def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
-    """plan_persistent with mode == kPersistent (forced). tile: force (NT, RPW) of the FFMA
-    kernels (the MMA forward has only (16, 16))."""
-    G = Cell.kGates
-    sms = dev.sms
-    units = (H + sms - 1) // sms
-    K = G * H if backward else H
-    rows = units if backward else G * units
-    x_size = dt.acc if backward else dt.scalar
-    mma = not backward and dt.mma
-    plan = Plan()
-
-    def try_tile(nt, rpw):
-        nonlocal plan
-        r_pad = round_up(rows, rpw)
-        ld = mma_ld(K) if mma else K
-        smem = smem_layout(nt, r_pad, ld, scratch_bytes(nt, rpw, mma, dt.acc, r_pad),
-                           dt.scalar, x_size, dt.acc).bytes
-        if smem > dev.smem_optin:
-            return False
-        per_sm = dev.occupancy(smem)
-        blocks = (H + units - 1) // units
-        if per_sm * sms < blocks:
-            return False
-        kern = persistent_backward if backward else persistent_forward
-        plan = Plan(lambda p, ctx: kern(Cell, nt, rpw, dt, p, ctx), blocks, units, smem, nt,
-                    rpw)
-        return True
-
+def for_tiles(n_rows, w_rows, try_tile, mma, backward, dt, tile=None):
+    """PersistentPlanner::for_tiles: tries the tiles in order until try_tile(nt, rpw) says
+    one ran. tile: force (NT, RPW) of the FFMA kernels (the MMA forward has only (16, 16))."""
     if mma:
         try_tile(16, 16)
     elif tile is not None:
         try_tile(*tile)
     else:
         done = False
-        if N > 4:
-            if dt.acc == 4 and round_up(rows, 8) == round_up(rows, 4):
+        if n_rows > 4:
+            if dt.acc == 4 and round_up(w_rows, 8) == round_up(w_rows, 4):
                 done = try_tile(16, 8)
             if not done:
                 done = try_tile(16, 4)
@@ -1067,15 +1345,135 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
                 done = try_tile(8, 8)
         if not done:
             try_tile(4, 8)
+
+
+def kernel_of(Cell, backward, nt, rpw, dt, cluster):
+    kern = persistent_backward if backward else persistent_forward
+    return lambda p, ctx: kern(Cell, nt, rpw, dt, cluster, p, ctx)
+
+
+def plan_sizes(Cell, backward, H, units, dt):
+    """K, the rows of W a block holds, the staged element's size, the MMA forward."""
+    G = Cell.kGates
+    K = G * H if backward else H
+    w_rows = units if backward else G * units
+    return K, w_rows, dt.acc if backward else dt.scalar, not backward and dt.mma
+
+
+def smem_bytes(nt, rpw, r_pad, ld, group_rows, cluster, dt, backward, mma):
+    x_size = dt.acc if backward else dt.scalar
+    return smem_layout(xs_rows(cluster, nt, group_rows), nt, r_pad, ld,
+                       scratch_bytes(nt, rpw, mma, dt.acc, r_pad), dt.scalar, x_size,
+                       dt.acc).bytes
+
+
+def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
+    """PersistentPlanner::grid() with the path forced. tile: force (NT, RPW) of the FFMA
+    kernels (the MMA forward has only (16, 16))."""
+    sms = dev.sms
+    units = (H + sms - 1) // sms
+    K, w_rows, _, mma = plan_sizes(Cell, backward, H, units, dt)
+    plan = Plan()
+
+    def try_tile(nt, rpw):
+        nonlocal plan
+        r_pad = round_up(w_rows, rpw)
+        ld = mma_ld(K) if mma else K
+        smem = smem_bytes(nt, rpw, r_pad, ld, 0, False, dt, backward, mma)
+        if smem > dev.smem_optin:
+            return False
+        per_sm = dev.occupancy(smem)
+        blocks = (H + units - 1) // units
+        if per_sm * sms < blocks:
+            return False
+        plan = Plan(kernel_of(Cell, backward, nt, rpw, dt, False), blocks, units, 0, N, smem,
+                    nt, rpw)
+        return True
+
+    for_tiles(N, w_rows, try_tile, mma, backward, dt, tile)
     if plan.kernel is None:
         raise Finding(f"the persistent path cannot run for H={H}")
     assert plan.blocks <= sms
     return plan
 
 
+def cluster_us(group_rows, nt, r_pad, K, pushes, x_size, mma, waves, fp64):
+    """CostModel::cluster_us on a stand-in device (the emulator has no cudaDeviceProp):
+    an H100's 1755 MHz, 128 FP32 lanes an SM (64 for FP64) and tensor cores 16x FFMA."""
+    clock_mhz = 1755.0
+    rate = 2.0 * (64.0 if fp64 else 128.0) * clock_mhz * (16.0 * 0.15 if mma else 0.4)
+    tiles = (group_rows + nt - 1) // nt
+    dot_us = 2.0 * nt * r_pad * K / rate
+    push_us = pushes * x_size / (32.0 * clock_mhz)
+    return waves * (1.2 + tiles * dot_us + (tiles - 1) * 0.27 + push_us)
+
+
+def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None):
+    """PersistentPlanner::cluster() with the path forced. size: RNNFAST_CLUSTER_SIZE (C0),
+    rows: RNNFAST_CLUSTER_ROWS (N_c), None for the planner's choice; tile as in
+    plan_persistent. The choice among cluster sizes uses cluster_us's stand-in device."""
+    sms = dev.sms
+    best = None
+    for c0 in (16, 8, 4, 2, 1):
+        if (c0 != size) if size else c0 > H:
+            continue
+        units = (H + c0 - 1) // c0
+        cs = (H + units - 1) // units
+        K, w_rows, x_size, mma = plan_sizes(Cell, backward, H, units, dt)
+        guess_rows = -(-N // max(1, sms // cs))
+
+        def try_tile(nt, rpw):
+            nonlocal best
+            r_pad = round_up(w_rows, rpw)
+            ld = mma_ld(K) if mma else K
+
+            def sm(group_rows):
+                return smem_bytes(nt, rpw, r_pad, ld, group_rows, True, dt, backward, mma)
+            if sm(1) > dev.smem_optin:
+                return False
+            cap = nt  # the most rows whose two turns fit
+            while cap < N and sm(cap + nt) <= dev.smem_optin:
+                cap += nt
+            at_once = dev.active_clusters(cs, sm(min(cap, guess_rows)))
+            if at_once < 1:
+                return False
+            n_c = -(-N // min(N, at_once))
+            if rows:
+                n_c = min(rows, N)
+            n_c = min(n_c, cap)
+            clusters = -(-N // n_c)
+            plan = Plan(kernel_of(Cell, backward, nt, rpw, dt, True), clusters * cs, units, cs,
+                        n_c, sm(1 if mut("cluster_plan_smem_one_row") else n_c), nt, rpw,
+                        at_once)
+            pushes = n_c * units * (Cell.kGates if backward else 1) * cs
+            plan.us = cluster_us(n_c, nt, r_pad, K, pushes, x_size, mma,
+                                 -(-clusters // at_once), dt.scalar == 8)
+            if best is None or plan.us < best.us:
+                best = plan
+            return True
+
+        for_tiles(guess_rows, w_rows, try_tile, mma, backward, dt, tile)
+    if best is None:
+        raise Finding(f"the cluster variant cannot run for H={H} (size {size}, {sms} SMs)")
+    return best
+
+
 def launch_persistent(plan, p, bufs, seed):
     p.units = plan.units
-    run_grid(plan.kernel, plan.blocks, plan.smem, p, bufs, seed)
+    p.group_rows = plan.group_rows
+    if plan.cluster > 0:
+        run_clusters(plan.kernel, plan.blocks, plan.cluster, plan.smem, p, bufs, seed,
+                     plan.at_once)
+    else:
+        run_grid(plan.kernel, plan.blocks, plan.smem, p, bufs, seed)
+
+
+def plan_for(Cell, backward, N, H, dev, dt, tile, cluster):
+    """The forced path of a case: the grid variant, or with cluster = (size, rows) the
+    cluster variant (None in either for the planner's choice)."""
+    if cluster is None:
+        return plan_persistent(Cell, backward, N, H, dev, dt, tile)
+    return plan_cluster(Cell, backward, N, H, dev, dt, *cluster, tile=tile)
 
 
 # --------------------------------------------------------------------------------------
@@ -1127,7 +1525,8 @@ def bias_grad(dg):
     return dg.sum(dim=(0, 1))
 
 
-def lstm_forward_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, tile, seed, h0_off=0):
+def lstm_forward_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, tile, seed,
+                    h0_off=0, cluster=None):
     T, N, _ = x.shape
     H = w_hh.shape[1]
     y = empty("y", T * N * H)
@@ -1136,7 +1535,7 @@ def lstm_forward_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, d
     xp = Buf("xp", input_projection(x, w_ih, sum_biases(b_ih, b_hh)))
     w = Buf("w_hh", w_hh)
     h0b = offset_buf("h0", h0, h0_off)
-    plan = plan_persistent(LstmCell, False, N, H, dev, dt, tile)
+    plan = plan_for(LstmCell, False, N, H, dev, dt, tile, cluster)
     c_state = None if training else Buf("c_state", c0)  # c0_acc.clone()
     p = Params(T=T, N=N, H=H, reverse=reverse, xp=Ptr(xp), w_hh=Ptr(w), h0=Ptr(h0b, h0_off),
                c0=Ptr(c0_acc), y=Ptr(y), cache=Ptr(ws) if training else None,
@@ -1150,7 +1549,7 @@ def lstm_forward_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, d
 
 
 def lstm_backward_op(dy, dhn, dcn, x, h0, c0, w_ih, w_hh, y, workspace, reverse, dev, dt, tile,
-                     seed):
+                     seed, cluster=None):
     T, N, _ = x.shape
     H = w_hh.shape[1]
     dh = Buf("dh", dhn)
@@ -1158,7 +1557,7 @@ def lstm_backward_op(dy, dhn, dcn, x, h0, c0, w_ih, w_hh, y, workspace, reverse,
     dg = empty("dg", T * N * 4 * H)
     bufs = dict(w_hh=Buf("w_hh", w_hh), c0=Buf("c0_acc", c0), cache=Buf("workspace", workspace),
                 dy=Buf("dy", dy))
-    plan = plan_persistent(LstmCell, True, N, H, dev, dt, tile)
+    plan = plan_for(LstmCell, True, N, H, dev, dt, tile, cluster)
     p = Params(T=T, N=N, H=H, reverse=reverse, w_hh=Ptr(bufs["w_hh"]), c0=Ptr(bufs["c0"]),
                cache=Ptr(bufs["cache"]), dy=Ptr(bufs["dy"]), dh=Ptr(dh), dc=Ptr(dc),
                dg_ih=Ptr(dg), dg_hh=Ptr(dg))
@@ -1169,7 +1568,8 @@ def lstm_backward_op(dy, dhn, dcn, x, h0, c0, w_ih, w_hh, y, workspace, reverse,
             recurrent_weight_grad(dgt, y, h0, reverse), bias_grad(dgt)), plan
 
 
-def gru_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, tile, seed, h0_off=0):
+def gru_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, tile, seed, h0_off=0,
+                    cluster=None):
     T, N, _ = x.shape
     H = w_hh.shape[1]
     y = empty("y", T * N * H)
@@ -1178,7 +1578,7 @@ def gru_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, ti
     w = Buf("w_hh", w_hh)
     h0b = offset_buf("h0", h0, h0_off)
     bb = Buf("b_hh", b_hh) if b_hh is not None else None
-    plan = plan_persistent(GruCell, False, N, H, dev, dt, tile)
+    plan = plan_for(GruCell, False, N, H, dev, dt, tile, cluster)
     p = Params(T=T, N=N, H=H, reverse=reverse, xp=Ptr(xp), w_hh=Ptr(w),
                b_hh=Ptr(bb) if bb is not None else None, h0=Ptr(h0b, h0_off), y=Ptr(y),
                cache=Ptr(ws) if training else None)
@@ -1188,7 +1588,8 @@ def gru_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, ti
             ws.tensor(((T if training else 0), N, 4 * H)), plan)
 
 
-def gru_backward_op(dy, dhn, x, h0, w_ih, w_hh, y, workspace, reverse, dev, dt, tile, seed):
+def gru_backward_op(dy, dhn, x, h0, w_ih, w_hh, y, workspace, reverse, dev, dt, tile, seed,
+                    cluster=None):
     T, N, _ = x.shape
     H = w_hh.shape[1]
     dh = Buf("dh", dhn)
@@ -1196,7 +1597,7 @@ def gru_backward_op(dy, dhn, x, h0, w_ih, w_hh, y, workspace, reverse, dev, dt, 
     dg_hh = empty("dg_hh", T * N * 3 * H)
     bufs = [Buf("w_hh", w_hh), Buf("h0", h0), Buf("y", y), Buf("workspace", workspace),
             Buf("dy", dy)]
-    plan = plan_persistent(GruCell, True, N, H, dev, dt, tile)
+    plan = plan_for(GruCell, True, N, H, dev, dt, tile, cluster)
     p = Params(T=T, N=N, H=H, reverse=reverse, w_hh=Ptr(bufs[0]), h0=Ptr(bufs[1]),
                y=Ptr(bufs[2]), cache=Ptr(bufs[3]), dy=Ptr(bufs[4]), dh=Ptr(dh),
                dg_ih=Ptr(dg_ih), dg_hh=Ptr(dg_hh))
@@ -1207,14 +1608,15 @@ def gru_backward_op(dy, dhn, x, h0, w_ih, w_hh, y, workspace, reverse, dev, dt, 
             bias_grad(dgi), bias_grad(dgh)), plan
 
 
-def rnn_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, dev, dt, tile, seed, h0_off=0):
+def rnn_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, dev, dt, tile, seed,
+                   h0_off=0, cluster=None):
     T, N, _ = x.shape
     H = w_hh.shape[1]
     y = empty("y", T * N * H)
     xp = Buf("xp", input_projection(x, w_ih, sum_biases(b_ih, b_hh)))
     w = Buf("w_hh", w_hh)
     h0b = offset_buf("h0", h0, h0_off)
-    plan = plan_persistent(ElmanCell, False, N, H, dev, dt, tile)
+    plan = plan_for(ElmanCell, False, N, H, dev, dt, tile, cluster)
     p = Params(T=T, N=N, H=H, reverse=reverse, activation=activation, xp=Ptr(xp), w_hh=Ptr(w),
                h0=Ptr(h0b, h0_off), y=Ptr(y))
     launch_persistent(plan, p, [y, xp, w, h0b], seed)
@@ -1222,13 +1624,14 @@ def rnn_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, dev, dt, 
     return yt, yt[time_index(T - 1, T, reverse)].clone(), plan
 
 
-def rnn_backward_op(dy, dhn, x, h0, w_ih, w_hh, y, activation, reverse, dev, dt, tile, seed):
+def rnn_backward_op(dy, dhn, x, h0, w_ih, w_hh, y, activation, reverse, dev, dt, tile, seed,
+                    cluster=None):
     T, N, _ = x.shape
     H = w_hh.shape[1]
     dh = Buf("dh", dhn)
     dg = empty("dg", T * N * H)
     bufs = [Buf("w_hh", w_hh), Buf("y", y), Buf("dy", dy)]
-    plan = plan_persistent(ElmanCell, True, N, H, dev, dt, tile)
+    plan = plan_for(ElmanCell, True, N, H, dev, dt, tile, cluster)
     p = Params(T=T, N=N, H=H, reverse=reverse, activation=activation, w_hh=Ptr(bufs[0]),
                y=Ptr(bufs[1]), dy=Ptr(bufs[2]), dh=Ptr(dh), dg_ih=Ptr(dg), dg_hh=Ptr(dg))
     launch_persistent(plan, p, [dh, dg, *bufs], seed)
@@ -1301,7 +1704,7 @@ def reference_run(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, act):
 # --------------------------------------------------------------------------------------
 def reset_stats():
     STATS.clear()
-    STATS.update(cases=0, backward=0, max_err=0.0, tiles=set(), cover=set())
+    STATS.update(cases=0, backward=0, cluster=0, max_err=0.0, tiles=set(), cover=set())
 
 
 def check(name, got, want, case, tol=1e-9):
@@ -1320,14 +1723,46 @@ def check(name, got, want, case, tol=1e-9):
     STATS["max_err"] = max(STATS["max_err"], err)
 
 
+def cover_plan(plan, N, H, sms, dt, backward):
+    STATS["tiles"].add((plan.nt, plan.rpw))
+    if plan.cluster:
+        STATS["cluster"] += not backward
+        cs, n_c = plan.cluster, plan.group_rows
+        cover(*(c for c, on in (
+            ("cluster: size 1", cs == 1), ("cluster: size 2", cs == 2),
+            ("cluster: a size not a power of two", cs & (cs - 1) != 0),
+            ("cluster: more than 8 blocks", cs > 8),
+            ("cluster: the last block owns fewer units", H % plan.units != 0),
+            ("cluster: N_c = 1", n_c == 1),
+            ("cluster: several row tiles", n_c > plan.nt),
+            ("cluster: a partial row tile", n_c % plan.nt != 0),
+            ("cluster: a last cluster with fewer rows", N % n_c != 0),
+            ("cluster: more clusters than run at once", plan.blocks // cs > plan.at_once),
+            ("cluster: mma forward", dt.mma and not backward),
+            ("cluster: ffma forward", not dt.mma and not backward),
+            ("cluster: backward", backward)) if on))
+        return
+    cover(*(c for c, on in (
+        ("last block owns fewer units", H % plan.units != 0),
+        ("blocks own several units", plan.units > 1),
+        ("H < SM count", H < sms), ("H > SM count", H > sms),
+        ("several row tiles", N > plan.nt), ("a partial row tile", N % plan.nt != 0),
+        ("K > 32 (several k per lane)", H > 32),
+        ("mma: K % 16 != 0 (zero padding)", dt.mma and H % 16 != 0),
+        ("mma: K % 16 == 0", dt.mma and H % 16 == 0),
+        ("mma: several row tiles", dt.mma and N > 16)) if on))
+
+
 def case_name(c):
     keys = ("kind", "dtype", "T", "N", "C", "H", "reverse", "training", "sms", "bias", "act",
-            "gru_bhh", "tile", "h0_off", "smem_optin")
+            "gru_bhh", "tile", "h0_off", "smem_optin", "cluster")
     return " ".join(f"{k}={c[k]}" for k in keys if k in c)
 
 
 def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True, tile=None,
-             dtype="float64", seed=0, ops=None, h0_off=0, smem_optin=None):
+             dtype="float64", seed=0, ops=None, h0_off=0, smem_optin=None, cluster=None):
+    """One case; cluster: (size, rows) for the cluster variant (RNNFAST_CLUSTER_SIZE and
+    _ROWS; None in either for the planner's choice), None for the grid variant."""
     g = torch.Generator().manual_seed(seed)
     G = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
     scale = 1.0 / math.sqrt(H)
@@ -1352,7 +1787,8 @@ def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True
                           **({"gru_bhh": gru_bhh} if kind == "gru" else {}),
                           **({"tile": tile} if tile else {}),
                           **({"h0_off": h0_off} if h0_off else {}),
-                          **({"smem_optin": smem_optin} if smem_optin else {})))
+                          **({"smem_optin": smem_optin} if smem_optin else {}),
+                          **({"cluster": cluster} if cluster else {})))
 
     y_ref, hn_ref, cn_ref, ws_ref = reference_run(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                   reverse, act)
@@ -1360,25 +1796,16 @@ def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True
     args = [D(x), D(h0), D(c0), D(w_ih), D(w_hh), D(b_ih), D(b_hh)]
     if kind == "lstm":
         y, hn, cn, ws, plan = lstm_forward_op(*args, reverse, training, dev, dt, tile, seed,
-                                              h0_off)
+                                              h0_off, cluster)
     elif kind == "gru":
         y, hn, ws, plan = gru_forward_op(*(args[:2] + args[3:]), reverse, training, dev, dt,
-                                         tile, seed, h0_off)
+                                         tile, seed, h0_off, cluster)
         cn = None
     else:
         y, hn, plan = rnn_forward_op(*(args[:2] + args[3:]), act, reverse, dev, dt, tile, seed,
-                                     h0_off)
+                                     h0_off, cluster)
         cn = ws = None
-    STATS["tiles"].add((plan.nt, plan.rpw))
-    cover(*(c for c, on in (
-        ("last block owns fewer units", H % plan.units != 0),
-        ("blocks own several units", plan.units > 1),
-        ("H < SM count", H < sms), ("H > SM count", H > sms),
-        ("several row tiles", N > plan.nt), ("a partial row tile", N % plan.nt != 0),
-        ("K > 32 (several k per lane)", H > 32),
-        ("mma: K % 16 != 0 (zero padding)", dt.mma and H % 16 != 0),
-        ("mma: K % 16 == 0", dt.mma and H % 16 == 0),
-        ("mma: several row tiles", dt.mma and N > 16)) if on))
+    cover_plan(plan, N, H, sms, dt, False)
     check("y", y, y_ref, case)
     check("hn", hn, hn_ref, case)
     if kind == "lstm":
@@ -1411,20 +1838,20 @@ def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True
     gr = lambda t: grads[id(t)] if t is not None else None  # noqa: E731
     if kind == "lstm":
         out, plan = lstm_backward_op(dy, dhn, dcn, D(x), D(h0), D(c0), D(w_ih), D(w_hh), y, ws,
-                                     reverse, dev, dt, tile, seed + 1)
+                                     reverse, dev, dt, tile, seed + 1, cluster)
         dx, dh0, dc0, dw_ih, dw_hh, db = out
         check("dc0", dc0, gr(c0), case)
         db_ih = db_hh = db
     elif kind == "gru":
         out, plan = gru_backward_op(dy, dhn, D(x), D(h0), D(w_ih), D(w_hh), y, ws, reverse,
-                                    dev, dt, tile, seed + 1)
+                                    dev, dt, tile, seed + 1, cluster)
         dx, dh0, dw_ih, dw_hh, db_ih, db_hh = out
     else:
         out, plan = rnn_backward_op(dy, dhn, D(x), D(h0), D(w_ih), D(w_hh), y, act, reverse,
-                                    dev, dt, tile, seed + 1)
+                                    dev, dt, tile, seed + 1, cluster)
         dx, dh0, dw_ih, dw_hh, db = out
         db_ih = db_hh = db
-    STATS["tiles"].add((plan.nt, plan.rpw))
+    cover_plan(plan, N, H, sms, dt, True)
     STATS["backward"] += 1
     check("dx", dx, gr(x), case)
     check("dh0", dh0, gr(h0), case)
@@ -1526,6 +1953,47 @@ def cases(full=False):
         dict(kind="gru", T=2, N=17, C=2, H=112, reverse=True, training=False, sms=3,
              bias=True, dtype="float16"),
     ]
+    # the cluster variant: (size, rows) forced (RNNFAST_CLUSTER_SIZE, _ROWS) or the
+    # planner's (None); the comments give the plan: clusters of cs blocks, U units a block
+    # (the last block's), N_c rows a cluster (the last cluster's) and the tile
+    C = dict(C=2, bias=True)
+    extra += [
+        # cs 4, U 2 (1); N_c 2 (1): 3 clusters, 2 at once; (4, 8)
+        dict(kind="lstm", T=3, N=5, H=7, sms=8, cluster=(4, 2), reverse=True, training=True,
+             **C),
+        # cs 3, U 2 (1); the planner's N_c 9 (8); (16, 4)
+        dict(kind="gru", T=2, N=17, H=5, sms=7, cluster=(4, None), reverse=False,
+             training=True, gru_bhh=False, **C),
+        # cs 2, U 5; N_c 17 (16): two tiles, the second of 1 row; (16, 8)
+        dict(kind="rnn", act=1, T=3, N=33, H=10, sms=4, cluster=(2, 17), reverse=True,
+             training=True, dtype="float32", **C),
+        # cs 1, U 3; N_c 1: 4 clusters, 3 at once; (4, 8)
+        dict(kind="rnn", act=2, T=3, N=4, H=3, sms=3, cluster=(1, 1), reverse=False,
+             training=True, **C),
+        # cs 14, U 2 (1); N_c 3; (4, 8)
+        dict(kind="lstm", T=2, N=3, H=27, sms=16, cluster=(16, None), reverse=False,
+             training=True, dtype="float32", **C),
+        # tensor cores: cs 2, U 10; N_c 5 (2) in one tile of 16
+        dict(kind="gru", T=2, N=17, H=20, sms=8, cluster=(2, 5), reverse=True, training=True,
+             dtype="float16", **C),
+        # tensor cores: cs 4, U 9 (6); N_c 17 (1): two tiles
+        dict(kind="lstm", T=2, N=18, H=33, sms=8, cluster=(4, 17), reverse=False,
+             training=False, dtype="float16", **C),
+        # tensor cores: cs 8, U 2; h0 one element into its allocation
+        dict(kind="rnn", act=0, T=2, N=5, H=16, sms=16, cluster=(8, None), reverse=True,
+             training=True, dtype="float16", h0_off=1, **C),
+        # inference: cs 7, U 2 (1); N_c 4 (1)
+        dict(kind="gru", T=3, N=9, H=13, sms=14, cluster=(8, 4), reverse=True,
+             training=False, dtype="float32", **C),
+        dict(kind="lstm", T=3, N=6, H=8, sms=4, cluster=(2, 3), reverse=False,
+             training=False, **C),
+        # the planner's size and rows
+        dict(kind="lstm", T=2, N=40, H=27, sms=16, cluster=(None, None), reverse=True,
+             training=True, dtype="float32", **C),
+        # T = 1: nothing stored into the turns in the forward
+        dict(kind="rnn", act=0, T=1, N=2, H=2, sms=2, cluster=(2, None), reverse=False,
+             training=True, **C),
+    ]
     for j, e in enumerate(extra):
         e.setdefault("seed", 100000 + j)
     return out + extra
@@ -1539,7 +2007,12 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "K > 32 (several k per lane)", "ffma: split-K", "ffma: one k range per chunk",
             "ffma: several jobs per warp", "ffma: K % splits != 0", "mma: split-K",
             "mma: one k range per tile", "mma: several jobs per warp",
-            "mma: K % 16 != 0 (zero padding)", "mma: K % 16 == 0", "mma: several row tiles"}
+            "mma: K % 16 != 0 (zero padding)", "mma: K % 16 == 0", "mma: several row tiles",
+            "cluster: size 1", "cluster: size 2", "cluster: a size not a power of two",
+            "cluster: more than 8 blocks", "cluster: the last block owns fewer units",
+            "cluster: N_c = 1", "cluster: several row tiles", "cluster: a partial row tile",
+            "cluster: a last cluster with fewer rows", "cluster: more clusters than run at once",
+            "cluster: mma forward", "cluster: ffma forward", "cluster: backward"}
 TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16)}
 
 
@@ -1599,6 +2072,12 @@ SELF_TEST_CASES = [
     dict(kind="lstm", T=2, N=33, C=2, H=40, reverse=True, training=True, sms=5, bias=True),
     dict(kind="rnn", T=2, N=3, C=2, H=8, reverse=False, training=True, sms=3, bias=True,
          dtype="float32", h0_off=1),
+    # the cluster variant: clusters of 3 blocks (units 2, 2, 1), 6 rows each in tiles of 4
+    # (the last cluster 4 rows); the tensor-core forward, 2 blocks, 5 rows padded to 16
+    dict(kind="gru", T=3, N=10, C=2, H=5, reverse=True, training=True, sms=9, bias=True,
+         cluster=(4, 6)),
+    dict(kind="lstm", T=2, N=7, C=2, H=20, reverse=False, training=True, sms=4, bias=True,
+         dtype="float16", cluster=(2, 5)),
 ]
 
 
@@ -1611,9 +2090,12 @@ def catch(name, ops=None):
     case flagged (tracker findings first, then the mismatch), empty when nothing did."""
     MUT.clear()
     MUT.add(name)
+    # the cluster variant's bugs: its cases first (any case may catch any bug)
+    order = sorted(self_test_cases(),
+                   key=lambda c: ("cluster" in c) != name.startswith("cluster_"))
     try:
         with one_torch_thread():
-            for c in self_test_cases():
+            for c in order:
                 FINDINGS.clear()
                 reset_stats()
                 try:
@@ -1640,7 +2122,7 @@ def self_test(ops=None):
     missed = []
     for name in MUTATIONS:
         caught = catch(name, ops)
-        print(f"self-test {name:22s} {'caught' if caught else 'MISSED'}: "
+        print(f"self-test {name:28s} {'caught' if caught else 'MISSED'}: "
               f"{caught[0][:110] if caught else MUTATIONS[name]}")
         if not caught:
             missed.append(name)
@@ -1675,7 +2157,8 @@ def main():
     ok = not rep.mismatches and not rep.findings and not rep.uncovered
     s = rep.stats
     print(f"emulate_persistent: {'OK' if ok else 'FAILED'}: {s['cases']} cases "
-          f"(forward; {s['backward']} with backward), {len(rep.mismatches)} mismatched, "
+          f"(forward; {s['backward']} with backward; {s['cluster']} of the cluster variant), "
+          f"{len(rep.mismatches)} mismatched, "
           f"{len(rep.findings)} distinct findings, tiles {sorted(s['tiles'])}, "
           f"max rel err {s['max_err']:.2e}, CPU ops {'on' if ops else 'off'}, "
           f"{rep.seconds:.1f}s")

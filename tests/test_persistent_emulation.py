@@ -1,7 +1,8 @@
 """The CPU emulation of the persistent CUDA kernels (scripts/emulate_persistent.py): its
-default case set matches the float64 reference with nothing flagged, and its self-test
-catches every planted bug. No GPU needed; without a built rnnfast only the comparison with
-the CPU ops is left out."""
+default case set (both variants, grid and cluster) matches the float64 reference with
+nothing flagged, and its self-test catches every planted bug; the planners' sizes, and the
+tracker's checks of distributed shared memory and of clusters on small made-up kernels.
+No GPU needed; without a built rnnfast only the comparison with the CPU ops is left out."""
 import importlib.util
 import os
 import sys
@@ -32,6 +33,8 @@ def test_default_cases_match_the_reference_and_flag_nothing():
     assert report.findings == {}
     assert report.uncovered == set()
     assert report.stats["cases"] == len(case_list)
+    assert report.stats["cluster"] == sum(1 for c in case_list if c.get("cluster"))
+    assert report.stats["cluster"] >= 10
 
 
 def test_self_test_cases_are_clean_without_a_planted_bug():
@@ -129,3 +132,144 @@ def test_wmma_rules_flag_a_misaligned_pointer_and_a_bad_ldm():
         ]
     finally:
         emu.FINDINGS.clear()
+
+
+# ---- the cluster variant's plan (PersistentPlanner::cluster) ----
+def cluster_plan(cell, backward, N, H, sms, dtype="float64", size=None, rows=None,
+                 smem_optin=227 * 1024):
+    device = emu.FakeDevice(sms, smem_optin=smem_optin)
+    return emu.plan_cluster(cell, backward, N, H, device, emu.dtype_of(dtype), size, rows)
+
+
+# LSTM forward, H = 20, float64, clusters of 2 blocks (U = 10: 40 rows of W) on 4 SMs (2
+# clusters at once), N = 5: guessed 3 rows a cluster, so the (4, 8) tile; N_c = 3. ws 40 x 20
+# doubles, xs two turns of 4 rows of 20, out 4 x 40; 5 chunks of 8 rows, no split-K scratch.
+CLUSTER_FWD = 6400 + 1280 + 1280
+
+
+def test_cluster_plan_sizes_two_turns():
+    p = cluster_plan(emu.LstmCell, False, 5, 20, 4, size=2)
+    assert (p.cluster, p.units, p.group_rows, p.blocks, p.nt, p.rpw, p.at_once) == \
+        (2, 10, 3, 4, 4, 8, 2)
+    assert p.smem == CLUSTER_FWD
+
+
+def test_cluster_plan_caps_the_rows_where_two_turns_do_not_fit():
+    # 5 rows forced: two turns of 8 rows need 1280 bytes more than allowed, so 4 rows
+    p = cluster_plan(emu.LstmCell, False, 5, 20, 4, size=2, rows=5,
+                     smem_optin=CLUSTER_FWD + 1000)
+    assert (p.group_rows, p.blocks, p.smem) == (4, 4, CLUSTER_FWD)
+
+
+@pytest.mark.parametrize("H, size, cs, units", [
+    (27, 16, 14, 2), (40, 16, 14, 3), (5, 4, 3, 2), (7, 8, 7, 1), (3, 1, 1, 3)])
+def test_cluster_plan_block_count(H, size, cs, units):
+    """C = ceil(H / U), U = ceil(H / C0): not always C0, nor a power of two."""
+    p = cluster_plan(emu.GruCell, True, 3, H, 16, size=size)
+    clusters = -(-3 // p.group_rows)  # 3 rows over as many clusters as run at once
+    assert (p.cluster, p.units, p.blocks) == (cs, units, clusters * cs)
+    assert clusters == min(3, 16 // cs)
+
+
+def test_cluster_plan_refusals():
+    with pytest.raises(emu.Finding, match="cannot run"):  # 2 blocks a cluster, 1 SM
+        cluster_plan(emu.LstmCell, False, 5, 20, 1, size=2)
+    with pytest.raises(emu.Finding, match="cannot run"):  # not one of 16, 8, 4, 2, 1
+        cluster_plan(emu.LstmCell, False, 5, 20, 16, size=3)
+
+
+# ---- the tracker on made-up cluster kernels (64 bytes of shared memory a block) ----
+def run_toy(kernel, blocks=4, cluster=2, at_once=2, bufs=()):
+    emu.FINDINGS.clear()
+    try:
+        emu.run_clusters(kernel, blocks, cluster, 64, None, list(bufs), 0, at_once)
+        return list(emu.FINDINGS)
+    finally:
+        emu.FINDINGS.clear()
+
+
+THREADS = np.arange(4)
+
+
+def own(ctx):
+    return emu.Ptr(ctx.shared_memory(), 0, 8)
+
+
+def zero(ctx):
+    own(ctx).write(THREADS, 0.0, ctx, THREADS)
+
+
+def store_into(ctx, rank):
+    emu.peer_shared(own(ctx), rank, ctx).write(THREADS, 1.0, ctx, THREADS)
+
+
+def test_dsmem_store_barrier_read_is_clean():
+    def kernel(p, ctx):
+        zero(ctx)
+        yield emu.CLUSTER_SYNC
+        store_into(ctx, (ctx.rank + 1) % ctx.group_blocks)
+        yield emu.CLUSTER_SYNC
+        assert (own(ctx).read(THREADS, ctx, THREADS) == 1.0).all()
+        yield emu.CLUSTER_SYNC
+    assert run_toy(kernel) == []
+
+
+def test_dsmem_store_before_the_first_cluster_sync_is_flagged():
+    def kernel(p, ctx):
+        zero(ctx)
+        store_into(ctx, (ctx.rank + 1) % ctx.group_blocks)
+        yield emu.CLUSTER_SYNC
+    assert any("before the first cluster_sync" in f for f in run_toy(kernel))
+
+
+def test_dsmem_store_in_the_interval_of_the_owners_read_is_a_race():
+    def kernel(p, ctx):
+        zero(ctx)
+        yield emu.CLUSTER_SYNC
+        store_into(ctx, (ctx.rank + 1) % ctx.group_blocks)
+        own(ctx).read(THREADS, ctx, THREADS)
+        yield emu.CLUSTER_SYNC
+    assert any(f.startswith("RACE") and "smem" in f for f in run_toy(kernel))
+
+
+def test_dsmem_two_peers_storing_one_address_in_an_interval_is_a_race():
+    def kernel(p, ctx):
+        zero(ctx)
+        yield emu.CLUSTER_SYNC
+        if ctx.rank > 0:
+            store_into(ctx, 0)
+        yield emu.CLUSTER_SYNC
+    assert any(f.startswith("RACE (WAW)") for f in run_toy(kernel, blocks=3, cluster=3))
+
+
+def test_dsmem_store_into_a_peer_that_may_have_exited_is_flagged():
+    def kernel(p, ctx):  # no cluster_sync after the store
+        zero(ctx)
+        yield emu.CLUSTER_SYNC
+        if ctx.rank == 1:
+            store_into(ctx, 0)
+    assert any("exit" in f for f in run_toy(kernel, blocks=2, cluster=2, at_once=1))
+
+
+def test_global_accesses_of_two_clusters_race_whatever_their_epochs():
+    """Clusters one after another (one at a time), in different barrier intervals: still
+    nothing orders them."""
+    out = emu.Buf("out", np.zeros(4))
+
+    def kernel(p, ctx):
+        yield emu.CLUSTER_SYNC
+        if ctx.group == 1:
+            yield emu.CLUSTER_SYNC
+        emu.Ptr(out).write(THREADS, 1.0, ctx, THREADS)
+        yield emu.CLUSTER_SYNC
+    found = run_toy(kernel, blocks=2, cluster=1, at_once=1, bufs=[out])
+    assert any("two clusters" in f for f in found)
+
+
+def test_a_cluster_barrier_with_an_exited_block_deadlocks():
+    def kernel(p, ctx):
+        yield emu.CLUSTER_SYNC
+        if ctx.rank == 0:
+            yield emu.CLUSTER_SYNC
+    with pytest.raises(emu.Finding, match="DEADLOCK"):
+        run_toy(kernel, blocks=2, cluster=2)

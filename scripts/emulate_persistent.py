@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """CPU emulation of the persistent CUDA kernels, to check them without a GPU.
 
-Emulates, as of the commit that added the cluster variant (2026-11-27):
+Emulates, as of the cluster variant after its review (loads ahead between the cluster
+arrival and wait, pushes from a block's own rank on; 2026-11-27):
 csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, tile_dot with its
 split-K, tile_dot_mma's WMMA 16x16x16 forward for 16-bit types, smem_layout with its xs_rows
 and the scratch sizes, grid_barrier, both kernels in both variants (kCluster) with their
@@ -12,8 +13,10 @@ yield at each barrier. The grid variant's blocks run in a shuffled order on grid
 one counter. The cluster variant's launch (run_clusters) puts at most the occupancy
 query's number of clusters on the device at once, the rest waiting for a slot in a random
 order (clusters need not be co-resident), and interleaves the blocks of the clusters on it
-at random; a cluster_sync releases a cluster's blocks once all of them arrived, and blocks
-of different clusters never wait on each other. block_work's rank, cluster_blocks and
+at random; a cluster_wait returns once every block of the cluster made its cluster_arrive
+(cluster_sync: both), the accesses between a block's arrive and wait counting as
+overlapping the peers' on both sides of the barrier, and blocks of different clusters
+never wait on each other. block_work's rank, cluster_blocks and
 cluster_index are the launch's; peer_shared maps a store into a peer block's shared
 memory (distributed shared memory). A thread loop is one vectorised operation; a warp's
 registers are a [32, ...] array (__shfl_xor_sync is lane ^ distance); load_matrix_sync /
@@ -110,7 +113,7 @@ MUTATIONS = {
     "mma_scratch_no_splits": "mma_scratch_bytes: r_tiles * 256 floats (splits missing)",
     # the cluster variant
     "cluster_one_turn": "cluster: one turn of xs (each step stores into the turn it reads)",
-    "cluster_no_self_store": "cluster: the stores into the cluster start at rank 1 (not its own)",
+    "cluster_no_self_store": "cluster: for_each_peer leaves out this block's own rank",
     "cluster_h_no_u0": "cluster forward: h stored at column j of the next turn (u0 missing)",
     "cluster_h_no_n0": "cluster forward: h stored at row nl of the next turn (n0 missing)",
     "cluster_no_pre_sync": "cluster: no cluster_sync before the loop",
@@ -120,6 +123,7 @@ MUTATIONS = {
     "cluster_bwd_gru_dg_ih": "cluster backward: GRU stores its dg_ih, not dgh, into the turns",
     "cluster_phase_b_other_turn": "cluster backward: phase B reads turn (s + 1) & 1",
     "cluster_plan_smem_one_row": "cluster plan: smem sized for N_c = 1 (smem_bytes(..., 1))",
+    "cluster_early_arrive": "cluster: cluster_arrive before the stores into the peers' turns",
 }
 MUT = set()
 
@@ -699,7 +703,7 @@ def tile_dot_mma(ws, r_pad, xs, K, ld, out, scratch, ctx):
 
 # --------------------------------------------------------------------------------------
 # persistent.cuh: the kernels (generators that yield at each barrier: the grid barrier's
-# target, or CLUSTER_SYNC)
+# target, or CLUSTER_ARRIVE / CLUSTER_WAIT / CLUSTER_SYNC)
 # --------------------------------------------------------------------------------------
 class Params:
     FIELDS = ("T N H units group_rows reverse activation xp w_hh b_hh h0 c0 y cache c_state dy "
@@ -714,7 +718,8 @@ class Params:
             setattr(self, k, v)
 
 
-CLUSTER_SYNC = "cluster_sync"  # what a cluster kernel yields at cluster_sync()
+# what a cluster kernel yields: cluster_arrive(), cluster_wait(), cluster_sync() (both)
+CLUSTER_ARRIVE, CLUSTER_WAIT, CLUSTER_SYNC = "cluster_arrive", "cluster_wait", "cluster_sync"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -761,6 +766,12 @@ def peer_shared(ptr, r, ctx):
         if peer.exited:
             finding("DSMEM: an access to the shared memory of a block that has exited")
     return Ptr(peer.smem, ptr.off, ptr.size)
+
+
+def for_each_peer(w):
+    """for_each_peer's order: every rank of the cluster from this block's own on."""
+    first = 1 if mut("cluster_no_self_store") else 0
+    return [(w.rank + i) % w.group_blocks for i in range(first, w.group_blocks)]
 
 
 def turn_index(s):
@@ -835,6 +846,8 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
                 stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx, dt.scalar)
                 xt = xs
                 ctx.syncthreads()
+            if cluster and mut("cluster_early_arrive") and s + 1 < p.T and n0 + NT >= rows:
+                yield CLUSTER_ARRIVE  # before the last tile's pointwise loop and stores
             if n0 > 0:  # a later tile's first item per thread, loaded before the dot
                 cur_thr = np.arange(min(min(NT, rows - n0) * here, BLOCK_DIM), dtype=np.int64)
                 row0 = 0 if mut("tile_ahead_row") else n0  # tile 0's rows, not this tile's
@@ -867,19 +880,22 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
             if cluster and s + 1 < p.T:  # into every block's next turn, its own included
                 col = j if mut("cluster_h_no_u0") else u0 + j
                 row = nl if mut("cluster_h_no_n0") else n0 + nl
-                for rk in range(1 if mut("cluster_no_self_store") else 0, w.group_blocks):
+                for rk in for_each_peer(w):
                     peer_shared(nxt, rk, ctx).write(row * ld + col, h, ctx, thr,
                                                     where="cluster forward h into a turn")
             if n0 + NT < rows and not mut("no_next_tile_sync"):
                 ctx.syncthreads()
         if s + 1 < p.T:
+            # the cluster variant loads between its arrival and its wait
+            if cluster and not mut("cluster_early_arrive"):
+                yield CLUSTER_ARRIVE
             if mut("ahead_this_step"):  # loads step s's inputs again, not step s + 1's
                 ahead = Cell.load(p, s, t, tp, ahead_n, ahead_u, ctx, ahead_thr)
             else:
                 ahead = Cell.load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n,
                                   ahead_u, ctx, ahead_thr)
             if cluster:
-                yield CLUSTER_SYNC
+                yield CLUSTER_WAIT
             else:
                 yield (s + 1) * ctx.grid - mut("barrier_target_low")
     if cluster:  # no block leaves while a peer may still address its shared memory
@@ -943,9 +959,13 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
         nl, u = idx // here, u0 + idx % here
         dgh = Cell.backward(p, s, t, tp, nb + nl, u, inp, ctx, thr)
         if cluster:  # dgh into every block's turn, its own included
-            for rk in range(1 if mut("cluster_no_self_store") else 0, w.group_blocks):
+            if mut("cluster_early_arrive"):
+                yield CLUSTER_ARRIVE  # before the stores
+            for rk in for_each_peer(w):
                 peer_shared(cur, rk, ctx).write(nl * K + u + gate_offsets(G, H), dgh, ctx, thr,
                                                 where="cluster backward dgh into a turn")
+            if not mut("cluster_early_arrive"):
+                yield CLUSTER_ARRIVE  # the loads below need no peer's data
         if s > 0:
             if mut("bwd_ahead_this_step"):
                 ahead = Cell.load_backward(p, s, t, tp, ahead_n, ahead_u, ctx, ahead_thr)
@@ -953,7 +973,7 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
                 ahead = Cell.load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse),
                                            ahead_n, ahead_u, ctx, ahead_thr)
         if cluster:
-            yield CLUSTER_SYNC
+            yield CLUSTER_WAIT
         elif not mut("no_bwd_barrier"):
             yield (p.T - s) * ctx.grid - mut("barrier_target_low")
         dg = p.dg_hh + t * N * K
@@ -1010,7 +1030,7 @@ def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
             ctxs[b].syncthreads()
         try:
             target = next(gens[b])
-            assert target is not CLUSTER_SYNC, "cluster_sync in a cooperative launch"
+            assert isinstance(target, int), "a cluster barrier in a cooperative launch"
             ctxs[b].syncthreads()  # the barrier's first __syncthreads
             counter += 1  # thread 0: fence.acq_rel.gpu; red.relaxed.gpu.add(counter, 1)
             waiting[b] = target
@@ -1025,16 +1045,18 @@ def run_clusters(kernel, blocks, cluster, smem_bytes, p, bufs, seed, at_once):
     """The cluster launch: `blocks` blocks in clusters of `cluster`; at most `at_once`
     clusters on the device (the occupancy query's), the others waiting for a free slot in a
     random order (clusters need not be co-resident, so none may wait for another). A
-    cluster's blocks start together; one yielding CLUSTER_SYNC waits until all of its
-    cluster's blocks arrived, which releases them together (barrier.cluster.arrive.release +
-    wait.acquire: the epoch and a __syncthreads). Blocks of every cluster on the device run
-    interleaved in a random order."""
+    cluster's blocks start together; blocks of every cluster on the device run interleaved
+    in a random order. The cluster barrier: a block's k-th CLUSTER_ARRIVE (release) counts
+    it in, and its k-th CLUSTER_WAIT (acquire) returns once every block of the cluster
+    arrived k times; in between (Ctx.window) it runs on, and its accesses may overlap
+    the peers' on both sides of the barrier (Buf.overlap). CLUSTER_SYNC is both. The wait
+    passes: the epoch and a __syncthreads (every thread of the block waits)."""
     assert blocks % cluster == 0 and at_once >= 1
     for b in bufs:
         b.reset_launch()
     rng = np.random.default_rng(seed)
     queue = list(rng.permutation(blocks // cluster))
-    active = []  # [cluster index, ctxs, generators, arrived, done]
+    active = []
     while queue or active:
         while queue and len(active) < at_once:
             c = int(queue.pop(0))
@@ -1042,37 +1064,52 @@ def run_clusters(kernel, blocks, cluster, smem_bytes, p, bufs, seed, at_once):
                         group_blocks=cluster, peers=[]) for r in range(cluster)]
             for x in ctxs:
                 x.peers = ctxs
-            active.append([c, ctxs, [kernel(p, x) for x in ctxs], [False] * cluster,
-                           [False] * cluster])
-        runnable = [(a, r) for a in active for r in range(cluster) if not a[3][r] and not a[4][r]]
+            active.append(dict(c=c, ctxs=ctxs, gens=[kernel(p, x) for x in ctxs],
+                               arrived=[0] * cluster, passed=[0] * cluster,
+                               waiting=[False] * cluster, done=[False] * cluster))
+        runnable = [(a, r) for a in active for r in range(cluster)
+                    if not a["done"][r] and (not a["waiting"][r]
+                                             or min(a["arrived"]) > a["passed"][r])]
         if not runnable:
-            raise Finding("DEADLOCK: no block of the clusters on the device can run")
+            stuck = [(a["c"], [r for r in range(cluster) if a["done"][r]]) for a in active]
+            raise Finding(f"DEADLOCK: blocks wait at a cluster barrier that the cluster's "
+                          f"other blocks never arrive at (cluster, exited blocks): {stuck}")
         a, r = runnable[rng.integers(len(runnable))]
-        c, ctxs, gens, arrived, done = a
+        ctx = a["ctxs"][r]
+        if a["waiting"][r]:  # the wait returns
+            a["waiting"][r] = False
+            a["passed"][r] += 1
+            ctx.epoch += 1
+            ctx.window = False
+            ctx.syncthreads()
         try:
-            what = next(gens[r])
-            assert what is CLUSTER_SYNC, "a grid barrier in a cluster launch"
-            arrived[r] = True
+            what = next(a["gens"][r])
+            assert what in (CLUSTER_ARRIVE, CLUSTER_WAIT, CLUSTER_SYNC), what
+            if what != CLUSTER_WAIT:
+                if a["arrived"][r] > a["passed"][r]:
+                    finding("cluster_arrive twice without a cluster_wait between")
+                a["arrived"][r] += 1
+                ctx.window = True
+            if what != CLUSTER_ARRIVE:
+                if a["arrived"][r] == a["passed"][r]:
+                    finding("cluster_wait without a cluster_arrive before it")
+                a["waiting"][r] = True
         except StopIteration:
-            done[r] = True
-            ctxs[r].exited = True
-        if any(arrived) and all(arrived[i] or done[i] for i in range(cluster)):
-            if any(done):
-                gone = [i for i in range(cluster) if done[i]]
-                raise Finding(f"DEADLOCK: cluster {c}: blocks {gone} exited while the others "
-                              f"wait at a cluster_sync")
-            for i in range(cluster):  # every block arrived: the barrier releases them all
-                arrived[i] = False
-                ctxs[i].epoch += 1
-                ctxs[i].syncthreads()
-        if all(done):
+            a["done"][r] = True
+            ctx.exited = True
+            if a["arrived"][r] != a["passed"][r]:
+                finding("a block exits between cluster_arrive and cluster_wait")
+        if all(a["done"]):
             active.remove(a)
-            if len({x.epoch for x in ctxs}) != 1:
-                finding(f"cluster {c}: blocks passed different numbers of cluster barriers")
-            for x in ctxs:  # a peer's store in the interval in which x exited may land late
+            if len(set(a["passed"])) != 1:
+                finding(f"cluster {a['c']}: blocks passed different numbers of cluster "
+                        f"barriers: {a['passed']}")
+            for x in a["ctxs"]:  # a peer's store that may land after x exited
                 sm = x.smem
-                late = (sm.wb >= 0) & (sm.wb != x.block) & (sm.we >= x.epoch)
-                if late.any():
+                late = sm.we >= x.epoch
+                if sm.windowed:
+                    late |= sm.ww & (sm.we + 1 == x.epoch)
+                if ((sm.wb >= 0) & (sm.wb != x.block) & late).any():
                     finding("DSMEM: a store into a block's shared memory in the barrier "
                             "interval in which that block exits")
 
@@ -1411,7 +1448,9 @@ def cluster_us(group_rows, nt, r_pad, K, pushes, x_size, mma, waves, fp64):
 def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None):
     """PersistentPlanner::cluster() with the path forced. size: RNNFAST_CLUSTER_SIZE (C0),
     rows: RNNFAST_CLUSTER_ROWS (N_c), None for the planner's choice; tile as in
-    plan_persistent. The choice among cluster sizes uses cluster_us's stand-in device."""
+    plan_persistent. The choice among cluster sizes uses cluster_us's stand-in device; the
+    checks of the build's PTX version (cudaFuncGetAttributes) and of a launch's block limit
+    are left out."""
     sms = dev.sms
     best = None
     for c0 in (16, 8, 4, 2, 1):
@@ -1442,6 +1481,10 @@ def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None)
                 n_c = min(rows, N)
             n_c = min(n_c, cap)
             clusters = -(-N // n_c)
+            # the clusters that run at once with this many rows (the first query's a guess)
+            at_once = dev.active_clusters(cs, sm(n_c))
+            if at_once < 1:
+                return False
             plan = Plan(kernel_of(Cell, backward, nt, rpw, dt, True), clusters * cs, units, cs,
                         n_c, sm(1 if mut("cluster_plan_smem_one_row") else n_c), nt, rpw,
                         at_once)

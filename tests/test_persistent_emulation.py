@@ -251,6 +251,28 @@ def test_dsmem_store_into_a_peer_that_may_have_exited_is_flagged():
     assert any("exit" in f for f in run_toy(kernel, blocks=2, cluster=2, at_once=1))
 
 
+def test_dsmem_store_between_arrive_and_wait_may_meet_the_peers_next_interval():
+    """A block's accesses between its cluster_arrive and cluster_wait overlap the peers'
+    after their wait; its own data loaded there is fine."""
+    data = emu.Buf("data", np.zeros(8))
+
+    def kernel(p, ctx, early):
+        zero(ctx)
+        yield emu.CLUSTER_SYNC
+        if not early:
+            store_into(ctx, (ctx.rank + 1) % ctx.group_blocks)
+        yield emu.CLUSTER_ARRIVE
+        if early:
+            store_into(ctx, (ctx.rank + 1) % ctx.group_blocks)
+        emu.Ptr(data).read(ctx.block * 2 + THREADS[:2], ctx, THREADS[:2])
+        yield emu.CLUSTER_WAIT
+        own(ctx).read(THREADS, ctx, THREADS)
+        yield emu.CLUSTER_SYNC
+    assert run_toy(lambda p, ctx: kernel(p, ctx, False), bufs=[data]) == []
+    found = run_toy(lambda p, ctx: kernel(p, ctx, True), bufs=[data])
+    assert any(f.startswith("RACE") and "smem" in f for f in found)
+
+
 def test_global_accesses_of_two_clusters_race_whatever_their_epochs():
     """Clusters one after another (one at a time), in different barrier intervals: still
     nothing orders them."""

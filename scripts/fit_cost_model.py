@@ -7,8 +7,10 @@ The constants are read from persistent.cuh, so this checks the header's own numb
 each case it prints the measured per-step times of both forced paths and of cuDNN, the
 model's estimate of the persistent kernels as that run's code staged rows (`--staging
 old`: one element at a time per thread, a round trip each, as before the batched
-stage_rows) or as the code stages them now (`new`), the per-step path's estimate, and
-what `auto` would pick. The fit summary (model over measured, geomean and range) is what
+stage_rows) or as the code stages them now (`new`), the cluster variant's estimate
+(`clustr`; its constants are guesses until a GPU run calibrates them), the per-step path's
+estimate, and what `auto` would pick; then cuDNN's measured time over the model's time of
+that pick (a prediction of the speedup, nothing measured). The fit summary (model over measured, geomean and range) is what
 the header's comment quotes.
 
   python scripts/fit_cost_model.py                      # the committed H100 run
@@ -56,7 +58,8 @@ def header_constants(path=HEADER):
     text = open(path).read()
     consts = {}
     for name in ("kStageBatch", "kFloorUs", "kRoundTripUs", "kFfmaShare", "kMmaShare",
-                 "kL2BytesPerS", "kStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare"):
+                 "kL2BytesPerS", "kStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare",
+                 "kClusterFloorUs", "kDsmemBytesPerClk"):
         m = re.search(rf"\b{name}\s*=\s*([0-9.eE+-]+)", text)
         if m is None:
             raise SystemExit(f"{name} not found in {path}")
@@ -70,7 +73,7 @@ def round_up(v, m):
 
 class Model:
     def __init__(self, consts, sms, clock_mhz, fp64=False):
-        self.c, self.sms = consts, sms
+        self.c, self.sms, self.clock_mhz = consts, sms, clock_mhz
         self.ffma = (128.0 if fp64 else 256.0) * clock_mhz  # flop per SM per microsecond
 
     def plan(self, cell, N, H, backward, staging, x_size):
@@ -107,6 +110,30 @@ class Model:
         bandwidth = blocks * N * K * x_size / c["kL2BytesPerS"] * 1e6
         return max(latency, bandwidth)
 
+    def cluster_us(self, cell, N, H, backward, x_size=4):
+        """CostModel::cluster_us with the header's constants, for the cluster variant as
+        the emulator's plan_cluster lays it out (its choice of cluster size made on its
+        stand-in model; a FakeDevice runs SMs // C clusters at once), or None where it
+        does not fit."""
+        emu = load_emulation()
+        c = self.c
+        cls = {1: emu.ElmanCell, 3: emu.GruCell, 4: emu.LstmCell}[GATES[cell]]
+        dt = emu.dtype_of({8: "float64", 4: "float32"}[x_size])
+        try:
+            p = emu.plan_cluster(cls, backward, N, H, emu.FakeDevice(self.sms), dt)
+        except emu.Finding:
+            return None
+        G = GATES[cell]
+        K = G * H if backward else H
+        r_pad = round_up(p.units if backward else G * p.units, p.rpw)
+        tiles = -(-p.group_rows // p.nt)
+        dot = 2.0 * p.nt * r_pad * K / (self.ffma * c["kFfmaShare"])
+        pushes = p.group_rows * p.units * (G if backward else 1) * p.cluster
+        push = pushes * x_size / (c["kDsmemBytesPerClk"] * self.clock_mhz)
+        waves = -(-(p.blocks // p.cluster) // p.at_once)
+        return waves * (c["kClusterFloorUs"] + tiles * dot + (tiles - 1) * c["kRoundTripUs"]
+                        + push)
+
     def gemm_us(self, cell, N, H):
         """One [N, H] x [H, G*H] GEMM's share of a step, at the per-step GEMMs' rate."""
         flops = 2.0 * N * GATES[cell] * H * H
@@ -137,8 +164,9 @@ def main(argv=None):
     records = json.load(open(args.json))["records"]
     fwd = {(r["cell"], r["N"], r["H"], r["dtype"]): r for r in records if r["mode"] == "fwd"}
     ratios = {"fwd": [], "bwd": []}
+    best_over_cudnn = {"fwd": [], "bwd": []}
     print(f"{'cell':5s} {'dtype':8s} {'N':>4s} {'H':>5s} {'mode':4s} | {'persistent':>10s} "
-          f"{'model':>6s} {'ratio':>5s} {'now':>6s} | {'step':>6s} {'model':>6s} | "
+          f"{'model':>6s} {'ratio':>5s} {'now':>6s} {'clustr':>6s} | {'step':>6s} {'model':>6s} | "
           f"{'cuDNN':>6s} | auto  (us/step; model columns include the whole-sequence GEMMs)")
     for r in records:
         if r["dtype"] not in ("float32", "float64"):
@@ -167,12 +195,23 @@ def main(argv=None):
                   * consts["kGemmFfmaShare"] / WHOLE_SEQUENCE_SHARE)
         m_fit = model.persistent_us(cell, N, H, backward, args.staging, x_size) + common
         m_now = model.persistent_us(cell, N, H, backward, "new", x_size) + common
+        m_cluster = model.cluster_us(cell, N, H, backward, x_size)
+        m_cluster = None if m_cluster is None else m_cluster + common
         m_step = model.step_us(cell, N, H) + common
         ratios[mode].append(m_fit / pers)
-        pick = "persistent" if m_now < m_step else "step"
+        options = {"persistent": m_now, "step": m_step}
+        if m_cluster is not None:
+            options["cluster"] = m_cluster
+        pick = min(options, key=options.get)
+        best_over_cudnn[mode].append(cudnn / options[pick])
+        shown = f"{m_cluster:6.1f}" if m_cluster is not None else f"{'-':>6s}"
         print(f"{cell:5s} {r['dtype']:8s} {N:4d} {H:5d} {mode:4s} | {pers:10.1f} {m_fit:6.1f} "
-              f"{m_fit / pers:5.2f} {m_now:6.1f} | {step:6.1f} {m_step:6.1f} | {cudnn:6.1f} | "
-              f"{pick}")
+              f"{m_fit / pers:5.2f} {m_now:6.1f} {shown} | {step:6.1f} {m_step:6.1f} | "
+              f"{cudnn:6.1f} | {pick}")
+    for mode, rs in best_over_cudnn.items():
+        if rs:
+            print(f"{mode}: cuDNN (measured) over auto's pick (model), a prediction: geomean "
+                  f"{geo(rs):.2f}, range {min(rs):.2f}-{max(rs):.2f}, {len(rs)} cases")
     for mode, rs in ratios.items():
         if rs:
             print(f"{mode}: model over measured (persistent, staging {args.staging}): geomean "

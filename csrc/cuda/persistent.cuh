@@ -83,6 +83,9 @@
 
 #include <cstdlib>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <string>
 
 #include "common.cuh"
@@ -855,6 +858,28 @@ inline bool cuda_ok(cudaError_t e, const char* what, std::string& why) {
   return false;
 }
 
+// Answers that do not change while the process runs (attributes set on a kernel, occupancy
+// queries), kept per key: a query costs microseconds and the planner asks a dozen per op
+// call. Only successes are kept. key: (device, kernel, cluster size or 0, bytes or 0).
+using QueryKey = std::tuple<int, const void*, int, size_t>;
+template <typename Query>  // bool(int& value, std::string& why)
+bool memo_query(const QueryKey& key, int& value, std::string& why, Query query) {
+  static std::mutex mutex;
+  static std::map<QueryKey, int> answers;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = answers.find(key);
+    if (it != answers.end()) {
+      value = it->second;
+      return true;
+    }
+  }
+  if (!query(value, why)) return false;
+  const std::lock_guard<std::mutex> lock(mutex);
+  answers.emplace(key, value);
+  return true;
+}
+
 // A knob read at each call (scripts/calibrate_persistent.py, the tests): its value, or 0.
 inline int64_t env_knob(const char* name) {
   const char* v = std::getenv(name);
@@ -932,11 +957,29 @@ struct PersistentPlanner {
           "the device allows " + std::to_string(prop.sharedMemPerBlockOptin / 1024) + " KiB";
     return false;
   }
-  // the device's maximum, not this call's size: calls from several threads may race
-  bool allow_smem(const void* k) {
-    return cuda_ok(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(prop.sharedMemPerBlockOptin)),
-                   "cudaFuncSetAttribute", why);
+  // Once per device and kernel: the device's maximum of dynamic shared memory (not this
+  // call's size: calls from several threads may race), clusters of more than 8 blocks
+  // where asked; ptx: the architecture the kernel's code was compiled for (e.g. 90).
+  bool prepare(const void* k, bool non_portable, int& ptx) {
+    const int device = c10::cuda::current_device();
+    return memo_query(QueryKey{device, k, non_portable ? -1 : 0, 0}, ptx, why,
+                      [&](int& v, std::string& w) {
+                        cudaFuncAttributes attrs;
+                        if (!cuda_ok(cudaFuncSetAttribute(
+                                         k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(prop.sharedMemPerBlockOptin)),
+                                     "cudaFuncSetAttribute", w) ||
+                            (non_portable &&
+                             !cuda_ok(cudaFuncSetAttribute(
+                                          k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+                                      "allowing clusters of more than 8 blocks", w)) ||
+                            !cuda_ok(cudaFuncGetAttributes(&attrs, k), "cudaFuncGetAttributes",
+                                     w)) {
+                          return false;
+                        }
+                        v = attrs.ptxVersion;
+                        return true;
+                      });
   }
 
   // The grid variant: B = ceil(H / U) blocks, U = ceil(H / SMs) units each (at most
@@ -959,11 +1002,14 @@ struct PersistentPlanner {
       const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
       const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : K;
       const size_t smem = smem_bytes<kNT, kRPW, false>(r_pad, ld, 0);
-      if (!fits(smem) || !allow_smem(k)) return false;
-      int per_sm = 0;
-      if (!cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kPersistentThreads,
-                                                                 smem),
-                   "the occupancy query", why)) {
+      int ptx = 0, per_sm = 0;
+      if (!fits(smem) || !prepare(k, false, ptx)) return false;
+      if (!memo_query(QueryKey{c10::cuda::current_device(), k, 0, smem}, per_sm, why,
+                      [&](int& v, std::string& w) {
+                        return cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                           &v, k, kPersistentThreads, smem),
+                                       "the occupancy query", w);
+                      })) {
         return false;
       }
       const int64_t blocks = (H + units - 1) / units;
@@ -1012,16 +1058,15 @@ struct PersistentPlanner {
         const void* k = kernel<kNT, kRPW, true>();
         const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
         const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : K;
-        if (!fits(smem_bytes<kNT, kRPW, true>(r_pad, ld, 1)) || !allow_smem(k)) return false;
         // code for 9.0 or newer (below it the cluster helpers trap): not so where only an
         // older architecture's PTX was built and the driver compiled that
-        cudaFuncAttributes attrs;
-        if (!cuda_ok(cudaFuncGetAttributes(&attrs, k), "cudaFuncGetAttributes", why)) {
+        int ptx = 0;
+        if (!fits(smem_bytes<kNT, kRPW, true>(r_pad, ld, 1)) || !prepare(k, cs > 8, ptx)) {
           return false;
         }
-        if (attrs.ptxVersion < 90) {
+        if (ptx < 90) {
           why = "this build's kernels were compiled for compute capability " +
-                std::to_string(attrs.ptxVersion / 10) + "." + std::to_string(attrs.ptxVersion % 10) +
+                std::to_string(ptx / 10) + "." + std::to_string(ptx % 10) +
                 ", and clusters need 9.0 (build with TORCH_CUDA_ARCH_LIST including 9.0)";
           return false;
         }
@@ -1031,21 +1076,22 @@ struct PersistentPlanner {
                               prop.sharedMemPerBlockOptin) {
           cap += kNT;
         }
-        if (cs > 8 && !cuda_ok(cudaFuncSetAttribute(
-                                   k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
-                               "allowing clusters of more than 8 blocks", why)) {
-          return false;
-        }
+        // clusters of cs blocks the device runs at once, with `rows` rows each
         auto active = [&](int64_t rows, int& clusters) {
-          cudaLaunchConfig_t cfg = {};
-          cudaLaunchAttribute attr;
-          attr.id = cudaLaunchAttributeClusterDimension;
-          attr.val.clusterDim.x = cs, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-          cfg.gridDim = dim3(cs), cfg.blockDim = dim3(kPersistentThreads);
-          cfg.dynamicSmemBytes = smem_bytes<kNT, kRPW, true>(r_pad, ld, rows);
-          cfg.attrs = &attr, cfg.numAttrs = 1;
-          return cuda_ok(cudaOccupancyMaxActiveClusters(&clusters, k, &cfg),
-                         "the cluster occupancy query", why);
+          const size_t smem = smem_bytes<kNT, kRPW, true>(r_pad, ld, rows);
+          return memo_query(
+              QueryKey{c10::cuda::current_device(), k, cs, smem}, clusters, why,
+              [&](int& v, std::string& w) {
+                cudaLaunchConfig_t cfg = {};
+                cudaLaunchAttribute attr;
+                attr.id = cudaLaunchAttributeClusterDimension;
+                attr.val.clusterDim.x = cs, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+                cfg.gridDim = dim3(cs), cfg.blockDim = dim3(kPersistentThreads);
+                cfg.dynamicSmemBytes = smem;
+                cfg.attrs = &attr, cfg.numAttrs = 1;
+                return cuda_ok(cudaOccupancyMaxActiveClusters(&v, k, &cfg),
+                               "the cluster occupancy query", w);
+              });
         };
         int at_once = 0;
         if (!active(std::min(cap, guess_rows), at_once)) return false;

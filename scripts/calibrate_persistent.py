@@ -110,29 +110,18 @@ def main(argv=None):
             for N in args.batch:
                 for H in args.hidden:
                     for mode in args.modes:
-                        cells = []
-                        for cap in caps:
-                            us, used = measure(cell, dtype, N, H, args.seq_len, "persistent",
-                                               cap, mode, args.repeats)
-                            rows.append(dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode,
-                                             path="persistent", max_blocks=cap, us=us,
+                        case = dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode)
+
+                        def run(path, knob, field):
+                            """One measurement, recorded; its table cell."""
+                            us, used = measure(cell, dtype, N, H, args.seq_len, path, knob,
+                                               mode, args.repeats)
+                            rows.append(dict(case, path=path, **{field: knob}, us=us,
                                              used=used))
-                            cells.append(f"{us:8.2f}" if isinstance(us, float) else
-                                         f"{'n/a':>8s}")
-                        ccells = []
-                        for size in sizes:
-                            us, used = measure(cell, dtype, N, H, args.seq_len, "cluster",
-                                               size, mode, args.repeats)
-                            rows.append(dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode,
-                                             path="cluster", cluster_size=size, us=us,
-                                             used=used))
-                            ccells.append(f"{us:8.2f}" if isinstance(us, float) else
-                                          f"{'n/a':>8s}")
-                        us, used = measure(cell, dtype, N, H, args.seq_len, "step", 0, mode,
-                                           args.repeats)
-                        rows.append(dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode,
-                                         path="step", max_blocks=0, us=us, used=used))
-                        step = f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
+                            return f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
+                        cells = [run("persistent", cap, "max_blocks") for cap in caps]
+                        ccells = [run("cluster", size, "cluster_size") for size in sizes]
+                        step = run("step", 0, "max_blocks")
                         print(f"{cell:5s} {dtype_name:9s} {N:4d} {H:5d} {mode:6s} | "
                               f"{'':20s}{'  '.join(cells)} | {'':9s}{'  '.join(ccells)} | "
                               f"{step}", flush=True)

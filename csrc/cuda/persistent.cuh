@@ -151,65 +151,39 @@ __device__ __forceinline__ void grid_barrier(unsigned long long* counter,
 }
 
 // ---- thread-block clusters (the cluster variant; compute capability 9.0 and newer) ----
-// Compiled for every architecture; the host launches the cluster variant only on 9.0 and
-// newer, so below that these trap.
-__device__ __forceinline__ int cluster_rank() {
+// cluster_rank: this block's rank in its cluster; cluster_blocks: the cluster's size;
+// cluster_index: the cluster's index in the grid; cluster_arrive + cluster_wait:
+// barrier.cluster.arrive (release) and barrier.cluster.wait (acquire) by every thread of
+// the cluster's blocks, which orders the stores before the arrival into peers' shared
+// memory before every access after the wait. Split, so that loads which need no peer's
+// data can be issued between the two (the release fences this thread's earlier stores
+// GPU-wide: in SASS a MEMBAR.ALL.GPU, so the arrival itself takes a round trip).
+// peer_shared(p, rank): the address of *p (this block's shared memory) in the shared
+// memory of the cluster's block `rank` (distributed shared memory).
+// Compiled for every architecture; the host launches the cluster variant only where the
+// kernels hold code for 9.0 or newer, so the versions below 9.0 only trap.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return static_cast<int>(__clusterRelativeBlockRank());
-#else
-  __trap();
-  return 0;
-#endif
+__device__ __forceinline__ int cluster_rank() { return int(__clusterRelativeBlockRank()); }
+__device__ __forceinline__ int cluster_blocks() { return int(__clusterSizeInBlocks()); }
+__device__ __forceinline__ int cluster_index() { return int(__clusterIdx().x); }
+__device__ __forceinline__ void cluster_arrive() { __cluster_barrier_arrive(); }
+__device__ __forceinline__ void cluster_wait() { __cluster_barrier_wait(); }
+template <typename T>
+__device__ __forceinline__ T* peer_shared(T* p, int rank) {
+  return static_cast<T*>(__cluster_map_shared_rank(static_cast<void*>(p), rank));
 }
-__device__ __forceinline__ int cluster_blocks() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return static_cast<int>(__clusterSizeInBlocks());
 #else
-  __trap();
-  return 1;
+__device__ __forceinline__ int cluster_rank() { __trap(); return 0; }
+__device__ __forceinline__ int cluster_blocks() { __trap(); return 1; }
+__device__ __forceinline__ int cluster_index() { __trap(); return 0; }
+__device__ __forceinline__ void cluster_arrive() { __trap(); }
+__device__ __forceinline__ void cluster_wait() { __trap(); }
+template <typename T>
+__device__ __forceinline__ T* peer_shared(T* p, int) { __trap(); return p; }
 #endif
-}
-__device__ __forceinline__ int cluster_index() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return static_cast<int>(__clusterIdx().x);
-#else
-  __trap();
-  return 0;
-#endif
-}
-// barrier.cluster.arrive (release) + barrier.cluster.wait (acquire): every thread of the
-// cluster's blocks; orders the stores before the arrival into peers' shared memory before
-// every access after the wait. Split, so that loads which need no peer's data can be
-// issued between the two (the release fences this thread's earlier stores GPU-wide: in
-// SASS a MEMBAR.ALL.GPU, so the arrival itself takes a round trip).
-__device__ __forceinline__ void cluster_arrive() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __cluster_barrier_arrive();
-#else
-  __trap();
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __cluster_barrier_wait();
-#else
-  __trap();
-#endif
-}
 __device__ __forceinline__ void cluster_sync() {
   cluster_arrive();
   cluster_wait();
-}
-// The address of *p (this block's shared memory) in the shared memory of the cluster's
-// block `rank` (distributed shared memory).
-template <typename T>
-__device__ __forceinline__ T* peer_shared(T* p, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return static_cast<T*>(__cluster_map_shared_rank(static_cast<void*>(p), rank));
-#else
-  __trap();
-  return p;
-#endif
 }
 
 // Sums v[M] (M = 2^m >= 32) over the warp's 32 lanes in five stages: at the stage that

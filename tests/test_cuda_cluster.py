@@ -84,8 +84,31 @@ def test_cluster_larger_hidden(cell, monkeypatch):
     assert rnnfast.last_cuda_path() == ("cluster", "cluster")
 
 
-def test_unknown_cluster_size_is_a_clear_error(monkeypatch):
-    _knobs(monkeypatch, 3, None)
-    f = rnnfast.GRU(4, 8).cuda()
-    with pytest.raises(RuntimeError, match="cluster CUDA path was forced.*RNNFAST_CLUSTER_SIZE=3"):
+_UNKNOWN_SIZE_CHILD = r"""
+import torch
+import rnnfast
+
+f = rnnfast.GRU(4, 8).cuda()
+with rnnfast.cuda_path("cluster"):
+    try:
         f(torch.randn(2, 1, 4, device="cuda"))
+    except RuntimeError as e:
+        print(str(e).splitlines()[0])
+    else:
+        print("raised nothing")
+"""
+
+
+def test_unknown_cluster_size_is_a_clear_error():
+    """RNNFAST_CLUSTER_SIZE=3 (not 16, 8, 4, 2 or 1), forced: a clear error. In a child
+    process, as test_cuda's refusal test (a raise from a forced path once crashed the
+    process on the H100, which must fail one test, not end the run)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, RNNFAST_CLUSTER_SIZE="3")
+    child = subprocess.run([sys.executable, "-c", _UNKNOWN_SIZE_CHILD], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert child.returncode == 0, child.stderr[-4000:]
+    assert "the cluster CUDA path was forced" in child.stdout, child.stdout
+    assert "RNNFAST_CLUSTER_SIZE=3 is not one of 16, 8, 4, 2, 1" in child.stdout, child.stdout

@@ -1384,6 +1384,20 @@ def for_tiles(n_rows, w_rows, try_tile, mma, backward, dt, tile=None):
             try_tile(4, 8)
 
 
+def for_cluster_tiles(w_rows, try_tile, mma, dt, tile=None):
+    """PersistentPlanner::for_cluster_tiles: every tile (the cost model picks among them).
+    tile: force (NT, RPW) of the FFMA kernels."""
+    if mma:
+        try_tile(16, 16)
+    elif tile is not None:
+        try_tile(*tile)
+    else:
+        if dt.acc == 4 and round_up(w_rows, 8) == round_up(w_rows, 4):
+            try_tile(16, 8)
+        for nt, rpw in ((16, 4), (8, 8), (4, 8)):
+            try_tile(nt, rpw)
+
+
 def kernel_of(Cell, backward, nt, rpw, dt, cluster):
     kern = persistent_backward if backward else persistent_forward
     return lambda p, ctx: kern(Cell, nt, rpw, dt, cluster, p, ctx)
@@ -1448,7 +1462,7 @@ def cluster_us(group_rows, nt, r_pad, K, pushes, x_size, mma, waves, fp64):
 def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None):
     """PersistentPlanner::cluster() with the path forced. size: RNNFAST_CLUSTER_SIZE (C0),
     rows: RNNFAST_CLUSTER_ROWS (N_c), None for the planner's choice; tile as in
-    plan_persistent. The choice among cluster sizes uses cluster_us's stand-in device; the
+    plan_persistent. The choice among cluster sizes and tiles uses cluster_us's stand-in device; the
     checks of the build's PTX version (cudaFuncGetAttributes) and of a launch's block limit
     are left out."""
     sms = dev.sms
@@ -1495,7 +1509,7 @@ def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None)
                 best = plan
             return True
 
-        for_tiles(guess_rows, w_rows, try_tile, mma, backward, dt, tile)
+        for_cluster_tiles(w_rows, try_tile, mma, dt, tile)
     if best is None:
         raise Finding(f"the cluster variant cannot run for H={H} (size {size}, {sms} SMs)")
     return best
@@ -2116,9 +2130,10 @@ SELF_TEST_CASES = [
     dict(kind="rnn", T=2, N=3, C=2, H=8, reverse=False, training=True, sms=3, bias=True,
          dtype="float32", h0_off=1),
     # the cluster variant: clusters of 3 blocks (units 2, 2, 1), 6 rows each in tiles of 4
-    # (the last cluster 4 rows); the tensor-core forward, 2 blocks, 5 rows padded to 16
+    # (forced: the planner would take one tile of 8; the last cluster 4 rows); the
+    # tensor-core forward, 2 blocks, 5 rows padded to 16
     dict(kind="gru", T=3, N=10, C=2, H=5, reverse=True, training=True, sms=9, bias=True,
-         cluster=(4, 6)),
+         cluster=(4, 6), tile=(4, 8)),
     dict(kind="lstm", T=2, N=7, C=2, H=20, reverse=False, training=True, sms=4, bias=True,
          dtype="float16", cluster=(2, 5)),
 ]

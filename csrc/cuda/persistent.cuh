@@ -919,6 +919,26 @@ struct PersistentPlanner {
     }
   }
 
+  // The cluster variant tries every tile: its rows per cluster follow from the tile's
+  // shared memory, so the cost model, not a rule, picks. Tensor cores: (16, 16); FFMA:
+  // (16, 8) with float sums where 8 rows of W a warp pad no more than 4 would, (16, 4),
+  // (8, 8), (4, 8).
+  template <typename TryTile>
+  static void for_cluster_tiles(int64_t w_rows, TryTile try_tile) {
+    if constexpr (kMma) {
+      try_tile(I16{}, I16{});
+    } else {
+      if constexpr (sizeof(acc_t) == 4) {
+        if (round_up(static_cast<int>(w_rows), 8) == round_up(static_cast<int>(w_rows), 4)) {
+          try_tile(I16{}, I8{});
+        }
+      }
+      try_tile(I16{}, I4{});
+      try_tile(I8{}, I8{});
+      try_tile(I4{}, I8{});
+    }
+  }
+
   template <int NT, int RPW, bool kCluster>
   size_t smem_bytes(int r_pad, int64_t ld, int64_t group_rows) const {
     return smem_layout<scalar_t, x_t, acc_t>(xs_rows<kCluster>(NT, group_rows), NT, r_pad, ld,
@@ -1007,7 +1027,8 @@ struct PersistentPlanner {
   // 16 (where the device allows clusters that large), 8, 4, 2, 1, at most H), each cluster
   // holding all of W_hh and taking N_c rows of the batch; as many clusters as run at once
   // (the occupancy query), N_c = ceil(N / clusters), fewer clusters where N_c's two turns
-  // do not fit in shared memory (then they take turns). The cheapest C by the cost model.
+  // do not fit in shared memory (then they take turns). The cheapest C and tile by the
+  // cost model.
   // Knobs for the tests and calibration: RNNFAST_CLUSTER_SIZE (C0),
   // RNNFAST_CLUSTER_ROWS (N_c, where it fits).
   PersistentLaunch cluster() {
@@ -1027,7 +1048,7 @@ struct PersistentPlanner {
       const int cs = static_cast<int>((H + units - 1) / units);
       const int64_t K = kBackward ? G * H : H, w_rows = kBackward ? units : G * units;
       const int64_t guess_rows = (N + std::max(1, sms / cs) - 1) / std::max(1, sms / cs);
-      for_tiles(guess_rows, w_rows, [&](auto nt, auto rpw) {
+      for_cluster_tiles(w_rows, [&](auto nt, auto rpw) {
         constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
         const void* k = kernel<kNT, kRPW, true>();
         const int r_pad = round_up(static_cast<int>(w_rows), kRPW);

@@ -53,7 +53,9 @@
 //   NT * RPW / 32 finished sums. Tiles (NT, RPW): (16, 8) for N > 4 with float sums where
 //   8 rows a warp pad no more than 4 would (24 shared-memory loads per 128 FMAs, so FFMA-
 //   rather than load-bound), else (16, 4) (20 per 64), then in the backward (8, 8) where 16
-//   staged rows do not fit; (4, 8) for N <= 4 and where nothing else fits.
+//   staged rows do not fit; (4, 8) for N <= 4 and where nothing else fits. The cluster
+//   variant tries each of those tiles (and (8, 8) in the forward too) and keeps the one the
+//   cost model prefers, as its rows per cluster depend on the tile.
 //   tile_dot_mma (tensor cores; the float16/bfloat16 forward, NT = 16): WMMA 16x16x16 tiles
 //   with fp32 accumulators; the r_pad / 16 column tiles are shared out to the warps, each
 //   tile's k range split over several warps whose partial tiles are then summed. K is

@@ -57,6 +57,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import sys
 import time
 
@@ -1448,15 +1449,41 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
     return plan
 
 
-def cluster_us(group_rows, nt, r_pad, K, pushes, x_size, mma, waves, fp64):
-    """CostModel::cluster_us on a stand-in device (the emulator has no cudaDeviceProp):
-    an H100's 1755 MHz, 128 FP32 lanes an SM (64 for FP64) and tensor cores 16x FFMA."""
-    clock_mhz = 1755.0
-    rate = 2.0 * (64.0 if fp64 else 128.0) * clock_mhz * (16.0 * 0.15 if mma else 0.4)
+HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
+                      "cuda", "persistent.cuh")
+
+
+def header_constants(path=HEADER):
+    """kStageBatch and CostModel's constants, as persistent.cuh defines them."""
+    text = open(path).read()
+    consts = {}
+    for name in ("kStageBatch", "kFloorUs", "kRoundTripUs", "kFfmaShare", "kMmaShare",
+                 "kL2BytesPerS", "kStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare",
+                 "kClusterFloorUs", "kDsmemBytesPerClk"):
+        m = re.search(rf"\b{name}\s*=\s*([0-9.eE+-]+)", text)
+        if m is None:
+            raise SystemExit(f"{name} not found in {path}")
+        consts[name] = float(m.group(1))
+    return consts
+
+
+_HEADER_CONSTANTS = []
+
+
+def cluster_us(group_rows, nt, r_pad, K, pushes, x_size, mma, waves, fp64, clock_mhz=1755.0):
+    """CostModel::cluster_us with the header's constants on a stand-in device (the emulator
+    has no cudaDeviceProp): by default an H100's 1755 MHz, 128 FP32 lanes an SM (64 for
+    FP64) and tensor cores 16x FFMA."""
+    if not _HEADER_CONSTANTS:
+        _HEADER_CONSTANTS.append(header_constants())
+    c = _HEADER_CONSTANTS[0]
+    share = 16.0 * c["kMmaShare"] if mma else c["kFfmaShare"]
+    rate = 2.0 * (64.0 if fp64 else 128.0) * clock_mhz * share
     tiles = (group_rows + nt - 1) // nt
     dot_us = 2.0 * nt * r_pad * K / rate
-    push_us = pushes * x_size / (32.0 * clock_mhz)
-    return waves * (1.2 + tiles * dot_us + (tiles - 1) * 0.27 + push_us)
+    push_us = pushes * x_size / (c["kDsmemBytesPerClk"] * clock_mhz)
+    return waves * (c["kClusterFloorUs"] + tiles * dot_us + (tiles - 1) * c["kRoundTripUs"]
+                    + push_us)
 
 
 def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None):

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import sys
 
@@ -54,17 +53,9 @@ def load_emulation():
 
 
 def header_constants(path=HEADER):
-    """kStageBatch and CostModel's constants, as persistent.cuh defines them."""
-    text = open(path).read()
-    consts = {}
-    for name in ("kStageBatch", "kFloorUs", "kRoundTripUs", "kFfmaShare", "kMmaShare",
-                 "kL2BytesPerS", "kStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare",
-                 "kClusterFloorUs", "kDsmemBytesPerClk"):
-        m = re.search(rf"\b{name}\s*=\s*([0-9.eE+-]+)", text)
-        if m is None:
-            raise SystemExit(f"{name} not found in {path}")
-        consts[name] = float(m.group(1))
-    return consts
+    """kStageBatch and CostModel's constants, as persistent.cuh defines them (read by the
+    emulator, which costs the cluster variant's plans with them too)."""
+    return load_emulation().header_constants(path)
 
 
 def round_up(v, m):
@@ -111,12 +102,11 @@ class Model:
         return max(latency, bandwidth)
 
     def cluster_us(self, cell, N, H, backward, x_size=4):
-        """CostModel::cluster_us with the header's constants, for the cluster variant as
-        the emulator's plan_cluster lays it out (its choice of cluster size made on its
-        stand-in model; a FakeDevice runs SMs // C clusters at once), or None where it
-        does not fit."""
+        """CostModel::cluster_us (the emulator's, with the header's constants, at this
+        model's clock) for the cluster variant as the emulator's plan_cluster lays it out
+        (its choice of cluster size made on its stand-in model; a FakeDevice runs SMs // C
+        clusters at once), or None where it does not fit."""
         emu = load_emulation()
-        c = self.c
         cls = {1: emu.ElmanCell, 3: emu.GruCell, 4: emu.LstmCell}[GATES[cell]]
         dt = emu.dtype_of({8: "float64", 4: "float32"}[x_size])
         try:
@@ -126,13 +116,10 @@ class Model:
         G = GATES[cell]
         K = G * H if backward else H
         r_pad = round_up(p.units if backward else G * p.units, p.rpw)
-        tiles = -(-p.group_rows // p.nt)
-        dot = 2.0 * p.nt * r_pad * K / (self.ffma * c["kFfmaShare"])
         pushes = p.group_rows * p.units * (G if backward else 1) * p.cluster
-        push = pushes * x_size / (c["kDsmemBytesPerClk"] * self.clock_mhz)
         waves = -(-(p.blocks // p.cluster) // p.at_once)
-        return waves * (c["kClusterFloorUs"] + tiles * dot + (tiles - 1) * c["kRoundTripUs"]
-                        + push)
+        return emu.cluster_us(p.group_rows, p.nt, r_pad, K, pushes, x_size, False, waves,
+                              x_size == 8, self.clock_mhz)
 
     def gemm_us(self, cell, N, H):
         """One [N, H] x [H, G*H] GEMM's share of a step, at the per-step GEMMs' rate."""

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """CPU emulation of the persistent CUDA kernels, to check them without a GPU.
 
-Emulates, as of the cluster variant after its review (loads ahead between the cluster
-arrival and wait, pushes from a block's own rank on; 2026-11-27):
-csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, tile_dot with its
-split-K, tile_dot_mma's WMMA 16x16x16 forward for 16-bit types, smem_layout with its xs_rows
+Emulates, as of tile_dot's vector loads (rows padded to ffma_ld, groups of 4 consecutive k
+a lane, 2 for double sums; 2026-11-27):
+csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, tile_dot with its vector
+groups, their alignment checked, and its split-K, tile_dot_mma's WMMA 16x16x16 forward for 16-bit types, smem_layout with its xs_rows
 and the scratch sizes, grid_barrier, both kernels in both variants (kCluster) with their
 loads ahead of the barrier, PersistentPlanner's grid() and cluster() with the path forced)
 and the cells and ops of lstm.cu, gru.cu and rnn.cu (forward returning h, backward handing
@@ -95,7 +95,7 @@ MUTATIONS = {
     "gru_direct_dh_off": "GRU phase B overwrites dh (kDirectDh ignored)",
     "here_is_U": "here = U for every block",
     "lstm_c_prev_t": "LSTM c_prev from cache[t] instead of cache[tp]",
-    "split_k_remainder": "tile_dot split-K: k_end = k_begin + K / splits (drops K % splits)",
+    "split_k_remainder": "tile_dot split-K: g_end = g_begin + groups / splits (drops groups % splits)",
     "split_no_sync": "tile_dot split-K: no __syncthreads before the partials are summed",
     "split_scratch_short": "ffma_scratch: (splits - 1) * NT * r_pad elements",
     "split_slot_stride": "tile_dot split-K: partial sp at scratch + sp * NT * RPW",
@@ -112,6 +112,8 @@ MUTATIONS = {
     "stage_batch_overlap": "stage_rows: a batch's units e0 + i instead of e0 + i * blockDim",
     "mma_ws_no_k_pad": "forward Ws load without k < K (reads W_hh past the row)",
     "mma_scratch_no_splits": "mma_scratch_bytes: r_tiles * 256 floats (splits missing)",
+    "ffma_ld_unpadded": "ffma_ld(K) = K (rows not padded to whole vectors)",
+    "bwd_ws_no_k_pad": "backward Ws load without q < K (reads W_hh past its rows)",
     # the cluster variant
     "cluster_one_turn": "cluster: one turn of xs (each step stores into the turn it reads)",
     "cluster_no_self_store": "cluster: for_each_peer leaves out this block's own rank",
@@ -444,6 +446,13 @@ def mma_splits(r_tiles, warps):
     return 1 if r_tiles >= warps else warps // r_tiles
 
 
+FFMA_VEC = 4  # kFfmaVec
+
+
+def ffma_ld(K):
+    return K if mut("ffma_ld_unpadded") else round_up(K, FFMA_VEC)
+
+
 def mma_ld(K):
     if mut("mma_ld_unpadded"):
         return K
@@ -523,38 +532,53 @@ def warp_split_reduce(v, M):
     warp_split_stage(v, M, M // 2)
 
 
-def tile_dot(NT, RPW, ws, r_pad, xs, K, out, scratch, ctx):
+def tile_dot(NT, RPW, ws, r_pad, xs, ld, out, scratch, ctx):
     M, kPerLane = NT * RPW, NT * RPW // 32
+    V = FFMA_VEC if out.size == 4 else 2  # vectors of 2 for double sums
     chunks = r_pad // RPW
     splits = ffma_splits(chunks, WARPS)
+    groups = ld // V
     cover("ffma: split-K" if splits > 1 else "ffma: one k range per chunk")
     if chunks > WARPS:
         cover("ffma: several jobs per warp")
-    if splits > 1 and K % splits:
-        cover("ffma: K % splits != 0")
+    if splits > 1 and groups % splits:
+        cover("ffma: groups % splits != 0")
     # `for (job = warp; job < chunks * splits; job += warps)`: row j of every array below
     # is job j, run by warp j % warps (a warp's later jobs touch other outputs, and nothing
     # orders the warps before the next __syncthreads, so all jobs run side by side)
     job = np.arange(chunks * splits, dtype=np.int64)
     r0, sp = job // splits * RPW, job % splits
-    k_begin = sp * K // splits
-    k_end = k_begin + K // splits if mut("split_k_remainder") else (sp + 1) * K // splits
+    g_begin = sp * groups // splits
+    if mut("split_k_remainder"):
+        g_end = g_begin + groups // splits
+    else:
+        g_end = (sp + 1) * groups // splits
     thr = (job % WARPS * 32)[:, None] + LANES
-    # `for (k = k_begin + lane; k < k_end; k += 32)`, per lane: iteration it at k[:, :, it]
-    iters = -(-int((k_end - k_begin).max()) // 32)
-    k = k_begin[:, None, None] + LANES[None, :, None] + 32 * np.arange(iters)
-    act = k < k_end[:, None, None]
-    ka = k[act]
-    ta = np.broadcast_to(thr[:, :, None], k.shape)[act][:, None]
-    ra = np.broadcast_to(r0[:, None, None], k.shape)[act][:, None]
-    xv = np.zeros(k.shape + (NT,))
-    xv[act] = xs.read(np.arange(NT) * K + ka[:, None], ctx, ta, where="tile_dot xs")
-    w = np.zeros(k.shape + (RPW,))
-    w[act] = ws.read((ra + np.arange(RPW)) * K + ka[:, None], ctx, ta, where="tile_dot ws")
+    # `for (g = g_begin + lane; g < g_end; g += 32)`, per lane: iteration it at g[:, :, it];
+    # group g is the vector of k = V * g + [0, V) of each row (the next group's rows of ws,
+    # loaded ahead, are the same loads one iteration early; the last iteration's reload of
+    # its own group reads nothing new)
+    iters = max(1, -(-int((g_end - g_begin).max()) // 32))
+    g = g_begin[:, None, None] + LANES[None, :, None] + 32 * np.arange(iters)
+    act = g < g_end[:, None, None]
+    ga = g[act]
+    ta = np.broadcast_to(thr[:, :, None], g.shape)[act][:, None, None]
+    ra = np.broadcast_to(r0[:, None, None], g.shape)[act][:, None, None]
+    e = np.arange(V)
+    x_first = np.arange(NT)[None, :] * ld + V * ga[:, None]  # [active, NT]
+    w_first = (ra[:, :, 0] + np.arange(RPW)) * ld + V * ga[:, None]  # [active, RPW]
+    for base, first, what in ((xs, x_first, "xs"), (ws, w_first, "ws")):
+        if (base.addr(first) % (V * base.size)).any():
+            finding(f"tile_dot: a vector load of {what} not {V * base.size}-byte aligned")
+    xv = np.zeros(g.shape + (NT, V))
+    xv[act] = xs.read(x_first[:, :, None] + e, ctx, ta, where="tile_dot xs")
+    w = np.zeros(g.shape + (RPW, V))
+    w[act] = ws.read(w_first[:, :, None] + e, ctx, ta, where="tile_dot ws")
     acc = np.zeros((job.size, 32, M))
-    for it in range(iters):  # for i < RPW, n < NT: acc[n * RPW + i] += xv[n] * w_i
+    for it in range(iters):  # for n < NT, e < V, i < RPW: acc[n * RPW + i] += x[n][e] w[i][e]
         a = act[:, :, it]
-        acc[a] += (xv[:, :, it, :, None] * w[:, :, it, None, :]).reshape(job.size, 32, M)[a]
+        prod = np.einsum("jlne,jlie->jlni", xv[:, :, it], w[:, :, it]).reshape(job.size, 32, M)
+        acc[a] += prod[a]
     warp_split_reduce(acc, M)
     jj = np.arange(kPerLane)
     idx = jj * 32 + LANES[:, None] if mut("out_lane_map") else LANES[:, None] * kPerLane + jj
@@ -786,7 +810,7 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
     assert not mma or (NT == 16 and RPW == 16), "the MMA tile is 16 x 16"
     N, H = p.N, p.H
     U, K = p.units, H
-    ld = mma_ld(K) if mma else K
+    ld = mma_ld(K) if mma else ffma_ld(K)
     w = block_work(cluster, p, ctx)
     u0, n_begin, rows, here = w.u0, w.n_begin, w.rows, w.here
     nb = 0 if mut("cluster_no_n_begin") else n_begin  # the cell's row offset
@@ -858,7 +882,7 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
             if mma:
                 tile_dot_mma(ws, r_pad, xt, round_up(K, 16), ld, out, scratch, ctx)
             else:
-                tile_dot(NT, RPW, ws, r_pad, xt, K, out, scratch, ctx)
+                tile_dot(NT, RPW, ws, r_pad, xt, ld, out, scratch, ctx)
             if not mut("no_tile_sync"):
                 ctx.syncthreads()
             idx = np.arange(NT * here, dtype=np.int64)
@@ -907,29 +931,32 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
     G = Cell.kGates
     N, H = p.N, p.H
     U, K = p.units, G * H
+    ld = ffma_ld(K)
     w = block_work(cluster, p, ctx)
     u0, n_begin, rows, here = w.u0, w.n_begin, w.rows, w.here
     nb = 0 if mut("cluster_no_n_begin") else n_begin  # the cell's row offset
     r_pad = round_up(U, RPW)
     x_rows = xs_rows(cluster, NT, p.group_rows)
     turn = x_rows // 2  # the cluster variant's
-    lay = smem_layout(x_rows, NT, r_pad, K, scratch_bytes(NT, RPW, False, dt.acc, r_pad),
+    lay = smem_layout(x_rows, NT, r_pad, ld, scratch_bytes(NT, RPW, False, dt.acc, r_pad),
                       dt.scalar, dt.acc, dt.acc)
     smem = ctx.shared_memory()
     ws, xs = Ptr(smem, 0, dt.scalar), Ptr(smem, lay.xs_offset, dt.acc)
     out, scratch = Ptr(smem, lay.out_offset, dt.acc), Ptr(smem, lay.scratch_offset, dt.acc)
 
-    idx = np.arange(r_pad * K, dtype=np.int64)
+    idx = np.arange(r_pad * ld, dtype=np.int64)
     thr = idx % BLOCK_DIM
     q, j = idx // r_pad, idx % r_pad
     valid = j < here
+    if not mut("bwd_ws_no_k_pad"):
+        valid &= q < K
     val = np.zeros(idx.size)
     val[valid] = p.w_hh.read(q[valid] * H + u0 + j[valid], ctx, thr[valid],
                              where="backward Ws load")
-    ws.write(q * r_pad + j if mut("bwd_ws_transposed") else j * K + q, val, ctx, thr,
+    ws.write(q * r_pad + j if mut("bwd_ws_transposed") else j * ld + q, val, ctx, thr,
              where="backward Ws store")
-    if cluster:  # both turns zero (their padding rows stay so)
-        idx = np.arange((1 if mut("cluster_fill_one_turn") else 2) * turn * K, dtype=np.int64)
+    if cluster:  # both turns zero (their padding rows and columns stay so)
+        idx = np.arange((1 if mut("cluster_fill_one_turn") else 2) * turn * ld, dtype=np.int64)
         xs.write(idx, 0.0, ctx, idx % BLOCK_DIM, where="cluster backward turns of xs")
 
     # phase A's inputs but dh of this thread's first item (idx = threadIdx.x), loaded ahead
@@ -946,7 +973,7 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
 
     for s in range(p.T - 1, -1, -1):
         t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
-        cur = xs + turn_index(s) * turn * K  # the cluster variant's turn for this step
+        cur = xs + turn_index(s) * turn * ld  # the cluster variant's turn for this step
         idx = np.arange(rows * here, dtype=np.int64)
         first = idx < BLOCK_DIM  # idx == threadIdx.x: the values loaded ahead
         inp = np.zeros((Cell.kBackwardLoads, idx.size))
@@ -963,7 +990,7 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
             if mut("cluster_early_arrive"):
                 yield CLUSTER_ARRIVE  # before the stores
             for rk in for_each_peer(w):
-                peer_shared(cur, rk, ctx).write(nl * K + u + gate_offsets(G, H), dgh, ctx, thr,
+                peer_shared(cur, rk, ctx).write(nl * ld + u + gate_offsets(G, H), dgh, ctx, thr,
                                                 where="cluster backward dgh into a turn")
             if not mut("cluster_early_arrive"):
                 yield CLUSTER_ARRIVE  # the loads below need no peer's data
@@ -980,13 +1007,13 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
         dg = p.dg_hh + t * N * K
         for n0 in range(0, rows, NT):
             if cluster:  # dg_hh of the tile's rows
-                xt = (xs + turn_index(s + 1) * turn * K if mut("cluster_phase_b_other_turn")
-                      else cur) + n0 * K
+                xt = (xs + turn_index(s + 1) * turn * ld if mut("cluster_phase_b_other_turn")
+                      else cur) + n0 * ld
             else:
-                stage_rows(NT, dg, n0, N, K, K, xs, ctx, dt.acc)
+                stage_rows(NT, dg, n0, N, K, ld, xs, ctx, dt.acc)
                 xt = xs
                 ctx.syncthreads()
-            tile_dot(NT, RPW, ws, r_pad, xt, K, out, scratch, ctx)
+            tile_dot(NT, RPW, ws, r_pad, xt, ld, out, scratch, ctx)
             if not mut("no_tile_sync"):
                 ctx.syncthreads()
             idx = np.arange(NT * here, dtype=np.int64)
@@ -1430,7 +1457,7 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
     def try_tile(nt, rpw):
         nonlocal plan
         r_pad = round_up(w_rows, rpw)
-        ld = mma_ld(K) if mma else K
+        ld = mma_ld(K) if mma else ffma_ld(K)
         smem = smem_bytes(nt, rpw, r_pad, ld, 0, False, dt, backward, mma)
         if smem > dev.smem_optin:
             return False
@@ -1505,7 +1532,7 @@ def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None)
         def try_tile(nt, rpw):
             nonlocal best
             r_pad = round_up(w_rows, rpw)
-            ld = mma_ld(K) if mma else K
+            ld = mma_ld(K) if mma else ffma_ld(K)
 
             def sm(group_rows):
                 return smem_bytes(nt, rpw, r_pad, ld, group_rows, True, dt, backward, mma)
@@ -2089,7 +2116,7 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "stage_rows: several batches per thread", "last block owns fewer units", "blocks own several units", "H < SM count",
             "H > SM count", "several row tiles", "a partial row tile",
             "K > 32 (several k per lane)", "ffma: split-K", "ffma: one k range per chunk",
-            "ffma: several jobs per warp", "ffma: K % splits != 0", "mma: split-K",
+            "ffma: several jobs per warp", "ffma: groups % splits != 0", "mma: split-K",
             "mma: one k range per tile", "mma: several jobs per warp",
             "mma: K % 16 != 0 (zero padding)", "mma: K % 16 == 0", "mma: several row tiles",
             "cluster: size 1", "cluster: size 2", "cluster: a size not a power of two",

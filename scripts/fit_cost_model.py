@@ -15,6 +15,7 @@ the header's comment quotes.
 
   python scripts/fit_cost_model.py                      # the committed H100 run
   python scripts/fit_cost_model.py --json gpu-bench7.json --staging new
+  python scripts/fit_cost_model.py --now kFfmaShare=0.65   # a what-if for the predictions
 
 Float32 and float64 cases only (the 16-bit rates are not fitted yet); the device is taken
 to be the H100 SXM of the committed run (132 SMs, clockRate 1980 MHz) unless --sms and
@@ -87,7 +88,8 @@ class Model:
         K = G * H if backward else H
         nt, rpw, units, blocks = self.plan(cell, N, H, backward, staging, x_size)
         rows = units if backward else G * units
-        r_pad, ld = round_up(rows, rpw), K
+        # the measured run's rows were K long; now they are padded to whole 4-vectors
+        r_pad, ld = round_up(rows, rpw), K if staging == "old" else round_up(K, 4)
         tiles = -(-N // nt)
         dot = 2.0 * nt * r_pad * K / (self.ffma * c["kFfmaShare"])
         if staging == "old":  # each valid row: ceil(ld / 256) loads, one after another
@@ -146,8 +148,19 @@ def main(argv=None):
                     help="how the measured run staged rows (default: old, the committed run)")
     ap.add_argument("--sms", type=int, default=132)
     ap.add_argument("--clock-mhz", type=float, default=1980.0)
+    ap.add_argument("--now", action="append", default=[], metavar="NAME=VALUE",
+                    help="a constant of the header replaced in the predictions (the `now`, "
+                         "`clustr` and auto columns), not in the fit; repeatable")
     args = ap.parse_args(argv)
     consts = header_constants()
+    now_consts = dict(consts)
+    for item in args.now:
+        name, _, value = item.partition("=")
+        if name not in consts:
+            raise SystemExit(f"--now {item}: {name} is not one of {sorted(consts)}")
+        now_consts[name] = float(value)
+    emu = load_emulation()  # its cluster_us reads the constants it cached
+    emu._HEADER_CONSTANTS[:] = [now_consts]
     records = json.load(open(args.json))["records"]
     fwd = {(r["cell"], r["N"], r["H"], r["dtype"]): r for r in records if r["mode"] == "fwd"}
     ratios = {"fwd": [], "bwd": []}
@@ -159,6 +172,7 @@ def main(argv=None):
         if r["dtype"] not in ("float32", "float64"):
             continue
         model = Model(consts, args.sms, args.clock_mhz, fp64=r["dtype"] == "float64")
+        now = Model(now_consts, args.sms, args.clock_mhz, fp64=r["dtype"] == "float64")
         x_size = 8 if r["dtype"] == "float64" else 4
         cell, N, H = r["cell"], r["N"], r["H"]
         pers, step, cudnn = (per_step(r, n) for n in ("rnnfast persistent", "rnnfast step",
@@ -181,10 +195,10 @@ def main(argv=None):
         common = ((3 if backward else 1) * model.gemm_us(cell, N, H)
                   * consts["kGemmFfmaShare"] / WHOLE_SEQUENCE_SHARE)
         m_fit = model.persistent_us(cell, N, H, backward, args.staging, x_size) + common
-        m_now = model.persistent_us(cell, N, H, backward, "new", x_size) + common
-        m_cluster = model.cluster_us(cell, N, H, backward, x_size)
+        m_now = now.persistent_us(cell, N, H, backward, "new", x_size) + common
+        m_cluster = now.cluster_us(cell, N, H, backward, x_size)
         m_cluster = None if m_cluster is None else m_cluster + common
-        m_step = model.step_us(cell, N, H) + common
+        m_step = now.step_us(cell, N, H) + common
         ratios[mode].append(m_fit / pers)
         options = {"persistent": m_now, "step": m_step}
         if m_cluster is not None:

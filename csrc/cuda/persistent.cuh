@@ -48,11 +48,14 @@
 //
 // Dot products, in a fixed order (results are bitwise deterministic):
 //   tile_dot (FFMA in acc_t; float32/float64, and every backward): warp w takes the rows in
-//   chunks of RPW; lane l takes k = l, l + 32, ...; each lane holds NT x RPW partial sums,
-//   and a halving exchange across the lanes (warp_split_reduce) leaves each lane
-//   NT * RPW / 32 finished sums. Tiles (NT, RPW): (16, 8) for N > 4 with float sums where
-//   8 rows a warp pad no more than 4 would (24 shared-memory loads per 128 FMAs, so FFMA-
-//   rather than load-bound), else (16, 4) (20 per 64), then in the backward (8, 8) where 16
+//   chunks of RPW; lane l takes the groups of 4 consecutive k (K zero-padded to a multiple
+//   of 4) g = l, l + 32, ..., each row's 4 values loaded as one vector (LDS.128 in float:
+//   scalar loads cost an LDS and an address IMAD per element, which left the H100 run's
+//   FFMA at ~40%), the next group's rows of W loaded while this group's FMAs run; each lane
+//   holds NT x RPW partial sums, and a halving exchange across the lanes
+//   (warp_split_reduce) leaves each lane NT * RPW / 32 finished sums. Tiles (NT, RPW):
+//   (16, 8) for N > 4 with float sums where 8 rows a warp pad no more than 4 would (24
+//   vector loads per 512 FMAs), else (16, 4), then in the backward (8, 8) where 16
 //   staged rows do not fit; (4, 8) for N <= 4 and where nothing else fits. The cluster
 //   variant tries each of those tiles (and (8, 8) in the forward too) and keeps the one the
 //   cost model prefers, as its rows per cluster depend on the tile.
@@ -224,33 +227,82 @@ __host__ __device__ inline int ffma_scratch(int r_pad) {
   return splits == 1 ? 0 : splits * NT * r_pad;
 }
 
+// The FFMA dot product's operand rows: K columns zero-padded to ffma_ld(K), a multiple of
+// kFfmaVec, so that each lane loads kFfmaVec consecutive k of a row at once (float: one
+// 16-byte LDS.128 where scalar loads took an LDS and an address IMAD per element).
+constexpr int kFfmaVec = 4;
+__host__ __device__ inline int ffma_ld(int K) { return round_up(K, kFfmaVec); }
+
+// V consecutive elements, loaded from shared memory as one vector.
+template <typename T, int V>
+struct alignas(V * sizeof(T)) FfmaVec {
+  T v[V];
+};
+template <int V, typename T>
+__device__ __forceinline__ FfmaVec<T, V> load_vec(const T* p) {
+  return *reinterpret_cast<const FfmaVec<T, V>*>(p);
+}
+
 // out[n][r] = sum_k xs[n][k] ws[r][k] for n < NT, r < r_pad (a multiple of RPW; padded
-// rows of ws are zero); xs [NT, K], ws [r_pad, K], out [NT, r_pad] and scratch
-// (ffma_scratch elements), all in shared memory. Jobs: each chunk of RPW rows, split into
-// `splits` k ranges when there are fewer chunks than warps (small H); the ranges' partial
-// sums meet in scratch and are added in a fixed order.
+// rows of ws are zero); xs [NT, ld], ws [r_pad, ld] with ld = ffma_ld(K) (columns K..ld
+// zero in both), out [NT, r_pad] and scratch (ffma_scratch elements), all in shared
+// memory, rows aligned to whole vectors. Jobs: each chunk of RPW rows, split into `splits`
+// ranges of k when there are fewer chunks than warps (small H); the ranges' partial sums
+// meet in scratch and are added in a fixed order. Within a job, lane l takes the k groups
+// [V * g, V * (g + 1)) for g = l, l + 32, ... (V = kFfmaVec, 2 for double sums): per group
+// it loads its RPW rows of ws as vectors (those of the next group already in flight:
+// software pipelining, as 8 warps an SM hide little of the loads' latency), then each row
+// n of xs as one vector and makes NT * RPW * V FMAs. (No prefetch where registers do not
+// allow it.)
 template <int NT, int RPW, typename w_t, typename x_t, typename acc_t>
 __device__ __forceinline__ void tile_dot(const w_t* __restrict__ ws, int r_pad,
-                                         const x_t* __restrict__ xs, int K,
+                                         const x_t* __restrict__ xs, int ld,
                                          acc_t* __restrict__ out, acc_t* __restrict__ scratch) {
-  constexpr int M = NT * RPW, kPerLane = M / 32;
+  // double sums take vectors of 2 (16 bytes): RPW rows of 4 doubles beside 64 double sums
+  // spilled
+  constexpr int M = NT * RPW, kPerLane = M / 32, V = sizeof(acc_t) == 8 ? 2 : kFfmaVec;
+  // the next group's rows of ws in flight where the sums and both groups' rows take at most
+  // 192 of the 255 registers (not so for double sums on the (8, 8) tile, which spilled)
+  constexpr bool kPrefetch = (M * sizeof(acc_t) + 2 * RPW * V * sizeof(w_t)) / 4 <= 192;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int chunks = r_pad / RPW, splits = ffma_splits(chunks, warps);
+  const int chunks = r_pad / RPW, splits = ffma_splits(chunks, warps), groups = ld / V;
   for (int job = warp; job < chunks * splits; job += warps) {
     const int r0 = (job / splits) * RPW, sp = job % splits;
-    const int k_end = (sp + 1) * K / splits;
+    const int g_end = (sp + 1) * groups / splits;
+    const w_t* wrow = ws + r0 * ld;
     acc_t acc[M];
 #pragma unroll
     for (int i = 0; i < M; ++i) acc[i] = acc_t(0);
-    for (int k = sp * K / splits + lane; k < k_end; k += 32) {
-      acc_t xv[NT];
+    int g = sp * groups / splits + lane;
+    FfmaVec<w_t, V> w[RPW];
+    if (kPrefetch && g < g_end) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n) xv[n] = acc_t(xs[n * K + k]);
+      for (int i = 0; i < RPW; ++i) w[i] = load_vec<V>(wrow + i * ld + g * V);
+    }
+    for (; g < g_end; g += 32) {
+      // the next group's rows of ws (the last group's again where there is none: in bounds,
+      // no branch); without room for them, this group's rows now
+      const int gn = !kPrefetch ? g : g + 32 < g_end ? g + 32 : g;
+      FfmaVec<w_t, V> wn[RPW];
 #pragma unroll
-      for (int i = 0; i < RPW; ++i) {
-        const acc_t w = acc_t(ws[(r0 + i) * K + k]);
+      for (int i = 0; i < RPW; ++i) wn[i] = load_vec<V>(wrow + i * ld + gn * V);
+      if constexpr (!kPrefetch) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n) acc[n * RPW + i] += xv[n] * w;
+        for (int i = 0; i < RPW; ++i) w[i] = wn[i];
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const FfmaVec<x_t, V> xv = load_vec<V>(xs + n * ld + g * V);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const acc_t x = acc_t(xv.v[e]);
+#pragma unroll
+          for (int i = 0; i < RPW; ++i) acc[n * RPW + i] += x * acc_t(w[i].v[e]);
+        }
+      }
+      if constexpr (kPrefetch) {
+#pragma unroll
+        for (int i = 0; i < RPW; ++i) w[i] = wn[i];
       }
     }
     warp_split_reduce<M>(acc, lane);
@@ -493,7 +545,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   static_assert(!kMma || (NT == 16 && RPW == 16), "the MMA tile is 16 x 16");
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
-  const int U = p.units, K = static_cast<int>(H), ld = kMma ? mma_ld(K) : K;
+  const int U = p.units, K = static_cast<int>(H), ld = kMma ? mma_ld(K) : ffma_ld(K);
   const BlockWork w = block_work<kCluster>(p);
   const int64_t u0 = w.u0, n_begin = w.n_begin, rows = w.rows;
   const int here = w.here;
@@ -568,7 +620,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         tile_dot_mma(ws, r_pad, xt, round_up(K, 16), ld, out,
                      reinterpret_cast<float*>(smem + lay.scratch_offset));
       } else {
-        tile_dot<NT, RPW>(ws, r_pad, xt, K, out,
+        tile_dot<NT, RPW>(ws, r_pad, xt, ld, out,
                           reinterpret_cast<acc_t*>(smem + lay.scratch_offset));
       }
       __syncthreads();
@@ -633,31 +685,32 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   constexpr int G = Cell::kGates;
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
-  const int U = p.units, K = static_cast<int>(G * H);
+  const int U = p.units, K = static_cast<int>(G * H), ld = ffma_ld(K);
   const BlockWork w = block_work<kCluster>(p);
   const int64_t u0 = w.u0, n_begin = w.n_begin, rows = w.rows;
   const int here = w.here;
   const int r_pad = round_up(U, RPW);
   const int64_t turn = xs_rows<kCluster>(NT, p.group_rows) / 2;  // the cluster variant's
   const SmemLayout lay = smem_layout<scalar_t, acc_t, acc_t>(
-      xs_rows<kCluster>(NT, p.group_rows), NT, r_pad, K,
+      xs_rows<kCluster>(NT, p.group_rows), NT, r_pad, ld,
       scratch_bytes<NT, RPW, false, acc_t>(r_pad));
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
   acc_t* xs = reinterpret_cast<acc_t*>(smem + lay.xs_offset);
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
 
-  // consecutive threads read consecutive units of one row of W_hh
+  // consecutive threads read consecutive units of one row of W_hh; columns K..ld are zero
   batched_copy<scalar_t>(
-      int64_t(r_pad) * K,
+      int64_t(r_pad) * ld,
       [&](int64_t idx) {
         const int j = static_cast<int>(idx % r_pad);
-        return j < here ? p.w_hh[(idx / r_pad) * H + u0 + j] : scalar_t(0);
+        const int64_t q = idx / r_pad;
+        return j < here && q < K ? p.w_hh[q * H + u0 + j] : scalar_t(0);
       },
       [&](int64_t idx, scalar_t v) {
-        ws[(idx % r_pad) * K + idx / r_pad] = v;
+        ws[(idx % r_pad) * ld + idx / r_pad] = v;
       });
-  if constexpr (kCluster) {  // the padding rows of both turns stay zero
-    for (int64_t idx = threadIdx.x; idx < 2 * turn * K; idx += blockDim.x) xs[idx] = acc_t(0);
+  if constexpr (kCluster) {  // the padding rows and columns of both turns stay zero
+    for (int64_t idx = threadIdx.x; idx < 2 * turn * ld; idx += blockDim.x) xs[idx] = acc_t(0);
   }
 
   // Phase A's inputs but the carried dh (Cell::load_backward) of this thread's first item
@@ -678,7 +731,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 
   for (int64_t s = p.T - 1; s >= 0; --s) {
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
-    acc_t* cur = xs + (s & 1) * turn * K;  // the cluster variant's turn for this step
+    acc_t* cur = xs + (s & 1) * turn * ld;  // the cluster variant's turn for this step
     for (int64_t idx = threadIdx.x; idx < rows * here; idx += blockDim.x) {
       const int64_t nl = idx / here, u = u0 + idx % here;
       acc_t in[L], dgh[G];
@@ -690,7 +743,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       }
       Cell::backward(p, s, t, tp, n_begin + nl, u, in, dgh);
       if constexpr (kCluster) {
-        acc_t* dst = cur + nl * K + u;
+        acc_t* dst = cur + nl * ld + u;
         for_each_peer(w, [&](int r) {
           acc_t* q = peer_shared(dst, r);
 #pragma unroll
@@ -712,13 +765,13 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     for (int64_t n0 = 0; n0 < rows; n0 += NT) {
       const acc_t* xt;  // dg_hh of the tile's rows
       if constexpr (kCluster) {
-        xt = cur + n0 * K;
+        xt = cur + n0 * ld;
       } else {
-        stage_rows<NT>(dg, n0, N, K, K, xs);
+        stage_rows<NT>(dg, n0, N, K, ld, xs);
         xt = xs;
         __syncthreads();
       }
-      tile_dot<NT, RPW>(ws, r_pad, xt, K, out, reinterpret_cast<acc_t*>(smem + lay.scratch_offset));
+      tile_dot<NT, RPW>(ws, r_pad, xt, ld, out, reinterpret_cast<acc_t*>(smem + lay.scratch_offset));
       __syncthreads();
       for (int idx = threadIdx.x; idx < NT * here; idx += blockDim.x) {
         const int nl = idx / here, j = idx % here;
@@ -996,7 +1049,7 @@ struct PersistentPlanner {
       constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
       const void* k = kernel<kNT, kRPW, false>();
       const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
-      const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : K;
+      const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : ffma_ld(static_cast<int>(K));
       const size_t smem = smem_bytes<kNT, kRPW, false>(r_pad, ld, 0);
       int ptx = 0, per_sm = 0;
       if (!fits(smem) || !prepare(k, false, ptx)) return false;
@@ -1054,7 +1107,7 @@ struct PersistentPlanner {
         constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
         const void* k = kernel<kNT, kRPW, true>();
         const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
-        const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : K;
+        const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : ffma_ld(static_cast<int>(K));
         // code for 9.0 or newer (below it the cluster helpers trap): not so where only an
         // older architecture's PTX was built and the driver compiled that
         int ptx = 0;

@@ -127,6 +127,7 @@ MUTATIONS = {
     "cluster_phase_b_other_turn": "cluster backward: phase B reads turn (s + 1) & 1",
     "cluster_plan_smem_one_row": "cluster plan: smem sized for N_c = 1 (smem_bytes(..., 1))",
     "cluster_early_arrive": "cluster: cluster_arrive before the stores into the peers' turns",
+    "grid_early_arrive": "grid forward: grid_arrive before the last tile's stores of h into y",
 }
 MUT = set()
 
@@ -745,6 +746,7 @@ class Params:
 
 # what a cluster kernel yields: cluster_arrive(), cluster_wait(), cluster_sync() (both)
 CLUSTER_ARRIVE, CLUSTER_WAIT, CLUSTER_SYNC = "cluster_arrive", "cluster_wait", "cluster_sync"
+GRID_ARRIVE = "grid_arrive"  # grid_arrive; grid_wait is the int target that follows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -871,8 +873,10 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
                 stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx, dt.scalar)
                 xt = xs
                 ctx.syncthreads()
-            if cluster and mut("cluster_early_arrive") and s + 1 < p.T and n0 + NT >= rows:
-                yield CLUSTER_ARRIVE  # before the last tile's pointwise loop and stores
+            if (mut("cluster_early_arrive") if cluster else mut("grid_early_arrive")) and \
+                    s + 1 < p.T and n0 + NT >= rows:
+                # before the last tile's pointwise loop and stores
+                yield CLUSTER_ARRIVE if cluster else GRID_ARRIVE
             if n0 > 0:  # a later tile's first item per thread, loaded before the dot
                 cur_thr = np.arange(min(min(NT, rows - n0) * here, BLOCK_DIM), dtype=np.int64)
                 row0 = 0 if mut("tile_ahead_row") else n0  # tile 0's rows, not this tile's
@@ -911,9 +915,9 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
             if n0 + NT < rows and not mut("no_next_tile_sync"):
                 ctx.syncthreads()
         if s + 1 < p.T:
-            # the cluster variant loads between its arrival and its wait
-            if cluster and not mut("cluster_early_arrive"):
-                yield CLUSTER_ARRIVE
+            # loads between the arrival and the wait
+            if not mut("cluster_early_arrive" if cluster else "grid_early_arrive"):
+                yield CLUSTER_ARRIVE if cluster else GRID_ARRIVE
             if mut("ahead_this_step"):  # loads step s's inputs again, not step s + 1's
                 ahead = Cell.load(p, s, t, tp, ahead_n, ahead_u, ctx, ahead_thr)
             else:
@@ -994,6 +998,8 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
                                                 where="cluster backward dgh into a turn")
             if not mut("cluster_early_arrive"):
                 yield CLUSTER_ARRIVE  # the loads below need no peer's data
+        elif not mut("no_bwd_barrier"):
+            yield GRID_ARRIVE
         if s > 0:
             if mut("bwd_ahead_this_step"):
                 ahead = Cell.load_backward(p, s, t, tp, ahead_n, ahead_u, ctx, ahead_thr)
@@ -1032,7 +1038,11 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
 
 
 def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
-    """The cooperative launch: `grid` blocks, grid_barrier emulated on one counter."""
+    """The cooperative launch: `grid` blocks, the grid barrier emulated on one counter. A
+    block yields GRID_ARRIVE (grid_arrive: __syncthreads, then thread 0's fence and add)
+    and runs on, its accesses until the wait overlapping the other blocks' on both sides
+    of the barrier (Ctx.window, as for the cluster barrier), then yields the wait's target
+    (grid_wait); a target without an arrival before it is both halves at once."""
     for b in bufs:
         b.reset_launch()
     rng = np.random.default_rng(seed)
@@ -1052,16 +1062,22 @@ def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
         if waiting[b] is not None:
             passed[b] += 1
             if counter < passed[b] * grid:
-                finding("grid_barrier released a block before every block arrived")
+                finding("the grid barrier released a block before every block arrived")
             waiting[b] = None
-            ctxs[b].epoch += 1  # thread 0's ld.acquire wait + the second __syncthreads
+            ctxs[b].epoch += 1  # thread 0's ld.acquire wait + grid_wait's __syncthreads
+            ctxs[b].window = False
             ctxs[b].syncthreads()
         try:
             target = next(gens[b])
-            assert isinstance(target, int), "a cluster barrier in a cooperative launch"
-            ctxs[b].syncthreads()  # the barrier's first __syncthreads
-            counter += 1  # thread 0: fence.acq_rel.gpu; red.relaxed.gpu.add(counter, 1)
-            waiting[b] = target
+            if target == GRID_ARRIVE or not ctxs[b].window:
+                if ctxs[b].window:
+                    finding("grid_arrive twice without a grid_wait between")
+                ctxs[b].syncthreads()  # grid_arrive's __syncthreads
+                counter += 1  # thread 0: fence.acq_rel.gpu; red.relaxed.gpu.add(counter, 1)
+                ctxs[b].window = True
+            if target != GRID_ARRIVE:
+                assert isinstance(target, int), "a cluster barrier in a cooperative launch"
+                waiting[b] = target
         except StopIteration:
             done[b] = True
             ctxs[b].exited = True

@@ -7,6 +7,8 @@
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants)
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
 #      have not changed since);
+#   3a. syncbench: the barriers and exchanges on their own (scripts/sync_bench.cu, built
+#      with nvcc, no torch), for the cost model's floors and the next exchange's design;
 #   3b. calib: the persistent kernels' per-step time against their block count
 #      (scripts/calibrate_persistent.py, small shapes, T=256: the cost model's data);
 #   4. bench7: the persistent-kernel issue's table (--set issue7: T=1024, N 1-256, H 256-1024,
@@ -24,8 +26,10 @@
 #   GPU_CHECK_STAGES="bench7 bench" bash scripts/gpu_check.sh         # a second (the build is kept)
 #
 # Writes to $OUT (8 files at most, the device tool's limit): gpu_check.log (every stage's
-# output), summary.txt, gpu-calib.json, gpu-bench7.json, gpu-bench.json and .png (gpu-peers.json and
-# .png instead, when peers runs), test_cuda.xml and tests_cpu.xml (JUnit).
+# output), summary.txt, gpu-sync.json (JSON lines), gpu-calib.json, gpu-bench7.json,
+# gpu-bench.json and .png (gpu-peers.json and .png instead, when peers runs), test_cuda.xml
+# and tests_cpu.xml (JUnit). syncbench runs only where GPU_CHECK_STAGES names it (the
+# default stages make 8 files; the two-call plan below 6).
 # Environment: PYTHON (default python3), GPU_CHECK_STAGES (the stages after build and import,
 # default "test_cuda sanitize calib bench7 bench tests_cpu"), GPU_CHECK_BUDGET (seconds for the whole run,
 # default 480; each stage's limit shrinks so that the later ones keep their minimum),
@@ -39,7 +43,7 @@
 # With 15 device minutes (the machine's start counts too), two calls fit (the second
 # finds the build in place); since the cluster variant the build and test_cuda take
 # longer (three paths; estimated, not measured: build ~100 s, test_cuda ~170 s):
-#   GPU_CHECK_STAGES="test_cuda sanitize calib bench7" BENCH7_DTYPES=bfloat16 GPU_CHECK_BUDGET=560
+#   GPU_CHECK_STAGES="test_cuda sanitize syncbench calib bench7" BENCH7_DTYPES=bfloat16 GPU_CHECK_BUDGET=560
 #   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES=float32 BENCH7_CAP=280 GPU_CHECK_BUDGET=300
 #
 # The extension is built with `python setup.py build_ext --inplace` (not scripts/setup.sh,
@@ -258,6 +262,14 @@ else
   BENCH=(--set full --dtypes float32 bfloat16 --contenders rnnfast torch.nn "reference loop"
     --repeats 15 --min-time 0.1 --loop-runs 3 --markdown)
 fi
+if wanted syncbench; then
+  # the synchronisation and exchange patterns on their own (scripts/sync_bench.cu: the grid
+  # barrier, per-block flags, the LL protocol, the cluster barrier, DSMEM stores, st.async),
+  # a standalone program built with nvcc in seconds; JSON lines
+  run_stage syncbench 90 60 bash -o pipefail -c '"$0" -O3 -std=c++17 -arch="sm_${1/./}" -o "$2/sync_bench" \
+    scripts/sync_bench.cu && "$2/sync_bench" | tee "$3/gpu-sync.json"' \
+    "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" "${CAP:-9.0}" "$WORK" "$OUT"
+fi
 if wanted calib; then
   # the persistent kernels' per-step time against their block count (RNNFAST_PERSISTENT_MAX_BLOCKS)
   run_stage calib 120 60 "$PY" scripts/calibrate_persistent.py --json "$OUT/gpu-calib.json"
@@ -389,8 +401,8 @@ except OSError:
 print(f"took {took}s of a {budget}s budget")
 print()
 print(f"{'stage':10} {'result':10} {'time':>5}  note")
-for name in ("gpu", "build", "import", "test_cuda", "sanitize", "calib", "bench7", "bench", "build_haste", "peers",
-             "tests_cpu"):
+for name in ("gpu", "build", "import", "test_cuda", "sanitize", "syncbench", "calib", "bench7", "bench",
+             "build_haste", "peers", "tests_cpu"):
     if name not in stages and name not in ("gpu", "build", "import"):
         continue  # not asked for (GPU_CHECK_STAGES)
     r = stages.get(name, [name, "NOT RUN", "0", ""])
@@ -402,6 +414,26 @@ for name in ("gpu", "build", "import", "test_cuda", "sanitize", "calib", "bench7
             status = "FAIL" if status == "PASS" else status
         if name == "test_cuda" and n and n["tests"] and n["skipped"] == n["tests"]:
             status, note = "FAIL", note + " (all skipped: no GPU?)"
+    if name == "syncbench" and status != "SKIPPED":
+        try:
+            sync = [json.loads(line) for line in open(os.path.join(out, "gpu-sync.json"))
+                    if line.startswith("{")]
+        except (OSError, ValueError) as e:
+            sync, note = [], f"no results ({e})"
+        if sync:
+            wrong = [x for x in sync if x.get("errors")]
+            if wrong:
+                status = "FAIL"
+            parts = [f"{len(sync)} results, {len(wrong)} with wrong values"]
+            for x in sync:
+                if x["test"] == "chase":
+                    parts.append(f"L2 round trip {x['ns_per_load']} ns")
+                elif x["test"] == "grid" and x["mode"] == "barrier":
+                    parts.append(f"grid barrier {x['blocks']} blocks {x['us_per_step']} us")
+                elif (x["test"] == "cluster" and x["mode"] == "barrier"
+                      and x.get("clusters") == 1):
+                    parts.append(f"cluster barrier {x['size']} {x['us_per_step']} us")
+            note = "; ".join(parts)
     if name in ("bench7", "bench", "peers") and status != "SKIPPED":
         try:
             b = json.load(open(os.path.join(out, f"gpu-{name}.json")))

@@ -34,7 +34,8 @@
 //             sum_k h[n][k] Ws[r][k] in acc_t; the cell's pointwise update of the block's
 //             units writes y[t] (and the cache). Its other inputs (Cell::load: the input
 //             projection, GRU's b_hh, the LSTM's c) are loaded for each thread's first
-//             item of step s + 1 before the barrier that ends step s.
+//             item of step s + 1 between the arrival and the wait of the barrier that
+//             ends step s.
 //   backward: Ws[j][q] = W_hh[q][u0 + j]                     R = U rows, K = G * H.
 //             Per step, phase A: the cell's pointwise backward of the block's units writes
 //             the gate gradients dg[t] (cluster: and stores dg_hh into every block's
@@ -64,16 +65,18 @@
 //   tile's k range split over several warps whose partial tiles are then summed. K is
 //   zero-padded to a multiple of 16.
 //
-// Barrier protocol of the grid variant (grid_barrier): one 64-bit counter per launch,
-//   zeroed before it. At its k-th barrier every block adds 1 and waits until the counter
-//   reaches k * B; the counter only grows, so nothing is reset between steps.
-//   __syncthreads, then thread 0's fence.acq_rel.gpu before its add (red.relaxed.gpu: no
-//   value comes back, so its wait starts at once) make the arrival a release of the
-//   block's writes; thread 0 waits with ld.acquire.gpu, and a second __syncthreads orders
-//   every later read of the block after that acquire (the pattern of CUTLASS's
-//   GenericBarrier). Data that another block wrote is read with ld.global.cg (L2), never
-//   from a stale L1 line. All B blocks are co-resident: the launch is cooperative (it
-//   fails rather than deadlocks otherwise) and B was checked against the occupancy query.
+// Barrier protocol of the grid variant (grid_arrive + grid_wait, sync.cuh): a 64-bit
+//   counter per launch, zeroed before it. At its k-th barrier every block adds 1 and waits
+//   until the counter reaches k * B; the counter only grows, so nothing is reset between
+//   steps. __syncthreads, then thread 0's fence.acq_rel.gpu before its add
+//   (red.relaxed.gpu: no value comes back, so its wait starts at once) make the arrival a
+//   release of the block's writes; thread 0 waits with ld.acquire.gpu, and a second
+//   __syncthreads orders every later read of the block after that acquire (the pattern of
+//   CUTLASS's GenericBarrier). The loads ahead (the next step's inputs that no other block
+//   writes) go between the arrival and the wait, as the fence would otherwise wait for
+//   them. Data that another block wrote is read with ld.global.cg (L2), never from a stale
+//   L1 line. All B blocks are co-resident: the launch is cooperative (it fails rather than
+//   deadlocks otherwise) and B was checked against the occupancy query.
 // The cluster variant's barrier (cluster_sync) is the hardware's: every thread of the
 //   cluster arrives with release semantics and waits with acquire semantics at cluster
 //   scope, which orders the stores into peers' shared memory. A cluster's blocks are
@@ -94,6 +97,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "sync.cuh"
 
 namespace rnnfast::cuda {
 
@@ -139,57 +143,7 @@ __device__ __forceinline__ c10::BFloat16 load_cg(const c10::BFloat16* p) {
                        c10::BFloat16::from_bits());
 }
 
-__device__ __forceinline__ void grid_barrier(unsigned long long* counter,
-                                             unsigned long long target) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    asm volatile("fence.acq_rel.gpu;\n\tred.relaxed.gpu.global.add.u64 [%0], 1;"
-                 :
-                 : "l"(counter)
-                 : "memory");
-    unsigned long long seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(seen) : "l"(counter) : "memory");
-    } while (seen < target);
-  }
-  __syncthreads();
-}
-
-// ---- thread-block clusters (the cluster variant; compute capability 9.0 and newer) ----
-// cluster_rank: this block's rank in its cluster; cluster_blocks: the cluster's size;
-// cluster_index: the cluster's index in the grid; cluster_arrive + cluster_wait:
-// barrier.cluster.arrive (release) and barrier.cluster.wait (acquire) by every thread of
-// the cluster's blocks, which orders the stores before the arrival into peers' shared
-// memory before every access after the wait. Split, so that loads which need no peer's
-// data can be issued between the two (the release fences this thread's earlier stores
-// GPU-wide: in SASS a MEMBAR.ALL.GPU, so the arrival itself takes a round trip).
-// peer_shared(p, rank): the address of *p (this block's shared memory) in the shared
-// memory of the cluster's block `rank` (distributed shared memory).
-// Compiled for every architecture; the host launches the cluster variant only where the
-// kernels hold code for 9.0 or newer, so the versions below 9.0 only trap.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ int cluster_rank() { return int(__clusterRelativeBlockRank()); }
-__device__ __forceinline__ int cluster_blocks() { return int(__clusterSizeInBlocks()); }
-__device__ __forceinline__ int cluster_index() { return int(__clusterIdx().x); }
-__device__ __forceinline__ void cluster_arrive() { __cluster_barrier_arrive(); }
-__device__ __forceinline__ void cluster_wait() { __cluster_barrier_wait(); }
-template <typename T>
-__device__ __forceinline__ T* peer_shared(T* p, int rank) {
-  return static_cast<T*>(__cluster_map_shared_rank(static_cast<void*>(p), rank));
-}
-#else
-__device__ __forceinline__ int cluster_rank() { __trap(); return 0; }
-__device__ __forceinline__ int cluster_blocks() { __trap(); return 1; }
-__device__ __forceinline__ int cluster_index() { __trap(); return 0; }
-__device__ __forceinline__ void cluster_arrive() { __trap(); }
-__device__ __forceinline__ void cluster_wait() { __trap(); }
-template <typename T>
-__device__ __forceinline__ T* peer_shared(T* p, int) { __trap(); return p; }
-#endif
-__device__ __forceinline__ void cluster_sync() {
-  cluster_arrive();
-  cluster_wait();
-}
+// The barriers (grid_arrive / grid_wait, the cluster helpers): sync.cuh.
 
 // Sums v[M] (M = 2^m >= 32) over the warp's 32 lanes in five stages: at the stage that
 // keeps HALF values (M/2, M/4, ..., M/32; xor distance HALF * 32 / M) each lane keeps one
@@ -580,8 +534,9 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   // The pointwise inputs that do not depend on the step before (the input projection, GRU's
   // b_hh, the LSTM's c_{t-1}, which this thread wrote) of this thread's first item of a
   // tile (idx = threadIdx.x) are loaded ahead, so that their round trip overlaps other
-  // work: for tile 0 of step s + 1 before the barrier that ends step s, for a later tile
-  // before its dot product. Other items load theirs when they run.
+  // work: for tile 0 of step s + 1 between the arrival and the wait of the barrier that
+  // ends step s, for a later tile before its dot product. Other items load theirs when
+  // they run.
   constexpr int L = Cell::kLoads;
   const bool ahead_item = threadIdx.x < (rows < NT ? rows : NT) * here;
   const int64_t ahead_n = n_begin + threadIdx.x / here, ahead_u = u0 + threadIdx.x % here;
@@ -653,16 +608,19 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if (n0 + NT < rows) __syncthreads();
     }
     if (s + 1 < p.T) {
-      // the cluster variant loads between its arrival and its wait (none of these inputs
-      // is a peer's)
-      if constexpr (kCluster) cluster_arrive();
+      // loads between the arrival and the wait (none of these inputs is another block's)
+      if constexpr (kCluster) {
+        cluster_arrive();
+      } else {
+        grid_arrive(p.barrier);
+      }
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
       }
       if constexpr (kCluster) {
         cluster_wait();
       } else {
-        grid_barrier(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
+        grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
       }
     }
   }
@@ -714,7 +672,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   }
 
   // Phase A's inputs but the carried dh (Cell::load_backward) of this thread's first item
-  // (idx = threadIdx.x) are loaded ahead: for step s - 1 before step s's barrier.
+  // (idx = threadIdx.x) are loaded ahead: for step s - 1 between the arrival and the wait
+  // of step s's barrier.
   constexpr int L = Cell::kBackwardLoads;
   const bool ahead_item = threadIdx.x < rows * here;
   const int64_t ahead_n = n_begin + threadIdx.x / here, ahead_u = u0 + threadIdx.x % here;
@@ -751,7 +710,12 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         });
       }
     }
-    if constexpr (kCluster) cluster_arrive();  // the loads below need no peer's data
+    // the loads below need no other block's data
+    if constexpr (kCluster) {
+      cluster_arrive();
+    } else {
+      grid_arrive(p.barrier);
+    }
     if (s > 0 && ahead_item) {
       Cell::load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse), ahead_n, ahead_u,
                           ahead);
@@ -759,7 +723,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     if constexpr (kCluster) {
       cluster_wait();
     } else {
-      grid_barrier(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
+      grid_wait(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
     }
     const acc_t* dg = p.dg_hh + t * N * K;
     for (int64_t n0 = 0; n0 < rows; n0 += NT) {

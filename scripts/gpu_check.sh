@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # The first thing to run on a GPU machine, in one command, well inside 10 minutes:
+#   0. syncbench (only when named in GPU_CHECK_STAGES): the barriers and exchanges on their
+#      own (scripts/sync_bench.cu, built with nvcc, no torch), for the cost model's floors
+#      and the next exchange's design;
 #   1. build rnnfast from source for the card that is there (no internet needed: no pip,
 #      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
 #   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py);
@@ -7,8 +10,6 @@
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants)
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
 #      have not changed since);
-#   3a. syncbench: the barriers and exchanges on their own (scripts/sync_bench.cu, built
-#      with nvcc, no torch), for the cost model's floors and the next exchange's design;
 #   3b. calib: the persistent kernels' per-step time against their block count
 #      (scripts/calibrate_persistent.py, small shapes, T=256: the cost model's data);
 #   4. bench7: the persistent-kernel issue's table (--set issue7: T=1024, N 1-256, H 256-1024,
@@ -152,6 +153,17 @@ else
   record gpu FAIL 0 "torch.cuda.is_available() is False"
 fi
 
+# ---- 0b. the barriers and exchanges on their own ----
+if wanted syncbench; then
+  # the synchronisation and exchange patterns on their own (scripts/sync_bench.cu: the grid
+  # barrier, per-block flags, the LL protocol, the cluster barrier, DSMEM stores, st.async),
+  # a standalone program built with nvcc in seconds (no torch, so first: its numbers come
+  # back even where the extension's build fails); JSON lines
+  run_stage syncbench 60 400 bash -o pipefail -c '"$0" -O3 -std=c++17 -arch="sm_${1/./}" -o "$2/sync_bench" \
+    scripts/sync_bench.cu && "$2/sync_bench" | tee "$3/gpu-sync.json"' \
+    "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" "${CAP:-9.0}" "$WORK" "$OUT"
+fi
+
 # ---- 1. build, in place (no pip, no internet); then every op must have its CUDA kernel ----
 log "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset} CUDA_HOME=${CUDA_HOME:-unset} MAX_JOBS=$MAX_JOBS"
 run_stage build 330 200 "$PY" setup.py build_ext --inplace
@@ -261,14 +273,6 @@ else
   # 144 cases: few runs each, so that the whole table fits the stage's time
   BENCH=(--set full --dtypes float32 bfloat16 --contenders rnnfast torch.nn "reference loop"
     --repeats 15 --min-time 0.1 --loop-runs 3 --markdown)
-fi
-if wanted syncbench; then
-  # the synchronisation and exchange patterns on their own (scripts/sync_bench.cu: the grid
-  # barrier, per-block flags, the LL protocol, the cluster barrier, DSMEM stores, st.async),
-  # a standalone program built with nvcc in seconds; JSON lines
-  run_stage syncbench 90 60 bash -o pipefail -c '"$0" -O3 -std=c++17 -arch="sm_${1/./}" -o "$2/sync_bench" \
-    scripts/sync_bench.cu && "$2/sync_bench" | tee "$3/gpu-sync.json"' \
-    "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" "${CAP:-9.0}" "$WORK" "$OUT"
 fi
 if wanted calib; then
   # the persistent kernels' per-step time against their block count (RNNFAST_PERSISTENT_MAX_BLOCKS)
@@ -401,7 +405,7 @@ except OSError:
 print(f"took {took}s of a {budget}s budget")
 print()
 print(f"{'stage':10} {'result':10} {'time':>5}  note")
-for name in ("gpu", "build", "import", "test_cuda", "sanitize", "syncbench", "calib", "bench7", "bench",
+for name in ("gpu", "syncbench", "build", "import", "test_cuda", "sanitize", "calib", "bench7", "bench",
              "build_haste", "peers", "tests_cpu"):
     if name not in stages and name not in ("gpu", "build", "import"):
         continue  # not asked for (GPU_CHECK_STAGES)

@@ -425,10 +425,10 @@ for name in ("gpu", "syncbench", "build", "import", "test_cuda", "sanitize", "ca
         except (OSError, ValueError) as e:
             sync, note = [], f"no results ({e})"
         if sync:
-            wrong = [x for x in sync if x.get("errors")]
+            wrong = [x for x in sync if x.get("errors") or x.get("aborted")]
             if wrong:
                 status = "FAIL"
-            parts = [f"{len(sync)} results, {len(wrong)} with wrong values"]
+            parts = [f"{len(sync)} results, {len(wrong)} with wrong values or a hang"]
             for x in sync:
                 if x["test"] == "chase":
                     parts.append(f"L2 round trip {x['ns_per_load']} ns")

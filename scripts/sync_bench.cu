@@ -6,9 +6,11 @@
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o sync_bench scripts/sync_bench.cu && ./sync_bench
 //
 // Each test runs T steps of one pattern in one launch and reports microseconds per step
-// (CUDA events around the launch, after a warm-up launch; the launch's own ~5 us spread
-// over T) and the values that arrived wrong (each step's values are checked where they are
-// read; anything but 0 means the exchange is broken):
+// (CUDA events around the launch, the median of 3 after a warm-up launch; the launch's own
+// ~5 us and its memsets spread over T), the values that arrived wrong (each step's values
+// are checked where they are read; anything but 0 means the exchange is broken) and
+// whether a bounded spin gave up (`aborted`: the protocol hung). Needs nvcc 12.1 or newer
+// (st.async, PTX 8.1).
 //   chase    one thread's dependent __ldcg loads through a 1 MiB ring (L2 hits): the L2
 //            round trip, ns per load.
 //   grid     B blocks of a cooperative launch (all co-resident), per step:
@@ -68,12 +70,26 @@ __host__ __device__ inline float value_of(int s, int i) {
   return float((s * 131 + i * 7) % 65521);
 }
 
+// Every spin of the flags, ll and async modes is bounded: past kSpinCycles (about 2 s) it
+// raises `abort`, after which every spin gives up at once, so that a broken protocol costs
+// seconds and an "aborted" result rather than a hung GPU (the grid barrier's own spin,
+// sync.cuh's, and the hardware cluster barrier are not bounded).
+constexpr long long kSpinCycles = 4000000000LL;
+__device__ __forceinline__ bool give_up(unsigned* abort, long long since) {
+  if (*reinterpret_cast<volatile unsigned*>(abort) != 0u) return true;
+  if (clock64() - since > kSpinCycles) {
+    atomicExch(abort, 1u);
+    return true;
+  }
+  return false;
+}
+
 struct GridArgs {
   unsigned long long* counter;
   unsigned* flags;               // [B], the flags mode
   float* data;                   // [2][n], stage and flags
   unsigned long long* ll;        // [2][n], ll: (flag << 32) | value bits
-  unsigned* errors;
+  unsigned* errors;  // [2]: values that arrived wrong, and the abort flag
   int T, n, mode;
 };
 
@@ -93,8 +109,9 @@ __device__ __forceinline__ ulonglong2 load_ll2(const unsigned long long* p) {
 __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
   extern __shared__ float staged[];  // n floats
   const int B = gridDim.x, b = blockIdx.x, n = a.n;
-  const int per = (n + B - 1) / B, lo = b * per < n ? b * per : n;
-  const int hi = lo + per < n ? lo + per : n;
+  // shares split evenly: with n >= B every block stores something each step, which the ll
+  // mode's two turns rely on (a block that only reads could fall two steps behind)
+  const int lo = int(int64_t(b) * n / B), hi = int(int64_t(b + 1) * n / B);
   unsigned bad = 0;
   for (int s = 0; s < a.T; ++s) {
     const int turn = s & 1;
@@ -119,12 +136,13 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
       }
       for (int i = threadIdx.x; i < B; i += blockDim.x) {
         unsigned seen;
+        const long long since = clock64();
         do {
           asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
                        : "=r"(seen)
                        : "l"(a.flags + i)
                        : "memory");
-        } while (seen < unsigned(s + 1));
+        } while (seen < unsigned(s + 1) && !give_up(a.errors + 1, since));
       }
       __syncthreads();
     }
@@ -156,6 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
       for (int e0 = threadIdx.x; e0 < pairs; e0 += kBatch * blockDim.x) {
         ulonglong2 w[kBatch];
         unsigned ready = 0;  // bit k: pair k's both flags are this step's
+        const long long since = clock64();
         while (true) {
 #pragma unroll
           for (int k = 0; k < kBatch; ++k) {
@@ -163,7 +182,11 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
             if (!(ready >> k & 1u)) {
               if (e < pairs) {
                 w[k] = load_ll2(src + 2 * e);
-                if (unsigned(w[k].x >> 32) == want && unsigned(w[k].y >> 32) == want) {
+                const unsigned fx = unsigned(w[k].x >> 32), fy = unsigned(w[k].y >> 32);
+                if (fx == want && fy == want) {
+                  ready |= 1u << k;
+                } else if (fx > want || fy > want) {  // a later step's: the protocol broke
+                  ++bad;
                   ready |= 1u << k;
                 }
               } else {
@@ -171,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
               }
             }
           }
-          if (ready == (1u << kBatch) - 1) break;
+          if (ready == (1u << kBatch) - 1 || give_up(a.errors + 1, since)) break;
         }
 #pragma unroll
         for (int k = 0; k < kBatch; ++k) {
@@ -214,8 +237,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_bench(ClusterArgs a) {
   extern __shared__ __align__(16) float turns[];  // [2][n]
   __shared__ __align__(8) unsigned long long bars[2];  // the async mode's mbarriers, a turn each
   const int n = a.n, C = cluster_blocks(), rank = cluster_rank();
-  const int per = (n + C - 1) / C, lo = rank * per < n ? rank * per : n;
-  const int hi = lo + per < n ? lo + per : n;
+  // shares split evenly (n >= C: every block stores something each step, which the async
+  // mode's phases rely on)
+  const int lo = int(int64_t(rank) * n / C), hi = int(int64_t(rank + 1) * n / C);
   unsigned bad = 0;
   for (int i = threadIdx.x; i < 2 * n; i += blockDim.x) turns[i] = 0.0f;
   if (threadIdx.x == 0) {
@@ -255,7 +279,8 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_bench(ClusterArgs a) {
         }
       }
       unsigned done = 0;
-      while (!done) {
+      const long long since = clock64();
+      while (!done && !give_up(a.errors + 1, since)) {
         asm volatile(
             "{\n\t.reg .pred p;\n\t"
             "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
@@ -294,15 +319,18 @@ float time_launch(Launch launch) {
   CHECK(cudaEventCreate(&end));
   launch();  // warm-up
   CHECK(cudaDeviceSynchronize());
-  CHECK(cudaEventRecord(start));
-  launch();
-  CHECK(cudaEventRecord(end));
-  CHECK(cudaEventSynchronize(end));
-  float ms = 0.0f;
-  CHECK(cudaEventElapsedTime(&ms, start, end));
+  float ms[3];
+  for (float& m : ms) {  // the median of 3
+    CHECK(cudaEventRecord(start));
+    launch();
+    CHECK(cudaEventRecord(end));
+    CHECK(cudaEventSynchronize(end));
+    CHECK(cudaEventElapsedTime(&m, start, end));
+  }
   CHECK(cudaEventDestroy(start));
   CHECK(cudaEventDestroy(end));
-  return ms;
+  std::sort(ms, ms + 3);
+  return ms[1];
 }
 
 int main(int argc, char** argv) {
@@ -315,8 +343,17 @@ int main(int argc, char** argv) {
   std::printf("{\"test\": \"device\", \"name\": \"%s\", \"sms\": %d, \"cc\": %d.%d, \"T\": %d}\n",
               prop.name, sms, prop.major, prop.minor, T);
 
-  unsigned* errors;
-  CHECK(cudaMalloc(&errors, sizeof(unsigned)));
+  unsigned* errors;  // [2]: wrong values, abort (a spin gave up)
+  CHECK(cudaMalloc(&errors, 2 * sizeof(unsigned)));
+  // the two counters of the last launch: ", \"errors\": E, \"aborted\": A"
+  auto outcome = [&] {
+    unsigned h[2] = {0, 0};
+    CHECK(cudaMemcpy(h, errors, sizeof(h), cudaMemcpyDeviceToHost));
+    static char text[96];
+    std::snprintf(text, sizeof(text), ", \"errors\": %u, \"aborted\": %s", h[0],
+                  h[1] ? "true" : "false");
+    return text;
+  };
 
   {  // the L2 round trip: a random ring of 1 MiB
     const int len = 1 << 18, hops = 20000;
@@ -346,28 +383,32 @@ int main(int argc, char** argv) {
   const char* names[] = {"barrier", "stage", "flags", "ll", "push", "relaxed", "async"};
   // n: H=768 at N=1; bf16 N=16 (as many bytes as 6144 floats); float32 N=16
   const int sizes[] = {768, 6144, 12288};
+  std::vector<int> block_counts;
   for (int B : {8, 32, 64, 128, sms}) {
-    if (B > sms) continue;
+    if (B <= sms && std::find(block_counts.begin(), block_counts.end(), B) == block_counts.end()) {
+      block_counts.push_back(B);
+    }
+  }
+  for (int B : block_counts) {
     for (int mode : {kBarrier, kStage, kFlags, kLL}) {
       for (int n : sizes) {
         if (mode == kBarrier && n != sizes[0]) continue;
+        if (mode == kLL && n < B) continue;  // every block must store each step
         GridArgs a{counter, flags, data, ll, errors, T, mode == kBarrier ? 0 : n, mode};
         const size_t smem = size_t(a.n) * sizeof(float);
         float ms = time_launch([&] {
           CHECK(cudaMemset(counter, 0, sizeof(unsigned long long)));
           CHECK(cudaMemset(flags, 0, 1024 * sizeof(unsigned)));
           CHECK(cudaMemset(ll, 0, 2 * max_n * sizeof(unsigned long long)));
-          CHECK(cudaMemset(errors, 0, sizeof(unsigned)));
+          CHECK(cudaMemset(errors, 0, 2 * sizeof(unsigned)));
           void* args[] = {&a};
           CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(grid_bench), B,
                                             kThreads, args, smem, 0));
         });
         // the memsets are inside the timed launch: a few microseconds over T steps
-        unsigned bad = 0;
-        CHECK(cudaMemcpy(&bad, errors, sizeof(unsigned), cudaMemcpyDeviceToHost));
         std::printf("{\"test\": \"grid\", \"mode\": \"%s\", \"blocks\": %d, \"n\": %d, "
-                    "\"us_per_step\": %.3f, \"errors\": %u}\n",
-                    names[mode], B, a.n, ms * 1e3 / T, bad);
+                    "\"us_per_step\": %.3f%s}\n",
+                    names[mode], B, a.n, ms * 1e3 / T, outcome());
         std::fflush(stdout);
       }
     }
@@ -381,6 +422,7 @@ int main(int argc, char** argv) {
       for (int mode : {kBarrier, kRelaxed, kPush, kAsync}) {
         for (int n : sizes) {
           if ((mode == kBarrier || mode == kRelaxed) && n != sizes[0]) continue;
+          if (n < C) continue;  // every block must store each step (the async mode's phases)
           const size_t smem = 2 * size_t(n) * sizeof(float);
           cudaLaunchConfig_t cfg = {};
           cudaLaunchAttribute attr;
@@ -400,16 +442,14 @@ int main(int argc, char** argv) {
             ClusterArgs a{errors, T, n, mode};
             cfg.gridDim = dim3(C * clusters);
             float ms = time_launch([&] {
-              CHECK(cudaMemset(errors, 0, sizeof(unsigned)));
+              CHECK(cudaMemset(errors, 0, 2 * sizeof(unsigned)));
               void* args[] = {&a};
               CHECK(cudaLaunchKernelExC(&cfg, reinterpret_cast<const void*>(cluster_bench), args));
             });
-            unsigned bad = 0;
-            CHECK(cudaMemcpy(&bad, errors, sizeof(unsigned), cudaMemcpyDeviceToHost));
             std::printf("{\"test\": \"cluster\", \"mode\": \"%s\", \"size\": %d, \"clusters\": %d, "
-                        "\"n\": %d, \"us_per_step\": %.3f, \"errors\": %u}\n",
+                        "\"n\": %d, \"us_per_step\": %.3f%s}\n",
                         names[mode], C, clusters, mode == kPush || mode == kAsync ? n : 0,
-                        ms * 1e3 / T, bad);
+                        ms * 1e3 / T, outcome());
             std::fflush(stdout);
             if (fit == 1) break;
           }

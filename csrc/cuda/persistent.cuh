@@ -216,7 +216,8 @@ __device__ __forceinline__ void tile_dot(const w_t* __restrict__ ws, int r_pad,
   // spilled
   constexpr int M = NT * RPW, kPerLane = M / 32, V = sizeof(acc_t) == 8 ? 2 : kFfmaVec;
   // the next group's rows of ws in flight where the sums and both groups' rows take at most
-  // 192 of the 255 registers (not so for double sums on the (8, 8) tile, which spilled)
+  // 192 of the 255 registers (all tiles as built; with vectors of 4 doubles the (8, 8)
+  // tile's 256 spilled)
   constexpr bool kPrefetch = (M * sizeof(acc_t) + 2 * RPW * V * sizeof(w_t)) / 4 <= 192;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int chunks = r_pad / RPW, splits = ffma_splits(chunks, warps), groups = ld / V;

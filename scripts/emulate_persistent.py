@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
 """CPU emulation of the persistent CUDA kernels, to check them without a GPU.
 
-Emulates, as of tile_dot's vector loads (rows padded to ffma_ld, groups of 4 consecutive k
-a lane, 2 for double sums; 2026-11-27):
+Emulates, as of tile_dot_mma on ldmatrix and mma.sync (2026-11-27):
 csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, tile_dot with its vector
-groups, their alignment checked, and its split-K, tile_dot_mma's WMMA 16x16x16 forward for 16-bit types, smem_layout with its xs_rows
-and the scratch sizes, grid_barrier, both kernels in both variants (kCluster) with their
-loads ahead of the barrier, PersistentPlanner's grid() and cluster() with the path forced)
+groups, their alignment checked, and its split-K, tile_dot_mma's ldmatrix / mma.sync
+m16n8k16 forward for 16-bit types lane by lane, smem_layout with its xs_rows and the
+scratch sizes, the grid barrier's arrive and wait, both kernels in both variants
+(kCluster) with their loads between arrival and wait, PersistentPlanner's grid() and cluster() with the path forced)
 and the cells and ops of lstm.cu, gru.cu and rnn.cu (forward returning h, backward handing
 back dgh). Indices are the CUDA code's; values are float64. Blocks are generators that
-yield at each barrier. The grid variant's blocks run in a shuffled order on grid_barrier's
-one counter. The cluster variant's launch (run_clusters) puts at most the occupancy
+yield at each barrier. The grid variant's blocks run in a shuffled order on the grid
+barrier's one counter. The cluster variant's launch (run_clusters) puts at most the occupancy
 query's number of clusters on the device at once, the rest waiting for a slot in a random
 order (clusters need not be co-resident), and interleaves the blocks of the clusters on it
 at random; a cluster_wait returns once every block of the cluster made its cluster_arrive
@@ -19,10 +19,11 @@ overlapping the peers' on both sides of the barrier, and blocks of different clu
 never wait on each other. block_work's rank, cluster_blocks and
 cluster_index are the launch's; peer_shared maps a store into a peer block's shared
 memory (distributed shared memory). A thread loop is one vectorised operation; a warp's
-registers are a [32, ...] array (__shfl_xor_sync is lane ^ distance); load_matrix_sync /
-mma_sync / store_matrix_sync are the matrix operations they stand for, on the pointers
-and ldm passed, each asserting CUDA's rules (32-byte aligned pointer, ldm a multiple of
-16 bytes); shared memory is one byte array of the host's plan.smem per block. A tracker
+registers are a [32, ...] array (__shfl_xor_sync is lane ^ distance); ldmatrix hands
+each lane the elements the PTX ISA says from the rows the lanes address (each row
+16-byte aligned), and mma.sync assembles the a, b and c fragments by the ISA's layouts,
+multiplies and hands d back the same way, so a wrong lane-to-row map shows as a wrong
+result; shared memory is one byte array of the host's plan.smem per block. A tracker
 flags out-of-bounds, misaligned or uninitialised accesses, cross-block races between
 barriers (grid barriers for global memory; in a cluster launch, cluster barriers for
 global memory and for every access to a block's shared memory by it or its peers, and any
@@ -35,8 +36,8 @@ the planner's choice, picks the cluster variant. Results are compared with
 rnnfast.reference and torch autograd, and with the CPU ops when a built rnnfast imports.
 
 It cannot show memory ordering on real hardware (fences, __ldcg and the cluster barrier's
-release/acquire are checked as rules), WMMA fragment internals (lane layout, rounding and
-summation order inside mma_sync), float32/16-bit rounding, or timing (bank conflicts,
+release/acquire are checked as rules), the rounding and summation order inside mma.sync,
+float32/16-bit rounding, or timing (bank conflicts,
 occupancy, the `auto` cost model). For the cluster variant in particular: the hardware's
 cluster scheduling (a FakeDevice runs sms // C clusters at once; GPC limits, and whether a
 16-block cluster fits at all, are the real occupancy query's), the choice among cluster
@@ -101,8 +102,10 @@ MUTATIONS = {
     "split_slot_stride": "tile_dot split-K: partial sp at scratch + sp * NT * RPW",
     "mma_b_pointer": "tile_dot_mma: b = ws + rt * 16 * K + ks * 16 (K for ld)",
     "mma_ld_unpadded": "mma_ld(K) = K (no padding to a multiple of 16)",
-    "mma_ld_odd": "mma_ld(K) = round_up(K, 16) + 4 (ldm not a multiple of 8)",
+    "mma_ld_odd": "mma_ld(K) = round_up(K, 16) + 4 (rows not 16-byte aligned)",
     "mma_split_slot": "tile_dot_mma: the sum over splits reads slot sp * r_tiles + rt",
+    "mma_a_lane_map": "tile_dot_mma: ldmatrix of xs with the b operand's lane-to-row map",
+    "mma_b_lane_map": "tile_dot_mma: ldmatrix of ws with the a operand's lane-to-row map",
     "mma_no_k_pad": "stage_rows leaves xs[n][K:ld] unwritten",
     "bwd_ahead_this_step": "backward: the inputs loaded ahead of the barrier are the step's own",
     "tile_ahead_row": "forward: a later tile's first items take tile 0's inputs",
@@ -648,48 +651,50 @@ def stage_rows(NT, src, n0, N, K, ld, xs, ctx, x_size):
 
 
 # --------------------------------------------------------------------------------------
-# persistent.cuh: tile_dot_mma on WMMA 16x16x16 fragments
+# persistent.cuh: tile_dot_mma on ldmatrix and mma.sync m16n8k16, lane by lane
 # --------------------------------------------------------------------------------------
-FRAG_I = np.arange(16, dtype=np.int64)[:, None]
-FRAG_J = np.arange(16, dtype=np.int64)[None, :]
+GROUP, TIG = LANES // 4, LANES % 4  # the PTX ISA's groupID and threadID_in_group
 
 
-def wmma_rules(base, off, ldm, what):
-    """CUDA's rules for load_matrix_sync / store_matrix_sync: mptr 256-bit aligned, ldm a
-    multiple of 16 bytes. base + off[f] is fragment f's pointer; the smem base is
-    128-byte aligned (__align__(128)), so its offsets stand for the addresses."""
-    if (base.addr(off) % 32).any():
-        finding(f"WMMA {what}: pointer not 32-byte aligned")
-    if ldm * base.size % 16:
-        finding(f"WMMA {what}: ldm {ldm} not a multiple of {16 // base.size} elements")
+def ldmatrix_x4(base, row_off, warp, ctx, what):
+    """ldmatrix.sync.aligned.m8n8.x4.shared.b16 for each job: row_off [jobs, 32] is each
+    lane's row address (element offset from base). Matrix j's 8 rows are the 8 elements at
+    lanes 8j .. 8j + 7's addresses; lane l receives row l // 4, elements 2 (l % 4) + {0, 1}
+    of each matrix. Returns [jobs, 32 lanes, 4 registers, 2 elements]. Each row address
+    must be 16-byte aligned (the smem base is 128-byte aligned, so offsets stand for
+    addresses)."""
+    if (base.addr(row_off) % 16).any():
+        finding(f"ldmatrix ({what}): a row address not 16-byte aligned")
+    thr = warp[:, None, None] * 32 + LANES[None, :, None]
+    rows = base.read(row_off[:, :, None] + np.arange(8), ctx, thr,
+                     where=f"ldmatrix ({what})")  # [jobs, 32, 8]: the row each lane addressed
+    src = (8 * np.arange(4)[None, :] + GROUP[:, None])[:, :, None]  # [32, 4, 1]
+    col = (2 * TIG[:, None, None] + np.arange(2))  # [32, 1, 2]
+    return rows[:, src, col]
 
 
-def frag_elem(ldm, layout):
-    """The element offset of a 16x16 matrix's (i, j) from its pointer."""
-    return FRAG_I * ldm + FRAG_J if layout == "row_major" else FRAG_I + FRAG_J * ldm
-
-
-def frag_thr(warp):
-    # which lane holds which element is unspecified; element e goes to lane e % 32 here,
-    # enough to tell the warp's accesses from other warps'
-    return warp[:, None, None] * 32 + (FRAG_I * 16 + FRAG_J) % 32
-
-
-def load_matrix_sync(base, off, ldm, layout, warp, ctx, what):
-    """Fragments f = (base + off[f]) [16, 16], (i, j) at (base + off[f])[frag_elem]."""
-    wmma_rules(base, off, ldm, f"load_matrix_sync ({what})")
-    return base.read(off[:, None, None] + frag_elem(ldm, layout), ctx, frag_thr(warp),
-                     where=f"load_matrix_sync ({what})")
-
-
-def store_matrix_sync(base, off, c, ldm, warp, ctx):
-    wmma_rules(base, off, ldm, "store_matrix_sync")
-    base.write(off[:, None, None] + frag_elem(ldm, "row_major"), c, ctx, frag_thr(warp),
-               where="store_matrix_sync")
-
-
-def mma_sync(a, b, c):
-    return a @ b + c
+def mma_16816(d, a, b):
+    """mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d [jobs, 32, 4] += a b, a [jobs,
+    32, 4, 2] (registers a0..a3 of two elements), b [jobs, 32, 2, 2] (b0, b1), with the
+    PTX ISA's fragment layouts: a_i element e at row g + 8 (i % 2), column 2t + e + 8 (i //
+    2); b_i element e at k = 2t + e + 8 i, n = g; d_i at row g + 8 (i // 2), column 2t +
+    i % 2 (g = groupID, t = threadID_in_group)."""
+    jobs = d.shape[0]
+    A, B, C = np.zeros((jobs, 16, 16)), np.zeros((jobs, 16, 8)), np.zeros((jobs, 16, 8))
+    seen_a, seen_b = np.zeros((16, 16), int), np.zeros((16, 8), int)
+    for i in range(4):
+        for e in range(2):
+            A[:, GROUP + 8 * (i % 2), 2 * TIG + e + 8 * (i // 2)] = a[:, :, i, e]
+            seen_a[GROUP + 8 * (i % 2), 2 * TIG + e + 8 * (i // 2)] += 1
+    for i in range(2):
+        for e in range(2):
+            B[:, 2 * TIG + e + 8 * i, GROUP] = b[:, :, i, e]
+            seen_b[2 * TIG + e + 8 * i, GROUP] += 1
+    for i in range(4):
+        C[:, GROUP + 8 * (i // 2), 2 * TIG + i % 2] = d[:, :, i]
+    assert (seen_a == 1).all() and (seen_b == 1).all(), "the fragment layouts must tile"
+    D = A @ B + C
+    return np.stack([D[:, GROUP + 8 * (i // 2), 2 * TIG + i % 2] for i in range(4)], axis=2)
 
 
 def tile_dot_mma(ws, r_pad, xs, K, ld, out, scratch, ctx):
@@ -703,15 +708,37 @@ def tile_dot_mma(ws, r_pad, xs, K, ld, out, scratch, ctx):
     job = np.arange(r_tiles * splits, dtype=np.int64)
     rt, sp, warp = job // splits, job % splits, job % WARPS
     ks_begin, ks_end = sp * k_steps // splits, (sp + 1) * k_steps // splits
-    c = np.zeros((job.size, 16, 16))  # fill_fragment(c, 0.0f)
+    if ((ks_end - ks_begin) % 2).any():
+        cover("mma: an odd number of k steps")
+    # lane l's row of xs (a) and of the tile's 16 rows of ws (b) for ldmatrix
+    if mut("mma_a_lane_map"):
+        a_off = (LANES % 8 + 8 * (LANES // 16)) * ld + ((LANES // 8) % 2) * 8
+    else:
+        a_off = (LANES % 16) * ld + (LANES // 16) * 8
+    if mut("mma_b_lane_map"):
+        b_off = (LANES % 16) * ld + (LANES // 16) * 8
+    else:
+        b_off = (8 * (LANES // 16) + LANES % 8) * ld + ((LANES // 8) % 2) * 8
+    row_stride = K if mut("mma_b_pointer") else ld
+    c = np.zeros((2, 2, job.size, 32, 4))  # [k step parity][column half][job][lane][reg]
     for it in range(int((ks_end - ks_begin).max())):
         ks = ks_begin + it
         on = ks < ks_end
-        ks, row = ks[on], rt[on] * 16 * (K if mut("mma_b_pointer") else ld)
-        a = load_matrix_sync(xs, ks * 16, ld, "row_major", warp[on], ctx, "a = xs")
-        b = load_matrix_sync(ws, row + ks * 16, ld, "col_major", warp[on], ctx, "b = ws")
-        c[on] = mma_sync(a, b, c[on])
-    store_matrix_sync(scratch, job * 256, c, 16, warp, ctx)
+        ks = ks[on]
+        a = ldmatrix_x4(xs, a_off[None, :] + ks[:, None] * 16, warp[on], ctx, "a = xs")
+        b = ldmatrix_x4(ws, (rt[on] * 16 * row_stride)[:, None] + b_off[None, :]
+                        + ks[:, None] * 16, warp[on], ctx, "b = ws")
+        par = it % 2  # pairs of steps from the range's start; a last odd one takes c[0]
+        for h in range(2):
+            c[par, h, on] = mma_16816(c[par, h, on], a, b[:, :, 2 * h:2 * h + 2])
+    # the job's tile: row g + 8 (i // 2), column 8 h + 2t + i % 2
+    tot = c[0] + c[1]  # [2 halves, jobs, 32, 4]
+    thr = warp[:, None] * 32 + LANES[None, :]
+    for h in range(2):
+        for i in range(4):
+            elem = (GROUP + 8 * (i // 2)) * 16 + 8 * h + 2 * TIG + i % 2
+            scratch.write(job[:, None] * 256 + elem[None, :], tot[h, :, :, i], ctx, thr,
+                          where="tile_dot_mma scratch")
     ctx.syncthreads()
     idx = np.arange(16 * r_pad, dtype=np.int64)
     n, r = idx // r_pad, idx % r_pad
@@ -2132,7 +2159,7 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "stage_rows: several batches per thread", "last block owns fewer units", "blocks own several units", "H < SM count",
             "H > SM count", "several row tiles", "a partial row tile",
             "K > 32 (several k per lane)", "ffma: split-K", "ffma: one k range per chunk",
-            "ffma: several jobs per warp", "ffma: groups % splits != 0", "mma: split-K",
+            "ffma: several jobs per warp", "ffma: groups % splits != 0", "mma: split-K", "mma: an odd number of k steps",
             "mma: one k range per tile", "mma: several jobs per warp",
             "mma: K % 16 != 0 (zero padding)", "mma: K % 16 == 0", "mma: several row tiles",
             "cluster: size 1", "cluster: size 2", "cluster: a size not a power of two",

@@ -114,24 +114,54 @@ def test_plan_has_no_fallback_for_the_mma_forward():
         plan("float16", False, 5, smem_optin=MMA_16_16 - 1)
 
 
-def test_wmma_rules_flag_a_misaligned_pointer_and_a_bad_ldm():
-    smem = emu.Buf("smem", np.zeros(4096), initialized=False, shared=True)
-    half, single = emu.Ptr(smem, 0, 2), emu.Ptr(smem, 0, 4)
+class Flat:
+    """A stand-in for 16-bit shared memory without the tracker: element offsets."""
+
+    def __init__(self, v):
+        self.v = np.asarray(v, float).reshape(-1)
+
+    def addr(self, idx):
+        return np.asarray(idx) * 2
+
+    def read(self, idx, ctx, thr, where=""):
+        return self.v[idx]
+
+
+def test_ldmatrix_flags_a_row_not_16_byte_aligned():
+    half = Flat(np.zeros(4096))
+    warp = np.array([0])
     emu.FINDINGS.clear()
     try:
-        emu.wmma_rules(half, np.array([0, 16, 48]), 24, "aligned half")
-        emu.wmma_rules(single, np.array([8, 256]), 4, "aligned float")
+        emu.ldmatrix_x4(half, (emu.LANES * 24)[None, :], warp, None, "rows 48 bytes apart")
         assert emu.FINDINGS == {}
-        emu.wmma_rules(half, np.array([0, 8]), 24, "half 16 bytes off")
-        emu.wmma_rules(half, np.array([0]), 20, "half ldm 20")
-        emu.wmma_rules(single, np.array([0]), 6, "float ldm 6")
-        assert sorted(emu.FINDINGS) == [
-            "WMMA float ldm 6: ldm 6 not a multiple of 4 elements",
-            "WMMA half 16 bytes off: pointer not 32-byte aligned",
-            "WMMA half ldm 20: ldm 20 not a multiple of 8 elements",
-        ]
+        emu.ldmatrix_x4(half, (emu.LANES * 20)[None, :], warp, None, "rows 40 bytes apart")
+        assert list(emu.FINDINGS) == [
+            "ldmatrix (rows 40 bytes apart): a row address not 16-byte aligned"]
     finally:
         emu.FINDINGS.clear()
+
+
+def test_mma_fragments_compute_one_tile():
+    """tile_dot_mma's lane maps for ldmatrix, through the PTX ISA's fragment layouts, give
+    x @ w.T for one 16 x 16 tile and one k step (the kernels' cases check the whole)."""
+    rng = np.random.default_rng(0)
+    ld = 24  # mma_ld(16)
+    x, w = rng.standard_normal((16, 16)), rng.standard_normal((16, 16))
+    xb, wb = np.zeros((16, ld)), np.zeros((16, ld))
+    xb[:, :16], wb[:, :16] = x, w
+    lanes = emu.LANES
+    a_off = (lanes % 16) * ld + (lanes // 16) * 8
+    b_off = (8 * (lanes // 16) + lanes % 8) * ld + ((lanes // 8) % 2) * 8
+
+    a = emu.ldmatrix_x4(Flat(xb), a_off[None, :], np.array([0]), None, "x")
+    b = emu.ldmatrix_x4(Flat(wb), b_off[None, :], np.array([0]), None, "w")
+    want = x @ w.T
+    for h in range(2):
+        d = emu.mma_16816(np.zeros((1, 32, 4)), a, b[:, :, 2 * h:2 * h + 2])
+        for i in range(4):
+            got = d[0, :, i]
+            rows, cols = emu.GROUP + 8 * (i // 2), 8 * h + 2 * emu.TIG + i % 2
+            np.testing.assert_allclose(got, want[rows, cols], rtol=1e-12, atol=1e-12)
 
 
 # ---- the cluster variant's plan (PersistentPlanner::cluster) ----

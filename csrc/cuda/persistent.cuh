@@ -60,10 +60,10 @@
 //   staged rows do not fit; (4, 8) for N <= 4 and where nothing else fits. The cluster
 //   variant tries each of those tiles (and (8, 8) in the forward too) and keeps the one the
 //   cost model prefers, as its rows per cluster depend on the tile.
-//   tile_dot_mma (tensor cores; the float16/bfloat16 forward, NT = 16): WMMA 16x16x16 tiles
-//   with fp32 accumulators; the r_pad / 16 column tiles are shared out to the warps, each
-//   tile's k range split over several warps whose partial tiles are then summed. K is
-//   zero-padded to a multiple of 16.
+//   tile_dot_mma (tensor cores; the float16/bfloat16 forward, NT = 16): ldmatrix and
+//   mma.sync m16n8k16 with fp32 sums, 16 x 16 tiles; the r_pad / 16 column tiles are shared
+//   out to the warps, each tile's k range split over several warps whose partial tiles are
+//   then summed. K is zero-padded to a multiple of 16.
 //
 // Barrier protocol of the grid variant (grid_arrive + grid_wait, sync.cuh): a 64-bit
 //   counter per launch, zeroed before it. At its k-th barrier every block adds 1 and waits
@@ -87,7 +87,6 @@
 #pragma once
 
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <cstdlib>
 #include <limits>
@@ -95,6 +94,7 @@
 #include <mutex>
 #include <tuple>
 #include <string>
+#include <type_traits>
 
 #include "common.cuh"
 #include "sync.cuh"
@@ -348,17 +348,40 @@ __device__ __forceinline__ void batched_copy(int64_t total, Load load, Store sto
   }
 }
 
-// ---- tensor cores for float16/bfloat16 (the forward): WMMA 16x16x16, fp32 accumulators ----
+// ---- tensor cores for float16/bfloat16 (the forward): mma.sync m16n8k16, fp32 sums ----
+// Fragments come from shared memory with ldmatrix (nvcuda::wmma's load_matrix_sync compiled
+// to 4 generic 32-bit LD.E a fragment, each with its 64-bit address arithmetic, on sm_90
+// with nvcc 13; one LDSM.x4 loads the same 16 x 16 tile). Compute capability 8.0 and newer
+// (setup.py's archs).
+
+// r[0..3] = the four 8 x 8 b16 matrices whose rows lanes 8j .. 8j + 7 address (ldmatrix
+// .x4): lane l holds row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 of each.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(row))));
+}
+
+// d += a b for a 16 x 16 tile a (row-major fragment), a 16 x 8 tile b (col-major) in
+// scalar_t, fp32 d (the PTX ISA's m16n8k16 fragment layouts).
 template <typename scalar_t>
-struct WmmaType;
-template <>
-struct WmmaType<c10::Half> {
-  using type = __half;
-};
-template <>
-struct WmmaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "tensor cores: float16 or bfloat16");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
 
 // Warps of the MMA tile: the r_pad / 16 column tiles, each split over kMmaSplits(r_tiles)
 // warps by ranges of k (their partial tiles summed in `scratch` afterwards).
@@ -368,30 +391,51 @@ __host__ __device__ inline int mma_splits(int r_tiles, int warps) {
 
 // out[n][r] = sum_{k < K} xs[n][k] ws[r][k] for n < 16, r < r_pad (a multiple of 16), K a
 // multiple of 16 (zero-padded); xs [16, ld], ws [r_pad, ld] in scalar_t (ld = mma_ld(K):
-// rows 16 bytes apart modulo 128, so a fragment's rows fall in different banks), out
-// [16, r_pad] and scratch [r_tiles * splits, 16, 16] in float; all shared memory, 32-byte
-// aligned.
+// rows 16 bytes apart modulo 128, so the 8 rows an ldmatrix matrix reads fall in
+// different banks; every row 16-byte aligned), out [16, r_pad] and scratch [r_tiles *
+// splits, 16, 16] in float; all shared memory. A job (column tile rt, k range sp) per warp
+// at a time; per k step of 16: one ldmatrix.x4 of xs's 16 x 16 tile (lane l addresses row
+// l % 16 at column 8 (l / 16)), one of ws's 16 rows of the tile (lane l: row
+// 8 (l / 16) + l % 8 at column 8 ((l / 8) % 2), so that r[0..1] are the b fragment of
+// columns 0-7 of the tile and r[2..3] of columns 8-15) and two mma.sync; even and odd k
+// steps sum into separate accumulators (two chains of dependent MMAs instead of one),
+// added at the end. The job's 16 x 16 sums go to scratch (lane l: rows l / 4 and l / 4 + 8,
+// columns 2 (l % 4) + {0, 1} of each half), then the splits' partial tiles are added in a
+// fixed order.
 template <typename scalar_t>
 __device__ __forceinline__ void tile_dot_mma(const scalar_t* ws, int r_pad, const scalar_t* xs,
                                              int K, int ld, float* out, float* scratch) {
-  using namespace nvcuda;
-  using T = typename WmmaType<scalar_t>::type;
-  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int r_tiles = r_pad / 16, k_steps = K / 16, splits = mma_splits(r_tiles, warps);
-  const T* a_base = reinterpret_cast<const T*>(xs);
-  const T* b_base = reinterpret_cast<const T*>(ws);
+  const scalar_t* a_row = xs + (lane % 16) * ld + (lane / 16) * 8;
+  const int b_off = (8 * (lane / 16) + lane % 8) * ld + ((lane / 8) % 2) * 8;
   for (int job = warp; job < r_tiles * splits; job += warps) {
     const int rt = job / splits, sp = job % splits;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-    wmma::fill_fragment(c, 0.0f);
-    for (int ks = sp * k_steps / splits; ks < (sp + 1) * k_steps / splits; ++ks) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-      wmma::load_matrix_sync(a, a_base + ks * 16, ld);                 // a[n][k] = xs[n][k]
-      wmma::load_matrix_sync(b, b_base + rt * 16 * ld + ks * 16, ld);  // b[k][r] = ws[r][k]
-      wmma::mma_sync(c, a, b, c);
+    const scalar_t* b_row = ws + rt * 16 * ld + b_off;
+    float c[2][2][4] = {};  // [k step parity][column half][fragment]
+    auto step = [&](float(&acc)[2][4], int ks) {
+      uint32_t a[4], b[4];
+      ldmatrix_x4(a, a_row + ks * 16);
+      ldmatrix_x4(b, b_row + ks * 16);
+      mma_16816<scalar_t>(acc[0], a, b[0], b[1]);
+      mma_16816<scalar_t>(acc[1], a, b[2], b[3]);
+    };
+    const int ks_end = (sp + 1) * k_steps / splits;
+    int ks = sp * k_steps / splits;
+    for (; ks + 1 < ks_end; ks += 2) {  // constant indices into c: it stays in registers
+      step(c[0], ks);
+      step(c[1], ks + 1);
     }
-    wmma::store_matrix_sync(scratch + job * 256, c, 16, wmma::mem_row_major);
+    if (ks < ks_end) step(c[0], ks);
+    float* tile = scratch + job * 256;
+    const int row = lane / 4, col = 2 * (lane % 4);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tile[row * 16 + h * 8 + col] = c[0][h][0] + c[1][h][0];
+      tile[row * 16 + h * 8 + col + 1] = c[0][h][1] + c[1][h][1];
+      tile[(row + 8) * 16 + h * 8 + col] = c[0][h][2] + c[1][h][2];
+      tile[(row + 8) * 16 + h * 8 + col + 1] = c[0][h][3] + c[1][h][3];
+    }
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < 16 * r_pad; idx += blockDim.x) {

@@ -34,7 +34,9 @@
 //                     release's MEMBAR.ALL.GPU (orders nothing: a floor, not a protocol);
 //            push     each block stores its share of n floats into every block's shared
 //                     memory (the next turn), the cluster barrier, then every block reads
-//                     all n (the cluster variant as built);
+//                     all n (the cluster variant as built: generic stores to the
+//                     addresses __cluster_map_shared_rank gives, ST.E in SASS);
+//            push_cluster  the same with st.shared::cluster to mapa's 32-bit addresses;
 //            async    the same stores as st.async with mbarrier::complete_tx (one mbarrier
 //                     per turn in each block, armed by its thread 0 with expect_tx of the
 //                     turn's n * 4 bytes), and each block waits on its own mbarrier
@@ -63,7 +65,16 @@ using namespace rnnfast::cuda;
   } while (0)
 
 constexpr int kThreads = 256, kBatch = 8;
-enum Mode { kBarrier = 0, kStage = 1, kFlags = 2, kLL = 3, kPush = 4, kRelaxed = 5, kAsync = 6 };
+enum Mode {
+  kBarrier = 0,
+  kStage = 1,
+  kFlags = 2,
+  kLL = 3,
+  kPush = 4,
+  kRelaxed = 5,
+  kAsync = 6,
+  kPushCluster = 7
+};
 
 // the value of element i at step s: exact in float, different from step to step
 __host__ __device__ inline float value_of(int s, int i) {
@@ -259,6 +270,15 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_bench(ClusterArgs a) {
         }
       }
     }
+    if (a.mode == kPushCluster) {
+      for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        const unsigned v = __float_as_uint(value_of(s, i)), dst = smem_u32(next + i);
+        for (int k = 0, r = rank; k < C; ++k, r = r + 1 < C ? r + 1 : 0) {
+          asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(map_rank(dst, r)), "r"(v)
+                       : "memory");
+        }
+      }
+    }
     if (a.mode == kAsync) {
       const unsigned bar = smem_u32(bars + (s & 1));
       if (threadIdx.x == 0) {  // this turn's bytes of step s: every block's share
@@ -296,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_bench(ClusterArgs a) {
       cluster_arrive();
       cluster_wait();
     }
-    if (a.mode == kPush || a.mode == kAsync) {
+    if (a.mode == kPush || a.mode == kPushCluster || a.mode == kAsync) {
       for (int i = threadIdx.x; i < n; i += blockDim.x) bad += next[i] != value_of(s, i);
       __syncthreads();  // the block's reads of this turn are done before its next stores
     }
@@ -380,7 +400,8 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&ll, 2 * max_n * sizeof(unsigned long long)));
   CHECK(cudaFuncSetAttribute(grid_bench, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              max_n * int(sizeof(float))));
-  const char* names[] = {"barrier", "stage", "flags", "ll", "push", "relaxed", "async"};
+  const char* names[] = {"barrier", "stage", "flags", "ll", "push", "relaxed", "async",
+                         "push_cluster"};
   // n: H=768 at N=1; bf16 N=16 (as many bytes as 6144 floats); float32 N=16
   const int sizes[] = {768, 6144, 12288};
   std::vector<int> block_counts;
@@ -419,7 +440,7 @@ int main(int argc, char** argv) {
     CHECK(cudaFuncSetAttribute(cluster_bench, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                2 * max_n * int(sizeof(float))));
     for (int C : {2, 4, 8, 16}) {
-      for (int mode : {kBarrier, kRelaxed, kPush, kAsync}) {
+      for (int mode : {kBarrier, kRelaxed, kPush, kPushCluster, kAsync}) {
         for (int n : sizes) {
           if ((mode == kBarrier || mode == kRelaxed) && n != sizes[0]) continue;
           if (n < C) continue;  // every block must store each step (the async mode's phases)
@@ -448,7 +469,7 @@ int main(int argc, char** argv) {
             });
             std::printf("{\"test\": \"cluster\", \"mode\": \"%s\", \"size\": %d, \"clusters\": %d, "
                         "\"n\": %d, \"us_per_step\": %.3f%s}\n",
-                        names[mode], C, clusters, mode == kPush || mode == kAsync ? n : 0,
+                        names[mode], C, clusters, mode == kBarrier || mode == kRelaxed ? 0 : n,
                         ms * 1e3 / T, outcome());
             std::fflush(stdout);
             if (fit == 1) break;

@@ -10,7 +10,8 @@
 //     writes. The fence (a MEMBAR in SASS) waits for every outstanding access of thread 0's
 //     warp, so a load from DRAM issued before it would delay the arrival by its round trip.
 //   grid_wait: thread 0 spins with ld.acquire.gpu, then __syncthreads orders every later
-//     read of the block after that acquire (the pattern of CUTLASS's GenericBarrier).
+//     read of the block after that acquire (the pattern of CUTLASS's GenericBarrier); a
+//     spin past kGridWaitTrapCycles traps (an error, not a hang).
 //
 // Thread-block clusters (the cluster variant; compute capability 9.0 and newer):
 // cluster_rank: this block's rank in its cluster; cluster_blocks: the cluster's size;
@@ -40,12 +41,19 @@ __device__ __forceinline__ void grid_arrive(unsigned long long* counter) {
   }
 }
 
+// A wait that lasts kGridWaitTrapCycles (about half a minute at 2 GHz; a step takes
+// microseconds, under compute-sanitizer milliseconds) can only be a broken protocol: it
+// traps, so that the launch fails with an error instead of hanging the GPU.
+constexpr long long kGridWaitTrapCycles = 1LL << 36;
+
 __device__ __forceinline__ void grid_wait(const unsigned long long* counter,
                                           unsigned long long target) {
   if (threadIdx.x == 0) {
+    const long long since = clock64();
     unsigned long long seen;
     do {
       asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(seen) : "l"(counter) : "memory");
+      if (seen < target && clock64() - since > kGridWaitTrapCycles) __trap();
     } while (seen < target);
   }
   __syncthreads();

@@ -5,6 +5,8 @@ import importlib.util
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -43,3 +45,32 @@ def test_batched_staging_is_predicted_no_slower_and_far_faster_where_it_dominate
                     assert new <= old + 1e-9, (cell, N, H, backward)
     assert (model.persistent_us("lstm", 64, 768, False, "old")
             > 3 * model.persistent_us("lstm", 64, 768, False, "new"))
+
+
+def test_now_what_if_changes_the_predictions_only(capsys):
+    """--now NAME=VALUE replaces a constant in the predictions (`now`, `clustr`, auto's
+    pick), not in the fit: a higher FFMA share makes no predicted persistent time slower
+    and the compute-bound ones faster, while the fit's ratios stay as they are."""
+    base = fit.main([])
+    out_base = capsys.readouterr().out
+    what_if = fit.main(["--now", "kFfmaShare=0.7"])
+    out_if = capsys.readouterr().out
+    fit.main([])  # leave the emulator's cached constants as the header's
+    capsys.readouterr()
+    assert base == what_if  # the fit's ratios: measured against the header's constants
+
+    def column(out, col):  # the `now` column per case
+        rows = {}
+        for line in out.splitlines():
+            parts = line.split("|")
+            if len(parts) >= 4 and parts[0].split() and parts[0].split()[0] in fit.GATES:
+                rows[tuple(parts[0].split())] = float(parts[1].split()[col])
+        return rows
+
+    now_base, now_if = column(out_base, 3), column(out_if, 3)
+    assert now_base.keys() == now_if.keys() and len(now_base) == 64
+    assert all(now_if[k] <= now_base[k] + 1e-9 for k in now_base)
+    assert now_if[("lstm", "float32", "256", "1024", "fwd")] < 0.8 * now_base[
+        ("lstm", "float32", "256", "1024", "fwd")]
+    with pytest.raises(SystemExit, match="kNoSuchConstant"):
+        fit.main(["--now", "kNoSuchConstant=1"])

@@ -218,13 +218,15 @@ for tool in memcheck racecheck; do
 done
 t_san=$(stage_time 150 100)
 s=$(now)
-log ""
-log "===== [sanitize] at $((s - START))s, limit ${t_san}s: ${#SAN_CASES[@]} runs of ${SANITIZER:-compute-sanitizer}, ${SANITIZE_JOBS:-6} at a time"
-if [ -z "$SANITIZER" ]; then
+if wanted sanitize; then
+  log ""
+  log "===== [sanitize] at $((s - START))s, limit ${t_san}s: ${#SAN_CASES[@]} runs of ${SANITIZER:-compute-sanitizer}, ${SANITIZE_JOBS:-6} at a time"
+fi
+if ! wanted sanitize; then
+  :
+elif [ -z "$SANITIZER" ]; then
   log "!! compute-sanitizer not found (PATH, \$CUDA_HOME/bin, \$CUDA_HOME/compute-sanitizer)"
   record sanitize FAIL 0 "compute-sanitizer not found"
-elif ! wanted sanitize; then
-  :
 elif ((t_san < 20)); then
   record sanitize SKIPPED 0 "no time left"
 else
@@ -424,6 +426,8 @@ for name in ("gpu", "syncbench", "build", "import", "test_cuda", "sanitize", "ca
                     if line.startswith("{")]
         except (OSError, ValueError) as e:
             sync, note = [], f"no results ({e})"
+        if not sync and not note:
+            note = "no results (gpu_check.log has the stage's output)"
         if sync:
             wrong = [x for x in sync if x.get("errors") or x.get("aborted")]
             if wrong:

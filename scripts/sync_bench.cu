@@ -15,6 +15,8 @@
 //            round trip, ns per load.
 //   grid     B blocks of a cooperative launch (all co-resident), per step:
 //            barrier  grid_arrive + grid_wait and nothing else;
+//            nofence  the same counter without the arrival's fence (red.relaxed alone, a
+//                     relaxed spin): what the fence (MEMBAR) costs; orders nothing;
 //            stage    each block stores its share of n floats (turn s & 1), the grid
 //                     barrier, then every block loads all n into shared memory with
 //                     16-byte __ldcg vectors, 8 in flight per thread (the grid variant as
@@ -73,7 +75,8 @@ enum Mode {
   kPush = 4,
   kRelaxed = 5,
   kAsync = 6,
-  kPushCluster = 7
+  kPushCluster = 7,
+  kNoFence = 8
 };
 
 // the value of element i at step s: exact in float, different from step to step
@@ -138,6 +141,21 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
     if (a.mode == kBarrier || a.mode == kStage) {
       grid_arrive(a.counter);
       grid_wait(a.counter, static_cast<unsigned long long>(s + 1) * B);
+    } else if (a.mode == kNoFence) {
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(a.counter) : "memory");
+        const unsigned long long target = static_cast<unsigned long long>(s + 1) * B;
+        const long long since = clock64();
+        unsigned long long seen;
+        do {
+          asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];"
+                       : "=l"(seen)
+                       : "l"(a.counter)
+                       : "memory");
+        } while (seen < target && !give_up(a.errors + 1, since));
+      }
+      __syncthreads();
     } else if (a.mode == kFlags) {
       __syncthreads();
       if (threadIdx.x == 0) {
@@ -401,7 +419,7 @@ int main(int argc, char** argv) {
   CHECK(cudaFuncSetAttribute(grid_bench, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              max_n * int(sizeof(float))));
   const char* names[] = {"barrier", "stage", "flags", "ll", "push", "relaxed", "async",
-                         "push_cluster"};
+                         "push_cluster", "nofence"};
   // n: H=768 at N=1; bf16 N=16 (as many bytes as 6144 floats); float32 N=16
   const int sizes[] = {768, 6144, 12288};
   std::vector<int> block_counts;
@@ -411,11 +429,12 @@ int main(int argc, char** argv) {
     }
   }
   for (int B : block_counts) {
-    for (int mode : {kBarrier, kStage, kFlags, kLL}) {
+    for (int mode : {kBarrier, kNoFence, kStage, kFlags, kLL}) {
       for (int n : sizes) {
-        if (mode == kBarrier && n != sizes[0]) continue;
+        if ((mode == kBarrier || mode == kNoFence) && n != sizes[0]) continue;
         if (mode == kLL && n < B) continue;  // every block must store each step
-        GridArgs a{counter, flags, data, ll, errors, T, mode == kBarrier ? 0 : n, mode};
+        GridArgs a{counter, flags, data, ll, errors, T,
+                   mode == kBarrier || mode == kNoFence ? 0 : n, mode};
         const size_t smem = size_t(a.n) * sizeof(float);
         float ms = time_launch([&] {
           CHECK(cudaMemset(counter, 0, sizeof(unsigned long long)));

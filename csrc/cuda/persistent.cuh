@@ -449,6 +449,10 @@ __device__ __forceinline__ void tile_dot_mma(const scalar_t* ws, int r_pad, cons
 // The row length of tile_dot_mma's operands for K columns.
 __host__ __device__ inline int mma_ld(int K) { return round_up(K, 16) + 8; }
 
+// The row length of the dot product's operands (W's slice, the staged or pushed rows) for
+// K columns: the kernels and the planner's shared-memory sizes both take it from here.
+__host__ __device__ inline int operand_ld(bool mma, int K) { return mma ? mma_ld(K) : ffma_ld(K); }
+
 // Bytes of tile_dot_mma's scratch for r_pad rows.
 __host__ __device__ inline size_t mma_scratch_bytes(int r_pad) {
   const int r_tiles = r_pad / 16;
@@ -544,7 +548,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   static_assert(!kMma || (NT == 16 && RPW == 16), "the MMA tile is 16 x 16");
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
-  const int U = p.units, K = static_cast<int>(H), ld = kMma ? mma_ld(K) : ffma_ld(K);
+  const int U = p.units, K = static_cast<int>(H), ld = operand_ld(kMma, K);
   const BlockWork w = block_work<kCluster>(p);
   const int64_t u0 = w.u0, n_begin = w.n_begin, rows = w.rows;
   const int here = w.here;
@@ -688,7 +692,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   constexpr int G = Cell::kGates;
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
-  const int U = p.units, K = static_cast<int>(G * H), ld = ffma_ld(K);
+  const int U = p.units, K = static_cast<int>(G * H), ld = operand_ld(false, K);
   const BlockWork w = block_work<kCluster>(p);
   const int64_t u0 = w.u0, n_begin = w.n_begin, rows = w.rows;
   const int here = w.here;
@@ -877,6 +881,19 @@ struct CostModel {
   }
 };
 
+// A launch configuration with a cluster dimension (the cluster variant's occupancy query and
+// launch); attr is the caller's, as cfg points at it.
+inline cudaLaunchConfig_t cluster_config(int cluster, int64_t blocks, size_t smem,
+                                         cudaStream_t stream, cudaLaunchAttribute& attr) {
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks)), cfg.blockDim = dim3(kPersistentThreads);
+  cfg.dynamicSmemBytes = smem, cfg.stream = stream;
+  cfg.attrs = &attr, cfg.numAttrs = 1;
+  return cfg;
+}
+
 struct PersistentLaunch {
   const void* kernel = nullptr;  // null: the per-step path runs
   int blocks = 0, units = 0;
@@ -1058,7 +1075,7 @@ struct PersistentPlanner {
       constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
       const void* k = kernel<kNT, kRPW, false>();
       const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
-      const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : ffma_ld(static_cast<int>(K));
+      const int64_t ld = operand_ld(kMma, static_cast<int>(K));
       const size_t smem = smem_bytes<kNT, kRPW, false>(r_pad, ld, 0);
       int ptx = 0, per_sm = 0;
       if (!fits(smem) || !prepare(k, false, ptx)) return false;
@@ -1116,7 +1133,7 @@ struct PersistentPlanner {
         constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
         const void* k = kernel<kNT, kRPW, true>();
         const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
-        const int64_t ld = kMma ? mma_ld(static_cast<int>(K)) : ffma_ld(static_cast<int>(K));
+        const int64_t ld = operand_ld(kMma, static_cast<int>(K));
         // code for 9.0 or newer (below it the cluster helpers trap): not so where only an
         // older architecture's PTX was built and the driver compiled that
         int ptx = 0;
@@ -1141,13 +1158,8 @@ struct PersistentPlanner {
           return memo_query(
               QueryKey{c10::cuda::current_device(), k, cs, smem}, clusters, why,
               [&](int& v, std::string& w) {
-                cudaLaunchConfig_t cfg = {};
                 cudaLaunchAttribute attr;
-                attr.id = cudaLaunchAttributeClusterDimension;
-                attr.val.clusterDim.x = cs, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-                cfg.gridDim = dim3(cs), cfg.blockDim = dim3(kPersistentThreads);
-                cfg.dynamicSmemBytes = smem;
-                cfg.attrs = &attr, cfg.numAttrs = 1;
+                const cudaLaunchConfig_t cfg = cluster_config(cs, cs, smem, nullptr, attr);
                 return cuda_ok(cudaOccupancyMaxActiveClusters(&v, k, &cfg),
                                "the cluster occupancy query", w);
               });
@@ -1246,13 +1258,9 @@ std::string launch_persistent(const PersistentLaunch& plan,
   void* args[] = {&params};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (plan.cluster > 0) {
-    cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = plan.cluster, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-    cfg.gridDim = dim3(plan.blocks), cfg.blockDim = dim3(kPersistentThreads);
-    cfg.dynamicSmemBytes = plan.smem, cfg.stream = stream;
-    cfg.attrs = &attr, cfg.numAttrs = 1;
+    const cudaLaunchConfig_t cfg =
+        cluster_config(plan.cluster, plan.blocks, plan.smem, stream, attr);
     std::string why;
     cuda_ok(cudaLaunchKernelExC(&cfg, plan.kernel, args), "launching the cluster kernel", why);
     return why;

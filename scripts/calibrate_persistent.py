@@ -6,7 +6,9 @@ and the choice of the block count need.
 For each cell, dtype, N and H (small sets, T=256), the forward (under no_grad) and the
 forward+backward run with the persistent path (grid variant) forced, once with a block per
 SM (the default plan) and once for each cap in --max-blocks (RNNFAST_PERSISTENT_MAX_BLOCKS:
-fewer blocks, more hidden units each, so a cheaper grid barrier and more work per block);
+fewer blocks, more hidden units each, so a cheaper grid barrier and more work per block),
+each with every exchange of --exchanges (RNNFAST_GRID_EXCHANGE: the grid barrier and the LL
+exchange, which has no barrier but reads twice the bytes);
 with the cluster variant forced, the planner's cluster size and each of --cluster-sizes
 (RNNFAST_CLUSTER_SIZE); and the per-step path forced, for comparison. Times are the median of --repeats CUDA-event
 timings after a warm-up, divided by T. A cap that does not fit on chip is reported as
@@ -31,7 +33,7 @@ sys.path.insert(0, ROOT)
 import rnnfast  # noqa: E402
 
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
-KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE")
+KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_GRID_EXCHANGE")
 
 
 def time_per_step(fn, T, repeats, warmup=2):
@@ -49,10 +51,10 @@ def time_per_step(fn, T, repeats, warmup=2):
     return statistics.median(times)
 
 
-def measure(cell, dtype, N, H, T, path, knob, mode, repeats):
+def measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None):
     """Microseconds per step, or the first line of the error the call raised. knob: the
     value of RNNFAST_PERSISTENT_MAX_BLOCKS (path persistent) or RNNFAST_CLUSTER_SIZE
-    (path cluster), 0 for none."""
+    (path cluster), 0 for none; exchange: RNNFAST_GRID_EXCHANGE (path persistent)."""
     torch.manual_seed(0)
     m = MODULES[cell](H, H).to("cuda", dtype)
     x = torch.randn(T, N, H, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
@@ -60,6 +62,8 @@ def measure(cell, dtype, N, H, T, path, knob, mode, repeats):
         os.environ.pop(name, None)
     if knob:
         os.environ[KNOBS[0] if path == "persistent" else KNOBS[1]] = str(knob)
+    if exchange:
+        os.environ[KNOBS[2]] = exchange
 
     def fwd():
         with torch.no_grad():
@@ -86,6 +90,8 @@ def main(argv=None):
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--hidden", nargs="+", type=int, default=[256, 768])
     ap.add_argument("--max-blocks", nargs="+", type=int, default=[64, 32])
+    ap.add_argument("--exchanges", nargs="+", default=["barrier", "ll"],
+                    choices=["barrier", "ll"])
     ap.add_argument("--cluster-sizes", nargs="+", type=int, default=[16, 8, 4])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--seq-len", type=int, default=256)
@@ -98,9 +104,10 @@ def main(argv=None):
     rows = []
     print(f"{prop.name}, {prop.multi_processor_count} SMs, torch {torch.__version__}, "
           f"T={args.seq_len}, us per step (median of {args.repeats})")
-    caps = [0] + args.max_blocks
+    caps = [(c, e) for c in [0] + args.max_blocks for e in args.exchanges]
     sizes = [0] + args.cluster_sizes
-    head = "  ".join(f"{'all' if c == 0 else f'<={c}':>8s}" for c in caps)
+    head = "  ".join(f"{('all' if c == 0 else f'<={c}') + ('' if e == 'barrier' else ' ll'):>8s}"
+                     for c, e in caps)
     chead = "  ".join(f"{'auto' if c == 0 else f'C={c}':>8s}" for c in sizes)
     print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent, blocks: "
           f"{head} | cluster: {chead} | {'step':>8s}")
@@ -112,14 +119,15 @@ def main(argv=None):
                     for mode in args.modes:
                         case = dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode)
 
-                        def run(path, knob, field):
+                        def run(path, knob, field, exchange=None):
                             """One measurement, recorded; its table cell."""
                             us, used = measure(cell, dtype, N, H, args.seq_len, path, knob,
-                                               mode, args.repeats)
-                            rows.append(dict(case, path=path, **{field: knob}, us=us,
+                                               mode, args.repeats, exchange)
+                            extra = {"exchange": exchange} if exchange else {}
+                            rows.append(dict(case, path=path, **{field: knob}, **extra, us=us,
                                              used=used))
                             return f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
-                        cells = [run("persistent", cap, "max_blocks") for cap in caps]
+                        cells = [run("persistent", cap, "max_blocks", ex) for cap, ex in caps]
                         ccells = [run("cluster", size, "cluster_size") for size in sizes]
                         step = run("step", 0, "max_blocks")
                         print(f"{cell:5s} {dtype_name:9s} {N:4d} {H:5d} {mode:6s} | "

@@ -5,12 +5,17 @@ Emulates, as of tile_dot_mma on ldmatrix and mma.sync (2026-11-27):
 csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, tile_dot with its vector
 groups, their alignment checked, and its split-K, tile_dot_mma's ldmatrix / mma.sync
 m16n8k16 forward for 16-bit types lane by lane, smem_layout with its xs_rows and the
-scratch sizes, the grid barrier's arrive and wait, both kernels in both variants
+scratch sizes, the grid barrier's arrive and wait, the grid variant's LL exchange
+(stage_ll, the words and their flags, the 16-bit pairs' shuffle; RNNFAST_GRID_EXCHANGE=ll
+as a case's `exchange`), both kernels in both variants
 (kCluster) with their loads between arrival and wait, PersistentPlanner's grid() and cluster() with the path forced)
 and the cells and ops of lstm.cu, gru.cu and rnn.cu (forward returning h, backward handing
 back dgh). Indices are the CUDA code's; values are float64. Blocks are generators that
 yield at each barrier. The grid variant's blocks run in a shuffled order on the grid
-barrier's one counter. The cluster variant's launch (run_clusters) puts at most the occupancy
+barrier's one counter; with the LL exchange a block whose stage_ll needs words that do
+not carry the step's flag yet waits (yields) until they do, and each store checks the
+two-turn argument (the word it overwrites was read by every block, its flag two steps
+older). The cluster variant's launch (run_clusters) puts at most the occupancy
 query's number of clusters on the device at once, the rest waiting for a slot in a random
 order (clusters need not be co-resident), and interleaves the blocks of the clusters on it
 at random; a cluster_wait returns once every block of the cluster made its cluster_arrive
@@ -131,6 +136,14 @@ MUTATIONS = {
     "cluster_plan_smem_one_row": "cluster plan: smem sized for N_c = 1 (smem_bytes(..., 1))",
     "cluster_early_arrive": "cluster: cluster_arrive before the stores into the peers' turns",
     "grid_early_arrive": "grid forward: grid_arrive before the last tile's stores of h into y",
+    # the grid variant's LL exchange
+    "ll_one_turn": "LL: every step's words in turn 0",
+    "ll_want_next": "LL forward: staging waits for flag s + 1 (the step's own) instead of s",
+    "ll_no_step_sync": "LL forward: no __syncthreads at the end of a step",
+    "ll_units_odd": "LL plan: U not rounded up to even for 16-bit values",
+    "ll_bwd_flag": "LL backward: phase A's words carry flag T - s - 1",
+    "ll_pair_lane": "LL forward: the 16-bit pair's partner from lane ^ 2",
+    "ll_row_odd": "LL plan: ll_row = words (not rounded up to even)",
 }
 MUT = set()
 
@@ -651,6 +664,110 @@ def stage_rows(NT, src, n0, N, K, ld, xs, ctx, x_size):
 
 
 # --------------------------------------------------------------------------------------
+# the grid variant's LL exchange (sync.cuh's ll_store / ll_load2, persistent.cuh's stage_ll)
+# --------------------------------------------------------------------------------------
+class LLWords:
+    """The LL words [2][N][ll_row]: each word's two 16-bit value slots (one 32-bit value
+    uses slot 0), its flag and which blocks read its current contents. A store checks the
+    two-turn argument: the word it overwrites holds the step two before (flags rise by 2 in
+    a word) and every block of the grid has read it (each block reads every word a step:
+    all rows and columns)."""
+
+    def __init__(self, words, grid):
+        self.vals = np.zeros((words, 2))
+        self.flag = np.zeros(words, np.int64)
+        self.readers = np.zeros(words, np.int64)  # bit b: block b read the current contents
+        self.grid = grid
+
+    def store(self, word, lo, hi, flag, ctx):
+        word = np.asarray(word, np.int64).reshape(-1)
+        if word.size == 0:
+            return
+        if word.min() < 0 or word.max() >= self.flag.size:
+            raise Finding(f"LL store out of bounds: words [{word.min()}, {word.max()}] of "
+                          f"{self.flag.size}")
+        if np.unique(word).size != word.size:
+            finding("LL: two threads of one step store the same word")
+        old = self.flag[word]
+        if ((old != 0) & (old + 2 != flag)).any() or ((old == 0) & (flag > 2)).any():
+            finding("LL: a word's flags do not rise by 2 (a step's words in the wrong turn)")
+        every = (np.int64(1) << np.int64(self.grid)) - 1
+        if ((old != 0) & (self.readers[word] != every)).any():
+            finding("LL: a word overwritten before every block read it (the two-turn argument)")
+        self.vals[word, 0] = np.broadcast_to(lo, word.shape)
+        self.vals[word, 1] = np.broadcast_to(hi, word.shape)
+        self.flag[word] = flag
+        self.readers[word] = 0
+
+
+class LLWait:
+    """What a block yields while its stage_ll waits: runnable again when ready() holds."""
+
+    def __init__(self, ready):
+        self.ready = ready
+
+    def __repr__(self):
+        return "stage_ll"
+
+
+def stage_ll(NT, ll, base_word, n0, N, K, ld, ll_row, want, xs, ctx, x_size):
+    """persistent.cuh's stage_ll, a generator (it yields LLWait until every word the tile
+    needs carries `want`): 8-byte piece e of xs (two words, 2 kPer values) is thread
+    e % blockDim's; rows past N and columns K..ld zero. A word with a later flag than
+    `want` is a finding (the protocol broke)."""
+    per = 4 // x_size
+    words = K // per
+    per_row = ld // (2 * per)
+    if ld % (2 * per) or K % per:
+        raise Finding(f"stage_ll: ld {ld} or K {K} not whole pieces of {2 * per} values")
+    if ll_row % 2:
+        finding("stage_ll: an LL row of an odd number of words (16-byte loads misaligned)")
+    rows = min(NT, N - n0)
+    e = np.arange(NT * per_row, dtype=np.int64)
+    nl, c = e // per_row, e % per_row
+    load = (nl < rows) & (2 * c < words)
+    w0 = base_word + (n0 + nl) * ll_row + 2 * c
+    need = np.concatenate([w0[load], (w0 + 1)[load & (2 * c + 1 < words)]])
+    if need.size and need.max() >= ll.flag.size:
+        raise Finding("stage_ll reads past the LL words")
+    if (ll.flag[need] > want).any():
+        finding("LL: staging found a later step's flag (the two-turn argument broke)")
+    if not (ll.flag[need] == want).all():
+        yield LLWait(lambda: bool((ll.flag[need] >= want).all()))
+        if (ll.flag[need] != want).any():
+            finding("LL: staging found a later step's flag (the two-turn argument broke)")
+    ll.readers[need] |= np.int64(1) << np.int64(ctx.block)
+    # xs: piece e holds words 2c and 2c + 1, kPer values each
+    val = np.zeros((NT * per_row, 2 * per))
+    for i in range(2):
+        ok = load & (2 * c + i < words)
+        for h in range(per):
+            val[ok, i * per + h] = ll.vals[(w0 + i)[ok], h]
+    k = (2 * c * per)[:, None] + np.arange(2 * per)
+    idx = (nl[:, None] * ld + k).reshape(-1)
+    thr = np.broadcast_to((e % BLOCK_DIM)[:, None], k.shape).reshape(-1)
+    xs.write(idx, val.reshape(-1), ctx, thr, where="stage_ll xs")
+    cover("stage_ll: 16-bit pairs" if per == 2 else "stage_ll: 32-bit words")
+
+
+def ll_pairs(h, idx, here, j, ctx):
+    """The 16-bit forward's pairing: the thread of item idx (even unit j) takes the value of
+    the item its lane ^ 1 partner holds (__shfl_xor_sync over the pair), the same loop
+    iteration's idx ^ 1; returns the even items' (lo, hi) and their positions in h."""
+    partner = idx ^ (2 if mut("ll_pair_lane") else 1)
+    pos = {int(i): q for q, i in enumerate(idx)}
+    even = np.nonzero(j % 2 == 0)[0]
+    hi = np.zeros(even.size)
+    for q, e in enumerate(even):
+        other = pos.get(int(partner[e]))
+        if other is None:
+            finding("LL: a 16-bit pair's partner lane does not take part in the shuffle")
+            continue
+        hi[q] = h[other]
+    return even, hi
+
+
+# --------------------------------------------------------------------------------------
 # persistent.cuh: tile_dot_mma on ldmatrix and mma.sync m16n8k16, lane by lane
 # --------------------------------------------------------------------------------------
 GROUP, TIG = LANES // 4, LANES % 4  # the PTX ISA's groupID and threadID_in_group
@@ -760,7 +877,7 @@ def tile_dot_mma(ws, r_pad, xs, K, ld, out, scratch, ctx):
 # --------------------------------------------------------------------------------------
 class Params:
     FIELDS = ("T N H units group_rows reverse activation xp w_hh b_hh h0 c0 y cache c_state dy "
-              "dh dc dg_ih dg_hh barrier").split()
+              "dh dc dg_ih dg_hh barrier ll ll_row").split()
 
     def __init__(self, **kw):
         for f in self.FIELDS:
@@ -889,6 +1006,11 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
     else:
         ctx.syncthreads()
 
+    ll = not cluster and dt.scalar <= 4 and p.ll is not None  # the LL exchange
+
+    def ll_turn(s):
+        return 0 if mut("ll_one_turn") else s & 1
+
     for s in range(p.T):
         t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
         h_prev = p.h0 if s == 0 else p.y + tp * N * H
@@ -897,7 +1019,11 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
             if cluster:  # h_{t-1} of the tile's rows
                 xt = xs + (turn_index(s) * turn + n0) * ld
             else:
-                stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx, dt.scalar)
+                if ll and s > 0:  # step s - 1's words, flag s
+                    yield from stage_ll(NT, p.ll, ll_turn(s - 1) * N * p.ll_row, n0, N, K, ld,
+                                        p.ll_row, s + mut("ll_want_next"), xs, ctx, dt.scalar)
+                else:
+                    stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx, dt.scalar)
                 xt = xs
                 ctx.syncthreads()
             if (mut("cluster_early_arrive") if cluster else mut("grid_early_arrive")) and \
@@ -939,9 +1065,21 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
                 for rk in for_each_peer(w):
                     peer_shared(nxt, rk, ctx).write(row * ld + col, h, ctx, thr,
                                                     where="cluster forward h into a turn")
+            if ll and s + 1 < p.T:  # the LL words of step s: turn s & 1, flag s + 1
+                row = (ll_turn(s) * N + n0 + nl) * p.ll_row
+                if dt.scalar == 4:
+                    p.ll.store(row + u0 + j, h, 0.0, s + 1, ctx)
+                else:
+                    even, hi = ll_pairs(h, idx[keep], here, j, ctx)
+                    p.ll.store(row[even] + (u0 + j[even]) // 2, h[even], hi, s + 1, ctx)
             if n0 + NT < rows and not mut("no_next_tile_sync"):
                 ctx.syncthreads()
-        if s + 1 < p.T:
+        if s + 1 < p.T and ll:  # no barrier: the loads ahead, a __syncthreads
+            ahead = Cell.load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u,
+                              ctx, ahead_thr)
+            if not mut("ll_no_step_sync"):
+                ctx.syncthreads()
+        elif s + 1 < p.T:
             # loads between the arrival and the wait
             if not mut("cluster_early_arrive" if cluster else "grid_early_arrive"):
                 yield CLUSTER_ARRIVE if cluster else GRID_ARRIVE
@@ -989,6 +1127,10 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
     if cluster:  # both turns zero (their padding rows and columns stay so)
         idx = np.arange((1 if mut("cluster_fill_one_turn") else 2) * turn * ld, dtype=np.int64)
         xs.write(idx, 0.0, ctx, idx % BLOCK_DIM, where="cluster backward turns of xs")
+    ll = not cluster and dt.acc == 4 and p.ll is not None  # the LL exchange
+
+    def ll_turn(s):
+        return 0 if mut("ll_one_turn") else s & 1
 
     # phase A's inputs but dh of this thread's first item (idx = threadIdx.x), loaded ahead
     ahead_thr = np.arange(min(rows * here, BLOCK_DIM), dtype=np.int64)
@@ -1025,6 +1167,10 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
                                                 where="cluster backward dgh into a turn")
             if not mut("cluster_early_arrive"):
                 yield CLUSTER_ARRIVE  # the loads below need no peer's data
+        elif ll:  # the LL words of step s: turn s & 1, flag T - s; no barrier
+            flag = p.T - s - mut("ll_bwd_flag")
+            for g in range(G):
+                p.ll.store((ll_turn(s) * N + nl) * p.ll_row + g * H + u, dgh[g], 0.0, flag, ctx)
         elif not mut("no_bwd_barrier"):
             yield GRID_ARRIVE
         if s > 0:
@@ -1035,13 +1181,18 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
                                            ahead_n, ahead_u, ctx, ahead_thr)
         if cluster:
             yield CLUSTER_WAIT
-        elif not mut("no_bwd_barrier"):
+        elif not ll and not mut("no_bwd_barrier"):
             yield (p.T - s) * ctx.grid - mut("barrier_target_low")
         dg = p.dg_hh + t * N * K
         for n0 in range(0, rows, NT):
             if cluster:  # dg_hh of the tile's rows
                 xt = (xs + turn_index(s + 1) * turn * ld if mut("cluster_phase_b_other_turn")
                       else cur) + n0 * ld
+            elif ll:
+                yield from stage_ll(NT, p.ll, ll_turn(s) * N * p.ll_row, n0, N, K, ld,
+                                    p.ll_row, p.T - s, xs, ctx, dt.acc)
+                xt = xs
+                ctx.syncthreads()
             else:
                 stage_rows(NT, dg, n0, N, K, ld, xs, ctx, dt.acc)
                 xt = xs
@@ -1082,11 +1233,15 @@ def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
     while not all(done):
         # any block that can make progress may run next (a released block may race ahead)
         runnable = [b for b in range(grid)
-                    if not done[b] and (waiting[b] is None or counter >= waiting[b])]
+                    if not done[b] and (waiting[b] is None or (
+                        waiting[b].ready() if isinstance(waiting[b], LLWait)
+                        else counter >= waiting[b]))]
         if not runnable:
             raise Finding(f"DEADLOCK: blocks waiting at {waiting} with the counter at {counter}")
         b = runnable[rng.integers(len(runnable))]
-        if waiting[b] is not None:
+        if isinstance(waiting[b], LLWait):  # stage_ll's words have arrived
+            waiting[b] = None
+        elif waiting[b] is not None:
             passed[b] += 1
             if counter < passed[b] * grid:
                 finding("the grid barrier released a block before every block arrived")
@@ -1096,6 +1251,9 @@ def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
             ctxs[b].syncthreads()
         try:
             target = next(gens[b])
+            if isinstance(target, LLWait):
+                waiting[b] = target
+                continue
             if target == GRID_ARRIVE or not ctxs[b].window:
                 if ctxs[b].window:
                     finding("grid_arrive twice without a grid_wait between")
@@ -1433,6 +1591,11 @@ class Plan:
     rpw: int = 0
     at_once: int = 0  # the cluster variant: clusters the device runs at once
     us: float = 0.0  # the cluster variant: the stand-in cost (see cluster_us)
+    ll_row: int = 0  # the grid variant's LL exchange: words per row; 0: the barrier
+
+
+# the environment knobs of the case running (RNNFAST_GRID_EXCHANGE), read by the planner
+KNOBS = {}
 
 
 def for_tiles(n_rows, w_rows, try_tile, mma, backward, dt, tile=None):
@@ -1493,7 +1656,15 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
     """PersistentPlanner::grid() with the path forced. tile: force (NT, RPW) of the FFMA
     kernels (the MMA forward has only (16, 16))."""
     sms = dev.sms
+    exchange = KNOBS.get("RNNFAST_GRID_EXCHANGE", "")
+    if exchange not in ("", "barrier", "ll"):
+        raise Finding(f"the persistent path cannot run: RNNFAST_GRID_EXCHANGE is {exchange!r}")
     units = (H + sms - 1) // sms
+    K, _, x_size, mma = plan_sizes(Cell, backward, H, units, dt)
+    per = 4 // x_size if x_size <= 4 else 0  # values per LL word
+    ll = exchange == "ll" and per > 0 and K % per == 0
+    if ll and not mut("ll_units_odd"):
+        units = round_up(units, per)
     K, w_rows, _, mma = plan_sizes(Cell, backward, H, units, dt)
     plan = Plan()
 
@@ -1510,6 +1681,8 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
             return False
         plan = Plan(kernel_of(Cell, backward, nt, rpw, dt, False), blocks, units, 0, N, smem,
                     nt, rpw)
+        if ll:
+            plan.ll_row = K // per if mut("ll_row_odd") else round_up(K // per, 2)
         return True
 
     for_tiles(N, w_rows, try_tile, mma, backward, dt, tile)
@@ -1619,6 +1792,8 @@ def launch_persistent(plan, p, bufs, seed):
         run_clusters(plan.kernel, plan.blocks, plan.cluster, plan.smem, p, bufs, seed,
                      plan.at_once)
     else:
+        if plan.ll_row:  # zeroed words: flag 0 is no step's
+            p.ll, p.ll_row = LLWords(2 * p.N * plan.ll_row, plan.blocks), plan.ll_row
         run_grid(plan.kernel, plan.blocks, plan.smem, p, bufs, seed)
 
 
@@ -1879,6 +2054,9 @@ def check(name, got, want, case, tol=1e-9):
 
 def cover_plan(plan, N, H, sms, dt, backward):
     STATS["tiles"].add((plan.nt, plan.rpw))
+    if KNOBS.get("RNNFAST_GRID_EXCHANGE") == "ll" and not plan.cluster:
+        cover(("ll: backward" if backward else "ll: forward") if plan.ll_row else
+              "ll: the barrier where the values do not allow words")
     if plan.cluster:
         STATS["cluster"] += not backward
         cs, n_c = plan.cluster, plan.group_rows
@@ -1909,14 +2087,29 @@ def cover_plan(plan, N, H, sms, dt, backward):
 
 def case_name(c):
     keys = ("kind", "dtype", "T", "N", "C", "H", "reverse", "training", "sms", "bias", "act",
-            "gru_bhh", "tile", "h0_off", "smem_optin", "cluster")
+            "gru_bhh", "tile", "h0_off", "smem_optin", "cluster", "exchange")
     return " ".join(f"{k}={c[k]}" for k in keys if k in c)
 
 
 def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True, tile=None,
-             dtype="float64", seed=0, ops=None, h0_off=0, smem_optin=None, cluster=None):
+             dtype="float64", seed=0, ops=None, h0_off=0, smem_optin=None, cluster=None,
+             exchange=None):
     """One case; cluster: (size, rows) for the cluster variant (RNNFAST_CLUSTER_SIZE and
-    _ROWS; None in either for the planner's choice), None for the grid variant."""
+    _ROWS; None in either for the planner's choice), None for the grid variant; exchange:
+    RNNFAST_GRID_EXCHANGE ("ll": the LL exchange where the values allow it), set for this
+    case only."""
+    KNOBS.clear()
+    if exchange:
+        KNOBS["RNNFAST_GRID_EXCHANGE"] = exchange
+    try:
+        _run_case(kind, T, N, C, H, reverse, training, sms, bias, act, gru_bhh, tile, dtype,
+                  seed, ops, h0_off, smem_optin, cluster, exchange)
+    finally:
+        KNOBS.clear()
+
+
+def _run_case(kind, T, N, C, H, reverse, training, sms, bias, act, gru_bhh, tile, dtype, seed,
+              ops, h0_off, smem_optin, cluster, exchange):
     g = torch.Generator().manual_seed(seed)
     G = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
     scale = 1.0 / math.sqrt(H)
@@ -1942,7 +2135,8 @@ def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True
                           **({"tile": tile} if tile else {}),
                           **({"h0_off": h0_off} if h0_off else {}),
                           **({"smem_optin": smem_optin} if smem_optin else {}),
-                          **({"cluster": cluster} if cluster else {})))
+                          **({"cluster": cluster} if cluster else {}),
+                          **({"exchange": exchange} if exchange else {})))
 
     y_ref, hn_ref, cn_ref, ws_ref = reference_run(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                   reverse, act)
@@ -2148,6 +2342,33 @@ def cases(full=False):
         dict(kind="rnn", act=0, T=1, N=2, H=2, sms=2, cluster=(2, None), reverse=False,
              training=True, **C),
     ]
+    # the grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll); the comments give U and
+    # the words a row (ll_row)
+    L = dict(C=2, bias=True, exchange="ll")
+    extra += [
+        # U 4 (2), 7 words (8): a piece's second word past the row; two row tiles
+        dict(kind="lstm", T=3, N=17, H=7, sms=2, reverse=True, training=True,
+             dtype="float32", **L),
+        # 16-bit pairs: U 7 -> 8 (4), 10 words; backward 60 float words
+        dict(kind="gru", T=3, N=5, H=20, sms=3, reverse=False, training=True,
+             dtype="float16", **L),
+        # U 1: 7 blocks, a unit each
+        dict(kind="rnn", act=0, T=3, N=3, H=7, sms=7, reverse=False, training=True,
+             dtype="float32", **L),
+        # odd H in 16-bit: the forward keeps the barrier, the backward (float) takes words
+        dict(kind="rnn", act=1, T=2, N=17, H=33, sms=5, reverse=True, training=True,
+             dtype="float16", **L),
+        # float64: the barrier
+        dict(kind="lstm", T=2, N=4, H=6, sms=3, reverse=False, training=True, **L),
+        # T = 1: no words in the forward
+        dict(kind="gru", T=1, N=2, H=4, sms=2, reverse=True, training=True,
+             dtype="float16", gru_bhh=False, **L),
+        # three row tiles of 16-bit pairs, inference
+        dict(kind="lstm", T=2, N=33, H=48, sms=5, reverse=False, training=False,
+             dtype="float16", **L),
+        dict(kind="rnn", act=2, T=3, N=9, H=10, sms=3, reverse=True, training=True,
+             dtype="float32", **L),
+    ]
     for j, e in enumerate(extra):
         e.setdefault("seed", 100000 + j)
     return out + extra
@@ -2166,7 +2387,9 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "cluster: more than 8 blocks", "cluster: the last block owns fewer units",
             "cluster: N_c = 1", "cluster: several row tiles", "cluster: a partial row tile",
             "cluster: a last cluster with fewer rows", "cluster: more clusters than run at once",
-            "cluster: mma forward", "cluster: ffma forward", "cluster: backward"}
+            "cluster: mma forward", "cluster: ffma forward", "cluster: backward",
+            "ll: forward", "ll: backward", "ll: the barrier where the values do not allow words",
+            "stage_ll: 16-bit pairs", "stage_ll: 32-bit words"}
 TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16)}
 
 
@@ -2233,6 +2456,11 @@ SELF_TEST_CASES = [
          cluster=(4, 6), tile=(4, 8)),
     dict(kind="lstm", T=2, N=7, C=2, H=20, reverse=False, training=True, sms=4, bias=True,
          dtype="float16", cluster=(2, 5)),
+    # the LL exchange: float32 words (7 a row, 4 blocks), 16-bit pairs (U 7 -> 8)
+    dict(kind="lstm", T=3, N=5, C=2, H=7, reverse=True, training=True, sms=2, bias=True,
+         dtype="float32", exchange="ll"),
+    dict(kind="gru", T=3, N=17, C=2, H=20, reverse=False, training=True, sms=3, bias=True,
+         dtype="float16", exchange="ll"),
 ]
 
 
@@ -2245,9 +2473,11 @@ def catch(name, ops=None):
     case flagged (tracker findings first, then the mismatch), empty when nothing did."""
     MUT.clear()
     MUT.add(name)
-    # the cluster variant's bugs: its cases first (any case may catch any bug)
+    # the cluster variant's and the LL exchange's bugs: their cases first (any case may
+    # catch any bug)
     order = sorted(self_test_cases(),
-                   key=lambda c: ("cluster" in c) != name.startswith("cluster_"))
+                   key=lambda c: (("cluster" in c) != name.startswith("cluster_"),
+                                  ("exchange" in c) != name.startswith("ll_")))
     try:
         with one_torch_thread():
             for c in order:

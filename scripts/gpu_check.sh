@@ -5,12 +5,13 @@
 #      and the next exchange's design;
 #   1. build rnnfast from source for the card that is there (no internet needed: no pip,
 #      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
-#   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py);
+#   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py, tests/test_cuda_ll.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants)
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
 #      have not changed since);
-#   3b. calib: the persistent kernels' per-step time against their block count
+#   3b. calib: the persistent kernels' per-step time against their block count and, for
+#      the grid variant, its exchange (the barrier or the LL exchange, RNNFAST_GRID_EXCHANGE)
 #      (scripts/calibrate_persistent.py, small shapes, T=256: the cost model's data);
 #   4. bench7: the persistent-kernel issue's table (--set issue7: T=1024, N 1-256, H 256-1024,
 #      float32 and bfloat16) with rnnfast on auto, each path forced, and cuDNN;
@@ -180,7 +181,7 @@ PYEOF
 # ---- 2. the CUDA tests (each on every path) ----
 if wanted test_cuda; then
   run_stage test_cuda 300 160 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
-    --junitxml="$OUT/test_cuda.xml" tests/test_cuda.py tests/test_cuda_cluster.py
+    --junitxml="$OUT/test_cuda.xml" tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_ll.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
@@ -189,6 +190,9 @@ SAN_TSV=$WORK/sanitize.tsv
 : >"$SAN_TSV"
 san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and exit code in $WORK
   local tool=$1 cell=$2 dtype=$3 h=$4 path=$5 t=$6
+  # PATH ll: the grid variant with the LL exchange (RNNFAST_GRID_EXCHANGE=ll)
+  local forced=$path exchange=barrier
+  if [ "$path" = ll ]; then forced=persistent exchange=ll; fi
   # racecheck runs over every kernel, cuBLAS's included (a --kernel-name filter for
   # rnnfast's own has not been tried on the GPU image yet)
   # no caching allocator: each tensor its own allocation, so memcheck sees overruns
@@ -198,9 +202,9 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # The cluster variant: clusters of 4 blocks (4 units each), 2 batch rows a cluster, so
   # 3 clusters, the last with 1 row
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 RNNFAST_CLUSTER_SIZE=4 RNNFAST_CLUSTER_ROWS=2 \
-    timeout -k 5 "$t" "$SANITIZER" --tool "$tool" \
+    RNNFAST_GRID_EXCHANGE=$exchange timeout -k 5 "$t" "$SANITIZER" --tool "$tool" \
     --error-exitcode 1 --report-api-errors no --print-limit 20 \
-    "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$path" --N 5 \
+    "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$forced" --N 5 \
     --H "$h" $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h-$path.log" 2>&1
   echo $? >"$WORK/san-$tool-$cell-$dtype-$h-$path.rc"
 }
@@ -215,6 +219,11 @@ for tool in memcheck racecheck; do
   for cell in lstm gru rnn_tanh; do
     for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype 16 cluster"); done
   done
+  # the LL exchange: H=16 a unit a block (bfloat16: 2, paired in words), H=700 6 units
+  for cell in lstm gru rnn_tanh; do
+    for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype 16 ll"); done
+  done
+  SAN_CASES+=("$tool lstm bfloat16 700 ll")
 done
 t_san=$(stage_time 150 100)
 s=$(now)
@@ -322,7 +331,8 @@ if ! wanted tests_cpu; then
   :
 elif (($(remaining) >= 45)); then
   run_stage tests_cpu 120 10 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
-    --junitxml="$OUT/tests_cpu.xml" tests --ignore=tests/test_cuda.py --ignore=tests/test_cuda_cluster.py
+    --junitxml="$OUT/tests_cpu.xml" tests --ignore=tests/test_cuda.py --ignore=tests/test_cuda_cluster.py \
+    --ignore=tests/test_cuda_ll.py
 else
   record tests_cpu SKIPPED 0 "optional, no time left"
 fi
@@ -479,6 +489,33 @@ if san:
     for t, c, d, s, *note in san:
         if s != "PASS":
             print(f"  ! {t} {c} {d}: {s} {note[0] if note else ''}")
+
+# calib: the grid variant's exchanges side by side, us per step (all blocks / at most 64)
+try:
+    cal = json.load(open(os.path.join(out, "gpu-calib.json")))["rows"]
+except (OSError, ValueError, KeyError):
+    cal = []
+if cal:
+    def us_of(rows):
+        v = [r["us"] for r in rows if isinstance(r.get("us"), float)]
+        return f"{v[0]:8.2f}" if v else f"{'n/a':>8}"
+    print()
+    print("gpu-calib.json: us per step; persistent (grid variant) with the barrier and the LL "
+          "exchange, all blocks and <= 64; cluster (planner's size); per-step path")
+    print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} {'barrier':>8} {'ll':>8} "
+          f"{'bar<=64':>8} {'ll<=64':>8} {'cluster':>8} {'step':>8}")
+    keys = list(dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in cal))
+    for k in keys:
+        rs = [r for r in cal if (r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) == k]
+        def pick(path, **want):
+            return us_of([r for r in rs if r["path"] == path and
+                          all(r.get(f, d) == v for f, (v, d) in want.items())])
+        print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6} "
+              f"{pick('persistent', max_blocks=(0, 0), exchange=('barrier', 'barrier'))} "
+              f"{pick('persistent', max_blocks=(0, 0), exchange=('ll', 'barrier'))} "
+              f"{pick('persistent', max_blocks=(64, 0), exchange=('barrier', 'barrier'))} "
+              f"{pick('persistent', max_blocks=(64, 0), exchange=('ll', 'barrier'))} "
+              f"{pick('cluster', cluster_size=(0, 0))} {pick('step')}")
 
 # benchmarks: rnnfast's speedup over cuDNN (torch.nn) per case, then the geomeans
 for fname in ("gpu-bench7.json", "gpu-bench.json", "gpu-peers.json"):

@@ -107,19 +107,6 @@ struct GridArgs {
   int T, n, mode;
 };
 
-__device__ __forceinline__ void store_ll(unsigned long long* p, float v, unsigned flag) {
-  const unsigned long long w = (static_cast<unsigned long long>(flag) << 32) | __float_as_uint(v);
-  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
-}
-__device__ __forceinline__ ulonglong2 load_ll2(const unsigned long long* p) {
-  ulonglong2 w;
-  asm volatile("ld.relaxed.gpu.global.v2.u64 {%0, %1}, [%2];"
-               : "=l"(w.x), "=l"(w.y)
-               : "l"(p)
-               : "memory");
-  return w;
-}
-
 __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
   extern __shared__ float staged[];  // n floats
   const int B = gridDim.x, b = blockIdx.x, n = a.n;
@@ -134,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
       for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) a.data[turn * n + i] = value_of(s, i);
     } else if (a.mode == kLL) {
       for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-        store_ll(a.ll + turn * n + i, value_of(s, i), unsigned(s + 1));
+        ll_store(a.ll + turn * n + i, __float_as_uint(value_of(s, i)), unsigned(s + 1));
       }
     }
     // synchronise
@@ -210,8 +197,8 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
             const int e = e0 + k * blockDim.x;
             if (!(ready >> k & 1u)) {
               if (e < pairs) {
-                w[k] = load_ll2(src + 2 * e);
-                const unsigned fx = unsigned(w[k].x >> 32), fy = unsigned(w[k].y >> 32);
+                w[k] = ll_load2(src + 2 * e);
+                const unsigned fx = ll_flag(w[k].x), fy = ll_flag(w[k].y);
                 if (fx == want && fy == want) {
                   ready |= 1u << k;
                 } else if (fx > want || fy > want) {  // a later step's: the protocol broke
@@ -229,8 +216,8 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
         for (int k = 0; k < kBatch; ++k) {
           const int e = e0 + k * blockDim.x;
           if (e < pairs) {
-            const float x = __uint_as_float(unsigned(w[k].x));
-            const float y = __uint_as_float(unsigned(w[k].y));
+            const float x = __uint_as_float(ll_bits(w[k].x));
+            const float y = __uint_as_float(ll_bits(w[k].y));
             staged[2 * e] = x;
             staged[2 * e + 1] = y;
             bad += x != value_of(s, 2 * e) || y != value_of(s, 2 * e + 1);

@@ -87,6 +87,47 @@ def test_plan_picks_the_tile_and_sizes_the_shared_memory(dtype, backward, N, til
         assert p.smem == smem
 
 
+@pytest.fixture
+def ll_exchange():
+    """RNNFAST_GRID_EXCHANGE=ll for the emulated planner, for one test."""
+    emu.KNOBS["RNNFAST_GRID_EXCHANGE"] = "ll"
+    try:
+        yield
+    finally:
+        emu.KNOBS.clear()
+
+
+@pytest.mark.parametrize("dtype, backward, units, ll_row", [
+    ("float16", False, 8, 10),   # two units' values a word: U 7 -> 8; 20 values, 10 words
+    ("float16", True, 7, 80),    # the backward's float gate gradients: a word each, 4 * 20
+    ("float32", False, 7, 20),
+    ("float32", True, 7, 80),
+    ("float64", False, 7, 0),    # no room for a flag beside a double: the barrier
+    ("float64", True, 7, 0),
+], ids=["fp16-fwd", "fp16-bwd", "fp32-fwd", "fp32-bwd", "fp64-fwd", "fp64-bwd"])
+def test_ll_plan_words_and_units(ll_exchange, dtype, backward, units, ll_row):
+    p = plan(dtype, backward, 5)
+    assert (p.units, p.ll_row) == (units, ll_row)
+    assert p.blocks == -(-20 // units)
+
+
+def test_ll_plan_keeps_the_barrier_for_odd_h_in_16_bit(ll_exchange):
+    device = emu.FakeDevice(3)
+    fwd = emu.plan_persistent(emu.GruCell, False, 5, 21, device, emu.dtype_of("float16"))
+    assert (fwd.units, fwd.ll_row) == (7, 0)
+    bwd = emu.plan_persistent(emu.GruCell, True, 5, 21, device, emu.dtype_of("float16"))
+    assert (bwd.units, bwd.ll_row) == (7, 64)  # 63 float words, rounded up to even
+
+
+def test_unknown_exchange_is_refused():
+    emu.KNOBS["RNNFAST_GRID_EXCHANGE"] = "fast"
+    try:
+        with pytest.raises(emu.Finding, match="RNNFAST_GRID_EXCHANGE is 'fast'"):
+            plan("float32", False, 5)
+    finally:
+        emu.KNOBS.clear()
+
+
 # backward in float64, 8 rows a tile: ws 8 x 80 doubles, xs 8 x 80, out 8 x 8, scratch 8
 # splits of 8 x 8 (1 chunk)
 BWD_8_8 = 5120 + 5120 + 512 + 4096

@@ -77,6 +77,19 @@
 //   them. Data that another block wrote is read with ld.global.cg (L2), never from a stale
 //   L1 line. All B blocks are co-resident: the launch is cooperative (it fails rather than
 //   deadlocks otherwise) and B was checked against the occupancy query.
+// The grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll; float32 and 16-bit values, not
+//   float64): no barrier at all. Each value a step makes for the other blocks (forward:
+//   h_t; backward: dg_hh) also goes into an LL word (sync.cuh: 32 bits of values, a float
+//   or two 16-bit values of units j, j + 1, beside the step's flag, in one 8-byte store)
+//   of words [2][N][ll_row], turn s & 1, flag s + 1 (backward: T - s); the next step's
+//   staging (stage_ll) loads the words and loads again those whose flag is not yet the
+//   step's, so that the wait and the staging are one L2 round trip, with no fence and no
+//   atomic. Two turns suffice: a block stores step s + 2's words into the turn of step s
+//   only after it read every block's words of step s + 1, each of which that block
+//   computed from its reads of step s's words (a data dependency, so those reads are
+//   done). The words are zeroed before the launch (flag 0 is no step's). A step ends with a
+//   __syncthreads instead of the barrier (its staging overwrites xs and out). It reads
+//   twice the bytes from L2 that staging from y does.
 // The cluster variant's barrier (cluster_sync) is the hardware's: every thread of the
 //   cluster arrives with release semantics and waits with acquire semantics at cluster
 //   scope, which orders the stores into peers' shared memory. A cluster's blocks are
@@ -128,6 +141,9 @@ struct PersistentParams {
   acc_t* dg_ih;
   acc_t* dg_hh;  // the gradients phase B multiplies by W_hh (== dg_ih but for GRU)
   unsigned long long* barrier;  // the grid variant's counter
+  // the grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll), else null: words [2][N][ll_row]
+  unsigned long long* ll;
+  int64_t ll_row;
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -142,6 +158,12 @@ __device__ __forceinline__ c10::BFloat16 load_cg(const c10::BFloat16* p) {
   return c10::BFloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)),
                        c10::BFloat16::from_bits());
 }
+
+// A value's bits in an LL word (sync.cuh): a float's 32; a 16-bit value's 16 (two of them
+// share a word, the even unit's low).
+__device__ __forceinline__ unsigned value_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned value_bits(c10::Half v) { return v.x; }
+__device__ __forceinline__ unsigned value_bits(c10::BFloat16 v) { return v.x; }
 
 // The barriers (grid_arrive / grid_wait, the cluster helpers): sync.cuh.
 
@@ -323,6 +345,60 @@ __device__ __forceinline__ void stage_rows(const x_t* src, int64_t n0, int64_t N
       for (int i = 0; i < kStageBatch; ++i) {
         const int e = e0 + i * blockDim.x;
         if (e < total) xs[e] = v[i];
+      }
+    }
+  }
+}
+
+// stage_rows for the LL exchange: xs[nl][k] = the values of LL rows n0 + nl of src
+// ([N][ll_row] words of kPer = 4 / sizeof(x_t) values each, K = words * kPer) whose flag is
+// `want`, zero past N and for K <= k < ld. 8-byte piece e of xs (two words: 2 kPer values)
+// is thread e % blockDim's; each thread loads its next kLLBatch pieces' words as 16-byte
+// vectors (ll_row even: rows 16-byte aligned), then loads again the pieces whose flags are
+// not yet `want` until all are (a wait past kGridWaitTrapCycles traps, as grid_wait does).
+// Twice stage_rows' batch, as a 16-byte load brings 8 bytes of values: a tile of 16 rows
+// of 768 bfloat16 is then one round trip (12 pieces a thread), as staging from y is.
+// A flag past `want` cannot occur: a block stores step s + 2's values only after it read
+// everyone's of step s + 1, which they made after reading step s's (see the header).
+constexpr int kLLBatch = 2 * kStageBatch;
+template <int NT, typename x_t>
+__device__ __forceinline__ void stage_ll(const unsigned long long* src, int64_t n0, int64_t N,
+                                         int K, int ld, int64_t ll_row, unsigned want,
+                                         x_t* __restrict__ xs) {
+  static_assert(sizeof(x_t) == 4 || sizeof(x_t) == 2, "an LL word holds 32 bits of values");
+  constexpr int kPer = 4 / sizeof(x_t);
+  const int words = K / kPer, per_row = ld / (2 * kPer), total = NT * per_row;
+  const int rows = static_cast<int>(N - n0 < NT ? N - n0 : NT);
+  const unsigned long long* base = src + n0 * ll_row;
+  uint2* dst = reinterpret_cast<uint2*>(xs);
+  for (int e0 = threadIdx.x; e0 < total; e0 += kLLBatch * blockDim.x) {
+    ulonglong2 v[kLLBatch];
+    unsigned pending = 0;  // bit i: piece i still to load
+#pragma unroll
+    for (int i = 0; i < kLLBatch; ++i) {
+      const int e = e0 + i * blockDim.x, nl = e / per_row, c = e - nl * per_row;
+      v[i] = make_ulonglong2(0, 0);
+      if (e < total && nl < rows && 2 * c < words) pending |= 1u << i;
+    }
+    const long long since = clock64();
+    while (pending != 0) {
+#pragma unroll
+      for (int i = 0; i < kLLBatch; ++i) {
+        if (pending >> i & 1u) {
+          const int e = e0 + i * blockDim.x, nl = e / per_row, c = e - nl * per_row;
+          v[i] = ll_load2(base + nl * ll_row + 2 * c);
+          if (ll_flag(v[i].x) == want && (2 * c + 1 >= words || ll_flag(v[i].y) == want)) {
+            pending &= ~(1u << i);
+          }
+        }
+      }
+      if (pending != 0 && clock64() - since > kGridWaitTrapCycles) __trap();
+    }
+#pragma unroll
+    for (int i = 0; i < kLLBatch; ++i) {
+      const int e = e0 + i * blockDim.x, nl = e / per_row, c = e - nl * per_row;
+      if (e < total) {
+        dst[e] = make_uint2(ll_bits(v[i].x), 2 * c + 1 < words ? ll_bits(v[i].y) : 0u);
       }
     }
   }
@@ -546,6 +622,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   constexpr int G = Cell::kGates;
   constexpr bool kMma = kForwardMma<scalar_t>;
   static_assert(!kMma || (NT == 16 && RPW == 16), "the MMA tile is 16 x 16");
+  // the LL exchange where the launch has its words (p.ll): the grid variant, 32-bit words
+  constexpr bool kLL = !kCluster && sizeof(scalar_t) <= 4;
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
   const int U = p.units, K = static_cast<int>(H), ld = operand_ld(kMma, K);
@@ -611,7 +689,14 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if constexpr (kCluster) {
         xt = xs + ((s & 1) * turn + n0) * ld;
       } else {
-        stage_rows<NT>(h_prev, n0, N, K, ld, xs);
+        if (kLL && p.ll != nullptr && s > 0) {  // step s - 1's words, flag s
+          if constexpr (kLL) {
+            stage_ll<NT>(p.ll + ((s - 1) & 1) * N * p.ll_row, n0, N, K, ld, p.ll_row,
+                         static_cast<unsigned>(s), xs);
+          }
+        } else {
+          stage_rows<NT>(h_prev, n0, N, K, ld, xs);
+        }
         xt = xs;
         __syncthreads();
       }
@@ -649,6 +734,21 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
             scalar_t* dst = next + (n0 + nl) * ld + u0 + j;
             for_each_peer(w, [&](int r) { *peer_shared(dst, r) = h; });
           }
+        } else if constexpr (kLL) {
+          // the LL words of step s (turn s & 1, flag s + 1); 16-bit: units j and j + 1 (here
+          // and U even: the planner's rule, so lanes 2i and 2i + 1 hold them) in one word
+          if (p.ll != nullptr && s + 1 < p.T) {
+            unsigned long long* row = p.ll + ((s & 1) * N + n0 + nl) * p.ll_row;
+            const unsigned flag = static_cast<unsigned>(s + 1);
+            if constexpr (sizeof(scalar_t) == 4) {
+              ll_store(row + u0 + j, value_bits(h), flag);
+            } else {
+              const int lane = threadIdx.x & 31;
+              const unsigned mine = value_bits(h);
+              const unsigned odd = __shfl_xor_sync(3u << (lane & 30), mine, 1);
+              if ((j & 1) == 0) ll_store(row + (u0 + j) / 2, mine | odd << 16, flag);
+            }
+          }
         }
       }
       // xs and out are reused by the next tile; after the last, the barrier (whose
@@ -657,19 +757,24 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if (n0 + NT < rows) __syncthreads();
     }
     if (s + 1 < p.T) {
-      // loads between the arrival and the wait (none of these inputs is another block's)
+      // loads between the arrival and the wait (none of these inputs is another block's);
+      // the LL exchange has no barrier: a __syncthreads, as the next step's staging
+      // overwrites xs and out
+      const bool barrier = !kLL || p.ll == nullptr;
       if constexpr (kCluster) {
         cluster_arrive();
       } else {
-        grid_arrive(p.barrier);
+        if (barrier) grid_arrive(p.barrier);
       }
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
       }
       if constexpr (kCluster) {
         cluster_wait();
-      } else {
+      } else if (barrier) {
         grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
+      } else {
+        __syncthreads();
       }
     }
   }
@@ -693,6 +798,9 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
   const int U = p.units, K = static_cast<int>(G * H), ld = operand_ld(false, K);
+  // the LL exchange where the launch has its words (p.ll): the grid variant, float sums
+  constexpr bool kLL = !kCluster && sizeof(acc_t) == 4;
+  const bool barrier = !kLL || p.ll == nullptr;
   const BlockWork w = block_work<kCluster>(p);
   const int64_t u0 = w.u0, n_begin = w.n_begin, rows = w.rows;
   const int here = w.here;
@@ -757,13 +865,22 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 #pragma unroll
           for (int g = 0; g < G; ++g) q[g * H] = dgh[g];
         });
+      } else if constexpr (kLL) {  // the LL words of step s: turn s & 1, flag T - s
+        if (!barrier) {
+          unsigned long long* row = p.ll + ((s & 1) * N + nl) * p.ll_row + u;
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            ll_store(row + g * H, value_bits(dgh[g]), static_cast<unsigned>(p.T - s));
+          }
+        }
       }
     }
-    // the loads below need no other block's data
+    // the loads below need no other block's data (the LL exchange: no barrier; phase B's
+    // staging waits for each word)
     if constexpr (kCluster) {
       cluster_arrive();
     } else {
-      grid_arrive(p.barrier);
+      if (barrier) grid_arrive(p.barrier);
     }
     if (s > 0 && ahead_item) {
       Cell::load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse), ahead_n, ahead_u,
@@ -771,7 +888,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     }
     if constexpr (kCluster) {
       cluster_wait();
-    } else {
+    } else if (barrier) {
       grid_wait(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
     }
     const acc_t* dg = p.dg_hh + t * N * K;
@@ -780,7 +897,14 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if constexpr (kCluster) {
         xt = cur + n0 * ld;
       } else {
-        stage_rows<NT>(dg, n0, N, K, ld, xs);
+        if (!barrier) {
+          if constexpr (kLL) {
+            stage_ll<NT>(p.ll + (s & 1) * N * p.ll_row, n0, N, K, ld, p.ll_row,
+                         static_cast<unsigned>(p.T - s), xs);
+          }
+        } else {
+          stage_rows<NT>(dg, n0, N, K, ld, xs);
+        }
         xt = xs;
         __syncthreads();
       }
@@ -824,6 +948,10 @@ struct CostModel {
   // whose loads went ahead), the dot product as above, and the stores into the peers'
   // shared memory at kDsmemBytesPerClk per SM.
   static constexpr double kClusterFloorUs = 1.2, kDsmemBytesPerClk = 32.0;
+  // The grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll; a guess until a GPU run
+  // measures it): the floor without the barrier's fence, add and polling round trip; its
+  // staging reads twice the bytes (a flag beside every 32 bits of values).
+  static constexpr double kLLFloorUs = 2.0;
   double ffma_flops_per_sm_us;  // flop per SM per microsecond, FFMA (DFMA for float64)
   double mma_factor;            // dense 16-bit tensor cores (fp32 sums) over FP32 FFMA
   int sms;
@@ -848,17 +976,19 @@ struct CostModel {
   }
   double clock_mhz;
   // x_size: bytes of a staged element; v: elements per 16-byte vector when staging takes
-  // vectors, else 1.
+  // vectors, else 1 (the LL exchange: elements per 8-byte piece of xs); ll: the LL exchange.
   double persistent_us(int64_t N, int nt, int r_pad, int64_t K, int64_t ld, int x_size, int v,
-                       bool mma, int blocks) const {
+                       bool mma, int blocks, bool ll = false) const {
     const int64_t tiles = (N + nt - 1) / nt;
     const int64_t per_thread = (nt * ld / v + kPersistentThreads - 1) / kPersistentThreads;
-    const double trips = double((per_thread + kStageBatch - 1) / kStageBatch);
+    const int batch = ll ? kLLBatch : kStageBatch;
+    const double trips = double((per_thread + batch - 1) / batch);
     const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : kFfmaShare);
     const double dot_us = 2.0 * nt * r_pad * K / rate;
-    const double latency_us =
-        kFloorUs + tiles * (trips * kRoundTripUs + dot_us) + (tiles - 1) * kRoundTripUs;
-    const double bandwidth_us = double(blocks) * N * K * x_size / kL2BytesPerS * 1e6;
+    const double latency_us = (ll ? kLLFloorUs : kFloorUs) +
+                              tiles * (trips * kRoundTripUs + dot_us) + (tiles - 1) * kRoundTripUs;
+    const double bandwidth_us =
+        double(blocks) * N * K * x_size * (ll ? 2 : 1) / kL2BytesPerS * 1e6;
     return std::max(latency_us, bandwidth_us);
   }
   // The cluster variant, per step of one cluster: rows of N (group_rows) in tiles of nt;
@@ -902,6 +1032,7 @@ struct PersistentLaunch {
   size_t smem = 0;
   double us = 0.0;          // the cost model's microseconds per step
   std::string refused;      // the path was forced but cannot run: why (the op then raises)
+  int64_t ll_row = 0;       // the grid variant's LL exchange: words per row; 0: the barrier
 };
 
 // A CUDA error is a reason not to run, not an exception (nothing is thrown inside the op's
@@ -939,6 +1070,18 @@ bool memo_query(const QueryKey& key, int& value, std::string& why, Query query) 
 inline int64_t env_knob(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr ? std::atoll(v) : 0;
+}
+
+// The grid variant's exchange between steps, RNNFAST_GRID_EXCHANGE (read at each call, a
+// knob until a GPU run has measured the LL exchange): "barrier" (or unset) the grid
+// barrier and staging from y, "ll" the LL exchange (where the staged values are 32- or
+// 16-bit, and 16-bit ones pair up: float64 and a 16-bit forward at odd H keep the barrier).
+enum class GridExchange { kBarrier, kLL, kUnknown };
+inline GridExchange grid_exchange(std::string& value) {
+  const char* v = std::getenv("RNNFAST_GRID_EXCHANGE");
+  value = v != nullptr ? v : "";
+  if (value.empty() || value == "barrier") return GridExchange::kBarrier;
+  return value == "ll" ? GridExchange::kLL : GridExchange::kUnknown;
 }
 
 // What plan_persistent's variants share: the cell's sizes, the device and the cost model.
@@ -1059,18 +1202,31 @@ struct PersistentPlanner {
 
   // The grid variant: B = ceil(H / U) blocks, U = ceil(H / SMs) units each (at most
   // RNNFAST_PERSISTENT_MAX_BLOCKS blocks, a knob for scripts/calibrate_persistent.py), all
-  // co-resident; a cooperative launch.
+  // co-resident; a cooperative launch. With the LL exchange (grid_exchange) and 16-bit
+  // values, U even (two units' values share a word).
   PersistentLaunch grid() {
     PersistentLaunch plan;
     if (!prop.cooperativeLaunch) {
       why = "the device does not support cooperative launches";
       return plan;
     }
+    std::string exchange_value;
+    const GridExchange exchange = grid_exchange(exchange_value);
+    if (exchange == GridExchange::kUnknown) {
+      why = "RNNFAST_GRID_EXCHANGE is '" + exchange_value + "', expected 'barrier' or 'll'";
+      return plan;
+    }
     const int sms = prop.multiProcessorCount;
     const int64_t max_blocks = env_knob("RNNFAST_PERSISTENT_MAX_BLOCKS");
     const int64_t spread = max_blocks > 0 ? std::min<int64_t>(sms, max_blocks) : sms;
-    const int64_t units = (H + spread - 1) / spread;
-    const int64_t K = kBackward ? G * H : H, w_rows = kBackward ? units : G * units;
+    const int64_t K = kBackward ? G * H : H;
+    // values per LL word (none for float64)
+    constexpr bool kWords = sizeof(x_t) <= 4;
+    constexpr int kPer = kWords ? 4 / static_cast<int>(sizeof(x_t)) : 1;
+    const bool ll = exchange == GridExchange::kLL && kWords && K % kPer == 0;
+    int64_t units = (H + spread - 1) / spread;
+    if (ll) units = (units + kPer - 1) / kPer * kPer;
+    const int64_t w_rows = kBackward ? units : G * units;
     for_tiles(N, w_rows, [&](auto nt, auto rpw) {
       constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
       const void* k = kernel<kNT, kRPW, false>();
@@ -1093,12 +1249,13 @@ struct PersistentPlanner {
         return false;
       }
       // vectors where K and ld allow (y and dg are aligned; h0, staged at the first step
-      // only, may not be)
-      const int x_size = sizeof(x_t), v = 16 / x_size;
-      const bool vectors = K % v == 0 && ld % v == 0;
+      // only, may not be); the LL exchange stages 8-byte pieces (two words) of xs
+      const int x_size = sizeof(x_t), v = ll ? 8 / x_size : 16 / x_size;
+      const bool vectors = ll || (K % v == 0 && ld % v == 0);
       plan = {k, static_cast<int>(blocks), static_cast<int>(units), 0, N, smem};
       plan.us = model.persistent_us(N, kNT, r_pad, K, ld, x_size, vectors ? v : 1, kMma,
-                                    plan.blocks);
+                                    plan.blocks, ll);
+      if (ll) plan.ll_row = round_up(static_cast<int>(K / kPer), 2);
       return true;
     });
     return plan;
@@ -1265,8 +1422,17 @@ std::string launch_persistent(const PersistentLaunch& plan,
     cuda_ok(cudaLaunchKernelExC(&cfg, plan.kernel, args), "launching the cluster kernel", why);
     return why;
   }
-  Tensor barrier = at::zeros({1}, like.options().dtype(at::kLong));
-  params.barrier = reinterpret_cast<unsigned long long*>(barrier.data_ptr<int64_t>());
+  // the barrier's counter, or the LL exchange's words: zero (no step's flag) before the
+  // launch; freed after it in stream order
+  Tensor words = at::zeros({plan.ll_row > 0 ? 2 * params.N * plan.ll_row : 1},
+                           like.options().dtype(at::kLong));
+  unsigned long long* zeroed = reinterpret_cast<unsigned long long*>(words.data_ptr<int64_t>());
+  if (plan.ll_row > 0) {
+    params.ll = zeroed;
+    params.ll_row = plan.ll_row;
+  } else {
+    params.barrier = zeroed;
+  }
   std::string why;
   cuda_ok(cudaLaunchCooperativeKernel(plan.kernel, plan.blocks, kPersistentThreads, args,
                                       plan.smem, stream),

@@ -59,6 +59,28 @@ __device__ __forceinline__ void grid_wait(const unsigned long long* counter,
   __syncthreads();
 }
 
+// LL exchange (the grid variant's alternative to the barrier, RNNFAST_GRID_EXCHANGE=ll; an
+// idea of NCCL's LL protocol): a value travels with the number of the step that made it in
+// one 8-byte word, value bits low, flag high, stored with one st.relaxed.gpu (single-copy
+// atomic: a reader sees the old word or the new one, never half of each), so a reader that
+// sees its step's flag has the value: no fence, no barrier, one L2 round trip. Readers load
+// two words at a time (ld.relaxed.gpu.v2.u64, each 8-byte element single-copy atomic) and
+// load again those whose flag is not yet the step's.
+__device__ __forceinline__ void ll_store(unsigned long long* p, unsigned bits, unsigned flag) {
+  const unsigned long long w = (static_cast<unsigned long long>(flag) << 32) | bits;
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
+}
+__device__ __forceinline__ ulonglong2 ll_load2(const unsigned long long* p) {
+  ulonglong2 w;
+  asm volatile("ld.relaxed.gpu.global.v2.u64 {%0, %1}, [%2];"
+               : "=l"(w.x), "=l"(w.y)
+               : "l"(p)
+               : "memory");
+  return w;
+}
+__device__ __forceinline__ unsigned ll_flag(unsigned long long w) { return unsigned(w >> 32); }
+__device__ __forceinline__ unsigned ll_bits(unsigned long long w) { return unsigned(w); }
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ int cluster_rank() { return int(__clusterRelativeBlockRank()); }
 __device__ __forceinline__ int cluster_blocks() { return int(__clusterSizeInBlocks()); }

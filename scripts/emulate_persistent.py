@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """CPU emulation of the persistent CUDA kernels, to check them without a GPU.
 
-Emulates, as of tile_dot_mma on ldmatrix and mma.sync (2026-11-27):
-csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, tile_dot with its vector
+Emulates, as of the pipelined staging (2026-11-27):
+csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, stage_rows_async's cp.async
+groups into two tiles of xs (a copy's destination is written at its issue, for the race
+checks, and unreadable until its cp_async_wait), tile_dot with its vector
 groups, their alignment checked, and its split-K, tile_dot_mma's ldmatrix / mma.sync
 m16n8k16 forward for 16-bit types lane by lane, smem_layout with its xs_rows and the
 scratch sizes, the grid barrier's arrive and wait, the grid variant's LL exchange
@@ -144,6 +146,12 @@ MUTATIONS = {
     "ll_bwd_flag": "LL backward: phase A's words carry flag T - s - 1",
     "ll_pair_lane": "LL forward: the 16-bit pair's partner from lane ^ 2",
     "ll_row_odd": "LL plan: ll_row = words (not rounded up to even)",
+    # the grid variant's pipelined staging (cp.async into two tiles of xs)
+    "async_no_wait": "pipelined staging: no cp_async_wait before a tile's dot product",
+    "async_last_wait_one": "pipelined staging: the last tile waits with cp_async_wait<1>",
+    "async_same_buffer": "pipelined staging: tile i + 1 copied into tile i's half of xs",
+    "async_no_sync": "pipelined staging: no __syncthreads after cp_async_wait",
+    "async_plan_one_tile": "pipelined staging: the plan sizes xs for one tile but asks for two",
 }
 MUT = set()
 
@@ -505,9 +513,10 @@ def smem_layout(xs_rows, nt, r_pad, ld, scratch, w_size, x_size, acc_size):
     return SmemLayout(xs, out, sc, sc + scratch)
 
 
-def xs_rows(cluster, nt, group_rows):
-    """xs_rows<kCluster>: NT staged rows, or the cluster variant's two turns of its rows."""
-    return 2 * round_up(group_rows, nt) if cluster else nt
+def xs_rows(cluster, nt, group_rows, xs_tiles=1):
+    """xs_rows<kCluster>: NT staged rows times the grid variant's xs_tiles, or the cluster
+    variant's two turns of its rows."""
+    return 2 * round_up(group_rows, nt) if cluster else nt * xs_tiles
 
 
 # --------------------------------------------------------------------------------------
@@ -661,6 +670,57 @@ def stage_rows(NT, src, n0, N, K, ld, xs, ctx, x_size):
     xs.write(e[store], val[store], ctx, thr[store], where="stage_rows xs")
     if overlap:
         xs.write(e[again], val[again], ctx, thr[again] - 1, where="stage_rows xs")
+
+
+def async_rows_ok(src, K, ld, x_size):
+    """async_rows_ok: whole 16-byte vectors in K and ld, src 16-byte aligned."""
+    V = 16 // x_size
+    return K % V == 0 and ld % V == 0 and (src.off * x_size) % 16 == 0
+
+
+def stage_rows_async(NT, src, n0, N, K, ld, xs, ctx, x_size, pending):
+    """stage_rows_async: one group of cp.async copies (vector e of xs is thread e %
+    blockDim's; zero-filled past N and for K <= k < ld). The source is read now (after the
+    barrier, through L2); the copies land at some time until the group's cp_async_wait: the
+    destination is written now (so that a read or write of it by another thread in this
+    __syncthreads interval is a race) and marked uninitialised until the wait (so that a
+    read before it is flagged), when cp_async_wait writes it again. pending: the block's
+    groups, oldest first."""
+    V = 16 // x_size
+    rows = min(NT, N - n0)
+    e = np.arange(NT * ld, dtype=np.int64)
+    nl, k = e // ld, e % ld
+    thr = (e // V) % BLOCK_DIM
+    load = (nl < rows) & (k < K)
+    val = np.zeros(NT * ld)
+    val[load] = src.read((n0 * K + nl * K + k)[load], ctx, thr[load], cg=True,
+                         where="stage_rows_async (cp.async.cg)")
+    xs.write(e, val, ctx, thr, where="stage_rows_async xs (cp.async issued)")
+    xs.buf.init[xs.addr(e)] = False
+    pending.append((xs, e, val, thr))
+    cover("stage_rows_async: cp.async")
+
+
+def cp_async_wait(n, pending, ctx):
+    """cp_async_wait<n>: every group but the n committed last has landed."""
+    while len(pending) > n:
+        xs, e, val, thr = pending.pop(0)
+        xs.write(e, val, ctx, thr, where="stage_rows_async xs (cp.async landed)")
+
+
+def staged_tile(NT, src, n0, i, rows, N, K, ld, xs, ctx, x_size, pending):
+    """The pipelined tile loop's staging of tile i (rows n0 ...): tile i + 1 issued into the
+    other half of xs, then tile i waited for; returns tile i's half. The caller's
+    __syncthreads follows."""
+    half = 0 if mut("async_same_buffer") else ((i + 1) & 1)
+    if n0 + NT < rows:
+        stage_rows_async(NT, src, n0 + NT, N, K, ld, xs + half * NT * ld, ctx, x_size, pending)
+        if not mut("async_no_wait"):
+            cp_async_wait(1, pending, ctx)
+        cover("stage_rows_async: a later tile issued during an earlier one")
+    elif not mut("async_no_wait"):
+        cp_async_wait(1 if mut("async_last_wait_one") else 0, pending, ctx)
+    return xs + (i & 1) * NT * ld
 
 
 # --------------------------------------------------------------------------------------
@@ -877,12 +937,13 @@ def tile_dot_mma(ws, r_pad, xs, K, ld, out, scratch, ctx):
 # --------------------------------------------------------------------------------------
 class Params:
     FIELDS = ("T N H units group_rows reverse activation xp w_hh b_hh h0 c0 y cache c_state dy "
-              "dh dc dg_ih dg_hh barrier ll ll_row").split()
+              "dh dc dg_ih dg_hh barrier ll ll_row xs_tiles").split()
 
     def __init__(self, **kw):
         for f in self.FIELDS:
             setattr(self, f, None)
         self.activation = 0
+        self.xs_tiles = 1
         for k, v in kw.items():
             assert k in self.FIELDS, k
             setattr(self, k, v)
@@ -961,8 +1022,8 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
     u0, n_begin, rows, here = w.u0, w.n_begin, w.rows, w.here
     nb = 0 if mut("cluster_no_n_begin") else n_begin  # the cell's row offset
     r_pad = round_up(G * U, RPW) if not mut("r_pad_unrounded") else G * U
-    x_rows = xs_rows(cluster, NT, p.group_rows)
-    turn = x_rows // 2  # the cluster variant's
+    x_rows = xs_rows(cluster, NT, p.group_rows, p.xs_tiles)
+    turn = xs_rows(cluster, NT, p.group_rows) // 2  # the cluster variant's
     lay = smem_layout(x_rows, NT, r_pad, ld, scratch_bytes(NT, RPW, mma, dt.acc, r_pad),
                       dt.scalar, dt.scalar, dt.acc)
     smem = ctx.shared_memory()
@@ -1015,9 +1076,19 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
         t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
         h_prev = p.h0 if s == 0 else p.y + tp * N * H
         nxt = xs + turn_index(s + 1) * turn * ld  # the cluster variant's next turn
-        for n0 in range(0, rows, NT):
+        # two tiles of xs (not the LL exchange): tile i + 1 by cp.async during tile i
+        pipelined = (not cluster and p.xs_tiles == 2 and not ll and
+                     async_rows_ok(h_prev, K, ld, dt.scalar))
+        pending = []
+        if pipelined:
+            stage_rows_async(NT, h_prev, 0, N, K, ld, xs, ctx, dt.scalar, pending)
+        for i, n0 in enumerate(range(0, rows, NT)):
             if cluster:  # h_{t-1} of the tile's rows
                 xt = xs + (turn_index(s) * turn + n0) * ld
+            elif pipelined:
+                xt = staged_tile(NT, h_prev, n0, i, rows, N, K, ld, xs, ctx, dt.scalar, pending)
+                if not mut("async_no_sync"):
+                    ctx.syncthreads()
             else:
                 if ll and s > 0:  # step s - 1's words, flag s
                     yield from stage_ll(NT, p.ll, ll_turn(s - 1) * N * p.ll_row, n0, N, K, ld,
@@ -1105,8 +1176,8 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
     u0, n_begin, rows, here = w.u0, w.n_begin, w.rows, w.here
     nb = 0 if mut("cluster_no_n_begin") else n_begin  # the cell's row offset
     r_pad = round_up(U, RPW)
-    x_rows = xs_rows(cluster, NT, p.group_rows)
-    turn = x_rows // 2  # the cluster variant's
+    x_rows = xs_rows(cluster, NT, p.group_rows, p.xs_tiles)
+    turn = xs_rows(cluster, NT, p.group_rows) // 2  # the cluster variant's
     lay = smem_layout(x_rows, NT, r_pad, ld, scratch_bytes(NT, RPW, False, dt.acc, r_pad),
                       dt.scalar, dt.acc, dt.acc)
     smem = ctx.shared_memory()
@@ -1184,10 +1255,20 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
         elif not ll and not mut("no_bwd_barrier"):
             yield (p.T - s) * ctx.grid - mut("barrier_target_low")
         dg = p.dg_hh + t * N * K
-        for n0 in range(0, rows, NT):
+        # two tiles of xs (not the LL exchange): tile i + 1 by cp.async during tile i
+        pipelined = (not cluster and p.xs_tiles == 2 and not ll and
+                     async_rows_ok(dg, K, ld, dt.acc))
+        pending = []
+        if pipelined:
+            stage_rows_async(NT, dg, 0, N, K, ld, xs, ctx, dt.acc, pending)
+        for i, n0 in enumerate(range(0, rows, NT)):
             if cluster:  # dg_hh of the tile's rows
                 xt = (xs + turn_index(s + 1) * turn * ld if mut("cluster_phase_b_other_turn")
                       else cur) + n0 * ld
+            elif pipelined:
+                xt = staged_tile(NT, dg, n0, i, rows, N, K, ld, xs, ctx, dt.acc, pending)
+                if not mut("async_no_sync"):
+                    ctx.syncthreads()
             elif ll:
                 yield from stage_ll(NT, p.ll, ll_turn(s) * N * p.ll_row, n0, N, K, ld,
                                     p.ll_row, p.T - s, xs, ctx, dt.acc)
@@ -1592,6 +1673,7 @@ class Plan:
     at_once: int = 0  # the cluster variant: clusters the device runs at once
     us: float = 0.0  # the cluster variant: the stand-in cost (see cluster_us)
     ll_row: int = 0  # the grid variant's LL exchange: words per row; 0: the barrier
+    xs_tiles: int = 1  # the grid variant's tiles of xs (2: stage_rows_async)
 
 
 # the environment knobs of the case running (RNNFAST_GRID_EXCHANGE), read by the planner
@@ -1645,9 +1727,9 @@ def plan_sizes(Cell, backward, H, units, dt):
     return K, w_rows, dt.acc if backward else dt.scalar, not backward and dt.mma
 
 
-def smem_bytes(nt, rpw, r_pad, ld, group_rows, cluster, dt, backward, mma):
+def smem_bytes(nt, rpw, r_pad, ld, group_rows, cluster, dt, backward, mma, xs_tiles=1):
     x_size = dt.acc if backward else dt.scalar
-    return smem_layout(xs_rows(cluster, nt, group_rows), nt, r_pad, ld,
+    return smem_layout(xs_rows(cluster, nt, group_rows, xs_tiles), nt, r_pad, ld,
                        scratch_bytes(nt, rpw, mma, dt.acc, r_pad), dt.scalar, x_size,
                        dt.acc).bytes
 
@@ -1672,7 +1754,15 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
         nonlocal plan
         r_pad = round_up(w_rows, rpw)
         ld = mma_ld(K) if mma else ffma_ld(K)
+        # two tiles of xs where there are several, they fit and the exchange is the barrier
+        xs_tiles = 1
         smem = smem_bytes(nt, rpw, r_pad, ld, 0, False, dt, backward, mma)
+        if not ll and N > nt:
+            two = smem_bytes(nt, rpw, r_pad, ld, 0, False, dt, backward, mma, 2)
+            if two <= dev.smem_optin:
+                xs_tiles = 2
+                if not mut("async_plan_one_tile"):
+                    smem = two
         if smem > dev.smem_optin:
             return False
         per_sm = dev.occupancy(smem)
@@ -1681,6 +1771,7 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
             return False
         plan = Plan(kernel_of(Cell, backward, nt, rpw, dt, False), blocks, units, 0, N, smem,
                     nt, rpw)
+        plan.xs_tiles = xs_tiles
         if ll:
             plan.ll_row = K // per if mut("ll_row_odd") else round_up(K // per, 2)
         return True
@@ -1788,6 +1879,7 @@ def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None)
 def launch_persistent(plan, p, bufs, seed):
     p.units = plan.units
     p.group_rows = plan.group_rows
+    p.xs_tiles = plan.xs_tiles
     if plan.cluster > 0:
         run_clusters(plan.kernel, plan.blocks, plan.cluster, plan.smem, p, bufs, seed,
                      plan.at_once)
@@ -2389,7 +2481,8 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "cluster: a last cluster with fewer rows", "cluster: more clusters than run at once",
             "cluster: mma forward", "cluster: ffma forward", "cluster: backward",
             "ll: forward", "ll: backward", "ll: the barrier where the values do not allow words",
-            "stage_ll: 16-bit pairs", "stage_ll: 32-bit words"}
+            "stage_ll: 16-bit pairs", "stage_ll: 32-bit words", "stage_rows_async: cp.async",
+            "stage_rows_async: a later tile issued during an earlier one"}
 TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16)}
 
 

@@ -69,10 +69,10 @@ class Model:
         self.ffma = (128.0 if fp64 else 256.0) * clock_mhz  # flop per SM per microsecond
 
     def plan(self, cell, N, H, backward, staging, x_size):
-        """(NT, RPW, units, blocks) as plan_persistent picks them, through the emulator's
-        copy of it (scripts/emulate_persistent.py: the shared-memory fit included) on an
-        H100's 227 KiB. The run before the (16, 8) tile (`--staging old`) had (16, 4) in
-        its place."""
+        """(NT, RPW, units, blocks, xs_tiles) as plan_persistent picks them, through the
+        emulator's copy of it (scripts/emulate_persistent.py: the shared-memory fit
+        included) on an H100's 227 KiB. The run before the (16, 8) tile (`--staging old`)
+        had (16, 4) in its place, and one tile of xs."""
         emu = load_emulation()
         cls = {1: emu.ElmanCell, 3: emu.GruCell, 4: emu.LstmCell}[GATES[cell]]
         dt = emu.dtype_of({8: "float64", 4: "float32"}[x_size])
@@ -80,13 +80,13 @@ class Model:
         if staging == "old" and (p.nt, p.rpw) == (16, 8):
             p = emu.plan_persistent(cls, backward, N, H, emu.FakeDevice(self.sms), dt,
                                     tile=(16, 4))
-        return p.nt, p.rpw, p.units, p.blocks
+        return p.nt, p.rpw, p.units, p.blocks, 1 if staging == "old" else p.xs_tiles
 
     def persistent_us(self, cell, N, H, backward, staging, x_size=4):
         c = self.c
         G = GATES[cell]
         K = G * H if backward else H
-        nt, rpw, units, blocks = self.plan(cell, N, H, backward, staging, x_size)
+        nt, rpw, units, blocks, xs_tiles = self.plan(cell, N, H, backward, staging, x_size)
         rows = units if backward else G * units
         # the measured run's rows were K long; now they are padded to whole 4-vectors
         r_pad, ld = round_up(rows, rpw), K if staging == "old" else round_up(K, 4)
@@ -94,10 +94,15 @@ class Model:
         dot = 2.0 * nt * r_pad * K / (self.ffma * c["kFfmaShare"])
         if staging == "old":  # each valid row: ceil(ld / 256) loads, one after another
             trips = sum(min(nt, N - n0) * -(-ld // THREADS) for n0 in range(0, N, nt))
-        else:
+        else:  # CostModel::persistent_us: later tiles by cp.async where xs has two tiles
             v = 16 // x_size if K % (16 // x_size) == 0 else 1
             per_thread = -(-(nt * ld // v) // THREADS)
-            trips = tiles * -(-per_thread // int(c["kStageBatch"]))
+            trip = -(-per_thread // int(c["kStageBatch"]))
+            if xs_tiles == 2 and v > 1:
+                stage = trip * c["kRoundTripUs"]
+                trips = trip + (tiles - 1) * max(0.0, stage - dot) / c["kRoundTripUs"]
+            else:
+                trips = tiles * trip
         latency = (c["kFloorUs"] + trips * c["kRoundTripUs"] + tiles * dot
                    + (tiles - 1) * c["kRoundTripUs"])
         bandwidth = blocks * N * K * x_size / c["kL2BytesPerS"] * 1e6

@@ -66,7 +66,7 @@ using namespace rnnfast::cuda;
     }                                                                                \
   } while (0)
 
-constexpr int kThreads = 256, kBatch = 8;
+constexpr int kThreads = 256, kBatch = 8, kLLBatch = 16;  // kLLBatch: persistent.cuh's
 enum Mode {
   kBarrier = 0,
   kStage = 1,
@@ -184,36 +184,23 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
         }
       }
     } else if (a.mode == kLL) {
+      // the kernels' stage_ll: kLLBatch pieces (pairs of words) a thread at a time, through
+      // sync.cuh's ll_wait_pieces
       const unsigned long long* src = a.ll + turn * n;
       const int pairs = n / 2;
       const unsigned want = unsigned(s + 1);
-      for (int e0 = threadIdx.x; e0 < pairs; e0 += kBatch * blockDim.x) {
-        ulonglong2 w[kBatch];
-        unsigned ready = 0;  // bit k: pair k's both flags are this step's
-        const long long since = clock64();
-        while (true) {
+      for (int e0 = threadIdx.x; e0 < pairs; e0 += kLLBatch * blockDim.x) {
+        unsigned valid = 0;
 #pragma unroll
-          for (int k = 0; k < kBatch; ++k) {
-            const int e = e0 + k * blockDim.x;
-            if (!(ready >> k & 1u)) {
-              if (e < pairs) {
-                w[k] = ll_load2(src + 2 * e);
-                const unsigned fx = ll_flag(w[k].x), fy = ll_flag(w[k].y);
-                if (fx == want && fy == want) {
-                  ready |= 1u << k;
-                } else if (fx > want || fy > want) {  // a later step's: the protocol broke
-                  ++bad;
-                  ready |= 1u << k;
-                }
-              } else {
-                ready |= 1u << k;
-              }
-            }
-          }
-          if (ready == (1u << kBatch) - 1 || give_up(a.errors + 1, since)) break;
-        }
+        for (int k = 0; k < kLLBatch; ++k) valid |= unsigned(e0 + k * blockDim.x < pairs) << k;
+        const auto off = [&](int k) {
+          const int e = e0 + k * static_cast<int>(blockDim.x);
+          return e < pairs ? 2 * e : 0;
+        };
+        ulonglong2 w[kLLBatch];
+        ll_wait_pieces<kLLBatch>(src, off, valid, valid, want, w, kSpinCycles, a.errors + 1);
 #pragma unroll
-        for (int k = 0; k < kBatch; ++k) {
+        for (int k = 0; k < kLLBatch; ++k) {
           const int e = e0 + k * blockDim.x;
           if (e < pairs) {
             const float x = __uint_as_float(ll_bits(w[k].x));

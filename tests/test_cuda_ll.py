@@ -124,23 +124,28 @@ import torch
 import rnnfast
 
 f = rnnfast.LSTM(4, 8).cuda()
-with rnnfast.cuda_path("persistent"):
-    try:
-        f(torch.randn(2, 1, 4, device="cuda"))
-    except RuntimeError as e:
-        print(str(e).splitlines()[0])
-    else:
-        print("raised nothing")
+for path in ("persistent", "auto", "cluster", "step"):
+    with rnnfast.cuda_path(path):
+        try:
+            f(torch.randn(2, 1, 4, device="cuda"))
+        except RuntimeError as e:
+            print(path, str(e).splitlines()[0])
+        else:
+            print(path, "raised nothing")
 """
 
 
 def test_unknown_exchange_is_a_clear_error():
-    """RNNFAST_GRID_EXCHANGE=fast with the grid variant forced: an error naming the values
-    it takes. In a child process, as test_cuda's refusal test."""
+    """RNNFAST_GRID_EXCHANGE=fast: an error naming the values it takes, on every path that
+    may run the grid variant (forced, auto, and the cluster variant's too, which does not
+    silently ignore it); the per-step path never reads it. In a child process, as
+    test_cuda's refusal test."""
     env = dict(os.environ, RNNFAST_GRID_EXCHANGE="fast")
     child = subprocess.run([sys.executable, "-c", _BAD_EXCHANGE_CHILD], capture_output=True,
                            text=True, timeout=300, env=env)
     assert child.returncode == 0, child.stderr[-4000:]
-    assert "the persistent CUDA path was forced" in child.stdout, child.stdout
-    assert "RNNFAST_GRID_EXCHANGE is 'fast', expected 'barrier' or 'll'" in child.stdout, \
-        child.stdout
+    lines = dict(line.split(" ", 1) for line in child.stdout.splitlines())
+    for path in ("persistent", "auto", "cluster"):
+        assert "RNNFAST_GRID_EXCHANGE is 'fast', expected 'barrier' or 'll'" in lines[path], \
+            child.stdout
+    assert lines["step"] == "raised nothing", child.stdout

@@ -87,6 +87,17 @@ def test_plan_picks_the_tile_and_sizes_the_shared_memory(dtype, backward, N, til
         assert p.smem == smem
 
 
+def test_plan_takes_two_tiles_of_xs_where_several_tiles_fit():
+    """N = 17 in tiles of 16: two tiles of xs (the second staged by cp.async during the
+    first's work); one tile where N fits in one, or where two do not fit."""
+    two = plan("float32", False, 17)
+    assert (two.nt, two.rpw, two.xs_tiles) == (16, 4, 2)
+    assert two.smem == 2304 + 2 * 1280 + 1792  # ws, two tiles of xs 16 x 20, out
+    assert plan("float32", False, 16).xs_tiles == 1
+    tight = plan("float32", False, 17, smem_optin=F32_FWD_16_4)
+    assert (tight.nt, tight.xs_tiles, tight.smem) == (16, 1, F32_FWD_16_4)
+
+
 @pytest.fixture
 def ll_exchange():
     """RNNFAST_GRID_EXCHANGE=ll for the emulated planner, for one test."""
@@ -109,6 +120,8 @@ def test_ll_plan_words_and_units(ll_exchange, dtype, backward, units, ll_row):
     p = plan(dtype, backward, 5)
     assert (p.units, p.ll_row) == (units, ll_row)
     assert p.blocks == -(-20 // units)
+    # the LL exchange stages with its own loads, never cp.async: one tile of xs
+    assert plan(dtype, backward, 17).xs_tiles == (1 if ll_row else 2)
 
 
 def test_ll_plan_keeps_the_barrier_for_odd_h_in_16_bit(ll_exchange):
@@ -147,7 +160,8 @@ def test_plan_falls_back_to_16_4_when_16_8_does_not_fit():
 
 def test_plan_falls_back_to_4_8_when_16_4_does_not_fit():
     p = plan("float64", False, 5, smem_optin=FFMA_16_4 - 1)
-    assert (p.nt, p.rpw, p.smem) == (4, 8, FFMA_4_8)
+    # N = 5 is two tiles of 4 rows: two tiles of xs (4 x 20 doubles each) fit too
+    assert (p.nt, p.rpw, p.xs_tiles, p.smem) == (4, 8, 2, FFMA_4_8 + 640)
 
 
 def test_plan_has_no_fallback_for_the_mma_forward():

@@ -28,6 +28,10 @@
 // grid (all N rows) or a cluster (its N_c rows)):
 //   Block of rank b in its group owns the hidden units [u0, u0 + U), u0 = b * U (the last
 //   may own fewer).
+//   The grid variant with several row tiles and room for two tiles of xs (xs_tiles = 2,
+//   the barrier exchange) stages tile i + 1 by cp.async (stage_rows_async, through L2)
+//   into the other tile of xs while tile i's dot product and pointwise update run: the
+//   staging's round trip overlaps that work instead of preceding the next tile's.
 //   forward : Ws[g * U + j][k] = W_hh[g * H + u0 + j][k]     R = G * U rows, K = H.
 //             Per step and per tile of NT batch rows: h_{t-1} of the tile's rows in
 //             shared memory (grid: staged from y; cluster: already there); gates[n][r] =
@@ -84,10 +88,10 @@
 //   of words [2][N][ll_row], turn s & 1, flag s + 1 (backward: T - s); the next step's
 //   staging (stage_ll) loads the words and loads again those whose flag is not yet the
 //   step's, so that the wait and the staging are one L2 round trip, with no fence and no
-//   atomic. Two turns suffice: a block stores step s + 2's words into the turn of step s
-//   only after it read every block's words of step s + 1, each of which that block
-//   computed from its reads of step s's words (a data dependency, so those reads are
-//   done). The words are zeroed before the launch (flag 0 is no step's). A step ends with a
+//   atomic. Two turns suffice: a block stores step s + 2's words (of a tile's rows) into
+//   the turn of step s only after it read every block's words of step s + 1 (of the same
+//   rows), each of which that block computed from its reads of step s's words (a data
+//   dependency, so those reads are done). The words are zeroed before the launch (flag 0 is no step's). A step ends with a
 //   __syncthreads instead of the barrier (its staging overwrites xs and out). It reads
 //   twice the bytes from L2 that staging from y does.
 // The cluster variant's barrier (cluster_sync) is the hardware's: every thread of the
@@ -144,6 +148,9 @@ struct PersistentParams {
   // the grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll), else null: words [2][N][ll_row]
   unsigned long long* ll;
   int64_t ll_row;
+  // the grid variant: tiles of NT rows in xs; 2: later tiles staged by cp.async during the
+  // earlier ones' work (stage_rows_async)
+  int xs_tiles;
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -353,12 +360,13 @@ __device__ __forceinline__ void stage_rows(const x_t* src, int64_t n0, int64_t N
 // stage_rows for the LL exchange: xs[nl][k] = the values of LL rows n0 + nl of src
 // ([N][ll_row] words of kPer = 4 / sizeof(x_t) values each, K = words * kPer) whose flag is
 // `want`, zero past N and for K <= k < ld. 8-byte piece e of xs (two words: 2 kPer values)
-// is thread e % blockDim's; each thread loads its next kLLBatch pieces' words as 16-byte
-// vectors (ll_row even: rows 16-byte aligned), then loads again the pieces whose flags are
-// not yet `want` until all are (a wait past kGridWaitTrapCycles traps, as grid_wait does).
-// Twice stage_rows' batch, as a 16-byte load brings 8 bytes of values: a tile of 16 rows
-// of 768 bfloat16 is then one round trip (12 pieces a thread), as staging from y is.
-// A flag past `want` cannot occur: a block stores step s + 2's values only after it read
+// is thread e % blockDim's; each thread takes its next kLLBatch pieces at a time, their
+// words loaded as 16-byte vectors (ll_row even: rows 16-byte aligned) until all carry
+// `want` (sync.cuh's ll_wait_pieces: the loads back to back, a wait on one missing piece at
+// a time; past kGridWaitTrapCycles a trap, as grid_wait). kLLBatch is twice stage_rows'
+// batch, as a 16-byte load brings 8 bytes of values: a tile of 16 rows of 768 bfloat16 is
+// then one round trip (12 pieces a thread), as staging from y is. A flag past `want`
+// cannot occur: a block stores step s + 2's words (of a tile's rows) only after it read
 // everyone's of step s + 1, which they made after reading step s's (see the header).
 constexpr int kLLBatch = 2 * kStageBatch;
 template <int NT, typename x_t>
@@ -372,36 +380,78 @@ __device__ __forceinline__ void stage_ll(const unsigned long long* src, int64_t 
   const unsigned long long* base = src + n0 * ll_row;
   uint2* dst = reinterpret_cast<uint2*>(xs);
   for (int e0 = threadIdx.x; e0 < total; e0 += kLLBatch * blockDim.x) {
+    unsigned valid = 0, second = 0;  // bit i: piece i holds values; its second word does too
+#pragma unroll
+    for (int i = 0; i < kLLBatch; ++i) {
+      const int e = e0 + i * blockDim.x, nl = e / per_row, c = e - nl * per_row;
+      const bool in = e < total && nl < rows && 2 * c < words;
+      valid |= unsigned(in) << i;
+      second |= unsigned(in && 2 * c + 1 < words) << i;
+    }
+    // a piece's first word from base (0, in bounds, for pieces without values)
+    const auto off = [&](int i) {
+      const int e = e0 + i * static_cast<int>(blockDim.x), nl = e / per_row, c = e - nl * per_row;
+      return valid >> i & 1u ? nl * static_cast<int>(ll_row) + 2 * c : 0;
+    };
     ulonglong2 v[kLLBatch];
-    unsigned pending = 0;  // bit i: piece i still to load
+    ll_wait_pieces<kLLBatch>(base, off, valid, second, want, v, kGridWaitTrapCycles, nullptr);
 #pragma unroll
     for (int i = 0; i < kLLBatch; ++i) {
-      const int e = e0 + i * blockDim.x, nl = e / per_row, c = e - nl * per_row;
-      v[i] = make_ulonglong2(0, 0);
-      if (e < total && nl < rows && 2 * c < words) pending |= 1u << i;
-    }
-    const long long since = clock64();
-    while (pending != 0) {
-#pragma unroll
-      for (int i = 0; i < kLLBatch; ++i) {
-        if (pending >> i & 1u) {
-          const int e = e0 + i * blockDim.x, nl = e / per_row, c = e - nl * per_row;
-          v[i] = ll_load2(base + nl * ll_row + 2 * c);
-          if (ll_flag(v[i].x) == want && (2 * c + 1 >= words || ll_flag(v[i].y) == want)) {
-            pending &= ~(1u << i);
-          }
-        }
-      }
-      if (pending != 0 && clock64() - since > kGridWaitTrapCycles) __trap();
-    }
-#pragma unroll
-    for (int i = 0; i < kLLBatch; ++i) {
-      const int e = e0 + i * blockDim.x, nl = e / per_row, c = e - nl * per_row;
+      const int e = e0 + i * blockDim.x;
       if (e < total) {
-        dst[e] = make_uint2(ll_bits(v[i].x), 2 * c + 1 < words ? ll_bits(v[i].y) : 0u);
+        dst[e] = make_uint2(valid >> i & 1u ? ll_bits(v[i].x) : 0u,
+                            second >> i & 1u ? ll_bits(v[i].y) : 0u);
       }
     }
   }
+}
+
+// cp.async (compute capability 8.0 on, as are ldmatrix and mma.sync): 16 bytes from global
+// to shared memory through L2 only (.cg: never a stale L1 line of another block's data),
+// src_bytes of them read and the rest zero-filled; committed as a group, waited for with
+// cp_async_wait<n> (all but the n groups committed last), then __syncthreads makes the
+// copies visible to every thread.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(smem))),
+               "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// Whether stage_rows_async can stage rows of src: whole 16-byte vectors in K and ld, src
+// 16-byte aligned (y and dg are; h0, a view, may not be).
+template <typename x_t>
+__device__ __forceinline__ bool async_rows_ok(const x_t* src, int K, int ld) {
+  constexpr int V = 16 / sizeof(x_t);
+  return K % V == 0 && ld % V == 0 && (reinterpret_cast<uintptr_t>(src) & 15) == 0;
+}
+
+// stage_rows' vector path as cp.async, one committed group: vector e of xs is thread
+// e % blockDim's; rows past N and columns K..ld zero-filled. The copies run while the
+// thread goes on: the grid variant issues tile i + 1's before tile i's dot product, into
+// the other of two tiles of xs (PersistentParams::xs_tiles), so that its L2 round trip
+// overlaps tile i's work instead of following it.
+template <int NT, typename x_t>
+__device__ __forceinline__ void stage_rows_async(const x_t* src, int64_t n0, int64_t N, int K,
+                                                 int ld, x_t* __restrict__ xs) {
+  constexpr int V = 16 / sizeof(x_t);
+  const int rows = static_cast<int>(N - n0 < NT ? N - n0 : NT);
+  const int per_row = ld / V, loaded = K / V, total = NT * per_row;
+  const uint4* vsrc = reinterpret_cast<const uint4*>(src + n0 * K);
+  uint4* vxs = reinterpret_cast<uint4*>(xs);
+  for (int e = threadIdx.x; e < total; e += blockDim.x) {
+    const int nl = e / per_row, c = e - nl * per_row;
+    const bool in = nl < rows && c < loaded;
+    cp_async16(vxs + e, in ? vsrc + nl * loaded + c : vsrc, in ? 16 : 0);
+  }
+  cp_async_commit();
 }
 
 // store(e, load(e)) for e < total, e being thread e % blockDim's, each thread with
@@ -552,10 +602,11 @@ __host__ __device__ inline SmemLayout smem_layout(int64_t xs_rows, int nt, int r
   return {xs, out, sc, sc + scratch_bytes};
 }
 
-// The rows of xs: NT, or for the cluster variant two turns of round_up(N_c, NT).
+// The rows of xs: NT times the grid variant's xs_tiles (1, or 2 for stage_rows_async), or for
+// the cluster variant two turns of round_up(N_c, NT).
 template <bool kCluster>
-__host__ __device__ inline int64_t xs_rows(int nt, int64_t group_rows) {
-  return kCluster ? 2 * ((group_rows + nt - 1) / nt * nt) : nt;
+__host__ __device__ inline int64_t xs_rows(int nt, int64_t group_rows, int xs_tiles) {
+  return kCluster ? 2 * ((group_rows + nt - 1) / nt * nt) : int64_t(nt) * xs_tiles;
 }
 
 // The scratch bytes of a kernel's dot product.
@@ -631,9 +682,10 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   const int64_t u0 = w.u0, n_begin = w.n_begin, rows = w.rows;
   const int here = w.here;
   const int r_pad = round_up(G * U, RPW);
-  const int64_t turn = xs_rows<kCluster>(NT, p.group_rows) / 2;  // the cluster variant's
+  const int64_t turn = xs_rows<kCluster>(NT, p.group_rows, 1) / 2;  // the cluster variant's
   const SmemLayout lay = smem_layout<scalar_t, scalar_t, acc_t>(
-      xs_rows<kCluster>(NT, p.group_rows), NT, r_pad, ld, scratch_bytes<NT, RPW, kMma, acc_t>(r_pad));
+      xs_rows<kCluster>(NT, p.group_rows, p.xs_tiles), NT, r_pad, ld,
+      scratch_bytes<NT, RPW, kMma, acc_t>(r_pad));
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
   scalar_t* xs = reinterpret_cast<scalar_t*>(smem + lay.xs_offset);
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
@@ -684,20 +736,35 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
     const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
     scalar_t* next = xs + ((s + 1) & 1) * turn * ld;  // the cluster variant's next turn
-    for (int64_t n0 = 0; n0 < rows; n0 += NT) {
+    // the grid variant with two tiles of xs (not the LL exchange): tile i + 1 staged by
+    // cp.async during tile i's work
+    const bool pipelined = !kCluster && p.xs_tiles == 2 && (!kLL || p.ll == nullptr) &&
+                           async_rows_ok(h_prev, K, ld);
+    if (pipelined) stage_rows_async<NT>(h_prev, 0, N, K, ld, xs);
+    for (int64_t n0 = 0, i = 0; n0 < rows; n0 += NT, ++i) {
       const scalar_t* xt;  // h_{t-1} of the tile's rows
       if constexpr (kCluster) {
         xt = xs + ((s & 1) * turn + n0) * ld;
       } else {
-        if (kLL && p.ll != nullptr && s > 0) {  // step s - 1's words, flag s
-          if constexpr (kLL) {
-            stage_ll<NT>(p.ll + ((s - 1) & 1) * N * p.ll_row, n0, N, K, ld, p.ll_row,
-                         static_cast<unsigned>(s), xs);
+        if (pipelined) {
+          if (n0 + NT < rows) {
+            stage_rows_async<NT>(h_prev, n0 + NT, N, K, ld, xs + ((i + 1) & 1) * NT * ld);
+            cp_async_wait<1>();
+          } else {
+            cp_async_wait<0>();
           }
+          xt = xs + (i & 1) * NT * ld;
         } else {
-          stage_rows<NT>(h_prev, n0, N, K, ld, xs);
+          if (kLL && p.ll != nullptr && s > 0) {  // step s - 1's words, flag s
+            if constexpr (kLL) {
+              stage_ll<NT>(p.ll + ((s - 1) & 1) * N * p.ll_row, n0, N, K, ld, p.ll_row,
+                           static_cast<unsigned>(s), xs);
+            }
+          } else {
+            stage_rows<NT>(h_prev, n0, N, K, ld, xs);
+          }
+          xt = xs;
         }
-        xt = xs;
         __syncthreads();
       }
       // a later tile's first item per thread: its inputs load while the dot product runs
@@ -805,9 +872,9 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   const int64_t u0 = w.u0, n_begin = w.n_begin, rows = w.rows;
   const int here = w.here;
   const int r_pad = round_up(U, RPW);
-  const int64_t turn = xs_rows<kCluster>(NT, p.group_rows) / 2;  // the cluster variant's
+  const int64_t turn = xs_rows<kCluster>(NT, p.group_rows, 1) / 2;  // the cluster variant's
   const SmemLayout lay = smem_layout<scalar_t, acc_t, acc_t>(
-      xs_rows<kCluster>(NT, p.group_rows), NT, r_pad, ld,
+      xs_rows<kCluster>(NT, p.group_rows, p.xs_tiles), NT, r_pad, ld,
       scratch_bytes<NT, RPW, false, acc_t>(r_pad));
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
   acc_t* xs = reinterpret_cast<acc_t*>(smem + lay.xs_offset);
@@ -892,20 +959,34 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       grid_wait(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
     }
     const acc_t* dg = p.dg_hh + t * N * K;
-    for (int64_t n0 = 0; n0 < rows; n0 += NT) {
+    // the grid variant with two tiles of xs (not the LL exchange): tile i + 1 staged by
+    // cp.async during tile i's work
+    const bool pipelined = !kCluster && barrier && p.xs_tiles == 2 && async_rows_ok(dg, K, ld);
+    if (pipelined) stage_rows_async<NT>(dg, 0, N, K, ld, xs);
+    for (int64_t n0 = 0, i = 0; n0 < rows; n0 += NT, ++i) {
       const acc_t* xt;  // dg_hh of the tile's rows
       if constexpr (kCluster) {
         xt = cur + n0 * ld;
       } else {
-        if (!barrier) {
-          if constexpr (kLL) {
-            stage_ll<NT>(p.ll + (s & 1) * N * p.ll_row, n0, N, K, ld, p.ll_row,
-                         static_cast<unsigned>(p.T - s), xs);
+        if (pipelined) {
+          if (n0 + NT < rows) {
+            stage_rows_async<NT>(dg, n0 + NT, N, K, ld, xs + ((i + 1) & 1) * NT * ld);
+            cp_async_wait<1>();
+          } else {
+            cp_async_wait<0>();
           }
+          xt = xs + (i & 1) * NT * ld;
         } else {
-          stage_rows<NT>(dg, n0, N, K, ld, xs);
+          if (!barrier) {
+            if constexpr (kLL) {
+              stage_ll<NT>(p.ll + (s & 1) * N * p.ll_row, n0, N, K, ld, p.ll_row,
+                           static_cast<unsigned>(p.T - s), xs);
+            }
+          } else {
+            stage_rows<NT>(dg, n0, N, K, ld, xs);
+          }
+          xt = xs;
         }
-        xt = xs;
         __syncthreads();
       }
       tile_dot<NT, RPW>(ws, r_pad, xt, ld, out, reinterpret_cast<acc_t*>(smem + lay.scratch_offset));
@@ -976,17 +1057,22 @@ struct CostModel {
   }
   double clock_mhz;
   // x_size: bytes of a staged element; v: elements per 16-byte vector when staging takes
-  // vectors, else 1 (the LL exchange: elements per 8-byte piece of xs); ll: the LL exchange.
+  // vectors, else 1 (the LL exchange: elements per 8-byte piece of xs); ll: the LL exchange;
+  // async: later tiles staged by cp.async during the earlier tiles' dot products (their
+  // round trips then cost only what the dot product does not hide).
   double persistent_us(int64_t N, int nt, int r_pad, int64_t K, int64_t ld, int x_size, int v,
-                       bool mma, int blocks, bool ll = false) const {
+                       bool mma, int blocks, bool ll = false, bool async = false) const {
     const int64_t tiles = (N + nt - 1) / nt;
     const int64_t per_thread = (nt * ld / v + kPersistentThreads - 1) / kPersistentThreads;
     const int batch = ll ? kLLBatch : kStageBatch;
     const double trips = double((per_thread + batch - 1) / batch);
     const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : kFfmaShare);
     const double dot_us = 2.0 * nt * r_pad * K / rate;
-    const double latency_us = (ll ? kLLFloorUs : kFloorUs) +
-                              tiles * (trips * kRoundTripUs + dot_us) + (tiles - 1) * kRoundTripUs;
+    const double stage_us = trips * kRoundTripUs;
+    const double staging_us =
+        async ? stage_us + (tiles - 1) * std::max(0.0, stage_us - dot_us) : tiles * stage_us;
+    const double latency_us = (ll ? kLLFloorUs : kFloorUs) + staging_us + tiles * dot_us +
+                              (tiles - 1) * kRoundTripUs;
     const double bandwidth_us =
         double(blocks) * N * K * x_size * (ll ? 2 : 1) / kL2BytesPerS * 1e6;
     return std::max(latency_us, bandwidth_us);
@@ -1033,6 +1119,7 @@ struct PersistentLaunch {
   double us = 0.0;          // the cost model's microseconds per step
   std::string refused;      // the path was forced but cannot run: why (the op then raises)
   int64_t ll_row = 0;       // the grid variant's LL exchange: words per row; 0: the barrier
+  int xs_tiles = 1;         // the grid variant's tiles of xs (2: stage_rows_async)
 };
 
 // A CUDA error is a reason not to run, not an exception (nothing is thrown inside the op's
@@ -1164,9 +1251,9 @@ struct PersistentPlanner {
   }
 
   template <int NT, int RPW, bool kCluster>
-  size_t smem_bytes(int r_pad, int64_t ld, int64_t group_rows) const {
-    return smem_layout<scalar_t, x_t, acc_t>(xs_rows<kCluster>(NT, group_rows), NT, r_pad, ld,
-                                             scratch_bytes<NT, RPW, kMma, acc_t>(r_pad))
+  size_t smem_bytes(int r_pad, int64_t ld, int64_t group_rows, int xs_tiles = 1) const {
+    return smem_layout<scalar_t, x_t, acc_t>(xs_rows<kCluster>(NT, group_rows, xs_tiles), NT,
+                                             r_pad, ld, scratch_bytes<NT, RPW, kMma, acc_t>(r_pad))
         .bytes;
   }
   bool fits(size_t smem) {
@@ -1232,7 +1319,17 @@ struct PersistentPlanner {
       const void* k = kernel<kNT, kRPW, false>();
       const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
       const int64_t ld = operand_ld(kMma, static_cast<int>(K));
-      const size_t smem = smem_bytes<kNT, kRPW, false>(r_pad, ld, 0);
+      // two tiles of xs where there are several tiles, they fit and the exchange is the
+      // barrier: later tiles staged by cp.async during the earlier ones' work
+      int xs_tiles = 1;
+      size_t smem = smem_bytes<kNT, kRPW, false>(r_pad, ld, 0);
+      if (!ll && N > kNT) {
+        const size_t two = smem_bytes<kNT, kRPW, false>(r_pad, ld, 0, 2);
+        if (two <= prop.sharedMemPerBlockOptin) {
+          smem = two;
+          xs_tiles = 2;
+        }
+      }
       int ptx = 0, per_sm = 0;
       if (!fits(smem) || !prepare(k, false, ptx)) return false;
       if (!memo_query(QueryKey{c10::cuda::current_device(), k, 0, smem}, per_sm, why,
@@ -1253,8 +1350,9 @@ struct PersistentPlanner {
       const int x_size = sizeof(x_t), v = ll ? 8 / x_size : 16 / x_size;
       const bool vectors = ll || (K % v == 0 && ld % v == 0);
       plan = {k, static_cast<int>(blocks), static_cast<int>(units), 0, N, smem};
+      plan.xs_tiles = xs_tiles;
       plan.us = model.persistent_us(N, kNT, r_pad, K, ld, x_size, vectors ? v : 1, kMma,
-                                    plan.blocks, ll);
+                                    plan.blocks, ll, xs_tiles == 2 && vectors);
       if (ll) plan.ll_row = round_up(static_cast<int>(K / kPer), 2);
       return true;
     });
@@ -1373,6 +1471,14 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
     note_cuda_path(kBackward, CudaPath::kStep);
     return {};
   }
+  {  // a bad RNNFAST_GRID_EXCHANGE is an error on every path that may run the grid variant
+    std::string value;
+    if (grid_exchange(value) == GridExchange::kUnknown) {
+      PersistentLaunch plan;
+      plan.refused = "RNNFAST_GRID_EXCHANGE is '" + value + "', expected 'barrier' or 'll'";
+      return plan;
+    }
+  }
   PersistentPlanner<Cell, scalar_t, acc_t, kBackward> planner(N, H, dtype);
   auto forced = [&](PersistentLaunch plan, const char* name) {
     if (plan.kernel == nullptr) {
@@ -1412,6 +1518,7 @@ std::string launch_persistent(const PersistentLaunch& plan,
                               PersistentParams<scalar_t, acc_t> params, const Tensor& like) {
   params.units = plan.units;
   params.group_rows = plan.group_rows;
+  params.xs_tiles = plan.xs_tiles;
   void* args[] = {&params};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (plan.cluster > 0) {

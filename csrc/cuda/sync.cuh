@@ -81,6 +81,53 @@ __device__ __forceinline__ ulonglong2 ll_load2(const unsigned long long* p) {
 __device__ __forceinline__ unsigned ll_flag(unsigned long long w) { return unsigned(w >> 32); }
 __device__ __forceinline__ unsigned ll_bits(unsigned long long w) { return unsigned(w); }
 
+// Loads kBatch pieces (two LL words each, at base + off(i)) into v until every piece of
+// `valid` (bit i) carries the flag `want` in its first word and, where `second` has bit i,
+// in its second: all kBatch loads go out back to back (a flag check between two loads
+// would make each load a round trip of its own), then, while a piece is missing, one load
+// at a time polls the first missing piece (polling the whole batch would read it all from
+// L2 once a round trip, in every block at once), after which all are loaded again (a piece
+// that carried `want` still does: its writer cannot store into that turn again before this
+// block has read it). Pieces outside `valid` are loaded too (off(i) must be a readable
+// address) and ignored. off is a function, so that the compiler may compute an offset again
+// rather than hold kBatch of them in registers. Returns true once all are there; past limit_cycles, or once *abort
+// is set, it sets *abort and returns false, or without an abort flag (nullptr) traps: an
+// error, not a hang. (The kernels' stage_ll and scripts/sync_bench.cu's ll mode.)
+template <int kBatch, typename Offset>
+__device__ __forceinline__ bool ll_wait_pieces(const unsigned long long* base, Offset off,
+                                               unsigned valid,
+                                               unsigned second, unsigned want,
+                                               ulonglong2 (&v)[kBatch], long long limit_cycles,
+                                               unsigned* abort) {
+  const long long since = clock64();
+  for (;;) {
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) v[i] = ll_load2(base + off(i));
+    unsigned ready = 0;
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const bool two = (second >> i & 1u) != 0;
+      ready |= unsigned(ll_flag(v[i].x) == want && (!two || ll_flag(v[i].y) == want)) << i;
+    }
+    const unsigned left = valid & ~ready;
+    if (left == 0) return true;
+    const int first = __ffs(left) - 1;
+    const int o = off(first);
+    const bool two = (second >> first & 1u) != 0;
+    for (;;) {
+      const ulonglong2 w = ll_load2(base + o);
+      if (ll_flag(w.x) == want && (!two || ll_flag(w.y) == want)) break;
+      const bool late = clock64() - since > limit_cycles;
+      if (abort == nullptr) {
+        if (late) __trap();
+      } else if (late || *reinterpret_cast<volatile unsigned*>(abort) != 0u) {
+        atomicExch(abort, 1u);
+        return false;
+      }
+    }
+  }
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ int cluster_rank() { return int(__clusterRelativeBlockRank()); }
 __device__ __forceinline__ int cluster_blocks() { return int(__clusterSizeInBlocks()); }

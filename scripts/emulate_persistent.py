@@ -708,6 +708,18 @@ def cp_async_wait(n, pending, ctx):
         xs.write(e, val, ctx, thr, where="stage_rows_async xs (cp.async landed)")
 
 
+def start_pipeline(cluster, ll, p, NT, src, N, K, ld, xs, ctx, x_size):
+    """A step's row-tile loop is pipelined in the grid variant with two tiles of xs, the
+    barrier exchange and rows async_rows_ok allows: tile 0's copy issued before the loop.
+    Returns (pipelined, the block's pending groups)."""
+    pipelined = (not cluster and p.xs_tiles == 2 and not ll and
+                 async_rows_ok(src, K, ld, x_size))
+    pending = []
+    if pipelined:
+        stage_rows_async(NT, src, 0, N, K, ld, xs, ctx, x_size, pending)
+    return pipelined, pending
+
+
 def staged_tile(NT, src, n0, i, rows, N, K, ld, xs, ctx, x_size, pending):
     """The pipelined tile loop's staging of tile i (rows n0 ...): tile i + 1 issued into the
     other half of xs, then tile i waited for; returns tile i's half. The caller's
@@ -1076,12 +1088,8 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
         t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
         h_prev = p.h0 if s == 0 else p.y + tp * N * H
         nxt = xs + turn_index(s + 1) * turn * ld  # the cluster variant's next turn
-        # two tiles of xs (not the LL exchange): tile i + 1 by cp.async during tile i
-        pipelined = (not cluster and p.xs_tiles == 2 and not ll and
-                     async_rows_ok(h_prev, K, ld, dt.scalar))
-        pending = []
-        if pipelined:
-            stage_rows_async(NT, h_prev, 0, N, K, ld, xs, ctx, dt.scalar, pending)
+        pipelined, pending = start_pipeline(cluster, ll, p, NT, h_prev, N, K, ld, xs, ctx,
+                                            dt.scalar)
         for i, n0 in enumerate(range(0, rows, NT)):
             if cluster:  # h_{t-1} of the tile's rows
                 xt = xs + (turn_index(s) * turn + n0) * ld
@@ -1255,12 +1263,7 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
         elif not ll and not mut("no_bwd_barrier"):
             yield (p.T - s) * ctx.grid - mut("barrier_target_low")
         dg = p.dg_hh + t * N * K
-        # two tiles of xs (not the LL exchange): tile i + 1 by cp.async during tile i
-        pipelined = (not cluster and p.xs_tiles == 2 and not ll and
-                     async_rows_ok(dg, K, ld, dt.acc))
-        pending = []
-        if pipelined:
-            stage_rows_async(NT, dg, 0, N, K, ld, xs, ctx, dt.acc, pending)
+        pipelined, pending = start_pipeline(cluster, ll, p, NT, dg, N, K, ld, xs, ctx, dt.acc)
         for i, n0 in enumerate(range(0, rows, NT)):
             if cluster:  # dg_hh of the tile's rows
                 xt = (xs + turn_index(s + 1) * turn * ld if mut("cluster_phase_b_other_turn")

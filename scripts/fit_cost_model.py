@@ -98,9 +98,8 @@ class Model:
             v = 16 // x_size if K % (16 // x_size) == 0 else 1
             per_thread = -(-(nt * ld // v) // THREADS)
             trip = -(-per_thread // int(c["kStageBatch"]))
-            if xs_tiles == 2 and v > 1:
-                stage = trip * c["kRoundTripUs"]
-                trips = trip + (tiles - 1) * max(0.0, stage - dot) / c["kRoundTripUs"]
+            if xs_tiles == 2 and v > 1:  # a tile's copies all issued at once: a round trip
+                trips = 1 + (tiles - 1) * max(0.0, c["kRoundTripUs"] - dot) / c["kRoundTripUs"]
             else:
                 trips = tiles * trip
         latency = (c["kFloorUs"] + trips * c["kRoundTripUs"] + tiles * dot

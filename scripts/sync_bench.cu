@@ -208,6 +208,8 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
             staged[2 * e] = x;
             staged[2 * e + 1] = y;
             bad += x != value_of(s, 2 * e) || y != value_of(s, 2 * e + 1);
+            // a later step's flag: the protocol broke (a block ran two steps ahead)
+            bad += ll_flag(w[k].x) > want || ll_flag(w[k].y) > want;
           }
         }
       }

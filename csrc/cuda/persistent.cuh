@@ -91,9 +91,9 @@
 //   atomic. Two turns suffice: a block stores step s + 2's words (of a tile's rows) into
 //   the turn of step s only after it read every block's words of step s + 1 (of the same
 //   rows), each of which that block computed from its reads of step s's words (a data
-//   dependency, so those reads are done). The words are zeroed before the launch (flag 0 is no step's). A step ends with a
-//   __syncthreads instead of the barrier (its staging overwrites xs and out). It reads
-//   twice the bytes from L2 that staging from y does.
+//   dependency, so those reads are done). The words are zeroed before the launch (flag 0
+//   is no step's). A step ends with a __syncthreads instead of the barrier (its staging
+//   overwrites xs and out). It reads twice the bytes from L2 that staging from y does.
 // The cluster variant's barrier (cluster_sync) is the hardware's: every thread of the
 //   cluster arrives with release semantics and waits with acquire semantics at cluster
 //   scope, which orders the stores into peers' shared memory. A cluster's blocks are
@@ -150,7 +150,7 @@ struct PersistentParams {
   int64_t ll_row;
   // the grid variant: tiles of NT rows in xs; 2: later tiles staged by cp.async during the
   // earlier ones' work (stage_rows_async)
-  int xs_tiles;
+  int xs_tiles = 1;
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -414,7 +414,7 @@ __device__ __forceinline__ void stage_ll(const unsigned long long* src, int64_t 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
                    static_cast<unsigned>(__cvta_generic_to_shared(smem))),
-               "l"(gmem), "r"(src_bytes)
+               "l"(__cvta_generic_to_global(gmem)), "r"(src_bytes)
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {
@@ -452,6 +452,23 @@ __device__ __forceinline__ void stage_rows_async(const x_t* src, int64_t n0, int
     cp_async16(vxs + e, in ? vsrc + nl * loaded + c : vsrc, in ? 16 : 0);
   }
   cp_async_commit();
+}
+
+// The pipelined row-tile loop's staging of tile i (rows n0, ...; tile 0 issued before the
+// loop): tile i + 1's copy issued into the other tile of xs, then tile i's waited for;
+// returns tile i's tile of xs (the caller's __syncthreads then makes every thread's copies
+// visible).
+template <int NT, typename x_t>
+__device__ __forceinline__ const x_t* pipelined_tile(const x_t* src, int64_t n0, int64_t i,
+                                                     int64_t rows, int64_t N, int K, int ld,
+                                                     x_t* xs) {
+  if (n0 + NT < rows) {
+    stage_rows_async<NT>(src, n0 + NT, N, K, ld, xs + ((i + 1) & 1) * NT * ld);
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  return xs + (i & 1) * NT * ld;
 }
 
 // store(e, load(e)) for e < total, e being thread e % blockDim's, each thread with
@@ -747,13 +764,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         xt = xs + ((s & 1) * turn + n0) * ld;
       } else {
         if (pipelined) {
-          if (n0 + NT < rows) {
-            stage_rows_async<NT>(h_prev, n0 + NT, N, K, ld, xs + ((i + 1) & 1) * NT * ld);
-            cp_async_wait<1>();
-          } else {
-            cp_async_wait<0>();
-          }
-          xt = xs + (i & 1) * NT * ld;
+          xt = pipelined_tile<NT>(h_prev, n0, i, rows, N, K, ld, xs);
         } else {
           if (kLL && p.ll != nullptr && s > 0) {  // step s - 1's words, flag s
             if constexpr (kLL) {
@@ -969,13 +980,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         xt = cur + n0 * ld;
       } else {
         if (pipelined) {
-          if (n0 + NT < rows) {
-            stage_rows_async<NT>(dg, n0 + NT, N, K, ld, xs + ((i + 1) & 1) * NT * ld);
-            cp_async_wait<1>();
-          } else {
-            cp_async_wait<0>();
-          }
-          xt = xs + (i & 1) * NT * ld;
+          xt = pipelined_tile<NT>(dg, n0, i, rows, N, K, ld, xs);
         } else {
           if (!barrier) {
             if constexpr (kLL) {
@@ -1058,8 +1063,9 @@ struct CostModel {
   double clock_mhz;
   // x_size: bytes of a staged element; v: elements per 16-byte vector when staging takes
   // vectors, else 1 (the LL exchange: elements per 8-byte piece of xs); ll: the LL exchange;
-  // async: later tiles staged by cp.async during the earlier tiles' dot products (their
-  // round trips then cost only what the dot product does not hide).
+  // async: tiles staged by cp.async (every copy of a tile issued at once: one round trip),
+  // later tiles during the earlier tiles' dot products (their round trips then cost only
+  // what the dot product does not hide).
   double persistent_us(int64_t N, int nt, int r_pad, int64_t K, int64_t ld, int x_size, int v,
                        bool mma, int blocks, bool ll = false, bool async = false) const {
     const int64_t tiles = (N + nt - 1) / nt;
@@ -1068,7 +1074,7 @@ struct CostModel {
     const double trips = double((per_thread + batch - 1) / batch);
     const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : kFfmaShare);
     const double dot_us = 2.0 * nt * r_pad * K / rate;
-    const double stage_us = trips * kRoundTripUs;
+    const double stage_us = (async ? 1.0 : trips) * kRoundTripUs;
     const double staging_us =
         async ? stage_us + (tiles - 1) * std::max(0.0, stage_us - dot_us) : tiles * stage_us;
     const double latency_us = (ll ? kLLFloorUs : kFloorUs) + staging_us + tiles * dot_us +

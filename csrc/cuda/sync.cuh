@@ -89,10 +89,10 @@ __device__ __forceinline__ unsigned ll_bits(unsigned long long w) { return unsig
 // L2 once a round trip, in every block at once), after which all are loaded again (a piece
 // that carried `want` still does: its writer cannot store into that turn again before this
 // block has read it). Pieces outside `valid` are loaded too (off(i) must be a readable
-// address) and ignored. off is a function, so that the compiler may compute an offset again
-// rather than hold kBatch of them in registers. Returns true once all are there; past limit_cycles, or once *abort
-// is set, it sets *abort and returns false, or without an abort flag (nullptr) traps: an
-// error, not a hang. (The kernels' stage_ll and scripts/sync_bench.cu's ll mode.)
+// address) and ignored. off(i) gives piece i's offset (a function: the caller need not
+// build an array of them). Returns true once all are there; past limit_cycles, or once
+// *abort is set, it sets *abort and returns false, or without an abort flag (nullptr)
+// traps: an error, not a hang. (The kernels' stage_ll and scripts/sync_bench.cu's ll mode.)
 template <int kBatch, typename Offset>
 __device__ __forceinline__ bool ll_wait_pieces(const unsigned long long* base, Offset off,
                                                unsigned valid,

@@ -1742,12 +1742,14 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
     kernels (the MMA forward has only (16, 16))."""
     sms = dev.sms
     exchange = KNOBS.get("RNNFAST_GRID_EXCHANGE", "")
-    if exchange not in ("", "barrier", "ll"):
+    if exchange not in ("", "barrier", "ll", "ll-spin"):
         raise Finding(f"the persistent path cannot run: RNNFAST_GRID_EXCHANGE is {exchange!r}")
     units = (H + sms - 1) // sms
     K, _, x_size, mma = plan_sizes(Cell, backward, H, units, dt)
     per = 4 // x_size if x_size <= 4 else 0  # values per LL word
-    ll = exchange == "ll" and per > 0 and K % per == 0
+    # ll-spin: the same words, retried differently (ll_wait_pieces), which this emulation
+    # does not model (a block waits until its words are there, either way)
+    ll = exchange in ("ll", "ll-spin") and per > 0 and K % per == 0
     if ll and not mut("ll_units_odd"):
         units = round_up(units, per)
     K, w_rows, _, mma = plan_sizes(Cell, backward, H, units, dt)

@@ -448,6 +448,10 @@ for name in ("gpu", "syncbench", "build", "import", "test_cuda", "sanitize", "ca
                     parts.append(f"L2 round trip {x['ns_per_load']} ns")
                 elif x["test"] == "grid" and x["mode"] == "barrier":
                     parts.append(f"grid barrier {x['blocks']} blocks {x['us_per_step']} us")
+                elif x["test"] == "grid" and x.get("n") == 6144 and x["blocks"] >= 128:
+                    # bfloat16 N=16, H=768's bytes: staging after the barrier against LL
+                    parts.append(f"grid {x['mode']} n=6144 {x['blocks']} blocks "
+                                 f"{x['us_per_step']} us")
                 elif (x["test"] == "cluster" and x["mode"] == "barrier"
                       and x.get("clusters") == 1):
                     parts.append(f"cluster barrier {x['size']} {x['us_per_step']} us")
@@ -500,21 +504,20 @@ if cal:
         v = [r["us"] for r in rows if isinstance(r.get("us"), float)]
         return f"{v[0]:8.2f}" if v else f"{'n/a':>8}"
     print()
-    print("gpu-calib.json: us per step; persistent (grid variant) with the barrier and the LL "
-          "exchange, all blocks and <= 64; cluster (planner's size); per-step path")
+    print("gpu-calib.json: us per step; persistent (grid variant) with the barrier, the LL "
+          "exchange and ll-spin (lls), all blocks and <= 64; cluster (planner's size); "
+          "per-step path")
     print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} {'barrier':>8} {'ll':>8} "
-          f"{'bar<=64':>8} {'ll<=64':>8} {'cluster':>8} {'step':>8}")
+          f"{'lls':>8} {'bar<=64':>8} {'ll<=64':>8} {'lls<=64':>8} {'cluster':>8} {'step':>8}")
     keys = list(dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in cal))
     for k in keys:
         rs = [r for r in cal if (r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) == k]
         def pick(path, **want):
             return us_of([r for r in rs if r["path"] == path and
                           all(r.get(f, d) == v for f, (v, d) in want.items())])
-        print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6} "
-              f"{pick('persistent', max_blocks=(0, 0), exchange=('barrier', 'barrier'))} "
-              f"{pick('persistent', max_blocks=(0, 0), exchange=('ll', 'barrier'))} "
-              f"{pick('persistent', max_blocks=(64, 0), exchange=('barrier', 'barrier'))} "
-              f"{pick('persistent', max_blocks=(64, 0), exchange=('ll', 'barrier'))} "
+        grid = " ".join(pick("persistent", max_blocks=(cap, 0), exchange=(ex, "barrier"))
+                        for cap in (0, 64) for ex in ("barrier", "ll", "ll-spin"))
+        print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6} {grid} "
               f"{pick('cluster', cluster_size=(0, 0))} {pick('step')}")
 
 # benchmarks: rnnfast's speedup over cuDNN (torch.nn) per case, then the geomeans

@@ -25,10 +25,14 @@
 //                     relaxed store of s + 1) and its threads poll the B flags with
 //                     ld.acquire: no single counter that every block adds to;
 //            ll       no barrier: each value travels with its step's flag in one 8-byte
-//                     word (st.relaxed.gpu; NCCL's LL protocol), and readers reload a
-//                     word until its flag is s + 1 (two turns: a block can only store
-//                     step s + 2's values after it read all of step s + 1's, which their
-//                     blocks stored after reading step s's).
+//                     word (st.relaxed.gpu; NCCL's LL protocol), and readers load words
+//                     until their flags are s + 1, as the kernels' stage_ll does
+//                     (sync.cuh's ll_wait_pieces: 16 loads of two words in flight a
+//                     thread, then one missing word polled at a time) (two turns: a block
+//                     can only store step s + 2's values after it read all of step s + 1's,
+//                     which their blocks stored after reading step s's);
+//            ll_spin  the same, every load of a batch retried at once (RNNFAST_GRID_EXCHANGE
+//                     =ll-spin).
 //   cluster  clusters of C blocks (compute capability 9.0 on), one cluster or as many as
 //            fit at once, per step:
 //            barrier  cluster_arrive + cluster_wait;
@@ -76,7 +80,8 @@ enum Mode {
   kRelaxed = 5,
   kAsync = 6,
   kPushCluster = 7,
-  kNoFence = 8
+  kNoFence = 8,
+  kLLSpin = 9
 };
 
 // the value of element i at step s: exact in float, different from step to step
@@ -119,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
     // produce this block's share
     if (a.mode == kStage || a.mode == kFlags) {
       for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) a.data[turn * n + i] = value_of(s, i);
-    } else if (a.mode == kLL) {
+    } else if (a.mode == kLL || a.mode == kLLSpin) {
       for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
         ll_store(a.ll + turn * n + i, __float_as_uint(value_of(s, i)), unsigned(s + 1));
       }
@@ -183,9 +188,9 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
           }
         }
       }
-    } else if (a.mode == kLL) {
+    } else if (a.mode == kLL || a.mode == kLLSpin) {
       // the kernels' stage_ll: kLLBatch pieces (pairs of words) a thread at a time, through
-      // sync.cuh's ll_wait_pieces
+      // sync.cuh's ll_wait_pieces (ll_spin: its retries load every piece at once)
       const unsigned long long* src = a.ll + turn * n;
       const int pairs = n / 2;
       const unsigned want = unsigned(s + 1);
@@ -198,7 +203,8 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
           return e < pairs ? 2 * e : 0;
         };
         ulonglong2 w[kLLBatch];
-        ll_wait_pieces<kLLBatch>(src, off, valid, valid, want, w, kSpinCycles, a.errors + 1);
+        ll_wait_pieces<kLLBatch>(src, off, valid, valid, want, w, kSpinCycles, a.errors + 1,
+                                 a.mode == kLL);
 #pragma unroll
         for (int k = 0; k < kLLBatch; ++k) {
           const int e = e0 + k * blockDim.x;
@@ -395,7 +401,7 @@ int main(int argc, char** argv) {
   CHECK(cudaFuncSetAttribute(grid_bench, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              max_n * int(sizeof(float))));
   const char* names[] = {"barrier", "stage", "flags", "ll", "push", "relaxed", "async",
-                         "push_cluster", "nofence"};
+                         "push_cluster", "nofence", "ll_spin"};
   // n: H=768 at N=1; bf16 N=16 (as many bytes as 6144 floats); float32 N=16
   const int sizes[] = {768, 6144, 12288};
   std::vector<int> block_counts;
@@ -405,10 +411,10 @@ int main(int argc, char** argv) {
     }
   }
   for (int B : block_counts) {
-    for (int mode : {kBarrier, kNoFence, kStage, kFlags, kLL}) {
+    for (int mode : {kBarrier, kNoFence, kStage, kFlags, kLL, kLLSpin}) {
       for (int n : sizes) {
         if ((mode == kBarrier || mode == kNoFence) && n != sizes[0]) continue;
-        if (mode == kLL && n < B) continue;  // every block must store each step
+        if ((mode == kLL || mode == kLLSpin) && n < B) continue;  // every block stores a step
         GridArgs a{counter, flags, data, ll, errors, T,
                    mode == kBarrier || mode == kNoFence ? 0 : n, mode};
         const size_t smem = size_t(a.n) * sizeof(float);

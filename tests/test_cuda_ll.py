@@ -91,11 +91,13 @@ def _outputs_and_grads(f, x, h0, monkeypatch, exchange):
             *[p.grad for p in f.parameters()]]
 
 
+@pytest.mark.parametrize("exchange", ["ll", "ll-spin"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_ll_is_bitwise_the_barrier(cell, dtype, monkeypatch):
-    """The LL exchange moves the same values as staging from y after the barrier, and each
-    block sums in the same order: outputs, states and gradients equal bit for bit."""
+def test_ll_is_bitwise_the_barrier(cell, dtype, exchange, monkeypatch):
+    """The LL exchange (either way of retrying its loads) moves the same values as staging
+    from y after the barrier, and each block sums in the same order: outputs, states and
+    gradients equal bit for bit."""
     _, f, _ = _cuda_pair(cell, 8, 64, dtype=dtype)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(9, 20, 8, generator=g).to("cuda", dtype)
@@ -104,7 +106,7 @@ def test_ll_is_bitwise_the_barrier(cell, dtype, monkeypatch):
     if cell == "lstm":
         h0 = (h0, torch.randn(layers, 20, 64, generator=g).to("cuda", dtype))
     barrier = _outputs_and_grads(f, x, h0, monkeypatch, "barrier")
-    ll = _outputs_and_grads(f, x, h0, monkeypatch, "ll")
+    ll = _outputs_and_grads(f, x, h0, monkeypatch, exchange)
     assert len(barrier) == len(ll)
     for i, (a, b) in enumerate(zip(barrier, ll)):
         assert torch.equal(a, b), f"result {i} differs between the barrier and the LL exchange"
@@ -146,6 +148,7 @@ def test_unknown_exchange_is_a_clear_error():
     assert child.returncode == 0, child.stderr[-4000:]
     lines = dict(line.split(" ", 1) for line in child.stdout.splitlines())
     for path in ("persistent", "auto", "cluster"):
-        assert "RNNFAST_GRID_EXCHANGE is 'fast', expected 'barrier' or 'll'" in lines[path], \
+        assert ("RNNFAST_GRID_EXCHANGE is 'fast', expected 'barrier', 'll' or 'll-spin'"
+                in lines[path]), \
             child.stdout
     assert lines["step"] == "raised nothing", child.stdout

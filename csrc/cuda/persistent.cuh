@@ -148,6 +148,7 @@ struct PersistentParams {
   // the grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll), else null: words [2][N][ll_row]
   unsigned long long* ll;
   int64_t ll_row;
+  bool ll_spin;  // the LL staging's retries: every load again at once, not one polled piece
   // the grid variant: tiles of NT rows in xs; 2: later tiles staged by cp.async during the
   // earlier ones' work (stage_rows_async)
   int xs_tiles = 1;
@@ -372,7 +373,7 @@ constexpr int kLLBatch = 2 * kStageBatch;
 template <int NT, typename x_t>
 __device__ __forceinline__ void stage_ll(const unsigned long long* src, int64_t n0, int64_t N,
                                          int K, int ld, int64_t ll_row, unsigned want,
-                                         x_t* __restrict__ xs) {
+                                         bool spin, x_t* __restrict__ xs) {
   static_assert(sizeof(x_t) == 4 || sizeof(x_t) == 2, "an LL word holds 32 bits of values");
   constexpr int kPer = 4 / sizeof(x_t);
   const int words = K / kPer, per_row = ld / (2 * kPer), total = NT * per_row;
@@ -394,7 +395,8 @@ __device__ __forceinline__ void stage_ll(const unsigned long long* src, int64_t 
       return valid >> i & 1u ? nl * static_cast<int>(ll_row) + 2 * c : 0;
     };
     ulonglong2 v[kLLBatch];
-    ll_wait_pieces<kLLBatch>(base, off, valid, second, want, v, kGridWaitTrapCycles, nullptr);
+    ll_wait_pieces<kLLBatch>(base, off, valid, second, want, v, kGridWaitTrapCycles, nullptr,
+                             !spin);
 #pragma unroll
     for (int i = 0; i < kLLBatch; ++i) {
       const int e = e0 + i * blockDim.x;
@@ -769,7 +771,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
           if (kLL && p.ll != nullptr && s > 0) {  // step s - 1's words, flag s
             if constexpr (kLL) {
               stage_ll<NT>(p.ll + ((s - 1) & 1) * N * p.ll_row, n0, N, K, ld, p.ll_row,
-                           static_cast<unsigned>(s), xs);
+                           static_cast<unsigned>(s), p.ll_spin, xs);
             }
           } else {
             stage_rows<NT>(h_prev, n0, N, K, ld, xs);
@@ -985,7 +987,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
           if (!barrier) {
             if constexpr (kLL) {
               stage_ll<NT>(p.ll + (s & 1) * N * p.ll_row, n0, N, K, ld, p.ll_row,
-                           static_cast<unsigned>(p.T - s), xs);
+                           static_cast<unsigned>(p.T - s), p.ll_spin, xs);
             }
           } else {
             stage_rows<NT>(dg, n0, N, K, ld, xs);
@@ -1126,6 +1128,7 @@ struct PersistentLaunch {
   std::string refused;      // the path was forced but cannot run: why (the op then raises)
   int64_t ll_row = 0;       // the grid variant's LL exchange: words per row; 0: the barrier
   int xs_tiles = 1;         // the grid variant's tiles of xs (2: stage_rows_async)
+  bool ll_spin = false;     // the LL exchange's retries: every load at once (ll-spin)
 };
 
 // A CUDA error is a reason not to run, not an exception (nothing is thrown inside the op's
@@ -1168,13 +1171,16 @@ inline int64_t env_knob(const char* name) {
 // The grid variant's exchange between steps, RNNFAST_GRID_EXCHANGE (read at each call, a
 // knob until a GPU run has measured the LL exchange): "barrier" (or unset) the grid
 // barrier and staging from y, "ll" the LL exchange (where the staged values are 32- or
-// 16-bit, and 16-bit ones pair up: float64 and a 16-bit forward at odd H keep the barrier).
-enum class GridExchange { kBarrier, kLL, kUnknown };
+// 16-bit, and 16-bit ones pair up: float64 and a 16-bit forward at odd H keep the barrier),
+// "ll-spin" the same with every load of a batch retried at once instead of one polled
+// (ll_wait_pieces).
+enum class GridExchange { kBarrier, kLL, kLLSpin, kUnknown };
 inline GridExchange grid_exchange(std::string& value) {
   const char* v = std::getenv("RNNFAST_GRID_EXCHANGE");
   value = v != nullptr ? v : "";
   if (value.empty() || value == "barrier") return GridExchange::kBarrier;
-  return value == "ll" ? GridExchange::kLL : GridExchange::kUnknown;
+  if (value == "ll") return GridExchange::kLL;
+  return value == "ll-spin" ? GridExchange::kLLSpin : GridExchange::kUnknown;
 }
 
 // What plan_persistent's variants share: the cell's sizes, the device and the cost model.
@@ -1306,7 +1312,8 @@ struct PersistentPlanner {
     std::string exchange_value;
     const GridExchange exchange = grid_exchange(exchange_value);
     if (exchange == GridExchange::kUnknown) {
-      why = "RNNFAST_GRID_EXCHANGE is '" + exchange_value + "', expected 'barrier' or 'll'";
+      why = "RNNFAST_GRID_EXCHANGE is '" + exchange_value +
+            "', expected 'barrier', 'll' or 'll-spin'";
       return plan;
     }
     const int sms = prop.multiProcessorCount;
@@ -1316,7 +1323,8 @@ struct PersistentPlanner {
     // values per LL word (none for float64)
     constexpr bool kWords = sizeof(x_t) <= 4;
     constexpr int kPer = kWords ? 4 / static_cast<int>(sizeof(x_t)) : 1;
-    const bool ll = exchange == GridExchange::kLL && kWords && K % kPer == 0;
+    const bool ll = (exchange == GridExchange::kLL || exchange == GridExchange::kLLSpin) &&
+                    kWords && K % kPer == 0;
     int64_t units = (H + spread - 1) / spread;
     if (ll) units = (units + kPer - 1) / kPer * kPer;
     const int64_t w_rows = kBackward ? units : G * units;
@@ -1359,7 +1367,10 @@ struct PersistentPlanner {
       plan.xs_tiles = xs_tiles;
       plan.us = model.persistent_us(N, kNT, r_pad, K, ld, x_size, vectors ? v : 1, kMma,
                                     plan.blocks, ll, xs_tiles == 2 && vectors);
-      if (ll) plan.ll_row = round_up(static_cast<int>(K / kPer), 2);
+      if (ll) {
+        plan.ll_row = round_up(static_cast<int>(K / kPer), 2);
+        plan.ll_spin = exchange == GridExchange::kLLSpin;
+      }
       return true;
     });
     return plan;
@@ -1481,7 +1492,8 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
     std::string value;
     if (grid_exchange(value) == GridExchange::kUnknown) {
       PersistentLaunch plan;
-      plan.refused = "RNNFAST_GRID_EXCHANGE is '" + value + "', expected 'barrier' or 'll'";
+      plan.refused =
+          "RNNFAST_GRID_EXCHANGE is '" + value + "', expected 'barrier', 'll' or 'll-spin'";
       return plan;
     }
   }
@@ -1543,6 +1555,7 @@ std::string launch_persistent(const PersistentLaunch& plan,
   if (plan.ll_row > 0) {
     params.ll = zeroed;
     params.ll_row = plan.ll_row;
+    params.ll_spin = plan.ll_spin;
   } else {
     params.barrier = zeroed;
   }

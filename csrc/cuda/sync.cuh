@@ -92,14 +92,29 @@ __device__ __forceinline__ unsigned ll_bits(unsigned long long w) { return unsig
 // address) and ignored. off(i) gives piece i's offset (a function: the caller need not
 // build an array of them). Returns true once all are there; past limit_cycles, or once
 // *abort is set, it sets *abort and returns false, or without an abort flag (nullptr)
-// traps: an error, not a hang. (The kernels' stage_ll and scripts/sync_bench.cu's ll mode.)
+// traps: an error, not a hang. poll_one false: no polling of one piece; every load again at
+// once, round trip after round trip (the lowest latency where L2 has the bandwidth to
+// spare: the choice is a knob until a GPU run has measured both, RNNFAST_GRID_EXCHANGE
+// ll / ll-spin). (The kernels' stage_ll and scripts/sync_bench.cu's ll and ll_spin modes.)
 template <int kBatch, typename Offset>
 __device__ __forceinline__ bool ll_wait_pieces(const unsigned long long* base, Offset off,
-                                               unsigned valid,
-                                               unsigned second, unsigned want,
+                                               unsigned valid, unsigned second, unsigned want,
                                                ulonglong2 (&v)[kBatch], long long limit_cycles,
-                                               unsigned* abort) {
+                                               unsigned* abort, bool poll_one = true) {
   const long long since = clock64();
+  // past the limit: a trap, or with an abort flag true (the flag set); true once aborted
+  auto gave_up = [&]() {
+    const bool late = clock64() - since > limit_cycles;
+    if (abort == nullptr) {
+      if (late) __trap();
+      return false;
+    }
+    if (late || *reinterpret_cast<volatile unsigned*>(abort) != 0u) {
+      atomicExch(abort, 1u);
+      return true;
+    }
+    return false;
+  };
   for (;;) {
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) v[i] = ll_load2(base + off(i));
@@ -111,19 +126,17 @@ __device__ __forceinline__ bool ll_wait_pieces(const unsigned long long* base, O
     }
     const unsigned left = valid & ~ready;
     if (left == 0) return true;
+    if (!poll_one) {
+      if (gave_up()) return false;
+      continue;
+    }
     const int first = __ffs(left) - 1;
     const int o = off(first);
     const bool two = (second >> first & 1u) != 0;
     for (;;) {
       const ulonglong2 w = ll_load2(base + o);
       if (ll_flag(w.x) == want && (!two || ll_flag(w.y) == want)) break;
-      const bool late = clock64() - since > limit_cycles;
-      if (abort == nullptr) {
-        if (late) __trap();
-      } else if (late || *reinterpret_cast<volatile unsigned*>(abort) != 0u) {
-        atomicExch(abort, 1u);
-        return false;
-      }
+      if (gave_up()) return false;
     }
   }
 }

@@ -39,14 +39,18 @@
 # capability, e.g. 9.0), CUDA_HOME (default /usr/local/cuda, else from nvcc on the PATH),
 # SANITIZE_JOBS (sanitizer processes at a time, default 6), BENCH_ARGS
 # (replaces the benchmark's arguments after --device cuda), BENCH7_DTYPES (default
-# "bfloat16 float32"), BENCH7_REPEATS (default 3) and BENCH7_CAP (the bench7 stage's limit in
-# seconds, default 300).
+# "bfloat16 float32"), BENCH7_REPEATS (default 3), BENCH7_CONTENDERS (comma-separated, default
+# "rnnfast,rnnfast persistent,rnnfast cluster,rnnfast step,torch.nn") and BENCH7_CAP (the
+# bench7 stage's limit in seconds, default 300).
 #
 # With 15 device minutes (the machine's start counts too), two calls fit (the second
-# finds the build in place); since the cluster variant the build and test_cuda take
-# longer (three paths; estimated, not measured: build ~100 s, test_cuda ~170 s):
-#   GPU_CHECK_STAGES="test_cuda sanitize syncbench calib bench7" BENCH7_DTYPES=bfloat16 GPU_CHECK_BUDGET=560
-#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES=float32 BENCH7_CAP=280 GPU_CHECK_BUDGET=300
+# finds the build in place). Estimated, not measured: build ~100 s, test_cuda ~250 s (three
+# paths, and the LL exchange's tests), sanitize ~120 s (46 runs), syncbench ~30 s, calib
+# ~120 s; bench7 took 300 s for 64 float32 cases with 5 contenders on 2026-11-27. The first
+# call checks and calibrates, the second measures the issue's table (bfloat16 first; auto,
+# the grid variant and cuDNN: the other paths' numbers come from calib):
+#   GPU_CHECK_STAGES="syncbench test_cuda sanitize calib" GPU_CHECK_BUDGET=570
+#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,torch.nn" BENCH7_CAP=290 GPU_CHECK_BUDGET=300
 #
 # The extension is built with `python setup.py build_ext --inplace` (not scripts/setup.sh,
 # which may pip install, nor pip, which may look for an index): the .so lands in rnnfast/
@@ -290,12 +294,13 @@ if wanted calib; then
   run_stage calib 120 60 "$PY" scripts/calibrate_persistent.py --json "$OUT/gpu-calib.json"
 fi
 if wanted bench7; then
-  # 72 cases per dtype x 4 contenders at T=1024: few runs each. bfloat16 first: the first
+  IFS=',' read -ra BENCH7_CONTENDERS_LIST <<<"${BENCH7_CONTENDERS:-rnnfast,rnnfast persistent,rnnfast cluster,rnnfast step,torch.nn}"
+  # 72 cases per dtype x 5 contenders at T=1024: few runs each. bfloat16 first: the first
   # H100 run (2026-11-27) ran out of time inside float32 and never reached it.
   # shellcheck disable=SC2086  # BENCH7_DTYPES is a list
   run_stage bench7 "${BENCH7_CAP:-300}" 60 env RNNFAST_CUDA_PATH=auto "$PY" -m benchmarks.bench \
     --device cuda --set issue7 --dtypes ${BENCH7_DTYPES:-bfloat16 float32} \
-    --contenders rnnfast "rnnfast persistent" "rnnfast cluster" "rnnfast step" torch.nn \
+    --contenders "${BENCH7_CONTENDERS_LIST[@]}" \
     --repeats "${BENCH7_REPEATS:-3}" --min-time 0 --markdown --json "$OUT/gpu-bench7.json" --png none
 fi
 if wanted bench; then

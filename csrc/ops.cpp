@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 
 #include "rnnfast.h"
@@ -108,6 +109,9 @@ namespace {
 constexpr const char* kPathNames[] = {"auto", "step", "persistent", "cluster"};
 std::atomic<int> path_mode{-1};  // -1: not read from RNNFAST_CUDA_PATH yet
 std::atomic<int> last_path[2] = {-1, -1};
+std::mutex plan_mutex;
+CudaPlanNote last_plan[2];
+bool plan_noted[2] = {false, false};
 
 int parse_path(const char* what, const std::string& name) {
   for (int i = 0; i < 4; ++i) {
@@ -132,6 +136,12 @@ CudaPath cuda_path_mode() {
 
 void note_cuda_path(bool backward, CudaPath used) {
   last_path[backward ? 1 : 0].store(static_cast<int>(used));
+}
+
+void note_cuda_plan(bool backward, const CudaPlanNote& note) {
+  const std::lock_guard<std::mutex> lock(plan_mutex);
+  last_plan[backward ? 1 : 0] = note;
+  plan_noted[backward ? 1 : 0] = true;
 }
 
 void check_persistent_refusal(const char* op, const std::string& why) {
@@ -189,10 +199,49 @@ PyObject* py_last_cuda_path(PyObject*, PyObject*) {
   return out;
 }
 
+// _C._last_cuda_plan() -> (forward, backward), each a dict of CudaPlanNote's fields or None
+PyObject* py_last_cuda_plan(PyObject*, PyObject*) {
+  return python_call([]() -> PyObject* {
+    rnnfast::CudaPlanNote notes[2];
+    bool noted[2];
+    {
+      const std::lock_guard<std::mutex> lock(rnnfast::plan_mutex);
+      for (int i = 0; i < 2; ++i) {
+        notes[i] = rnnfast::last_plan[i];
+        noted[i] = rnnfast::plan_noted[i];
+      }
+    }
+    PyObject* out = PyTuple_New(2);
+    for (int i = 0; i < 2; ++i) {
+      PyObject* d;
+      if (!noted[i]) {
+        Py_INCREF(Py_None);
+        d = Py_None;
+      } else {
+        const rnnfast::CudaPlanNote& n = notes[i];
+        d = Py_BuildValue(
+            "{s:d,s:d,s:d,s:d,s:i,s:i,s:i,s:i,s:i,s:i,s:L,s:i}", "us", n.us, "grid_us",
+            n.grid_us, "cluster_us", n.cluster_us, "step_us", n.step_us, "blocks", n.blocks,
+            "units", n.units, "cluster", n.cluster, "nt", n.nt, "rpw", n.rpw, "xs_tiles",
+            n.xs_tiles, "group_rows", static_cast<long long>(n.group_rows), "exchange",
+            n.exchange);
+        if (d == nullptr) {
+          Py_DECREF(out);
+          return nullptr;
+        }
+      }
+      PyTuple_SET_ITEM(out, i, d);
+    }
+    return out;
+  });
+}
+
 PyMethodDef methods[] = {
     {"_cuda_path", py_cuda_path, METH_NOARGS, "the CUDA path setting"},
     {"_set_cuda_path", py_set_cuda_path, METH_O, "sets the CUDA path, returns the previous"},
     {"_last_cuda_path", py_last_cuda_path, METH_NOARGS, "(forward, backward) paths last run"},
+    {"_last_cuda_plan", py_last_cuda_plan, METH_NOARGS,
+     "(forward, backward) persistent plans last made: the cost model's estimates and sizes"},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -108,6 +108,18 @@ enum class CudaPath : int { kAuto = 0, kStep = 1, kPersistent = 2, kCluster = 3 
 CudaPath cuda_path_mode();
 // Records the path the last CUDA forward (backward) took, for rnnfast.last_cuda_path().
 void note_cuda_path(bool backward, CudaPath used);
+// What the persistent kernels' planner decided for the last CUDA forward (backward) that
+// planned one (a forced variant or auto), for scripts/calibrate_persistent.py
+// (rnnfast._ops._last_cuda_plan()): the cost model's microseconds per step of the plan
+// that runs (-1: the per-step path) and of each candidate it costed (-1: not costed or
+// cannot run), and the launch's shape (zeros where the per-step path runs).
+struct CudaPlanNote {
+  double us = -1, grid_us = -1, cluster_us = -1, step_us = -1;
+  int blocks = 0, units = 0, cluster = 0, nt = 0, rpw = 0, xs_tiles = 0;
+  int64_t group_rows = 0;
+  int exchange = 0;  // the grid variant's: 0 the barrier, 1 LL, 2 LL with ll-spin
+};
+void note_cuda_plan(bool backward, const CudaPlanNote& note);
 // Raises `op: why` when `why` is not empty: a persistent variant was forced and cannot
 // run (why says which and why). The CUDA ops call it after their dispatch, so that the
 // error is thrown from a C++ (not nvcc) frame, with no dispatch lambda between it and the

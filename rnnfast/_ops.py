@@ -171,3 +171,15 @@ def last_cuda_path():
     """(forward, backward): the path the last CUDA forward and backward op took,
     'persistent', 'cluster' or 'step', or None where none has run yet."""
     return _C._last_cuda_path()
+
+
+def _last_cuda_plan():
+    """(forward, backward): what the persistent kernels' planner decided for the last CUDA
+    forward and backward op that planned one (a forced variant, or auto), or None: a dict
+    of the cost model's microseconds per step of the plan that runs (`us`, -1 for the
+    per-step path) and of each candidate it costed (`grid_us`, `cluster_us`, `step_us`; -1
+    where not costed or unable to run), and the launch's shape (`blocks`, `units`,
+    `cluster` size, tile `nt` x `rpw`, `xs_tiles`, `group_rows`, `exchange`: 0 the grid
+    barrier, 1 LL, 2 LL with ll-spin). For scripts/calibrate_persistent.py, which records it
+    beside each measured time (the model against the GPU)."""
+    return _C._last_cuda_plan()

@@ -15,6 +15,10 @@ with the cluster variant forced, the planner's cluster size and each of --cluste
 timings after a warm-up, divided by T. A cap that does not fit on chip is reported as
 such (the forced path raises).
 
+Each row also records what the planner decided and the cost model's estimate for it
+(rnnfast._ops._last_cuda_plan(): `plan_fwd`, and `plan_bwd` for fwdbwd), so that the model
+can be checked and refitted against the measurement without redoing its arithmetic.
+
   python scripts/calibrate_persistent.py                       # prints a table
   python scripts/calibrate_persistent.py --json calib.json     # and writes the rows
 
@@ -32,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import rnnfast  # noqa: E402
+from rnnfast._ops import _last_cuda_plan  # noqa: E402
 
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
 KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_GRID_EXCHANGE")
@@ -53,9 +58,11 @@ def time_per_step(fn, T, repeats, warmup=2):
 
 
 def measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None):
-    """Microseconds per step, or the first line of the error the call raised. knob: the
-    value of RNNFAST_PERSISTENT_MAX_BLOCKS (path persistent) or RNNFAST_CLUSTER_SIZE
-    (path cluster), 0 for none; exchange: RNNFAST_GRID_EXCHANGE (path persistent)."""
+    """(microseconds per step, or the first line of the error the call raised; the paths
+    that ran; the planner's decisions, rnnfast._ops._last_cuda_plan(): the cost model's
+    estimates beside the measurement). knob: the value of RNNFAST_PERSISTENT_MAX_BLOCKS
+    (path persistent) or RNNFAST_CLUSTER_SIZE (path cluster), 0 for none; exchange:
+    RNNFAST_GRID_EXCHANGE (path persistent)."""
     torch.manual_seed(0)
     m = MODULES[cell](H, H).to("cuda", dtype)
     x = torch.randn(T, N, H, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
@@ -76,9 +83,10 @@ def measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None):
     try:
         with rnnfast.cuda_path(path):
             us = time_per_step(fwd if mode == "fwd" else fwdbwd, T, repeats)
-            return us, rnnfast.last_cuda_path()
+            plans = _last_cuda_plan() if path != "step" else (None, None)
+            return us, rnnfast.last_cuda_path(), plans
     except RuntimeError as e:
-        return str(e).strip().splitlines()[0][:160], None
+        return str(e).strip().splitlines()[0][:160], None, (None, None)
     finally:
         for name in KNOBS:
             os.environ.pop(name, None)
@@ -122,11 +130,12 @@ def main(argv=None):
 
                         def run(path, knob, field, exchange=None):
                             """One measurement, recorded; its table cell."""
-                            us, used = measure(cell, dtype, N, H, args.seq_len, path, knob,
-                                               mode, args.repeats, exchange)
+                            us, used, plans = measure(cell, dtype, N, H, args.seq_len, path,
+                                                      knob, mode, args.repeats, exchange)
                             extra = {"exchange": exchange} if exchange else {}
                             rows.append(dict(case, path=path, **{field: knob}, **extra, us=us,
-                                             used=used))
+                                             used=used, plan_fwd=plans[0],
+                                             plan_bwd=plans[1] if mode == "fwdbwd" else None))
                             return f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
                         cells = [run("persistent", cap, "max_blocks", ex) for cap, ex in caps]
                         ccells = [run("cluster", size, "cluster_size") for size in sizes]

@@ -513,7 +513,8 @@ if cal:
           "exchange and ll-spin (lls), all blocks and <= 64; cluster (planner's size); "
           "per-step path")
     print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} {'barrier':>8} {'ll':>8} "
-          f"{'lls':>8} {'bar<=64':>8} {'ll<=64':>8} {'lls<=64':>8} {'cluster':>8} {'step':>8}")
+          f"{'lls':>8} {'bar<=64':>8} {'ll<=64':>8} {'lls<=64':>8} {'cluster':>8} {'step':>8} "
+          f"{'model':>8}  (model: the cost model's barrier, all blocks; fwdbwd: both plans)")
     keys = list(dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in cal))
     for k in keys:
         rs = [r for r in cal if (r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) == k]
@@ -522,8 +523,12 @@ if cal:
                           all(r.get(f, d) == v for f, (v, d) in want.items())])
         grid = " ".join(pick("persistent", max_blocks=(cap, 0), exchange=(ex, "barrier"))
                         for cap in (0, 64) for ex in ("barrier", "ll", "ll-spin"))
+        base = [r for r in rs if r["path"] == "persistent" and r.get("max_blocks", 0) == 0
+                and r.get("exchange", "barrier") == "barrier"]
+        plans = [p for r in base[:1] for p in (r.get("plan_fwd"), r.get("plan_bwd")) if p]
+        model = f"{sum(p['us'] for p in plans):8.2f}" if plans else f"{'n/a':>8}"
         print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6} {grid} "
-              f"{pick('cluster', cluster_size=(0, 0))} {pick('step')}")
+              f"{pick('cluster', cluster_size=(0, 0))} {pick('step')} {model}")
 
 # benchmarks: rnnfast's speedup over cuDNN (torch.nn) per case, then the geomeans
 for fname in ("gpu-bench7.json", "gpu-bench.json", "gpu-peers.json"):

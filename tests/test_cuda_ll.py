@@ -16,6 +16,7 @@ import torch
 
 import rnnfast
 from helpers import CELLS, compare_all
+from rnnfast._ops import _last_cuda_plan
 from test_cuda import _cuda_pair, _inputs, run_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -110,6 +111,31 @@ def test_ll_is_bitwise_the_barrier(cell, dtype, exchange, monkeypatch):
     assert len(barrier) == len(ll)
     for i, (a, b) in enumerate(zip(barrier, ll)):
         assert torch.equal(a, b), f"result {i} differs between the barrier and the LL exchange"
+
+
+@pytest.mark.parametrize("exchange, code", [("barrier", 0), ("ll", 1), ("ll-spin", 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_plan_note_reports_the_exchange(exchange, code, dtype, monkeypatch):
+    """rnnfast._ops._last_cuda_plan() after a forced grid variant (LSTM, H = 400, 20 rows):
+    the exchange, the units and blocks (bfloat16 with LL an even number of units in the
+    forward; the backward's words are floats), the cost model's estimate, and in the
+    forward two tiles of xs with the barrier (20 rows: two tiles of 16), one with LL."""
+    monkeypatch.setenv("RNNFAST_GRID_EXCHANGE", exchange)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    f = rnnfast.LSTM(8, 400).to("cuda", dtype)
+    x = torch.randn(3, 20, 8, device="cuda", dtype=dtype, requires_grad=True)
+    f(x)[0].float().sum().backward()
+    fwd, bwd = _last_cuda_plan()
+    per = 2 if (dtype == torch.bfloat16 and exchange != "barrier") else 1
+    for note, backward in ((fwd, False), (bwd, True)):
+        assert note is not None
+        u = -(-400 // sms)
+        if not backward:
+            u = -(-u // per) * per
+        assert note["units"] == u and note["blocks"] == -(-400 // u), note
+        assert note["exchange"] == code and note["cluster"] == 0, note
+        assert note["us"] > 0 and note["grid_us"] == note["us"], note
+    assert fwd["xs_tiles"] == (1 if code else 2), fwd
 
 
 def test_float64_keeps_the_barrier():

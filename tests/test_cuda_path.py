@@ -82,3 +82,17 @@ def test_bad_environment_variable_is_a_clear_error():
     assert done.returncode != 0
     assert ("RNNFAST_CUDA_PATH: expected 'auto', 'persistent', 'cluster' or 'step', but got "
             "'fastest'") in done.stderr
+
+
+def test_no_plan_is_noted_before_a_cuda_call():
+    """rnnfast._ops._last_cuda_plan(): (None, None) until a CUDA op has planned; the CPU
+    ops never plan."""
+    code = ("import torch, rnnfast\n"
+            "from rnnfast._ops import _last_cuda_plan\n"
+            "assert _last_cuda_plan() == (None, None)\n"
+            "f = rnnfast.LSTM(3, 5)\n"
+            "f(torch.randn(4, 2, 3, requires_grad=True))[0].sum().backward()\n"
+            "print(_last_cuda_plan())")
+    done = _in_child(code, "persistent")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(None, None)"

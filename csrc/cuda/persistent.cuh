@@ -1129,6 +1129,7 @@ struct PersistentLaunch {
   int64_t ll_row = 0;       // the grid variant's LL exchange: words per row; 0: the barrier
   int xs_tiles = 1;         // the grid variant's tiles of xs (2: stage_rows_async)
   bool ll_spin = false;     // the LL exchange's retries: every load at once (ll-spin)
+  int nt = 0, rpw = 0;      // the tile
 };
 
 // A CUDA error is a reason not to run, not an exception (nothing is thrown inside the op's
@@ -1365,6 +1366,8 @@ struct PersistentPlanner {
       const bool vectors = ll || (K % v == 0 && ld % v == 0);
       plan = {k, static_cast<int>(blocks), static_cast<int>(units), 0, N, smem};
       plan.xs_tiles = xs_tiles;
+      plan.nt = kNT;
+      plan.rpw = kRPW;
       plan.us = model.persistent_us(N, kNT, r_pad, K, ld, x_size, vectors ? v : 1, kMma,
                                     plan.blocks, ll, xs_tiles == 2 && vectors);
       if (ll) {
@@ -1458,6 +1461,8 @@ struct PersistentPlanner {
         }
         PersistentLaunch plan{k, static_cast<int>(clusters * cs), static_cast<int>(units), cs,
                               rows, smem_bytes<kNT, kRPW, true>(r_pad, ld, rows)};
+        plan.nt = kNT;
+      plan.rpw = kRPW;
         // a block stores each of its values (G of them in the backward) into each block
         const int64_t pushes = rows * units * (kBackward ? G : 1) * cs;
         plan.us = model.cluster_us(rows, kNT, r_pad, K, pushes, sizeof(x_t), kMma,
@@ -1475,6 +1480,23 @@ struct PersistentPlanner {
     return best;
   }
 };
+
+// A plan for rnnfast::note_cuda_plan: its cost-model estimate and shape (the estimates of
+// the other candidates are the caller's to fill in).
+inline CudaPlanNote plan_note(const PersistentLaunch& plan) {
+  CudaPlanNote n;
+  if (plan.kernel == nullptr) return n;
+  n.us = plan.us;
+  n.blocks = plan.blocks;
+  n.units = plan.units;
+  n.cluster = plan.cluster;
+  n.nt = plan.nt;
+  n.rpw = plan.rpw;
+  n.xs_tiles = plan.cluster > 0 ? 0 : plan.xs_tiles;
+  n.group_rows = plan.group_rows;
+  n.exchange = plan.ll_row > 0 ? (plan.ll_spin ? 2 : 1) : 0;
+  return n;
+}
 
 // Picks the path for one op call from the mode (rnnfast::cuda_path_mode), the fit on chip
 // and the cost model, and records it (rnnfast::note_cuda_path): `persistent` is the grid
@@ -1505,6 +1527,9 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
                      "cannot run for H=" + std::to_string(H) + ": " + planner.why;
     } else {
       note_cuda_path(kBackward, mode);
+      CudaPlanNote note = plan_note(plan);
+      (plan.cluster > 0 ? note.cluster_us : note.grid_us) = plan.us;
+      note_cuda_plan(kBackward, note);
     }
     return plan;
   };
@@ -1512,6 +1537,7 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
   if (mode == CudaPath::kCluster) return forced(planner.cluster(), "cluster");
   // auto
   PersistentLaunch plan = planner.grid();
+  const double grid_us = plan.kernel != nullptr ? plan.us : -1.0;
   const PersistentLaunch clustered = planner.cluster();
   if (clustered.kernel != nullptr && (plan.kernel == nullptr || clustered.us < plan.us)) {
     plan = clustered;
@@ -1519,10 +1545,13 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
   // the per-step forward GEMM runs in scalar_t, on tensor cores for 16-bit; the backward's
   // in acc_t
   constexpr int G = Cell::kGates;
-  if (plan.kernel != nullptr &&
-      !(plan.us < planner.model.step_us(2.0 * N * G * H * H, planner.kMma))) {
-    plan = PersistentLaunch{};
-  }
+  const double step_us = planner.model.step_us(2.0 * N * G * H * H, planner.kMma);
+  if (plan.kernel != nullptr && !(plan.us < step_us)) plan = PersistentLaunch{};
+  CudaPlanNote note = plan_note(plan);
+  note.grid_us = grid_us;
+  note.cluster_us = clustered.kernel != nullptr ? clustered.us : -1.0;
+  note.step_us = step_us;
+  note_cuda_plan(kBackward, note);
   note_cuda_path(kBackward, plan.kernel == nullptr ? CudaPath::kStep
                             : plan.cluster > 0     ? CudaPath::kCluster
                                                    : CudaPath::kPersistent);

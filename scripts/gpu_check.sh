@@ -37,7 +37,8 @@
 # default 480; each stage's limit shrinks so that the later ones keep their minimum),
 # MAX_JOBS (default: all cores), TORCH_CUDA_ARCH_LIST (default: the visible GPU's
 # capability, e.g. 9.0), CUDA_HOME (default /usr/local/cuda, else from nvcc on the PATH),
-# SANITIZE_JOBS (sanitizer processes at a time, default 6), BENCH_ARGS
+# SANITIZE_JOBS (sanitizer processes at a time, default 6), TEST_CUDA_SHARDS (pytest
+# processes at a time for the CUDA tests, default 4; 1: one plain pytest), BENCH_ARGS
 # (replaces the benchmark's arguments after --device cuda), BENCH7_DTYPES (default
 # "bfloat16 float32"), BENCH7_REPEATS (default 3), BENCH7_CONTENDERS (comma-separated, default
 # "rnnfast,rnnfast persistent,rnnfast cluster,rnnfast step,torch.nn") and BENCH7_CAP (the
@@ -184,8 +185,11 @@ PYEOF
 
 # ---- 2. the CUDA tests (each on every path) ----
 if wanted test_cuda; then
-  run_stage test_cuda 300 160 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
-    --junitxml="$OUT/test_cuda.xml" tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_ll.py
+  # TEST_CUDA_SHARDS pytest processes at once (scripts/pytest_shards.py): the float64
+  # reference loops on the CPU are most of these tests' time, and the machine has 16 cores
+  run_stage test_cuda 300 160 "$PY" scripts/pytest_shards.py --shards "${TEST_CUDA_SHARDS:-4}" \
+    --junitxml="$OUT/test_cuda.xml" -- -q --tb=short \
+    tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_ll.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's

@@ -152,6 +152,7 @@ MUTATIONS = {
     "async_same_buffer": "pipelined staging: tile i + 1 copied into tile i's half of xs",
     "async_no_sync": "pipelined staging: no __syncthreads after cp_async_wait",
     "async_plan_one_tile": "pipelined staging: the plan sizes xs for one tile but asks for two",
+    "prefetch_past_t": "forward: xp of step s + 2 prefetched at the step before the last too",
 }
 MUT = set()
 
@@ -1023,6 +1024,19 @@ def turn_index(s):
     return 0 if mut("cluster_one_turn") else s & 1
 
 
+def prefetch_xp(p, G, t, n_begin, rows, u0, here):
+    """prefetch_xp: prefetch.global.L2 of the first and last element of xp[t][n][g * H + u0,
+    ... + here) for the group's rows and every gate; a hint, so only its addresses are
+    checked: inside xp."""
+    idx = np.arange(rows * G, dtype=np.int64)
+    n, g = n_begin + idx // G, idx % G
+    first = (t * p.N + n) * G * p.H + g * p.H + u0
+    for addr in (first, first + here - 1):
+        if addr.size and (addr.min() < 0 or addr.max() >= p.xp.buf.v.size - p.xp.off):
+            raise Finding(f"prefetch_xp out of bounds of xp: [{addr.min()}, {addr.max()}]")
+    cover("forward: xp prefetched into L2")
+
+
 def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
     G = Cell.kGates
     mma = dt.mma
@@ -1153,6 +1167,8 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
                     p.ll.store(row[even] + (u0 + j[even]) // 2, h[even], hi, s + 1, ctx)
             if n0 + NT < rows and not mut("no_next_tile_sync"):
                 ctx.syncthreads()
+        if s + 2 < p.T + mut("prefetch_past_t"):  # step s + 2's xp into L2 (bounds only)
+            prefetch_xp(p, G, time_index(s + 2, p.T, p.reverse), nb, rows, u0, here)
         if s + 1 < p.T and ll:  # no barrier: the loads ahead, a __syncthreads
             ahead = Cell.load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u,
                               ctx, ahead_thr)
@@ -2487,7 +2503,8 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "cluster: mma forward", "cluster: ffma forward", "cluster: backward",
             "ll: forward", "ll: backward", "ll: the barrier where the values do not allow words",
             "stage_ll: 16-bit pairs", "stage_ll: 32-bit words", "stage_rows_async: cp.async",
-            "stage_rows_async: a later tile issued during an earlier one"}
+            "stage_rows_async: a later tile issued during an earlier one",
+            "forward: xp prefetched into L2"}
 TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16)}
 
 

@@ -39,7 +39,8 @@
 //             units writes y[t] (and the cache). Its other inputs (Cell::load: the input
 //             projection, GRU's b_hh, the LSTM's c) are loaded for each thread's first
 //             item of step s + 1 between the arrival and the wait of the barrier that
-//             ends step s.
+//             ends step s, and step s + 2's input projection is prefetched into L2
+//             (prefetch_xp: at long T it comes from DRAM).
 //   backward: Ws[j][q] = W_hh[q][u0 + j]                     R = U rows, K = G * H.
 //             Per step, phase A: the cell's pointwise backward of the block's units writes
 //             the gate gradients dg[t] (cluster: and stores dg_hh into every block's
@@ -456,6 +457,26 @@ __device__ __forceinline__ void stage_rows_async(const x_t* src, int64_t n0, int
   cp_async_commit();
 }
 
+// prefetch.global.L2 of the lines of xp[t][n][g * H + u0, g * H + u0 + here) for the
+// group's rows n and every gate g (xp [T, N, G * H], every cell's layout): a later step's
+// input projection, which at long T comes from DRAM (larger than L2, and written before
+// the launch from its first step on), in L2 by the time the loads ahead ask for it (the
+// forward prefetches step s + 2's at the end of step s, when it loads step s + 1's).
+template <int G, typename scalar_t>
+__device__ __forceinline__ void prefetch_xp(const scalar_t* xp, int64_t t, int64_t N, int64_t H,
+                                            int64_t n_begin, int64_t rows, int64_t u0,
+                                            int here) {
+  for (int64_t idx = threadIdx.x; idx < rows * G; idx += blockDim.x) {
+    const int64_t n = n_begin + idx / G, g = idx % G;
+    const scalar_t* first = xp + (t * N + n) * G * H + g * H + u0;
+    const scalar_t* last = first + here - 1;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(first)));
+    if ((reinterpret_cast<uintptr_t>(first) >> 7) != (reinterpret_cast<uintptr_t>(last) >> 7)) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(last)));
+    }
+  }
+}
+
 // The pipelined row-tile loop's staging of tile i (rows n0, ...; tile 0 issued before the
 // loop): tile i + 1's copy issued into the other tile of xs, then tile i's waited for;
 // returns tile i's tile of xs (the caller's __syncthreads then makes every thread's copies
@@ -848,6 +869,9 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       }
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
+      }
+      if (s + 2 < p.T) {
+        prefetch_xp<G>(p.xp, time_index(s + 2, p.T, p.reverse), N, H, n_begin, rows, u0, here);
       }
       if constexpr (kCluster) {
         cluster_wait();

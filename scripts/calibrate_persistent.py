@@ -7,9 +7,9 @@ For each cell, dtype, N and H (small sets, T=256), the forward (under no_grad) a
 forward+backward run with the persistent path (grid variant) forced, once with a block per
 SM (the default plan) and once for each cap in --max-blocks (RNNFAST_PERSISTENT_MAX_BLOCKS:
 fewer blocks, more hidden units each, so a cheaper grid barrier and more work per block),
-each with every exchange of --exchanges (RNNFAST_GRID_EXCHANGE: the grid barrier, and the LL
-exchange, which has no barrier but reads twice the bytes, with either way of retrying its
-loads);
+each with every exchange of --exchanges (RNNFAST_GRID_EXCHANGE: the grid barrier on its
+counter or on per-block flags, and the LL exchange, which has no barrier but reads twice the
+bytes, with either way of retrying its loads);
 with the cluster variant forced, the planner's cluster size and each of --cluster-sizes
 (RNNFAST_CLUSTER_SIZE); and the per-step path forced, for comparison. Times are the median of --repeats CUDA-event
 timings after a warm-up, divided by T. A cap that does not fit on chip is reported as
@@ -99,8 +99,8 @@ def main(argv=None):
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--hidden", nargs="+", type=int, default=[256, 768])
     ap.add_argument("--max-blocks", nargs="+", type=int, default=[64, 32])
-    ap.add_argument("--exchanges", nargs="+", default=["barrier", "ll", "ll-spin"],
-                    choices=["barrier", "ll", "ll-spin"])
+    ap.add_argument("--exchanges", nargs="+", default=["barrier", "flags", "ll", "ll-spin"],
+                    choices=["barrier", "flags", "ll", "ll-spin"])
     ap.add_argument("--cluster-sizes", nargs="+", type=int, default=[16, 8, 4])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--seq-len", type=int, default=256)
@@ -115,7 +115,7 @@ def main(argv=None):
           f"T={args.seq_len}, us per step (median of {args.repeats})")
     caps = [(c, e) for c in [0] + args.max_blocks for e in args.exchanges]
     sizes = [0] + args.cluster_sizes
-    short = {"barrier": "", "ll": " ll", "ll-spin": " lls"}  # lls: ll-spin
+    short = {"barrier": "", "flags": " fl", "ll": " ll", "ll-spin": " lls"}  # lls: ll-spin
     head = "  ".join(f"{('all' if c == 0 else f'<={c}') + short[e]:>8s}" for c, e in caps)
     chead = "  ".join(f"{'auto' if c == 0 else f'C={c}':>8s}" for c in sizes)
     print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent, blocks: "

@@ -1758,7 +1758,9 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
     kernels (the MMA forward has only (16, 16))."""
     sms = dev.sms
     exchange = KNOBS.get("RNNFAST_GRID_EXCHANGE", "")
-    if exchange not in ("", "barrier", "ll", "ll-spin"):
+    # flags: the barrier on per-block flags, the same wait for every block's arrival as the
+    # counter's, which run_grid models
+    if exchange not in ("", "barrier", "flags", "ll", "ll-spin"):
         raise Finding(f"the persistent path cannot run: RNNFAST_GRID_EXCHANGE is {exchange!r}")
     units = (H + sms - 1) // sms
     K, _, x_size, mma = plan_sizes(Cell, backward, H, units, dt)
@@ -2481,6 +2483,9 @@ def cases(full=False):
              dtype="float16", **L),
         dict(kind="rnn", act=2, T=3, N=9, H=10, sms=3, reverse=True, training=True,
              dtype="float32", **L),
+        # the barrier on per-block flags: the counter's wait, as run_grid models it
+        dict(kind="gru", T=3, N=17, C=2, H=10, sms=3, reverse=False, training=True,
+             bias=True, dtype="float32", exchange="flags"),
     ]
     for j, e in enumerate(extra):
         e.setdefault("seed", 100000 + j)

@@ -198,9 +198,9 @@ SAN_TSV=$WORK/sanitize.tsv
 : >"$SAN_TSV"
 san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and exit code in $WORK
   local tool=$1 cell=$2 dtype=$3 h=$4 path=$5 t=$6
-  # PATH ll: the grid variant with the LL exchange (RNNFAST_GRID_EXCHANGE=ll)
+  # PATH ll, ll-spin or flags: the grid variant with that exchange (RNNFAST_GRID_EXCHANGE)
   local forced=$path exchange=barrier
-  if [ "$path" = ll ]; then forced=persistent exchange=ll; fi
+  case $path in ll | ll-spin | flags) forced=persistent exchange=$path ;; esac
   # racecheck runs over every kernel, cuBLAS's included (a --kernel-name filter for
   # rnnfast's own has not been tried on the GPU image yet)
   # no caching allocator: each tensor its own allocation, so memcheck sees overruns
@@ -232,6 +232,7 @@ for tool in memcheck racecheck; do
     for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype 16 ll"); done
   done
   SAN_CASES+=("$tool lstm bfloat16 700 ll")
+  SAN_CASES+=("$tool gru float32 16 flags")
 done
 t_san=$(stage_time 150 100)
 s=$(now)
@@ -513,11 +514,12 @@ if cal:
         v = [r["us"] for r in rows if isinstance(r.get("us"), float)]
         return f"{v[0]:8.2f}" if v else f"{'n/a':>8}"
     print()
-    print("gpu-calib.json: us per step; persistent (grid variant) with the barrier, the LL "
-          "exchange and ll-spin (lls), all blocks and <= 64; cluster (planner's size); "
-          "per-step path")
-    print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} {'barrier':>8} {'ll':>8} "
-          f"{'lls':>8} {'bar<=64':>8} {'ll<=64':>8} {'lls<=64':>8} {'cluster':>8} {'step':>8} "
+    print("gpu-calib.json: us per step; persistent (grid variant) with the barrier, per-block "
+          "flags (fl), the LL exchange and ll-spin (lls), all blocks and <= 64; cluster "
+          "(planner's size); per-step path")
+    print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} {'barrier':>8} {'fl':>8} "
+          f"{'ll':>8} {'lls':>8} {'bar<=64':>8} {'fl<=64':>8} {'ll<=64':>8} {'lls<=64':>8} "
+          f"{'cluster':>8} {'step':>8} "
           f"{'model':>8}  (model: the cost model's barrier, all blocks; fwdbwd: both plans)")
     keys = list(dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in cal))
     for k in keys:
@@ -526,7 +528,7 @@ if cal:
             return us_of([r for r in rs if r["path"] == path and
                           all(r.get(f, d) == v for f, (v, d) in want.items())])
         grid = " ".join(pick("persistent", max_blocks=(cap, 0), exchange=(ex, "barrier"))
-                        for cap in (0, 64) for ex in ("barrier", "ll", "ll-spin"))
+                        for cap in (0, 64) for ex in ("barrier", "flags", "ll", "ll-spin"))
         base = [r for r in rs if r["path"] == "persistent" and r.get("max_blocks", 0) == 0
                 and r.get("exchange", "barrier") == "barrier"]
         plans = [p for r in base[:1] for p in (r.get("plan_fwd"), r.get("plan_bwd")) if p]

@@ -89,18 +89,14 @@ __host__ __device__ inline float value_of(int s, int i) {
   return float((s * 131 + i * 7) % 65521);
 }
 
-// Every spin of the flags, ll and async modes is bounded: past kSpinCycles (about 2 s) it
-// raises `abort`, after which every spin gives up at once, so that a broken protocol costs
-// seconds and an "aborted" result rather than a hung GPU (the grid barrier's own spin,
-// sync.cuh's, and the hardware cluster barrier are not bounded).
+// Every spin of the nofence, flags, ll and async modes is bounded: past kSpinCycles (about
+// 2 s) it raises `abort`, after which every spin gives up at once (sync.cuh's
+// spin_gave_up), so that a broken protocol costs seconds and an "aborted" result rather
+// than a hung GPU (the grid barrier's own spin, sync.cuh's, traps only after about half a
+// minute, and the hardware cluster barrier is not bounded).
 constexpr long long kSpinCycles = 4000000000LL;
 __device__ __forceinline__ bool give_up(unsigned* abort, long long since) {
-  if (*reinterpret_cast<volatile unsigned*>(abort) != 0u) return true;
-  if (clock64() - since > kSpinCycles) {
-    atomicExch(abort, 1u);
-    return true;
-  }
-  return false;
+  return spin_gave_up(since, kSpinCycles, abort);
 }
 
 struct GridArgs {
@@ -148,24 +144,9 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
         } while (seen < target && !give_up(a.errors + 1, since));
       }
       __syncthreads();
-    } else if (a.mode == kFlags) {
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        asm volatile("fence.acq_rel.gpu;\n\tst.relaxed.gpu.global.u32 [%0], %1;" ::"l"(a.flags + b),
-                     "r"(unsigned(s + 1))
-                     : "memory");
-      }
-      for (int i = threadIdx.x; i < B; i += blockDim.x) {
-        unsigned seen;
-        const long long since = clock64();
-        do {
-          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
-                       : "=r"(seen)
-                       : "l"(a.flags + i)
-                       : "memory");
-        } while (seen < unsigned(s + 1) && !give_up(a.errors + 1, since));
-      }
-      __syncthreads();
+    } else if (a.mode == kFlags) {  // sync.cuh's, as RNNFAST_GRID_EXCHANGE=flags runs it
+      flags_arrive(a.flags, unsigned(s + 1));
+      flags_wait(a.flags, unsigned(s + 1), kSpinCycles, a.errors + 1);
     }
     // consume all n
     if (a.mode == kStage || a.mode == kFlags) {

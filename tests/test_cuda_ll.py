@@ -92,13 +92,13 @@ def _outputs_and_grads(f, x, h0, monkeypatch, exchange):
             *[p.grad for p in f.parameters()]]
 
 
-@pytest.mark.parametrize("exchange", ["ll", "ll-spin"])
+@pytest.mark.parametrize("exchange", ["ll", "ll-spin", "flags"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_ll_is_bitwise_the_barrier(cell, dtype, exchange, monkeypatch):
     """The LL exchange (either way of retrying its loads) moves the same values as staging
     from y after the barrier, and each block sums in the same order: outputs, states and
-    gradients equal bit for bit."""
+    gradients equal bit for bit; so does the barrier on per-block flags."""
     _, f, _ = _cuda_pair(cell, 8, 64, dtype=dtype)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(9, 20, 8, generator=g).to("cuda", dtype)
@@ -113,7 +113,8 @@ def test_ll_is_bitwise_the_barrier(cell, dtype, exchange, monkeypatch):
         assert torch.equal(a, b), f"result {i} differs between the barrier and the LL exchange"
 
 
-@pytest.mark.parametrize("exchange, code", [("barrier", 0), ("ll", 1), ("ll-spin", 2)])
+@pytest.mark.parametrize("exchange, code",
+                         [("barrier", 0), ("ll", 1), ("ll-spin", 2), ("flags", 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_plan_note_reports_the_exchange(exchange, code, dtype, monkeypatch):
     """rnnfast._ops._last_cuda_plan() after a forced grid variant (LSTM, H = 400, 20 rows):
@@ -135,7 +136,7 @@ def test_plan_note_reports_the_exchange(exchange, code, dtype, monkeypatch):
         assert note["units"] == u and note["blocks"] == -(-400 // u), note
         assert note["exchange"] == code and note["cluster"] == 0, note
         assert note["us"] > 0 and note["grid_us"] == note["us"], note
-    assert fwd["xs_tiles"] == (1 if code else 2), fwd
+    assert fwd["xs_tiles"] == (1 if code in (1, 2) else 2), fwd
 
 
 def test_float64_keeps_the_barrier():
@@ -174,7 +175,7 @@ def test_unknown_exchange_is_a_clear_error():
     assert child.returncode == 0, child.stderr[-4000:]
     lines = dict(line.split(" ", 1) for line in child.stdout.splitlines())
     for path in ("persistent", "auto", "cluster"):
-        assert ("RNNFAST_GRID_EXCHANGE is 'fast', expected 'barrier', 'll' or 'll-spin'"
-                in lines[path]), \
+        assert ("RNNFAST_GRID_EXCHANGE is 'fast', expected 'barrier', 'flags', 'll' or "
+                "'ll-spin'" in lines[path]), \
             child.stdout
     assert lines["step"] == "raised nothing", child.stdout

@@ -82,6 +82,10 @@
 //   them. Data that another block wrote is read with ld.global.cg (L2), never from a stale
 //   L1 line. All B blocks are co-resident: the launch is cooperative (it fails rather than
 //   deadlocks otherwise) and B was checked against the occupancy query.
+//   RNNFAST_GRID_EXCHANGE=flags: the same barrier on per-block flags (flags_arrive /
+//   flags_wait, sync.cuh): thread 0 stores the barrier's number into its block's flag after
+//   the fence, and the wait polls every block's flag (thread i flag i, ...) with
+//   ld.acquire, so no counter takes every block's add.
 // The grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll; float32 and 16-bit values, not
 //   float64): no barrier at all. Each value a step makes for the other blocks (forward:
 //   h_t; backward: dg_hh) also goes into an LL word (sync.cuh: 32 bits of values, a float
@@ -146,6 +150,7 @@ struct PersistentParams {
   acc_t* dg_ih;
   acc_t* dg_hh;  // the gradients phase B multiplies by W_hh (== dg_ih but for GRU)
   unsigned long long* barrier;  // the grid variant's counter
+  unsigned* flags;  // or its per-block flags (RNNFAST_GRID_EXCHANGE=flags), one per block
   // the grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll), else null: words [2][N][ll_row]
   unsigned long long* ll;
   int64_t ll_row;
@@ -174,7 +179,25 @@ __device__ __forceinline__ unsigned value_bits(float v) { return __float_as_uint
 __device__ __forceinline__ unsigned value_bits(c10::Half v) { return v.x; }
 __device__ __forceinline__ unsigned value_bits(c10::BFloat16 v) { return v.x; }
 
-// The barriers (grid_arrive / grid_wait, the cluster helpers): sync.cuh.
+// The barriers (grid_arrive / grid_wait, flags_arrive / flags_wait, the cluster helpers):
+// sync.cuh. The grid variant's k-th barrier (k = 1, 2, ...): on the counter, or with
+// p.flags on the per-block flags (RNNFAST_GRID_EXCHANGE=flags).
+template <typename Params>
+__device__ __forceinline__ void step_arrive(const Params& p, unsigned long long k) {
+  if (p.flags != nullptr) {
+    flags_arrive(p.flags, static_cast<unsigned>(k));
+  } else {
+    grid_arrive(p.barrier);
+  }
+}
+template <typename Params>
+__device__ __forceinline__ void step_wait(const Params& p, unsigned long long k) {
+  if (p.flags != nullptr) {
+    flags_wait(p.flags, static_cast<unsigned>(k), kGridWaitTrapCycles, nullptr);
+  } else {
+    grid_wait(p.barrier, k * gridDim.x);
+  }
+}
 
 // Sums v[M] (M = 2^m >= 32) over the warp's 32 lanes in five stages: at the stage that
 // keeps HALF values (M/2, M/4, ..., M/32; xor distance HALF * 32 / M) each lane keeps one
@@ -865,7 +888,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if constexpr (kCluster) {
         cluster_arrive();
       } else {
-        if (barrier) grid_arrive(p.barrier);
+        if (barrier) step_arrive(p, static_cast<unsigned long long>(s + 1));
       }
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
@@ -876,7 +899,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if constexpr (kCluster) {
         cluster_wait();
       } else if (barrier) {
-        grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
+        step_wait(p, static_cast<unsigned long long>(s + 1));
       } else {
         __syncthreads();
       }
@@ -984,7 +1007,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     if constexpr (kCluster) {
       cluster_arrive();
     } else {
-      if (barrier) grid_arrive(p.barrier);
+      if (barrier) step_arrive(p, static_cast<unsigned long long>(p.T - s));
     }
     if (s > 0 && ahead_item) {
       Cell::load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse), ahead_n, ahead_u,
@@ -993,7 +1016,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     if constexpr (kCluster) {
       cluster_wait();
     } else if (barrier) {
-      grid_wait(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
+      step_wait(p, static_cast<unsigned long long>(p.T - s));
     }
     const acc_t* dg = p.dg_hh + t * N * K;
     // the grid variant with two tiles of xs (not the LL exchange): tile i + 1 staged by
@@ -1154,6 +1177,7 @@ struct PersistentLaunch {
   int xs_tiles = 1;         // the grid variant's tiles of xs (2: stage_rows_async)
   bool ll_spin = false;     // the LL exchange's retries: every load at once (ll-spin)
   int nt = 0, rpw = 0;      // the tile
+  bool flags = false;       // the grid variant's barrier on per-block flags
 };
 
 // A CUDA error is a reason not to run, not an exception (nothing is thrown inside the op's
@@ -1198,12 +1222,14 @@ inline int64_t env_knob(const char* name) {
 // barrier and staging from y, "ll" the LL exchange (where the staged values are 32- or
 // 16-bit, and 16-bit ones pair up: float64 and a 16-bit forward at odd H keep the barrier),
 // "ll-spin" the same with every load of a batch retried at once instead of one polled
-// (ll_wait_pieces).
-enum class GridExchange { kBarrier, kLL, kLLSpin, kUnknown };
+// (ll_wait_pieces), "flags" the barrier on per-block flags instead of one counter.
+enum class GridExchange { kBarrier, kLL, kLLSpin, kFlags, kUnknown };
+constexpr const char* kGridExchanges = "'barrier', 'flags', 'll' or 'll-spin'";
 inline GridExchange grid_exchange(std::string& value) {
   const char* v = std::getenv("RNNFAST_GRID_EXCHANGE");
   value = v != nullptr ? v : "";
   if (value.empty() || value == "barrier") return GridExchange::kBarrier;
+  if (value == "flags") return GridExchange::kFlags;
   if (value == "ll") return GridExchange::kLL;
   return value == "ll-spin" ? GridExchange::kLLSpin : GridExchange::kUnknown;
 }
@@ -1337,8 +1363,7 @@ struct PersistentPlanner {
     std::string exchange_value;
     const GridExchange exchange = grid_exchange(exchange_value);
     if (exchange == GridExchange::kUnknown) {
-      why = "RNNFAST_GRID_EXCHANGE is '" + exchange_value +
-            "', expected 'barrier', 'll' or 'll-spin'";
+      why = "RNNFAST_GRID_EXCHANGE is '" + exchange_value + "', expected " + kGridExchanges;
       return plan;
     }
     const int sms = prop.multiProcessorCount;
@@ -1398,6 +1423,7 @@ struct PersistentPlanner {
         plan.ll_row = round_up(static_cast<int>(K / kPer), 2);
         plan.ll_spin = exchange == GridExchange::kLLSpin;
       }
+      plan.flags = exchange == GridExchange::kFlags;
       return true;
     });
     return plan;
@@ -1518,7 +1544,7 @@ inline CudaPlanNote plan_note(const PersistentLaunch& plan) {
   n.rpw = plan.rpw;
   n.xs_tiles = plan.cluster > 0 ? 0 : plan.xs_tiles;
   n.group_rows = plan.group_rows;
-  n.exchange = plan.ll_row > 0 ? (plan.ll_spin ? 2 : 1) : 0;
+  n.exchange = plan.ll_row > 0 ? (plan.ll_spin ? 2 : 1) : plan.flags ? 3 : 0;
   return n;
 }
 
@@ -1538,8 +1564,7 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
     std::string value;
     if (grid_exchange(value) == GridExchange::kUnknown) {
       PersistentLaunch plan;
-      plan.refused =
-          "RNNFAST_GRID_EXCHANGE is '" + value + "', expected 'barrier', 'll' or 'll-spin'";
+      plan.refused = "RNNFAST_GRID_EXCHANGE is '" + value + "', expected " + kGridExchanges;
       return plan;
     }
   }
@@ -1600,15 +1625,19 @@ std::string launch_persistent(const PersistentLaunch& plan,
     cuda_ok(cudaLaunchKernelExC(&cfg, plan.kernel, args), "launching the cluster kernel", why);
     return why;
   }
-  // the barrier's counter, or the LL exchange's words: zero (no step's flag) before the
-  // launch; freed after it in stream order
-  Tensor words = at::zeros({plan.ll_row > 0 ? 2 * params.N * plan.ll_row : 1},
-                           like.options().dtype(at::kLong));
+  // the barrier's counter, its per-block flags (u32 each) or the LL exchange's words: zero
+  // (no step's) before the launch; freed after it in stream order
+  const int64_t words_needed = plan.ll_row > 0 ? 2 * params.N * plan.ll_row
+                               : plan.flags    ? (plan.blocks + 1) / 2
+                                               : 1;
+  Tensor words = at::zeros({words_needed}, like.options().dtype(at::kLong));
   unsigned long long* zeroed = reinterpret_cast<unsigned long long*>(words.data_ptr<int64_t>());
   if (plan.ll_row > 0) {
     params.ll = zeroed;
     params.ll_row = plan.ll_row;
     params.ll_spin = plan.ll_spin;
+  } else if (plan.flags) {
+    params.flags = reinterpret_cast<unsigned*>(zeroed);
   } else {
     params.barrier = zeroed;
   }

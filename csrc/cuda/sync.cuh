@@ -59,6 +59,59 @@ __device__ __forceinline__ void grid_wait(const unsigned long long* counter,
   __syncthreads();
 }
 
+// A spin's check, for the waits below: true once it should give up, past limit_cycles since
+// `since` or once *abort is set (then *abort is set); without an abort flag (nullptr: the
+// kernels) past the limit a trap, an error rather than a hang.
+__device__ __forceinline__ bool spin_gave_up(long long since, long long limit_cycles,
+                                             unsigned* abort) {
+  const bool late = clock64() - since > limit_cycles;
+  if (abort == nullptr) {
+    if (late) __trap();
+    return false;
+  }
+  if (late || *reinterpret_cast<volatile unsigned*>(abort) != 0u) {
+    atomicExch(abort, 1u);
+    return true;
+  }
+  return false;
+}
+
+// Per-block flags (the grid variant's RNNFAST_GRID_EXCHANGE=flags): the same barrier
+// without one counter that every block adds to (their adds serialise at one L2 slice). At
+// its k-th barrier block b's thread 0, after the block's __syncthreads, fences
+// (fence.acq_rel.gpu: a release of the block's writes, as grid_arrive's) and stores k into
+// flags[b]; the wait polls every block's flag with ld.acquire.gpu (thread i flags i,
+// i + blockDim, ...) until each is at least k, then __syncthreads. flags: one u32 per block,
+// zeroed before the launch. The wait gives up past limit_cycles as ll_wait_pieces does
+// (trap, or with an abort flag false).
+__device__ __forceinline__ void flags_arrive(unsigned* flags, unsigned k) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    asm volatile("fence.acq_rel.gpu;\n\tst.relaxed.gpu.global.u32 [%0], %1;"
+                 :
+                 : "l"(flags + blockIdx.x), "r"(k)
+                 : "memory");
+  }
+}
+__device__ __forceinline__ bool flags_wait(const unsigned* flags, unsigned k,
+                                           long long limit_cycles, unsigned* abort) {
+  bool ok = true;
+  for (unsigned i = threadIdx.x; i < gridDim.x; i += blockDim.x) {
+    const long long since = clock64();
+    unsigned seen;
+    for (;;) {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(flags + i) : "memory");
+      if (seen >= k) break;
+      if (spin_gave_up(since, limit_cycles, abort)) {
+        ok = false;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  return ok;
+}
+
 // LL exchange (the grid variant's alternative to the barrier, RNNFAST_GRID_EXCHANGE=ll; an
 // idea of NCCL's LL protocol): a value travels with the number of the step that made it in
 // one 8-byte word, value bits low, flag high, stored with one st.relaxed.gpu (single-copy
@@ -102,19 +155,7 @@ __device__ __forceinline__ bool ll_wait_pieces(const unsigned long long* base, O
                                                ulonglong2 (&v)[kBatch], long long limit_cycles,
                                                unsigned* abort, bool poll_one = true) {
   const long long since = clock64();
-  // past the limit: a trap, or with an abort flag true (the flag set); true once aborted
-  auto gave_up = [&]() {
-    const bool late = clock64() - since > limit_cycles;
-    if (abort == nullptr) {
-      if (late) __trap();
-      return false;
-    }
-    if (late || *reinterpret_cast<volatile unsigned*>(abort) != 0u) {
-      atomicExch(abort, 1u);
-      return true;
-    }
-    return false;
-  };
+  auto gave_up = [&]() { return spin_gave_up(since, limit_cycles, abort); };
   for (;;) {
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) v[i] = ll_load2(base + off(i));

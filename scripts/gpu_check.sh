@@ -46,7 +46,7 @@
 #
 # With 15 device minutes (the machine's start counts too), two calls fit (the second
 # finds the build in place). Estimated, not measured: build ~100 s, test_cuda ~250 s (three
-# paths, and the LL exchange's tests), sanitize ~120 s (46 runs), syncbench ~30 s, calib
+# paths, and the LL exchange's tests), sanitize ~130 s (50 runs), syncbench ~30 s, calib
 # ~120 s; bench7 took 300 s for 64 float32 cases with 5 contenders on 2026-11-27. The first
 # call checks and calibrates, the second measures the issue's table (bfloat16 first; auto,
 # the grid variant and cuDNN: the other paths' numbers come from calib):

@@ -1,0 +1,84 @@
+"""scripts/calibrate_persistent.py without a GPU: its loop over cases, knobs and exchanges,
+its table and its JSON (written after every case), with the measurement replaced by a
+stand-in that records which knobs each call saw. The real measurement needs a GPU
+(gpu_check's calib stage)."""
+import importlib.util
+import json
+import os
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    path = os.path.join(ROOT, "scripts", "calibrate_persistent.py")
+    spec = importlib.util.spec_from_file_location("calibrate_persistent", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Prop:
+    name, multi_processor_count = "stand-in", 132
+
+
+def test_every_case_knob_and_exchange_is_measured_and_saved(tmp_path, monkeypatch, capsys):
+    cal = _load()
+    seen = []
+
+    def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None):
+        seen.append((cell, str(dtype), N, H, path, knob, mode, exchange))
+        plan = {"us": 1.0, "blocks": 132}
+        return 2.0, (path, path), (plan, plan if mode == "fwdbwd" else None)
+
+    monkeypatch.setattr(cal, "measure", fake_measure)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Prop())
+    out = tmp_path / "calib.json"
+    rows = cal.main(["--cells", "lstm", "--batch", "16", "--hidden", "768", "--json", str(out)])
+    # per mode: persistent at all blocks and <= 64 with 4 exchanges, cluster at the planner's
+    # size and 16, 8, 4, and the per-step path
+    assert len(rows) == 2 * (2 * 4 + 4 + 1) * 2  # 2 modes, 2 dtypes
+    assert [r["dtype"] for r in rows[:26]] == ["bfloat16"] * 26  # bfloat16 first
+    grid = {(r["max_blocks"], r["exchange"]) for r in rows if r["path"] == "persistent"}
+    assert grid == {(c, e) for c in (0, 64) for e in ("barrier", "flags", "ll", "ll-spin")}
+    assert {s[7] for s in seen if s[4] == "persistent"} == {"barrier", "flags", "ll", "ll-spin"}
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["sms"] == 132
+    fwdbwd = [r for r in rows if r["mode"] == "fwdbwd"]
+    assert all(r["plan_bwd"] is not None for r in fwdbwd)
+    assert all(r["plan_bwd"] is None for r in rows if r["mode"] == "fwd")
+    assert "lstm  bfloat16" in capsys.readouterr().out
+
+
+def test_measure_sets_and_clears_the_knobs(monkeypatch):
+    """measure() sets RNNFAST_GRID_EXCHANGE and the block cap for its call only (here the
+    call fails at once without a GPU, which measure reports as its result)."""
+    cal = _load()
+    monkeypatch.setenv("RNNFAST_GRID_EXCHANGE", "stale")
+    seen = {}
+
+    def fake_time(fn, T, repeats, warmup=2):
+        seen.update({k: os.environ.get(k) for k in cal.KNOBS})
+        return 3.0
+
+    monkeypatch.setattr(cal, "time_per_step", fake_time)
+    monkeypatch.setattr(cal, "_last_cuda_plan", lambda: ({"us": 1.0}, None))
+
+    class _Module(torch.nn.Module):
+        def __init__(self, *a):
+            super().__init__()
+
+        def to(self, *a, **k):
+            return self
+
+    monkeypatch.setitem(cal.MODULES, "lstm", _Module)
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: real_randn(*a[:3]))
+    us, used, plans = cal.measure("lstm", torch.float32, 2, 8, 4, "persistent", 64, "fwd", 1,
+                                  "ll")
+    assert us == 3.0 and plans == ({"us": 1.0}, None)
+    assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": "64", "RNNFAST_CLUSTER_SIZE": None,
+                    "RNNFAST_GRID_EXCHANGE": "ll"}
+    assert all(k not in os.environ for k in cal.KNOBS)

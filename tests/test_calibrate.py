@@ -53,8 +53,9 @@ def test_every_case_knob_and_exchange_is_measured_and_saved(tmp_path, monkeypatc
 
 
 def test_measure_sets_and_clears_the_knobs(monkeypatch):
-    """measure() sets RNNFAST_GRID_EXCHANGE and the block cap for its call only (here the
-    call fails at once without a GPU, which measure reports as its result)."""
+    """measure() sets RNNFAST_GRID_EXCHANGE and the block cap for its call only, clearing a
+    stale value before and every knob after (the module, the inputs and the timing are
+    stand-ins here)."""
     cal = _load()
     monkeypatch.setenv("RNNFAST_GRID_EXCHANGE", "stale")
     seen = {}

@@ -1025,9 +1025,9 @@ def turn_index(s):
 
 
 def prefetch_xp(p, G, t, n_begin, rows, u0, here):
-    """prefetch_xp: prefetch.global.L2 of the first and last element of xp[t][n][g * H + u0,
-    ... + here) for the group's rows and every gate; a hint, so only its addresses are
-    checked: inside xp."""
+    """prefetch_xp: prefetch.global.L2 of every line of xp[t][n][g * H + u0, ... + here) for
+    the group's rows and every gate (the launch asks for it where xp outgrows L2; here at
+    every step); a hint, so only its addresses are checked: its first and last inside xp."""
     idx = np.arange(rows * G, dtype=np.int64)
     n, g = n_begin + idx // G, idx % G
     first = (t * p.N + n) * G * p.H + g * p.H + u0

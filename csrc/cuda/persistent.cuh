@@ -39,8 +39,8 @@
 //             units writes y[t] (and the cache). Its other inputs (Cell::load: the input
 //             projection, GRU's b_hh, the LSTM's c) are loaded for each thread's first
 //             item of step s + 1 between the arrival and the wait of the barrier that
-//             ends step s, and step s + 2's input projection is prefetched into L2
-//             (prefetch_xp: at long T it comes from DRAM).
+//             ends step s, and where the input projection outgrows L2 (long T: it
+//             comes from DRAM) step s + 2's is prefetched into L2 (prefetch_xp).
 //   backward: Ws[j][q] = W_hh[q][u0 + j]                     R = U rows, K = G * H.
 //             Per step, phase A: the cell's pointwise backward of the block's units writes
 //             the gate gradients dg[t] (cluster: and stores dg_hh into every block's
@@ -155,6 +155,7 @@ struct PersistentParams {
   unsigned long long* ll;
   int64_t ll_row;
   bool ll_spin;  // the LL staging's retries: every load again at once, not one polled piece
+  bool prefetch_xp;  // the forward: xp outgrows L2, prefetch a later step's (prefetch_xp)
   // the grid variant: tiles of NT rows in xs; 2: later tiles staged by cp.async during the
   // earlier ones' work (stage_rows_async)
   int xs_tiles = 1;
@@ -492,10 +493,12 @@ __device__ __forceinline__ void prefetch_xp(const scalar_t* xp, int64_t t, int64
   for (int64_t idx = threadIdx.x; idx < rows * G; idx += blockDim.x) {
     const int64_t n = n_begin + idx / G, g = idx % G;
     const scalar_t* first = xp + (t * N + n) * G * H + g * H + u0;
-    const scalar_t* last = first + here - 1;
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(first)));
-    if ((reinterpret_cast<uintptr_t>(first) >> 7) != (reinterpret_cast<uintptr_t>(last) >> 7)) {
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(last)));
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(first);
+    const uintptr_t end = reinterpret_cast<uintptr_t>(first + here);  // past the last
+    for (uintptr_t line = begin & ~uintptr_t(127); line < end; line += 128) {
+      const char* at = line < begin ? reinterpret_cast<const char*>(begin)
+                                    : reinterpret_cast<const char*>(line);
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(at)));
     }
   }
 }
@@ -893,7 +896,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
       }
-      if (s + 2 < p.T) {
+      if (p.prefetch_xp && s + 2 < p.T) {
         prefetch_xp<G>(p.xp, time_index(s + 2, p.T, p.reverse), N, H, n_begin, rows, u0, here);
       }
       if constexpr (kCluster) {
@@ -1178,6 +1181,7 @@ struct PersistentLaunch {
   bool ll_spin = false;     // the LL exchange's retries: every load at once (ll-spin)
   int nt = 0, rpw = 0;      // the tile
   bool flags = false;       // the grid variant's barrier on per-block flags
+  int gates = 0;            // G, for the launch's xp size
 };
 
 // A CUDA error is a reason not to run, not an exception (nothing is thrown inside the op's
@@ -1417,6 +1421,7 @@ struct PersistentPlanner {
       plan.xs_tiles = xs_tiles;
       plan.nt = kNT;
       plan.rpw = kRPW;
+      plan.gates = G;
       plan.us = model.persistent_us(N, kNT, r_pad, K, ld, x_size, vectors ? v : 1, kMma,
                                     plan.blocks, ll, xs_tiles == 2 && vectors);
       if (ll) {
@@ -1513,6 +1518,7 @@ struct PersistentPlanner {
                               rows, smem_bytes<kNT, kRPW, true>(r_pad, ld, rows)};
         plan.nt = kNT;
       plan.rpw = kRPW;
+      plan.gates = G;
         // a block stores each of its values (G of them in the backward) into each block
         const int64_t pushes = rows * units * (kBackward ? G : 1) * cs;
         plan.us = model.cluster_us(rows, kNT, r_pad, K, pushes, sizeof(x_t), kMma,
@@ -1615,6 +1621,12 @@ std::string launch_persistent(const PersistentLaunch& plan,
   params.units = plan.units;
   params.group_rows = plan.group_rows;
   params.xs_tiles = plan.xs_tiles;
+  // the forward's input projection from DRAM: larger than L2 (it was written before the
+  // launch, from its first step on, so its first steps are gone from L2)
+  params.prefetch_xp =
+      params.xp != nullptr &&
+      double(params.T) * params.N * plan.gates * params.H * sizeof(scalar_t) >
+          double(at::cuda::getCurrentDeviceProperties()->l2CacheSize);
   void* args[] = {&params};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (plan.cluster > 0) {

@@ -80,8 +80,10 @@ __device__ __forceinline__ bool spin_gave_up(long long since, long long limit_cy
 // without one counter that every block adds to (their adds serialise at one L2 slice). At
 // its k-th barrier block b's thread 0, after the block's __syncthreads, fences
 // (fence.acq_rel.gpu: a release of the block's writes, as grid_arrive's) and stores k into
-// flags[b]; the wait polls every block's flag with ld.acquire.gpu (thread i flags i,
-// i + blockDim, ...) until each is at least k, then __syncthreads. flags: one u32 per block,
+// flags[b]; the wait polls every block's flag with ld.relaxed.gpu (thread i flags i,
+// i + blockDim, ...) until each is at least k, then fence.acq_rel.gpu (with the relaxed
+// loads that saw the flags, an acquire: an ld.acquire in the loop would invalidate L1 at
+// every poll) and __syncthreads. flags: one u32 per block,
 // zeroed before the launch. The wait gives up past limit_cycles as ll_wait_pieces does
 // (trap, or with an abort flag false).
 __device__ __forceinline__ void flags_arrive(unsigned* flags, unsigned k) {
@@ -100,7 +102,7 @@ __device__ __forceinline__ bool flags_wait(const unsigned* flags, unsigned k,
     const long long since = clock64();
     unsigned seen;
     for (;;) {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(flags + i) : "memory");
+      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(flags + i) : "memory");
       if (seen >= k) break;
       if (spin_gave_up(since, limit_cycles, abort)) {
         ok = false;
@@ -108,6 +110,7 @@ __device__ __forceinline__ bool flags_wait(const unsigned* flags, unsigned k,
       }
     }
   }
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
   __syncthreads();
   return ok;
 }

@@ -95,9 +95,6 @@ __host__ __device__ inline float value_of(int s, int i) {
 // than a hung GPU (the grid barrier's own spin, sync.cuh's, traps only after about half a
 // minute, and the hardware cluster barrier is not bounded).
 constexpr long long kSpinCycles = 4000000000LL;
-__device__ __forceinline__ bool give_up(unsigned* abort, long long since) {
-  return spin_gave_up(since, kSpinCycles, abort);
-}
 
 struct GridArgs {
   unsigned long long* counter;
@@ -141,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
                        : "=l"(seen)
                        : "l"(a.counter)
                        : "memory");
-        } while (seen < target && !give_up(a.errors + 1, since));
+        } while (seen < target && !spin_gave_up(since, kSpinCycles, a.errors + 1));
       }
       __syncthreads();
     } else if (a.mode == kFlags) {  // sync.cuh's, as RNNFAST_GRID_EXCHANGE=flags runs it
@@ -281,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_bench(ClusterArgs a) {
       }
       unsigned done = 0;
       const long long since = clock64();
-      while (!done && !give_up(a.errors + 1, since)) {
+      while (!done && !spin_gave_up(since, kSpinCycles, a.errors + 1)) {
         asm volatile(
             "{\n\t.reg .pred p;\n\t"
             "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"

@@ -138,13 +138,13 @@ class GRUFunction(torch.autograd.Function):
 # ---- which CUDA design runs (csrc/cuda/persistent.cuh); the CPU ignores the setting ----
 
 def get_cuda_path():
-    """The CUDA path setting: 'auto' (per call, the cheapest by a cost model of the designs
-    that fit: the persistent kernels where the weights fit on chip, else the per-step
-    GEMMs), 'persistent' (the persistent kernels' grid variant: the whole device, one
-    grid-wide barrier a step), 'cluster' (their cluster variant: thread-block clusters of
-    up to 16 SMs, each holding all of W_hh and a share of the batch, compute capability 9.0
-    on) or 'step' (the default, until the persistent kernels have run on a GPU). The
-    environment variable RNNFAST_CUDA_PATH sets the initial value."""
+    """The CUDA path setting: 'auto' (the default: per call, the cheapest by a cost model,
+    fitted on an H100, of the designs that fit: the persistent kernels where the weights fit
+    on chip, else the per-step GEMMs), 'persistent' (the persistent kernels' grid variant:
+    the whole device, one grid-wide barrier a step), 'cluster' (their cluster variant:
+    thread-block clusters of up to 16 SMs, each holding all of W_hh and a share of the
+    batch, compute capability 9.0 on) or 'step' (one GEMM and one pointwise kernel a step).
+    The environment variable RNNFAST_CUDA_PATH sets the initial value."""
     return _C._cuda_path()
 
 

@@ -1814,9 +1814,11 @@ def header_constants(path=HEADER):
     """kStageBatch and CostModel's constants, as persistent.cuh defines them."""
     text = open(path).read()
     consts = {}
-    for name in ("kStageBatch", "kFloorUs", "kRoundTripUs", "kFfmaShare", "kMmaShare",
-                 "kL2BytesPerS", "kStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare",
-                 "kClusterFloorUs", "kDsmemBytesPerClk"):
+    for name in ("kStageBatch", "kFloorUs", "kTileUs", "kFfmaShare", "kMmaShare",
+                 "kBwdFloorUs", "kBwdTileUs", "kBwdFfmaShare", "kL2BytesPerS",
+                 "kStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare", "kClusterTileUs",
+                 "kBwdClusterTileUs", "kClusterFfmaShare", "kBwdClusterFfmaShare",
+                 "kDsmemBytesPerClk", "kLLExtraUs"):
         m = re.search(rf"\b{name}\s*=\s*([0-9.eE+-]+)", text)
         if m is None:
             raise SystemExit(f"{name} not found in {path}")
@@ -1827,20 +1829,21 @@ def header_constants(path=HEADER):
 _HEADER_CONSTANTS = []
 
 
-def cluster_us(group_rows, nt, r_pad, K, pushes, x_size, mma, waves, fp64, clock_mhz=1755.0):
+def cluster_us(group_rows, nt, r_pad, K, pushes, x_size, mma, waves, fp64, backward,
+               clock_mhz=1755.0):
     """CostModel::cluster_us with the header's constants on a stand-in device (the emulator
     has no cudaDeviceProp): by default an H100's 1755 MHz, 128 FP32 lanes an SM (64 for
     FP64) and tensor cores 16x FFMA."""
     if not _HEADER_CONSTANTS:
         _HEADER_CONSTANTS.append(header_constants())
     c = _HEADER_CONSTANTS[0]
-    share = 16.0 * c["kMmaShare"] if mma else c["kFfmaShare"]
-    rate = 2.0 * (64.0 if fp64 else 128.0) * clock_mhz * share
+    share = c["kBwdClusterFfmaShare"] if backward else c["kClusterFfmaShare"]
+    rate = 2.0 * (64.0 if fp64 else 128.0) * clock_mhz * (16.0 * share if mma else share)
     tiles = (group_rows + nt - 1) // nt
     dot_us = 2.0 * nt * r_pad * K / rate
     push_us = pushes * x_size / (c["kDsmemBytesPerClk"] * clock_mhz)
-    return waves * (c["kClusterFloorUs"] + tiles * dot_us + (tiles - 1) * c["kRoundTripUs"]
-                    + push_us)
+    tile_us = c["kBwdClusterTileUs"] if backward else c["kClusterTileUs"]
+    return waves * ((tiles + 1) * tile_us + tiles * dot_us + push_us)
 
 
 def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None):
@@ -1888,7 +1891,7 @@ def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None)
                         at_once)
             pushes = n_c * units * (Cell.kGates if backward else 1) * cs
             plan.us = cluster_us(n_c, nt, r_pad, K, pushes, x_size, mma,
-                                 -(-clusters // at_once), dt.scalar == 8)
+                                 -(-clusters // at_once), dt.scalar == 8, backward)
             if best is None or plan.us < best.us:
                 best = plan
             return True

@@ -1,25 +1,23 @@
 #!/usr/bin/env python3
-"""The `auto` cost model of csrc/cuda/persistent.cuh (CostModel, and plan_persistent's
-choice of tile), in Python, against a GPU benchmark's JSON (`--set issue7` with the
-`rnnfast persistent` and `rnnfast step` contenders).
+"""The `auto` cost model of csrc/cuda/persistent.cuh (CostModel), in Python, against GPU
+benchmarks' JSON (`--set issue7`): the grid variant (`rnnfast persistent`), the cluster
+variant (`rnnfast cluster`) and the per-step path (`rnnfast step`), each forced, beside
+cuDNN (`torch.nn`).
 
 The constants are read from persistent.cuh, so this checks the header's own numbers. For
-each case it prints the measured per-step times of both forced paths and of cuDNN, the
-model's estimate of the persistent kernels as that run's code staged rows (`--staging
-old`: one element at a time per thread, a round trip each, as before the batched
-stage_rows) or as the code stages them now (`new`), the cluster variant's estimate
-(`clustr`; its constants are guesses until a GPU run calibrates them), the per-step path's
-estimate, and what `auto` would pick; then cuDNN's measured time over the model's time of
-that pick (a prediction of the speedup, nothing measured). The fit summary (model over measured, geomean and range) is what
-the header's comment quotes.
+each case it prints, in microseconds a step, each path's measured time and the model's,
+cuDNN's, the path `auto` would pick by the model, and the measured time of that pick over
+cuDNN's where the pick was measured. The backward is forward+backward less the same path's
+forward. The plans (tiles, blocks, cluster sizes) come from the CPU emulator's copy of the
+planner (scripts/emulate_persistent.py) on an H100's 132 SMs and 227 KiB.
 
-  python scripts/fit_cost_model.py                      # the committed H100 run
-  python scripts/fit_cost_model.py --json gpu-bench7.json --staging new
-  python scripts/fit_cost_model.py --now kFfmaShare=0.65   # a what-if for the predictions
+  python scripts/fit_cost_model.py                          # the committed H100 runs
+  python scripts/fit_cost_model.py --json gpu-bench7.json   # another run (repeatable)
+  python scripts/fit_cost_model.py --now kTileUs=2.0        # a what-if for the picks
 
-Float32 and float64 cases only (the 16-bit rates are not fitted yet); the device is taken
-to be the H100 SXM of the committed run (132 SMs, clockRate 1980 MHz) unless --sms and
---clock-mhz say otherwise.
+The default reads the second H100 run (grid and cluster variants, float32 and bfloat16) and
+the first (the per-step path, float32); a case measured in both takes each path's time from
+the run that measured it, the later run first.
 """
 import argparse
 import json
@@ -29,13 +27,12 @@ import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADER = os.path.join(ROOT, "csrc", "cuda", "persistent.cuh")
-DEFAULT_JSON = os.path.join(ROOT, "benchmarks", "results",
-                            "cuda-h100-issue7-partial-2026-11-27.json")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+DEFAULT_JSONS = [os.path.join(RESULTS, "cuda-h100-issue7-2026-11-27.json"),
+                 os.path.join(RESULTS, "cuda-h100-issue7-partial-2026-11-27.json")]
 GATES = {"lstm": 4, "gru": 3, "rnn": 1, "rnn_tanh": 1, "rnn_relu": 1}
-THREADS = 256  # kPersistentThreads
-WHOLE_SEQUENCE_SHARE = 0.8  # of FFMA peak, for the GEMMs over all T * N rows (a guess)
-
+PATHS = {"persistent": "rnnfast persistent", "cluster": "rnnfast cluster", "step": "rnnfast step"}
+WHOLE_SEQUENCE_SHARE = 0.8  # of FFMA peak (tensor cores in 16-bit), the GEMMs over T * N rows
 
 _EMU = []
 
@@ -53,10 +50,9 @@ def load_emulation():
     return _EMU[0]
 
 
-def header_constants(path=HEADER):
-    """kStageBatch and CostModel's constants, as persistent.cuh defines them (read by the
-    emulator, which costs the cluster variant's plans with them too)."""
-    return load_emulation().header_constants(path)
+def header_constants():
+    """CostModel's constants, as persistent.cuh defines them."""
+    return load_emulation().header_constants()
 
 
 def round_up(v, m):
@@ -64,57 +60,49 @@ def round_up(v, m):
 
 
 class Model:
-    def __init__(self, consts, sms, clock_mhz, fp64=False):
-        self.c, self.sms, self.clock_mhz = consts, sms, clock_mhz
-        self.ffma = (128.0 if fp64 else 256.0) * clock_mhz  # flop per SM per microsecond
+    """CostModel for one dtype on an H100 (132 SMs at 1980 MHz unless told otherwise)."""
 
-    def plan(self, cell, N, H, backward, staging, x_size):
-        """(NT, RPW, units, blocks, xs_tiles) as plan_persistent picks them, through the
-        emulator's copy of it (scripts/emulate_persistent.py: the shared-memory fit
-        included) on an H100's 227 KiB. The run before the (16, 8) tile (`--staging old`)
-        had (16, 4) in its place, and one tile of xs."""
+    def __init__(self, consts, dtype, sms=132, clock_mhz=1980.0):
+        self.c, self.dtype, self.sms, self.clock_mhz = consts, dtype, sms, clock_mhz
+        self.ffma = (128.0 if dtype == "float64" else 256.0) * clock_mhz  # flop/SM/us
+        self.mma16 = dtype in ("bfloat16", "float16")
+
+    def _emu(self, cell, backward):
         emu = load_emulation()
         cls = {1: emu.ElmanCell, 3: emu.GruCell, 4: emu.LstmCell}[GATES[cell]]
-        dt = emu.dtype_of({8: "float64", 4: "float32"}[x_size])
-        p = emu.plan_persistent(cls, backward, N, H, emu.FakeDevice(self.sms), dt)
-        if staging == "old" and (p.nt, p.rpw) == (16, 8):
-            p = emu.plan_persistent(cls, backward, N, H, emu.FakeDevice(self.sms), dt,
-                                    tile=(16, 4))
-        return p.nt, p.rpw, p.units, p.blocks, 1 if staging == "old" else p.xs_tiles
+        name = {"float64": "float64", "float32": "float32"}.get(self.dtype, "float16")
+        return emu, cls, emu.dtype_of(name)
 
-    def persistent_us(self, cell, N, H, backward, staging, x_size=4):
+    def common_us(self, cell, N, H, backward):
+        """What every path shares, per step: the whole-sequence GEMMs (forward: the input
+        projection; backward: dx, dW_ih, dW_hh), C = H here."""
+        flops = (3 if backward else 1) * 2.0 * N * GATES[cell] * H * H
+        mma = self.mma16 and not backward
+        return flops / (self.sms * self.ffma * (16.0 * 0.25 if mma else WHOLE_SEQUENCE_SHARE))
+
+    def persistent_us(self, cell, N, H, backward):
+        """CostModel::persistent_us for the grid variant as the emulator plans it."""
         c = self.c
+        emu, cls, dt = self._emu(cell, backward)
+        p = emu.plan_persistent(cls, backward, N, H, emu.FakeDevice(self.sms), dt)
         G = GATES[cell]
         K = G * H if backward else H
-        nt, rpw, units, blocks, xs_tiles = self.plan(cell, N, H, backward, staging, x_size)
-        rows = units if backward else G * units
-        # the measured run's rows were K long; now they are padded to whole 4-vectors
-        r_pad, ld = round_up(rows, rpw), K if staging == "old" else round_up(K, 4)
-        tiles = -(-N // nt)
-        dot = 2.0 * nt * r_pad * K / (self.ffma * c["kFfmaShare"])
-        if staging == "old":  # each valid row: ceil(ld / 256) loads, one after another
-            trips = sum(min(nt, N - n0) * -(-ld // THREADS) for n0 in range(0, N, nt))
-        else:  # CostModel::persistent_us: later tiles by cp.async where xs has two tiles
-            v = 16 // x_size if K % (16 // x_size) == 0 else 1
-            per_thread = -(-(nt * ld // v) // THREADS)
-            trip = -(-per_thread // int(c["kStageBatch"]))
-            if xs_tiles == 2 and v > 1:  # a tile's copies all issued at once: a round trip
-                trips = 1 + (tiles - 1) * max(0.0, c["kRoundTripUs"] - dot) / c["kRoundTripUs"]
-            else:
-                trips = tiles * trip
-        latency = (c["kFloorUs"] + trips * c["kRoundTripUs"] + tiles * dot
-                   + (tiles - 1) * c["kRoundTripUs"])
-        bandwidth = blocks * N * K * x_size / c["kL2BytesPerS"] * 1e6
-        return max(latency, bandwidth)
+        r_pad = round_up(p.units if backward else G * p.units, p.rpw)
+        mma = self.mma16 and not backward
+        share = c["kBwdFfmaShare"] if backward else c["kFfmaShare"]
+        rate = self.ffma * (16.0 * c["kMmaShare"] if mma else share)
+        dot = 2.0 * p.nt * r_pad * K / rate
+        tiles = -(-N // p.nt)
+        floor, tile = ((c["kBwdFloorUs"], c["kBwdTileUs"]) if backward
+                       else (c["kFloorUs"], c["kTileUs"]))
+        x_size = 8 if self.dtype == "float64" else 2 if mma else 4
+        bandwidth = p.blocks * N * K * x_size / c["kL2BytesPerS"] * 1e6
+        return max(floor + tiles * (tile + dot), bandwidth)
 
-    def cluster_us(self, cell, N, H, backward, x_size=4):
-        """CostModel::cluster_us (the emulator's, with the header's constants, at this
-        model's clock) for the cluster variant as the emulator's plan_cluster lays it out
-        (its choice of cluster size made on its stand-in model; a FakeDevice runs SMs // C
-        clusters at once), or None where it does not fit."""
-        emu = load_emulation()
-        cls = {1: emu.ElmanCell, 3: emu.GruCell, 4: emu.LstmCell}[GATES[cell]]
-        dt = emu.dtype_of({8: "float64", 4: "float32"}[x_size])
+    def cluster_us(self, cell, N, H, backward):
+        """CostModel::cluster_us (the emulator's, at this model's clock) as the emulator's
+        plan_cluster lays it out, or None where it does not fit."""
+        emu, cls, dt = self._emu(cell, backward)
         try:
             p = emu.plan_cluster(cls, backward, N, H, emu.FakeDevice(self.sms), dt)
         except emu.Finding:
@@ -124,16 +112,16 @@ class Model:
         r_pad = round_up(p.units if backward else G * p.units, p.rpw)
         pushes = p.group_rows * p.units * (G if backward else 1) * p.cluster
         waves = -(-(p.blocks // p.cluster) // p.at_once)
-        return emu.cluster_us(p.group_rows, p.nt, r_pad, K, pushes, x_size, False, waves,
-                              x_size == 8, self.clock_mhz)
+        mma = self.mma16 and not backward
+        x_size = 8 if self.dtype == "float64" else 2 if mma else 4
+        return emu.cluster_us(p.group_rows, p.nt, r_pad, K, pushes, x_size, mma, waves,
+                              self.dtype == "float64", backward, self.clock_mhz)
 
-    def gemm_us(self, cell, N, H):
-        """One [N, H] x [H, G*H] GEMM's share of a step, at the per-step GEMMs' rate."""
-        flops = 2.0 * N * GATES[cell] * H * H
-        return flops / (self.sms * self.ffma * self.c["kGemmFfmaShare"])
-
-    def step_us(self, cell, N, H):
-        return self.c["kStepOverheadUs"] + self.gemm_us(cell, N, H)
+    def step_us(self, cell, N, H, backward):
+        c = self.c
+        mma = self.mma16 and not backward
+        rate = self.sms * self.ffma * (16.0 * c["kGemmMmaShare"] if mma else c["kGemmFfmaShare"])
+        return c["kStepOverheadUs"] + 2.0 * N * GATES[cell] * H * H / rate
 
 
 def per_step(rec, name):
@@ -145,16 +133,41 @@ def geo(xs):
     return math.exp(statistics.mean(math.log(x) for x in xs)) if xs else float("nan")
 
 
+def measured_cases(paths):
+    """{(cell, dtype, N, H, mode): {path or 'cudnn': us a step}}, mode fwd or bwd (the
+    backward alone: forward+backward less the same contender's forward). Earlier files win."""
+    cases = {}
+    for path in paths:
+        records = json.load(open(path))["records"]
+        fwd = {(r["cell"], r["dtype"], r["N"], r["H"]): r for r in records if r["mode"] == "fwd"}
+        for r in records:
+            key = (r["cell"], r["dtype"], r["N"], r["H"])
+            names = dict(PATHS, cudnn="torch.nn")
+            for short, name in names.items():
+                us = per_step(r, name)
+                if us is None:
+                    continue
+                mode = "fwd"
+                if r["mode"] != "fwd":
+                    f = per_step(fwd[key], name) if key in fwd else None
+                    if f is None:
+                        continue
+                    us, mode = us - f, "bwd"
+                if us <= 0:  # noise: a backward measured at no time (cuDNN at small sizes)
+                    continue
+                cases.setdefault(key + (mode,), {}).setdefault(short, us)
+    return cases
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", default=DEFAULT_JSON)
-    ap.add_argument("--staging", choices=("old", "new"), default="old",
-                    help="how the measured run staged rows (default: old, the committed run)")
+    ap.add_argument("--json", action="append", default=None,
+                    help="a GPU run's JSON (repeatable; default: the committed H100 runs)")
     ap.add_argument("--sms", type=int, default=132)
     ap.add_argument("--clock-mhz", type=float, default=1980.0)
     ap.add_argument("--now", action="append", default=[], metavar="NAME=VALUE",
-                    help="a constant of the header replaced in the predictions (the `now`, "
-                         "`clustr` and auto columns), not in the fit; repeatable")
+                    help="a constant of the header replaced in the picks (not in the fit); "
+                         "repeatable")
     args = ap.parse_args(argv)
     consts = header_constants()
     now_consts = dict(consts)
@@ -163,65 +176,55 @@ def main(argv=None):
         if name not in consts:
             raise SystemExit(f"--now {item}: {name} is not one of {sorted(consts)}")
         now_consts[name] = float(value)
-    emu = load_emulation()  # its cluster_us reads the constants it cached
-    emu._HEADER_CONSTANTS[:] = [now_consts]
-    records = json.load(open(args.json))["records"]
-    fwd = {(r["cell"], r["N"], r["H"], r["dtype"]): r for r in records if r["mode"] == "fwd"}
-    ratios = {"fwd": [], "bwd": []}
-    best_over_cudnn = {"fwd": [], "bwd": []}
-    print(f"{'cell':5s} {'dtype':8s} {'N':>4s} {'H':>5s} {'mode':4s} | {'persistent':>10s} "
-          f"{'model':>6s} {'ratio':>5s} {'now':>6s} {'clustr':>6s} | {'step':>6s} {'model':>6s} | "
-          f"{'cuDNN':>6s} | auto  (us/step; model columns include the whole-sequence GEMMs)")
-    for r in records:
-        if r["dtype"] not in ("float32", "float64"):
-            continue
-        model = Model(consts, args.sms, args.clock_mhz, fp64=r["dtype"] == "float64")
-        now = Model(now_consts, args.sms, args.clock_mhz, fp64=r["dtype"] == "float64")
-        x_size = 8 if r["dtype"] == "float64" else 4
-        cell, N, H = r["cell"], r["N"], r["H"]
-        pers, step, cudnn = (per_step(r, n) for n in ("rnnfast persistent", "rnnfast step",
-                                                      "torch.nn"))
-        if pers is None or step is None:
-            continue
-        if r["mode"] == "fwd":
-            mode, backward = "fwd", False
-        else:  # the backward alone: forward+backward less the same path's forward
-            f = fwd.get((cell, N, H, r["dtype"]))
-            if f is None or per_step(f, "rnnfast persistent") is None:
-                continue
-            mode, backward = "bwd", True
-            pers -= per_step(f, "rnnfast persistent")
-            step -= per_step(f, "rnnfast step")
-            cudnn -= per_step(f, "torch.nn")
-        # what both paths share: the whole-sequence GEMMs (forward: the input projection;
-        # backward: dx, dW_ih, dW_hh), per step, C = H here; T * N rows make them efficient
-        # (WHOLE_SEQUENCE_SHARE of FFMA peak, against the per-step GEMMs' kGemmFfmaShare)
-        common = ((3 if backward else 1) * model.gemm_us(cell, N, H)
-                  * consts["kGemmFfmaShare"] / WHOLE_SEQUENCE_SHARE)
-        m_fit = model.persistent_us(cell, N, H, backward, args.staging, x_size) + common
-        m_now = now.persistent_us(cell, N, H, backward, "new", x_size) + common
-        m_cluster = now.cluster_us(cell, N, H, backward, x_size)
-        m_cluster = None if m_cluster is None else m_cluster + common
-        m_step = now.step_us(cell, N, H) + common
-        ratios[mode].append(m_fit / pers)
-        options = {"persistent": m_now, "step": m_step}
-        if m_cluster is not None:
-            options["cluster"] = m_cluster
-        pick = min(options, key=options.get)
-        best_over_cudnn[mode].append(cudnn / options[pick])
-        shown = f"{m_cluster:6.1f}" if m_cluster is not None else f"{'-':>6s}"
-        print(f"{cell:5s} {r['dtype']:8s} {N:4d} {H:5d} {mode:4s} | {pers:10.1f} {m_fit:6.1f} "
-              f"{m_fit / pers:5.2f} {m_now:6.1f} {shown} | {step:6.1f} {m_step:6.1f} | "
-              f"{cudnn:6.1f} | {pick}")
-    for mode, rs in best_over_cudnn.items():
+    emu = load_emulation()
+    cases = measured_cases(args.json or DEFAULT_JSONS)
+    ratios = {(p, m): [] for p in PATHS for m in ("fwd", "bwd")}
+    picks = {"fwd": [], "bwd": []}
+    print(f"{'cell':5s} {'dtype':8s} {'N':>4s} {'H':>5s} {'mode':4s} | "
+          + " | ".join(f"{p[:7]:>7s} {'model':>6s}" for p in PATHS)
+          + f" | {'cuDNN':>6s} | pick        cuDNN/pick (us a step, each with the shared GEMMs)")
+    try:
+        for (cell, dtype, N, H, mode), meas in sorted(cases.items()):
+            backward = mode == "bwd"
+            emu._HEADER_CONSTANTS[:] = [consts]
+            model = Model(consts, dtype, args.sms, args.clock_mhz)
+            est = {"persistent": model.persistent_us(cell, N, H, backward),
+                   "cluster": model.cluster_us(cell, N, H, backward),
+                   "step": model.step_us(cell, N, H, backward)}
+            common = model.common_us(cell, N, H, backward)
+            cols = []
+            for p in PATHS:
+                m = meas.get(p)
+                e = None if est[p] is None else est[p] + common
+                if m is not None and e is not None and m > 0:
+                    ratios[(p, mode)].append(e / m)
+                cols.append((f"{m:7.1f}" if m is not None else f"{'-':>7s}") + " "
+                            + (f"{e:6.1f}" if e is not None else f"{'-':>6s}"))
+            emu._HEADER_CONSTANTS[:] = [now_consts]
+            now = Model(now_consts, dtype, args.sms, args.clock_mhz)
+            options = {"persistent": now.persistent_us(cell, N, H, backward),
+                       "cluster": now.cluster_us(cell, N, H, backward),
+                       "step": now.step_us(cell, N, H, backward)}
+            pick = min((p for p in options if options[p] is not None), key=options.get)
+            cudnn = meas.get("cudnn")
+            shown = "-"
+            if cudnn is not None and meas.get(pick) is not None and meas[pick] > 0:
+                picks[mode].append(cudnn / meas[pick])
+                shown = f"{cudnn / meas[pick]:.2f}x"
+            cudnn_s = f"{cudnn:6.1f}" if cudnn is not None else f"{'-':>6s}"
+            print(f"{cell:5s} {dtype:8s} {N:4d} {H:5d} {mode:4s} | " + " | ".join(cols)
+                  + f" | {cudnn_s} | {pick:10s}  {shown}")
+    finally:
+        emu._HEADER_CONSTANTS[:] = [consts]
+    for (p, mode), rs in ratios.items():
         if rs:
-            print(f"{mode}: cuDNN (measured) over auto's pick (model), a prediction: geomean "
-                  f"{geo(rs):.2f}, range {min(rs):.2f}-{max(rs):.2f}, {len(rs)} cases")
-    for mode, rs in ratios.items():
+            print(f"{p} {mode}: model over measured: geomean {geo(rs):.2f}, range "
+                  f"{min(rs):.2f}-{max(rs):.2f}, {len(rs)} cases")
+    for mode, rs in picks.items():
         if rs:
-            print(f"{mode}: model over measured (persistent, staging {args.staging}): geomean "
-                  f"{geo(rs):.2f}, range {min(rs):.2f}-{max(rs):.2f}, {len(rs)} cases")
-    return ratios
+            print(f"{mode}: cuDNN over auto's pick (both measured): geomean {geo(rs):.2f}, "
+                  f"range {min(rs):.2f}-{max(rs):.2f}, {len(rs)} cases with the pick measured")
+    return ratios, picks
 
 
 if __name__ == "__main__":

@@ -245,12 +245,15 @@ TILINGS = [(3, 1, 1), (3, 4, 7), (3, 5, 33), (2, 17, 133), (2, 3, 401), (2, 40, 
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_tilings(cell, shape, path, monkeypatch):
     """(The cluster variant holds all of W_hh in one cluster's shared memory, which H=1024
-    in float32 outgrows: on that path the last shape runs with H=256, N=33; its refusal at
-    large H is tested below. Its cluster size is the planner's choice here.)"""
+    in float32 outgrows: on that path the last shape runs with H=256, N=33, and the float32
+    LSTM's backward at H=401 (252 KiB a block on the H100) with H=333, also odd; its
+    refusals are tested in test_cuda_cluster.py. Its cluster size is the planner's choice.)"""
     monkeypatch.delenv("RNNFAST_CLUSTER_SIZE", raising=False)
     T_, N_, H_ = shape
     if path == "cluster" and H_ == 1024:
         H_ = 256
+    if path == "cluster" and H_ == 401 and cell == "lstm":
+        H_ = 333
     m, f, m64 = _cuda_pair(cell, 8, H_, bidirectional=True)
     x, hx, upstream = _inputs(cell, 1, True, False, True, torch.float32, T=T_, N=N_, C=8, H=H_)
     compare_all(*run_cuda(cell, x, hx, m, f, m64, upstream))

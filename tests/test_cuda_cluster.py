@@ -112,3 +112,39 @@ def test_unknown_cluster_size_is_a_clear_error():
     assert child.returncode == 0, child.stderr[-4000:]
     assert "the cluster CUDA path was forced" in child.stdout, child.stdout
     assert "RNNFAST_CLUSTER_SIZE=3 is not one of 16, 8, 4, 2, 1" in child.stdout, child.stdout
+
+
+_BACKWARD_REFUSAL_CHILD = r"""
+import torch
+import rnnfast
+
+torch.manual_seed(0)
+f = rnnfast.LSTM(4, 401).cuda()
+x = torch.randn(2, 1, 4, device="cuda")
+with rnnfast.cuda_path("cluster"):
+    with torch.no_grad():
+        y, _ = f(x)
+    print("no_grad", rnnfast.last_cuda_path()[0], bool(torch.isfinite(y).all()))
+    try:
+        f(x)
+    except RuntimeError as e:
+        print(str(e).splitlines()[0])
+    else:
+        print("raised nothing")
+"""
+
+
+def test_forward_refuses_where_only_the_backward_cannot_fit():
+    """The float32 LSTM at H=401: the cluster forward fits (178 KiB a block) and its
+    backward does not (252 KiB on the H100's 227). Forced, a training forward raises at
+    once, saying so, rather than its backward after it; without gradients the forward
+    runs on the cluster variant. In a child process, as the refusal test above."""
+    import subprocess
+    import sys
+    child = subprocess.run([sys.executable, "-c", _BACKWARD_REFUSAL_CHILD], capture_output=True,
+                           text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-4000:]
+    lines = child.stdout.splitlines()
+    assert lines[0] == "no_grad cluster True", child.stdout
+    assert "rnnfast::lstm_forward: the cluster CUDA path was forced" in lines[1], child.stdout
+    assert "its backward cannot run for H=401 (its forward can)" in lines[1], child.stdout

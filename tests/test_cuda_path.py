@@ -13,7 +13,7 @@ import rnnfast
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-DEFAULT = "step"  # until the persistent kernels have passed on a GPU
+DEFAULT = "auto"
 
 
 def test_default():
@@ -21,10 +21,10 @@ def test_default():
 
 
 def test_set_returns_the_previous_setting():
-    assert rnnfast.set_cuda_path("auto") == DEFAULT
+    assert rnnfast.set_cuda_path("step") == DEFAULT
     try:
-        assert rnnfast.get_cuda_path() == "auto"
-        assert rnnfast.set_cuda_path("persistent") == "auto"
+        assert rnnfast.get_cuda_path() == "step"
+        assert rnnfast.set_cuda_path("persistent") == "step"
         assert rnnfast.get_cuda_path() == "persistent"
         assert rnnfast.set_cuda_path("cluster") == "persistent"
         assert rnnfast.get_cuda_path() == "cluster"

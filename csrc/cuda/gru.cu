@@ -190,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
         acc_t* ws = workspace.data_ptr<acc_t>();
         const scalar_t* bp = b_hh ? b_hh->data_ptr<scalar_t>() : nullptr;
         const PersistentLaunch plan =
-            plan_persistent<GruCell, scalar_t, acc_t, false>(N, H, x.scalar_type());
+            plan_persistent<GruCell, scalar_t, acc_t, false>(N, H, x.scalar_type(), training);
         if (!plan.refused.empty()) {
           refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
           return;

@@ -185,7 +185,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
         scalar_t* yp = y.data_ptr<scalar_t>();
         acc_t* ws = workspace.data_ptr<acc_t>();
         const PersistentLaunch plan =
-            plan_persistent<LstmCell, scalar_t, acc_t, false>(N, H, x.scalar_type());
+            plan_persistent<LstmCell, scalar_t, acc_t, false>(N, H, x.scalar_type(), training);
         if (!plan.refused.empty()) {
           refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
           return;

@@ -1063,40 +1063,47 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 
 // ---- host side: which path runs, and the launch ----
 
-// The cost model of `auto`: microseconds per step of each path, fitted to the first H100
-// run (benchmarks/results/cuda-h100-issue7-partial-2026-11-27.json, float32).
-// Persistent: a floor (the grid barrier, the __syncthreads and one pointwise pass, whose
-// loads are one L2 round trip), then per tile of NT rows the staging's round trips
-// (kStageBatch loads in flight per thread), the dot product at a share of the SM's FFMA
-// (or tensor-core) rate and one more pointwise pass after the first tile; never less than
-// all blocks' staging at L2 bandwidth. That run staged one element at a time, a round trip
-// each; counting them so, the model gives 0.75x-1.20x of the measured forward times
-// (geomean 1.00x) and 0.84x-1.18x of the backward (1.05x). scripts/fit_cost_model.py
-// prints the fit, reading the constants below from this file.
-// Per step: the launches from the host through ATen, plus the GEMM at a share of the
-// device's rate (16-bit forward on tensor cores; float32 on FFMA, TF32 being off by
-// default, as is every backward, which runs in acc_t). The 16-bit shares are guesses until
-// a GPU run measures them.
+// The cost model of `auto`: microseconds per step of each path, fitted to the second H100
+// run (benchmarks/results/cuda-h100-issue7-2026-11-27.json: the grid and cluster variants
+// forced, 141 cases, float32 and bfloat16, forward and backward; the per-step path from the
+// first run's float32 cases, cuda-h100-issue7-partial-2026-11-27.json).
+// Grid variant: a floor (the grid barrier, the __syncthreads and the first pointwise pass),
+// then per tile of NT batch rows a fixed cost (the staging of the tile from L2, its
+// __syncthreads and the tile's pointwise pass: about 2.5 us forward, 2.2 backward, the same
+// in float32 and bfloat16, and the same with cp.async's two tiles of xs as with one) and
+// its dot product at a share of the SM's FFMA rate (tensor cores: 16x that); never less than
+// all blocks' staging at L2 bandwidth. Measured time per step grows with the tiles, not the
+// bytes: at N = 256 (16 tiles) the grid variant staged about 0.9 TB/s across the device.
+// scripts/fit_cost_model.py prints this model against a run's JSON, reading the constants
+// below from this file; it gives 0.81x-1.30x of the measured forward times (geomean 0.98x)
+// and 0.79x-1.16x of the backward (0.99x).
+// Cluster variant: per wave of clusters, a floor and a cost per tile (fitted equal), the dot
+// product and the stores into the peers' shared memory (about 3 bytes a clock per SM as
+// built: a 4-byte or 2-byte store per value and peer); 0.52x-1.39x of measured.
+// Per-step path: the host's launches through ATen (about 22 us a step on the H100 machine's
+// CPU, forward or backward, whatever the size), plus the GEMM at a share of the device's rate
+// (16-bit forward on tensor cores, the share a guess; float32 on FFMA, TF32 being off by
+// default, as is every backward, which runs in acc_t).
 struct CostModel {
-  static constexpr double kFloorUs = 3.5, kRoundTripUs = 0.27, kFfmaShare = 0.4,
-                          kMmaShare = 0.15, kL2BytesPerS = 5e12;
-  static constexpr double kStepOverheadUs = 17.0, kGemmFfmaShare = 0.4, kGemmMmaShare = 0.25;
-  // The cluster variant (guesses until a GPU run measures them, scripts/gpu_check.sh's
-  // calib stage): a floor (the cluster barrier, two __syncthreads and a pointwise pass
-  // whose loads went ahead), the dot product as above, and the stores into the peers'
-  // shared memory at kDsmemBytesPerClk per SM.
-  static constexpr double kClusterFloorUs = 1.2, kDsmemBytesPerClk = 32.0;
-  // The grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll; a guess until a GPU run
-  // measures it): the floor without the barrier's fence, add and polling round trip; its
-  // staging reads twice the bytes (a flag beside every 32 bits of values).
-  static constexpr double kLLFloorUs = 2.0;
+  static constexpr double kFloorUs = 1.9, kTileUs = 2.5, kFfmaShare = 0.4, kMmaShare = 0.4;
+  static constexpr double kBwdFloorUs = 1.6, kBwdTileUs = 2.2, kBwdFfmaShare = 0.22;
+  static constexpr double kL2BytesPerS = 5e12;
+  static constexpr double kStepOverheadUs = 22.0, kGemmFfmaShare = 0.7, kGemmMmaShare = 0.25;
+  static constexpr double kClusterTileUs = 1.5, kBwdClusterTileUs = 1.0,
+                          kClusterFfmaShare = 0.5, kBwdClusterFfmaShare = 0.34,
+                          kDsmemBytesPerClk = 3.2;
+  // The grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll; never auto's choice): the
+  // second H100 run measured it about 1.3 us a step slower than the barrier (calib, and
+  // sync_bench at n = 6144: 3.7 us against 1.9 for the barrier and the staging).
+  static constexpr double kLLExtraUs = 1.3;
   double ffma_flops_per_sm_us;  // flop per SM per microsecond, FFMA (DFMA for float64)
   double mma_factor;            // dense 16-bit tensor cores (fp32 sums) over FP32 FFMA
   int sms;
+  bool backward;
   // Per SM and cycle: 128 FP32 FMA lanes (64 on sm_80), FP64 at half that on sm_80 and
   // sm_90 and at 1/64 elsewhere; tensor cores 16x FFMA on sm_80 and sm_90, about 4x on the
   // others (sm_86, sm_89, ...). Fitted on the H100 only.
-  CostModel(const cudaDeviceProp& prop, bool fp64) {
+  CostModel(const cudaDeviceProp& prop, bool fp64, bool bwd) : backward(bwd) {
     int clock_khz = 0;
     if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, c10::cuda::current_device()) !=
             cudaSuccess ||
@@ -1113,24 +1120,16 @@ struct CostModel {
     clock_mhz = clock_khz * 1e-3;
   }
   double clock_mhz;
-  // x_size: bytes of a staged element; v: elements per 16-byte vector when staging takes
-  // vectors, else 1 (the LL exchange: elements per 8-byte piece of xs); ll: the LL exchange;
-  // async: tiles staged by cp.async (every copy of a tile issued at once: one round trip),
-  // later tiles during the earlier tiles' dot products (their round trips then cost only
-  // what the dot product does not hide).
-  double persistent_us(int64_t N, int nt, int r_pad, int64_t K, int64_t ld, int x_size, int v,
-                       bool mma, int blocks, bool ll = false, bool async = false) const {
+  // The grid variant: N batch rows in tiles of nt; r_pad rows of W a block, K long; x_size:
+  // bytes of a staged element; ll: the LL exchange (twice the bytes staged).
+  double persistent_us(int64_t N, int nt, int r_pad, int64_t K, int x_size, bool mma,
+                       int blocks, bool ll = false) const {
     const int64_t tiles = (N + nt - 1) / nt;
-    const int64_t per_thread = (nt * ld / v + kPersistentThreads - 1) / kPersistentThreads;
-    const int batch = ll ? kLLBatch : kStageBatch;
-    const double trips = double((per_thread + batch - 1) / batch);
-    const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : kFfmaShare);
+    const double share = backward ? kBwdFfmaShare : kFfmaShare;
+    const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : share);
     const double dot_us = 2.0 * nt * r_pad * K / rate;
-    const double stage_us = (async ? 1.0 : trips) * kRoundTripUs;
-    const double staging_us =
-        async ? stage_us + (tiles - 1) * std::max(0.0, stage_us - dot_us) : tiles * stage_us;
-    const double latency_us = (ll ? kLLFloorUs : kFloorUs) + staging_us + tiles * dot_us +
-                              (tiles - 1) * kRoundTripUs;
+    const double latency_us = (backward ? kBwdFloorUs : kFloorUs) + (ll ? kLLExtraUs : 0.0) +
+                              tiles * ((backward ? kBwdTileUs : kTileUs) + dot_us);
     const double bandwidth_us =
         double(blocks) * N * K * x_size * (ll ? 2 : 1) / kL2BytesPerS * 1e6;
     return std::max(latency_us, bandwidth_us);
@@ -1141,11 +1140,12 @@ struct CostModel {
   double cluster_us(int64_t group_rows, int nt, int r_pad, int64_t K, int64_t pushes,
                     int x_size, bool mma, int64_t waves) const {
     const int64_t tiles = (group_rows + nt - 1) / nt;
-    const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : kFfmaShare);
+    const double share = backward ? kBwdClusterFfmaShare : kClusterFfmaShare;
+    const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * share : share);
     const double dot_us = 2.0 * nt * r_pad * K / rate;
     const double push_us = double(pushes) * x_size / (kDsmemBytesPerClk * clock_mhz);
-    return double(waves) *
-           (kClusterFloorUs + tiles * dot_us + (tiles - 1) * kRoundTripUs + push_us);
+    const double tile_us = backward ? kBwdClusterTileUs : kClusterTileUs;
+    return double(waves) * ((tiles + 1) * tile_us + tiles * dot_us + push_us);
   }
   // flops: the step's GEMM (2 N G H H); mma: on tensor cores
   double step_us(double flops, bool mma) const {
@@ -1256,7 +1256,7 @@ struct PersistentPlanner {
 
   PersistentPlanner(int64_t n, int64_t h, at::ScalarType dtype)
       : N(n), H(h), prop(*at::cuda::getCurrentDeviceProperties()),
-        model(prop, dtype == at::kDouble) {}
+        model(prop, dtype == at::kDouble, kBackward) {}
 
   template <int NT, int RPW, bool kCluster>
   static const void* kernel() {
@@ -1413,17 +1413,13 @@ struct PersistentPlanner {
         why = "its " + std::to_string(blocks) + " blocks cannot all be resident at once";
         return false;
       }
-      // vectors where K and ld allow (y and dg are aligned; h0, staged at the first step
-      // only, may not be); the LL exchange stages 8-byte pieces (two words) of xs
-      const int x_size = sizeof(x_t), v = ll ? 8 / x_size : 16 / x_size;
-      const bool vectors = ll || (K % v == 0 && ld % v == 0);
+      const int x_size = sizeof(x_t);
       plan = {k, static_cast<int>(blocks), static_cast<int>(units), 0, N, smem};
       plan.xs_tiles = xs_tiles;
       plan.nt = kNT;
       plan.rpw = kRPW;
       plan.gates = G;
-      plan.us = model.persistent_us(N, kNT, r_pad, K, ld, x_size, vectors ? v : 1, kMma,
-                                    plan.blocks, ll, xs_tiles == 2 && vectors);
+      plan.us = model.persistent_us(N, kNT, r_pad, K, x_size, kMma, plan.blocks, ll);
       if (ll) {
         plan.ll_row = round_up(static_cast<int>(K / kPer), 2);
         plan.ll_spin = exchange == GridExchange::kLLSpin;
@@ -1559,8 +1555,11 @@ inline CudaPlanNote plan_note(const PersistentLaunch& plan) {
 // variant, `cluster` the cluster variant, `auto` the cheapest of those and the per-step
 // path. Where a forced variant cannot run, the plan says why in `refused` and the op, after
 // its dispatch, raises with check_persistent_refusal (ops.cpp; nothing is thrown from here).
+// A forced variant whose forward fits but whose backward does not is refused at a training
+// forward (`training`: the forward saves for a backward), not after it at the backward.
 template <typename Cell, typename scalar_t, typename acc_t, bool kBackward>
-PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
+PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
+                                 bool training = false) {
   const CudaPath mode = cuda_path_mode();
   if (mode == CudaPath::kStep) {
     note_cuda_path(kBackward, CudaPath::kStep);
@@ -1576,11 +1575,25 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype) {
   }
   PersistentPlanner<Cell, scalar_t, acc_t, kBackward> planner(N, H, dtype);
   auto forced = [&](PersistentLaunch plan, const char* name) {
+    const std::string forced_why = std::string("the ") + name +
+                                   " CUDA path was forced (rnnfast.cuda_path / "
+                                   "RNNFAST_CUDA_PATH), but ";
     if (plan.kernel == nullptr) {
-      plan.refused = std::string("the ") + name +
-                     " CUDA path was forced (rnnfast.cuda_path / RNNFAST_CUDA_PATH), but it "
-                     "cannot run for H=" + std::to_string(H) + ": " + planner.why;
-    } else {
+      plan.refused = forced_why + "it cannot run for H=" + std::to_string(H) + ": " + planner.why;
+      return plan;
+    }
+    if (!kBackward && training) {
+      PersistentPlanner<Cell, scalar_t, acc_t, true> back(N, H, dtype);
+      const PersistentLaunch back_plan = mode == CudaPath::kCluster ? back.cluster() : back.grid();
+      if (back_plan.kernel == nullptr) {
+        PersistentLaunch refusal;
+        refusal.refused = forced_why + "its backward cannot run for H=" + std::to_string(H) +
+                          " (its forward can): " + back.why +
+                          "; without gradients (torch.no_grad()) the forward alone runs";
+        return refusal;
+      }
+    }
+    {
       note_cuda_path(kBackward, mode);
       CudaPlanNote note = plan_note(plan);
       (plan.cluster > 0 ? note.cluster_us : note.grid_us) = plan.us;

@@ -87,7 +87,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
                                             const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                             const std::optional<Tensor>& b_hh, int64_t activation,
                                             bool reverse, bool training) {
-  (void)training;  // Elman saves nothing beyond y
+  // Elman saves nothing beyond y (training: a forced path must fit its backward too)
   RNNFAST_NO_AUTOCAST;
   const char* op = "rnnfast::rnn_forward";
   check_layer_inputs(op, 1, x, h0, w_ih, w_hh, b_ih, b_hh);
@@ -105,7 +105,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
         using acc_t = at::opmath_type<scalar_t>;
         scalar_t* yp = y.data_ptr<scalar_t>();
         const PersistentLaunch plan =
-            plan_persistent<ElmanCell, scalar_t, acc_t, false>(N, H, x.scalar_type());
+            plan_persistent<ElmanCell, scalar_t, acc_t, false>(N, H, x.scalar_type(), training);
         if (!plan.refused.empty()) {
           refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
           return;

@@ -13,6 +13,9 @@
 #   3b. calib: the persistent kernels' per-step time against their block count and, for
 #      the grid variant, its exchange (the barrier or the LL exchange, RNNFAST_GRID_EXCHANGE)
 #      (scripts/calibrate_persistent.py, small shapes, T=256: the cost model's data);
+#   3c. ncu (only when named in GPU_CHECK_STAGES): Nsight Compute on the grid variant's
+#      kernels at bfloat16 LSTM N=256 and N=16, H=768 (scripts/ncu_profile.sh): every section
+#      and the SASS lines with the most stall samples, into ncu.txt;
 #   4. bench7: the persistent-kernel issue's table (--set issue7: T=1024, N 1-256, H 256-1024,
 #      float32 and bfloat16) with rnnfast on auto, each path forced, and cuDNN;
 #   4b. bench: the full set against cuDNN and the Python loop (rnnfast on auto), if time is left;
@@ -30,7 +33,7 @@
 # Writes to $OUT (8 files at most, the device tool's limit): gpu_check.log (every stage's
 # output), summary.txt, gpu-sync.json (JSON lines), gpu-calib.json, gpu-bench7.json,
 # gpu-bench.json and .png (gpu-peers.json and .png instead, when peers runs), test_cuda.xml
-# and tests_cpu.xml (JUnit). syncbench runs only where GPU_CHECK_STAGES names it (the
+# and tests_cpu.xml (JUnit), ncu.txt (when ncu runs). syncbench runs only where GPU_CHECK_STAGES names it (the
 # default stages make 8 files; the two-call plan below 6).
 # Environment: PYTHON (default python3), GPU_CHECK_STAGES (the stages after build and import,
 # default "test_cuda sanitize calib bench7 bench tests_cpu"), GPU_CHECK_BUDGET (seconds for the whole run,
@@ -45,13 +48,15 @@
 # bench7 stage's limit in seconds, default 300).
 #
 # With 15 device minutes (the machine's start counts too), two calls fit (the second
-# finds the build in place). Estimated, not measured: build ~100 s, test_cuda ~250 s (three
-# paths, and the LL exchange's tests), sanitize ~130 s (50 runs), syncbench ~30 s, calib
-# ~120 s; bench7 took 300 s for 64 float32 cases with 5 contenders on 2026-11-27. The first
-# call checks and calibrates, the second measures the issue's table (bfloat16 first; auto,
-# the grid variant and cuDNN: the other paths' numbers come from calib):
-#   GPU_CHECK_STAGES="syncbench test_cuda sanitize calib" GPU_CHECK_BUDGET=570
-#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,torch.nn" BENCH7_CAP=290 GPU_CHECK_BUDGET=300
+# finds the build in place). Measured on the H100 on 2026-11-27 (second run): build 94 s,
+# test_cuda 155 s (4 shards), sanitize 87 s (50 runs), syncbench 8 s, calib 28 s, the whole
+# first call 387 s; bench7 335 s for 141 cases with 4 contenders (cut at its limit); ncu is
+# estimated at 120 s (three profiled launches, ~30 s of ncu start-up each). The first call
+# checks, calibrates and profiles; the second measures the issue's table (bfloat16 first;
+# auto, the grid variant, the per-step path, whose bfloat16 times the refitted model now
+# picks at large N but no run has measured, and cuDNN):
+#   GPU_CHECK_STAGES="test_cuda sanitize calib ncu" GPU_CHECK_BUDGET=520
+#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=345
 #
 # The extension is built with `python setup.py build_ext --inplace` (not scripts/setup.sh,
 # which may pip install, nor pip, which may look for an index): the .so lands in rnnfast/
@@ -297,6 +302,21 @@ fi
 if wanted calib; then
   # the persistent kernels' per-step time against their block count (RNNFAST_PERSISTENT_MAX_BLOCKS)
   run_stage calib 120 60 "$PY" scripts/calibrate_persistent.py --json "$OUT/gpu-calib.json"
+fi
+if wanted ncu; then
+  # Nsight Compute on the grid variant at N=256 and N=16 (scripts/ncu_profile.sh): every
+  # section and the SASS lines where warps stall, as text; the clocks left alone
+  NCU=$(command -v ncu 2>/dev/null || true)
+  for c in "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" "${CUDA_HOME:-/usr/local/cuda}"/nsight-compute*/ncu \
+    /opt/nvidia/nsight-compute/*/ncu; do
+    if [ -z "$NCU" ] && [ -x "$c" ]; then NCU=$c; fi
+  done
+  if [ -z "$NCU" ]; then
+    log "!! ncu not found (PATH, \$CUDA_HOME/bin, \$CUDA_HOME/nsight-compute*)"
+    record ncu FAIL 0 "ncu not found"
+  else
+    run_stage ncu 150 30 bash scripts/ncu_profile.sh "$NCU" "$WORK" "$OUT/ncu.txt"
+  fi
 fi
 if wanted bench7; then
   IFS=',' read -ra BENCH7_CONTENDERS_LIST <<<"${BENCH7_CONTENDERS:-rnnfast,rnnfast persistent,rnnfast cluster,rnnfast step,torch.nn}"

@@ -7,13 +7,16 @@ For each cell, dtype, N and H (small sets, T=256), the forward (under no_grad) a
 forward+backward run with the persistent path (grid variant) forced, once with a block per
 SM (the default plan) and once for each cap in --max-blocks (RNNFAST_PERSISTENT_MAX_BLOCKS:
 fewer blocks, more hidden units each, so a cheaper grid barrier and more work per block),
-each with every exchange of --exchanges (RNNFAST_GRID_EXCHANGE: the grid barrier on its
-counter or on per-block flags, and the LL exchange, which has no barrier but reads twice the
-bytes, with either way of retrying its loads);
+each with every exchange of --exchanges (RNNFAST_GRID_EXCHANGE: by default the grid barrier
+on its counter only; per-block flags and the LL exchange, which the second H100 run measured
+1-1.5 us a step slower, on request);
 with the cluster variant forced, the planner's cluster size and each of --cluster-sizes
-(RNNFAST_CLUSTER_SIZE); and the per-step path forced, for comparison. Times are the median of --repeats CUDA-event
-timings after a warm-up, divided by T. A cap that does not fit on chip is reported as
-such (the forced path raises).
+(RNNFAST_CLUSTER_SIZE); and the per-step path forced, for comparison. Then, for the 16-bit
+dtypes at the larger batches of --mma-batch, the grid variant with each tensor-core tile of
+--mma-rows (RNNFAST_MMA_ROWS: 16, 32 or 64 batch rows a tile; the second H100 run showed a
+fixed cost of about 2.5 us a tile) beside the per-step path. Times are the median of
+--repeats CUDA-event timings after a warm-up, divided by T. A cap that does not fit on chip
+is reported as such (the forced path raises).
 
 Each row also records what the planner decided and the cost model's estimate for it
 (rnnfast._ops._last_cuda_plan(): `plan_fwd`, and `plan_bwd` for fwdbwd), so that the model
@@ -39,7 +42,8 @@ import rnnfast  # noqa: E402
 from rnnfast._ops import _last_cuda_plan  # noqa: E402
 
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
-KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_GRID_EXCHANGE")
+KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_GRID_EXCHANGE",
+         "RNNFAST_MMA_ROWS")
 
 
 def time_per_step(fn, T, repeats, warmup=2):
@@ -57,12 +61,12 @@ def time_per_step(fn, T, repeats, warmup=2):
     return statistics.median(times)
 
 
-def measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None):
+def measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None, mma_rows=None):
     """(microseconds per step, or the first line of the error the call raised; the paths
     that ran; the planner's decisions, rnnfast._ops._last_cuda_plan(): the cost model's
     estimates beside the measurement). knob: the value of RNNFAST_PERSISTENT_MAX_BLOCKS
     (path persistent) or RNNFAST_CLUSTER_SIZE (path cluster), 0 for none; exchange:
-    RNNFAST_GRID_EXCHANGE (path persistent)."""
+    RNNFAST_GRID_EXCHANGE and mma_rows RNNFAST_MMA_ROWS (path persistent)."""
     torch.manual_seed(0)
     m = MODULES[cell](H, H).to("cuda", dtype)
     x = torch.randn(T, N, H, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
@@ -72,6 +76,8 @@ def measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None):
         os.environ[KNOBS[0] if path == "persistent" else KNOBS[1]] = str(knob)
     if exchange:
         os.environ[KNOBS[2]] = exchange
+    if mma_rows:
+        os.environ[KNOBS[3]] = str(mma_rows)
 
     def fwd():
         with torch.no_grad():
@@ -100,8 +106,12 @@ def main(argv=None):
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--hidden", nargs="+", type=int, default=[256, 768])
     ap.add_argument("--max-blocks", nargs="+", type=int, default=[64])
-    ap.add_argument("--exchanges", nargs="+", default=["barrier", "flags", "ll", "ll-spin"],
+    ap.add_argument("--exchanges", nargs="+", default=["barrier"],
                     choices=["barrier", "flags", "ll", "ll-spin"])
+    ap.add_argument("--mma-batch", nargs="+", type=int, default=[64, 256],
+                    help="the batches at which the 16-bit tiles of --mma-rows are measured")
+    ap.add_argument("--mma-rows", nargs="+", type=int, default=[16, 32, 64],
+                    choices=[16, 32, 64])
     ap.add_argument("--cluster-sizes", nargs="+", type=int, default=[16, 8, 4])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--seq-len", type=int, default=256)
@@ -145,8 +155,39 @@ def main(argv=None):
                               f"{'':20s}{'  '.join(cells)} | {'':9s}{'  '.join(ccells)} | "
                               f"{step}", flush=True)
                         save(args, prop, rows)  # after every case: a run cut short keeps them
+    mma_table(args, prop, rows)
     save(args, prop, rows)
     return rows
+
+
+def mma_table(args, prop, rows):
+    """The 16-bit grid variant with each tensor-core tile of --mma-rows, at --mma-batch,
+    beside the per-step path (whose 16-bit times at large batch no run had measured)."""
+    dtypes = [d for d in args.dtypes if d in ("bfloat16", "float16")]
+    if not dtypes or not args.mma_batch or not args.mma_rows:
+        return
+    head = "  ".join(f"{f'rows={r}':>8s}" for r in args.mma_rows)
+    print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent, tensor-core "
+          f"tile: {head} | {'step':>8s}")
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        for cell in args.cells:
+            for N in args.mma_batch:
+                for H in args.hidden:
+                    for mode in args.modes:
+                        case = dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode)
+                        cells = []
+                        for r in args.mma_rows + [0]:  # 0: the per-step path
+                            path = "persistent" if r else "step"
+                            us, used, plans = measure(cell, dtype, N, H, args.seq_len, path, 0,
+                                                      mode, args.repeats, mma_rows=r or None)
+                            rows.append(dict(case, path=path, mma_rows=r or None, us=us,
+                                             used=used, plan_fwd=plans[0],
+                                             plan_bwd=plans[1] if mode == "fwdbwd" else None))
+                            cells.append(f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}")
+                        print(f"{cell:5s} {dtype_name:9s} {N:4d} {H:5d} {mode:6s} | "
+                              f"{'':31s}{'  '.join(cells[:-1])} | {cells[-1]}", flush=True)
+                        save(args, prop, rows)
 
 
 def save(args, prop, rows):

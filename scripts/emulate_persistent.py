@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """CPU emulation of the persistent CUDA kernels, to check them without a GPU.
 
-Emulates, as of the pipelined staging (2026-11-27):
+Emulates, as of the larger tensor-core tiles (RNNFAST_MMA_ROWS, 2026-11-27):
 csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, stage_rows_async's cp.async
 groups into two tiles of xs (a copy's destination is written at its issue, for the race
 checks, and unreadable until its cp_async_wait), tile_dot with its vector
 groups, their alignment checked, and its split-K, tile_dot_mma's ldmatrix / mma.sync
-m16n8k16 forward for 16-bit types lane by lane, smem_layout with its xs_rows and the
+m16n8k16 forward for 16-bit types lane by lane (tiles of 16 batch rows, or 32 or 64 as a
+case's `mma_rows` asks), smem_layout with its xs_rows and the
 scratch sizes, the grid barrier's arrive and wait, the grid variant's LL exchange
 (stage_ll, the words and their flags, the 16-bit pairs' shuffle; RNNFAST_GRID_EXCHANGE=ll
 as a case's `exchange`), both kernels in both variants
@@ -122,6 +123,9 @@ MUTATIONS = {
     "stage_batch_overlap": "stage_rows: a batch's units e0 + i instead of e0 + i * blockDim",
     "mma_ws_no_k_pad": "forward Ws load without k < K (reads W_hh past the row)",
     "mma_scratch_no_splits": "mma_scratch_bytes: r_tiles * 256 floats (splits missing)",
+    "mma_scratch_one_row_tile": "mma_scratch_bytes: one row tile of 16 whatever NT (too short)",
+    "mma_tile_order": "tile_dot_mma: job tile t's row tile t % m_tiles, column tile t / m_tiles",
+    "mma_a_row_tile": "tile_dot_mma: every job reads xs's first 16 rows (row tile mt missing)",
     "ffma_ld_unpadded": "ffma_ld(K) = K (rows not padded to whole vectors)",
     "bwd_ws_no_k_pad": "backward Ws load without q < K (reads W_hh past its rows)",
     # the cluster variant
@@ -485,14 +489,14 @@ def mma_ld(K):
     return round_up(K, 16) + (4 if mut("mma_ld_odd") else 8)
 
 
-def mma_scratch_bytes(r_pad):
-    r_tiles = r_pad // 16
-    splits = 1 if mut("mma_scratch_no_splits") else mma_splits(r_tiles, WARPS)
-    return r_tiles * splits * 256 * 4
+def mma_scratch_bytes(nt, r_pad):
+    tiles = (16 if mut("mma_scratch_one_row_tile") else nt) // 16 * (r_pad // 16)
+    splits = 1 if mut("mma_scratch_no_splits") else mma_splits(tiles, WARPS)
+    return tiles * splits * 256 * 4
 
 
 def scratch_bytes(NT, RPW, mma, acc_size, r_pad):
-    return mma_scratch_bytes(r_pad) if mma else ffma_scratch(NT, RPW, r_pad) * acc_size
+    return mma_scratch_bytes(NT, r_pad) if mma else ffma_scratch(NT, RPW, r_pad) * acc_size
 
 
 def align128(v):
@@ -887,16 +891,21 @@ def mma_16816(d, a, b):
     return np.stack([D[:, GROUP + 8 * (i // 2), 2 * TIG + i % 2] for i in range(4)], axis=2)
 
 
-def tile_dot_mma(ws, r_pad, xs, K, ld, out, scratch, ctx):
-    r_tiles, k_steps = r_pad // 16, K // 16
-    splits = mma_splits(r_tiles, WARPS)
+def tile_dot_mma(NT, ws, r_pad, xs, K, ld, out, scratch, ctx):
+    m_tiles, r_tiles, k_steps = NT // 16, r_pad // 16, K // 16
+    splits = mma_splits(m_tiles * r_tiles, WARPS)
     cover("mma: split-K" if splits > 1 else "mma: one k range per tile")
-    if r_tiles > WARPS:
+    if m_tiles * r_tiles > WARPS:
         cover("mma: several jobs per warp")
-    # `for (job = warp; job < r_tiles * splits; job += warps)`, every job side by side as
-    # in tile_dot; the k loop runs in step over the jobs, inactive where a job's range ended
-    job = np.arange(r_tiles * splits, dtype=np.int64)
-    rt, sp, warp = job // splits, job % splits, job % WARPS
+    if m_tiles > 1:
+        cover(f"mma: {NT} rows a tile")
+    # `for (job = warp; job < m_tiles * r_tiles * splits; job += warps)`, every job side by
+    # side as in tile_dot; the k loop runs in step over the jobs, inactive where a job's
+    # range ended
+    job = np.arange(m_tiles * r_tiles * splits, dtype=np.int64)
+    tile, sp, warp = job // splits, job % splits, job % WARPS
+    mt, rt = (tile % m_tiles, tile // m_tiles) if mut("mma_tile_order") else \
+        (tile // r_tiles, tile % r_tiles)
     ks_begin, ks_end = sp * k_steps // splits, (sp + 1) * k_steps // splits
     if ((ks_end - ks_begin) % 2).any():
         cover("mma: an odd number of k steps")
@@ -915,7 +924,9 @@ def tile_dot_mma(ws, r_pad, xs, K, ld, out, scratch, ctx):
         ks = ks_begin + it
         on = ks < ks_end
         ks = ks[on]
-        a = ldmatrix_x4(xs, a_off[None, :] + ks[:, None] * 16, warp[on], ctx, "a = xs")
+        a_rows = 0 if mut("mma_a_row_tile") else mt[on] * 16 * ld
+        a = ldmatrix_x4(xs, np.asarray(a_rows)[..., None] + a_off[None, :] + ks[:, None] * 16,
+                        warp[on], ctx, "a = xs")
         b = ldmatrix_x4(ws, (rt[on] * 16 * row_stride)[:, None] + b_off[None, :]
                         + ks[:, None] * 16, warp[on], ctx, "b = ws")
         par = it % 2  # pairs of steps from the range's start; a last odd one takes c[0]
@@ -930,13 +941,14 @@ def tile_dot_mma(ws, r_pad, xs, K, ld, out, scratch, ctx):
             scratch.write(job[:, None] * 256 + elem[None, :], tot[h, :, :, i], ctx, thr,
                           where="tile_dot_mma scratch")
     ctx.syncthreads()
-    idx = np.arange(16 * r_pad, dtype=np.int64)
+    idx = np.arange(NT * r_pad, dtype=np.int64)
     n, r = idx // r_pad, idx % r_pad
     sps = np.arange(splits)
-    slot = sps * r_tiles + (r // 16)[:, None] if mut("mma_split_slot") else \
-        (r // 16)[:, None] * splits + sps  # job rt * splits + sp
+    tile_of = (n // 16) * r_tiles + r // 16
+    slot = sps * (m_tiles * r_tiles) + tile_of[:, None] if mut("mma_split_slot") else \
+        tile_of[:, None] * splits + sps  # job tile * splits + sp
     t = idx % BLOCK_DIM
-    part = scratch.read(slot * 256 + (n * 16 + r % 16)[:, None], ctx, t[:, None],
+    part = scratch.read(slot * 256 + ((n % 16) * 16 + r % 16)[:, None], ctx, t[:, None],
                         where="tile_dot_mma split sum")
     v = np.zeros(idx.size)
     for s in range(splits):
@@ -1040,7 +1052,7 @@ def prefetch_xp(p, G, t, n_begin, rows, u0, here):
 def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
     G = Cell.kGates
     mma = dt.mma
-    assert not mma or (NT == 16 and RPW == 16), "the MMA tile is 16 x 16"
+    assert not mma or (NT % 16 == 0 and RPW == 16), "the MMA tile is whole 16 x 16 tiles"
     N, H = p.N, p.H
     U, K = p.units, H
     ld = mma_ld(K) if mma else ffma_ld(K)
@@ -1130,7 +1142,7 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
                                   u0 + cur_thr % here, ctx, cur_thr)
                 cover("forward: a later tile's inputs loaded before its dot")
             if mma:
-                tile_dot_mma(ws, r_pad, xt, round_up(K, 16), ld, out, scratch, ctx)
+                tile_dot_mma(NT, ws, r_pad, xt, round_up(K, 16), ld, out, scratch, ctx)
             else:
                 tile_dot(NT, RPW, ws, r_pad, xt, ld, out, scratch, ctx)
             if not mut("no_tile_sync"):
@@ -1701,9 +1713,18 @@ KNOBS = {}
 
 def for_tiles(n_rows, w_rows, try_tile, mma, backward, dt, tile=None):
     """PersistentPlanner::for_tiles: tries the tiles in order until try_tile(nt, rpw) says
-    one ran. tile: force (NT, RPW) of the FFMA kernels (the MMA forward has only (16, 16))."""
+    one ran. tile: force (NT, RPW) of the FFMA kernels; the MMA forward takes (16, 16), or
+    (32, 16) or (64, 16) as RNNFAST_MMA_ROWS asks, where the batch has more than half as
+    many rows and the tile fits."""
     if mma:
-        try_tile(16, 16)
+        rows = int(KNOBS.get("RNNFAST_MMA_ROWS") or 16)
+        done = False
+        if rows == 64 and n_rows > 32:
+            done = try_tile(64, 16)
+        if not done and rows >= 32 and n_rows > 16:
+            done = try_tile(32, 16)
+        if not done:
+            try_tile(16, 16)
     elif tile is not None:
         try_tile(*tile)
     else:
@@ -1755,13 +1776,16 @@ def smem_bytes(nt, rpw, r_pad, ld, group_rows, cluster, dt, backward, mma, xs_ti
 
 def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
     """PersistentPlanner::grid() with the path forced. tile: force (NT, RPW) of the FFMA
-    kernels (the MMA forward has only (16, 16))."""
+    kernels (the MMA forward's tile follows RNNFAST_MMA_ROWS, see for_tiles)."""
     sms = dev.sms
     exchange = KNOBS.get("RNNFAST_GRID_EXCHANGE", "")
     # flags: the barrier on per-block flags, the same wait for every block's arrival as the
     # counter's, which run_grid models
     if exchange not in ("", "barrier", "flags", "ll", "ll-spin"):
         raise Finding(f"the persistent path cannot run: RNNFAST_GRID_EXCHANGE is {exchange!r}")
+    if KNOBS.get("RNNFAST_MMA_ROWS", "") not in ("", "16", "32", "64"):
+        raise Finding("the persistent path cannot run: RNNFAST_MMA_ROWS is "
+                      f"{KNOBS['RNNFAST_MMA_ROWS']!r}")
     units = (H + sms - 1) // sms
     K, _, x_size, mma = plan_sizes(Cell, backward, H, units, dt)
     per = 4 // x_size if x_size <= 4 else 0  # values per LL word
@@ -2205,20 +2229,22 @@ def cover_plan(plan, N, H, sms, dt, backward):
 
 def case_name(c):
     keys = ("kind", "dtype", "T", "N", "C", "H", "reverse", "training", "sms", "bias", "act",
-            "gru_bhh", "tile", "h0_off", "smem_optin", "cluster", "exchange")
+            "gru_bhh", "tile", "h0_off", "smem_optin", "cluster", "exchange", "mma_rows")
     return " ".join(f"{k}={c[k]}" for k in keys if k in c)
 
 
 def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True, tile=None,
              dtype="float64", seed=0, ops=None, h0_off=0, smem_optin=None, cluster=None,
-             exchange=None):
+             exchange=None, mma_rows=None):
     """One case; cluster: (size, rows) for the cluster variant (RNNFAST_CLUSTER_SIZE and
     _ROWS; None in either for the planner's choice), None for the grid variant; exchange:
-    RNNFAST_GRID_EXCHANGE ("ll": the LL exchange where the values allow it), set for this
-    case only."""
+    RNNFAST_GRID_EXCHANGE ("ll": the LL exchange where the values allow it); mma_rows:
+    RNNFAST_MMA_ROWS (the tensor-core tile's batch rows); each set for this case only."""
     KNOBS.clear()
     if exchange:
         KNOBS["RNNFAST_GRID_EXCHANGE"] = exchange
+    if mma_rows:
+        KNOBS["RNNFAST_MMA_ROWS"] = str(mma_rows)
     try:
         _run_case(kind, T, N, C, H, reverse, training, sms, bias, act, gru_bhh, tile, dtype,
                   seed, ops, h0_off, smem_optin, cluster, exchange)
@@ -2490,6 +2516,29 @@ def cases(full=False):
         dict(kind="gru", T=3, N=17, C=2, H=10, sms=3, reverse=False, training=True,
              bias=True, dtype="float32", exchange="flags"),
     ]
+    # the tensor-core forward's larger tiles (RNNFAST_MMA_ROWS=32 or 64); the comments give
+    # the tile and its rows
+    M = dict(C=3, bias=True, dtype="float16")
+    extra += [
+        # 64: two tiles (64 + 6); U 5 (4): 320 items a tile, more than the threads
+        dict(kind="lstm", T=3, N=70, H=19, sms=4, reverse=False, training=True,
+             mma_rows=64, **M),
+        # 64 asked, N = 40: 32 rows a tile (32 + 8)
+        dict(kind="gru", T=2, N=40, H=20, sms=5, reverse=True, training=True, mma_rows=64,
+             **M),
+        # 32: N 17, one partial tile; K 33 (zero padding)
+        dict(kind="rnn", act=1, T=3, N=17, H=33, sms=6, reverse=False, training=True,
+             mma_rows=32, **M),
+        # 64 at N = 64, one whole tile, inference; 8 column tiles of W (GRU U 43 -> r_pad 144)
+        dict(kind="gru", T=2, N=64, H=43, sms=1, reverse=False, training=False, mma_rows=64,
+             **M),
+        # 32: three tiles (32, 32, 36 - 64 = 4 ... N 68: 32 + 32 + 4)
+        dict(kind="lstm", T=2, N=68, H=16, sms=2, reverse=True, training=False, mma_rows=32,
+             **M),
+        # 64 asked, N <= 16: the 16-row tile
+        dict(kind="rnn", act=0, T=2, N=9, H=24, sms=3, reverse=True, training=True,
+             mma_rows=64, **M),
+    ]
     for j, e in enumerate(extra):
         e.setdefault("seed", 100000 + j)
     return out + extra
@@ -2512,8 +2561,8 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "ll: forward", "ll: backward", "ll: the barrier where the values do not allow words",
             "stage_ll: 16-bit pairs", "stage_ll: 32-bit words", "stage_rows_async: cp.async",
             "stage_rows_async: a later tile issued during an earlier one",
-            "forward: xp prefetched into L2"}
-TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16)}
+            "forward: xp prefetched into L2", "mma: 32 rows a tile", "mma: 64 rows a tile"}
+TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16), (32, 16), (64, 16)}
 
 
 @dataclasses.dataclass
@@ -2584,6 +2633,14 @@ SELF_TEST_CASES = [
          dtype="float32", exchange="ll"),
     dict(kind="gru", T=3, N=17, C=2, H=20, reverse=False, training=True, sms=3, bias=True,
          dtype="float16", exchange="ll"),
+    # the tensor-core forward's 64-row tile (RNNFAST_MMA_ROWS=64): 70 rows in two tiles, 4
+    # row tiles of 16 by 2 column tiles (LSTM U 5 -> 20 rows of W, padded to 32)
+    dict(kind="lstm", T=2, N=70, C=2, H=19, reverse=False, training=True, sms=4, bias=True,
+         dtype="float16", mma_rows=64),
+    # 32 rows a tile with 5 column tiles (GRU U 26 -> 80 rows of W): 10 jobs, more than the
+    # warps, so the scratch for 2 row tiles is twice that for one
+    dict(kind="gru", T=2, N=40, C=2, H=26, reverse=True, training=False, sms=1, bias=True,
+         dtype="float16", mma_rows=32),
 ]
 
 

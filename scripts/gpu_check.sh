@@ -5,7 +5,8 @@
 #      and the next exchange's design;
 #   1. build rnnfast from source for the card that is there (no internet needed: no pip,
 #      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
-#   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py, tests/test_cuda_ll.py);
+#   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py, tests/test_cuda_ll.py,
+#      tests/test_cuda_mma_rows.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants)
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
@@ -194,7 +195,7 @@ if wanted test_cuda; then
   # reference loops on the CPU are most of these tests' time, and the machine has 16 cores
   run_stage test_cuda 300 160 "$PY" scripts/pytest_shards.py --shards "${TEST_CUDA_SHARDS:-4}" \
     --junitxml="$OUT/test_cuda.xml" -- -q --tb=short \
-    tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_ll.py
+    tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_ll.py tests/test_cuda_mma_rows.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
@@ -203,9 +204,14 @@ SAN_TSV=$WORK/sanitize.tsv
 : >"$SAN_TSV"
 san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and exit code in $WORK
   local tool=$1 cell=$2 dtype=$3 h=$4 path=$5 t=$6
-  # PATH ll, ll-spin or flags: the grid variant with that exchange (RNNFAST_GRID_EXCHANGE)
-  local forced=$path exchange=barrier
-  case $path in ll | ll-spin | flags) forced=persistent exchange=$path ;; esac
+  # PATH ll, ll-spin or flags: the grid variant with that exchange (RNNFAST_GRID_EXCHANGE);
+  # mma64: the grid variant with 64-row tensor-core tiles (RNNFAST_MMA_ROWS), N=40 (one
+  # partial tile)
+  local forced=$path exchange=barrier rows=16 n=5
+  case $path in
+    ll | ll-spin | flags) forced=persistent exchange=$path ;;
+    mma64) forced=persistent rows=64 n=40 ;;
+  esac
   # racecheck runs over every kernel, cuBLAS's included (a --kernel-name filter for
   # rnnfast's own has not been tried on the GPU image yet)
   # no caching allocator: each tensor its own allocation, so memcheck sees overruns
@@ -215,9 +221,9 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # The cluster variant: clusters of 4 blocks (4 units each), 2 batch rows a cluster, so
   # 3 clusters, the last with 1 row
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 RNNFAST_CLUSTER_SIZE=4 RNNFAST_CLUSTER_ROWS=2 \
-    RNNFAST_GRID_EXCHANGE=$exchange timeout -k 5 "$t" "$SANITIZER" --tool "$tool" \
-    --error-exitcode 1 --report-api-errors no --print-limit 20 \
-    "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$forced" --N 5 \
+    RNNFAST_GRID_EXCHANGE=$exchange RNNFAST_MMA_ROWS=$rows timeout -k 5 "$t" "$SANITIZER" \
+    --tool "$tool" --error-exitcode 1 --report-api-errors no --print-limit 20 \
+    "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$forced" --N "$n" \
     --H "$h" $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h-$path.log" 2>&1
   echo $? >"$WORK/san-$tool-$cell-$dtype-$h-$path.rc"
 }
@@ -238,6 +244,9 @@ for tool in memcheck racecheck; do
   done
   SAN_CASES+=("$tool lstm bfloat16 700 ll")
   SAN_CASES+=("$tool gru float32 16 flags")
+  # 64-row tensor-core tiles (bfloat16 forwards)
+  for cell in lstm gru rnn_tanh; do SAN_CASES+=("$tool $cell bfloat16 16 mma64"); done
+  SAN_CASES+=("$tool lstm bfloat16 700 mma64")
 done
 t_san=$(stage_time 150 100)
 s=$(now)
@@ -362,7 +371,7 @@ if ! wanted tests_cpu; then
 elif (($(remaining) >= 45)); then
   run_stage tests_cpu 120 10 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
     --junitxml="$OUT/tests_cpu.xml" tests --ignore=tests/test_cuda.py --ignore=tests/test_cuda_cluster.py \
-    --ignore=tests/test_cuda_ll.py
+    --ignore=tests/test_cuda_ll.py --ignore=tests/test_cuda_mma_rows.py
 else
   record tests_cpu SKIPPED 0 "optional, no time left"
 fi
@@ -534,27 +543,48 @@ if cal:
         v = [r["us"] for r in rows if isinstance(r.get("us"), float)]
         return f"{v[0]:8.2f}" if v else f"{'n/a':>8}"
     print()
-    print("gpu-calib.json: us per step; persistent (grid variant) with the barrier, per-block "
-          "flags (fl), the LL exchange and ll-spin (lls), all blocks and <= 64; cluster "
-          "(planner's size); per-step path")
-    print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} {'barrier':>8} {'fl':>8} "
-          f"{'ll':>8} {'lls':>8} {'bar<=64':>8} {'fl<=64':>8} {'ll<=64':>8} {'lls<=64':>8} "
-          f"{'cluster':>8} {'step':>8} "
+    main = [r for r in cal if "mma_rows" not in r]
+    exchanges = [e for e in ("barrier", "flags", "ll", "ll-spin")
+                 if any(r.get("exchange", "barrier") == e for r in main if r["path"] == "persistent")]
+    short = {"barrier": "bar", "flags": "fl", "ll": "ll", "ll-spin": "lls"}
+    cols = [(cap, ex) for cap in (0, 64) for ex in exchanges]
+    print("gpu-calib.json: us per step; persistent (grid variant) with each exchange measured "
+          "(bar: the barrier, fl: per-block flags, ll, lls: ll-spin), all blocks and <= 64; "
+          "cluster (planner's size); per-step path")
+    print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} "
+          + " ".join(f"{short[ex] + ('' if cap == 0 else '<=64'):>8}" for cap, ex in cols)
+          + f" {'cluster':>8} {'step':>8} "
           f"{'model':>8}  (model: the cost model's barrier, all blocks; fwdbwd: both plans)")
-    keys = list(dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in cal))
+    keys = list(dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in main))
     for k in keys:
-        rs = [r for r in cal if (r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) == k]
+        rs = [r for r in main if (r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) == k]
         def pick(path, **want):
             return us_of([r for r in rs if r["path"] == path and
                           all(r.get(f, d) == v for f, (v, d) in want.items())])
         grid = " ".join(pick("persistent", max_blocks=(cap, 0), exchange=(ex, "barrier"))
-                        for cap in (0, 64) for ex in ("barrier", "flags", "ll", "ll-spin"))
+                        for cap, ex in cols)
         base = [r for r in rs if r["path"] == "persistent" and r.get("max_blocks", 0) == 0
                 and r.get("exchange", "barrier") == "barrier"]
         plans = [p for r in base[:1] for p in (r.get("plan_fwd"), r.get("plan_bwd")) if p]
         model = f"{sum(p['us'] for p in plans):8.2f}" if plans else f"{'n/a':>8}"
         print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6} {grid} "
               f"{pick('cluster', cluster_size=(0, 0))} {pick('step')} {model}")
+    mma = [r for r in cal if "mma_rows" in r]
+    if mma:
+        sizes = sorted({r["mma_rows"] for r in mma if r["mma_rows"]})
+        print()
+        print("gpu-calib.json, 16-bit at larger batch: us per step; the grid variant with each "
+              "tensor-core tile (RNNFAST_MMA_ROWS; nt: the tile that ran) and the per-step path")
+        print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} "
+              + " ".join(f"{f'rows={n}':>8} {'nt':>3}" for n in sizes) + f" {'step':>8}")
+        for k in dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in mma):
+            rs = [r for r in mma if (r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) == k]
+            line = f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6}"
+            for n in sizes:
+                sel = [r for r in rs if r["mma_rows"] == n]
+                nt = (sel[0].get("plan_fwd") or {}).get("nt", "-") if sel else "-"
+                line += f" {us_of(sel)} {nt:>3}"
+            print(line + " " + us_of([r for r in rs if r["path"] == "step"]))
 
 # benchmarks: rnnfast's speedup over cuDNN (torch.nn) per case, then the geomeans
 for fname in ("gpu-bench7.json", "gpu-bench.json", "gpu-peers.json"):

@@ -27,8 +27,9 @@ def test_every_case_knob_and_exchange_is_measured_and_saved(tmp_path, monkeypatc
     cal = _load()
     seen = []
 
-    def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None):
-        seen.append((cell, str(dtype), N, H, path, knob, mode, exchange))
+    def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None,
+                     mma_rows=None):
+        seen.append((cell, str(dtype), N, H, path, knob, mode, exchange, mma_rows))
         plan = {"us": 1.0, "blocks": 132}
         return 2.0, (path, path), (plan, plan if mode == "fwdbwd" else None)
 
@@ -36,20 +37,46 @@ def test_every_case_knob_and_exchange_is_measured_and_saved(tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Prop())
     out = tmp_path / "calib.json"
-    rows = cal.main(["--cells", "lstm", "--batch", "16", "--hidden", "768", "--json", str(out)])
-    # per mode: persistent at all blocks and <= 64 with 4 exchanges, cluster at the planner's
-    # size and 16, 8, 4, and the per-step path
-    assert len(rows) == 2 * (2 * 4 + 4 + 1) * 2  # 2 modes, 2 dtypes
-    assert [r["dtype"] for r in rows[:26]] == ["bfloat16"] * 26  # bfloat16 first
-    grid = {(r["max_blocks"], r["exchange"]) for r in rows if r["path"] == "persistent"}
-    assert grid == {(c, e) for c in (0, 64) for e in ("barrier", "flags", "ll", "ll-spin")}
-    assert {s[7] for s in seen if s[4] == "persistent"} == {"barrier", "flags", "ll", "ll-spin"}
+    rows = cal.main(["--cells", "lstm", "--batch", "16", "--hidden", "768", "--json", str(out),
+                     "--exchanges", "barrier", "ll"])
+    # per mode and dtype: persistent at all blocks and <= 64 with 2 exchanges, cluster at the
+    # planner's size and 16, 8, 4, and the per-step path; then bfloat16 only at N = 64 and
+    # 256: the tensor-core tiles of 16, 32 and 64 rows and the per-step path
+    main_rows = 2 * (2 * 2 + 4 + 1) * 2  # 2 modes, 2 dtypes
+    assert len(rows) == main_rows + 2 * 2 * (3 + 1)
+    assert [r["dtype"] for r in rows[:18]] == ["bfloat16"] * 18  # bfloat16 first
+    grid = {(r["max_blocks"], r["exchange"]) for r in rows[:main_rows] if r["path"] == "persistent"}
+    assert grid == {(c, e) for c in (0, 64) for e in ("barrier", "ll")}
+    mma = rows[main_rows:]
+    assert {(r["dtype"], r["N"], r["mma_rows"], r["path"]) for r in mma} == {
+        ("bfloat16", n, r, "persistent") for n in (64, 256) for r in (16, 32, 64)} | {
+        ("bfloat16", n, None, "step") for n in (64, 256)}
+    assert {s[8] for s in seen if s[2] in (64, 256)} == {16, 32, 64, None}
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["sms"] == 132
     fwdbwd = [r for r in rows if r["mode"] == "fwdbwd"]
     assert all(r["plan_bwd"] is not None for r in fwdbwd)
     assert all(r["plan_bwd"] is None for r in rows if r["mode"] == "fwd")
-    assert "lstm  bfloat16" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "lstm  bfloat16" in printed and "tensor-core tile" in printed
+
+
+def test_default_exchange_is_the_barrier_alone(monkeypatch):
+    """The LL and flags exchanges lost on the H100: the default measures the barrier only."""
+    cal = _load()
+    seen = set()
+
+    def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None,
+                     mma_rows=None):
+        seen.add(exchange)
+        return 2.0, (path, path), (None, None)
+
+    monkeypatch.setattr(cal, "measure", fake_measure)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Prop())
+    cal.main(["--cells", "rnn", "--dtypes", "float32", "--batch", "1", "--hidden", "8",
+              "--modes", "fwd"])
+    assert seen == {"barrier", None}
 
 
 def test_measure_sets_and_clears_the_knobs(monkeypatch):
@@ -78,8 +105,8 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
     real_randn = torch.randn
     monkeypatch.setattr(torch, "randn", lambda *a, **k: real_randn(*a[:3]))
     us, used, plans = cal.measure("lstm", torch.float32, 2, 8, 4, "persistent", 64, "fwd", 1,
-                                  "ll")
+                                  "ll", 32)
     assert us == 3.0 and plans == ({"us": 1.0}, None)
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": "64", "RNNFAST_CLUSTER_SIZE": None,
-                    "RNNFAST_GRID_EXCHANGE": "ll"}
+                    "RNNFAST_GRID_EXCHANGE": "ll", "RNNFAST_MMA_ROWS": "32"}
     assert all(k not in os.environ for k in cal.KNOBS)

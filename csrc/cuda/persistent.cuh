@@ -65,10 +65,11 @@
 //   staged rows do not fit; (4, 8) for N <= 4 and where nothing else fits. The cluster
 //   variant tries each of those tiles (and (8, 8) in the forward too) and keeps the one the
 //   cost model prefers, as its rows per cluster depend on the tile.
-//   tile_dot_mma (tensor cores; the float16/bfloat16 forward, NT = 16): ldmatrix and
-//   mma.sync m16n8k16 with fp32 sums, 16 x 16 tiles; the r_pad / 16 column tiles are shared
-//   out to the warps, each tile's k range split over several warps whose partial tiles are
-//   then summed. K is zero-padded to a multiple of 16.
+//   tile_dot_mma (tensor cores; the float16/bfloat16 forward, NT = 16, or 32 or 64 in the
+//   grid variant where RNNFAST_MMA_ROWS asks): ldmatrix and
+//   mma.sync m16n8k16 with fp32 sums, 16 x 16 tiles; the (NT / 16) x (r_pad / 16) output
+//   tiles are shared out to the warps, each tile's k range split over several warps whose
+//   partial tiles are then summed. K is zero-padded to a multiple of 16.
 //
 // Barrier protocol of the grid variant (grid_arrive + grid_wait, sync.cuh): a 64-bit
 //   counter per launch, zeroed before it. At its k-th barrier every block adds 1 and waits
@@ -575,34 +576,42 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
-// Warps of the MMA tile: the r_pad / 16 column tiles, each split over kMmaSplits(r_tiles)
-// warps by ranges of k (their partial tiles summed in `scratch` afterwards).
-__host__ __device__ inline int mma_splits(int r_tiles, int warps) {
-  return r_tiles >= warps ? 1 : warps / r_tiles;
+// Warps of the MMA tile: its 16 x 16 output tiles (NT / 16 of batch rows by r_pad / 16 of
+// W's rows), each split over mma_splits(tiles, warps) warps by ranges of k (their partial
+// tiles summed in `scratch` afterwards).
+__host__ __device__ inline int mma_splits(int tiles, int warps) {
+  return tiles >= warps ? 1 : warps / tiles;
 }
 
-// out[n][r] = sum_{k < K} xs[n][k] ws[r][k] for n < 16, r < r_pad (a multiple of 16), K a
-// multiple of 16 (zero-padded); xs [16, ld], ws [r_pad, ld] in scalar_t (ld = mma_ld(K):
+// out[n][r] = sum_{k < K} xs[n][k] ws[r][k] for n < NT (a multiple of 16: 16 unless
+// RNNFAST_MMA_ROWS asks for 32 or 64), r < r_pad (a multiple of 16), K a multiple of 16
+// (zero-padded); xs [NT, ld], ws [r_pad, ld] in scalar_t (ld = mma_ld(K):
 // rows 16 bytes apart modulo 128, so the 8 rows an ldmatrix matrix reads fall in
-// different banks; every row 16-byte aligned), out [16, r_pad] and scratch [r_tiles *
-// splits, 16, 16] in float; all shared memory. A job (column tile rt, k range sp) per warp
-// at a time; per k step of 16: one ldmatrix.x4 of xs's 16 x 16 tile (lane l addresses row
-// l % 16 at column 8 (l / 16)), one of ws's 16 rows of the tile (lane l: row
+// different banks; every row 16-byte aligned), out [NT, r_pad] and scratch [m_tiles *
+// r_tiles * splits, 16, 16] in float; all shared memory. A job (row tile mt of NT / 16,
+// column tile rt, k range sp) per warp at a time; per k step of 16: one ldmatrix.x4 of
+// xs's 16 x 16 tile (lane l addresses row 16 mt + l % 16 at column 8 (l / 16)), one of
+// ws's 16 rows of the tile (lane l: row
 // 8 (l / 16) + l % 8 at column 8 ((l / 8) % 2), so that r[0..1] are the b fragment of
 // columns 0-7 of the tile and r[2..3] of columns 8-15) and two mma.sync; even and odd k
 // steps sum into separate accumulators (two chains of dependent MMAs instead of one),
 // added at the end. The job's 16 x 16 sums go to scratch (lane l: rows l / 4 and l / 4 + 8,
 // columns 2 (l % 4) + {0, 1} of each half), then the splits' partial tiles are added in a
 // fixed order.
-template <typename scalar_t>
+template <int NT, typename scalar_t>
 __device__ __forceinline__ void tile_dot_mma(const scalar_t* ws, int r_pad, const scalar_t* xs,
                                              int K, int ld, float* out, float* scratch) {
+  static_assert(NT % 16 == 0, "the MMA tile's rows are whole 16-row tiles");
+  constexpr int kMTiles = NT / 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int r_tiles = r_pad / 16, k_steps = K / 16, splits = mma_splits(r_tiles, warps);
-  const scalar_t* a_row = xs + (lane % 16) * ld + (lane / 16) * 8;
+  const int r_tiles = r_pad / 16, k_steps = K / 16;
+  const int splits = mma_splits(kMTiles * r_tiles, warps);
+  const int a_off = (lane % 16) * ld + (lane / 16) * 8;
   const int b_off = (8 * (lane / 16) + lane % 8) * ld + ((lane / 8) % 2) * 8;
-  for (int job = warp; job < r_tiles * splits; job += warps) {
-    const int rt = job / splits, sp = job % splits;
+  for (int job = warp; job < kMTiles * r_tiles * splits; job += warps) {
+    const int tile = job / splits, sp = job % splits;
+    const int mt = tile / r_tiles, rt = tile % r_tiles;
+    const scalar_t* a_row = xs + mt * 16 * ld + a_off;
     const scalar_t* b_row = ws + rt * 16 * ld + b_off;
     float c[2][2][4] = {};  // [k step parity][column half][fragment]
     auto step = [&](float(&acc)[2][4], int ks) {
@@ -619,21 +628,24 @@ __device__ __forceinline__ void tile_dot_mma(const scalar_t* ws, int r_pad, cons
       step(c[1], ks + 1);
     }
     if (ks < ks_end) step(c[0], ks);
-    float* tile = scratch + job * 256;
+    float* part = scratch + job * 256;
     const int row = lane / 4, col = 2 * (lane % 4);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      tile[row * 16 + h * 8 + col] = c[0][h][0] + c[1][h][0];
-      tile[row * 16 + h * 8 + col + 1] = c[0][h][1] + c[1][h][1];
-      tile[(row + 8) * 16 + h * 8 + col] = c[0][h][2] + c[1][h][2];
-      tile[(row + 8) * 16 + h * 8 + col + 1] = c[0][h][3] + c[1][h][3];
+      part[row * 16 + h * 8 + col] = c[0][h][0] + c[1][h][0];
+      part[row * 16 + h * 8 + col + 1] = c[0][h][1] + c[1][h][1];
+      part[(row + 8) * 16 + h * 8 + col] = c[0][h][2] + c[1][h][2];
+      part[(row + 8) * 16 + h * 8 + col + 1] = c[0][h][3] + c[1][h][3];
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < 16 * r_pad; idx += blockDim.x) {
-    const int n = idx / r_pad, r = idx % r_pad, rt = r / 16;
+  for (int idx = threadIdx.x; idx < NT * r_pad; idx += blockDim.x) {
+    const int n = idx / r_pad, r = idx % r_pad;
+    const int tile = (n / 16) * r_tiles + r / 16;  // job tile * splits + sp
     float v = 0.0f;
-    for (int sp = 0; sp < splits; ++sp) v += scratch[(rt * splits + sp) * 256 + n * 16 + r % 16];
+    for (int sp = 0; sp < splits; ++sp) {
+      v += scratch[(tile * splits + sp) * 256 + (n % 16) * 16 + r % 16];
+    }
     out[idx] = v;
   }
 }
@@ -645,10 +657,10 @@ __host__ __device__ inline int mma_ld(int K) { return round_up(K, 16) + 8; }
 // K columns: the kernels and the planner's shared-memory sizes both take it from here.
 __host__ __device__ inline int operand_ld(bool mma, int K) { return mma ? mma_ld(K) : ffma_ld(K); }
 
-// Bytes of tile_dot_mma's scratch for r_pad rows.
-__host__ __device__ inline size_t mma_scratch_bytes(int r_pad) {
-  const int r_tiles = r_pad / 16;
-  return size_t(r_tiles) * mma_splits(r_tiles, kPersistentThreads / 32) * 256 * sizeof(float);
+// Bytes of tile_dot_mma's scratch for NT batch rows and r_pad rows of W.
+__host__ __device__ inline size_t mma_scratch_bytes(int nt, int r_pad) {
+  const int tiles = nt / 16 * (r_pad / 16);
+  return size_t(tiles) * mma_splits(tiles, kPersistentThreads / 32) * 256 * sizeof(float);
 }
 
 // Shared memory of a persistent kernel: ws [r_pad, ld] w_t, xs [xs_rows, ld] x_t, out
@@ -679,13 +691,14 @@ __host__ __device__ inline int64_t xs_rows(int nt, int64_t group_rows, int xs_ti
 template <int NT, int RPW, bool kMma, typename acc_t>
 __host__ __device__ inline size_t scratch_bytes(int r_pad) {
   if constexpr (kMma) {
-    return mma_scratch_bytes(r_pad);
+    return mma_scratch_bytes(NT, r_pad);
   } else {
     return size_t(ffma_scratch<NT, RPW>(r_pad)) * sizeof(acc_t);
   }
 }
 
-// Whether the forward of scalar_t runs on tensor cores (tile_dot_mma, NT = RPW = 16).
+// Whether the forward of scalar_t runs on tensor cores (tile_dot_mma, RPW = 16, NT = 16, or
+// 32 or 64 in the grid variant where RNNFAST_MMA_ROWS asks).
 template <typename scalar_t>
 constexpr bool kForwardMma = sizeof(scalar_t) == 2;
 
@@ -738,7 +751,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     persistent_forward(const PersistentParams<scalar_t, acc_t> p) {
   constexpr int G = Cell::kGates;
   constexpr bool kMma = kForwardMma<scalar_t>;
-  static_assert(!kMma || (NT == 16 && RPW == 16), "the MMA tile is 16 x 16");
+  static_assert(!kMma || (NT % 16 == 0 && RPW == 16), "the MMA tile is whole 16 x 16 tiles");
   // the LL exchange where the launch has its words (p.ll): the grid variant, 32-bit words
   constexpr bool kLL = !kCluster && sizeof(scalar_t) <= 4;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -833,7 +846,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
                    ahead);
       }
       if constexpr (kMma) {
-        tile_dot_mma(ws, r_pad, xt, round_up(K, 16), ld, out,
+        tile_dot_mma<NT>(ws, r_pad, xt, round_up(K, 16), ld, out,
                      reinterpret_cast<float*>(smem + lay.scratch_offset));
       } else {
         tile_dot<NT, RPW>(ws, r_pad, xt, ld, out,
@@ -1227,6 +1240,17 @@ inline int64_t env_knob(const char* name) {
 // 16-bit, and 16-bit ones pair up: float64 and a 16-bit forward at odd H keep the barrier),
 // "ll-spin" the same with every load of a batch retried at once instead of one polled
 // (ll_wait_pieces), "flags" the barrier on per-block flags instead of one counter.
+// RNNFAST_MMA_ROWS: the batch rows of the grid variant's tensor-core tile (16 by default; 32
+// or 64: fewer tiles a step, each staging and updating more rows; an experiment until a GPU
+// run measures it, the second H100 run having shown a fixed cost of about 2.5 us a tile);
+// 0 for a value that is none of those.
+inline int mma_rows(std::string& value) {
+  const char* v = std::getenv("RNNFAST_MMA_ROWS");
+  value = v != nullptr ? v : "";
+  if (value.empty() || value == "16") return 16;
+  return value == "32" ? 32 : value == "64" ? 64 : 0;
+}
+
 enum class GridExchange { kBarrier, kLL, kLLSpin, kFlags, kUnknown };
 constexpr const char* kGridExchanges = "'barrier', 'flags', 'll' or 'll-spin'";
 inline GridExchange grid_exchange(std::string& value) {
@@ -1248,6 +1272,8 @@ struct PersistentPlanner {
   using I4 = std::integral_constant<int, 4>;
   using I8 = std::integral_constant<int, 8>;
   using I16 = std::integral_constant<int, 16>;
+  using I32 = std::integral_constant<int, 32>;
+  using I64 = std::integral_constant<int, 64>;
 
   int64_t N, H;
   const cudaDeviceProp& prop;
@@ -1270,7 +1296,9 @@ struct PersistentPlanner {
   }
 
   // Tries the tiles in order, try_tile(nt, rpw) returning whether one ran:
-  // tensor cores: (16, 16). FFMA: with more than 4 rows (n_rows), 16 rows a tile, and 8
+  // tensor cores: (16, 16), or where RNNFAST_MMA_ROWS asks for 32 or 64 rows a tile, that
+  // tile where the batch has more than half as many rows (else the next smaller) and it
+  // fits. FFMA: with more than 4 rows (n_rows), 16 rows a tile, and 8
   // rows of W a warp where that pads no more rows than 4 (128 sums a lane, 24 shared-memory
   // loads per 128 FMAs against 20 per 64: FFMA- rather than load-bound; float sums only,
   // as 128 doubles would spill), else 4; the backward stages G*H-wide rows of acc_t: where
@@ -1279,7 +1307,12 @@ struct PersistentPlanner {
   template <typename TryTile>
   static void for_tiles(int64_t n_rows, int64_t w_rows, TryTile try_tile) {
     if constexpr (kMma) {
-      try_tile(I16{}, I16{});
+      std::string value;
+      const int rows = mma_rows(value);  // checked by plan_persistent
+      bool done = false;
+      if (rows == 64 && n_rows > 32) done = try_tile(I64{}, I16{});
+      if (!done && rows >= 32 && n_rows > 16) done = try_tile(I32{}, I16{});
+      if (!done) try_tile(I16{}, I16{});
     } else {
       bool done = false;
       if (n_rows > 4) {
@@ -1565,11 +1598,17 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
     note_cuda_path(kBackward, CudaPath::kStep);
     return {};
   }
-  {  // a bad RNNFAST_GRID_EXCHANGE is an error on every path that may run the grid variant
+  {  // a bad RNNFAST_GRID_EXCHANGE or RNNFAST_MMA_ROWS is an error on every path that may
+     // run the grid variant
     std::string value;
     if (grid_exchange(value) == GridExchange::kUnknown) {
       PersistentLaunch plan;
       plan.refused = "RNNFAST_GRID_EXCHANGE is '" + value + "', expected " + kGridExchanges;
+      return plan;
+    }
+    if (mma_rows(value) == 0) {
+      PersistentLaunch plan;
+      plan.refused = "RNNFAST_MMA_ROWS is '" + value + "', expected 16, 32 or 64";
       return plan;
     }
   }

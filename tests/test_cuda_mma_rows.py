@@ -1,0 +1,108 @@
+"""The grid variant's tensor-core forward with larger tiles (RNNFAST_MMA_ROWS=32 or 64,
+csrc/cuda/persistent.cuh): 32 or 64 batch rows a tile instead of 16, where the batch has
+more than half as many rows, so a step has fewer tiles. Every output, final state and
+gradient against torch.nn and the float64 reference, as in test_cuda.py, in float16 and
+bfloat16; the plan note says which tile ran; float32 (FFMA) ignores the knob; a bad value is
+a clear error. Needs a CUDA GPU.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rnnfast
+from helpers import CELLS, compare_all
+from rnnfast._ops import _last_cuda_plan
+from test_cuda import _cuda_pair, _inputs, run_cuda
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _grid_variant(monkeypatch):
+    """The grid variant forced, with the barrier and every block, TF32 off."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    for knob in ("RNNFAST_GRID_EXCHANGE", "RNNFAST_PERSISTENT_MAX_BLOCKS"):
+        monkeypatch.delenv(knob, raising=False)
+    try:
+        with rnnfast.cuda_path("persistent"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def expected_rows(asked, N):
+    """The planner's rule: the asked tile where N is more than half of it, else the next
+    smaller (32 before 16)."""
+    if asked == 64 and N > 32:
+        return 64
+    if asked >= 32 and N > 16:
+        return 32
+    return 16
+
+
+# (T, N, H): N=40 a 64-row tile's 40 rows or 32 + 8; 70 two tiles of 64 (64 + 6) or three
+# of 32; 100 with H=768 (128 blocks of 6 units: the issue's shape, 2 or 4 tiles); H=133
+# two units a block on 132 SMs, K not a multiple of 16
+SHAPES = [(3, 40, 64), (2, 70, 133), (2, 100, 768), (3, 9, 48)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-N{n}-H{h}" for t, n, h in SHAPES])
+@pytest.mark.parametrize("rows", [32, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_mma_rows(cell, dtype, rows, shape, monkeypatch):
+    monkeypatch.setenv("RNNFAST_MMA_ROWS", str(rows))
+    T_, N_, H_ = shape
+    relu = cell == "rnn_relu"  # off relu's kink: see test_cuda's test_half_matches_...
+    m, f, m64 = _cuda_pair(cell, 8, H_, dtype=dtype, nonnegative=relu)
+    x, hx, upstream = _inputs(cell, 1, False, False, True, dtype, T=T_, N=N_, C=8, H=H_)
+    if relu:
+        x, hx = x.abs(), hx.abs()
+    compare_all(*run_cuda(cell, x, hx, m, f, m64, upstream))
+    assert rnnfast.last_cuda_path() == ("persistent", "persistent")
+    fwd, bwd = _last_cuda_plan()
+    assert fwd["nt"] == expected_rows(rows, N_), fwd
+    assert bwd["nt"] <= 16, bwd  # the backward (FFMA) keeps its tiles
+
+
+def test_float32_ignores_the_knob(monkeypatch):
+    monkeypatch.setenv("RNNFAST_MMA_ROWS", "64")
+    m, f, m64 = _cuda_pair("lstm", 8, 64)
+    x, hx, upstream = _inputs("lstm", 1, False, False, True, torch.float32, T=3, N=70, C=8, H=64)
+    compare_all(*run_cuda("lstm", x, hx, m, f, m64, upstream))
+    assert _last_cuda_plan()[0]["nt"] == 16
+
+
+_BAD_ROWS_CHILD = r"""
+import torch
+import rnnfast
+
+f = rnnfast.GRU(4, 8).cuda().half()
+for path in ("persistent", "auto", "step"):
+    with rnnfast.cuda_path(path):
+        try:
+            f(torch.randn(2, 1, 4, device="cuda").half())
+        except RuntimeError as e:
+            print(path, str(e).splitlines()[0])
+        else:
+            print(path, "raised nothing")
+"""
+
+
+def test_unknown_mma_rows_is_a_clear_error():
+    """RNNFAST_MMA_ROWS=48: an error naming the values it takes, on the paths that may run
+    the grid variant; the per-step path never reads it. In a child process, as test_cuda's
+    refusal test."""
+    env = dict(os.environ, RNNFAST_MMA_ROWS="48")
+    child = subprocess.run([sys.executable, "-c", _BAD_ROWS_CHILD], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert child.returncode == 0, child.stderr[-4000:]
+    lines = dict(line.split(" ", 1) for line in child.stdout.splitlines())
+    for path in ("persistent", "auto"):
+        assert "RNNFAST_MMA_ROWS is '48', expected 16, 32 or 64" in lines[path], child.stdout
+    assert lines["step"] == "raised nothing", child.stdout

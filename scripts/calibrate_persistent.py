@@ -28,6 +28,7 @@ can be checked and refitted against the measurement without redoing its arithmet
 Needs a CUDA GPU and rnnfast built with its CUDA kernels.
 """
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -131,33 +132,43 @@ def main(argv=None):
     chead = "  ".join(f"{'auto' if c == 0 else f'C={c}':>8s}" for c in sizes)
     print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent, blocks: "
           f"{head} | cluster: {chead} | {'step':>8s}")
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for cell in args.cells:
-            for N in args.batch:
-                for H in args.hidden:
-                    for mode in args.modes:
-                        case = dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode)
+    for case in cases(args.dtypes, args.cells, args.batch, args.hidden, args.modes):
 
-                        def run(path, knob, field, exchange=None):
-                            """One measurement, recorded; its table cell."""
-                            us, used, plans = measure(cell, dtype, N, H, args.seq_len, path,
-                                                      knob, mode, args.repeats, exchange)
-                            extra = {"exchange": exchange} if exchange else {}
-                            rows.append(dict(case, path=path, **{field: knob}, **extra, us=us,
-                                             used=used, plan_fwd=plans[0],
-                                             plan_bwd=plans[1] if mode == "fwdbwd" else None))
-                            return f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
-                        cells = [run("persistent", cap, "max_blocks", ex) for cap, ex in caps]
-                        ccells = [run("cluster", size, "cluster_size") for size in sizes]
-                        step = run("step", 0, "max_blocks")
-                        print(f"{cell:5s} {dtype_name:9s} {N:4d} {H:5d} {mode:6s} | "
-                              f"{'':20s}{'  '.join(cells)} | {'':9s}{'  '.join(ccells)} | "
-                              f"{step}", flush=True)
-                        save(args, prop, rows)  # after every case: a run cut short keeps them
+        def run(path, knob, field, exchange=None):
+            """One measurement, recorded; its table cell."""
+            fields = {field: knob, **({"exchange": exchange} if exchange else {})}
+            return record(args, rows, case, path, fields, knob=knob, exchange=exchange)
+        cells = [run("persistent", cap, "max_blocks", ex) for cap, ex in caps]
+        ccells = [run("cluster", size, "cluster_size") for size in sizes]
+        step = run("step", 0, "max_blocks")
+        print(f"{label(case)} | {'':20s}{'  '.join(cells)} | {'':9s}{'  '.join(ccells)} | "
+              f"{step}", flush=True)
+        save(args, prop, rows)  # after every case: a run cut short keeps them
     mma_table(args, prop, rows)
     save(args, prop, rows)
     return rows
+
+
+def cases(dtypes, cells, batches, hidden, modes):
+    """Each (dtype, cell, N, H, mode) as a row's case fields, dtypes outermost."""
+    for dtype, cell, N, H, mode in itertools.product(dtypes, cells, batches, hidden, modes):
+        yield dict(cell=cell, dtype=dtype, N=N, H=H, mode=mode)
+
+
+def label(case):
+    return (f"{case['cell']:5s} {case['dtype']:9s} {case['N']:4d} {case['H']:5d} "
+            f"{case['mode']:6s}")
+
+
+def record(args, rows, case, path, fields, knob=0, exchange=None, mma_rows=None):
+    """One measurement of case on path (knob, exchange and mma_rows as measure() takes them),
+    appended to rows with `fields`; returns its table cell."""
+    us, used, plans = measure(case["cell"], getattr(torch, case["dtype"]), case["N"],
+                              case["H"], args.seq_len, path, knob, case["mode"], args.repeats,
+                              exchange, mma_rows)
+    rows.append(dict(case, path=path, **fields, us=us, used=used, plan_fwd=plans[0],
+                     plan_bwd=plans[1] if case["mode"] == "fwdbwd" else None))
+    return f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
 
 
 def mma_table(args, prop, rows):
@@ -169,25 +180,12 @@ def mma_table(args, prop, rows):
     head = "  ".join(f"{f'rows={r}':>8s}" for r in args.mma_rows)
     print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent, tensor-core "
           f"tile: {head} | {'step':>8s}")
-    for dtype_name in dtypes:
-        dtype = getattr(torch, dtype_name)
-        for cell in args.cells:
-            for N in args.mma_batch:
-                for H in args.hidden:
-                    for mode in args.modes:
-                        case = dict(cell=cell, dtype=dtype_name, N=N, H=H, mode=mode)
-                        cells = []
-                        for r in args.mma_rows + [0]:  # 0: the per-step path
-                            path = "persistent" if r else "step"
-                            us, used, plans = measure(cell, dtype, N, H, args.seq_len, path, 0,
-                                                      mode, args.repeats, mma_rows=r or None)
-                            rows.append(dict(case, path=path, mma_rows=r or None, us=us,
-                                             used=used, plan_fwd=plans[0],
-                                             plan_bwd=plans[1] if mode == "fwdbwd" else None))
-                            cells.append(f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}")
-                        print(f"{cell:5s} {dtype_name:9s} {N:4d} {H:5d} {mode:6s} | "
-                              f"{'':31s}{'  '.join(cells[:-1])} | {cells[-1]}", flush=True)
-                        save(args, prop, rows)
+    for case in cases(dtypes, args.cells, args.mma_batch, args.hidden, args.modes):
+        cells = [record(args, rows, case, "persistent" if r else "step", {"mma_rows": r or None},
+                        mma_rows=r or None)
+                 for r in args.mma_rows + [0]]  # 0: the per-step path
+        print(f"{label(case)} | {'':31s}{'  '.join(cells[:-1])} | {cells[-1]}", flush=True)
+        save(args, prop, rows)
 
 
 def save(args, prop, rows):

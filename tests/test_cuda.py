@@ -19,6 +19,7 @@ torch.nn on CUDA runs cuDNN, which uses TF32 for float32 unless told not to: eve
 here runs with TF32 off (cuBLAS and cuDNN), so that torch.nn's float32 error is a fair
 float32 baseline.
 """
+import contextlib
 import copy
 import itertools
 
@@ -59,17 +60,27 @@ def path(request, monkeypatch):
         yield request.param
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """float32 is float32 on the GPU too, for torch.nn (cuDNN) and every matmul; the
-    previous settings come back after each test."""
+@contextlib.contextmanager
+def no_tf32(path=None):
+    """float32 is float32 on the GPU too, for torch.nn (cuDNN) and every matmul, and with
+    `path` that CUDA path forced; the previous settings come back afterwards."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     try:
-        yield
+        if path is None:
+            yield
+        else:
+            with rnnfast.cuda_path(path):
+                yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    with no_tf32():
+        yield
 
 
 # ---- shared set-up ----
@@ -165,6 +176,18 @@ def run_cuda(cell, x, hx, m, f, m64, upstream, x_view=None, state_view=None):
     ref = run_and_grad(m64, x.double(), _map(lambda s: s.double(), hx), is_lstm,
                        [u.double() for u in upstream], forward(reference.forward))
     return _on_cpu(ours), _on_cpu(theirs), ref
+
+
+def check_half_one_layer(cell, dtype, T, N, H):
+    """One unidirectional layer in float16/bfloat16 with h0 given: outputs, final states
+    and every gradient against torch.nn and the reference (relu with nonnegative values,
+    off its kink: see test_half_matches_torch_and_reference)."""
+    relu = cell == "rnn_relu"
+    m, f, m64 = _cuda_pair(cell, 8, H, dtype=dtype, nonnegative=relu)
+    x, hx, upstream = _inputs(cell, 1, False, False, True, dtype, T=T, N=N, C=8, H=H)
+    if relu:
+        x, hx = x.abs(), hx.abs()
+    compare_all(*run_cuda(cell, x, hx, m, f, m64, upstream))
 
 
 def _layout_id(L, bi, bf):

@@ -12,7 +12,7 @@ import torch
 
 import rnnfast
 from helpers import CELLS, compare_all
-from test_cuda import _cuda_pair, _inputs, run_cuda
+from test_cuda import _cuda_pair, _inputs, no_tf32, run_cuda
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
@@ -24,14 +24,8 @@ ROWS = [None, 1, 5, 17]
 
 @pytest.fixture(autouse=True)
 def _cluster_no_tf32():
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        with rnnfast.cuda_path("cluster"):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with no_tf32("cluster"):
+        yield
 
 
 def _knobs(monkeypatch, size, rows):

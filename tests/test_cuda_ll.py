@@ -17,7 +17,7 @@ import torch
 import rnnfast
 from helpers import CELLS, compare_all
 from rnnfast._ops import _last_cuda_plan
-from test_cuda import _cuda_pair, _inputs, run_cuda
+from test_cuda import _cuda_pair, _inputs, check_half_one_layer, no_tf32, run_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,16 +25,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(autouse=True)
 def _ll_persistent(monkeypatch):
     """The grid variant forced with the LL exchange, TF32 off (as in test_cuda.py)."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     monkeypatch.setenv("RNNFAST_GRID_EXCHANGE", "ll")
     monkeypatch.delenv("RNNFAST_PERSISTENT_MAX_BLOCKS", raising=False)
-    try:
-        with rnnfast.cuda_path("persistent"):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with no_tf32("persistent"):
+        yield
 
 
 # (T, N, H): on 132 SMs, H=7 and 40 a unit a block (7: a row of 7 words, the last 16-byte
@@ -62,12 +56,7 @@ HALF_SHAPES = [(4, 19, 40), (3, 5, 41), (2, 16, 768)]
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_ll_half(cell, dtype, shape):
     T_, N_, H_ = shape
-    relu = cell == "rnn_relu"  # off relu's kink: see test_cuda's test_half_matches_...
-    m, f, m64 = _cuda_pair(cell, 8, H_, dtype=dtype, nonnegative=relu)
-    x, hx, upstream = _inputs(cell, 1, False, False, True, dtype, T=T_, N=N_, C=8, H=H_)
-    if relu:
-        x, hx = x.abs(), hx.abs()
-    compare_all(*run_cuda(cell, x, hx, m, f, m64, upstream))
+    check_half_one_layer(cell, dtype, T_, N_, H_)
     assert rnnfast.last_cuda_path() == ("persistent", "persistent")
 
 

@@ -15,7 +15,7 @@ import torch
 import rnnfast
 from helpers import CELLS, compare_all
 from rnnfast._ops import _last_cuda_plan
-from test_cuda import _cuda_pair, _inputs, run_cuda
+from test_cuda import _cuda_pair, _inputs, check_half_one_layer, no_tf32, run_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -23,16 +23,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(autouse=True)
 def _grid_variant(monkeypatch):
     """The grid variant forced, with the barrier and every block, TF32 off."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     for knob in ("RNNFAST_GRID_EXCHANGE", "RNNFAST_PERSISTENT_MAX_BLOCKS"):
         monkeypatch.delenv(knob, raising=False)
-    try:
-        with rnnfast.cuda_path("persistent"):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with no_tf32("persistent"):
+        yield
 
 
 def expected_rows(asked, N):
@@ -58,12 +52,7 @@ SHAPES = [(3, 40, 64), (2, 70, 133), (2, 100, 768), (3, 9, 48)]
 def test_mma_rows(cell, dtype, rows, shape, monkeypatch):
     monkeypatch.setenv("RNNFAST_MMA_ROWS", str(rows))
     T_, N_, H_ = shape
-    relu = cell == "rnn_relu"  # off relu's kink: see test_cuda's test_half_matches_...
-    m, f, m64 = _cuda_pair(cell, 8, H_, dtype=dtype, nonnegative=relu)
-    x, hx, upstream = _inputs(cell, 1, False, False, True, dtype, T=T_, N=N_, C=8, H=H_)
-    if relu:
-        x, hx = x.abs(), hx.abs()
-    compare_all(*run_cuda(cell, x, hx, m, f, m64, upstream))
+    check_half_one_layer(cell, dtype, T_, N_, H_)
     assert rnnfast.last_cuda_path() == ("persistent", "persistent")
     fwd, bwd = _last_cuda_plan()
     assert fwd["nt"] == expected_rows(rows, N_), fwd

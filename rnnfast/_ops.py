@@ -179,8 +179,7 @@ def _last_cuda_plan():
     of the cost model's microseconds per step of the plan that runs (`us`, -1 for the
     per-step path) and of each candidate it costed (`grid_us`, `cluster_us`, `step_us`; -1
     where not costed or unable to run), and the launch's shape (`blocks`, `units`,
-    `cluster` size, tile `nt` x `rpw`, `xs_tiles`, `group_rows`, `exchange`: 0 the grid
-    barrier, 1 LL, 2 LL with ll-spin, 3 the barrier on per-block flags). For
+    `cluster` size, tile `nt` x `rpw`, `xs_tiles`, `group_rows`). For
     scripts/calibrate_persistent.py, which records it beside each measured time (the model
     against the GPU)."""
     return _C._last_cuda_plan()

@@ -6,17 +6,17 @@ and the choice of the block count need.
 For each cell, dtype, N and H (small sets, T=256), the forward (under no_grad) and the
 forward+backward run with the persistent path (grid variant) forced, once with a block per
 SM (the default plan) and once for each cap in --max-blocks (RNNFAST_PERSISTENT_MAX_BLOCKS:
-fewer blocks, more hidden units each, so a cheaper grid barrier and more work per block),
-each with every exchange of --exchanges (RNNFAST_GRID_EXCHANGE: by default the grid barrier
-on its counter only; per-block flags and the LL exchange, which the second H100 run measured
-1-1.5 us a step slower, on request);
+fewer blocks, more hidden units each, so a cheaper grid barrier and more work per block);
 with the cluster variant forced, the planner's cluster size and each of --cluster-sizes
 (RNNFAST_CLUSTER_SIZE); and the per-step path forced, for comparison. Then, for the 16-bit
 dtypes at the larger batches of --mma-batch, the grid variant with each tensor-core tile of
 --mma-rows (RNNFAST_MMA_ROWS: 16, 32 or 64 batch rows a tile; the second H100 run showed a
 fixed cost of about 2.5 us a tile) beside the per-step path. Times are the median of
 --repeats CUDA-event timings after a warm-up, divided by T. A cap that does not fit on chip
-is reported as such (the forced path raises).
+is reported as such (the forced path raises). The grid variant exchanges h_t through its
+grid barrier only: the other exchanges this script once compared (--exchanges: a flag per
+block, and the LL exchange) were removed from the kernels after the second H100 run
+measured them 1-1.5 us a step slower than the barrier everywhere.
 
 Each row also records what the planner decided and the cost model's estimate for it
 (rnnfast._ops._last_cuda_plan(): `plan_fwd`, and `plan_bwd` for fwdbwd), so that the model
@@ -43,8 +43,7 @@ import rnnfast  # noqa: E402
 from rnnfast._ops import _last_cuda_plan  # noqa: E402
 
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
-KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_GRID_EXCHANGE",
-         "RNNFAST_MMA_ROWS")
+KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_MMA_ROWS")
 
 
 def time_per_step(fn, T, repeats, warmup=2):
@@ -62,12 +61,12 @@ def time_per_step(fn, T, repeats, warmup=2):
     return statistics.median(times)
 
 
-def measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None, mma_rows=None):
+def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None):
     """(microseconds per step, or the first line of the error the call raised; the paths
     that ran; the planner's decisions, rnnfast._ops._last_cuda_plan(): the cost model's
     estimates beside the measurement). knob: the value of RNNFAST_PERSISTENT_MAX_BLOCKS
-    (path persistent) or RNNFAST_CLUSTER_SIZE (path cluster), 0 for none; exchange:
-    RNNFAST_GRID_EXCHANGE and mma_rows RNNFAST_MMA_ROWS (path persistent)."""
+    (path persistent) or RNNFAST_CLUSTER_SIZE (path cluster), 0 for none; mma_rows:
+    RNNFAST_MMA_ROWS (path persistent)."""
     torch.manual_seed(0)
     m = MODULES[cell](H, H).to("cuda", dtype)
     x = torch.randn(T, N, H, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
@@ -75,10 +74,8 @@ def measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None, mma_
         os.environ.pop(name, None)
     if knob:
         os.environ[KNOBS[0] if path == "persistent" else KNOBS[1]] = str(knob)
-    if exchange:
-        os.environ[KNOBS[2]] = exchange
     if mma_rows:
-        os.environ[KNOBS[3]] = str(mma_rows)
+        os.environ[KNOBS[2]] = str(mma_rows)
 
     def fwd():
         with torch.no_grad():
@@ -107,8 +104,6 @@ def main(argv=None):
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--hidden", nargs="+", type=int, default=[256, 768])
     ap.add_argument("--max-blocks", nargs="+", type=int, default=[64])
-    ap.add_argument("--exchanges", nargs="+", default=["barrier"],
-                    choices=["barrier", "flags", "ll", "ll-spin"])
     ap.add_argument("--mma-batch", nargs="+", type=int, default=[64, 256],
                     help="the batches at which the 16-bit tiles of --mma-rows are measured")
     ap.add_argument("--mma-rows", nargs="+", type=int, default=[16, 32, 64],
@@ -125,20 +120,18 @@ def main(argv=None):
     rows = []
     print(f"{prop.name}, {prop.multi_processor_count} SMs, torch {torch.__version__}, "
           f"T={args.seq_len}, us per step (median of {args.repeats})")
-    caps = [(c, e) for c in [0] + args.max_blocks for e in args.exchanges]
+    caps = [0] + args.max_blocks
     sizes = [0] + args.cluster_sizes
-    short = {"barrier": "", "flags": " fl", "ll": " ll", "ll-spin": " lls"}  # lls: ll-spin
-    head = "  ".join(f"{('all' if c == 0 else f'<={c}') + short[e]:>8s}" for c, e in caps)
+    head = "  ".join(f"{'all' if c == 0 else f'<={c}':>8s}" for c in caps)
     chead = "  ".join(f"{'auto' if c == 0 else f'C={c}':>8s}" for c in sizes)
     print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent, blocks: "
           f"{head} | cluster: {chead} | {'step':>8s}")
     for case in cases(args.dtypes, args.cells, args.batch, args.hidden, args.modes):
 
-        def run(path, knob, field, exchange=None):
+        def run(path, knob, field):
             """One measurement, recorded; its table cell."""
-            fields = {field: knob, **({"exchange": exchange} if exchange else {})}
-            return record(args, rows, case, path, fields, knob=knob, exchange=exchange)
-        cells = [run("persistent", cap, "max_blocks", ex) for cap, ex in caps]
+            return record(args, rows, case, path, {field: knob}, knob=knob)
+        cells = [run("persistent", cap, "max_blocks") for cap in caps]
         ccells = [run("cluster", size, "cluster_size") for size in sizes]
         step = run("step", 0, "max_blocks")
         print(f"{label(case)} | {'':20s}{'  '.join(cells)} | {'':9s}{'  '.join(ccells)} | "
@@ -160,12 +153,12 @@ def label(case):
             f"{case['mode']:6s}")
 
 
-def record(args, rows, case, path, fields, knob=0, exchange=None, mma_rows=None):
-    """One measurement of case on path (knob, exchange and mma_rows as measure() takes them),
+def record(args, rows, case, path, fields, knob=0, mma_rows=None):
+    """One measurement of case on path (knob and mma_rows as measure() takes them),
     appended to rows with `fields`; returns its table cell."""
     us, used, plans = measure(case["cell"], getattr(torch, case["dtype"]), case["N"],
                               case["H"], args.seq_len, path, knob, case["mode"], args.repeats,
-                              exchange, mma_rows)
+                              mma_rows)
     rows.append(dict(case, path=path, **fields, us=us, used=used, plan_fwd=plans[0],
                      plan_bwd=plans[1] if case["mode"] == "fwdbwd" else None))
     return f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"

@@ -1,24 +1,19 @@
 #!/usr/bin/env python3
 """CPU emulation of the persistent CUDA kernels, to check them without a GPU.
 
-Emulates, as of the larger tensor-core tiles (RNNFAST_MMA_ROWS, 2026-11-27):
+Emulates, as of the removal of the LL exchange (2026-11-27):
 csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, stage_rows_async's cp.async
 groups into two tiles of xs (a copy's destination is written at its issue, for the race
 checks, and unreadable until its cp_async_wait), tile_dot with its vector
 groups, their alignment checked, and its split-K, tile_dot_mma's ldmatrix / mma.sync
 m16n8k16 forward for 16-bit types lane by lane (tiles of 16 batch rows, or 32 or 64 as a
 case's `mma_rows` asks), smem_layout with its xs_rows and the
-scratch sizes, the grid barrier's arrive and wait, the grid variant's LL exchange
-(stage_ll, the words and their flags, the 16-bit pairs' shuffle; RNNFAST_GRID_EXCHANGE=ll
-as a case's `exchange`), both kernels in both variants
+scratch sizes, the grid barrier's arrive and wait, both kernels in both variants
 (kCluster) with their loads between arrival and wait, PersistentPlanner's grid() and cluster() with the path forced)
 and the cells and ops of lstm.cu, gru.cu and rnn.cu (forward returning h, backward handing
 back dgh). Indices are the CUDA code's; values are float64. Blocks are generators that
 yield at each barrier. The grid variant's blocks run in a shuffled order on the grid
-barrier's one counter; with the LL exchange a block whose stage_ll needs words that do
-not carry the step's flag yet waits (yields) until they do, and each store checks the
-two-turn argument (the word it overwrites was read by every block, its flag two steps
-older). The cluster variant's launch (run_clusters) puts at most the occupancy
+barrier's one counter. The cluster variant's launch (run_clusters) puts at most the occupancy
 query's number of clusters on the device at once, the rest waiting for a slot in a random
 order (clusters need not be co-resident), and interleaves the blocks of the clusters on it
 at random; a cluster_wait returns once every block of the cluster made its cluster_arrive
@@ -142,14 +137,6 @@ MUTATIONS = {
     "cluster_plan_smem_one_row": "cluster plan: smem sized for N_c = 1 (smem_bytes(..., 1))",
     "cluster_early_arrive": "cluster: cluster_arrive before the stores into the peers' turns",
     "grid_early_arrive": "grid forward: grid_arrive before the last tile's stores of h into y",
-    # the grid variant's LL exchange
-    "ll_one_turn": "LL: every step's words in turn 0",
-    "ll_want_next": "LL forward: staging waits for flag s + 1 (the step's own) instead of s",
-    "ll_no_step_sync": "LL forward: no __syncthreads at the end of a step",
-    "ll_units_odd": "LL plan: U not rounded up to even for 16-bit values",
-    "ll_bwd_flag": "LL backward: phase A's words carry flag T - s - 1",
-    "ll_pair_lane": "LL forward: the 16-bit pair's partner from lane ^ 2",
-    "ll_row_odd": "LL plan: ll_row = words (not rounded up to even)",
     # the grid variant's pipelined staging (cp.async into two tiles of xs)
     "async_no_wait": "pipelined staging: no cp_async_wait before a tile's dot product",
     "async_last_wait_one": "pipelined staging: the last tile waits with cp_async_wait<1>",
@@ -713,12 +700,11 @@ def cp_async_wait(n, pending, ctx):
         xs.write(e, val, ctx, thr, where="stage_rows_async xs (cp.async landed)")
 
 
-def start_pipeline(cluster, ll, p, NT, src, N, K, ld, xs, ctx, x_size):
-    """A step's row-tile loop is pipelined in the grid variant with two tiles of xs, the
-    barrier exchange and rows async_rows_ok allows: tile 0's copy issued before the loop.
-    Returns (pipelined, the block's pending groups)."""
-    pipelined = (not cluster and p.xs_tiles == 2 and not ll and
-                 async_rows_ok(src, K, ld, x_size))
+def start_pipeline(cluster, p, NT, src, N, K, ld, xs, ctx, x_size):
+    """A step's row-tile loop is pipelined in the grid variant with two tiles of xs and rows
+    async_rows_ok allows: tile 0's copy issued before the loop. Returns (pipelined, the
+    block's pending groups)."""
+    pipelined = not cluster and p.xs_tiles == 2 and async_rows_ok(src, K, ld, x_size)
     pending = []
     if pipelined:
         stage_rows_async(NT, src, 0, N, K, ld, xs, ctx, x_size, pending)
@@ -738,110 +724,6 @@ def staged_tile(NT, src, n0, i, rows, N, K, ld, xs, ctx, x_size, pending):
     elif not mut("async_no_wait"):
         cp_async_wait(1 if mut("async_last_wait_one") else 0, pending, ctx)
     return xs + (i & 1) * NT * ld
-
-
-# --------------------------------------------------------------------------------------
-# the grid variant's LL exchange (sync.cuh's ll_store / ll_load2, persistent.cuh's stage_ll)
-# --------------------------------------------------------------------------------------
-class LLWords:
-    """The LL words [2][N][ll_row]: each word's two 16-bit value slots (one 32-bit value
-    uses slot 0), its flag and which blocks read its current contents. A store checks the
-    two-turn argument: the word it overwrites holds the step two before (flags rise by 2 in
-    a word) and every block of the grid has read it (each block reads every word a step:
-    all rows and columns)."""
-
-    def __init__(self, words, grid):
-        self.vals = np.zeros((words, 2))
-        self.flag = np.zeros(words, np.int64)
-        self.readers = np.zeros(words, np.int64)  # bit b: block b read the current contents
-        self.grid = grid
-
-    def store(self, word, lo, hi, flag, ctx):
-        word = np.asarray(word, np.int64).reshape(-1)
-        if word.size == 0:
-            return
-        if word.min() < 0 or word.max() >= self.flag.size:
-            raise Finding(f"LL store out of bounds: words [{word.min()}, {word.max()}] of "
-                          f"{self.flag.size}")
-        if np.unique(word).size != word.size:
-            finding("LL: two threads of one step store the same word")
-        old = self.flag[word]
-        if ((old != 0) & (old + 2 != flag)).any() or ((old == 0) & (flag > 2)).any():
-            finding("LL: a word's flags do not rise by 2 (a step's words in the wrong turn)")
-        every = (np.int64(1) << np.int64(self.grid)) - 1
-        if ((old != 0) & (self.readers[word] != every)).any():
-            finding("LL: a word overwritten before every block read it (the two-turn argument)")
-        self.vals[word, 0] = np.broadcast_to(lo, word.shape)
-        self.vals[word, 1] = np.broadcast_to(hi, word.shape)
-        self.flag[word] = flag
-        self.readers[word] = 0
-
-
-class LLWait:
-    """What a block yields while its stage_ll waits: runnable again when ready() holds."""
-
-    def __init__(self, ready):
-        self.ready = ready
-
-    def __repr__(self):
-        return "stage_ll"
-
-
-def stage_ll(NT, ll, base_word, n0, N, K, ld, ll_row, want, xs, ctx, x_size):
-    """persistent.cuh's stage_ll, a generator (it yields LLWait until every word the tile
-    needs carries `want`): 8-byte piece e of xs (two words, 2 kPer values) is thread
-    e % blockDim's; rows past N and columns K..ld zero. A word with a later flag than
-    `want` is a finding (the protocol broke)."""
-    per = 4 // x_size
-    words = K // per
-    per_row = ld // (2 * per)
-    if ld % (2 * per) or K % per:
-        raise Finding(f"stage_ll: ld {ld} or K {K} not whole pieces of {2 * per} values")
-    if ll_row % 2:
-        finding("stage_ll: an LL row of an odd number of words (16-byte loads misaligned)")
-    rows = min(NT, N - n0)
-    e = np.arange(NT * per_row, dtype=np.int64)
-    nl, c = e // per_row, e % per_row
-    load = (nl < rows) & (2 * c < words)
-    w0 = base_word + (n0 + nl) * ll_row + 2 * c
-    need = np.concatenate([w0[load], (w0 + 1)[load & (2 * c + 1 < words)]])
-    if need.size and need.max() >= ll.flag.size:
-        raise Finding("stage_ll reads past the LL words")
-    if (ll.flag[need] > want).any():
-        finding("LL: staging found a later step's flag (the two-turn argument broke)")
-    if not (ll.flag[need] == want).all():
-        yield LLWait(lambda: bool((ll.flag[need] >= want).all()))
-        if (ll.flag[need] != want).any():
-            finding("LL: staging found a later step's flag (the two-turn argument broke)")
-    ll.readers[need] |= np.int64(1) << np.int64(ctx.block)
-    # xs: piece e holds words 2c and 2c + 1, kPer values each
-    val = np.zeros((NT * per_row, 2 * per))
-    for i in range(2):
-        ok = load & (2 * c + i < words)
-        for h in range(per):
-            val[ok, i * per + h] = ll.vals[(w0 + i)[ok], h]
-    k = (2 * c * per)[:, None] + np.arange(2 * per)
-    idx = (nl[:, None] * ld + k).reshape(-1)
-    thr = np.broadcast_to((e % BLOCK_DIM)[:, None], k.shape).reshape(-1)
-    xs.write(idx, val.reshape(-1), ctx, thr, where="stage_ll xs")
-    cover("stage_ll: 16-bit pairs" if per == 2 else "stage_ll: 32-bit words")
-
-
-def ll_pairs(h, idx, here, j, ctx):
-    """The 16-bit forward's pairing: the thread of item idx (even unit j) takes the value of
-    the item its lane ^ 1 partner holds (__shfl_xor_sync over the pair), the same loop
-    iteration's idx ^ 1; returns the even items' (lo, hi) and their positions in h."""
-    partner = idx ^ (2 if mut("ll_pair_lane") else 1)
-    pos = {int(i): q for q, i in enumerate(idx)}
-    even = np.nonzero(j % 2 == 0)[0]
-    hi = np.zeros(even.size)
-    for q, e in enumerate(even):
-        other = pos.get(int(partner[e]))
-        if other is None:
-            finding("LL: a 16-bit pair's partner lane does not take part in the shuffle")
-            continue
-        hi[q] = h[other]
-    return even, hi
 
 
 # --------------------------------------------------------------------------------------
@@ -962,7 +844,7 @@ def tile_dot_mma(NT, ws, r_pad, xs, K, ld, out, scratch, ctx):
 # --------------------------------------------------------------------------------------
 class Params:
     FIELDS = ("T N H units group_rows reverse activation xp w_hh b_hh h0 c0 y cache c_state dy "
-              "dh dc dg_ih dg_hh barrier ll ll_row xs_tiles").split()
+              "dh dc dg_ih dg_hh barrier xs_tiles").split()
 
     def __init__(self, **kw):
         for f in self.FIELDS:
@@ -1105,16 +987,11 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
     else:
         ctx.syncthreads()
 
-    ll = not cluster and dt.scalar <= 4 and p.ll is not None  # the LL exchange
-
-    def ll_turn(s):
-        return 0 if mut("ll_one_turn") else s & 1
-
     for s in range(p.T):
         t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
         h_prev = p.h0 if s == 0 else p.y + tp * N * H
         nxt = xs + turn_index(s + 1) * turn * ld  # the cluster variant's next turn
-        pipelined, pending = start_pipeline(cluster, ll, p, NT, h_prev, N, K, ld, xs, ctx,
+        pipelined, pending = start_pipeline(cluster, p, NT, h_prev, N, K, ld, xs, ctx,
                                             dt.scalar)
         for i, n0 in enumerate(range(0, rows, NT)):
             if cluster:  # h_{t-1} of the tile's rows
@@ -1124,11 +1001,7 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
                 if not mut("async_no_sync"):
                     ctx.syncthreads()
             else:
-                if ll and s > 0:  # step s - 1's words, flag s
-                    yield from stage_ll(NT, p.ll, ll_turn(s - 1) * N * p.ll_row, n0, N, K, ld,
-                                        p.ll_row, s + mut("ll_want_next"), xs, ctx, dt.scalar)
-                else:
-                    stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx, dt.scalar)
+                stage_rows(NT, h_prev, n0, N, K, ld, xs, ctx, dt.scalar)
                 xt = xs
                 ctx.syncthreads()
             if (mut("cluster_early_arrive") if cluster else mut("grid_early_arrive")) and \
@@ -1170,23 +1043,11 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
                 for rk in for_each_peer(w):
                     peer_shared(nxt, rk, ctx).write(row * ld + col, h, ctx, thr,
                                                     where="cluster forward h into a turn")
-            if ll and s + 1 < p.T:  # the LL words of step s: turn s & 1, flag s + 1
-                row = (ll_turn(s) * N + n0 + nl) * p.ll_row
-                if dt.scalar == 4:
-                    p.ll.store(row + u0 + j, h, 0.0, s + 1, ctx)
-                else:
-                    even, hi = ll_pairs(h, idx[keep], here, j, ctx)
-                    p.ll.store(row[even] + (u0 + j[even]) // 2, h[even], hi, s + 1, ctx)
             if n0 + NT < rows and not mut("no_next_tile_sync"):
                 ctx.syncthreads()
         if s + 2 < p.T + mut("prefetch_past_t"):  # step s + 2's xp into L2 (bounds only)
             prefetch_xp(p, G, time_index(s + 2, p.T, p.reverse), nb, rows, u0, here)
-        if s + 1 < p.T and ll:  # no barrier: the loads ahead, a __syncthreads
-            ahead = Cell.load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u,
-                              ctx, ahead_thr)
-            if not mut("ll_no_step_sync"):
-                ctx.syncthreads()
-        elif s + 1 < p.T:
+        if s + 1 < p.T:
             # loads between the arrival and the wait
             if not mut("cluster_early_arrive" if cluster else "grid_early_arrive"):
                 yield CLUSTER_ARRIVE if cluster else GRID_ARRIVE
@@ -1234,11 +1095,6 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
     if cluster:  # both turns zero (their padding rows and columns stay so)
         idx = np.arange((1 if mut("cluster_fill_one_turn") else 2) * turn * ld, dtype=np.int64)
         xs.write(idx, 0.0, ctx, idx % BLOCK_DIM, where="cluster backward turns of xs")
-    ll = not cluster and dt.acc == 4 and p.ll is not None  # the LL exchange
-
-    def ll_turn(s):
-        return 0 if mut("ll_one_turn") else s & 1
-
     # phase A's inputs but dh of this thread's first item (idx = threadIdx.x), loaded ahead
     ahead_thr = np.arange(min(rows * here, BLOCK_DIM), dtype=np.int64)
     ahead_n, ahead_u = nb + ahead_thr // here, u0 + ahead_thr % here
@@ -1274,10 +1130,6 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
                                                 where="cluster backward dgh into a turn")
             if not mut("cluster_early_arrive"):
                 yield CLUSTER_ARRIVE  # the loads below need no peer's data
-        elif ll:  # the LL words of step s: turn s & 1, flag T - s; no barrier
-            flag = p.T - s - mut("ll_bwd_flag")
-            for g in range(G):
-                p.ll.store((ll_turn(s) * N + nl) * p.ll_row + g * H + u, dgh[g], 0.0, flag, ctx)
         elif not mut("no_bwd_barrier"):
             yield GRID_ARRIVE
         if s > 0:
@@ -1288,10 +1140,10 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
                                            ahead_n, ahead_u, ctx, ahead_thr)
         if cluster:
             yield CLUSTER_WAIT
-        elif not ll and not mut("no_bwd_barrier"):
+        elif not mut("no_bwd_barrier"):
             yield (p.T - s) * ctx.grid - mut("barrier_target_low")
         dg = p.dg_hh + t * N * K
-        pipelined, pending = start_pipeline(cluster, ll, p, NT, dg, N, K, ld, xs, ctx, dt.acc)
+        pipelined, pending = start_pipeline(cluster, p, NT, dg, N, K, ld, xs, ctx, dt.acc)
         for i, n0 in enumerate(range(0, rows, NT)):
             if cluster:  # dg_hh of the tile's rows
                 xt = (xs + turn_index(s + 1) * turn * ld if mut("cluster_phase_b_other_turn")
@@ -1300,11 +1152,6 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
                 xt = staged_tile(NT, dg, n0, i, rows, N, K, ld, xs, ctx, dt.acc, pending)
                 if not mut("async_no_sync"):
                     ctx.syncthreads()
-            elif ll:
-                yield from stage_ll(NT, p.ll, ll_turn(s) * N * p.ll_row, n0, N, K, ld,
-                                    p.ll_row, p.T - s, xs, ctx, dt.acc)
-                xt = xs
-                ctx.syncthreads()
             else:
                 stage_rows(NT, dg, n0, N, K, ld, xs, ctx, dt.acc)
                 xt = xs
@@ -1345,15 +1192,11 @@ def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
     while not all(done):
         # any block that can make progress may run next (a released block may race ahead)
         runnable = [b for b in range(grid)
-                    if not done[b] and (waiting[b] is None or (
-                        waiting[b].ready() if isinstance(waiting[b], LLWait)
-                        else counter >= waiting[b]))]
+                    if not done[b] and (waiting[b] is None or counter >= waiting[b])]
         if not runnable:
             raise Finding(f"DEADLOCK: blocks waiting at {waiting} with the counter at {counter}")
         b = runnable[rng.integers(len(runnable))]
-        if isinstance(waiting[b], LLWait):  # stage_ll's words have arrived
-            waiting[b] = None
-        elif waiting[b] is not None:
+        if waiting[b] is not None:
             passed[b] += 1
             if counter < passed[b] * grid:
                 finding("the grid barrier released a block before every block arrived")
@@ -1363,9 +1206,6 @@ def run_grid(kernel, grid, smem_bytes, p, bufs, seed):
             ctxs[b].syncthreads()
         try:
             target = next(gens[b])
-            if isinstance(target, LLWait):
-                waiting[b] = target
-                continue
             if target == GRID_ARRIVE or not ctxs[b].window:
                 if ctxs[b].window:
                     finding("grid_arrive twice without a grid_wait between")
@@ -1703,11 +1543,10 @@ class Plan:
     rpw: int = 0
     at_once: int = 0  # the cluster variant: clusters the device runs at once
     us: float = 0.0  # the cluster variant: the stand-in cost (see cluster_us)
-    ll_row: int = 0  # the grid variant's LL exchange: words per row; 0: the barrier
     xs_tiles: int = 1  # the grid variant's tiles of xs (2: stage_rows_async)
 
 
-# the environment knobs of the case running (RNNFAST_GRID_EXCHANGE), read by the planner
+# the environment knobs of the case running (RNNFAST_MMA_ROWS), read by the planner
 KNOBS = {}
 
 
@@ -1778,22 +1617,10 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
     """PersistentPlanner::grid() with the path forced. tile: force (NT, RPW) of the FFMA
     kernels (the MMA forward's tile follows RNNFAST_MMA_ROWS, see for_tiles)."""
     sms = dev.sms
-    exchange = KNOBS.get("RNNFAST_GRID_EXCHANGE", "")
-    # flags: the barrier on per-block flags, the same wait for every block's arrival as the
-    # counter's, which run_grid models
-    if exchange not in ("", "barrier", "flags", "ll", "ll-spin"):
-        raise Finding(f"the persistent path cannot run: RNNFAST_GRID_EXCHANGE is {exchange!r}")
     if KNOBS.get("RNNFAST_MMA_ROWS", "") not in ("", "16", "32", "64"):
         raise Finding("the persistent path cannot run: RNNFAST_MMA_ROWS is "
                       f"{KNOBS['RNNFAST_MMA_ROWS']!r}")
     units = (H + sms - 1) // sms
-    K, _, x_size, mma = plan_sizes(Cell, backward, H, units, dt)
-    per = 4 // x_size if x_size <= 4 else 0  # values per LL word
-    # ll-spin: the same words, retried differently (ll_wait_pieces), which this emulation
-    # does not model (a block waits until its words are there, either way)
-    ll = exchange in ("ll", "ll-spin") and per > 0 and K % per == 0
-    if ll and not mut("ll_units_odd"):
-        units = round_up(units, per)
     K, w_rows, _, mma = plan_sizes(Cell, backward, H, units, dt)
     plan = Plan()
 
@@ -1801,10 +1628,10 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
         nonlocal plan
         r_pad = round_up(w_rows, rpw)
         ld = mma_ld(K) if mma else ffma_ld(K)
-        # two tiles of xs where there are several, they fit and the exchange is the barrier
+        # two tiles of xs where there are several and they fit
         xs_tiles = 1
         smem = smem_bytes(nt, rpw, r_pad, ld, 0, False, dt, backward, mma)
-        if not ll and N > nt:
+        if N > nt:
             two = smem_bytes(nt, rpw, r_pad, ld, 0, False, dt, backward, mma, 2)
             if two <= dev.smem_optin:
                 xs_tiles = 2
@@ -1819,8 +1646,6 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
         plan = Plan(kernel_of(Cell, backward, nt, rpw, dt, False), blocks, units, 0, N, smem,
                     nt, rpw)
         plan.xs_tiles = xs_tiles
-        if ll:
-            plan.ll_row = K // per if mut("ll_row_odd") else round_up(K // per, 2)
         return True
 
     for_tiles(N, w_rows, try_tile, mma, backward, dt, tile)
@@ -1842,7 +1667,7 @@ def header_constants(path=HEADER):
                  "kBwdFloorUs", "kBwdTileUs", "kBwdFfmaShare", "kL2BytesPerS",
                  "kStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare", "kClusterTileUs",
                  "kBwdClusterTileUs", "kClusterFfmaShare", "kBwdClusterFfmaShare",
-                 "kDsmemBytesPerClk", "kLLExtraUs"):
+                 "kDsmemBytesPerClk"):
         m = re.search(rf"\b{name}\s*=\s*([0-9.eE+-]+)", text)
         if m is None:
             raise SystemExit(f"{name} not found in {path}")
@@ -1934,8 +1759,6 @@ def launch_persistent(plan, p, bufs, seed):
         run_clusters(plan.kernel, plan.blocks, plan.cluster, plan.smem, p, bufs, seed,
                      plan.at_once)
     else:
-        if plan.ll_row:  # zeroed words: flag 0 is no step's
-            p.ll, p.ll_row = LLWords(2 * p.N * plan.ll_row, plan.blocks), plan.ll_row
         run_grid(plan.kernel, plan.blocks, plan.smem, p, bufs, seed)
 
 
@@ -2196,9 +2019,6 @@ def check(name, got, want, case, tol=1e-9):
 
 def cover_plan(plan, N, H, sms, dt, backward):
     STATS["tiles"].add((plan.nt, plan.rpw))
-    if KNOBS.get("RNNFAST_GRID_EXCHANGE") == "ll" and not plan.cluster:
-        cover(("ll: backward" if backward else "ll: forward") if plan.ll_row else
-              "ll: the barrier where the values do not allow words")
     if plan.cluster:
         STATS["cluster"] += not backward
         cs, n_c = plan.cluster, plan.group_rows
@@ -2229,31 +2049,28 @@ def cover_plan(plan, N, H, sms, dt, backward):
 
 def case_name(c):
     keys = ("kind", "dtype", "T", "N", "C", "H", "reverse", "training", "sms", "bias", "act",
-            "gru_bhh", "tile", "h0_off", "smem_optin", "cluster", "exchange", "mma_rows")
+            "gru_bhh", "tile", "h0_off", "smem_optin", "cluster", "mma_rows")
     return " ".join(f"{k}={c[k]}" for k in keys if k in c)
 
 
 def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True, tile=None,
              dtype="float64", seed=0, ops=None, h0_off=0, smem_optin=None, cluster=None,
-             exchange=None, mma_rows=None):
+             mma_rows=None):
     """One case; cluster: (size, rows) for the cluster variant (RNNFAST_CLUSTER_SIZE and
-    _ROWS; None in either for the planner's choice), None for the grid variant; exchange:
-    RNNFAST_GRID_EXCHANGE ("ll": the LL exchange where the values allow it); mma_rows:
-    RNNFAST_MMA_ROWS (the tensor-core tile's batch rows); each set for this case only."""
+    _ROWS; None in either for the planner's choice), None for the grid variant; mma_rows:
+    RNNFAST_MMA_ROWS (the tensor-core tile's batch rows), set for this case only."""
     KNOBS.clear()
-    if exchange:
-        KNOBS["RNNFAST_GRID_EXCHANGE"] = exchange
     if mma_rows:
         KNOBS["RNNFAST_MMA_ROWS"] = str(mma_rows)
     try:
         _run_case(kind, T, N, C, H, reverse, training, sms, bias, act, gru_bhh, tile, dtype,
-                  seed, ops, h0_off, smem_optin, cluster, exchange)
+                  seed, ops, h0_off, smem_optin, cluster)
     finally:
         KNOBS.clear()
 
 
 def _run_case(kind, T, N, C, H, reverse, training, sms, bias, act, gru_bhh, tile, dtype, seed,
-              ops, h0_off, smem_optin, cluster, exchange):
+              ops, h0_off, smem_optin, cluster):
     g = torch.Generator().manual_seed(seed)
     G = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
     scale = 1.0 / math.sqrt(H)
@@ -2279,8 +2096,7 @@ def _run_case(kind, T, N, C, H, reverse, training, sms, bias, act, gru_bhh, tile
                           **({"tile": tile} if tile else {}),
                           **({"h0_off": h0_off} if h0_off else {}),
                           **({"smem_optin": smem_optin} if smem_optin else {}),
-                          **({"cluster": cluster} if cluster else {}),
-                          **({"exchange": exchange} if exchange else {})))
+                          **({"cluster": cluster} if cluster else {})))
 
     y_ref, hn_ref, cn_ref, ws_ref = reference_run(kind, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                   reverse, act)
@@ -2486,36 +2302,6 @@ def cases(full=False):
         dict(kind="rnn", act=0, T=1, N=2, H=2, sms=2, cluster=(2, None), reverse=False,
              training=True, **C),
     ]
-    # the grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll); the comments give U and
-    # the words a row (ll_row)
-    L = dict(C=2, bias=True, exchange="ll")
-    extra += [
-        # U 4 (2), 7 words (8): a piece's second word past the row; two row tiles
-        dict(kind="lstm", T=3, N=17, H=7, sms=2, reverse=True, training=True,
-             dtype="float32", **L),
-        # 16-bit pairs: U 7 -> 8 (4), 10 words; backward 60 float words
-        dict(kind="gru", T=3, N=5, H=20, sms=3, reverse=False, training=True,
-             dtype="float16", **L),
-        # U 1: 7 blocks, a unit each
-        dict(kind="rnn", act=0, T=3, N=3, H=7, sms=7, reverse=False, training=True,
-             dtype="float32", **L),
-        # odd H in 16-bit: the forward keeps the barrier, the backward (float) takes words
-        dict(kind="rnn", act=1, T=2, N=17, H=33, sms=5, reverse=True, training=True,
-             dtype="float16", **L),
-        # float64: the barrier
-        dict(kind="lstm", T=2, N=4, H=6, sms=3, reverse=False, training=True, **L),
-        # T = 1: no words in the forward
-        dict(kind="gru", T=1, N=2, H=4, sms=2, reverse=True, training=True,
-             dtype="float16", gru_bhh=False, **L),
-        # three row tiles of 16-bit pairs, inference
-        dict(kind="lstm", T=2, N=33, H=48, sms=5, reverse=False, training=False,
-             dtype="float16", **L),
-        dict(kind="rnn", act=2, T=3, N=9, H=10, sms=3, reverse=True, training=True,
-             dtype="float32", **L),
-        # the barrier on per-block flags: the counter's wait, as run_grid models it
-        dict(kind="gru", T=3, N=17, C=2, H=10, sms=3, reverse=False, training=True,
-             bias=True, dtype="float32", exchange="flags"),
-    ]
     # the tensor-core forward's larger tiles (RNNFAST_MMA_ROWS=32 or 64); the comments give
     # the tile and its rows
     M = dict(C=3, bias=True, dtype="float16")
@@ -2558,8 +2344,7 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "cluster: N_c = 1", "cluster: several row tiles", "cluster: a partial row tile",
             "cluster: a last cluster with fewer rows", "cluster: more clusters than run at once",
             "cluster: mma forward", "cluster: ffma forward", "cluster: backward",
-            "ll: forward", "ll: backward", "ll: the barrier where the values do not allow words",
-            "stage_ll: 16-bit pairs", "stage_ll: 32-bit words", "stage_rows_async: cp.async",
+            "stage_rows_async: cp.async",
             "stage_rows_async: a later tile issued during an earlier one",
             "forward: xp prefetched into L2", "mma: 32 rows a tile", "mma: 64 rows a tile"}
 TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16), (32, 16), (64, 16)}
@@ -2628,11 +2413,6 @@ SELF_TEST_CASES = [
          cluster=(4, 6), tile=(4, 8)),
     dict(kind="lstm", T=2, N=7, C=2, H=20, reverse=False, training=True, sms=4, bias=True,
          dtype="float16", cluster=(2, 5)),
-    # the LL exchange: float32 words (7 a row, 4 blocks), 16-bit pairs (U 7 -> 8)
-    dict(kind="lstm", T=3, N=5, C=2, H=7, reverse=True, training=True, sms=2, bias=True,
-         dtype="float32", exchange="ll"),
-    dict(kind="gru", T=3, N=17, C=2, H=20, reverse=False, training=True, sms=3, bias=True,
-         dtype="float16", exchange="ll"),
     # the tensor-core forward's 64-row tile (RNNFAST_MMA_ROWS=64): 70 rows in two tiles, 4
     # row tiles of 16 by 2 column tiles (LSTM U 5 -> 20 rows of W, padded to 32)
     dict(kind="lstm", T=2, N=70, C=2, H=19, reverse=False, training=True, sms=4, bias=True,
@@ -2653,11 +2433,8 @@ def catch(name, ops=None):
     case flagged (tracker findings first, then the mismatch), empty when nothing did."""
     MUT.clear()
     MUT.add(name)
-    # the cluster variant's and the LL exchange's bugs: their cases first (any case may
-    # catch any bug)
-    order = sorted(self_test_cases(),
-                   key=lambda c: (("cluster" in c) != name.startswith("cluster_"),
-                                  ("exchange" in c) != name.startswith("ll_")))
+    # the cluster variant's bugs: its cases first (any case may catch any bug)
+    order = sorted(self_test_cases(), key=lambda c: ("cluster" in c) != name.startswith("cluster_"))
     try:
         with one_torch_thread():
             for c in order:

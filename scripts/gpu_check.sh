@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
 # The first thing to run on a GPU machine, in one command, well inside 10 minutes:
 #   0. syncbench (only when named in GPU_CHECK_STAGES): the barriers and exchanges on their
-#      own (scripts/sync_bench.cu, built with nvcc, no torch), for the cost model's floors
-#      and the next exchange's design;
+#      own (scripts/sync_bench.cu, built with nvcc, no torch), for the cost model's floors;
 #   1. build rnnfast from source for the card that is there (no internet needed: no pip,
 #      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
-#   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py, tests/test_cuda_ll.py,
+#   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py,
 #      tests/test_cuda_mma_rows.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants)
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
 #      have not changed since);
-#   3b. calib: the persistent kernels' per-step time against their block count and, for
-#      the grid variant, its exchange (the barrier or the LL exchange, RNNFAST_GRID_EXCHANGE)
+#   3b. calib: the persistent kernels' per-step time against their block count
 #      (scripts/calibrate_persistent.py, small shapes, T=256: the cost model's data);
 #   3c. ncu (only when named in GPU_CHECK_STAGES): Nsight Compute on the grid variant's
 #      kernels at bfloat16 LSTM N=256 and N=16, H=768 (scripts/ncu_profile.sh): every section
@@ -50,12 +48,12 @@
 #
 # With 15 device minutes (the machine's start counts too), two calls fit (the second
 # finds the build in place). Measured on the H100 on 2026-11-27 (second run): build 94 s,
-# test_cuda 155 s (4 shards), sanitize 87 s (50 runs), syncbench 8 s, calib 28 s, the whole
-# first call 387 s; bench7 335 s for 141 cases with 4 contenders (cut at its limit); ncu is
-# estimated at 120 s (three profiled launches, ~30 s of ncu start-up each). The first call
-# checks, calibrates and profiles; the second measures the issue's table (bfloat16 first;
-# auto, the grid variant, the per-step path, whose bfloat16 times the refitted model now
-# picks at large N but no run has measured, and cuDNN):
+# test_cuda 155 s (4 shards), sanitize 87 s (50 runs then; 42 now), syncbench 8 s, calib
+# 28 s, the whole first call 387 s; bench7 335 s for 141 cases with 4 contenders (cut at its
+# limit); ncu is estimated at 120 s (three profiled launches, ~30 s of ncu start-up each).
+# The first call checks, calibrates and profiles; the second measures the issue's table
+# (bfloat16 first; auto, the grid variant, the per-step path, whose bfloat16 times the
+# refitted model now picks at large N but no run has measured, and cuDNN):
 #   GPU_CHECK_STAGES="test_cuda sanitize calib ncu" GPU_CHECK_BUDGET=520
 #   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=345
 #
@@ -168,7 +166,7 @@ fi
 # ---- 0b. the barriers and exchanges on their own ----
 if wanted syncbench; then
   # the synchronisation and exchange patterns on their own (scripts/sync_bench.cu: the grid
-  # barrier, per-block flags, the LL protocol, the cluster barrier, DSMEM stores, st.async),
+  # barrier and staging through L2, the cluster barrier, DSMEM stores, st.async),
   # a standalone program built with nvcc in seconds (no torch, so first: its numbers come
   # back even where the extension's build fails); JSON lines
   run_stage syncbench 60 400 bash -o pipefail -c '"$0" -O3 -std=c++17 -arch="sm_${1/./}" -o "$2/sync_bench" \
@@ -195,7 +193,7 @@ if wanted test_cuda; then
   # reference loops on the CPU are most of these tests' time, and the machine has 16 cores
   run_stage test_cuda 300 160 "$PY" scripts/pytest_shards.py --shards "${TEST_CUDA_SHARDS:-4}" \
     --junitxml="$OUT/test_cuda.xml" -- -q --tb=short \
-    tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_ll.py tests/test_cuda_mma_rows.py
+    tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_mma_rows.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
@@ -204,12 +202,10 @@ SAN_TSV=$WORK/sanitize.tsv
 : >"$SAN_TSV"
 san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and exit code in $WORK
   local tool=$1 cell=$2 dtype=$3 h=$4 path=$5 t=$6
-  # PATH ll, ll-spin or flags: the grid variant with that exchange (RNNFAST_GRID_EXCHANGE);
-  # mma64: the grid variant with 64-row tensor-core tiles (RNNFAST_MMA_ROWS), N=40 (one
+  # PATH mma64: the grid variant with 64-row tensor-core tiles (RNNFAST_MMA_ROWS), N=40 (one
   # partial tile)
-  local forced=$path exchange=barrier rows=16 n=5
+  local forced=$path rows=16 n=5
   case $path in
-    ll | ll-spin | flags) forced=persistent exchange=$path ;;
     mma64) forced=persistent rows=64 n=40 ;;
   esac
   # racecheck runs over every kernel, cuBLAS's included (a --kernel-name filter for
@@ -221,7 +217,7 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # The cluster variant: clusters of 4 blocks (4 units each), 2 batch rows a cluster, so
   # 3 clusters, the last with 1 row
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 RNNFAST_CLUSTER_SIZE=4 RNNFAST_CLUSTER_ROWS=2 \
-    RNNFAST_GRID_EXCHANGE=$exchange RNNFAST_MMA_ROWS=$rows timeout -k 5 "$t" "$SANITIZER" \
+    RNNFAST_MMA_ROWS=$rows timeout -k 5 "$t" "$SANITIZER" \
     --tool "$tool" --error-exitcode 1 --report-api-errors no --print-limit 20 \
     "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$forced" --N "$n" \
     --H "$h" $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h-$path.log" 2>&1
@@ -238,12 +234,6 @@ for tool in memcheck racecheck; do
   for cell in lstm gru rnn_tanh; do
     for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype 16 cluster"); done
   done
-  # the LL exchange: H=16 a unit a block (bfloat16: 2, paired in words), H=700 6 units
-  for cell in lstm gru rnn_tanh; do
-    for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype 16 ll"); done
-  done
-  SAN_CASES+=("$tool lstm bfloat16 700 ll")
-  SAN_CASES+=("$tool gru float32 16 flags")
   # 64-row tensor-core tiles (bfloat16 forwards)
   for cell in lstm gru rnn_tanh; do SAN_CASES+=("$tool $cell bfloat16 16 mma64"); done
   SAN_CASES+=("$tool lstm bfloat16 700 mma64")
@@ -371,7 +361,7 @@ if ! wanted tests_cpu; then
 elif (($(remaining) >= 45)); then
   run_stage tests_cpu 120 10 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
     --junitxml="$OUT/tests_cpu.xml" tests --ignore=tests/test_cuda.py --ignore=tests/test_cuda_cluster.py \
-    --ignore=tests/test_cuda_ll.py --ignore=tests/test_cuda_mma_rows.py
+    --ignore=tests/test_cuda_mma_rows.py
 else
   record tests_cpu SKIPPED 0 "optional, no time left"
 fi
@@ -487,8 +477,9 @@ for name in ("gpu", "syncbench", "build", "import", "test_cuda", "sanitize", "ca
                     parts.append(f"L2 round trip {x['ns_per_load']} ns")
                 elif x["test"] == "grid" and x["mode"] == "barrier":
                     parts.append(f"grid barrier {x['blocks']} blocks {x['us_per_step']} us")
-                elif x["test"] == "grid" and x.get("n") == 6144 and x["blocks"] >= 128:
-                    # bfloat16 N=16, H=768's bytes: staging after the barrier against LL
+                elif (x["test"] == "grid" and x["mode"] == "stage" and x.get("n") == 6144
+                      and x["blocks"] >= 128):
+                    # bfloat16 N=16, H=768's bytes: staging through L2 after the barrier
                     parts.append(f"grid {x['mode']} n=6144 {x['blocks']} blocks "
                                  f"{x['us_per_step']} us")
                 elif (x["test"] == "cluster" and x["mode"] == "barrier"
@@ -533,7 +524,8 @@ if san:
         if s != "PASS":
             print(f"  ! {t} {c} {d}: {s} {note[0] if note else ''}")
 
-# calib: the grid variant's exchanges side by side, us per step (all blocks / at most 64)
+# calib: the grid variant with all blocks and at most 64, the cluster variant and the
+# per-step path, us per step
 try:
     cal = json.load(open(os.path.join(out, "gpu-calib.json")))["rows"]
 except (OSError, ValueError, KeyError):
@@ -543,28 +535,22 @@ if cal:
         v = [r["us"] for r in rows if isinstance(r.get("us"), float)]
         return f"{v[0]:8.2f}" if v else f"{'n/a':>8}"
     print()
-    main = [r for r in cal if "mma_rows" not in r]
-    exchanges = [e for e in ("barrier", "flags", "ll", "ll-spin")
-                 if any(r.get("exchange", "barrier") == e for r in main if r["path"] == "persistent")]
-    short = {"barrier": "bar", "flags": "fl", "ll": "ll", "ll-spin": "lls"}
-    cols = [(cap, ex) for cap in (0, 64) for ex in exchanges]
-    print("gpu-calib.json: us per step; persistent (grid variant) with each exchange measured "
-          "(bar: the barrier, fl: per-block flags, ll, lls: ll-spin), all blocks and <= 64; "
+    # rows of an older run may carry the removed exchanges ("exchange" other than the
+    # barrier): left out
+    main = [r for r in cal if "mma_rows" not in r and r.get("exchange", "barrier") == "barrier"]
+    print("gpu-calib.json: us per step; persistent (grid variant) with all blocks and <= 64; "
           "cluster (planner's size); per-step path")
-    print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} "
-          + " ".join(f"{short[ex] + ('' if cap == 0 else '<=64'):>8}" for cap, ex in cols)
-          + f" {'cluster':>8} {'step':>8} "
-          f"{'model':>8}  (model: the cost model's barrier, all blocks; fwdbwd: both plans)")
+    print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} {'all':>8} {'<=64':>8}"
+          f" {'cluster':>8} {'step':>8} "
+          f"{'model':>8}  (model: the cost model, all blocks; fwdbwd: both plans)")
     keys = list(dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in main))
     for k in keys:
         rs = [r for r in main if (r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) == k]
         def pick(path, **want):
             return us_of([r for r in rs if r["path"] == path and
                           all(r.get(f, d) == v for f, (v, d) in want.items())])
-        grid = " ".join(pick("persistent", max_blocks=(cap, 0), exchange=(ex, "barrier"))
-                        for cap, ex in cols)
-        base = [r for r in rs if r["path"] == "persistent" and r.get("max_blocks", 0) == 0
-                and r.get("exchange", "barrier") == "barrier"]
+        grid = " ".join(pick("persistent", max_blocks=(cap, 0)) for cap in (0, 64))
+        base = [r for r in rs if r["path"] == "persistent" and r.get("max_blocks", 0) == 0]
         plans = [p for r in base[:1] for p in (r.get("plan_fwd"), r.get("plan_bwd")) if p]
         model = f"{sum(p['us'] for p in plans):8.2f}" if plans else f"{'n/a':>8}"
         print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6} {grid} "

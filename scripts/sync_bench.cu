@@ -1,5 +1,5 @@
 // Times the persistent kernels' synchronisation on its own (csrc/cuda/sync.cuh), so that a
-// GPU run measures the cost model's floors directly and compares exchanges not yet in the
+// GPU run measures the cost model's floors directly and compares exchanges not in the
 // kernels. A standalone program (no torch): scripts/gpu_check.sh's syncbench stage builds
 // it with nvcc and runs it; one JSON object per line on stdout.
 //
@@ -20,19 +20,7 @@
 //            stage    each block stores its share of n floats (turn s & 1), the grid
 //                     barrier, then every block loads all n into shared memory with
 //                     16-byte __ldcg vectors, 8 in flight per thread (the grid variant as
-//                     built: h_t through L2);
-//            flags    as stage, but each block releases its own flag (fence, then a
-//                     relaxed store of s + 1) and its threads poll the B flags with
-//                     ld.acquire: no single counter that every block adds to;
-//            ll       no barrier: each value travels with its step's flag in one 8-byte
-//                     word (st.relaxed.gpu; NCCL's LL protocol), and readers load words
-//                     until their flags are s + 1, as the kernels' stage_ll does
-//                     (sync.cuh's ll_wait_pieces: 16 loads of two words in flight a
-//                     thread, then one missing word polled at a time) (two turns: a block
-//                     can only store step s + 2's values after it read all of step s + 1's,
-//                     which their blocks stored after reading step s's);
-//            ll_spin  the same, every load of a batch retried at once (RNNFAST_GRID_EXCHANGE
-//                     =ll-spin).
+//                     built: h_t through L2).
 //   cluster  clusters of C blocks (compute capability 9.0 on), one cluster or as many as
 //            fit at once, per step:
 //            barrier  cluster_arrive + cluster_wait;
@@ -70,18 +58,16 @@ using namespace rnnfast::cuda;
     }                                                                                \
   } while (0)
 
-constexpr int kThreads = 256, kBatch = 8, kLLBatch = 16;  // kLLBatch: persistent.cuh's
+constexpr int kThreads = 256, kBatch = 8;
+// indices into main's names[]
 enum Mode {
   kBarrier = 0,
   kStage = 1,
-  kFlags = 2,
-  kLL = 3,
-  kPush = 4,
-  kRelaxed = 5,
-  kAsync = 6,
-  kPushCluster = 7,
-  kNoFence = 8,
-  kLLSpin = 9
+  kPush = 2,
+  kRelaxed = 3,
+  kAsync = 4,
+  kPushCluster = 5,
+  kNoFence = 6
 };
 
 // the value of element i at step s: exact in float, different from step to step
@@ -89,18 +75,16 @@ __host__ __device__ inline float value_of(int s, int i) {
   return float((s * 131 + i * 7) % 65521);
 }
 
-// Every spin of the nofence, flags, ll and async modes is bounded: past kSpinCycles (about
-// 2 s) it raises `abort`, after which every spin gives up at once (sync.cuh's
-// spin_gave_up), so that a broken protocol costs seconds and an "aborted" result rather
-// than a hung GPU (the grid barrier's own spin, sync.cuh's, traps only after about half a
-// minute, and the hardware cluster barrier is not bounded).
+// Every spin of the nofence and async modes is bounded: past kSpinCycles (about 2 s) it
+// raises `abort`, after which every spin gives up at once (sync.cuh's spin_gave_up), so
+// that a broken protocol costs seconds and an "aborted" result rather than a hung GPU (the
+// grid barrier's own spin, sync.cuh's, traps only after about half a minute, and the
+// hardware cluster barrier is not bounded).
 constexpr long long kSpinCycles = 4000000000LL;
 
 struct GridArgs {
   unsigned long long* counter;
-  unsigned* flags;               // [B], the flags mode
-  float* data;                   // [2][n], stage and flags
-  unsigned long long* ll;        // [2][n], ll: (flag << 32) | value bits
+  float* data;       // [2][n], the stage mode
   unsigned* errors;  // [2]: values that arrived wrong, and the abort flag
   int T, n, mode;
 };
@@ -108,19 +92,14 @@ struct GridArgs {
 __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
   extern __shared__ float staged[];  // n floats
   const int B = gridDim.x, b = blockIdx.x, n = a.n;
-  // shares split evenly: with n >= B every block stores something each step, which the ll
-  // mode's two turns rely on (a block that only reads could fall two steps behind)
+  // shares split evenly
   const int lo = int(int64_t(b) * n / B), hi = int(int64_t(b + 1) * n / B);
   unsigned bad = 0;
   for (int s = 0; s < a.T; ++s) {
     const int turn = s & 1;
     // produce this block's share
-    if (a.mode == kStage || a.mode == kFlags) {
+    if (a.mode == kStage) {
       for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) a.data[turn * n + i] = value_of(s, i);
-    } else if (a.mode == kLL || a.mode == kLLSpin) {
-      for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-        ll_store(a.ll + turn * n + i, __float_as_uint(value_of(s, i)), unsigned(s + 1));
-      }
     }
     // synchronise
     if (a.mode == kBarrier || a.mode == kStage) {
@@ -141,12 +120,9 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
         } while (seen < target && !spin_gave_up(since, kSpinCycles, a.errors + 1));
       }
       __syncthreads();
-    } else if (a.mode == kFlags) {  // sync.cuh's, as RNNFAST_GRID_EXCHANGE=flags runs it
-      flags_arrive(a.flags, unsigned(s + 1));
-      flags_wait(a.flags, unsigned(s + 1), kSpinCycles, a.errors + 1);
     }
     // consume all n
-    if (a.mode == kStage || a.mode == kFlags) {
+    if (a.mode == kStage) {
       const float4* src = reinterpret_cast<const float4*>(a.data + turn * n);
       float4* dst = reinterpret_cast<float4*>(staged);
       const int vecs = n / 4;
@@ -163,37 +139,6 @@ __global__ void __launch_bounds__(kThreads, 1) grid_bench(GridArgs a) {
           if (e < vecs) {
             dst[e] = v[k];
             bad += v[k].x != value_of(s, 4 * e) || v[k].w != value_of(s, 4 * e + 3);
-          }
-        }
-      }
-    } else if (a.mode == kLL || a.mode == kLLSpin) {
-      // the kernels' stage_ll: kLLBatch pieces (pairs of words) a thread at a time, through
-      // sync.cuh's ll_wait_pieces (ll_spin: its retries load every piece at once)
-      const unsigned long long* src = a.ll + turn * n;
-      const int pairs = n / 2;
-      const unsigned want = unsigned(s + 1);
-      for (int e0 = threadIdx.x; e0 < pairs; e0 += kLLBatch * blockDim.x) {
-        unsigned valid = 0;
-#pragma unroll
-        for (int k = 0; k < kLLBatch; ++k) valid |= unsigned(e0 + k * blockDim.x < pairs) << k;
-        const auto off = [&](int k) {
-          const int e = e0 + k * static_cast<int>(blockDim.x);
-          return e < pairs ? 2 * e : 0;
-        };
-        ulonglong2 w[kLLBatch];
-        ll_wait_pieces<kLLBatch>(src, off, valid, valid, want, w, kSpinCycles, a.errors + 1,
-                                 a.mode == kLL);
-#pragma unroll
-        for (int k = 0; k < kLLBatch; ++k) {
-          const int e = e0 + k * blockDim.x;
-          if (e < pairs) {
-            const float x = __uint_as_float(ll_bits(w[k].x));
-            const float y = __uint_as_float(ll_bits(w[k].y));
-            staged[2 * e] = x;
-            staged[2 * e + 1] = y;
-            bad += x != value_of(s, 2 * e) || y != value_of(s, 2 * e + 1);
-            // a later step's flag: the protocol broke (a block ran two steps ahead)
-            bad += ll_flag(w[k].x) > want || ll_flag(w[k].y) > want;
           }
         }
       }
@@ -369,17 +314,14 @@ int main(int argc, char** argv) {
   }
 
   const int max_n = 16 * 1024;  // floats exchanged per step, at most (fp32 N=16, H=1024)
-  unsigned long long *counter, *ll;
-  unsigned* flags;
+  unsigned long long* counter;
   float* data;
   CHECK(cudaMalloc(&counter, sizeof(unsigned long long)));
-  CHECK(cudaMalloc(&flags, 1024 * sizeof(unsigned)));
   CHECK(cudaMalloc(&data, 2 * max_n * sizeof(float)));
-  CHECK(cudaMalloc(&ll, 2 * max_n * sizeof(unsigned long long)));
   CHECK(cudaFuncSetAttribute(grid_bench, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              max_n * int(sizeof(float))));
-  const char* names[] = {"barrier", "stage", "flags", "ll", "push", "relaxed", "async",
-                         "push_cluster", "nofence", "ll_spin"};
+  const char* names[] = {"barrier", "stage", "push", "relaxed", "async", "push_cluster",
+                         "nofence"};  // indexed by Mode
   // n: H=768 at N=1; bf16 N=16 (as many bytes as 6144 floats); float32 N=16
   const int sizes[] = {768, 6144, 12288};
   std::vector<int> block_counts;
@@ -389,17 +331,14 @@ int main(int argc, char** argv) {
     }
   }
   for (int B : block_counts) {
-    for (int mode : {kBarrier, kNoFence, kStage, kFlags, kLL, kLLSpin}) {
+    for (int mode : {kBarrier, kNoFence, kStage}) {
       for (int n : sizes) {
         if ((mode == kBarrier || mode == kNoFence) && n != sizes[0]) continue;
-        if ((mode == kLL || mode == kLLSpin) && n < B) continue;  // every block stores a step
-        GridArgs a{counter, flags, data, ll, errors, T,
+        GridArgs a{counter, data, errors, T,
                    mode == kBarrier || mode == kNoFence ? 0 : n, mode};
         const size_t smem = size_t(a.n) * sizeof(float);
         float ms = time_launch([&] {
           CHECK(cudaMemset(counter, 0, sizeof(unsigned long long)));
-          CHECK(cudaMemset(flags, 0, 1024 * sizeof(unsigned)));
-          CHECK(cudaMemset(ll, 0, 2 * max_n * sizeof(unsigned long long)));
           CHECK(cudaMemset(errors, 0, 2 * sizeof(unsigned)));
           void* args[] = {&a};
           CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(grid_bench), B,

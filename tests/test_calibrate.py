@@ -1,4 +1,4 @@
-"""scripts/calibrate_persistent.py without a GPU: its loop over cases, knobs and exchanges,
+"""scripts/calibrate_persistent.py without a GPU: its loop over cases, knobs and tiles,
 its table and its JSON (written after every case), with the measurement replaced by a
 stand-in that records which knobs each call saw. The real measurement needs a GPU
 (gpu_check's calib stage)."""
@@ -23,13 +23,12 @@ class _Prop:
     name, multi_processor_count = "stand-in", 132
 
 
-def test_every_case_knob_and_exchange_is_measured_and_saved(tmp_path, monkeypatch, capsys):
+def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, capsys):
     cal = _load()
     seen = []
 
-    def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None,
-                     mma_rows=None):
-        seen.append((cell, str(dtype), N, H, path, knob, mode, exchange, mma_rows))
+    def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None):
+        seen.append((cell, str(dtype), N, H, path, knob, mode, mma_rows))
         plan = {"us": 1.0, "blocks": 132}
         return 2.0, (path, path), (plan, plan if mode == "fwdbwd" else None)
 
@@ -37,21 +36,32 @@ def test_every_case_knob_and_exchange_is_measured_and_saved(tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Prop())
     out = tmp_path / "calib.json"
-    rows = cal.main(["--cells", "lstm", "--batch", "16", "--hidden", "768", "--json", str(out),
-                     "--exchanges", "barrier", "ll"])
-    # per mode and dtype: persistent at all blocks and <= 64 with 2 exchanges, cluster at the
-    # planner's size and 16, 8, 4, and the per-step path; then bfloat16 only at N = 64 and
-    # 256: the tensor-core tiles of 16, 32 and 64 rows and the per-step path
-    main_rows = 2 * (2 * 2 + 4 + 1) * 2  # 2 modes, 2 dtypes
+    rows = cal.main(["--cells", "lstm", "--batch", "16", "--hidden", "768", "--json", str(out)])
+    # per mode and dtype: persistent at all blocks and <= 64, cluster at the planner's size
+    # and 16, 8, 4, and the per-step path; then bfloat16 only at N = 64 and 256: the
+    # tensor-core tiles of 16, 32 and 64 rows and the per-step path
+    main_rows = 2 * (2 + 4 + 1) * 2  # 2 modes, 2 dtypes
     assert len(rows) == main_rows + 2 * 2 * (3 + 1)
-    assert [r["dtype"] for r in rows[:18]] == ["bfloat16"] * 18  # bfloat16 first
-    grid = {(r["max_blocks"], r["exchange"]) for r in rows[:main_rows] if r["path"] == "persistent"}
-    assert grid == {(c, e) for c in (0, 64) for e in ("barrier", "ll")}
+    assert len(seen) == len(rows)
+    assert [r["dtype"] for r in rows[:14]] == ["bfloat16"] * 14  # bfloat16 first
+    assert all("exchange" not in r for r in rows)
+    for dtype in ("bfloat16", "float32"):
+        for mode in ("fwd", "fwdbwd"):
+            rs = [r for r in rows[:main_rows] if (r["dtype"], r["mode"]) == (dtype, mode)]
+            assert sorted(r["max_blocks"] for r in rs if r["path"] == "persistent") == [0, 64]
+            assert sorted(r["cluster_size"] for r in rs if r["path"] == "cluster") == [
+                0, 4, 8, 16]
+            assert [r["max_blocks"] for r in rs if r["path"] == "step"] == [0]
+    # the knob each measurement was given is the one its row records
+    assert {(s[4], s[5]) for s in seen if s[2] == 16} == {
+        ("persistent", 0), ("persistent", 64), ("cluster", 0), ("cluster", 16),
+        ("cluster", 8), ("cluster", 4), ("step", 0)}
+    assert all(s[7] is None for s in seen if s[2] == 16)
     mma = rows[main_rows:]
     assert {(r["dtype"], r["N"], r["mma_rows"], r["path"]) for r in mma} == {
         ("bfloat16", n, r, "persistent") for n in (64, 256) for r in (16, 32, 64)} | {
         ("bfloat16", n, None, "step") for n in (64, 256)}
-    assert {s[8] for s in seen if s[2] in (64, 256)} == {16, 32, 64, None}
+    assert {s[7] for s in seen if s[2] in (64, 256)} == {16, 32, 64, None}
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["sms"] == 132
     fwdbwd = [r for r in rows if r["mode"] == "fwdbwd"]
@@ -61,30 +71,12 @@ def test_every_case_knob_and_exchange_is_measured_and_saved(tmp_path, monkeypatc
     assert "lstm  bfloat16" in printed and "tensor-core tile" in printed
 
 
-def test_default_exchange_is_the_barrier_alone(monkeypatch):
-    """The LL and flags exchanges lost on the H100: the default measures the barrier only."""
-    cal = _load()
-    seen = set()
-
-    def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, exchange=None,
-                     mma_rows=None):
-        seen.add(exchange)
-        return 2.0, (path, path), (None, None)
-
-    monkeypatch.setattr(cal, "measure", fake_measure)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Prop())
-    cal.main(["--cells", "rnn", "--dtypes", "float32", "--batch", "1", "--hidden", "8",
-              "--modes", "fwd"])
-    assert seen == {"barrier", None}
-
-
 def test_measure_sets_and_clears_the_knobs(monkeypatch):
-    """measure() sets RNNFAST_GRID_EXCHANGE and the block cap for its call only, clearing a
+    """measure() sets the block cap and the tensor-core tile for its call only, clearing a
     stale value before and every knob after (the module, the inputs and the timing are
     stand-ins here)."""
     cal = _load()
-    monkeypatch.setenv("RNNFAST_GRID_EXCHANGE", "stale")
+    monkeypatch.setenv("RNNFAST_CLUSTER_SIZE", "stale")
     seen = {}
 
     def fake_time(fn, T, repeats, warmup=2):
@@ -105,8 +97,14 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
     real_randn = torch.randn
     monkeypatch.setattr(torch, "randn", lambda *a, **k: real_randn(*a[:3]))
     us, used, plans = cal.measure("lstm", torch.float32, 2, 8, 4, "persistent", 64, "fwd", 1,
-                                  "ll", 32)
+                                  mma_rows=32)
     assert us == 3.0 and plans == ({"us": 1.0}, None)
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": "64", "RNNFAST_CLUSTER_SIZE": None,
-                    "RNNFAST_GRID_EXCHANGE": "ll", "RNNFAST_MMA_ROWS": "32"}
+                    "RNNFAST_MMA_ROWS": "32"}
+    assert all(k not in os.environ for k in cal.KNOBS)
+    # the cluster variant: its size knob, and no tile
+    monkeypatch.setenv("RNNFAST_MMA_ROWS", "stale")
+    cal.measure("lstm", torch.float32, 2, 8, 4, "cluster", 8, "fwd", 1)
+    assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": "8",
+                    "RNNFAST_MMA_ROWS": None}
     assert all(k not in os.environ for k in cal.KNOBS)

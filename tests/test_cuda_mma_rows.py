@@ -22,9 +22,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(autouse=True)
 def _grid_variant(monkeypatch):
-    """The grid variant forced, with the barrier and every block, TF32 off."""
-    for knob in ("RNNFAST_GRID_EXCHANGE", "RNNFAST_PERSISTENT_MAX_BLOCKS"):
-        monkeypatch.delenv(knob, raising=False)
+    """The grid variant forced, with every block, TF32 off."""
+    monkeypatch.delenv("RNNFAST_PERSISTENT_MAX_BLOCKS", raising=False)
     with no_tf32("persistent"):
         yield
 

@@ -99,46 +99,36 @@ def test_plan_takes_two_tiles_of_xs_where_several_tiles_fit():
 
 
 @pytest.fixture
-def ll_exchange():
-    """RNNFAST_GRID_EXCHANGE=ll for the emulated planner, for one test."""
-    emu.KNOBS["RNNFAST_GRID_EXCHANGE"] = "ll"
+def mma_rows():
+    """RNNFAST_MMA_ROWS for the emulated planner, for one test."""
+    def set_rows(value):
+        emu.KNOBS["RNNFAST_MMA_ROWS"] = value
     try:
-        yield
+        yield set_rows
     finally:
         emu.KNOBS.clear()
 
 
-@pytest.mark.parametrize("dtype, backward, units, ll_row", [
-    ("float16", False, 8, 10),   # two units' values a word: U 7 -> 8; 20 values, 10 words
-    ("float16", True, 7, 80),    # the backward's float gate gradients: a word each, 4 * 20
-    ("float32", False, 7, 20),
-    ("float32", True, 7, 80),
-    ("float64", False, 7, 0),    # no room for a flag beside a double: the barrier
-    ("float64", True, 7, 0),
-], ids=["fp16-fwd", "fp16-bwd", "fp32-fwd", "fp32-bwd", "fp64-fwd", "fp64-bwd"])
-def test_ll_plan_words_and_units(ll_exchange, dtype, backward, units, ll_row):
-    p = plan(dtype, backward, 5)
-    assert (p.units, p.ll_row) == (units, ll_row)
-    assert p.blocks == -(-20 // units)
-    # the LL exchange stages with its own loads, never cp.async: one tile of xs
-    assert plan(dtype, backward, 17).xs_tiles == (1 if ll_row else 2)
+@pytest.mark.parametrize("asked, N, nt", [
+    ("64", 70, 64), ("64", 40, 64), ("64", 33, 64), ("64", 32, 32), ("64", 17, 32),
+    ("64", 16, 16), ("32", 70, 32), ("32", 17, 32), ("32", 16, 16), ("16", 70, 16),
+    ("", 70, 16),
+])
+def test_mma_rows_picks_the_tensor_core_tile(mma_rows, asked, N, nt):
+    """The asked rows where the batch has more than half as many, else the next smaller;
+    the backward and float32 (FFMA) keep their tiles of at most 16 rows."""
+    mma_rows(asked)
+    p = plan("float16", False, N)
+    assert (p.nt, p.rpw) == (nt, 16)
+    assert p.smem >= emu.mma_scratch_bytes(nt, 32)  # the scratch grows with the row tiles
+    assert plan("float16", True, N).nt <= 16
+    assert plan("float32", False, N).nt <= 16
 
 
-def test_ll_plan_keeps_the_barrier_for_odd_h_in_16_bit(ll_exchange):
-    device = emu.FakeDevice(3)
-    fwd = emu.plan_persistent(emu.GruCell, False, 5, 21, device, emu.dtype_of("float16"))
-    assert (fwd.units, fwd.ll_row) == (7, 0)
-    bwd = emu.plan_persistent(emu.GruCell, True, 5, 21, device, emu.dtype_of("float16"))
-    assert (bwd.units, bwd.ll_row) == (7, 64)  # 63 float words, rounded up to even
-
-
-def test_unknown_exchange_is_refused():
-    emu.KNOBS["RNNFAST_GRID_EXCHANGE"] = "fast"
-    try:
-        with pytest.raises(emu.Finding, match="RNNFAST_GRID_EXCHANGE is 'fast'"):
-            plan("float32", False, 5)
-    finally:
-        emu.KNOBS.clear()
+def test_unknown_mma_rows_is_refused(mma_rows):
+    mma_rows("48")
+    with pytest.raises(emu.Finding, match="RNNFAST_MMA_ROWS is '48'"):
+        plan("float16", False, 5)
 
 
 # backward in float64, 8 rows a tile: ws 8 x 80 doubles, xs 8 x 80, out 8 x 8, scratch 8

@@ -28,8 +28,8 @@
 // grid (all N rows) or a cluster (its N_c rows)):
 //   Block of rank b in its group owns the hidden units [u0, u0 + U), u0 = b * U (the last
 //   may own fewer).
-//   The grid variant with several row tiles and room for two tiles of xs (xs_tiles = 2,
-//   the barrier exchange) stages tile i + 1 by cp.async (stage_rows_async, through L2)
+//   The grid variant with several row tiles and room for two tiles of xs (xs_tiles = 2)
+//   stages tile i + 1 by cp.async (stage_rows_async, through L2)
 //   into the other tile of xs while tile i's dot product and pointwise update run: the
 //   staging's round trip overlaps that work instead of preceding the next tile's.
 //   forward : Ws[g * U + j][k] = W_hh[g * H + u0 + j][k]     R = G * U rows, K = H.
@@ -83,23 +83,6 @@
 //   them. Data that another block wrote is read with ld.global.cg (L2), never from a stale
 //   L1 line. All B blocks are co-resident: the launch is cooperative (it fails rather than
 //   deadlocks otherwise) and B was checked against the occupancy query.
-//   RNNFAST_GRID_EXCHANGE=flags: the same barrier on per-block flags (flags_arrive /
-//   flags_wait, sync.cuh): thread 0 stores the barrier's number into its block's flag after
-//   the fence, and the wait polls every block's flag (thread i flag i, ...) with
-//   ld.acquire, so no counter takes every block's add.
-// The grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll; float32 and 16-bit values, not
-//   float64): no barrier at all. Each value a step makes for the other blocks (forward:
-//   h_t; backward: dg_hh) also goes into an LL word (sync.cuh: 32 bits of values, a float
-//   or two 16-bit values of units j, j + 1, beside the step's flag, in one 8-byte store)
-//   of words [2][N][ll_row], turn s & 1, flag s + 1 (backward: T - s); the next step's
-//   staging (stage_ll) loads the words and loads again those whose flag is not yet the
-//   step's, so that the wait and the staging are one L2 round trip, with no fence and no
-//   atomic. Two turns suffice: a block stores step s + 2's words (of a tile's rows) into
-//   the turn of step s only after it read every block's words of step s + 1 (of the same
-//   rows), each of which that block computed from its reads of step s's words (a data
-//   dependency, so those reads are done). The words are zeroed before the launch (flag 0
-//   is no step's). A step ends with a __syncthreads instead of the barrier (its staging
-//   overwrites xs and out). It reads twice the bytes from L2 that staging from y does.
 // The cluster variant's barrier (cluster_sync) is the hardware's: every thread of the
 //   cluster arrives with release semantics and waits with acquire semantics at cluster
 //   scope, which orders the stores into peers' shared memory. A cluster's blocks are
@@ -151,11 +134,6 @@ struct PersistentParams {
   acc_t* dg_ih;
   acc_t* dg_hh;  // the gradients phase B multiplies by W_hh (== dg_ih but for GRU)
   unsigned long long* barrier;  // the grid variant's counter
-  unsigned* flags;  // or its per-block flags (RNNFAST_GRID_EXCHANGE=flags), one per block
-  // the grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll), else null: words [2][N][ll_row]
-  unsigned long long* ll;
-  int64_t ll_row;
-  bool ll_spin;  // the LL staging's retries: every load again at once, not one polled piece
   bool prefetch_xp;  // the forward: xp outgrows L2, prefetch a later step's (prefetch_xp)
   // the grid variant: tiles of NT rows in xs; 2: later tiles staged by cp.async during the
   // earlier ones' work (stage_rows_async)
@@ -173,32 +151,6 @@ __device__ __forceinline__ c10::Half load_cg(const c10::Half* p) {
 __device__ __forceinline__ c10::BFloat16 load_cg(const c10::BFloat16* p) {
   return c10::BFloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)),
                        c10::BFloat16::from_bits());
-}
-
-// A value's bits in an LL word (sync.cuh): a float's 32; a 16-bit value's 16 (two of them
-// share a word, the even unit's low).
-__device__ __forceinline__ unsigned value_bits(float v) { return __float_as_uint(v); }
-__device__ __forceinline__ unsigned value_bits(c10::Half v) { return v.x; }
-__device__ __forceinline__ unsigned value_bits(c10::BFloat16 v) { return v.x; }
-
-// The barriers (grid_arrive / grid_wait, flags_arrive / flags_wait, the cluster helpers):
-// sync.cuh. The grid variant's k-th barrier (k = 1, 2, ...): on the counter, or with
-// p.flags on the per-block flags (RNNFAST_GRID_EXCHANGE=flags).
-template <typename Params>
-__device__ __forceinline__ void step_arrive(const Params& p, unsigned long long k) {
-  if (p.flags != nullptr) {
-    flags_arrive(p.flags, static_cast<unsigned>(k));
-  } else {
-    grid_arrive(p.barrier);
-  }
-}
-template <typename Params>
-__device__ __forceinline__ void step_wait(const Params& p, unsigned long long k) {
-  if (p.flags != nullptr) {
-    flags_wait(p.flags, static_cast<unsigned>(k), kGridWaitTrapCycles, nullptr);
-  } else {
-    grid_wait(p.barrier, k * gridDim.x);
-  }
 }
 
 // Sums v[M] (M = 2^m >= 32) over the warp's 32 lanes in five stages: at the stage that
@@ -379,56 +331,6 @@ __device__ __forceinline__ void stage_rows(const x_t* src, int64_t n0, int64_t N
       for (int i = 0; i < kStageBatch; ++i) {
         const int e = e0 + i * blockDim.x;
         if (e < total) xs[e] = v[i];
-      }
-    }
-  }
-}
-
-// stage_rows for the LL exchange: xs[nl][k] = the values of LL rows n0 + nl of src
-// ([N][ll_row] words of kPer = 4 / sizeof(x_t) values each, K = words * kPer) whose flag is
-// `want`, zero past N and for K <= k < ld. 8-byte piece e of xs (two words: 2 kPer values)
-// is thread e % blockDim's; each thread takes its next kLLBatch pieces at a time, their
-// words loaded as 16-byte vectors (ll_row even: rows 16-byte aligned) until all carry
-// `want` (sync.cuh's ll_wait_pieces: the loads back to back, a wait on one missing piece at
-// a time; past kGridWaitTrapCycles a trap, as grid_wait). kLLBatch is twice stage_rows'
-// batch, as a 16-byte load brings 8 bytes of values: a tile of 16 rows of 768 bfloat16 is
-// then one round trip (12 pieces a thread), as staging from y is. A flag past `want`
-// cannot occur: a block stores step s + 2's words (of a tile's rows) only after it read
-// everyone's of step s + 1, which they made after reading step s's (see the header).
-constexpr int kLLBatch = 2 * kStageBatch;
-template <int NT, typename x_t>
-__device__ __forceinline__ void stage_ll(const unsigned long long* src, int64_t n0, int64_t N,
-                                         int K, int ld, int64_t ll_row, unsigned want,
-                                         bool spin, x_t* __restrict__ xs) {
-  static_assert(sizeof(x_t) == 4 || sizeof(x_t) == 2, "an LL word holds 32 bits of values");
-  constexpr int kPer = 4 / sizeof(x_t);
-  const int words = K / kPer, per_row = ld / (2 * kPer), total = NT * per_row;
-  const int rows = static_cast<int>(N - n0 < NT ? N - n0 : NT);
-  const unsigned long long* base = src + n0 * ll_row;
-  uint2* dst = reinterpret_cast<uint2*>(xs);
-  for (int e0 = threadIdx.x; e0 < total; e0 += kLLBatch * blockDim.x) {
-    unsigned valid = 0, second = 0;  // bit i: piece i holds values; its second word does too
-#pragma unroll
-    for (int i = 0; i < kLLBatch; ++i) {
-      const int e = e0 + i * blockDim.x, nl = e / per_row, c = e - nl * per_row;
-      const bool in = e < total && nl < rows && 2 * c < words;
-      valid |= unsigned(in) << i;
-      second |= unsigned(in && 2 * c + 1 < words) << i;
-    }
-    // a piece's first word from base (0, in bounds, for pieces without values)
-    const auto off = [&](int i) {
-      const int e = e0 + i * static_cast<int>(blockDim.x), nl = e / per_row, c = e - nl * per_row;
-      return valid >> i & 1u ? nl * static_cast<int>(ll_row) + 2 * c : 0;
-    };
-    ulonglong2 v[kLLBatch];
-    ll_wait_pieces<kLLBatch>(base, off, valid, second, want, v, kGridWaitTrapCycles, nullptr,
-                             !spin);
-#pragma unroll
-    for (int i = 0; i < kLLBatch; ++i) {
-      const int e = e0 + i * blockDim.x;
-      if (e < total) {
-        dst[e] = make_uint2(valid >> i & 1u ? ll_bits(v[i].x) : 0u,
-                            second >> i & 1u ? ll_bits(v[i].y) : 0u);
       }
     }
   }
@@ -752,8 +654,6 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   constexpr int G = Cell::kGates;
   constexpr bool kMma = kForwardMma<scalar_t>;
   static_assert(!kMma || (NT % 16 == 0 && RPW == 16), "the MMA tile is whole 16 x 16 tiles");
-  // the LL exchange where the launch has its words (p.ll): the grid variant, 32-bit words
-  constexpr bool kLL = !kCluster && sizeof(scalar_t) <= 4;
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
   const int U = p.units, K = static_cast<int>(H), ld = operand_ld(kMma, K);
@@ -815,10 +715,9 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
     const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
     scalar_t* next = xs + ((s + 1) & 1) * turn * ld;  // the cluster variant's next turn
-    // the grid variant with two tiles of xs (not the LL exchange): tile i + 1 staged by
-    // cp.async during tile i's work
-    const bool pipelined = !kCluster && p.xs_tiles == 2 && (!kLL || p.ll == nullptr) &&
-                           async_rows_ok(h_prev, K, ld);
+    // the grid variant with two tiles of xs: tile i + 1 staged by cp.async during tile i's
+    // work
+    const bool pipelined = !kCluster && p.xs_tiles == 2 && async_rows_ok(h_prev, K, ld);
     if (pipelined) stage_rows_async<NT>(h_prev, 0, N, K, ld, xs);
     for (int64_t n0 = 0, i = 0; n0 < rows; n0 += NT, ++i) {
       const scalar_t* xt;  // h_{t-1} of the tile's rows
@@ -828,14 +727,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         if (pipelined) {
           xt = pipelined_tile<NT>(h_prev, n0, i, rows, N, K, ld, xs);
         } else {
-          if (kLL && p.ll != nullptr && s > 0) {  // step s - 1's words, flag s
-            if constexpr (kLL) {
-              stage_ll<NT>(p.ll + ((s - 1) & 1) * N * p.ll_row, n0, N, K, ld, p.ll_row,
-                           static_cast<unsigned>(s), p.ll_spin, xs);
-            }
-          } else {
-            stage_rows<NT>(h_prev, n0, N, K, ld, xs);
-          }
+          stage_rows<NT>(h_prev, n0, N, K, ld, xs);
           xt = xs;
         }
         __syncthreads();
@@ -874,21 +766,6 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
             scalar_t* dst = next + (n0 + nl) * ld + u0 + j;
             for_each_peer(w, [&](int r) { *peer_shared(dst, r) = h; });
           }
-        } else if constexpr (kLL) {
-          // the LL words of step s (turn s & 1, flag s + 1); 16-bit: units j and j + 1 (here
-          // and U even: the planner's rule, so lanes 2i and 2i + 1 hold them) in one word
-          if (p.ll != nullptr && s + 1 < p.T) {
-            unsigned long long* row = p.ll + ((s & 1) * N + n0 + nl) * p.ll_row;
-            const unsigned flag = static_cast<unsigned>(s + 1);
-            if constexpr (sizeof(scalar_t) == 4) {
-              ll_store(row + u0 + j, value_bits(h), flag);
-            } else {
-              const int lane = threadIdx.x & 31;
-              const unsigned mine = value_bits(h);
-              const unsigned odd = __shfl_xor_sync(3u << (lane & 30), mine, 1);
-              if ((j & 1) == 0) ll_store(row + (u0 + j) / 2, mine | odd << 16, flag);
-            }
-          }
         }
       }
       // xs and out are reused by the next tile; after the last, the barrier (whose
@@ -897,14 +774,11 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if (n0 + NT < rows) __syncthreads();
     }
     if (s + 1 < p.T) {
-      // loads between the arrival and the wait (none of these inputs is another block's);
-      // the LL exchange has no barrier: a __syncthreads, as the next step's staging
-      // overwrites xs and out
-      const bool barrier = !kLL || p.ll == nullptr;
+      // loads between the arrival and the wait (none of these inputs is another block's)
       if constexpr (kCluster) {
         cluster_arrive();
       } else {
-        if (barrier) step_arrive(p, static_cast<unsigned long long>(s + 1));
+        grid_arrive(p.barrier);
       }
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
@@ -914,10 +788,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       }
       if constexpr (kCluster) {
         cluster_wait();
-      } else if (barrier) {
-        step_wait(p, static_cast<unsigned long long>(s + 1));
       } else {
-        __syncthreads();
+        grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
       }
     }
   }
@@ -941,9 +813,6 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t N = p.N, H = p.H;
   const int U = p.units, K = static_cast<int>(G * H), ld = operand_ld(false, K);
-  // the LL exchange where the launch has its words (p.ll): the grid variant, float sums
-  constexpr bool kLL = !kCluster && sizeof(acc_t) == 4;
-  const bool barrier = !kLL || p.ll == nullptr;
   const BlockWork w = block_work<kCluster>(p);
   const int64_t u0 = w.u0, n_begin = w.n_begin, rows = w.rows;
   const int here = w.here;
@@ -1008,22 +877,13 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 #pragma unroll
           for (int g = 0; g < G; ++g) q[g * H] = dgh[g];
         });
-      } else if constexpr (kLL) {  // the LL words of step s: turn s & 1, flag T - s
-        if (!barrier) {
-          unsigned long long* row = p.ll + ((s & 1) * N + nl) * p.ll_row + u;
-#pragma unroll
-          for (int g = 0; g < G; ++g) {
-            ll_store(row + g * H, value_bits(dgh[g]), static_cast<unsigned>(p.T - s));
-          }
-        }
       }
     }
-    // the loads below need no other block's data (the LL exchange: no barrier; phase B's
-    // staging waits for each word)
+    // the loads below need no other block's data
     if constexpr (kCluster) {
       cluster_arrive();
     } else {
-      if (barrier) step_arrive(p, static_cast<unsigned long long>(p.T - s));
+      grid_arrive(p.barrier);
     }
     if (s > 0 && ahead_item) {
       Cell::load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse), ahead_n, ahead_u,
@@ -1031,13 +891,13 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     }
     if constexpr (kCluster) {
       cluster_wait();
-    } else if (barrier) {
-      step_wait(p, static_cast<unsigned long long>(p.T - s));
+    } else {
+      grid_wait(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
     }
     const acc_t* dg = p.dg_hh + t * N * K;
-    // the grid variant with two tiles of xs (not the LL exchange): tile i + 1 staged by
-    // cp.async during tile i's work
-    const bool pipelined = !kCluster && barrier && p.xs_tiles == 2 && async_rows_ok(dg, K, ld);
+    // the grid variant with two tiles of xs: tile i + 1 staged by cp.async during tile i's
+    // work
+    const bool pipelined = !kCluster && p.xs_tiles == 2 && async_rows_ok(dg, K, ld);
     if (pipelined) stage_rows_async<NT>(dg, 0, N, K, ld, xs);
     for (int64_t n0 = 0, i = 0; n0 < rows; n0 += NT, ++i) {
       const acc_t* xt;  // dg_hh of the tile's rows
@@ -1047,14 +907,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         if (pipelined) {
           xt = pipelined_tile<NT>(dg, n0, i, rows, N, K, ld, xs);
         } else {
-          if (!barrier) {
-            if constexpr (kLL) {
-              stage_ll<NT>(p.ll + (s & 1) * N * p.ll_row, n0, N, K, ld, p.ll_row,
-                           static_cast<unsigned>(p.T - s), p.ll_spin, xs);
-            }
-          } else {
-            stage_rows<NT>(dg, n0, N, K, ld, xs);
-          }
+          stage_rows<NT>(dg, n0, N, K, ld, xs);
           xt = xs;
         }
         __syncthreads();
@@ -1105,10 +958,6 @@ struct CostModel {
   static constexpr double kClusterTileUs = 1.5, kBwdClusterTileUs = 1.0,
                           kClusterFfmaShare = 0.5, kBwdClusterFfmaShare = 0.34,
                           kDsmemBytesPerClk = 3.2;
-  // The grid variant's LL exchange (RNNFAST_GRID_EXCHANGE=ll; never auto's choice): the
-  // second H100 run measured it about 1.3 us a step slower than the barrier (calib, and
-  // sync_bench at n = 6144: 3.7 us against 1.9 for the barrier and the staging).
-  static constexpr double kLLExtraUs = 1.3;
   double ffma_flops_per_sm_us;  // flop per SM per microsecond, FFMA (DFMA for float64)
   double mma_factor;            // dense 16-bit tensor cores (fp32 sums) over FP32 FFMA
   int sms;
@@ -1134,17 +983,16 @@ struct CostModel {
   }
   double clock_mhz;
   // The grid variant: N batch rows in tiles of nt; r_pad rows of W a block, K long; x_size:
-  // bytes of a staged element; ll: the LL exchange (twice the bytes staged).
+  // bytes of a staged element.
   double persistent_us(int64_t N, int nt, int r_pad, int64_t K, int x_size, bool mma,
-                       int blocks, bool ll = false) const {
+                       int blocks) const {
     const int64_t tiles = (N + nt - 1) / nt;
     const double share = backward ? kBwdFfmaShare : kFfmaShare;
     const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : share);
     const double dot_us = 2.0 * nt * r_pad * K / rate;
-    const double latency_us = (backward ? kBwdFloorUs : kFloorUs) + (ll ? kLLExtraUs : 0.0) +
-                              tiles * ((backward ? kBwdTileUs : kTileUs) + dot_us);
-    const double bandwidth_us =
-        double(blocks) * N * K * x_size * (ll ? 2 : 1) / kL2BytesPerS * 1e6;
+    const double latency_us =
+        (backward ? kBwdFloorUs : kFloorUs) + tiles * ((backward ? kBwdTileUs : kTileUs) + dot_us);
+    const double bandwidth_us = double(blocks) * N * K * x_size / kL2BytesPerS * 1e6;
     return std::max(latency_us, bandwidth_us);
   }
   // The cluster variant, per step of one cluster: rows of N (group_rows) in tiles of nt;
@@ -1189,11 +1037,8 @@ struct PersistentLaunch {
   size_t smem = 0;
   double us = 0.0;          // the cost model's microseconds per step
   std::string refused;      // the path was forced but cannot run: why (the op then raises)
-  int64_t ll_row = 0;       // the grid variant's LL exchange: words per row; 0: the barrier
   int xs_tiles = 1;         // the grid variant's tiles of xs (2: stage_rows_async)
-  bool ll_spin = false;     // the LL exchange's retries: every load at once (ll-spin)
   int nt = 0, rpw = 0;      // the tile
-  bool flags = false;       // the grid variant's barrier on per-block flags
   int gates = 0;            // G, for the launch's xp size
 };
 
@@ -1234,12 +1079,6 @@ inline int64_t env_knob(const char* name) {
   return v != nullptr ? std::atoll(v) : 0;
 }
 
-// The grid variant's exchange between steps, RNNFAST_GRID_EXCHANGE (read at each call, a
-// knob until a GPU run has measured the LL exchange): "barrier" (or unset) the grid
-// barrier and staging from y, "ll" the LL exchange (where the staged values are 32- or
-// 16-bit, and 16-bit ones pair up: float64 and a 16-bit forward at odd H keep the barrier),
-// "ll-spin" the same with every load of a batch retried at once instead of one polled
-// (ll_wait_pieces), "flags" the barrier on per-block flags instead of one counter.
 // RNNFAST_MMA_ROWS: the batch rows of the grid variant's tensor-core tile (16 by default; 32
 // or 64: fewer tiles a step, each staging and updating more rows; an experiment until a GPU
 // run measures it, the second H100 run having shown a fixed cost of about 2.5 us a tile);
@@ -1249,17 +1088,6 @@ inline int mma_rows(std::string& value) {
   value = v != nullptr ? v : "";
   if (value.empty() || value == "16") return 16;
   return value == "32" ? 32 : value == "64" ? 64 : 0;
-}
-
-enum class GridExchange { kBarrier, kLL, kLLSpin, kFlags, kUnknown };
-constexpr const char* kGridExchanges = "'barrier', 'flags', 'll' or 'll-spin'";
-inline GridExchange grid_exchange(std::string& value) {
-  const char* v = std::getenv("RNNFAST_GRID_EXCHANGE");
-  value = v != nullptr ? v : "";
-  if (value.empty() || value == "barrier") return GridExchange::kBarrier;
-  if (value == "flags") return GridExchange::kFlags;
-  if (value == "ll") return GridExchange::kLL;
-  return value == "ll-spin" ? GridExchange::kLLSpin : GridExchange::kUnknown;
 }
 
 // What plan_persistent's variants share: the cell's sizes, the device and the cost model.
@@ -1389,42 +1217,29 @@ struct PersistentPlanner {
 
   // The grid variant: B = ceil(H / U) blocks, U = ceil(H / SMs) units each (at most
   // RNNFAST_PERSISTENT_MAX_BLOCKS blocks, a knob for scripts/calibrate_persistent.py), all
-  // co-resident; a cooperative launch. With the LL exchange (grid_exchange) and 16-bit
-  // values, U even (two units' values share a word).
+  // co-resident; a cooperative launch.
   PersistentLaunch grid() {
     PersistentLaunch plan;
     if (!prop.cooperativeLaunch) {
       why = "the device does not support cooperative launches";
       return plan;
     }
-    std::string exchange_value;
-    const GridExchange exchange = grid_exchange(exchange_value);
-    if (exchange == GridExchange::kUnknown) {
-      why = "RNNFAST_GRID_EXCHANGE is '" + exchange_value + "', expected " + kGridExchanges;
-      return plan;
-    }
     const int sms = prop.multiProcessorCount;
     const int64_t max_blocks = env_knob("RNNFAST_PERSISTENT_MAX_BLOCKS");
     const int64_t spread = max_blocks > 0 ? std::min<int64_t>(sms, max_blocks) : sms;
     const int64_t K = kBackward ? G * H : H;
-    // values per LL word (none for float64)
-    constexpr bool kWords = sizeof(x_t) <= 4;
-    constexpr int kPer = kWords ? 4 / static_cast<int>(sizeof(x_t)) : 1;
-    const bool ll = (exchange == GridExchange::kLL || exchange == GridExchange::kLLSpin) &&
-                    kWords && K % kPer == 0;
-    int64_t units = (H + spread - 1) / spread;
-    if (ll) units = (units + kPer - 1) / kPer * kPer;
+    const int64_t units = (H + spread - 1) / spread;
     const int64_t w_rows = kBackward ? units : G * units;
     for_tiles(N, w_rows, [&](auto nt, auto rpw) {
       constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
       const void* k = kernel<kNT, kRPW, false>();
       const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
       const int64_t ld = operand_ld(kMma, static_cast<int>(K));
-      // two tiles of xs where there are several tiles, they fit and the exchange is the
-      // barrier: later tiles staged by cp.async during the earlier ones' work
+      // two tiles of xs where there are several tiles and they fit: later tiles staged by
+      // cp.async during the earlier ones' work
       int xs_tiles = 1;
       size_t smem = smem_bytes<kNT, kRPW, false>(r_pad, ld, 0);
-      if (!ll && N > kNT) {
+      if (N > kNT) {
         const size_t two = smem_bytes<kNT, kRPW, false>(r_pad, ld, 0, 2);
         if (two <= prop.sharedMemPerBlockOptin) {
           smem = two;
@@ -1452,12 +1267,7 @@ struct PersistentPlanner {
       plan.nt = kNT;
       plan.rpw = kRPW;
       plan.gates = G;
-      plan.us = model.persistent_us(N, kNT, r_pad, K, x_size, kMma, plan.blocks, ll);
-      if (ll) {
-        plan.ll_row = round_up(static_cast<int>(K / kPer), 2);
-        plan.ll_spin = exchange == GridExchange::kLLSpin;
-      }
-      plan.flags = exchange == GridExchange::kFlags;
+      plan.us = model.persistent_us(N, kNT, r_pad, K, x_size, kMma, plan.blocks);
       return true;
     });
     return plan;
@@ -1579,7 +1389,6 @@ inline CudaPlanNote plan_note(const PersistentLaunch& plan) {
   n.rpw = plan.rpw;
   n.xs_tiles = plan.cluster > 0 ? 0 : plan.xs_tiles;
   n.group_rows = plan.group_rows;
-  n.exchange = plan.ll_row > 0 ? (plan.ll_spin ? 2 : 1) : plan.flags ? 3 : 0;
   return n;
 }
 
@@ -1598,14 +1407,8 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
     note_cuda_path(kBackward, CudaPath::kStep);
     return {};
   }
-  {  // a bad RNNFAST_GRID_EXCHANGE or RNNFAST_MMA_ROWS is an error on every path that may
-     // run the grid variant
+  {  // a bad RNNFAST_MMA_ROWS is an error on every path that may run the grid variant
     std::string value;
-    if (grid_exchange(value) == GridExchange::kUnknown) {
-      PersistentLaunch plan;
-      plan.refused = "RNNFAST_GRID_EXCHANGE is '" + value + "', expected " + kGridExchanges;
-      return plan;
-    }
     if (mma_rows(value) == 0) {
       PersistentLaunch plan;
       plan.refused = "RNNFAST_MMA_ROWS is '" + value + "', expected 16, 32 or 64";
@@ -1689,22 +1492,9 @@ std::string launch_persistent(const PersistentLaunch& plan,
     cuda_ok(cudaLaunchKernelExC(&cfg, plan.kernel, args), "launching the cluster kernel", why);
     return why;
   }
-  // the barrier's counter, its per-block flags (u32 each) or the LL exchange's words: zero
-  // (no step's) before the launch; freed after it in stream order
-  const int64_t words_needed = plan.ll_row > 0 ? 2 * params.N * plan.ll_row
-                               : plan.flags    ? (plan.blocks + 1) / 2
-                                               : 1;
-  Tensor words = at::zeros({words_needed}, like.options().dtype(at::kLong));
-  unsigned long long* zeroed = reinterpret_cast<unsigned long long*>(words.data_ptr<int64_t>());
-  if (plan.ll_row > 0) {
-    params.ll = zeroed;
-    params.ll_row = plan.ll_row;
-    params.ll_spin = plan.ll_spin;
-  } else if (plan.flags) {
-    params.flags = reinterpret_cast<unsigned*>(zeroed);
-  } else {
-    params.barrier = zeroed;
-  }
+  // the barrier's counter: zero before the launch; freed after it in stream order
+  Tensor counter = at::zeros({1}, like.options().dtype(at::kLong));
+  params.barrier = reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>());
   std::string why;
   cuda_ok(cudaLaunchCooperativeKernel(plan.kernel, plan.blocks, kPersistentThreads, args,
                                       plan.smem, stream),

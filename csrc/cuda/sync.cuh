@@ -59,9 +59,9 @@ __device__ __forceinline__ void grid_wait(const unsigned long long* counter,
   __syncthreads();
 }
 
-// A spin's check, for the waits below: true once it should give up, past limit_cycles since
-// `since` or once *abort is set (then *abort is set); without an abort flag (nullptr: the
-// kernels) past the limit a trap, an error rather than a hang.
+// A spin's check (scripts/sync_bench.cu's spins): true once it should give up, past
+// limit_cycles since `since` or once *abort is set (then *abort is set); without an abort
+// flag (nullptr) past the limit a trap, an error rather than a hang.
 __device__ __forceinline__ bool spin_gave_up(long long since, long long limit_cycles,
                                              unsigned* abort) {
   const bool late = clock64() - since > limit_cycles;
@@ -74,115 +74,6 @@ __device__ __forceinline__ bool spin_gave_up(long long since, long long limit_cy
     return true;
   }
   return false;
-}
-
-// Per-block flags (the grid variant's RNNFAST_GRID_EXCHANGE=flags): the same barrier
-// without one counter that every block adds to (their adds serialise at one L2 slice). At
-// its k-th barrier block b's thread 0, after the block's __syncthreads, fences
-// (fence.acq_rel.gpu: a release of the block's writes, as grid_arrive's) and stores k into
-// flags[b]; the wait polls every block's flag with ld.relaxed.gpu (thread i flags i,
-// i + blockDim, ...) until each is at least k, then fence.acq_rel.gpu (with the relaxed
-// loads that saw the flags, an acquire: an ld.acquire in the loop would invalidate L1 at
-// every poll) and __syncthreads. flags: one u32 per block,
-// zeroed before the launch. The wait gives up past limit_cycles as ll_wait_pieces does
-// (trap, or with an abort flag false).
-__device__ __forceinline__ void flags_arrive(unsigned* flags, unsigned k) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    asm volatile("fence.acq_rel.gpu;\n\tst.relaxed.gpu.global.u32 [%0], %1;"
-                 :
-                 : "l"(flags + blockIdx.x), "r"(k)
-                 : "memory");
-  }
-}
-__device__ __forceinline__ bool flags_wait(const unsigned* flags, unsigned k,
-                                           long long limit_cycles, unsigned* abort) {
-  bool ok = true;
-  for (unsigned i = threadIdx.x; i < gridDim.x; i += blockDim.x) {
-    const long long since = clock64();
-    unsigned seen;
-    for (;;) {
-      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(flags + i) : "memory");
-      if (seen >= k) break;
-      if (spin_gave_up(since, limit_cycles, abort)) {
-        ok = false;
-        break;
-      }
-    }
-  }
-  asm volatile("fence.acq_rel.gpu;" ::: "memory");
-  __syncthreads();
-  return ok;
-}
-
-// LL exchange (the grid variant's alternative to the barrier, RNNFAST_GRID_EXCHANGE=ll; an
-// idea of NCCL's LL protocol): a value travels with the number of the step that made it in
-// one 8-byte word, value bits low, flag high, stored with one st.relaxed.gpu (single-copy
-// atomic: a reader sees the old word or the new one, never half of each), so a reader that
-// sees its step's flag has the value: no fence, no barrier, one L2 round trip. Readers load
-// two words at a time (ld.relaxed.gpu.v2.u64, each 8-byte element single-copy atomic) and
-// load again those whose flag is not yet the step's.
-__device__ __forceinline__ void ll_store(unsigned long long* p, unsigned bits, unsigned flag) {
-  const unsigned long long w = (static_cast<unsigned long long>(flag) << 32) | bits;
-  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
-}
-__device__ __forceinline__ ulonglong2 ll_load2(const unsigned long long* p) {
-  ulonglong2 w;
-  asm volatile("ld.relaxed.gpu.global.v2.u64 {%0, %1}, [%2];"
-               : "=l"(w.x), "=l"(w.y)
-               : "l"(p)
-               : "memory");
-  return w;
-}
-__device__ __forceinline__ unsigned ll_flag(unsigned long long w) { return unsigned(w >> 32); }
-__device__ __forceinline__ unsigned ll_bits(unsigned long long w) { return unsigned(w); }
-
-// Loads kBatch pieces (two LL words each, at base + off(i)) into v until every piece of
-// `valid` (bit i) carries the flag `want` in its first word and, where `second` has bit i,
-// in its second: all kBatch loads go out back to back (a flag check between two loads
-// would make each load a round trip of its own), then, while a piece is missing, one load
-// at a time polls the first missing piece (polling the whole batch would read it all from
-// L2 once a round trip, in every block at once), after which all are loaded again (a piece
-// that carried `want` still does: its writer cannot store into that turn again before this
-// block has read it). Pieces outside `valid` are loaded too (off(i) must be a readable
-// address) and ignored. off(i) gives piece i's offset (a function: the caller need not
-// build an array of them). Returns true once all are there; past limit_cycles, or once
-// *abort is set, it sets *abort and returns false, or without an abort flag (nullptr)
-// traps: an error, not a hang. poll_one false: no polling of one piece; every load again at
-// once, round trip after round trip (the lowest latency where L2 has the bandwidth to
-// spare: the choice is a knob until a GPU run has measured both, RNNFAST_GRID_EXCHANGE
-// ll / ll-spin). (The kernels' stage_ll and scripts/sync_bench.cu's ll and ll_spin modes.)
-template <int kBatch, typename Offset>
-__device__ __forceinline__ bool ll_wait_pieces(const unsigned long long* base, Offset off,
-                                               unsigned valid, unsigned second, unsigned want,
-                                               ulonglong2 (&v)[kBatch], long long limit_cycles,
-                                               unsigned* abort, bool poll_one = true) {
-  const long long since = clock64();
-  auto gave_up = [&]() { return spin_gave_up(since, limit_cycles, abort); };
-  for (;;) {
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) v[i] = ll_load2(base + off(i));
-    unsigned ready = 0;
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      const bool two = (second >> i & 1u) != 0;
-      ready |= unsigned(ll_flag(v[i].x) == want && (!two || ll_flag(v[i].y) == want)) << i;
-    }
-    const unsigned left = valid & ~ready;
-    if (left == 0) return true;
-    if (!poll_one) {
-      if (gave_up()) return false;
-      continue;
-    }
-    const int first = __ffs(left) - 1;
-    const int o = off(first);
-    const bool two = (second >> first & 1u) != 0;
-    for (;;) {
-      const ulonglong2 w = ll_load2(base + o);
-      if (ll_flag(w.x) == want && (!two || ll_flag(w.y) == want)) break;
-      if (gave_up()) return false;
-    }
-  }
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

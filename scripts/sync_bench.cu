@@ -76,11 +76,22 @@ __host__ __device__ inline float value_of(int s, int i) {
 }
 
 // Every spin of the nofence and async modes is bounded: past kSpinCycles (about 2 s) it
-// raises `abort`, after which every spin gives up at once (sync.cuh's spin_gave_up), so
+// raises `abort`, after which every spin gives up at once (spin_gave_up, below), so
 // that a broken protocol costs seconds and an "aborted" result rather than a hung GPU (the
 // grid barrier's own spin, sync.cuh's, traps only after about half a minute, and the
 // hardware cluster barrier is not bounded).
 constexpr long long kSpinCycles = 4000000000LL;
+
+// A spin's check: true once it should give up, past limit_cycles since `since` or once
+// *abort is set (then *abort is set too).
+__device__ __forceinline__ bool spin_gave_up(long long since, long long limit_cycles,
+                                             unsigned* abort) {
+  if (clock64() - since > limit_cycles || *reinterpret_cast<volatile unsigned*>(abort) != 0u) {
+    atomicExch(abort, 1u);
+    return true;
+  }
+  return false;
+}
 
 struct GridArgs {
   unsigned long long* counter;

@@ -489,7 +489,7 @@ __host__ __device__ inline int mma_splits(int tiles, int warps) {
 // RNNFAST_MMA_ROWS asks for 32 or 64), r < r_pad (a multiple of 16), K a multiple of 16
 // (zero-padded); xs [NT, ld], ws [r_pad, ld] in scalar_t (ld = mma_ld(K):
 // rows 16 bytes apart modulo 128, so the 8 rows an ldmatrix matrix reads fall in
-// different banks; every row 16-byte aligned), out [NT, r_pad] and scratch [m_tiles *
+// different banks; every row 16-byte aligned), out [NT, r_pad] and scratch [kMTiles *
 // r_tiles * splits, 16, 16] in float; all shared memory. A job (row tile mt of NT / 16,
 // column tile rt, k range sp) per warp at a time; per k step of 16: one ldmatrix.x4 of
 // xs's 16 x 16 tile (lane l addresses row 16 mt + l % 16 at column 8 (l / 16)), one of
@@ -567,8 +567,8 @@ __host__ __device__ inline size_t mma_scratch_bytes(int nt, int r_pad) {
 
 // Shared memory of a persistent kernel: ws [r_pad, ld] w_t, xs [xs_rows, ld] x_t, out
 // [nt, r_pad] acc_t, then the dot product's scratch; each region 128-byte aligned. xs_rows:
-// the grid variant's NT staged rows, the cluster variant's two turns of its rows
-// (2 * round_up(N_c, NT)).
+// the grid variant's NT staged rows times its tiles of xs (xs_tiles), the cluster variant's
+// two turns of its rows (2 * round_up(N_c, NT)).
 struct SmemLayout {
   size_t xs_offset, out_offset, scratch_offset, bytes;
 };
@@ -739,7 +739,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       }
       if constexpr (kMma) {
         tile_dot_mma<NT>(ws, r_pad, xt, round_up(K, 16), ld, out,
-                     reinterpret_cast<float*>(smem + lay.scratch_offset));
+                         reinterpret_cast<float*>(smem + lay.scratch_offset));
       } else {
         tile_dot<NT, RPW>(ws, r_pad, xt, ld, out,
                           reinterpret_cast<acc_t*>(smem + lay.scratch_offset));

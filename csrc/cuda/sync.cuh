@@ -59,23 +59,6 @@ __device__ __forceinline__ void grid_wait(const unsigned long long* counter,
   __syncthreads();
 }
 
-// A spin's check (scripts/sync_bench.cu's spins): true once it should give up, past
-// limit_cycles since `since` or once *abort is set (then *abort is set); without an abort
-// flag (nullptr) past the limit a trap, an error rather than a hang.
-__device__ __forceinline__ bool spin_gave_up(long long since, long long limit_cycles,
-                                             unsigned* abort) {
-  const bool late = clock64() - since > limit_cycles;
-  if (abort == nullptr) {
-    if (late) __trap();
-    return false;
-  }
-  if (late || *reinterpret_cast<volatile unsigned*>(abort) != 0u) {
-    atomicExch(abort, 1u);
-    return true;
-  }
-  return false;
-}
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ int cluster_rank() { return int(__clusterRelativeBlockRank()); }
 __device__ __forceinline__ int cluster_blocks() { return int(__clusterSizeInBlocks()); }

@@ -117,11 +117,22 @@ class Model:
         return emu.cluster_us(p.group_rows, p.nt, r_pad, K, pushes, x_size, mma, waves,
                               self.dtype == "float64", backward, self.clock_mhz)
 
+    def estimates(self, cell, N, H, backward):
+        """Each path's estimate, None where it cannot run; pick(...) of it is auto's choice."""
+        return {"persistent": self.persistent_us(cell, N, H, backward),
+                "cluster": self.cluster_us(cell, N, H, backward),
+                "step": self.step_us(cell, N, H, backward)}
+
     def step_us(self, cell, N, H, backward):
         c = self.c
         mma = self.mma16 and not backward
         rate = self.sms * self.ffma * (16.0 * c["kGemmMmaShare"] if mma else c["kGemmFfmaShare"])
         return c["kStepOverheadUs"] + 2.0 * N * GATES[cell] * H * H / rate
+
+
+def pick(estimates):
+    """The path auto takes: the cheapest of those that can run."""
+    return min((p for p in estimates if estimates[p] is not None), key=estimates.get)
 
 
 def per_step(rec, name):
@@ -188,9 +199,7 @@ def main(argv=None):
             backward = mode == "bwd"
             emu._HEADER_CONSTANTS[:] = [consts]
             model = Model(consts, dtype, args.sms, args.clock_mhz)
-            est = {"persistent": model.persistent_us(cell, N, H, backward),
-                   "cluster": model.cluster_us(cell, N, H, backward),
-                   "step": model.step_us(cell, N, H, backward)}
+            est = model.estimates(cell, N, H, backward)
             common = model.common_us(cell, N, H, backward)
             cols = []
             for p in PATHS:
@@ -202,18 +211,15 @@ def main(argv=None):
                             + (f"{e:6.1f}" if e is not None else f"{'-':>6s}"))
             emu._HEADER_CONSTANTS[:] = [now_consts]
             now = Model(now_consts, dtype, args.sms, args.clock_mhz)
-            options = {"persistent": now.persistent_us(cell, N, H, backward),
-                       "cluster": now.cluster_us(cell, N, H, backward),
-                       "step": now.step_us(cell, N, H, backward)}
-            pick = min((p for p in options if options[p] is not None), key=options.get)
+            choice = pick(now.estimates(cell, N, H, backward))
             cudnn = meas.get("cudnn")
             shown = "-"
-            if cudnn is not None and meas.get(pick) is not None and meas[pick] > 0:
-                picks[mode].append(cudnn / meas[pick])
-                shown = f"{cudnn / meas[pick]:.2f}x"
+            if cudnn is not None and meas.get(choice) is not None and meas[choice] > 0:
+                picks[mode].append(cudnn / meas[choice])
+                shown = f"{cudnn / meas[choice]:.2f}x"
             cudnn_s = f"{cudnn:6.1f}" if cudnn is not None else f"{'-':>6s}"
             print(f"{cell:5s} {dtype:8s} {N:4d} {H:5d} {mode:4s} | " + " | ".join(cols)
-                  + f" | {cudnn_s} | {pick:10s}  {shown}")
+                  + f" | {cudnn_s} | {choice:10s}  {shown}")
     finally:
         emu._HEADER_CONSTANTS[:] = [consts]
     for (p, mode), rs in ratios.items():

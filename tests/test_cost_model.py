@@ -67,11 +67,7 @@ def test_the_picks_are_near_the_fastest_measured_path():
         paths = {p: meas[p] for p in fit.PATHS if p in meas}
         if len(paths) < 2:
             continue
-        model = fit.Model(consts, dtype)
-        est = {"persistent": model.persistent_us(cell, N, H, mode == "bwd"),
-               "cluster": model.cluster_us(cell, N, H, mode == "bwd"),
-               "step": model.step_us(cell, N, H, mode == "bwd")}
-        pick = min((p for p in est if est[p] is not None), key=est.get)
+        pick = fit.pick(fit.Model(consts, dtype).estimates(cell, N, H, mode == "bwd"))
         if pick not in paths:
             continue
         total += 1

@@ -961,11 +961,17 @@ struct CostModel {
   double ffma_flops_per_sm_us;  // flop per SM per microsecond, FFMA (DFMA for float64)
   double mma_factor;            // dense 16-bit tensor cores (fp32 sums) over FP32 FFMA
   int sms;
-  bool backward;
+  // the direction's constants (forward or backward)
+  double floor_us, tile_us, ffma_share, cluster_tile_us, cluster_share;
   // Per SM and cycle: 128 FP32 FMA lanes (64 on sm_80), FP64 at half that on sm_80 and
   // sm_90 and at 1/64 elsewhere; tensor cores 16x FFMA on sm_80 and sm_90, about 4x on the
   // others (sm_86, sm_89, ...). Fitted on the H100 only.
-  CostModel(const cudaDeviceProp& prop, bool fp64, bool bwd) : backward(bwd) {
+  CostModel(const cudaDeviceProp& prop, bool fp64, bool backward)
+      : floor_us(backward ? kBwdFloorUs : kFloorUs),
+        tile_us(backward ? kBwdTileUs : kTileUs),
+        ffma_share(backward ? kBwdFfmaShare : kFfmaShare),
+        cluster_tile_us(backward ? kBwdClusterTileUs : kClusterTileUs),
+        cluster_share(backward ? kBwdClusterFfmaShare : kClusterFfmaShare) {
     int clock_khz = 0;
     if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, c10::cuda::current_device()) !=
             cudaSuccess ||
@@ -987,11 +993,9 @@ struct CostModel {
   double persistent_us(int64_t N, int nt, int r_pad, int64_t K, int x_size, bool mma,
                        int blocks) const {
     const int64_t tiles = (N + nt - 1) / nt;
-    const double share = backward ? kBwdFfmaShare : kFfmaShare;
-    const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : share);
+    const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : ffma_share);
     const double dot_us = 2.0 * nt * r_pad * K / rate;
-    const double latency_us =
-        (backward ? kBwdFloorUs : kFloorUs) + tiles * ((backward ? kBwdTileUs : kTileUs) + dot_us);
+    const double latency_us = floor_us + tiles * (tile_us + dot_us);
     const double bandwidth_us = double(blocks) * N * K * x_size / kL2BytesPerS * 1e6;
     return std::max(latency_us, bandwidth_us);
   }
@@ -1001,12 +1005,10 @@ struct CostModel {
   double cluster_us(int64_t group_rows, int nt, int r_pad, int64_t K, int64_t pushes,
                     int x_size, bool mma, int64_t waves) const {
     const int64_t tiles = (group_rows + nt - 1) / nt;
-    const double share = backward ? kBwdClusterFfmaShare : kClusterFfmaShare;
-    const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * share : share);
+    const double rate = ffma_flops_per_sm_us * (mma ? mma_factor : 1.0) * cluster_share;
     const double dot_us = 2.0 * nt * r_pad * K / rate;
     const double push_us = double(pushes) * x_size / (kDsmemBytesPerClk * clock_mhz);
-    const double tile_us = backward ? kBwdClusterTileUs : kClusterTileUs;
-    return double(waves) * ((tiles + 1) * tile_us + tiles * dot_us + push_us);
+    return double(waves) * ((tiles + 1) * cluster_tile_us + tiles * dot_us + push_us);
   }
   // flops: the step's GEMM (2 N G H H); mma: on tensor cores
   double step_us(double flops, bool mma) const {
@@ -1107,10 +1109,11 @@ struct PersistentPlanner {
   const cudaDeviceProp& prop;
   CostModel model;
   std::string why;  // why the last variant planned cannot run
+  int mma_tile_rows;  // RNNFAST_MMA_ROWS (16, 32 or 64), as plan_persistent read it
 
-  PersistentPlanner(int64_t n, int64_t h, at::ScalarType dtype)
+  PersistentPlanner(int64_t n, int64_t h, at::ScalarType dtype, int mma_rows_asked = 16)
       : N(n), H(h), prop(*at::cuda::getCurrentDeviceProperties()),
-        model(prop, dtype == at::kDouble, kBackward) {}
+        model(prop, dtype == at::kDouble, kBackward), mma_tile_rows(mma_rows_asked) {}
 
   template <int NT, int RPW, bool kCluster>
   static const void* kernel() {
@@ -1126,17 +1129,15 @@ struct PersistentPlanner {
   // Tries the tiles in order, try_tile(nt, rpw) returning whether one ran:
   // tensor cores: (16, 16), or where RNNFAST_MMA_ROWS asks for 32 or 64 rows a tile, that
   // tile where the batch has more than half as many rows (else the next smaller) and it
-  // fits. FFMA: with more than 4 rows (n_rows), 16 rows a tile, and 8
+  // fits (rows: the asked rows). FFMA: with more than 4 rows (n_rows), 16 rows a tile, and 8
   // rows of W a warp where that pads no more rows than 4 (128 sums a lane, 24 shared-memory
   // loads per 128 FMAs against 20 per 64: FFMA- rather than load-bound; float sums only,
   // as 128 doubles would spill), else 4; the backward stages G*H-wide rows of acc_t: where
   // 16 of them do not fit beside W's slice (float32 LSTM and GRU from H of about 600 on),
   // 8 rows a tile before 4; with 4 rows or fewer, or where nothing else fits, (4, 8).
   template <typename TryTile>
-  static void for_tiles(int64_t n_rows, int64_t w_rows, TryTile try_tile) {
+  static void for_tiles(int64_t n_rows, int64_t w_rows, int rows, TryTile try_tile) {
     if constexpr (kMma) {
-      std::string value;
-      const int rows = mma_rows(value);  // checked by plan_persistent
       bool done = false;
       if (rows == 64 && n_rows > 32) done = try_tile(I64{}, I16{});
       if (!done && rows >= 32 && n_rows > 16) done = try_tile(I32{}, I16{});
@@ -1230,7 +1231,7 @@ struct PersistentPlanner {
     const int64_t K = kBackward ? G * H : H;
     const int64_t units = (H + spread - 1) / spread;
     const int64_t w_rows = kBackward ? units : G * units;
-    for_tiles(N, w_rows, [&](auto nt, auto rpw) {
+    for_tiles(N, w_rows, mma_tile_rows, [&](auto nt, auto rpw) {
       constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
       const void* k = kernel<kNT, kRPW, false>();
       const int r_pad = round_up(static_cast<int>(w_rows), kRPW);
@@ -1356,8 +1357,8 @@ struct PersistentPlanner {
         PersistentLaunch plan{k, static_cast<int>(clusters * cs), static_cast<int>(units), cs,
                               rows, smem_bytes<kNT, kRPW, true>(r_pad, ld, rows)};
         plan.nt = kNT;
-      plan.rpw = kRPW;
-      plan.gates = G;
+        plan.rpw = kRPW;
+        plan.gates = G;
         // a block stores each of its values (G of them in the backward) into each block
         const int64_t pushes = rows * units * (kBackward ? G : 1) * cs;
         plan.us = model.cluster_us(rows, kNT, r_pad, K, pushes, sizeof(x_t), kMma,
@@ -1407,15 +1408,15 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
     note_cuda_path(kBackward, CudaPath::kStep);
     return {};
   }
-  {  // a bad RNNFAST_MMA_ROWS is an error on every path that may run the grid variant
-    std::string value;
-    if (mma_rows(value) == 0) {
-      PersistentLaunch plan;
-      plan.refused = "RNNFAST_MMA_ROWS is '" + value + "', expected 16, 32 or 64";
-      return plan;
-    }
+  // a bad RNNFAST_MMA_ROWS is an error on every path that may run the grid variant
+  std::string rows_value;
+  const int rows = mma_rows(rows_value);
+  if (rows == 0) {
+    PersistentLaunch plan;
+    plan.refused = "RNNFAST_MMA_ROWS is '" + rows_value + "', expected 16, 32 or 64";
+    return plan;
   }
-  PersistentPlanner<Cell, scalar_t, acc_t, kBackward> planner(N, H, dtype);
+  PersistentPlanner<Cell, scalar_t, acc_t, kBackward> planner(N, H, dtype, rows);
   auto forced = [&](PersistentLaunch plan, const char* name) {
     const std::string forced_why = std::string("the ") + name +
                                    " CUDA path was forced (rnnfast.cuda_path / "
@@ -1435,12 +1436,10 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
         return refusal;
       }
     }
-    {
-      note_cuda_path(kBackward, mode);
-      CudaPlanNote note = plan_note(plan);
-      (plan.cluster > 0 ? note.cluster_us : note.grid_us) = plan.us;
-      note_cuda_plan(kBackward, note);
-    }
+    note_cuda_path(kBackward, mode);
+    CudaPlanNote note = plan_note(plan);
+    (plan.cluster > 0 ? note.cluster_us : note.grid_us) = plan.us;
+    note_cuda_plan(kBackward, note);
     return plan;
   };
   if (mode == CudaPath::kPersistent) return forced(planner.grid(), "persistent");

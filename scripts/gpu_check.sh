@@ -55,7 +55,10 @@
 # (bfloat16 first; auto, the grid variant, the per-step path, whose bfloat16 times the
 # refitted model now picks at large N but no run has measured, and cuDNN):
 #   GPU_CHECK_STAGES="test_cuda sanitize calib ncu" GPU_CHECK_BUDGET=520
-#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=345
+#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast step,rnnfast mma64,rnnfast mma32,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=345
+# (the mma contenders, the grid variant with 64- and 32-row tensor-core tiles, run only
+# where they apply: 16-bit dtypes at N=64 and 256; the 16-row grid variant's times are the
+# second run's, its kernel unchanged since but for the exchanges removed)
 #
 # The extension is built with `python setup.py build_ext --inplace` (not scripts/setup.sh,
 # which may pip install, nor pip, which may look for an index): the .so lands in rnnfast/
@@ -404,7 +407,8 @@ def refusal(error):
 def issue7_targets(recs):
     """The persistent-kernel issue's targets, from the bench7 records: rnnfast (auto) over
     cuDNN, and the best of the forced paths over cuDNN (what a perfect dispatch would give)."""
-    paths = ("rnnfast", "rnnfast persistent", "rnnfast cluster", "rnnfast step")
+    paths = ("rnnfast", "rnnfast persistent", "rnnfast cluster", "rnnfast step", "rnnfast mma32",
+             "rnnfast mma64")
 
     def t(res, name):
         return res.get(name, {}).get("median_s")

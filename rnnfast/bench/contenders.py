@@ -11,6 +11,10 @@ Contenders:
   rnnfast step, rnnfast persistent, rnnfast cluster
                   (GPU) the same with that CUDA path forced (csrc/cuda/persistent.cuh),
                   to see what `auto` chose against what it could have had
+  rnnfast mma32, rnnfast mma64
+                  (GPU, float16/bfloat16, N over 16 or 32) the grid variant forced with
+                  RNNFAST_MMA_ROWS=32 or 64: its forward's tensor-core tiles of 32 or 64
+                  batch rows instead of 16 (the backward is unchanged)
   torch.nn        the torch.nn module itself (CPU: native ATen/oneDNN kernels; GPU: cuDNN)
   reference loop  rnnfast.reference.forward: a Python loop over the cell equations, the
                   code people write without a fused layer
@@ -26,6 +30,7 @@ A contender that cannot run raises Unavailable with the reason; the runner repor
 """
 import copy
 import importlib
+import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -54,21 +59,35 @@ def make_torch_module(cell, shape, dtype, device, seed=0):
     return m.to(dtype=dtype, device=device)
 
 
-def _rnnfast_on(path):
+def _rnnfast_on(path, mma_rows=None):
     """The rnnfast contender on a CUDA path (None: the setting in force when it is built).
-    Each call sets the path, which stays set through the backward that follows it: the
-    contenders' calls interleave."""
+    Each call sets the path, and RNNFAST_MMA_ROWS (mma_rows, else as it was when built),
+    which stay set through the backward that follows it: the contenders' calls interleave."""
     def build(ref, cell, shape, mode):
+        name = f"rnnfast {path}" + (f" mma{mma_rows}" if mma_rows else "")
         if path is not None:
-            _require_cuda(f"rnnfast {path}", ref)
+            _require_cuda(name, ref)
+        if mma_rows is not None:
+            dtype = ref.weight_ih_l0.dtype
+            if dtype not in (torch.float16, torch.bfloat16):
+                raise Unavailable(f"{name}: {mma_rows}-row tiles are the tensor-core "
+                                  f"(float16/bfloat16) forward's; {dtype} has none")
+            if shape.N * 2 <= mma_rows:
+                raise Unavailable(f"{name}: N={shape.N} is too small for {mma_rows}-row "
+                                  f"tiles (more than {mma_rows // 2} rows needed)")
         m = FAST_CLASSES[cell](shape.C, shape.H, num_layers=shape.layers,
                                bidirectional=shape.bidirectional, **EXTRA_ARGS[cell])
         m = m.to(dtype=ref.weight_ih_l0.dtype, device=ref.weight_ih_l0.device)
         m.load_state_dict(ref.state_dict())
         chosen = path or rnnfast.get_cuda_path()
+        rows = str(mma_rows) if mma_rows else os.environ.get("RNNFAST_MMA_ROWS")
 
         def call(x, hx):
             rnnfast.set_cuda_path(chosen)
+            if rows is None:
+                os.environ.pop("RNNFAST_MMA_ROWS", None)
+            else:
+                os.environ["RNNFAST_MMA_ROWS"] = rows
             return m(x, hx)
         return m, call
     return build
@@ -238,6 +257,8 @@ BUILDERS: Dict[str, Callable] = {
     "rnnfast step": _rnnfast_on("step"),
     "rnnfast persistent": _rnnfast_on("persistent"),
     "rnnfast cluster": _rnnfast_on("cluster"),
+    "rnnfast mma32": _rnnfast_on("persistent", 32),
+    "rnnfast mma64": _rnnfast_on("persistent", 64),
     "torch.nn": _torch_nn,
     "reference loop": _reference_loop,
     "compiled loop": _compiled_loop,
@@ -256,8 +277,7 @@ def build(name, ref, cell, shape, mode) -> Tuple[nn.Module, Callable]:
 
 def unavailable_here(name: str, device: str) -> Optional[str]:
     """Why `name` cannot run at all on `device` (checked once per run), or None."""
-    if name in ("flashrnn", "haste", "rnnfast step", "rnnfast persistent",
-                "rnnfast cluster") and device != "cuda":
+    if (name in ("flashrnn", "haste") or name.startswith("rnnfast ")) and device != "cuda":
         return f"{name} runs on CUDA only"
     try:
         if name == "flashrnn":

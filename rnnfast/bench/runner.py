@@ -64,12 +64,17 @@ def bench_case(cell, shape, mode, dtype, device, names, timing, seed=0):
     """Times one case; returns its record. Every contender runs the same weights on the
     same inputs; one whose output disagrees with rnnfast's (torch.nn's if rnnfast
     itself failed) is reported, not timed. The CUDA path setting, which the rnnfast
-    contenders switch, is restored afterwards."""
-    path = rnnfast.get_cuda_path()
+    contenders switch, and RNNFAST_MMA_ROWS, which the mma contenders set, are restored
+    afterwards."""
+    path, rows = rnnfast.get_cuda_path(), os.environ.get("RNNFAST_MMA_ROWS")
     try:
         return _bench_case(cell, shape, mode, dtype, device, names, timing, seed)
     finally:
         rnnfast.set_cuda_path(path)
+        if rows is None:
+            os.environ.pop("RNNFAST_MMA_ROWS", None)
+        else:
+            os.environ["RNNFAST_MMA_ROWS"] = rows
 
 
 def _bench_case(cell, shape, mode, dtype, device, names, timing, seed):

@@ -77,7 +77,9 @@ if os.environ.get("RNNFAST_SANITIZE") == "1":
     cxx_flags = [f for f in cxx_flags if not f.startswith("-O")] + ["-O1"] + sanitize
     extra_link_args += sanitize
 extra_compile_args = {"cxx": cxx_flags}
-define_macros = []
+# torch's version as major * 100 + minor (csrc/cuda/common.cuh: at::mm's out_dtype, 2.8 on)
+_torch_version = [int(v) for v in torch.__version__.split("+")[0].split(".")[:2]]
+define_macros = [("RNNFAST_TORCH_VERSION", str(_torch_version[0] * 100 + _torch_version[1]))]
 include_dirs = [os.path.join(ROOT, "csrc")]
 
 if with_cuda:

@@ -10,8 +10,8 @@ fewer blocks, more hidden units each, so a cheaper grid barrier and more work pe
 with the cluster variant forced, the planner's cluster size and each of --cluster-sizes
 (RNNFAST_CLUSTER_SIZE); and the per-step path forced, for comparison. Then, for the 16-bit
 dtypes at the larger batches of --mma-batch, the grid variant with each tensor-core tile of
---mma-rows (RNNFAST_MMA_ROWS: 16, 32 or 64 batch rows a tile; the second H100 run showed a
-fixed cost of about 2.5 us a tile) beside the per-step path. Times are the median of
+--mma-rows (RNNFAST_MMA_ROWS: at most 16, 32 or 64 batch rows a tile, 64 by default; the
+third H100 run measured each) beside the per-step path. Times are the median of
 --repeats CUDA-event timings after a warm-up, divided by T. A cap that does not fit on chip
 is reported as such (the forced path raises). The grid variant exchanges h_t through its
 grid barrier only: the other exchanges this script once compared (--exchanges: a flag per

@@ -6,8 +6,8 @@ csrc/cuda/persistent.cuh (stage_rows with its 16-byte vectors, stage_rows_async'
 groups into two tiles of xs (a copy's destination is written at its issue, for the race
 checks, and unreadable until its cp_async_wait), tile_dot with its vector
 groups, their alignment checked, and its split-K, tile_dot_mma's ldmatrix / mma.sync
-m16n8k16 forward for 16-bit types lane by lane (tiles of 16 batch rows, or 32 or 64 as a
-case's `mma_rows` asks), smem_layout with its xs_rows and the
+m16n8k16 forward for 16-bit types lane by lane (tiles of 16, 32 or 64 batch rows as the
+planner picks them, a case's `mma_rows` capping them), smem_layout with its xs_rows and the
 scratch sizes, the grid barrier's arrive and wait, both kernels in both variants
 (kCluster) with their loads between arrival and wait, PersistentPlanner's grid() and cluster() with the path forced)
 and the cells and ops of lstm.cu, gru.cu and rnn.cu (forward returning h, backward handing
@@ -1552,11 +1552,11 @@ KNOBS = {}
 
 def for_tiles(n_rows, w_rows, try_tile, mma, backward, dt, tile=None):
     """PersistentPlanner::for_tiles: tries the tiles in order until try_tile(nt, rpw) says
-    one ran. tile: force (NT, RPW) of the FFMA kernels; the MMA forward takes (16, 16), or
-    (32, 16) or (64, 16) as RNNFAST_MMA_ROWS asks, where the batch has more than half as
-    many rows and the tile fits."""
+    one ran. tile: force (NT, RPW) of the FFMA kernels; the MMA forward takes (64, 16),
+    (32, 16) or (16, 16), the largest that the batch has more than half as many rows as,
+    that fits and that RNNFAST_MMA_ROWS allows (64 unless it caps it)."""
     if mma:
-        rows = int(KNOBS.get("RNNFAST_MMA_ROWS") or 16)
+        rows = int(KNOBS.get("RNNFAST_MMA_ROWS") or 64)
         done = False
         if rows == 64 and n_rows > 32:
             done = try_tile(64, 16)
@@ -1665,9 +1665,10 @@ def header_constants(path=HEADER):
     consts = {}
     for name in ("kStageBatch", "kFloorUs", "kTileUs", "kFfmaShare", "kMmaShare",
                  "kBwdFloorUs", "kBwdTileUs", "kBwdFfmaShare", "kL2BytesPerS",
-                 "kStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare", "kClusterTileUs",
+                 "kStepOverheadUs", "kBwdStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare",
+                 "kClusterTileUs",
                  "kBwdClusterTileUs", "kClusterFfmaShare", "kBwdClusterFfmaShare",
-                 "kDsmemBytesPerClk"):
+                 "kDsmemBytesPerClk", "kWideRowUsPerKB"):
         m = re.search(rf"\b{name}\s*=\s*([0-9.eE+-]+)", text)
         if m is None:
             raise SystemExit(f"{name} not found in {path}")
@@ -2302,8 +2303,8 @@ def cases(full=False):
         dict(kind="rnn", act=0, T=1, N=2, H=2, sms=2, cluster=(2, None), reverse=False,
              training=True, **C),
     ]
-    # the tensor-core forward's larger tiles (RNNFAST_MMA_ROWS=32 or 64); the comments give
-    # the tile and its rows
+    # the tensor-core forward's tiles of 64 and 32 rows and RNNFAST_MMA_ROWS capping them; the
+    # comments give the tile and its rows
     M = dict(C=3, bias=True, dtype="float16")
     extra += [
         # 64: two tiles (64 + 6); U 5 (4): 320 items a tile, more than the threads
@@ -2324,6 +2325,11 @@ def cases(full=False):
         # 64 asked, N <= 16: the 16-row tile
         dict(kind="rnn", act=0, T=2, N=9, H=24, sms=3, reverse=True, training=True,
              mma_rows=64, **M),
+        # capped at 16: three 16-row tiles (16 + 16 + 8)
+        dict(kind="lstm", T=2, N=40, H=21, sms=3, reverse=False, training=True, mma_rows=16,
+             **M),
+        # the default (64): N 35, one 64-row tile, 29 rows of it padding
+        dict(kind="gru", T=2, N=35, H=18, sms=4, reverse=True, training=False, **M),
     ]
     for j, e in enumerate(extra):
         e.setdefault("seed", 100000 + j)

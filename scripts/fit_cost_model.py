@@ -15,9 +15,11 @@ planner (scripts/emulate_persistent.py) on an H100's 132 SMs and 227 KiB.
   python scripts/fit_cost_model.py --json gpu-bench7.json   # another run (repeatable)
   python scripts/fit_cost_model.py --now kTileUs=2.0        # a what-if for the picks
 
-The default reads the second H100 run (grid and cluster variants, float32 and bfloat16) and
-the first (the per-step path, float32); a case measured in both takes each path's time from
-the run that measured it, the later run first.
+The default reads the third H100 run (the per-step path, and the grid variant's 64-row
+tensor-core tiles, `rnnfast mma64`, which the planner now takes by default at N > 32 in 16
+bits), the second (grid and cluster variants, float32 and bfloat16) and the first (the
+per-step path, float32); a case measured in several takes each path's time from the latest
+run that measured it.
 """
 import argparse
 import json
@@ -28,10 +30,14 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-DEFAULT_JSONS = [os.path.join(RESULTS, "cuda-h100-issue7-2026-11-27.json"),
+DEFAULT_JSONS = [os.path.join(RESULTS, "cuda-h100-issue7-2026-11-27c.json"),
+                 os.path.join(RESULTS, "cuda-h100-issue7-2026-11-27.json"),
                  os.path.join(RESULTS, "cuda-h100-issue7-partial-2026-11-27.json")]
 GATES = {"lstm": 4, "gru": 3, "rnn": 1, "rnn_tanh": 1, "rnn_relu": 1}
 PATHS = {"persistent": "rnnfast persistent", "cluster": "rnnfast cluster", "step": "rnnfast step"}
+# the grid variant as the planner now runs it in 16 bits at N > 32: 64-row tiles (forced as
+# `rnnfast mma64` in the third run, whose `rnnfast persistent` would have had 16)
+MMA64 = "rnnfast mma64"
 WHOLE_SEQUENCE_SHARE = 0.8  # of FFMA peak (tensor cores in 16-bit), the GEMMs over T * N rows
 
 _EMU = []
@@ -96,8 +102,9 @@ class Model:
         floor, tile = ((c["kBwdFloorUs"], c["kBwdTileUs"]) if backward
                        else (c["kFloorUs"], c["kTileUs"]))
         x_size = 8 if self.dtype == "float64" else 2 if mma else 4
+        wide = (p.nt - 16) * K * x_size / 1024.0 * c["kWideRowUsPerKB"] if p.nt > 16 else 0.0
         bandwidth = p.blocks * N * K * x_size / c["kL2BytesPerS"] * 1e6
-        return max(floor + tiles * (tile + dot), bandwidth)
+        return max(floor + tiles * (tile + dot + wide), bandwidth)
 
     def cluster_us(self, cell, N, H, backward):
         """CostModel::cluster_us (the emulator's, at this model's clock) as the emulator's
@@ -127,7 +134,8 @@ class Model:
         c = self.c
         mma = self.mma16 and not backward
         rate = self.sms * self.ffma * (16.0 * c["kGemmMmaShare"] if mma else c["kGemmFfmaShare"])
-        return c["kStepOverheadUs"] + 2.0 * N * GATES[cell] * H * H / rate
+        overhead = c["kBwdStepOverheadUs"] if backward else c["kStepOverheadUs"]
+        return overhead + 2.0 * N * GATES[cell] * H * H / rate
 
 
 def pick(estimates):
@@ -154,6 +162,8 @@ def measured_cases(paths):
         for r in records:
             key = (r["cell"], r["dtype"], r["N"], r["H"])
             names = dict(PATHS, cudnn="torch.nn")
+            if r["dtype"] in ("bfloat16", "float16") and r["N"] > 32:
+                names["persistent"] = MMA64  # 16-row times are no longer the planner's
             for short, name in names.items():
                 us = per_step(r, name)
                 if us is None:

@@ -47,18 +47,17 @@
 # bench7 stage's limit in seconds, default 300).
 #
 # With 15 device minutes (the machine's start counts too), two calls fit (the second
-# finds the build in place). Measured on the H100 on 2026-11-27 (second run): build 94 s,
-# test_cuda 155 s (4 shards), sanitize 87 s (50 runs then; 42 now), syncbench 8 s, calib
-# 28 s, the whole first call 387 s; bench7 335 s for 141 cases with 4 contenders (cut at its
-# limit); ncu is estimated at 120 s (three profiled launches, ~30 s of ncu start-up each).
-# The first call checks, calibrates and profiles; the second measures the table
-# (bfloat16 first; auto, the grid variant, the per-step path, whose bfloat16 times the
-# refitted model now picks at large N but no run has measured, and cuDNN):
-#   GPU_CHECK_STAGES="test_cuda sanitize calib ncu" GPU_CHECK_BUDGET=520
-#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast step,rnnfast mma64,rnnfast mma32,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=345
-# (the mma contenders, the grid variant with 64- and 32-row tensor-core tiles, run only
-# where they apply: 16-bit dtypes at N=64 and 256; the 16-row grid variant's times are the
-# second run's, its kernel unchanged since but for the exchanges removed)
+# finds the build in place). Measured on the H100 on 2026-11-27 (third run): build 80 s,
+# test_cuda 158 s (4 shards), sanitize 81 s (42 runs), calib 30 s, ncu 48 s, the whole
+# first call 413 s; bench7 327 s for 128 of the 144 cases with 5 contenders (cut at its
+# limit; about 2.5 s a case). The whole lease was 802 s. The first call checks and
+# calibrates (ncu when a kernel changed); the second measures the table (bfloat16
+# first; auto, the grid variant, now with 64-row tensor-core tiles by default, the per-step
+# path and cuDNN):
+#   GPU_CHECK_STAGES="test_cuda sanitize calib ncu" GPU_CHECK_BUDGET=470
+#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,torch.nn" BENCH7_CAP=380 GPU_CHECK_BUDGET=390
+# (or with the budget `status` leaves after the first call, less 20 s; the contenders
+# `rnnfast mma64` and `rnnfast mma32` force the tile, where it applies)
 #
 # The extension is built with `python setup.py build_ext --inplace` (not scripts/setup.sh,
 # which may pip install, nor pip, which may look for an index): the .so lands in rnnfast/

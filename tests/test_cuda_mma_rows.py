@@ -1,6 +1,6 @@
-"""The grid variant's tensor-core forward with larger tiles (RNNFAST_MMA_ROWS=32 or 64,
-csrc/cuda/persistent.cuh): 32 or 64 batch rows a tile instead of 16, where the batch has
-more than half as many rows, so a step has fewer tiles. Every output, final state and
+"""The grid variant's tensor-core forward tiles (csrc/cuda/persistent.cuh): 64 or 32 batch
+rows a tile where the batch has more than half as many rows, else 16, so a step has fewer
+tiles; RNNFAST_MMA_ROWS=16 or 32 caps them (64, the default, does not). Every output, final state and
 gradient against torch.nn and the float64 reference, as in test_cuda.py, in float16 and
 bfloat16; the plan note says which tile ran; float32 (FFMA) ignores the knob; a bad value is
 a clear error. Needs a CUDA GPU.
@@ -29,8 +29,8 @@ def _grid_variant(monkeypatch):
 
 
 def expected_rows(asked, N):
-    """The planner's rule: the asked tile where N is more than half of it, else the next
-    smaller (32 before 16)."""
+    """The planner's rule: the largest tile, up to the asked one, that N is more than half
+    of (32 before 16)."""
     if asked == 64 and N > 32:
         return 64
     if asked >= 32 and N > 16:
@@ -45,16 +45,19 @@ SHAPES = [(3, 40, 64), (2, 70, 133), (2, 100, 768), (3, 9, 48)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-N{n}-H{h}" for t, n, h in SHAPES])
-@pytest.mark.parametrize("rows", [32, 64])
+@pytest.mark.parametrize("rows", [16, 32, 64, None], ids=["16", "32", "64", "default"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_mma_rows(cell, dtype, rows, shape, monkeypatch):
-    monkeypatch.setenv("RNNFAST_MMA_ROWS", str(rows))
+    if rows is None:
+        monkeypatch.delenv("RNNFAST_MMA_ROWS", raising=False)
+    else:
+        monkeypatch.setenv("RNNFAST_MMA_ROWS", str(rows))
     T_, N_, H_ = shape
     check_half_one_layer(cell, dtype, T_, N_, H_)
     assert rnnfast.last_cuda_path() == ("persistent", "persistent")
     fwd, bwd = _last_cuda_plan()
-    assert fwd["nt"] == expected_rows(rows, N_), fwd
+    assert fwd["nt"] == expected_rows(rows or 64, N_), fwd
     assert bwd["nt"] <= 16, bwd  # the backward (FFMA) keeps its tiles
 
 

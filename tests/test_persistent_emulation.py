@@ -112,11 +112,12 @@ def mma_rows():
 @pytest.mark.parametrize("asked, N, nt", [
     ("64", 70, 64), ("64", 40, 64), ("64", 33, 64), ("64", 32, 32), ("64", 17, 32),
     ("64", 16, 16), ("32", 70, 32), ("32", 17, 32), ("32", 16, 16), ("16", 70, 16),
-    ("", 70, 16),
+    ("", 70, 64), ("", 33, 64), ("", 20, 32), ("", 9, 16),
 ])
 def test_mma_rows_picks_the_tensor_core_tile(mma_rows, asked, N, nt):
-    """The asked rows where the batch has more than half as many, else the next smaller;
-    the backward and float32 (FFMA) keep their tiles of at most 16 rows."""
+    """The largest tile the batch has more than half as many rows as, RNNFAST_MMA_ROWS (64
+    unless set) capping it; the backward and float32 (FFMA) keep their tiles of at most 16
+    rows."""
     mma_rows(asked)
     p = plan("float16", False, N)
     assert (p.nt, p.rpw) == (nt, 16)

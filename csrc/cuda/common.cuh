@@ -6,8 +6,9 @@
 //
 // Types: scalar_t is the tensors' dtype; acc_t = at::opmath_type<scalar_t> (float for
 // half, bfloat16 and float; double for double) is what pointwise math, the LSTM cell state,
-// the saved activations and the whole backward run in. Recurrent GEMMs of the forward run
-// in scalar_t (tensor cores for half and bfloat16, accumulating in fp32 inside cuBLAS).
+// the saved activations and the backward's recurrence run in. Recurrent GEMMs of the forward
+// run in scalar_t (tensor cores for half and bfloat16, accumulating in fp32 inside cuBLAS),
+// and so, from torch 2.8 on, do the backward's whole-sequence GEMMs (sequence_grads).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -83,38 +84,69 @@ inline void dh_gemm(const Tensor& dg, const Tensor& w_hh, Tensor& dh, bool accum
   }
 }
 
-// dW_hh [GH, H] = sum over steps of dg_hh[t]^T h_{t-1}, h_{t-1} being h0 at the first
-// step visited and the neighbouring y otherwise: two GEMMs in acc_t, no gather.
-inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const Tensor& h0,
-                                    bool reverse) {
-  const int64_t T = dg_hh.size(0), GH = dg_hh.size(2), H = y.size(2);
-  const auto acc = dg_hh.scalar_type();
-  const int64_t first = reverse ? T - 1 : 0;
-  Tensor dw = at::mm(dg_hh[first].t(), h0.to(acc));
-  if (T > 1) {
-    const Tensor dg = reverse ? dg_hh.narrow(0, 0, T - 1) : dg_hh.narrow(0, 1, T - 1);
-    const Tensor hp = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-    dw.addmm_(dg.reshape({-1, GH}).t(), hp.reshape({-1, H}).to(acc));
-  }
-  return dw;
+// ---- the backward's whole-sequence GEMMs ----
+// Their operands: for float16 and bfloat16, from torch 2.8 on, the gate gradients are
+// rounded once to that dtype and every GEMM runs on tensor cores with float32 sums into a
+// float32 result (at::mm's out_dtype), as cuDNN's and torch.nn.Linear's backward run in
+// 16 bits; before torch 2.8, and for float32 and float64, in acc_t as before (float32 GEMMs
+// on FFMA: at T*N = 256k rows, ten times the tensor cores' time).
+#ifndef RNNFAST_TORCH_VERSION
+#error "setup.py defines RNNFAST_TORCH_VERSION (torch's major * 100 + minor)"
+#endif
+#if RNNFAST_TORCH_VERSION >= 208
+constexpr bool kMmOutDtype = true;
+#else
+constexpr bool kMmOutDtype = false;
+#endif
+inline bool is_half(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+// the dtype the GEMMs take their operands in, for tensors of `dtype`
+inline at::ScalarType gemm_operand_dtype(at::ScalarType dtype) {
+  return kMmOutDtype && is_half(dtype) ? dtype : workspace_dtype(dtype);
+}
+// a b in acc_t, a and b being of one dtype (gemm_operand_dtype's)
+inline Tensor mm_acc(const Tensor& a, const Tensor& b) {
+#if RNNFAST_TORCH_VERSION >= 208
+  if (is_half(a.scalar_type())) return at::mm(a, b, at::kFloat);
+#endif
+  return at::mm(a, b);
 }
 
-struct InputGrads {
-  Tensor dx, dw_ih;
+struct SequenceGrads {
+  Tensor dx, dw_ih, dw_hh, db_ih, db_hh;
 };
-// dx [T, N, C] = dg_ih W_ih and dW_ih = dg_ih^T x: one GEMM each over all T*N rows, in
-// acc_t, returned in x's dtype.
-inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor& w_ih) {
-  const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
-  const auto acc = dg_ih.scalar_type();
-  const Tensor dg = dg_ih.view({T * N, -1});
-  return {at::mm(dg, w_ih.to(acc)).view({T, N, C}).to(x.scalar_type()),
-          at::mm(dg.t(), x.view({T * N, C}).to(acc)).to(x.scalar_type())};
-}
-
-// db = the gate gradients summed over T and N (a fixed-order reduction: deterministic).
-inline Tensor bias_grad(const Tensor& dg, at::ScalarType dtype) {
-  return dg.sum(at::IntArrayRef{0, 1}).to(dtype);
+// From the gate gradients dg_ih and dg_hh [T, N, GH] in acc_t (one tensor for the LSTM and
+// the Elman RNN, whose db_hh is then db_ih), all in x's dtype:
+//   dx [T, N, C] = dg_ih W_ih and dW_ih = dg_ih^T x, one GEMM each over all T*N rows;
+//   dW_hh [GH, H] = sum over steps of dg_hh[t]^T h_{t-1}, h_{t-1} being h0 at the first
+//   step visited and the neighbouring y otherwise: two GEMMs, no gather;
+//   db = the gate gradients summed over T and N, in acc_t (a fixed-order reduction:
+//   deterministic).
+inline SequenceGrads sequence_grads(const Tensor& dg_ih, const Tensor& dg_hh, const Tensor& x,
+                                    const Tensor& y, const Tensor& h0, const Tensor& w_ih,
+                                    bool reverse) {
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = y.size(2);
+  const int64_t GH = dg_ih.size(2);
+  const at::ScalarType dtype = x.scalar_type(), op = gemm_operand_dtype(dtype);
+  const bool shared = dg_hh.is_same(dg_ih);
+  SequenceGrads out;
+  out.db_ih = dg_ih.sum(at::IntArrayRef{0, 1}).to(dtype);
+  out.db_hh = shared ? out.db_ih : dg_hh.sum(at::IntArrayRef{0, 1}).to(dtype);
+  const Tensor g_ih = dg_ih.to(op).view({T * N, GH});
+  const Tensor g_hh = shared ? g_ih.view({T, N, GH}) : dg_hh.to(op);
+  const Tensor x2 = x.view({T * N, C}).to(op);
+  out.dx = mm_acc(g_ih, w_ih.to(op)).view({T, N, C}).to(dtype);
+  out.dw_ih = mm_acc(g_ih.t(), x2).to(dtype);
+  const int64_t first = reverse ? T - 1 : 0;
+  Tensor dw = mm_acc(g_hh[first].t(), h0.to(op));
+  if (T > 1) {
+    const Tensor dg = reverse ? g_hh.narrow(0, 0, T - 1) : g_hh.narrow(0, 1, T - 1);
+    const Tensor hp = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
+    dw.add_(mm_acc(dg.reshape({-1, GH}).t(), hp.reshape({-1, H}).to(op)));
+  }
+  out.dw_hh = dw.to(dtype);
+  return out;
 }
 
 }  // namespace rnnfast::cuda

@@ -276,13 +276,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
         }
       });
   check_persistent_refusal(op, refused);
-  const InputGrads in = input_grads(dg_ih, x, w_ih);
-  return {in.dx,
-          dh.to(x.scalar_type()),
-          in.dw_ih,
-          recurrent_weight_grad(dg_hh, y, h0, reverse).to(x.scalar_type()),
-          bias_grad(dg_ih, x.scalar_type()),
-          bias_grad(dg_hh, x.scalar_type())};
+  const SequenceGrads g = sequence_grads(dg_ih, dg_hh, x, y, h0, w_ih, reverse);
+  return {g.dx, dh.to(x.scalar_type()), g.dw_ih, g.dw_hh, g.db_ih, g.db_hh};
 }
 
 }  // namespace rnnfast::cuda

@@ -298,13 +298,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
         }
       });
   check_persistent_refusal(op, refused);
-  const InputGrads in = input_grads(dg, x, w_ih);
-  return {in.dx,
-          dh.to(x.scalar_type()),
-          dc.to(x.scalar_type()),
-          in.dw_ih,
-          recurrent_weight_grad(dg, y, h0, reverse).to(x.scalar_type()),
-          bias_grad(dg, x.scalar_type())};
+  const SequenceGrads g = sequence_grads(dg, dg, x, y, h0, w_ih, reverse);
+  return {g.dx, dh.to(x.scalar_type()), dc.to(x.scalar_type()), g.dw_ih, g.dw_hh, g.db_ih};
 }
 
 }  // namespace rnnfast::cuda

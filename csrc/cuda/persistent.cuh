@@ -65,8 +65,9 @@
 //   staged rows do not fit; (4, 8) for N <= 4 and where nothing else fits. The cluster
 //   variant tries each of those tiles (and (8, 8) in the forward too) and keeps the one the
 //   cost model prefers, as its rows per cluster depend on the tile.
-//   tile_dot_mma (tensor cores; the float16/bfloat16 forward, NT = 16, or 32 or 64 in the
-//   grid variant where RNNFAST_MMA_ROWS asks): ldmatrix and
+//   tile_dot_mma (tensor cores; the float16/bfloat16 forward, NT = 16, in the grid variant
+//   64 or 32 where the batch has more than 32 or 16 rows, RNNFAST_MMA_ROWS capping it):
+//   ldmatrix and
 //   mma.sync m16n8k16 with fp32 sums, 16 x 16 tiles; the (NT / 16) x (r_pad / 16) output
 //   tiles are shared out to the warps, each tile's k range split over several warps whose
 //   partial tiles are then summed. K is zero-padded to a multiple of 16.
@@ -485,8 +486,8 @@ __host__ __device__ inline int mma_splits(int tiles, int warps) {
   return tiles >= warps ? 1 : warps / tiles;
 }
 
-// out[n][r] = sum_{k < K} xs[n][k] ws[r][k] for n < NT (a multiple of 16: 16 unless
-// RNNFAST_MMA_ROWS asks for 32 or 64), r < r_pad (a multiple of 16), K a multiple of 16
+// out[n][r] = sum_{k < K} xs[n][k] ws[r][k] for n < NT (16, 32 or 64; see
+// PersistentPlanner::for_tiles), r < r_pad (a multiple of 16), K a multiple of 16
 // (zero-padded); xs [NT, ld], ws [r_pad, ld] in scalar_t (ld = mma_ld(K):
 // rows 16 bytes apart modulo 128, so the 8 rows an ldmatrix matrix reads fall in
 // different banks; every row 16-byte aligned), out [NT, r_pad] and scratch [kMTiles *
@@ -600,7 +601,7 @@ __host__ __device__ inline size_t scratch_bytes(int r_pad) {
 }
 
 // Whether the forward of scalar_t runs on tensor cores (tile_dot_mma, RPW = 16, NT = 16, or
-// 32 or 64 in the grid variant where RNNFAST_MMA_ROWS asks).
+// in the grid variant up to 64; see PersistentPlanner::for_tiles).
 template <typename scalar_t>
 constexpr bool kForwardMma = sizeof(scalar_t) == 2;
 
@@ -929,16 +930,20 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 
 // ---- host side: which path runs, and the launch ----
 
-// The cost model of `auto`: microseconds per step of each path, fitted to the second H100
-// run (benchmarks/results/cuda-h100-issue7-2026-11-27.json: the grid and cluster variants
-// forced, 141 cases, float32 and bfloat16, forward and backward; the per-step path from the
-// first run's float32 cases, cuda-h100-issue7-partial-2026-11-27.json).
+// The cost model of `auto`: microseconds per step of each path, fitted to the H100 runs
+// (benchmarks/results/cuda-h100-issue7-2026-11-27.json, the second: the grid and cluster
+// variants forced, 141 cases, float32 and bfloat16, forward and backward;
+// cuda-h100-issue7-2026-11-27c.json and cuda-h100-calib-2026-11-27c.json, the third: the
+// per-step path and the grid variant's 32- and 64-row tensor-core tiles).
 // Grid variant: a floor (the grid barrier, the __syncthreads and the first pointwise pass),
 // then per tile of NT batch rows a fixed cost (the staging of the tile from L2, its
 // __syncthreads and the tile's pointwise pass: about 2.5 us forward, 2.2 backward, the same
 // in float32 and bfloat16, and the same with cp.async's two tiles of xs as with one) and
-// its dot product at a share of the SM's FFMA rate (tensor cores: 16x that); never less than
-// all blocks' staging at L2 bandwidth. Measured time per step grows with the tiles, not the
+// its dot product at a share of the SM's FFMA rate (tensor cores: 16x that), plus for the
+// tensor cores' wider tiles (32 and 64 rows) about 0.08 us per KiB of the rows past 16 that
+// a tile stages (the third H100 run, cuda-h100-calib-2026-11-27c.json: the 64-row tile at
+// N = 256 took 0.076 us per such KiB at H = 256 and 768); never less than all blocks'
+// staging at L2 bandwidth. Measured time per step grows with the tiles, not the
 // bytes: at N = 256 (16 tiles) the grid variant staged about 0.9 TB/s across the device.
 // scripts/fit_cost_model.py prints this model against a run's JSON, reading the constants
 // below from this file; it gives 0.81x-1.30x of the measured forward times (geomean 0.98x)
@@ -946,15 +951,18 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 // Cluster variant: per wave of clusters, a floor and a cost per tile (fitted equal), the dot
 // product and the stores into the peers' shared memory (about 3 bytes a clock per SM as
 // built: a 4-byte or 2-byte store per value and peer); 0.52x-1.39x of measured.
-// Per-step path: the host's launches through ATen (about 22 us a step on the H100 machine's
-// CPU, forward or backward, whatever the size), plus the GEMM at a share of the device's rate
-// (16-bit forward on tensor cores, the share a guess; float32 on FFMA, TF32 being off by
-// default, as is every backward, which runs in acc_t).
+// Per-step path: the host's launches through ATen (on the H100 machine's CPU about 17 us a
+// step forward, 22 backward, whatever the size: 14-25 us measured where the GEMM is small),
+// plus the GEMM at a share of the device's rate (16-bit forward on tensor cores, 30%, from
+// the third run's bfloat16 times at N = 256; float32 on FFMA, TF32 being off by default, as
+// is every backward, which runs in acc_t).
 struct CostModel {
   static constexpr double kFloorUs = 1.9, kTileUs = 2.5, kFfmaShare = 0.4, kMmaShare = 0.4;
+  static constexpr double kWideRowUsPerKB = 0.08;
   static constexpr double kBwdFloorUs = 1.6, kBwdTileUs = 2.2, kBwdFfmaShare = 0.22;
   static constexpr double kL2BytesPerS = 5e12;
-  static constexpr double kStepOverheadUs = 22.0, kGemmFfmaShare = 0.7, kGemmMmaShare = 0.25;
+  static constexpr double kStepOverheadUs = 17.0, kBwdStepOverheadUs = 22.0,
+                          kGemmFfmaShare = 0.7, kGemmMmaShare = 0.3;
   static constexpr double kClusterTileUs = 1.5, kBwdClusterTileUs = 1.0,
                           kClusterFfmaShare = 0.5, kBwdClusterFfmaShare = 0.34,
                           kDsmemBytesPerClk = 3.2;
@@ -962,7 +970,7 @@ struct CostModel {
   double mma_factor;            // dense 16-bit tensor cores (fp32 sums) over FP32 FFMA
   int sms;
   // the direction's constants (forward or backward)
-  double floor_us, tile_us, ffma_share, cluster_tile_us, cluster_share;
+  double floor_us, tile_us, ffma_share, cluster_tile_us, cluster_share, step_overhead_us;
   // Per SM and cycle: 128 FP32 FMA lanes (64 on sm_80), FP64 at half that on sm_80 and
   // sm_90 and at 1/64 elsewhere; tensor cores 16x FFMA on sm_80 and sm_90, about 4x on the
   // others (sm_86, sm_89, ...). Fitted on the H100 only.
@@ -971,7 +979,8 @@ struct CostModel {
         tile_us(backward ? kBwdTileUs : kTileUs),
         ffma_share(backward ? kBwdFfmaShare : kFfmaShare),
         cluster_tile_us(backward ? kBwdClusterTileUs : kClusterTileUs),
-        cluster_share(backward ? kBwdClusterFfmaShare : kClusterFfmaShare) {
+        cluster_share(backward ? kBwdClusterFfmaShare : kClusterFfmaShare),
+        step_overhead_us(backward ? kBwdStepOverheadUs : kStepOverheadUs) {
     int clock_khz = 0;
     if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, c10::cuda::current_device()) !=
             cudaSuccess ||
@@ -995,7 +1004,8 @@ struct CostModel {
     const int64_t tiles = (N + nt - 1) / nt;
     const double rate = ffma_flops_per_sm_us * (mma ? mma_factor * kMmaShare : ffma_share);
     const double dot_us = 2.0 * nt * r_pad * K / rate;
-    const double latency_us = floor_us + tiles * (tile_us + dot_us);
+    const double wide_us = nt > 16 ? (nt - 16) * K * x_size / 1024.0 * kWideRowUsPerKB : 0.0;
+    const double latency_us = floor_us + tiles * (tile_us + dot_us + wide_us);
     const double bandwidth_us = double(blocks) * N * K * x_size / kL2BytesPerS * 1e6;
     return std::max(latency_us, bandwidth_us);
   }
@@ -1014,7 +1024,7 @@ struct CostModel {
   double step_us(double flops, bool mma) const {
     const double rate = sms * ffma_flops_per_sm_us * (mma ? mma_factor * kGemmMmaShare
                                                           : kGemmFfmaShare);
-    return kStepOverheadUs + flops / rate;
+    return step_overhead_us + flops / rate;
   }
 };
 
@@ -1081,15 +1091,16 @@ inline int64_t env_knob(const char* name) {
   return v != nullptr ? std::atoll(v) : 0;
 }
 
-// RNNFAST_MMA_ROWS: the batch rows of the grid variant's tensor-core tile (16 by default; 32
-// or 64: fewer tiles a step, each staging and updating more rows; an experiment until a GPU
-// run measures it, the second H100 run having shown a fixed cost of about 2.5 us a tile);
-// 0 for a value that is none of those.
+// RNNFAST_MMA_ROWS: the most batch rows of the grid variant's tensor-core tile (64 by
+// default; 32 or 16 cap it); 0 for a value that is none of those. Fewer, larger tiles a step
+// won in every case the third H100 run measured (bfloat16, N = 64 and 256, H = 256 to 1024,
+// each cell): 64 rows a tile over 16 took 0.46x-0.72x of the time a step (for_tiles takes
+// the largest tile that the batch fills more than half of).
 inline int mma_rows(std::string& value) {
   const char* v = std::getenv("RNNFAST_MMA_ROWS");
   value = v != nullptr ? v : "";
-  if (value.empty() || value == "16") return 16;
-  return value == "32" ? 32 : value == "64" ? 64 : 0;
+  if (value.empty() || value == "64") return 64;
+  return value == "32" ? 32 : value == "16" ? 16 : 0;
 }
 
 // What plan_persistent's variants share: the cell's sizes, the device and the cost model.
@@ -1109,9 +1120,9 @@ struct PersistentPlanner {
   const cudaDeviceProp& prop;
   CostModel model;
   std::string why;  // why the last variant planned cannot run
-  int mma_tile_rows;  // RNNFAST_MMA_ROWS (16, 32 or 64), as plan_persistent read it
+  int mma_tile_rows;  // RNNFAST_MMA_ROWS (64 unless set to 16 or 32), as plan_persistent read it
 
-  PersistentPlanner(int64_t n, int64_t h, at::ScalarType dtype, int mma_rows_asked = 16)
+  PersistentPlanner(int64_t n, int64_t h, at::ScalarType dtype, int mma_rows_asked = 64)
       : N(n), H(h), prop(*at::cuda::getCurrentDeviceProperties()),
         model(prop, dtype == at::kDouble, kBackward), mma_tile_rows(mma_rows_asked) {}
 
@@ -1127,9 +1138,8 @@ struct PersistentPlanner {
   }
 
   // Tries the tiles in order, try_tile(nt, rpw) returning whether one ran:
-  // tensor cores: (16, 16), or where RNNFAST_MMA_ROWS asks for 32 or 64 rows a tile, that
-  // tile where the batch has more than half as many rows (else the next smaller) and it
-  // fits (rows: the asked rows). FFMA: with more than 4 rows (n_rows), 16 rows a tile, and 8
+  // tensor cores: (64, 16), (32, 16) or (16, 16), the largest the batch has more than half
+  // as many rows as, that fits and that RNNFAST_MMA_ROWS allows (rows: 64 unless it caps it). FFMA: with more than 4 rows (n_rows), 16 rows a tile, and 8
   // rows of W a warp where that pads no more rows than 4 (128 sums a lane, 24 shared-memory
   // loads per 128 FMAs against 20 per 64: FFMA- rather than load-bound; float sums only,
   // as 128 doubles would spill), else 4; the backward stages G*H-wide rows of acc_t: where

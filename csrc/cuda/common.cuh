@@ -8,7 +8,8 @@
 // half, bfloat16 and float; double for double) is what pointwise math, the LSTM cell state,
 // the saved activations and the backward's recurrence run in. Recurrent GEMMs of the forward
 // run in scalar_t (tensor cores for half and bfloat16, accumulating in fp32 inside cuBLAS),
-// and so, from torch 2.8 on, do the backward's whole-sequence GEMMs (sequence_grads).
+// and so, for bfloat16 from torch 2.8 on, do the backward's whole-sequence GEMMs
+// (sequence_grads).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -85,11 +86,14 @@ inline void dh_gemm(const Tensor& dg, const Tensor& w_hh, Tensor& dh, bool accum
 }
 
 // ---- the backward's whole-sequence GEMMs ----
-// Their operands: for float16 and bfloat16, from torch 2.8 on, the gate gradients are
-// rounded once to that dtype and every GEMM runs on tensor cores with float32 sums into a
-// float32 result (at::mm's out_dtype), as cuDNN's and torch.nn.Linear's backward run in
-// 16 bits; before torch 2.8, and for float32 and float64, in acc_t as before (float32 GEMMs
-// on FFMA: at T*N = 256k rows, ten times the tensor cores' time).
+// Their operands: for bfloat16, from torch 2.8 on, the gate gradients are rounded once to
+// bfloat16 and every GEMM runs on tensor cores with float32 sums into a float32 result
+// (at::mm's out_dtype), as torch.nn.Linear's backward runs in bfloat16 (bfloat16 has
+// float32's exponent range: the rounding costs precision, about one part in 512 a term, and
+// no gradient underflows). Float16 stays in float32: its range would flush the small gate
+// gradients to zero (below 6e-8) whose sum over T*N rows can matter. Before torch 2.8, and
+// for float16, float32 and float64, in acc_t (float32 GEMMs on FFMA: at T*N = 256k rows,
+// ten times the tensor cores' time).
 #ifndef RNNFAST_TORCH_VERSION
 #error "setup.py defines RNNFAST_TORCH_VERSION (torch's major * 100 + minor)"
 #endif
@@ -98,17 +102,14 @@ constexpr bool kMmOutDtype = true;
 #else
 constexpr bool kMmOutDtype = false;
 #endif
-inline bool is_half(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16;
-}
 // the dtype the GEMMs take their operands in, for tensors of `dtype`
 inline at::ScalarType gemm_operand_dtype(at::ScalarType dtype) {
-  return kMmOutDtype && is_half(dtype) ? dtype : workspace_dtype(dtype);
+  return kMmOutDtype && dtype == at::kBFloat16 ? dtype : workspace_dtype(dtype);
 }
 // a b in acc_t, a and b being of one dtype (gemm_operand_dtype's)
 inline Tensor mm_acc(const Tensor& a, const Tensor& b) {
 #if RNNFAST_TORCH_VERSION >= 208
-  if (is_half(a.scalar_type())) return at::mm(a, b, at::kFloat);
+  if (a.scalar_type() == at::kBFloat16) return at::mm(a, b, at::kFloat);
 #endif
   return at::mm(a, b);
 }

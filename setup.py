@@ -88,6 +88,9 @@ if with_cuda:
     include_dirs += _nvidia_wheel_includes()
     extra_compile_args["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
     define_macros.append(("RNNFAST_WITH_CUDA", None))
+    # dlopen/dlsym (csrc/cuda/common.cuh finds cublasGemmEx in torch's libcublas); part of
+    # libc from glibc 2.34 on, libdl before
+    extra_link_args = extra_link_args + ["-ldl"]
     ext = CUDAExtension(
         "rnnfast._C",
         cpp_sources + cuda_sources,

@@ -236,12 +236,23 @@ PyObject* py_last_cuda_plan(PyObject*, PyObject*) {
   });
 }
 
+// _C._step_gemm() -> "cublas" or "aten" (the per-step path's 16-bit GEMMs), None without CUDA
+PyObject* py_step_gemm(PyObject*, PyObject*) {
+#ifdef RNNFAST_WITH_CUDA
+  return PyUnicode_FromString(rnnfast::cuda_step_gemm_kind());
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
 PyMethodDef methods[] = {
     {"_cuda_path", py_cuda_path, METH_NOARGS, "the CUDA path setting"},
     {"_set_cuda_path", py_set_cuda_path, METH_O, "sets the CUDA path, returns the previous"},
     {"_last_cuda_path", py_last_cuda_path, METH_NOARGS, "(forward, backward) paths last run"},
     {"_last_cuda_plan", py_last_cuda_plan, METH_NOARGS,
      "(forward, backward) persistent plans last made: the cost model's estimates and sizes"},
+    {"_step_gemm", py_step_gemm, METH_NOARGS,
+     "what the per-step path's 16-bit GEMMs go through: 'cublas', 'aten' or None (no CUDA)"},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -102,8 +102,8 @@ void check_activation(const char* op, int64_t activation);
 // kPersistent the persistent kernels' grid variant (a grid-wide barrier), kCluster their
 // cluster variant (thread-block clusters, compute capability 9.0 on), kAuto per call the
 // cheapest by the cost model of those that fit. Set by rnnfast.cuda_path (Python) or
-// RNNFAST_CUDA_PATH=auto|persistent|cluster|step; the default is kStep until the
-// persistent kernels have run on a GPU. The CPU ignores it.
+// RNNFAST_CUDA_PATH=auto|persistent|cluster|step; the default is kAuto. The CPU ignores
+// it.
 enum class CudaPath : int { kAuto = 0, kStep = 1, kPersistent = 2, kCluster = 3 };
 CudaPath cuda_path_mode();
 // Records the path the last CUDA forward (backward) took, for rnnfast.last_cuda_path().
@@ -125,6 +125,10 @@ void note_cuda_plan(bool backward, const CudaPlanNote& note);
 // op (on the H100 a TORCH_CHECK thrown inside plan_persistent crashed the process; the
 // cause is not known).
 void check_persistent_refusal(const char* op, const std::string& why);
+// What the per-step path's 16-bit GEMMs go through (cuda/common.cuh, StepGemm): "cublas"
+// (cublasGemmEx called directly) or "aten" (RNNFAST_STEP_GEMM=aten, or cuBLAS not found).
+// CUDA builds only.
+const char* cuda_step_gemm_kind();
 
 // The workspace of a training forward: [T, N, width], workspace_dtype, contiguous, on x's
 // device.

@@ -5,7 +5,7 @@
 #   1. build rnnfast from source for the card that is there (no internet needed: no pip,
 #      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
 #   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py,
-#      tests/test_cuda_mma_rows.py);
+#      tests/test_cuda_mma_rows.py, tests/test_cuda_step_gemm.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants)
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
@@ -195,7 +195,8 @@ if wanted test_cuda; then
   # reference loops on the CPU are most of these tests' time, and the machine has 16 cores
   run_stage test_cuda 300 160 "$PY" scripts/pytest_shards.py --shards "${TEST_CUDA_SHARDS:-4}" \
     --junitxml="$OUT/test_cuda.xml" -- -q --tb=short \
-    tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_mma_rows.py
+    tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_mma_rows.py \
+    tests/test_cuda_step_gemm.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
@@ -240,6 +241,9 @@ for tool in memcheck racecheck; do
   for cell in lstm gru rnn_tanh; do SAN_CASES+=("$tool $cell bfloat16 16 mma64"); done
   SAN_CASES+=("$tool lstm bfloat16 700 mma64")
 done
+# the per-step path in bfloat16: its GEMMs through cublasGemmEx called directly, the
+# backward's step kernels writing the gate gradients in bfloat16 too (StepGemm)
+for cell in lstm gru rnn_tanh; do SAN_CASES+=("memcheck $cell bfloat16 16 step"); done
 t_san=$(stage_time 150 100)
 s=$(now)
 if wanted sanitize; then
@@ -363,7 +367,7 @@ if ! wanted tests_cpu; then
 elif (($(remaining) >= 45)); then
   run_stage tests_cpu 120 10 "$PY" -m pytest -q --tb=short -p no:cacheprovider \
     --junitxml="$OUT/tests_cpu.xml" tests --ignore=tests/test_cuda.py --ignore=tests/test_cuda_cluster.py \
-    --ignore=tests/test_cuda_mma_rows.py
+    --ignore=tests/test_cuda_mma_rows.py --ignore=tests/test_cuda_step_gemm.py
 else
   record tests_cpu SKIPPED 0 "optional, no time left"
 fi

@@ -19,8 +19,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cublas_v2.h>
+#include <dlfcn.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
+#include <string>
 
 #include "../rnnfast.h"
 
@@ -67,14 +73,16 @@ inline Tensor input_projection(const Tensor& x, const Tensor& w_ih,
   return out.view({T, N, w_ih.size(0)});
 }
 
-// The per-step GEMMs, through ATen into preallocated outputs (no allocation; cuBLAS on
-// the current stream). at::cuda::blas::gemm would skip ATen's dispatch, but torch does not
-// export it to extensions.
-// out [N, GH] = h [N, H] W_hh^T (w_hh_t = w_hh.t(), made once per call), in the tensors'
-// dtype
-inline void gates_gemm(const Tensor& h, const Tensor& w_hh_t, Tensor& out) {
-  at::mm_out(out, h, w_hh_t);
-}
+// ---- the per-step path's recurrent GEMMs ----
+// Through ATen into preallocated outputs (no allocation; cuBLAS on the current stream), or,
+// for 16-bit operands where torch has loaded cuBLAS, cublasGemmEx called directly on torch's
+// handle and stream (StepGemm): the host then pays one cuBLAS call a step instead of ATen's
+// dispatch, checks and the view of y's row. The host's work bounded the per-step path on
+// the H100 (14-25 us a step through ATen whatever the size; its 16-bit GEMM took a few).
+// at::cuda::blas::gemm is not exported to extensions and libcublas is not linked: the
+// function is looked up in the library torch loaded (dlopen of its soname with
+// RTLD_NOLOAD: never a second copy), and where it is not found, or RNNFAST_STEP_GEMM=aten,
+// ATen runs. float32 and float64 always go through ATen, which applies torch's TF32 setting.
 
 // dh [N, H] = dg [N, GH] W_hh [GH, H], or += when accumulate, in acc_t
 inline void dh_gemm(const Tensor& dg, const Tensor& w_hh, Tensor& dh, bool accumulate) {
@@ -84,6 +92,102 @@ inline void dh_gemm(const Tensor& dg, const Tensor& w_hh, Tensor& dh, bool accum
     at::mm_out(dh, dg, w_hh);
   }
 }
+
+// cublasGemmEx's C signature (the header also declares a C++ overload)
+using GemmExFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int,
+                                    int, int, const void*, const void*, cudaDataType, int,
+                                    const void*, cudaDataType, int, const void*, void*,
+                                    cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+inline GemmExFn loaded_cublas_gemm_ex() {
+  static const GemmExFn fn = []() -> GemmExFn {
+    const std::string soname = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
+    void* lib = dlopen(soname.c_str(), RTLD_NOW | RTLD_NOLOAD);
+    return lib != nullptr ? reinterpret_cast<GemmExFn>(dlsym(lib, "cublasGemmEx")) : nullptr;
+  }();
+  return fn;
+}
+// What the per-step path's 16-bit GEMMs go through: "cublas" (direct) or "aten"
+inline const char* step_gemm_kind() {
+  const char* v = std::getenv("RNNFAST_STEP_GEMM");
+  const bool aten = v != nullptr && std::strcmp(v, "aten") == 0;
+  return !aten && loaded_cublas_gemm_ex() != nullptr ? "cublas" : "aten";
+}
+
+class StepGemm {
+ public:
+  // w_hh [GH, H], contiguous, of the tensors' dtype; on the current device and stream
+  explicit StepGemm(const Tensor& w_hh) : w_hh_(w_hh) {
+    const auto dtype = w_hh.scalar_type();
+    if ((dtype == at::kHalf || dtype == at::kBFloat16) &&
+        std::strcmp(step_gemm_kind(), "cublas") == 0) {
+      gemm_ = loaded_cublas_gemm_ex();
+      handle_ = at::cuda::getCurrentCUDABlasHandle();  // set to the current stream
+      type_ = dtype == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
+    } else {
+      w_t_ = w_hh.t();
+    }
+  }
+
+  // Whether the backward's dh GEMM takes bfloat16 operands (the gate gradients rounded
+  // once, on tensor cores with float32 sums into float32 dh, as sequence_grads; float16
+  // stays in float32, see there): the step kernels then also write the gate gradients in
+  // bfloat16 (dg16 [N, GH]).
+  bool bf16_dh() const { return gemm_ != nullptr && type_ == CUDA_R_16BF; }
+
+  // Why a cuBLAS call failed ("" if none did): the op raises it after its dispatch (see
+  // check_persistent_refusal: nothing is thrown from inside it); calls after a failure do
+  // nothing.
+  const std::string& error() const { return error_; }
+
+  // out [N, GH] = h [N, H] W_hh^T in the tensors' dtype, h being h0 (tp < 0) or y[tp]
+  void gates(const Tensor& h0, const Tensor& y, int64_t tp, Tensor& out) const {
+    if (!error_.empty()) return;
+    if (gemm_ == nullptr) {
+      at::mm_out(out, tp < 0 ? h0 : y[tp], w_t_);
+      return;
+    }
+    const int64_t N = out.size(0), GH = out.size(1), H = w_hh_.size(1);
+    const void* h = tp < 0 ? h0.data_ptr()
+                           : static_cast<const char*>(y.data_ptr()) + tp * N * H * y.element_size();
+    const float one = 1.0f, zero = 0.0f;
+    // column-major: out^T [GH, N] = W_hh ([H, GH] stored, transposed) h^T ([H, N] stored)
+    check(gemm_(handle_, CUBLAS_OP_T, CUBLAS_OP_N, int(GH), int(N), int(H), &one, w_hh_.data_ptr(),
+                type_, int(H), h, type_, int(H), &zero, out.data_ptr(), type_, int(GH),
+                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+
+  // dh [N, H] (acc_t) = dg[t] [N, GH] W_hh, or += when accumulate: from dg16 (bfloat16)
+  // where bf16_dh(), else from dg[t] (acc_t) with w_acc, W_hh in acc_t (dh_gemm)
+  void dh(const Tensor& dg16, const Tensor& dg, int64_t t, const Tensor& w_acc, Tensor& dh,
+          bool accumulate) const {
+    if (!error_.empty()) return;
+    if (!bf16_dh()) {
+      dh_gemm(dg[t], w_acc, dh, accumulate);
+      return;
+    }
+    const int64_t N = dh.size(0), H = dh.size(1), GH = w_hh_.size(0);
+    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    // column-major: dh^T [H, N] (+)= W_hh^T ([H, GH] stored) dg^T ([GH, N] stored)
+    check(gemm_(handle_, CUBLAS_OP_N, CUBLAS_OP_N, int(H), int(N), int(GH), &one,
+                w_hh_.data_ptr(), CUDA_R_16BF, int(H), dg16.data_ptr(), CUDA_R_16BF, int(GH),
+                &beta, dh.data_ptr(), CUDA_R_32F, int(H), CUBLAS_COMPUTE_32F,
+                CUBLAS_GEMM_DEFAULT));
+  }
+
+ private:
+  void check(cublasStatus_t status) const {
+    if (status != CUBLAS_STATUS_SUCCESS && error_.empty()) {
+      error_ = "cublasGemmEx failed with status " + std::to_string(static_cast<int>(status)) +
+               " (RNNFAST_STEP_GEMM=aten runs the per-step GEMMs through ATen instead)";
+    }
+  }
+  Tensor w_hh_;
+  Tensor w_t_;  // w_hh.t(), for ATen
+  GemmExFn gemm_ = nullptr;
+  cublasHandle_t handle_ = nullptr;
+  cudaDataType type_ = CUDA_R_32F;
+  mutable std::string error_;
+};
 
 // ---- the backward's whole-sequence GEMMs ----
 // Their operands: for bfloat16, from torch 2.8 on, the gate gradients are rounded once to

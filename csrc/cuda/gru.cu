@@ -149,19 +149,27 @@ __global__ void gru_forward_step(const scalar_t* __restrict__ xp, const scalar_t
   }
 }
 
-// Backward of one step: the gate gradients dg_ih and dg_hh [N, 3H], and dh's direct term
-// written into dh, to which the GEMM then adds dg_hh W_hh.
+// Backward of one step: the gate gradients dg_ih and dg_hh [N, 3H] (dg_hh also in dg16
+// [N, 3H] in scalar_t, the dh GEMM's operand, unless null; see StepGemm::bf16_dh), and dh's
+// direct term written into dh, to which the GEMM then adds dg_hh W_hh.
 template <typename scalar_t, typename acc_t>
 __global__ void gru_backward_step(const scalar_t* __restrict__ dy, acc_t* __restrict__ dh,
                                   const scalar_t* __restrict__ h_prev,
                                   const acc_t* __restrict__ cache, acc_t* __restrict__ dg_ih,
-                                  acc_t* __restrict__ dg_hh, int64_t N, int64_t H) {
+                                  acc_t* __restrict__ dg_hh, scalar_t* __restrict__ dg16,
+                                  int64_t N, int64_t H) {
   RNNFAST_GRID_STRIDE(idx, N * H) {
     const int64_t n = idx / H, u = idx % H;
-    acc_t sv[4];
+    acc_t sv[4], di[3], dhh[3];
     gather_gates<4>(cache + n * 4 * H + u, H, sv);
-    dh[idx] = gru_point_backward(sv, H, acc_t(dy[idx]) + dh[idx], acc_t(h_prev[idx]),
-                                 dg_ih + n * 3 * H + u, dg_hh + n * 3 * H + u);
+    dh[idx] = gru_point_backward(sv, 1, acc_t(dy[idx]) + dh[idx], acc_t(h_prev[idx]), di, dhh);
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const int64_t pos = n * 3 * H + k * H + u;
+      dg_ih[pos] = di[k];
+      dg_hh[pos] = dhh[k];
+      if (dg16 != nullptr) dg16[pos] = scalar_t(dhh[k]);
+    }
   }
 }
 
@@ -204,16 +212,17 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
           return;
         }
         Tensor hh = at::empty({N, 3 * H}, x.options());
-        const Tensor w_hh_t = w_hh.t();
+        const StepGemm gemm(w_hh);
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const scalar_t* h_prev = s == 0 ? h0.data_ptr<scalar_t>() : yp + tp * N * H;
-          gates_gemm(s == 0 ? h0 : y[tp], w_hh_t, hh);
+          gemm.gates(h0, y, s == 0 ? -1 : tp, hh);
           gru_forward_step<scalar_t, acc_t><<<grid_for(N * H), kThreads, 0, stream>>>(
               xp.data_ptr<scalar_t>() + t * N * 3 * H, hh.data_ptr<scalar_t>(), bp, h_prev,
               yp + t * N * H, training ? ws + t * N * 4 * H : nullptr, N, H);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
+        refused = gemm.error();  // raised below, as a refusal is
       });
   check_persistent_refusal(op, refused);
   return {y, y[time_index(T - 1, T, reverse)].clone(), workspace};
@@ -263,17 +272,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
           refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
-        const Tensor w_hh_acc = w_hh.to(acc).contiguous();
+        const StepGemm gemm(w_hh);
+        const Tensor dg16 = gemm.bf16_dh() ? at::empty({N, 3 * H}, x.options()) : Tensor();
+        const Tensor w_hh_acc = gemm.bf16_dh() ? Tensor() : w_hh.to(acc).contiguous();
+        scalar_t* dg16p = dg16.defined() ? dg16.data_ptr<scalar_t>() : nullptr;
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const scalar_t* h_prev = s == 0 ? h0.data_ptr<scalar_t>() : yp + tp * N * H;
           acc_t* dhh = dg_hh.data_ptr<acc_t>() + t * N * 3 * H;
           gru_backward_step<scalar_t, acc_t><<<grid_for(N * H), kThreads, 0, stream>>>(
               dy.data_ptr<scalar_t>() + t * N * H, dh.data_ptr<acc_t>(), h_prev,
-              ws + t * N * 4 * H, dg_ih.data_ptr<acc_t>() + t * N * 3 * H, dhh, N, H);
+              ws + t * N * 4 * H, dg_ih.data_ptr<acc_t>() + t * N * 3 * H, dhh, dg16p, N, H);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          dh_gemm(dg_hh[t], w_hh_acc, dh, /*accumulate=*/true);
+          gemm.dh(dg16, dg_hh, t, w_hh_acc, dh, /*accumulate=*/true);
         }
+        refused = gemm.error();  // raised below, as a refusal is
       });
   check_persistent_refusal(op, refused);
   const SequenceGrads g = sequence_grads(dg_ih, dg_hh, x, y, h0, w_ih, reverse);

@@ -140,19 +140,26 @@ __global__ void lstm_forward_step(const scalar_t* __restrict__ xp, const scalar_
 }
 
 // Backward of one step: from dy[t] + the carried dh and dc, the gate pre-activation
-// gradients dg [N, 4H] and dc_{t-1} (in place in dc). dh is only read here; the GEMM
-// after this kernel overwrites it with dg W_hh.
+// gradients dg [N, 4H] (and in dg16 [N, 4H] in scalar_t, the dh GEMM's operand, unless
+// null; see StepGemm::bf16_dh) and dc_{t-1} (in place in dc). dh is only read here; the
+// GEMM after this kernel overwrites it with dg W_hh.
 template <typename scalar_t, typename acc_t>
 __global__ void lstm_backward_step(const scalar_t* __restrict__ dy, const acc_t* __restrict__ dh,
                                    acc_t* __restrict__ dc, const acc_t* __restrict__ cache,
                                    const acc_t* __restrict__ c_prev, int64_t ld_c_prev,
-                                   acc_t* __restrict__ dg, int64_t N, int64_t H) {
+                                   acc_t* __restrict__ dg, scalar_t* __restrict__ dg16,
+                                   int64_t N, int64_t H) {
   RNNFAST_GRID_STRIDE(idx, N * H) {
     const int64_t n = idx / H, u = idx % H;
-    acc_t sv[5];
+    acc_t sv[5], g[4];
     gather_gates<5>(cache + n * 5 * H + u, H, sv);
-    dc[idx] = lstm_point_backward(sv, H, acc_t(dy[idx]) + dh[idx], dc[idx],
-                                  c_prev[n * ld_c_prev + u], dg + n * 4 * H + u);
+    dc[idx] = lstm_point_backward(sv, 1, acc_t(dy[idx]) + dh[idx], dc[idx],
+                                  c_prev[n * ld_c_prev + u], g);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      dg[n * 4 * H + k * H + u] = g[k];
+      if (dg16 != nullptr) dg16[n * 4 * H + k * H + u] = scalar_t(g[k]);
+    }
   }
 }
 
@@ -204,10 +211,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
         if (!training) c_turns = at::empty({2, N, H}, x.options().dtype(acc));
         acc_t* ct = training ? nullptr : c_turns.data_ptr<acc_t>();
         Tensor hh = at::empty({N, 4 * H}, x.options());
-        const Tensor w_hh_t = w_hh.t();
+        const StepGemm gemm(w_hh);
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
-          gates_gemm(s == 0 ? h0 : y[tp], w_hh_t, hh);
+          gemm.gates(h0, y, s == 0 ? -1 : tp, hh);
           const acc_t* c_prev;
           int64_t ld_c_prev, ld_c;
           acc_t *c_out, *cache = nullptr;
@@ -228,6 +235,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
               ld_c_prev, yp + t * N * H, c_out, ld_c, cache, N, H);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
+        refused = gemm.error();  // raised below, as a refusal is
       });
   check_persistent_refusal(op, refused);
   const int64_t last = time_index(T - 1, T, reverse);
@@ -286,16 +294,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
           refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
-        const Tensor w_hh_acc = w_hh.to(acc).contiguous();
+        const StepGemm gemm(w_hh);
+        const Tensor dg16 = gemm.bf16_dh() ? at::empty({N, 4 * H}, x.options()) : Tensor();
+        const Tensor w_hh_acc = gemm.bf16_dh() ? Tensor() : w_hh.to(acc).contiguous();
+        scalar_t* dg16p = dg16.defined() ? dg16.data_ptr<scalar_t>() : nullptr;
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const acc_t* c_prev = s == 0 ? c0_acc.data_ptr<acc_t>() : ws + tp * N * 5 * H + 4 * H;
           lstm_backward_step<scalar_t, acc_t><<<grid_for(N * H), kThreads, 0, stream>>>(
               dy.data_ptr<scalar_t>() + t * N * H, dh.data_ptr<acc_t>(), dc.data_ptr<acc_t>(),
-              ws + t * N * 5 * H, c_prev, s == 0 ? H : 5 * H, dgp + t * N * 4 * H, N, H);
+              ws + t * N * 5 * H, c_prev, s == 0 ? H : 5 * H, dgp + t * N * 4 * H, dg16p, N,
+              H);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          dh_gemm(dg[t], w_hh_acc, dh, /*accumulate=*/false);
+          gemm.dh(dg16, dg, t, w_hh_acc, dh, /*accumulate=*/false);
         }
+        refused = gemm.error();  // raised below, as a refusal is
       });
   check_persistent_refusal(op, refused);
   const SequenceGrads g = sequence_grads(dg, dg, x, y, h0, w_ih, reverse);

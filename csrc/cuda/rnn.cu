@@ -34,9 +34,11 @@ __global__ void elman_forward_step(const scalar_t* __restrict__ xp, const scalar
 template <typename scalar_t, typename acc_t>
 __global__ void elman_backward_step(const scalar_t* __restrict__ dy, const acc_t* __restrict__ dh,
                                     const scalar_t* __restrict__ h, acc_t* __restrict__ dg,
-                                    int64_t count, int activation) {
+                                    scalar_t* __restrict__ dg16, int64_t count, int activation) {
   RNNFAST_GRID_STRIDE(idx, count) {
-    dg[idx] = (acc_t(dy[idx]) + dh[idx]) * elman_act_grad(acc_t(h[idx]), activation);
+    const acc_t g = (acc_t(dy[idx]) + dh[idx]) * elman_act_grad(acc_t(h[idx]), activation);
+    dg[idx] = g;
+    if (dg16 != nullptr) dg16[idx] = scalar_t(g);
   }
 }
 
@@ -120,15 +122,16 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
           return;
         }
         Tensor hh = at::empty({N, H}, x.options());
-        const Tensor w_hh_t = w_hh.t();
+        const StepGemm gemm(w_hh);
         for (int64_t s = 0; s < T; ++s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
-          gates_gemm(s == 0 ? h0 : y[tp], w_hh_t, hh);
+          gemm.gates(h0, y, s == 0 ? -1 : tp, hh);
           elman_forward_step<scalar_t, acc_t><<<grid_for(N * H), kThreads, 0, stream>>>(
               xp.data_ptr<scalar_t>() + t * N * H, hh.data_ptr<scalar_t>(), yp + t * N * H,
               N * H, static_cast<int>(activation));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
+        refused = gemm.error();  // raised below, as a refusal is
       });
   check_persistent_refusal(op, refused);
   return {y, y[time_index(T - 1, T, reverse)].clone()};
@@ -175,16 +178,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
           refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
-        const Tensor w_hh_acc = w_hh.to(acc).contiguous();
+        const StepGemm gemm(w_hh);
+        const Tensor dg16 = gemm.bf16_dh() ? at::empty({N, H}, x.options()) : Tensor();
+        const Tensor w_hh_acc = gemm.bf16_dh() ? Tensor() : w_hh.to(acc).contiguous();
+        scalar_t* dg16p = dg16.defined() ? dg16.data_ptr<scalar_t>() : nullptr;
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse);
           acc_t* dgt = dg.data_ptr<acc_t>() + t * N * H;
           elman_backward_step<scalar_t, acc_t><<<grid_for(N * H), kThreads, 0, stream>>>(
               dy.data_ptr<scalar_t>() + t * N * H, dh.data_ptr<acc_t>(),
-              y.data_ptr<scalar_t>() + t * N * H, dgt, N * H, static_cast<int>(activation));
+              y.data_ptr<scalar_t>() + t * N * H, dgt, dg16p, N * H,
+              static_cast<int>(activation));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          dh_gemm(dg[t], w_hh_acc, dh, /*accumulate=*/false);
+          gemm.dh(dg16, dg, t, w_hh_acc, dh, /*accumulate=*/false);
         }
+        refused = gemm.error();  // raised below, as a refusal is
       });
   check_persistent_refusal(op, refused);
   const SequenceGrads g = sequence_grads(dg, dg, x, y, h0, w_ih, reverse);
@@ -192,6 +200,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
 }
 
 }  // namespace rnnfast::cuda
+
+const char* rnnfast::cuda_step_gemm_kind() { return rnnfast::cuda::step_gemm_kind(); }
 
 TORCH_LIBRARY_IMPL(rnnfast, CUDA, m) {
   m.impl("rnn_forward", &rnnfast::cuda::rnn_forward_cuda);

@@ -239,7 +239,13 @@ PyObject* py_last_cuda_plan(PyObject*, PyObject*) {
 // _C._step_gemm() -> "cublas" or "aten" (the per-step path's 16-bit GEMMs), None without CUDA
 PyObject* py_step_gemm(PyObject*, PyObject*) {
 #ifdef RNNFAST_WITH_CUDA
-  return PyUnicode_FromString(rnnfast::cuda_step_gemm_kind());
+  const char* kind = rnnfast::cuda_step_gemm_kind();
+  if (*kind == 0) {
+    PyErr_Format(PyExc_ValueError, "RNNFAST_STEP_GEMM is '%s', expected 'cublas' or 'aten'",
+                 std::getenv("RNNFAST_STEP_GEMM"));
+    return nullptr;
+  }
+  return PyUnicode_FromString(kind);
 #else
   Py_RETURN_NONE;
 #endif

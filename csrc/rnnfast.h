@@ -126,8 +126,8 @@ void note_cuda_plan(bool backward, const CudaPlanNote& note);
 // cause is not known).
 void check_persistent_refusal(const char* op, const std::string& why);
 // What the per-step path's 16-bit GEMMs go through (cuda/common.cuh, StepGemm): "cublas"
-// (cublasGemmEx called directly) or "aten" (RNNFAST_STEP_GEMM=aten, or cuBLAS not found).
-// CUDA builds only.
+// (cublasGemmEx called directly) or "aten" (RNNFAST_STEP_GEMM=aten, or cuBLAS not found),
+// "" where RNNFAST_STEP_GEMM is neither. CUDA builds only.
 const char* cuda_step_gemm_kind();
 
 // The workspace of a training forward: [T, N, width], workspace_dtype, contiguous, on x's

@@ -55,8 +55,9 @@
 # first; auto, the grid variant, now with 64-row tensor-core tiles by default, the per-step
 # path and cuDNN):
 #   GPU_CHECK_STAGES="test_cuda sanitize calib ncu" GPU_CHECK_BUDGET=470
-#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,torch.nn" BENCH7_CAP=380 GPU_CHECK_BUDGET=390
-# (or with the budget `status` leaves after the first call, less 20 s; the contenders
+#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,rnnfast step aten,torch.nn" BENCH7_CAP=380 GPU_CHECK_BUDGET=390
+# (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`
+# runs the per-step path's GEMMs through ATen, against `rnnfast step`'s direct cuBLAS calls;
 # `rnnfast mma64` and `rnnfast mma32` force the tile, where it applies)
 #
 # The extension is built with `python setup.py build_ext --inplace` (not scripts/setup.sh,
@@ -411,7 +412,7 @@ def issue7_targets(recs):
     """The persistent-kernel issue's targets, from the bench7 records: rnnfast (auto) over
     cuDNN, and the best of the forced paths over cuDNN (what a perfect dispatch would give)."""
     paths = ("rnnfast", "rnnfast persistent", "rnnfast cluster", "rnnfast step", "rnnfast mma32",
-             "rnnfast mma64")
+             "rnnfast mma64", "rnnfast step aten")
 
     def t(res, name):
         return res.get(name, {}).get("median_s")

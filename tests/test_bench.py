@@ -1,6 +1,7 @@
 """The benchmark suite (rnnfast.bench): its timing rules, correctness guard, contenders,
 command line and outputs. Speed itself is measured by the benchmark, not here."""
 import json
+import os
 import sys
 import types
 
@@ -108,6 +109,45 @@ def test_guard_reports_wrong_raising_and_unavailable_contenders(monkeypatch):
     assert "disagrees with rnnfast" in res["wrong"]["error"] and "median_s" not in res["wrong"]
     assert "ValueError: no such kernel" in res["raising"]["error"]
     assert res["unavailable"] == {"skipped": "not on this machine"}
+
+
+def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch):
+    """A contender built with knobs sets them on each call, the others put back what was
+    set when they were built; after the case the environment is as before it."""
+    monkeypatch.setenv("RNNFAST_MMA_ROWS", "32")
+    monkeypatch.delenv("RNNFAST_STEP_GEMM", raising=False)
+    seen = {}
+
+    def watch(name):
+        def build(ref, cell, shape, mode):
+            m, fn = C._torch_nn(ref, cell, shape, mode)
+            inner = C._rnnfast_on(None, name, **kwargs[name])(ref, cell, shape, mode)[1]
+
+            def call(x, hx):
+                inner(x, hx)
+                seen[name] = {k: os.environ.get(k) for k in C.KNOBS}
+                return fn(x, hx)
+            return m, call
+        return build
+    kwargs = {"plain": {}, "knobbed": {"mma_rows": 64, "step_gemm": "aten"}}
+    monkeypatch.setattr(C, "check_knobs_apply", lambda *args: None)  # float32 on the CPU
+    for name in kwargs:
+        monkeypatch.setitem(C.BUILDERS, name, watch(name))
+    rec = runner.bench_case("gru", TINY, "fwd", torch.float32, "cpu",
+                            ["rnnfast", "plain", "knobbed"], FAST_TIMING)
+    assert "median_s" in rec["results"]["knobbed"], rec["results"]
+    assert seen["plain"] == {"RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None}
+    assert seen["knobbed"] == {"RNNFAST_MMA_ROWS": "64", "RNNFAST_STEP_GEMM": "aten"}
+    assert os.environ.get("RNNFAST_MMA_ROWS") == "32" and "RNNFAST_STEP_GEMM" not in os.environ
+
+
+def test_knob_contenders_say_where_they_do_not_apply():
+    ref = C.make_torch_module("lstm", TINY, torch.float32, "cpu", 0)
+    with pytest.raises(C.Unavailable, match="routes only float16/bfloat16"):
+        C._rnnfast_on(None, "x", step_gemm="aten")(ref, "lstm", TINY, "fwd")
+    with pytest.raises(C.Unavailable, match="tensor-core"):
+        C._rnnfast_on(None, "x", mma_rows=64)(ref, "lstm", TINY, "fwd")
+    assert "CUDA only" in C.unavailable_here("rnnfast step aten", "cpu")
 
 
 def test_gpu_peers_are_skipped_with_a_reason_on_cpu():

@@ -28,14 +28,22 @@ def test_cublas_is_found_where_torch_loaded_it(monkeypatch):
     assert _C._step_gemm() == "cublas"
 
 
+@pytest.mark.skipif(not CUDA_BUILD, reason="a CUDA build of rnnfast")
+def test_an_unknown_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("RNNFAST_STEP_GEMM", "cuBLASLt")
+    with pytest.raises(ValueError,
+                       match="RNNFAST_STEP_GEMM is 'cuBLASLt', expected 'cublas' or 'aten'"):
+        _C._step_gemm()
+
+
 @pytest.mark.skipif(CUDA_BUILD, reason="a build without CUDA")
 def test_a_build_without_cuda_says_so():
     assert _C._step_gemm() is None
 
 
 # (T, N, H): small; N and GH not multiples of 8 (cuBLAS's odd leading dimensions); a
-# larger step GEMM
-SHAPES = [(5, 3, 6), (4, 7, 37), (3, 40, 96)]
+# larger step GEMM; a long sequence (the bfloat16 dh GEMM's rounding carried over 64 steps)
+SHAPES = [(5, 3, 6), (4, 7, 37), (3, 40, 96), (64, 5, 24)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -51,3 +59,14 @@ def test_step_gemm(cell, dtype, kind, shape, monkeypatch):
     with no_tf32("step"):
         check_half_one_layer(cell, dtype, T, N, H)
         assert rnnfast.last_cuda_path() == ("step", "step")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_an_unknown_value_fails_the_step_path(dtype, monkeypatch):
+    """Raised by the op, after its dispatch, whatever the dtype (as a bad RNNFAST_MMA_ROWS)."""
+    monkeypatch.setenv("RNNFAST_STEP_GEMM", "fast")
+    f = rnnfast.GRU(4, 8).cuda().to(dtype)
+    with rnnfast.cuda_path("step"):
+        with pytest.raises(RuntimeError, match="RNNFAST_STEP_GEMM is 'fast', expected"):
+            f(torch.randn(3, 2, 4, device="cuda", dtype=dtype))

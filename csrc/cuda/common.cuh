@@ -6,10 +6,12 @@
 //
 // Types: scalar_t is the tensors' dtype; acc_t = at::opmath_type<scalar_t> (float for
 // half, bfloat16 and float; double for double) is what pointwise math, the LSTM cell state,
-// the saved activations and the backward's recurrence run in. Recurrent GEMMs of the forward
-// run in scalar_t (tensor cores for half and bfloat16, accumulating in fp32 inside cuBLAS),
-// and so, for bfloat16 from torch 2.8 on, do the backward's whole-sequence GEMMs
-// (sequence_grads).
+// the saved activations and the backward's carried dh and dc run in. Recurrent GEMMs of the
+// forward run in scalar_t (tensor cores for half and bfloat16, accumulating in fp32 inside
+// cuBLAS). In bfloat16 the backward's GEMMs take the gate gradients rounded to bfloat16,
+// with fp32 sums and results: the per-step path's dh GEMM (StepGemm::bf16_dh) and the
+// whole-sequence GEMMs (sequence_grads), from torch 2.8 on (or with cuBLAS called directly);
+// otherwise they run in acc_t.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,6 +29,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "../rnnfast.h"
 
@@ -73,6 +76,17 @@ inline Tensor input_projection(const Tensor& x, const Tensor& w_ih,
   return out.view({T, N, w_ih.size(0)});
 }
 
+// torch's version (setup.py): at::mm's out_dtype (a float32 result of 16-bit operands) from
+// 2.8 on
+#ifndef RNNFAST_TORCH_VERSION
+#error "setup.py defines RNNFAST_TORCH_VERSION (torch's major * 100 + minor)"
+#endif
+#if RNNFAST_TORCH_VERSION >= 208
+constexpr bool kMmOutDtype = true;
+#else
+constexpr bool kMmOutDtype = false;
+#endif
+
 // ---- the per-step path's recurrent GEMMs ----
 // Through ATen into preallocated outputs (no allocation; cuBLAS on the current stream), or,
 // for 16-bit operands where torch has loaded cuBLAS, cublasGemmEx called directly on torch's
@@ -81,8 +95,12 @@ inline Tensor input_projection(const Tensor& x, const Tensor& w_ih,
 // the H100 (14-25 us a step through ATen whatever the size; its 16-bit GEMM took a few).
 // at::cuda::blas::gemm is not exported to extensions and libcublas is not linked: the
 // function is looked up in the library torch loaded (dlopen of its soname with
-// RTLD_NOLOAD: never a second copy), and where it is not found, or RNNFAST_STEP_GEMM=aten,
-// ATen runs. float32 and float64 always go through ATen, which applies torch's TF32 setting.
+// RTLD_NOLOAD: never a second copy). ATen runs instead where it is not found, where
+// RNNFAST_STEP_GEMM=aten, and where torch's settings ask for what ATen alone applies
+// (deterministic algorithms, whose cuBLAS workspace check ATen makes; reduced-precision
+// reductions of float16/bfloat16 disallowed); float32 and float64 always go through ATen,
+// which applies torch's TF32 setting. The direct calls use the handle's pointer mode as
+// ATen leaves it (host: alpha and beta are host floats).
 
 // dh [N, H] = dg [N, GH] W_hh [GH, H], or += when accumulate, in acc_t
 inline void dh_gemm(const Tensor& dg, const Tensor& w_hh, Tensor& dh, bool accumulate) {
@@ -106,11 +124,21 @@ inline GemmExFn loaded_cublas_gemm_ex() {
   }();
   return fn;
 }
-// What the per-step path's 16-bit GEMMs go through: "cublas" (direct) or "aten"
+// What the per-step path's 16-bit GEMMs go through: "cublas" (direct, where found) or "aten"
+// as RNNFAST_STEP_GEMM asks (unset or "cublas": direct where found), or "" for a value that
+// is neither (the op then raises, naming it).
 inline const char* step_gemm_kind() {
   const char* v = std::getenv("RNNFAST_STEP_GEMM");
-  const bool aten = v != nullptr && std::strcmp(v, "aten") == 0;
-  return !aten && loaded_cublas_gemm_ex() != nullptr ? "cublas" : "aten";
+  if (v != nullptr && std::strcmp(v, "aten") == 0) return "aten";
+  if (v != nullptr && *v != 0 && std::strcmp(v, "cublas") != 0) return "";
+  return loaded_cublas_gemm_ex() != nullptr ? "cublas" : "aten";
+}
+// Whether torch's setting for reduced-precision reductions in float16/bfloat16 GEMMs is its
+// default (allowed): a bool before torch's CuBLASReductionOption, whose default is 0.
+inline bool reduced_reduction_default(bool allowed) { return allowed; }
+template <typename Option, std::enable_if_t<std::is_enum_v<Option>, int> = 0>
+inline bool reduced_reduction_default(Option option) {
+  return static_cast<int>(option) == 0;
 }
 
 class StepGemm {
@@ -118,21 +146,34 @@ class StepGemm {
   // w_hh [GH, H], contiguous, of the tensors' dtype; on the current device and stream
   explicit StepGemm(const Tensor& w_hh) : w_hh_(w_hh) {
     const auto dtype = w_hh.scalar_type();
-    if ((dtype == at::kHalf || dtype == at::kBFloat16) &&
-        std::strcmp(step_gemm_kind(), "cublas") == 0) {
+    const char* kind = step_gemm_kind();
+    if (*kind == 0) {
+      error_ = std::string("RNNFAST_STEP_GEMM is '") + std::getenv("RNNFAST_STEP_GEMM") +
+               "', expected 'cublas' or 'aten'";
+      return;
+    }
+    const at::Context& ctx = at::globalContext();
+    const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+    const bool defaults =
+        !ctx.deterministicAlgorithms() &&
+        (dtype == at::kHalf ? reduced_reduction_default(ctx.allowFP16ReductionCuBLAS())
+                            : reduced_reduction_default(ctx.allowBF16ReductionCuBLAS()));
+    if (half && defaults && std::strcmp(kind, "cublas") == 0) {
       gemm_ = loaded_cublas_gemm_ex();
       handle_ = at::cuda::getCurrentCUDABlasHandle();  // set to the current stream
       type_ = dtype == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
     } else {
       w_t_ = w_hh.t();
     }
+    bf16_dh_ = dtype == at::kBFloat16 && (gemm_ != nullptr || kMmOutDtype);
   }
 
   // Whether the backward's dh GEMM takes bfloat16 operands (the gate gradients rounded
-  // once, on tensor cores with float32 sums into float32 dh, as sequence_grads; float16
-  // stays in float32, see there): the step kernels then also write the gate gradients in
-  // bfloat16 (dg16 [N, GH]).
-  bool bf16_dh() const { return gemm_ != nullptr && type_ == CUDA_R_16BF; }
+  // once, on tensor cores with float32 sums into float32 dh, as sequence_grads, by either
+  // route: cublasGemmEx, or at::mm's out_dtype from torch 2.8 on; float16 stays in float32,
+  // see there): the step kernels then also write the gate gradients in bfloat16 (dg16
+  // [N, GH]).
+  bool bf16_dh() const { return bf16_dh_; }
 
   // Why a cuBLAS call failed ("" if none did): the op raises it after its dispatch (see
   // check_persistent_refusal: nothing is thrown from inside it); calls after a failure do
@@ -165,6 +206,16 @@ class StepGemm {
       dh_gemm(dg[t], w_acc, dh, accumulate);
       return;
     }
+    if (gemm_ == nullptr) {
+#if RNNFAST_TORCH_VERSION >= 208
+      if (accumulate) {
+        dh.add_(at::mm(dg16, w_hh_, at::kFloat));
+      } else {
+        at::mm_out(dh, dg16, w_hh_, at::kFloat);
+      }
+#endif
+      return;
+    }
     const int64_t N = dh.size(0), H = dh.size(1), GH = w_hh_.size(0);
     const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     // column-major: dh^T [H, N] (+)= W_hh^T ([H, GH] stored) dg^T ([GH, N] stored)
@@ -186,6 +237,7 @@ class StepGemm {
   GemmExFn gemm_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   cudaDataType type_ = CUDA_R_32F;
+  bool bf16_dh_ = false;
   mutable std::string error_;
 };
 
@@ -198,14 +250,6 @@ class StepGemm {
 // gradients to zero (below 6e-8) whose sum over T*N rows can matter. Before torch 2.8, and
 // for float16, float32 and float64, in acc_t (float32 GEMMs on FFMA: at T*N = 256k rows,
 // ten times the tensor cores' time).
-#ifndef RNNFAST_TORCH_VERSION
-#error "setup.py defines RNNFAST_TORCH_VERSION (torch's major * 100 + minor)"
-#endif
-#if RNNFAST_TORCH_VERSION >= 208
-constexpr bool kMmOutDtype = true;
-#else
-constexpr bool kMmOutDtype = false;
-#endif
 // the dtype the GEMMs take their operands in, for tensors of `dtype`
 inline at::ScalarType gemm_operand_dtype(at::ScalarType dtype) {
   return kMmOutDtype && dtype == at::kBFloat16 ? dtype : workspace_dtype(dtype);

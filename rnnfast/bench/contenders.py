@@ -13,8 +13,12 @@ Contenders:
                   to see what `auto` chose against what it could have had
   rnnfast mma32, rnnfast mma64
                   (GPU, float16/bfloat16, N over 16 or 32) the grid variant forced with
-                  RNNFAST_MMA_ROWS=32 or 64: its forward's tensor-core tiles of 32 or 64
-                  batch rows instead of 16 (the backward is unchanged)
+                  RNNFAST_MMA_ROWS=32 or 64: its forward's tensor-core tiles of at most 32
+                  or 64 batch rows (the backward is unchanged)
+  rnnfast step aten
+                  (GPU) the per-step path forced with RNNFAST_STEP_GEMM=aten: its 16-bit
+                  GEMMs through ATen rather than cublasGemmEx called directly (`rnnfast
+                  step`), to measure what the direct calls save
   torch.nn        the torch.nn module itself (CPU: native ATen/oneDNN kernels; GPU: cuDNN)
   reference loop  rnnfast.reference.forward: a Python loop over the cell equations, the
                   code people write without a fused layer
@@ -59,38 +63,62 @@ def make_torch_module(cell, shape, dtype, device, seed=0):
     return m.to(dtype=dtype, device=device)
 
 
-def _rnnfast_on(path, mma_rows=None):
-    """The rnnfast contender on a CUDA path (None: the setting in force when it is built).
-    Each call sets the path, and RNNFAST_MMA_ROWS (mma_rows, else as it was when built),
-    which stay set through the backward that follows it: the contenders' calls interleave."""
+# the environment knobs the rnnfast contenders set on each call (csrc/cuda/persistent.cuh,
+# csrc/cuda/common.cuh): each as the contender asks, else as it was when it was built
+KNOBS = ("RNNFAST_MMA_ROWS", "RNNFAST_STEP_GEMM")
+
+
+def _rnnfast_on(path, name=None, mma_rows=None, step_gemm=None):
+    """The rnnfast contender on a CUDA path (None: the setting in force when it is built),
+    with RNNFAST_MMA_ROWS = mma_rows and RNNFAST_STEP_GEMM = step_gemm where given. Each
+    call sets the path and the knobs, which stay set through the backward that follows it:
+    the contenders' calls interleave."""
+    asked = {"RNNFAST_MMA_ROWS": None if mma_rows is None else str(mma_rows),
+             "RNNFAST_STEP_GEMM": step_gemm}
+
     def build(ref, cell, shape, mode):
-        name = f"rnnfast {path}" + (f" mma{mma_rows}" if mma_rows else "")
+        label = name or f"rnnfast {path}"
         if path is not None:
-            _require_cuda(name, ref)
-        if mma_rows is not None:
-            dtype = ref.weight_ih_l0.dtype
-            if dtype not in (torch.float16, torch.bfloat16):
-                raise Unavailable(f"{name}: {mma_rows}-row tiles are the tensor-core "
-                                  f"(float16/bfloat16) forward's; {dtype} has none")
-            if shape.N * 2 <= mma_rows:
-                raise Unavailable(f"{name}: N={shape.N} is too small for {mma_rows}-row "
-                                  f"tiles (more than {mma_rows // 2} rows needed)")
+            _require_cuda(label, ref)
+        check_knobs_apply(label, ref.weight_ih_l0.dtype, shape, mma_rows, step_gemm)
         m = FAST_CLASSES[cell](shape.C, shape.H, num_layers=shape.layers,
                                bidirectional=shape.bidirectional, **EXTRA_ARGS[cell])
         m = m.to(dtype=ref.weight_ih_l0.dtype, device=ref.weight_ih_l0.device)
         m.load_state_dict(ref.state_dict())
         chosen = path or rnnfast.get_cuda_path()
-        rows = str(mma_rows) if mma_rows else os.environ.get("RNNFAST_MMA_ROWS")
+        knobs = {k: asked[k] if asked[k] is not None else os.environ.get(k) for k in KNOBS}
 
         def call(x, hx):
             rnnfast.set_cuda_path(chosen)
-            if rows is None:
-                os.environ.pop("RNNFAST_MMA_ROWS", None)
-            else:
-                os.environ["RNNFAST_MMA_ROWS"] = rows
+            set_knobs(knobs)
             return m(x, hx)
         return m, call
     return build
+
+
+def check_knobs_apply(label, dtype, shape, mma_rows, step_gemm):
+    """Unavailable where a knob asked for changes nothing (the contender would time the same
+    code as another)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if step_gemm is not None and not half:
+        raise Unavailable(f"{label}: RNNFAST_STEP_GEMM routes only float16/bfloat16 GEMMs; "
+                          f"{dtype}'s go through ATen either way")
+    if mma_rows is not None:
+        if not half:
+            raise Unavailable(f"{label}: {mma_rows}-row tiles are the tensor-core "
+                              f"(float16/bfloat16) forward's; {dtype} has none")
+        if shape.N * 2 <= mma_rows:
+            raise Unavailable(f"{label}: N={shape.N} is too small for {mma_rows}-row tiles "
+                              f"(more than {mma_rows // 2} rows needed)")
+
+
+def set_knobs(knobs):
+    """os.environ's KNOBS as `knobs` has them (None: unset)."""
+    for k, v in knobs.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _torch_nn(ref, cell, shape, mode):
@@ -257,8 +285,9 @@ BUILDERS: Dict[str, Callable] = {
     "rnnfast step": _rnnfast_on("step"),
     "rnnfast persistent": _rnnfast_on("persistent"),
     "rnnfast cluster": _rnnfast_on("cluster"),
-    "rnnfast mma32": _rnnfast_on("persistent", 32),
-    "rnnfast mma64": _rnnfast_on("persistent", 64),
+    "rnnfast mma32": _rnnfast_on("persistent", "rnnfast mma32", mma_rows=32),
+    "rnnfast mma64": _rnnfast_on("persistent", "rnnfast mma64", mma_rows=64),
+    "rnnfast step aten": _rnnfast_on("step", "rnnfast step aten", step_gemm="aten"),
     "torch.nn": _torch_nn,
     "reference loop": _reference_loop,
     "compiled loop": _compiled_loop,

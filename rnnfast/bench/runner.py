@@ -64,17 +64,15 @@ def bench_case(cell, shape, mode, dtype, device, names, timing, seed=0):
     """Times one case; returns its record. Every contender runs the same weights on the
     same inputs; one whose output disagrees with rnnfast's (torch.nn's if rnnfast
     itself failed) is reported, not timed. The CUDA path setting, which the rnnfast
-    contenders switch, and RNNFAST_MMA_ROWS, which the mma contenders set, are restored
+    contenders switch, and their environment knobs (contenders.KNOBS) are restored
     afterwards."""
-    path, rows = rnnfast.get_cuda_path(), os.environ.get("RNNFAST_MMA_ROWS")
+    path = rnnfast.get_cuda_path()
+    knobs = {k: os.environ.get(k) for k in C.KNOBS}
     try:
         return _bench_case(cell, shape, mode, dtype, device, names, timing, seed)
     finally:
         rnnfast.set_cuda_path(path)
-        if rows is None:
-            os.environ.pop("RNNFAST_MMA_ROWS", None)
-        else:
-            os.environ["RNNFAST_MMA_ROWS"] = rows
+        C.set_knobs(knobs)
 
 
 def _bench_case(cell, shape, mode, dtype, device, names, timing, seed):

@@ -1,8 +1,8 @@
 """The grid variant's tensor-core forward tiles (csrc/cuda/persistent.cuh): 64 or 32 batch
 rows a tile where the batch has more than half as many rows, else 16, so a step has fewer
-tiles; RNNFAST_MMA_ROWS=16 or 32 caps them (64, the default, does not). Every output, final state and
-gradient against torch.nn and the float64 reference, as in test_cuda.py, in float16 and
-bfloat16; the plan note says which tile ran; float32 (FFMA) ignores the knob; a bad value is
+tiles; RNNFAST_MMA_ROWS=16 or 32 caps them (64, the default, does not). Every output, final
+state and gradient against torch.nn and the float64 reference, as in test_cuda.py, in
+float16 and bfloat16; the plan note says which tile ran; float32 (FFMA) ignores the knob; a bad value is
 a clear error. Needs a CUDA GPU.
 """
 import os

@@ -1139,8 +1139,9 @@ struct PersistentPlanner {
 
   // Tries the tiles in order, try_tile(nt, rpw) returning whether one ran:
   // tensor cores: (64, 16), (32, 16) or (16, 16), the largest the batch has more than half
-  // as many rows as, that fits and that RNNFAST_MMA_ROWS allows (rows: 64 unless it caps it). FFMA: with more than 4 rows (n_rows), 16 rows a tile, and 8
-  // rows of W a warp where that pads no more rows than 4 (128 sums a lane, 24 shared-memory
+  // as many rows as, that fits and that RNNFAST_MMA_ROWS allows (rows: 64 unless it caps
+  // it). FFMA: with more than 4 rows (n_rows), 16 rows a tile, and 8 rows of W a warp
+  // where that pads no more rows than 4 (128 sums a lane, 24 shared-memory
   // loads per 128 FMAs against 20 per 64: FFMA- rather than load-bound; float sums only,
   // as 128 doubles would spill), else 4; the backward stages G*H-wide rows of acc_t: where
   // 16 of them do not fit beside W's slice (float32 LSTM and GRU from H of about 600 on),

@@ -50,11 +50,14 @@
 # finds the build in place). Measured on the H100 on 2026-11-27 (third run): build 80 s,
 # test_cuda 158 s (4 shards), sanitize 81 s (42 runs), calib 30 s, ncu 48 s, the whole
 # first call 413 s; bench7 327 s for 128 of the 144 cases with 5 contenders (cut at its
-# limit; about 2.5 s a case). The whole lease was 802 s. The first call checks and
-# calibrates (ncu when a kernel changed); the second measures the issue's table (bfloat16
-# first; auto, the grid variant, now with 64-row tensor-core tiles by default, the per-step
-# path and cuDNN):
-#   GPU_CHECK_STAGES="test_cuda sanitize calib ncu" GPU_CHECK_BUDGET=470
+# limit; about 2.5 s a case). The whole lease was 802 s. Since then the CUDA tests grew
+# (tests/test_cuda_step_gemm.py, the default tile in tests/test_cuda_mma_rows.py: expect
+# about 200 s) and sanitize has 45 runs. The first call checks and calibrates (add ncu when
+# the persistent kernels changed: they have not since the third run's profile); the second
+# measures the issue's table (bfloat16 first; auto, the grid variant, now with 64-row
+# tensor-core tiles by default, the per-step path with its direct cuBLAS calls and through
+# ATen, and cuDNN):
+#   GPU_CHECK_STAGES="test_cuda sanitize calib" GPU_CHECK_BUDGET=430
 #   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,rnnfast step aten,torch.nn" BENCH7_CAP=380 GPU_CHECK_BUDGET=390
 # (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`
 # runs the per-step path's GEMMs through ATen, against `rnnfast step`'s direct cuBLAS calls;

@@ -43,7 +43,8 @@ import rnnfast  # noqa: E402
 from rnnfast._ops import _last_cuda_plan  # noqa: E402
 
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
-KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_MMA_ROWS")
+KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_MMA_ROWS",
+         "RNNFAST_STEP_GEMM")
 
 
 def time_per_step(fn, T, repeats, warmup=2):
@@ -61,12 +62,12 @@ def time_per_step(fn, T, repeats, warmup=2):
     return statistics.median(times)
 
 
-def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None):
+def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None, step_gemm=None):
     """(microseconds per step, or the first line of the error the call raised; the paths
     that ran; the planner's decisions, rnnfast._ops._last_cuda_plan(): the cost model's
     estimates beside the measurement). knob: the value of RNNFAST_PERSISTENT_MAX_BLOCKS
     (path persistent) or RNNFAST_CLUSTER_SIZE (path cluster), 0 for none; mma_rows:
-    RNNFAST_MMA_ROWS (path persistent)."""
+    RNNFAST_MMA_ROWS (path persistent); step_gemm: RNNFAST_STEP_GEMM (path step)."""
     torch.manual_seed(0)
     m = MODULES[cell](H, H).to("cuda", dtype)
     x = torch.randn(T, N, H, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
@@ -76,6 +77,8 @@ def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None):
         os.environ[KNOBS[0] if path == "persistent" else KNOBS[1]] = str(knob)
     if mma_rows:
         os.environ[KNOBS[2]] = str(mma_rows)
+    if step_gemm:
+        os.environ[KNOBS[3]] = step_gemm
 
     def fwd():
         with torch.no_grad():
@@ -153,12 +156,12 @@ def label(case):
             f"{case['mode']:6s}")
 
 
-def record(args, rows, case, path, fields, knob=0, mma_rows=None):
-    """One measurement of case on path (knob and mma_rows as measure() takes them),
-    appended to rows with `fields`; returns its table cell."""
+def record(args, rows, case, path, fields, knob=0, mma_rows=None, step_gemm=None):
+    """One measurement of case on path (knob, mma_rows and step_gemm as measure() takes
+    them), appended to rows with `fields`; returns its table cell."""
     us, used, plans = measure(case["cell"], getattr(torch, case["dtype"]), case["N"],
                               case["H"], args.seq_len, path, knob, case["mode"], args.repeats,
-                              mma_rows)
+                              mma_rows, step_gemm)
     rows.append(dict(case, path=path, **fields, us=us, used=used, plan_fwd=plans[0],
                      plan_bwd=plans[1] if case["mode"] == "fwdbwd" else None))
     return f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
@@ -166,18 +169,20 @@ def record(args, rows, case, path, fields, knob=0, mma_rows=None):
 
 def mma_table(args, prop, rows):
     """The 16-bit grid variant with each tensor-core tile of --mma-rows, at --mma-batch,
-    beside the per-step path (whose 16-bit times at large batch no run had measured)."""
+    beside the per-step path, its GEMMs by cublasGemmEx called directly and through ATen
+    (RNNFAST_STEP_GEMM=aten)."""
     dtypes = [d for d in args.dtypes if d in ("bfloat16", "float16")]
     if not dtypes or not args.mma_batch or not args.mma_rows:
         return
     head = "  ".join(f"{f'rows={r}':>8s}" for r in args.mma_rows)
     print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent, tensor-core "
-          f"tile: {head} | {'step':>8s}")
+          f"tile: {head} | {'step':>8s} {'aten':>8s}")
     for case in cases(dtypes, args.cells, args.mma_batch, args.hidden, args.modes):
-        cells = [record(args, rows, case, "persistent" if r else "step", {"mma_rows": r or None},
-                        mma_rows=r or None)
-                 for r in args.mma_rows + [0]]  # 0: the per-step path
-        print(f"{label(case)} | {'':31s}{'  '.join(cells[:-1])} | {cells[-1]}", flush=True)
+        cells = [record(args, rows, case, "persistent", {"mma_rows": r}, mma_rows=r)
+                 for r in args.mma_rows]
+        steps = [record(args, rows, case, "step", {"mma_rows": None, "step_gemm": g},
+                        step_gemm=g) for g in ("cublas", "aten")]
+        print(f"{label(case)} | {'':31s}{'  '.join(cells)} | {' '.join(steps)}", flush=True)
         save(args, prop, rows)
 
 

@@ -11,7 +11,9 @@
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
 #      have not changed since);
 #   3b. calib: the persistent kernels' per-step time against their block count
-#      (scripts/calibrate_persistent.py, small shapes, T=256: the cost model's data);
+#      (scripts/calibrate_persistent.py, small shapes, T=256: the cost model's data; in 16
+#      bits at N=64 and 256 each tensor-core tile and the per-step path, its GEMMs by
+#      cuBLAS called directly and through ATen);
 #   3c. ncu (only when named in GPU_CHECK_STAGES): Nsight Compute on the grid variant's
 #      kernels at bfloat16 LSTM N=256 and N=16, H=768 (scripts/ncu_profile.sh): every section
 #      and the SASS lines with the most stall samples, into ncu.txt;
@@ -573,7 +575,8 @@ if cal:
         print("gpu-calib.json, 16-bit at larger batch: us per step; the grid variant with each "
               "tensor-core tile (RNNFAST_MMA_ROWS; nt: the tile that ran) and the per-step path")
         print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} "
-              + " ".join(f"{f'rows={n}':>8} {'nt':>3}" for n in sizes) + f" {'step':>8}")
+              + " ".join(f"{f'rows={n}':>8} {'nt':>3}" for n in sizes)
+              + f" {'step':>8} {'aten':>8}  (step: cuBLAS called directly; aten: through ATen)")
         for k in dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in mma):
             rs = [r for r in mma if (r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) == k]
             line = f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6}"
@@ -581,7 +584,9 @@ if cal:
                 sel = [r for r in rs if r["mma_rows"] == n]
                 nt = (sel[0].get("plan_fwd") or {}).get("nt", "-") if sel else "-"
                 line += f" {us_of(sel)} {nt:>3}"
-            print(line + " " + us_of([r for r in rs if r["path"] == "step"]))
+            steps = [r for r in rs if r["path"] == "step"]
+            print(line + " " + us_of([r for r in steps if r.get("step_gemm") != "aten"]) + " "
+                  + us_of([r for r in steps if r.get("step_gemm") == "aten"]))
 
 # benchmarks: rnnfast's speedup over cuDNN (torch.nn) per case, then the geomeans
 for fname in ("gpu-bench7.json", "gpu-bench.json", "gpu-peers.json"):

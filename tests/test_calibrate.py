@@ -27,8 +27,9 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     cal = _load()
     seen = []
 
-    def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None):
-        seen.append((cell, str(dtype), N, H, path, knob, mode, mma_rows))
+    def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None,
+                     step_gemm=None):
+        seen.append((cell, str(dtype), N, H, path, knob, mode, mma_rows, step_gemm))
         plan = {"us": 1.0, "blocks": 132}
         return 2.0, (path, path), (plan, plan if mode == "fwdbwd" else None)
 
@@ -39,9 +40,9 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     rows = cal.main(["--cells", "lstm", "--batch", "16", "--hidden", "768", "--json", str(out)])
     # per mode and dtype: persistent at all blocks and <= 64, cluster at the planner's size
     # and 16, 8, 4, and the per-step path; then bfloat16 only at N = 64 and 256: the
-    # tensor-core tiles of 16, 32 and 64 rows and the per-step path
+    # tensor-core tiles of 16, 32 and 64 rows and the per-step path, direct and through ATen
     main_rows = 2 * (2 + 4 + 1) * 2  # 2 modes, 2 dtypes
-    assert len(rows) == main_rows + 2 * 2 * (3 + 1)
+    assert len(rows) == main_rows + 2 * 2 * (3 + 2)
     assert len(seen) == len(rows)
     assert [r["dtype"] for r in rows[:14]] == ["bfloat16"] * 14  # bfloat16 first
     assert all("exchange" not in r for r in rows)
@@ -56,12 +57,13 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     assert {(s[4], s[5]) for s in seen if s[2] == 16} == {
         ("persistent", 0), ("persistent", 64), ("cluster", 0), ("cluster", 16),
         ("cluster", 8), ("cluster", 4), ("step", 0)}
-    assert all(s[7] is None for s in seen if s[2] == 16)
+    assert all(s[7] is None and s[8] is None for s in seen if s[2] == 16)
     mma = rows[main_rows:]
-    assert {(r["dtype"], r["N"], r["mma_rows"], r["path"]) for r in mma} == {
-        ("bfloat16", n, r, "persistent") for n in (64, 256) for r in (16, 32, 64)} | {
-        ("bfloat16", n, None, "step") for n in (64, 256)}
-    assert {s[7] for s in seen if s[2] in (64, 256)} == {16, 32, 64, None}
+    assert {(r["dtype"], r["N"], r["mma_rows"], r["path"], r.get("step_gemm")) for r in mma} == {
+        ("bfloat16", n, r, "persistent", None) for n in (64, 256) for r in (16, 32, 64)} | {
+        ("bfloat16", n, None, "step", g) for n in (64, 256) for g in ("cublas", "aten")}
+    assert {(s[7], s[8]) for s in seen if s[2] in (64, 256)} == {
+        (16, None), (32, None), (64, None), (None, "cublas"), (None, "aten")}
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["sms"] == 132
     fwdbwd = [r for r in rows if r["mode"] == "fwdbwd"]
@@ -100,11 +102,16 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
                                   mma_rows=32)
     assert us == 3.0 and plans == ({"us": 1.0}, None)
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": "64", "RNNFAST_CLUSTER_SIZE": None,
-                    "RNNFAST_MMA_ROWS": "32"}
+                    "RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the cluster variant: its size knob, and no tile
     monkeypatch.setenv("RNNFAST_MMA_ROWS", "stale")
     cal.measure("lstm", torch.float32, 2, 8, 4, "cluster", 8, "fwd", 1)
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": "8",
-                    "RNNFAST_MMA_ROWS": None}
+                    "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None}
+    assert all(k not in os.environ for k in cal.KNOBS)
+    # the per-step path through ATen
+    cal.measure("lstm", torch.float32, 2, 8, 4, "step", 0, "fwd", 1, step_gemm="aten")
+    assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
+                    "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": "aten"}
     assert all(k not in os.environ for k in cal.KNOBS)

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 
@@ -135,6 +136,14 @@ CudaPath cuda_path_mode() {
   return static_cast<CudaPath>(mode);
 }
 
+std::string step_gemm_knob_error() {
+  const char* v = std::getenv("RNNFAST_STEP_GEMM");
+  if (v == nullptr || *v == 0 || std::strcmp(v, "cublas") == 0 || std::strcmp(v, "aten") == 0) {
+    return "";
+  }
+  return std::string("RNNFAST_STEP_GEMM is '") + v + "', expected 'cublas' or 'aten'";
+}
+
 void note_cuda_path(bool backward, CudaPath used) {
   last_path[backward ? 1 : 0].store(static_cast<int>(used));
 }
@@ -239,13 +248,12 @@ PyObject* py_last_cuda_plan(PyObject*, PyObject*) {
 // _C._step_gemm() -> "cublas" or "aten" (the per-step path's 16-bit GEMMs), None without CUDA
 PyObject* py_step_gemm(PyObject*, PyObject*) {
 #ifdef RNNFAST_WITH_CUDA
-  const char* kind = rnnfast::cuda_step_gemm_kind();
-  if (*kind == 0) {
-    PyErr_Format(PyExc_ValueError, "RNNFAST_STEP_GEMM is '%s', expected 'cublas' or 'aten'",
-                 std::getenv("RNNFAST_STEP_GEMM"));
+  const std::string error = rnnfast::step_gemm_knob_error();
+  if (!error.empty()) {
+    PyErr_SetString(PyExc_ValueError, error.c_str());
     return nullptr;
   }
-  return PyUnicode_FromString(kind);
+  return PyUnicode_FromString(rnnfast::cuda_step_gemm_kind());
 #else
   Py_RETURN_NONE;
 #endif

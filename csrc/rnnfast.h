@@ -125,9 +125,12 @@ void note_cuda_plan(bool backward, const CudaPlanNote& note);
 // op (on the H100 a TORCH_CHECK thrown inside plan_persistent crashed the process; the
 // cause is not known).
 void check_persistent_refusal(const char* op, const std::string& why);
-// What the per-step path's 16-bit GEMMs go through (cuda/common.cuh, StepGemm): "cublas"
-// (cublasGemmEx called directly) or "aten" (RNNFAST_STEP_GEMM=aten, or cuBLAS not found),
-// "" where RNNFAST_STEP_GEMM is neither. CUDA builds only.
+// RNNFAST_STEP_GEMM: how the per-step path's 16-bit CUDA GEMMs run (cuda/common.cuh,
+// StepGemm): unset or "cublas" (cublasGemmEx called directly where torch loaded it), or
+// "aten". step_gemm_knob_error(): "" for those, else the error naming the value; CUDA ops
+// raise it, after their dispatch. cuda_step_gemm_kind() (CUDA builds only): "cublas" or
+// "aten", what a call would use.
+std::string step_gemm_knob_error();
 const char* cuda_step_gemm_kind();
 
 // The workspace of a training forward: [T, N, width], workspace_dtype, contiguous, on x's

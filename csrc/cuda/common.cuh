@@ -9,7 +9,7 @@
 // the saved activations and the backward's carried dh and dc run in. Recurrent GEMMs of the
 // forward run in scalar_t (tensor cores for half and bfloat16, accumulating in fp32 inside
 // cuBLAS). In bfloat16 the backward's GEMMs take the gate gradients rounded to bfloat16,
-// with fp32 sums and results: the per-step path's dh GEMM (StepGemm::bf16_dh) and the
+// with fp32 sums and results: the per-step path's dh GEMM (StepGemm::dg16) and the
 // whole-sequence GEMMs (sequence_grads), from torch 2.8 on (or with cuBLAS called directly);
 // otherwise they run in acc_t.
 #pragma once
@@ -125,12 +125,11 @@ inline GemmExFn loaded_cublas_gemm_ex() {
   return fn;
 }
 // What the per-step path's 16-bit GEMMs go through: "cublas" (direct, where found) or "aten"
-// as RNNFAST_STEP_GEMM asks (unset or "cublas": direct where found), or "" for a value that
-// is neither (the op then raises, naming it).
+// as RNNFAST_STEP_GEMM asks (unset or "cublas": direct where found; a value that is neither
+// is refused, see step_gemm_knob_error)
 inline const char* step_gemm_kind() {
   const char* v = std::getenv("RNNFAST_STEP_GEMM");
   if (v != nullptr && std::strcmp(v, "aten") == 0) return "aten";
-  if (v != nullptr && *v != 0 && std::strcmp(v, "cublas") != 0) return "";
   return loaded_cublas_gemm_ex() != nullptr ? "cublas" : "aten";
 }
 // Whether torch's setting for reduced-precision reductions in float16/bfloat16 GEMMs is its
@@ -143,15 +142,14 @@ inline bool reduced_reduction_default(Option option) {
 
 class StepGemm {
  public:
-  // w_hh [GH, H], contiguous, of the tensors' dtype; on the current device and stream
-  explicit StepGemm(const Tensor& w_hh) : w_hh_(w_hh) {
+  // w_hh [GH, H], contiguous, of the tensors' dtype; on the current device and stream.
+  // backward_rows: N for the backward (its dh GEMM's operands are then made here: dg16, or
+  // W_hh in acc_t), 0 for the forward.
+  explicit StepGemm(const Tensor& w_hh, int64_t backward_rows = 0) : w_hh_(w_hh) {
     const auto dtype = w_hh.scalar_type();
+    error_ = step_gemm_knob_error();
+    if (!error_.empty()) return;
     const char* kind = step_gemm_kind();
-    if (*kind == 0) {
-      error_ = std::string("RNNFAST_STEP_GEMM is '") + std::getenv("RNNFAST_STEP_GEMM") +
-               "', expected 'cublas' or 'aten'";
-      return;
-    }
     const at::Context& ctx = at::globalContext();
     const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
     const bool defaults =
@@ -165,15 +163,25 @@ class StepGemm {
     } else {
       w_t_ = w_hh.t();
     }
-    bf16_dh_ = dtype == at::kBFloat16 && (gemm_ != nullptr || kMmOutDtype);
+    const bool bf16_dh = dtype == at::kBFloat16 && (gemm_ != nullptr || kMmOutDtype);
+    if (backward_rows > 0) {
+      if (bf16_dh) {
+        dg16_ = at::empty({backward_rows, w_hh.size(0)}, w_hh.options());
+      } else {
+        w_acc_ = w_hh.to(workspace_dtype(dtype)).contiguous();
+      }
+    }
   }
 
-  // Whether the backward's dh GEMM takes bfloat16 operands (the gate gradients rounded
-  // once, on tensor cores with float32 sums into float32 dh, as sequence_grads, by either
-  // route: cublasGemmEx, or at::mm's out_dtype from torch 2.8 on; float16 stays in float32,
-  // see there): the step kernels then also write the gate gradients in bfloat16 (dg16
-  // [N, GH]).
-  bool bf16_dh() const { return bf16_dh_; }
+  // The backward's dh GEMM takes bfloat16 operands where the tensors are bfloat16 (the gate
+  // gradients rounded once, on tensor cores with float32 sums into float32 dh, as
+  // sequence_grads, by either route: cublasGemmEx, or at::mm's out_dtype from torch 2.8 on;
+  // float16 stays in float32, see there): the step kernels then also write the gate
+  // gradients in bfloat16 into dg16() [N, GH]; null where they need not.
+  template <typename scalar_t>
+  scalar_t* dg16() const {
+    return dg16_.defined() ? dg16_.data_ptr<scalar_t>() : nullptr;
+  }
 
   // Why a cuBLAS call failed ("" if none did): the op raises it after its dispatch (see
   // check_persistent_refusal: nothing is thrown from inside it); calls after a failure do
@@ -197,21 +205,21 @@ class StepGemm {
                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
-  // dh [N, H] (acc_t) = dg[t] [N, GH] W_hh, or += when accumulate: from dg16 (bfloat16)
-  // where bf16_dh(), else from dg[t] (acc_t) with w_acc, W_hh in acc_t (dh_gemm)
-  void dh(const Tensor& dg16, const Tensor& dg, int64_t t, const Tensor& w_acc, Tensor& dh,
-          bool accumulate) const {
+  // dh [N, H] (acc_t) = dg[t] [N, GH] W_hh, or += when accumulate: from dg16() (bfloat16,
+  // as the step kernel wrote it) where made, else from dg[t] (acc_t) with W_hh in acc_t
+  // (dh_gemm). A StepGemm made for the backward (backward_rows).
+  void dh(const Tensor& dg, int64_t t, Tensor& dh, bool accumulate) const {
     if (!error_.empty()) return;
-    if (!bf16_dh()) {
-      dh_gemm(dg[t], w_acc, dh, accumulate);
+    if (!dg16_.defined()) {
+      dh_gemm(dg[t], w_acc_, dh, accumulate);
       return;
     }
     if (gemm_ == nullptr) {
 #if RNNFAST_TORCH_VERSION >= 208
       if (accumulate) {
-        dh.add_(at::mm(dg16, w_hh_, at::kFloat));
+        dh.add_(at::mm(dg16_, w_hh_, at::kFloat));
       } else {
-        at::mm_out(dh, dg16, w_hh_, at::kFloat);
+        at::mm_out(dh, dg16_, w_hh_, at::kFloat);
       }
 #endif
       return;
@@ -220,7 +228,7 @@ class StepGemm {
     const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     // column-major: dh^T [H, N] (+)= W_hh^T ([H, GH] stored) dg^T ([GH, N] stored)
     check(gemm_(handle_, CUBLAS_OP_N, CUBLAS_OP_N, int(H), int(N), int(GH), &one,
-                w_hh_.data_ptr(), CUDA_R_16BF, int(H), dg16.data_ptr(), CUDA_R_16BF, int(GH),
+                w_hh_.data_ptr(), CUDA_R_16BF, int(H), dg16_.data_ptr(), CUDA_R_16BF, int(GH),
                 &beta, dh.data_ptr(), CUDA_R_32F, int(H), CUBLAS_COMPUTE_32F,
                 CUBLAS_GEMM_DEFAULT));
   }
@@ -233,11 +241,12 @@ class StepGemm {
     }
   }
   Tensor w_hh_;
-  Tensor w_t_;  // w_hh.t(), for ATen
+  Tensor w_t_;    // w_hh.t(), for ATen's forward
+  Tensor dg16_;   // the backward's bfloat16 gate gradients of a step [N, GH]
+  Tensor w_acc_;  // or W_hh in acc_t, for the backward's dh GEMM in acc_t
   GemmExFn gemm_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   cudaDataType type_ = CUDA_R_32F;
-  bool bf16_dh_ = false;
   mutable std::string error_;
 };
 

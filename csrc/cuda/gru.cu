@@ -150,7 +150,7 @@ __global__ void gru_forward_step(const scalar_t* __restrict__ xp, const scalar_t
 }
 
 // Backward of one step: the gate gradients dg_ih and dg_hh [N, 3H] (dg_hh also in dg16
-// [N, 3H] in scalar_t, the dh GEMM's operand, unless null; see StepGemm::bf16_dh), and dh's
+// [N, 3H] in scalar_t, the dh GEMM's operand, unless null; see StepGemm::dg16), and dh's
 // direct term written into dh, to which the GEMM then adds dg_hh W_hh.
 template <typename scalar_t, typename acc_t>
 __global__ void gru_backward_step(const scalar_t* __restrict__ dy, acc_t* __restrict__ dh,
@@ -272,10 +272,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
           refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
-        const StepGemm gemm(w_hh);
-        const Tensor dg16 = gemm.bf16_dh() ? at::empty({N, 3 * H}, x.options()) : Tensor();
-        const Tensor w_hh_acc = gemm.bf16_dh() ? Tensor() : w_hh.to(acc).contiguous();
-        scalar_t* dg16p = dg16.defined() ? dg16.data_ptr<scalar_t>() : nullptr;
+        const StepGemm gemm(w_hh, N);
+        scalar_t* dg16p = gemm.dg16<scalar_t>();
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const scalar_t* h_prev = s == 0 ? h0.data_ptr<scalar_t>() : yp + tp * N * H;
@@ -284,7 +282,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
               dy.data_ptr<scalar_t>() + t * N * H, dh.data_ptr<acc_t>(), h_prev,
               ws + t * N * 4 * H, dg_ih.data_ptr<acc_t>() + t * N * 3 * H, dhh, dg16p, N, H);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          gemm.dh(dg16, dg_hh, t, w_hh_acc, dh, /*accumulate=*/true);
+          gemm.dh(dg_hh, t, dh, /*accumulate=*/true);
         }
         refused = gemm.error();  // raised below, as a refusal is
       });

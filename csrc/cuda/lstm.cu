@@ -141,7 +141,7 @@ __global__ void lstm_forward_step(const scalar_t* __restrict__ xp, const scalar_
 
 // Backward of one step: from dy[t] + the carried dh and dc, the gate pre-activation
 // gradients dg [N, 4H] (and in dg16 [N, 4H] in scalar_t, the dh GEMM's operand, unless
-// null; see StepGemm::bf16_dh) and dc_{t-1} (in place in dc). dh is only read here; the
+// null; see StepGemm::dg16) and dc_{t-1} (in place in dc). dh is only read here; the
 // GEMM after this kernel overwrites it with dg W_hh.
 template <typename scalar_t, typename acc_t>
 __global__ void lstm_backward_step(const scalar_t* __restrict__ dy, const acc_t* __restrict__ dh,
@@ -294,10 +294,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
           refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
-        const StepGemm gemm(w_hh);
-        const Tensor dg16 = gemm.bf16_dh() ? at::empty({N, 4 * H}, x.options()) : Tensor();
-        const Tensor w_hh_acc = gemm.bf16_dh() ? Tensor() : w_hh.to(acc).contiguous();
-        scalar_t* dg16p = dg16.defined() ? dg16.data_ptr<scalar_t>() : nullptr;
+        const StepGemm gemm(w_hh, N);
+        scalar_t* dg16p = gemm.dg16<scalar_t>();
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse), tp = time_index(s - 1, T, reverse);
           const acc_t* c_prev = s == 0 ? c0_acc.data_ptr<acc_t>() : ws + tp * N * 5 * H + 4 * H;
@@ -306,7 +304,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
               ws + t * N * 5 * H, c_prev, s == 0 ? H : 5 * H, dgp + t * N * 4 * H, dg16p, N,
               H);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          gemm.dh(dg16, dg, t, w_hh_acc, dh, /*accumulate=*/false);
+          gemm.dh(dg, t, dh, /*accumulate=*/false);
         }
         refused = gemm.error();  // raised below, as a refusal is
       });

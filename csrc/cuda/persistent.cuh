@@ -1464,7 +1464,7 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
   }
   // the per-step forward GEMM runs in scalar_t, on tensor cores for 16-bit; the backward's
   // is costed in acc_t on FFMA, as the H100 measured it (in bfloat16 it now takes bfloat16
-  // operands on tensor cores, StepGemm::bf16_dh: not measured yet, so overestimated)
+  // operands on tensor cores, StepGemm::dg16: not measured yet, so overestimated)
   constexpr int G = Cell::kGates;
   const double step_us = planner.model.step_us(2.0 * N * G * H * H, planner.kMma);
   if (plan.kernel != nullptr && !(plan.us < step_us)) plan = PersistentLaunch{};

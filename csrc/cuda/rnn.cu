@@ -178,10 +178,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
           refused = launch_persistent(plan, p, x);  // a launch error, raised below
           return;
         }
-        const StepGemm gemm(w_hh);
-        const Tensor dg16 = gemm.bf16_dh() ? at::empty({N, H}, x.options()) : Tensor();
-        const Tensor w_hh_acc = gemm.bf16_dh() ? Tensor() : w_hh.to(acc).contiguous();
-        scalar_t* dg16p = dg16.defined() ? dg16.data_ptr<scalar_t>() : nullptr;
+        const StepGemm gemm(w_hh, N);
+        scalar_t* dg16p = gemm.dg16<scalar_t>();
         for (int64_t s = T - 1; s >= 0; --s) {
           const int64_t t = time_index(s, T, reverse);
           acc_t* dgt = dg.data_ptr<acc_t>() + t * N * H;
@@ -190,7 +188,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
               y.data_ptr<scalar_t>() + t * N * H, dgt, dg16p, N * H,
               static_cast<int>(activation));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          gemm.dh(dg16, dg, t, w_hh_acc, dh, /*accumulate=*/false);
+          gemm.dh(dg, t, dh, /*accumulate=*/false);
         }
         refused = gemm.error();  // raised below, as a refusal is
       });

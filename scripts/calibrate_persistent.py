@@ -12,7 +12,10 @@ with the cluster variant forced, the planner's cluster size and each of --cluste
 dtypes at the larger batches of --mma-batch, the grid variant with each tensor-core tile of
 --mma-rows (RNNFAST_MMA_ROWS: at most 16, 32 or 64 batch rows a tile, 64 by default; the
 third H100 run measured each) beside the per-step path. Times are the median of
---repeats CUDA-event timings after a warm-up, divided by T. A cap that does not fit on chip
+--repeats CUDA-event timings after a warm-up, divided by T. And for the 16-bit dtypes at
+the batches of --batch up to 16, the forward on the grid variant's register tile
+(RNNFAST_REG_TILE=1: W_hh's slice in registers, not yet measured on a GPU; `reg` in the
+plan says whether it ran) beside the tiled forward, H in --hidden and 1024. A cap that does not fit on chip
 is reported as such (the forced path raises). The grid variant exchanges h_t through its
 grid barrier only: the other exchanges this script once compared (--exchanges: a flag per
 block, and the LL exchange) were removed from the kernels after the second H100 run
@@ -44,7 +47,7 @@ from rnnfast._ops import _last_cuda_plan  # noqa: E402
 
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
 KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_MMA_ROWS",
-         "RNNFAST_STEP_GEMM")
+         "RNNFAST_STEP_GEMM", "RNNFAST_REG_TILE")
 
 
 def time_per_step(fn, T, repeats, warmup=2):
@@ -62,12 +65,14 @@ def time_per_step(fn, T, repeats, warmup=2):
     return statistics.median(times)
 
 
-def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None, step_gemm=None):
+def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None, step_gemm=None,
+            reg_tile=None):
     """(microseconds per step, or the first line of the error the call raised; the paths
     that ran; the planner's decisions, rnnfast._ops._last_cuda_plan(): the cost model's
     estimates beside the measurement). knob: the value of RNNFAST_PERSISTENT_MAX_BLOCKS
     (path persistent) or RNNFAST_CLUSTER_SIZE (path cluster), 0 for none; mma_rows:
-    RNNFAST_MMA_ROWS (path persistent); step_gemm: RNNFAST_STEP_GEMM (path step)."""
+    RNNFAST_MMA_ROWS (path persistent); step_gemm: RNNFAST_STEP_GEMM (path step); reg_tile:
+    RNNFAST_REG_TILE (path persistent)."""
     torch.manual_seed(0)
     m = MODULES[cell](H, H).to("cuda", dtype)
     x = torch.randn(T, N, H, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
@@ -79,6 +84,8 @@ def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None, step
         os.environ[KNOBS[2]] = str(mma_rows)
     if step_gemm:
         os.environ[KNOBS[3]] = step_gemm
+    if reg_tile is not None:
+        os.environ[KNOBS[4]] = str(reg_tile)
 
     def fwd():
         with torch.no_grad():
@@ -112,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--mma-rows", nargs="+", type=int, default=[16, 32, 64],
                     choices=[16, 32, 64])
     ap.add_argument("--cluster-sizes", nargs="+", type=int, default=[16, 8, 4])
+    ap.add_argument("--no-reg-tile", action="store_true",
+                    help="leave out the register tile's table")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
@@ -140,6 +149,7 @@ def main(argv=None):
         print(f"{label(case)} | {'':20s}{'  '.join(cells)} | {'':9s}{'  '.join(ccells)} | "
               f"{step}", flush=True)
         save(args, prop, rows)  # after every case: a run cut short keeps them
+    reg_table(args, prop, rows)
     mma_table(args, prop, rows)
     save(args, prop, rows)
     return rows
@@ -156,15 +166,36 @@ def label(case):
             f"{case['mode']:6s}")
 
 
-def record(args, rows, case, path, fields, knob=0, mma_rows=None, step_gemm=None):
-    """One measurement of case on path (knob, mma_rows and step_gemm as measure() takes
-    them), appended to rows with `fields`; returns its table cell."""
+def record(args, rows, case, path, fields, knob=0, mma_rows=None, step_gemm=None,
+           reg_tile=None):
+    """One measurement of case on path (knob, mma_rows, step_gemm and reg_tile as measure()
+    takes them), appended to rows with `fields`; returns its table cell."""
     us, used, plans = measure(case["cell"], getattr(torch, case["dtype"]), case["N"],
                               case["H"], args.seq_len, path, knob, case["mode"], args.repeats,
-                              mma_rows, step_gemm)
+                              mma_rows, step_gemm, reg_tile)
     rows.append(dict(case, path=path, **fields, us=us, used=used, plan_fwd=plans[0],
                      plan_bwd=plans[1] if case["mode"] == "fwdbwd" else None))
     return f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
+
+
+def reg_table(args, prop, rows):
+    """The 16-bit forward at the batches of --batch up to 16 on the grid variant, tiled and
+    on the register tile (RNNFAST_REG_TILE=0 and 1; the plan's `reg` says which ran: the
+    tiled forward where the layer does not fit the register tile), H in --hidden and 1024.
+    Rows carry `reg_tile`."""
+    dtypes = [d for d in args.dtypes if d in ("bfloat16", "float16")]
+    batches = [n for n in args.batch if n <= 16]
+    if args.no_reg_tile or not dtypes or not batches:
+        return
+    hidden = sorted(set(args.hidden) | {1024})
+    print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent forward: "
+          f"{'tiled':>8s} {'register':>8s} ran")
+    for case in cases(dtypes, args.cells, batches, hidden, ["fwd"]):
+        tiled = record(args, rows, case, "persistent", {"reg_tile": 0}, reg_tile=0)
+        reg = record(args, rows, case, "persistent", {"reg_tile": 1}, reg_tile=1)
+        ran = (rows[-1].get("plan_fwd") or {}).get("reg")
+        print(f"{label(case)} | {'':20s}{tiled} {reg} {ran}", flush=True)
+        save(args, prop, rows)
 
 
 def mma_table(args, prop, rows):

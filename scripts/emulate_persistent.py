@@ -7,7 +7,10 @@ groups into two tiles of xs (a copy's destination is written at its issue, for t
 checks, and unreadable until its cp_async_wait), tile_dot with its vector
 groups, their alignment checked, and its split-K, tile_dot_mma's ldmatrix / mma.sync
 m16n8k16 forward for 16-bit types lane by lane (tiles of 16, 32 or 64 batch rows as the
-planner picks them, a case's `mma_rows` capping them), smem_layout with its xs_rows and the
+planner picks them, a case's `mma_rows` capping them), the register tile
+(persistent_forward_reg: W's b fragments held by each lane, h_{t-1} loaded from L2 into a
+fragments, 8 consecutive columns a lane with the k order permuted alike in both, the
+warps' partial sums; a case's `reg_tile` sets RNNFAST_REG_TILE), smem_layout with its xs_rows and the
 scratch sizes, the grid barrier's arrive and wait, both kernels in both variants
 (kCluster) with their loads between arrival and wait, PersistentPlanner's grid() and cluster() with the path forced)
 and the cells and ops of lstm.cu, gru.cu and rnn.cu (forward returning h, backward handing
@@ -144,6 +147,16 @@ MUTATIONS = {
     "async_no_sync": "pipelined staging: no __syncthreads after cp_async_wait",
     "async_plan_one_tile": "pipelined staging: the plan sizes xs for one tile but asks for two",
     "prefetch_past_t": "forward: xp of step s + 2 prefetched at the step before the last too",
+    # the register tile (persistent_forward_reg)
+    "reg_a_perm": "register tile: k step 0's a fragment from columns 8c + {0..3}, not {0, 1, 4, 5}",
+    "reg_plain_load": "register tile: h_{t-1} loaded with a plain load instead of __ldcg",
+    "reg_idle_warp_silent": "register tile: a warp without chunks writes no partial sums",
+    "reg_vec_unaligned": "register tile: 16-byte loads of h_{t-1} without checking the alignment",
+    "reg_w_no_u0": "register tile: W's fragments from row g * H + j (u0 missing)",
+    "reg_hi_rows": "register tile: the partial sums of rows g + 8 stored at row g",
+    "reg_own_h_stale": "register tile: a thread's h_{t-1} (GRU) kept from step 0",
+    "reg_no_sync": "register tile: no __syncthreads between the partial sums and the pointwise pass",
+    "reg_chunk_split": "register tile: warp w's chunks from w * C // 8 to (w + 1) * C // 8 + 1",
 }
 MUT = set()
 
@@ -1064,6 +1077,161 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
         yield CLUSTER_SYNC
 
 
+# --------------------------------------------------------------------------------------
+# persistent.cuh: the register tile (persistent_forward_reg), lane by lane
+# --------------------------------------------------------------------------------------
+REG_MAX_N8, REG_MAX_CHUNKS, REG_SCRATCH_LD = 4, 4, 40
+
+
+def reg_tile_fits(N, w_rows, H):
+    chunks = -(-H // 32)
+    return 1 <= N <= 16 and w_rows <= 8 * REG_MAX_N8 and H % 8 == 0 and \
+        -(-chunks // WARPS) <= REG_MAX_CHUNKS
+
+
+def reg_scratch_bytes():
+    return WARPS * 16 * REG_SCRATCH_LD * 4
+
+
+def load8_cg(src, off, vec, valid, ctx, thr, x_size, where):
+    """load8_cg: the 8 values at src + off (element offsets [threads]), zeros where not
+    valid: [threads, 8]. vec: one 16-byte load, whose address must be 16-byte aligned."""
+    out = np.zeros(off.shape + (8,))
+    if not valid.any():
+        return out
+    o = off[valid]
+    if vec and ((src.off + o) * x_size % 16).any():
+        finding(f"register tile: a 16-byte load of h_{{t-1}} not 16-byte aligned ({where})")
+    out[valid] = src.read(o[:, None] + np.arange(8), ctx, thr[valid][:, None],
+                          cg=not mut("reg_plain_load"), where=where)
+    return out
+
+
+def persistent_forward_reg(Cell, dt, p, ctx):
+    """persistent_forward_reg: W's slice as b fragments in each lane's registers, h_{t-1}
+    loaded from L2 into a fragments (8 consecutive columns a lane and chunk, the k order
+    permuted alike in both), every warp's partial sums through shared memory."""
+    G = Cell.kGates
+    N, H, U = p.N, p.H, p.units
+    w = block_work(False, p, ctx)
+    u0, here = w.u0, w.here
+    scratch = Ptr(ctx.shared_memory(), 0, 4)
+    thr = np.arange(BLOCK_DIM, dtype=np.int64)
+    warp, lane = thr // 32, thr % 32
+    gid, tig = lane // 4, lane % 4
+    n8 = (G * U + 7) // 8
+    chunks = -(-H // 32)
+    ch0 = warp * chunks // WARPS
+    my = (warp + 1) * chunks // WARPS - ch0 + mut("reg_chunk_split")
+    if (my == 0).any():
+        cover("register tile: warps without chunks")
+    if (my > 1).any():
+        cover("register tile: several chunks a warp")
+    if H % 32:
+        cover("register tile: a chunk zero-padded past H")
+    # W's fragments [threads, chunk, n-tile, 8 values]
+    wb = np.zeros((BLOCK_DIM, REG_MAX_CHUNKS, REG_MAX_N8, 8))
+    for c in range(REG_MAX_CHUNKS):
+        for nt in range(REG_MAX_N8):
+            r = nt * 8 + gid
+            g, j = r // U, r % U
+            k = (ch0 + c) * 32 + 8 * tig
+            valid = (c < my) & (nt < n8) & (g < G) & (j < here) & (k < H)
+            if valid.any():
+                row = g * H + (0 if mut("reg_w_no_u0") else u0) + j
+                wb[valid, c, nt] = p.w_hh.read(
+                    ((row * H + k)[valid])[:, None] + np.arange(8), ctx, thr[valid][:, None],
+                    where="register tile: W's fragments")
+    items = N * here
+    if items > BLOCK_DIM:
+        cover("register tile: more items than threads")
+    ahead_thr = np.arange(min(items, BLOCK_DIM), dtype=np.int64)
+    ahead_n, ahead_u = ahead_thr // here, u0 + ahead_thr % here
+    ahead = Cell.load(p, 0, time_index(0, p.T, p.reverse), time_index(-1, p.T, p.reverse),
+                      ahead_n, ahead_u, ctx, ahead_thr)
+    own_h = None
+    if Cell.kNeedsHPrev:
+        own_h = p.h0.read(ahead_n * H + ahead_u, ctx, ahead_thr, where="register tile: own h0")
+    for s in range(p.T):
+        t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
+        h_prev = p.h0 if s == 0 else p.y + tp * N * H
+        vec = (h_prev.off * dt.scalar) % 16 == 0 or mut("reg_vec_unaligned")
+        if not vec:
+            cover("register tile: h_{t-1} by 2-byte loads (unaligned)")
+        a = np.zeros((BLOCK_DIM, REG_MAX_CHUNKS, 2, 8))  # [thread, chunk, row g / g + 8, 8]
+        for c in range(REG_MAX_CHUNKS):
+            k = (ch0 + c) * 32 + 8 * tig
+            in_k = (c < my) & (k < H)
+            for half in range(2):
+                row = gid + 8 * half
+                a[:, c, half] = load8_cg(h_prev, row * H + k, vec, in_k & (row < N), ctx, thr,
+                                         dt.scalar, "register tile: h_{t-1}")
+        A = a.reshape(WARPS, 32, REG_MAX_CHUNKS, 2, 8)
+        Wb = wb.reshape(WARPS, 32, REG_MAX_CHUNKS, REG_MAX_N8, 8)
+        acc = np.zeros((WARPS, 32, REG_MAX_N8, 4))
+        my_w = my[::32]
+        for c in range(REG_MAX_CHUNKS):
+            on = my_w > c  # warp-uniform
+            if not on.any():
+                continue
+            for step in range(2):
+                # step 0: columns 8 tig + {0, 1} (a0 / a1, b0) and + {4, 5} (a2 / a3, b1); step 1:
+                # + {2, 3} and + {6, 7}
+                e0 = 2 * step
+                lo, hi = (slice(e0, e0 + 2), slice(e0 + 4, e0 + 6))
+                if mut("reg_a_perm"):
+                    lo, hi = (slice(4 * step, 4 * step + 2), slice(4 * step + 2, 4 * step + 4))
+                af = np.stack([A[on, :, c, 0, lo], A[on, :, c, 1, lo], A[on, :, c, 0, hi],
+                               A[on, :, c, 1, hi]], axis=2)
+                for nt in range(n8):
+                    bf = np.stack([Wb[on, :, c, nt, e0:e0 + 2], Wb[on, :, c, nt, e0 + 4:e0 + 6]],
+                                  axis=2)
+                    acc[on, :, nt] = mma_16816(acc[on, :, nt], af, bf)
+        # the partial sums: rows gid and gid + 8, columns 8 nt + 2 tig + {0, 1}
+        acc = acc.reshape(BLOCK_DIM, REG_MAX_N8, 4)
+        writes = np.ones(BLOCK_DIM, bool)
+        if mut("reg_idle_warp_silent"):
+            writes = my > 0
+        hi_row = 0 if mut("reg_hi_rows") else 8
+        for nt in range(n8):
+            col = nt * 8 + 2 * tig
+            for i in range(4):
+                row = gid + (hi_row if i >= 2 else 0)
+                addr = (warp * 16 + row) * REG_SCRATCH_LD + col + i % 2
+                scratch.write(addr[writes], acc[writes, nt, i], ctx, thr[writes],
+                              where="register tile: partial sums")
+        if not mut("reg_no_sync"):
+            ctx.syncthreads()
+        idx = np.arange(items, dtype=np.int64)
+        it_thr = idx % BLOCK_DIM
+        nl, j = idx // here, idx % here
+        hh = np.zeros((G, items))
+        for g in range(G):
+            for wp in range(WARPS):  # a fixed order
+                hh[g] += scratch.read((wp * 16 + nl) * REG_SCRATCH_LD + g * U + j, ctx, it_thr,
+                                      where="register tile: the warps' sum")
+        first = idx < BLOCK_DIM
+        inp = np.zeros((Cell.kLoads, items))
+        inp[:, first] = ahead
+        if (~first).any():
+            inp[:, ~first] = Cell.load(p, s, t, tp, nl[~first], u0 + j[~first], ctx,
+                                       it_thr[~first])
+        hp = np.zeros(items)
+        if Cell.kNeedsHPrev:
+            hp[first] = own_h
+            if (~first).any():
+                hp[~first] = h_prev.read(nl[~first] * H + u0 + j[~first], ctx, it_thr[~first],
+                                         cg=True, where="register tile: h_{t-1} of an item")
+        h = Cell.forward(p, s, t, tp, nl, u0 + j, hh, hp, inp, ctx, it_thr)
+        if Cell.kNeedsHPrev and not mut("reg_own_h_stale"):
+            own_h = h[first]
+        if s + 1 < p.T:
+            yield GRID_ARRIVE
+            ahead = Cell.load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u,
+                              ctx, ahead_thr)
+            yield (s + 1) * ctx.grid
+
+
 def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
     G = Cell.kGates
     N, H = p.N, p.H
@@ -1329,6 +1497,7 @@ def lstm_point_backward(cr, dh_total, dc, c_prev):
 class LstmCell:
     kGates = 4
     kDirectDh = False
+    kNeedsHPrev = False
 
     @staticmethod
     def c_prev(p, s, tp, n, u, ctx, thr):
@@ -1414,6 +1583,7 @@ def gru_point_backward(cr, dh_total, h_prev):
 class GruCell:
     kGates = 3
     kDirectDh = True
+    kNeedsHPrev = True
 
     kLoads = 6
 
@@ -1484,6 +1654,7 @@ def elman_act_grad(h, activation):
 class ElmanCell:
     kGates = 1
     kDirectDh = False
+    kNeedsHPrev = False
 
     kLoads = 1
 
@@ -1544,9 +1715,11 @@ class Plan:
     at_once: int = 0  # the cluster variant: clusters the device runs at once
     us: float = 0.0  # the cluster variant: the stand-in cost (see cluster_us)
     xs_tiles: int = 1  # the grid variant's tiles of xs (2: stage_rows_async)
+    reg: bool = False  # the grid variant's register tile (RNNFAST_REG_TILE=1)
 
 
-# the environment knobs of the case running (RNNFAST_MMA_ROWS), read by the planner
+# the environment knobs of the case running (RNNFAST_MMA_ROWS, RNNFAST_REG_TILE), read by
+# the planner
 KNOBS = {}
 
 
@@ -1620,8 +1793,21 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
     if KNOBS.get("RNNFAST_MMA_ROWS", "") not in ("", "16", "32", "64"):
         raise Finding("the persistent path cannot run: RNNFAST_MMA_ROWS is "
                       f"{KNOBS['RNNFAST_MMA_ROWS']!r}")
+    if KNOBS.get("RNNFAST_REG_TILE", "") not in ("", "0", "1"):
+        raise Finding("the persistent path cannot run: RNNFAST_REG_TILE is "
+                      f"{KNOBS['RNNFAST_REG_TILE']!r}")
     units = (H + sms - 1) // sms
     K, w_rows, _, mma = plan_sizes(Cell, backward, H, units, dt)
+    if mma and KNOBS.get("RNNFAST_REG_TILE") == "1" and not reg_tile_fits(N, w_rows, H):
+        cover("register tile: asked, the layer does not fit it")
+    if mma and KNOBS.get("RNNFAST_REG_TILE") == "1" and reg_tile_fits(N, w_rows, H):
+        smem = reg_scratch_bytes()
+        blocks = (H + units - 1) // units
+        if smem <= dev.smem_optin and dev.occupancy(smem) * sms >= blocks:
+            plan = Plan(lambda p, ctx: persistent_forward_reg(Cell, dt, p, ctx), blocks, units,
+                        0, N, smem, 16, 0)
+            plan.reg = True
+            return plan
     plan = Plan()
 
     def try_tile(nt, rpw):
@@ -2020,6 +2206,9 @@ def check(name, got, want, case, tol=1e-9):
 
 def cover_plan(plan, N, H, sms, dt, backward):
     STATS["tiles"].add((plan.nt, plan.rpw))
+    if plan.reg:
+        cover("register tile")
+        return
     if plan.cluster:
         STATS["cluster"] += not backward
         cs, n_c = plan.cluster, plan.group_rows
@@ -2050,19 +2239,22 @@ def cover_plan(plan, N, H, sms, dt, backward):
 
 def case_name(c):
     keys = ("kind", "dtype", "T", "N", "C", "H", "reverse", "training", "sms", "bias", "act",
-            "gru_bhh", "tile", "h0_off", "smem_optin", "cluster", "mma_rows")
+            "gru_bhh", "tile", "h0_off", "smem_optin", "cluster", "mma_rows", "reg_tile")
     return " ".join(f"{k}={c[k]}" for k in keys if k in c)
 
 
 def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True, tile=None,
              dtype="float64", seed=0, ops=None, h0_off=0, smem_optin=None, cluster=None,
-             mma_rows=None):
+             mma_rows=None, reg_tile=None):
     """One case; cluster: (size, rows) for the cluster variant (RNNFAST_CLUSTER_SIZE and
     _ROWS; None in either for the planner's choice), None for the grid variant; mma_rows:
-    RNNFAST_MMA_ROWS (the tensor-core tile's batch rows), set for this case only."""
+    RNNFAST_MMA_ROWS (the tensor-core tile's batch rows), reg_tile: RNNFAST_REG_TILE (1: the
+    register tile where it holds the layer), each set for this case only."""
     KNOBS.clear()
     if mma_rows:
         KNOBS["RNNFAST_MMA_ROWS"] = str(mma_rows)
+    if reg_tile is not None:
+        KNOBS["RNNFAST_REG_TILE"] = str(reg_tile)
     try:
         _run_case(kind, T, N, C, H, reverse, training, sms, bias, act, gru_bhh, tile, dtype,
                   seed, ops, h0_off, smem_optin, cluster)
@@ -2331,6 +2523,22 @@ def cases(full=False):
         # the default (64): N 35, one 64-row tile, 29 rows of it padding
         dict(kind="gru", T=2, N=35, H=18, sms=4, reverse=True, training=False, **M),
     ]
+    # the register tile (RNNFAST_REG_TILE=1); the comments give U and W's rows a block
+    R = dict(C=3, bias=True, dtype="float16", reg_tile=1)
+    extra += [
+        # U 4, 16 rows (2 n-tiles); one chunk: 7 warps without
+        dict(kind="lstm", T=3, N=5, H=16, sms=4, reverse=False, training=True, **R),
+        # U 8, 24 rows; N 16 (rows g + 8); h0 one element into its allocation: 2-byte loads
+        dict(kind="gru", T=3, N=16, H=24, sms=3, reverse=True, training=True, h0_off=1, **R),
+        # U 30 (the last block 26), 30 rows; 10 chunks (two warps take 2), the last half
+        # padding; 480 items, more than the threads
+        dict(kind="rnn", act=1, T=3, N=16, H=296, sms=10, reverse=False, training=True, **R),
+        # inference: U 5, 20 rows, N 1; U 10, 30 rows (4 n-tiles)
+        dict(kind="lstm", T=2, N=1, H=40, sms=8, reverse=True, training=False, **R),
+        dict(kind="gru", T=2, N=7, H=20, sms=2, reverse=True, training=False, **R),
+        # H % 8 != 0: the tiled forward runs
+        dict(kind="lstm", T=2, N=4, H=21, sms=6, reverse=False, training=True, **R),
+    ]
     for j, e in enumerate(extra):
         e.setdefault("seed", 100000 + j)
     return out + extra
@@ -2352,8 +2560,14 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "cluster: mma forward", "cluster: ffma forward", "cluster: backward",
             "stage_rows_async: cp.async",
             "stage_rows_async: a later tile issued during an earlier one",
-            "forward: xp prefetched into L2", "mma: 32 rows a tile", "mma: 64 rows a tile"}
-TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16), (32, 16), (64, 16)}
+            "forward: xp prefetched into L2", "mma: 32 rows a tile", "mma: 64 rows a tile",
+            "register tile", "register tile: warps without chunks",
+            "register tile: several chunks a warp", "register tile: a chunk zero-padded past H",
+            "register tile: more items than threads",
+            "register tile: h_{t-1} by 2-byte loads (unaligned)",
+            "register tile: asked, the layer does not fit it"}
+# (16, 0): the register tile
+TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16), (32, 16), (64, 16), (16, 0)}
 
 
 @dataclasses.dataclass
@@ -2427,6 +2641,10 @@ SELF_TEST_CASES = [
     # warps, so the scratch for 2 row tiles is twice that for one
     dict(kind="gru", T=2, N=40, C=2, H=26, reverse=True, training=False, sms=1, bias=True,
          dtype="float16", mma_rows=32),
+    # the register tile: GRU U 8, 24 rows of W a block, one chunk (7 warps idle), N 11 (rows
+    # g + 8), h0 unaligned (2-byte loads at step 0)
+    dict(kind="gru", T=3, N=11, C=2, H=24, reverse=True, training=True, sms=3, bias=True,
+         dtype="float16", reg_tile=1, h0_off=1),
 ]
 
 

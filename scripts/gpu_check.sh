@@ -5,7 +5,7 @@
 #   1. build rnnfast from source for the card that is there (no internet needed: no pip,
 #      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
 #   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py,
-#      tests/test_cuda_mma_rows.py, tests/test_cuda_step_gemm.py);
+#      tests/test_cuda_mma_rows.py, tests/test_cuda_step_gemm.py, tests/test_cuda_reg_tile.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants)
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
@@ -202,7 +202,7 @@ if wanted test_cuda; then
   run_stage test_cuda 300 160 "$PY" scripts/pytest_shards.py --shards "${TEST_CUDA_SHARDS:-4}" \
     --junitxml="$OUT/test_cuda.xml" -- -q --tb=short \
     tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_mma_rows.py \
-    tests/test_cuda_step_gemm.py
+    tests/test_cuda_step_gemm.py tests/test_cuda_reg_tile.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
@@ -213,9 +213,12 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   local tool=$1 cell=$2 dtype=$3 h=$4 path=$5 t=$6
   # PATH mma64: the grid variant with 64-row tensor-core tiles (RNNFAST_MMA_ROWS), N=40 (one
   # partial tile)
-  local forced=$path rows=16 n=5
+  # PATH reg: the grid variant's register tile (RNNFAST_REG_TILE=1), N=11 (rows g + 8 of
+  # its a fragments) or, at H=768, the issue's N=16
+  local forced=$path rows=16 n=5 reg=0
   case $path in
     mma64) forced=persistent rows=64 n=40 ;;
+    reg) forced=persistent reg=1 n=11; ((h > 16)) && n=16 ;;
   esac
   # racecheck runs over every kernel, cuBLAS's included (a --kernel-name filter for
   # rnnfast's own has not been tried on the GPU image yet)
@@ -226,7 +229,7 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # The cluster variant: clusters of 4 blocks (4 units each), 2 batch rows a cluster, so
   # 3 clusters, the last with 1 row
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 RNNFAST_CLUSTER_SIZE=4 RNNFAST_CLUSTER_ROWS=2 \
-    RNNFAST_MMA_ROWS=$rows timeout -k 5 "$t" "$SANITIZER" \
+    RNNFAST_MMA_ROWS=$rows RNNFAST_REG_TILE=$reg timeout -k 5 "$t" "$SANITIZER" \
     --tool "$tool" --error-exitcode 1 --report-api-errors no --print-limit 20 \
     "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$forced" --N "$n" \
     --H "$h" $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h-$path.log" 2>&1
@@ -246,6 +249,9 @@ for tool in memcheck racecheck; do
   # 64-row tensor-core tiles (bfloat16 forwards)
   for cell in lstm gru rnn_tanh; do SAN_CASES+=("$tool $cell bfloat16 16 mma64"); done
   SAN_CASES+=("$tool lstm bfloat16 700 mma64")
+  # the register tile (bfloat16 forwards; the backward is the grid variant's)
+  for cell in lstm gru rnn_tanh; do SAN_CASES+=("$tool $cell bfloat16 16 reg"); done
+  SAN_CASES+=("$tool lstm bfloat16 768 reg")
 done
 # the per-step path in bfloat16: its GEMMs through cublasGemmEx called directly, the
 # backward's step kernels writing the gate gradients in bfloat16 too (StepGemm)
@@ -417,7 +423,7 @@ def issue7_targets(recs):
     """The persistent-kernel issue's targets, from the bench7 records: rnnfast (auto) over
     cuDNN, and the best of the forced paths over cuDNN (what a perfect dispatch would give)."""
     paths = ("rnnfast", "rnnfast persistent", "rnnfast cluster", "rnnfast step", "rnnfast mma32",
-             "rnnfast mma64", "rnnfast step aten")
+             "rnnfast mma64", "rnnfast step aten", "rnnfast reg")
 
     def t(res, name):
         return res.get(name, {}).get("median_s")
@@ -550,7 +556,8 @@ if cal:
     print()
     # rows of an older run may carry the removed exchanges ("exchange" other than the
     # barrier): left out
-    main = [r for r in cal if "mma_rows" not in r and r.get("exchange", "barrier") == "barrier"]
+    main = [r for r in cal if "mma_rows" not in r and "reg_tile" not in r
+            and r.get("exchange", "barrier") == "barrier"]
     print("gpu-calib.json: us per step; persistent (grid variant) with all blocks and <= 64; "
           "cluster (planner's size); per-step path")
     print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} {'all':>8} {'<=64':>8}"
@@ -568,6 +575,18 @@ if cal:
         model = f"{sum(p['us'] for p in plans):8.2f}" if plans else f"{'n/a':>8}"
         print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6} {grid} "
               f"{pick('cluster', cluster_size=(0, 0))} {pick('step')} {model}")
+    reg = [r for r in cal if "reg_tile" in r]
+    if reg:
+        print()
+        print("gpu-calib.json, 16-bit forward at N <= 16: us per step on the grid variant, "
+              "tiled and on the register tile (RNNFAST_REG_TILE=1; ran: the plan's reg)")
+        print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'tiled':>8} {'register':>8} {'ran':>3}")
+        for k in dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"]) for r in reg):
+            rs = [r for r in reg if (r["cell"], r["dtype"], r["N"], r["H"]) == k]
+            on = [r for r in rs if r["reg_tile"] == 1]
+            ran = (on[0].get("plan_fwd") or {}).get("reg", "-") if on else "-"
+            print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} "
+                  f"{us_of([r for r in rs if r['reg_tile'] == 0])} {us_of(on)} {ran!s:>3}")
     mma = [r for r in cal if "mma_rows" in r]
     if mma:
         sizes = sorted({r["mma_rows"] for r in mma if r["mma_rows"]})

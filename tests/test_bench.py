@@ -1,5 +1,6 @@
 """The benchmark suite (rnnfast.bench): its timing rules, correctness guard, contenders,
 command line and outputs. Speed itself is measured by the benchmark, not here."""
+import dataclasses
 import json
 import os
 import sys
@@ -116,6 +117,7 @@ def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch)
     set when they were built; after the case the environment is as before it."""
     monkeypatch.setenv("RNNFAST_MMA_ROWS", "32")
     monkeypatch.delenv("RNNFAST_STEP_GEMM", raising=False)
+    monkeypatch.setenv("RNNFAST_REG_TILE", "0")
     seen = {}
 
     def watch(name):
@@ -129,16 +131,19 @@ def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch)
                 return fn(x, hx)
             return m, call
         return build
-    kwargs = {"plain": {}, "knobbed": {"mma_rows": 64, "step_gemm": "aten"}}
+    kwargs = {"plain": {}, "knobbed": {"mma_rows": 64, "step_gemm": "aten", "reg_tile": 1}}
     monkeypatch.setattr(C, "check_knobs_apply", lambda *args: None)  # float32 on the CPU
     for name in kwargs:
         monkeypatch.setitem(C.BUILDERS, name, watch(name))
     rec = runner.bench_case("gru", TINY, "fwd", torch.float32, "cpu",
                             ["rnnfast", "plain", "knobbed"], FAST_TIMING)
     assert "median_s" in rec["results"]["knobbed"], rec["results"]
-    assert seen["plain"] == {"RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None}
-    assert seen["knobbed"] == {"RNNFAST_MMA_ROWS": "64", "RNNFAST_STEP_GEMM": "aten"}
+    assert seen["plain"] == {"RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None,
+                             "RNNFAST_REG_TILE": "0"}
+    assert seen["knobbed"] == {"RNNFAST_MMA_ROWS": "64", "RNNFAST_STEP_GEMM": "aten",
+                               "RNNFAST_REG_TILE": "1"}
     assert os.environ.get("RNNFAST_MMA_ROWS") == "32" and "RNNFAST_STEP_GEMM" not in os.environ
+    assert os.environ.get("RNNFAST_REG_TILE") == "0"
 
 
 def test_knob_contenders_say_where_they_do_not_apply():
@@ -147,6 +152,13 @@ def test_knob_contenders_say_where_they_do_not_apply():
         C._rnnfast_on(None, "x", step_gemm="aten")(ref, "lstm", TINY, "fwd")
     with pytest.raises(C.Unavailable, match="tensor-core"):
         C._rnnfast_on(None, "x", mma_rows=64)(ref, "lstm", TINY, "fwd")
+    with pytest.raises(C.Unavailable, match="register tile is the tensor-core"):
+        C._rnnfast_on(None, "x", reg_tile=1)(ref, "lstm", TINY, "fwd")
+    half = C.make_torch_module("lstm", TINY, torch.bfloat16, "cpu", 0)
+    wide = dataclasses.replace(TINY, N=17)
+    with pytest.raises(C.Unavailable, match="at most 16 batch rows, N=17"):
+        C._rnnfast_on(None, "x", reg_tile=1)(half, "lstm", wide, "fwd")
+    assert "CUDA only" in C.unavailable_here("rnnfast reg", "cpu")
     assert "CUDA only" in C.unavailable_here("rnnfast step aten", "cpu")
 
 

@@ -28,9 +28,9 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     seen = []
 
     def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None,
-                     step_gemm=None):
-        seen.append((cell, str(dtype), N, H, path, knob, mode, mma_rows, step_gemm))
-        plan = {"us": 1.0, "blocks": 132}
+                     step_gemm=None, reg_tile=None):
+        seen.append((cell, str(dtype), N, H, path, knob, mode, mma_rows, step_gemm, reg_tile))
+        plan = {"us": 1.0, "blocks": 132, "reg": reg_tile or 0}
         return 2.0, (path, path), (plan, plan if mode == "fwdbwd" else None)
 
     monkeypatch.setattr(cal, "measure", fake_measure)
@@ -39,10 +39,12 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     out = tmp_path / "calib.json"
     rows = cal.main(["--cells", "lstm", "--batch", "16", "--hidden", "768", "--json", str(out)])
     # per mode and dtype: persistent at all blocks and <= 64, cluster at the planner's size
-    # and 16, 8, 4, and the per-step path; then bfloat16 only at N = 64 and 256: the
-    # tensor-core tiles of 16, 32 and 64 rows and the per-step path, direct and through ATen
+    # and 16, 8, 4, and the per-step path; then bfloat16 only: its forward at N = 16 with H
+    # = 768 and 1024, tiled and on the register tile; at N = 64 and 256: the tensor-core
+    # tiles of 16, 32 and 64 rows and the per-step path, direct and through ATen
     main_rows = 2 * (2 + 4 + 1) * 2  # 2 modes, 2 dtypes
-    assert len(rows) == main_rows + 2 * 2 * (3 + 2)
+    reg_rows = 2 * 2
+    assert len(rows) == main_rows + reg_rows + 2 * 2 * (3 + 2)
     assert len(seen) == len(rows)
     assert [r["dtype"] for r in rows[:14]] == ["bfloat16"] * 14  # bfloat16 first
     assert all("exchange" not in r for r in rows)
@@ -58,7 +60,12 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
         ("persistent", 0), ("persistent", 64), ("cluster", 0), ("cluster", 16),
         ("cluster", 8), ("cluster", 4), ("step", 0)}
     assert all(s[7] is None and s[8] is None for s in seen if s[2] == 16)
-    mma = rows[main_rows:]
+    reg = rows[main_rows:main_rows + reg_rows]
+    assert {(r["dtype"], r["N"], r["H"], r["mode"], r["path"], r["reg_tile"]) for r in reg} == {
+        ("bfloat16", 16, h, "fwd", "persistent", t) for h in (768, 1024) for t in (0, 1)}
+    assert all(r["reg_tile"] == r["plan_fwd"]["reg"] for r in reg)
+    assert all(s[9] is None for s in seen[:main_rows] + seen[main_rows + reg_rows:])
+    mma = rows[main_rows + reg_rows:]
     assert {(r["dtype"], r["N"], r["mma_rows"], r["path"], r.get("step_gemm")) for r in mma} == {
         ("bfloat16", n, r, "persistent", None) for n in (64, 256) for r in (16, 32, 64)} | {
         ("bfloat16", n, None, "step", g) for n in (64, 256) for g in ("cublas", "aten")}
@@ -71,6 +78,7 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     assert all(r["plan_bwd"] is None for r in rows if r["mode"] == "fwd")
     printed = capsys.readouterr().out
     assert "lstm  bfloat16" in printed and "tensor-core tile" in printed
+    assert "register" in printed
 
 
 def test_measure_sets_and_clears_the_knobs(monkeypatch):
@@ -102,16 +110,26 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
                                   mma_rows=32)
     assert us == 3.0 and plans == ({"us": 1.0}, None)
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": "64", "RNNFAST_CLUSTER_SIZE": None,
-                    "RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None}
+                    "RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None,
+                    "RNNFAST_REG_TILE": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the cluster variant: its size knob, and no tile
     monkeypatch.setenv("RNNFAST_MMA_ROWS", "stale")
     cal.measure("lstm", torch.float32, 2, 8, 4, "cluster", 8, "fwd", 1)
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": "8",
-                    "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None}
+                    "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
+                    "RNNFAST_REG_TILE": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the per-step path through ATen
     cal.measure("lstm", torch.float32, 2, 8, 4, "step", 0, "fwd", 1, step_gemm="aten")
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
-                    "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": "aten"}
+                    "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": "aten",
+                    "RNNFAST_REG_TILE": None}
     assert all(k not in os.environ for k in cal.KNOBS)
+    # the register tile, asked for and not
+    for value in (1, 0):
+        cal.measure("lstm", torch.bfloat16, 2, 8, 4, "persistent", 0, "fwd", 1, reg_tile=value)
+        assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
+                        "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
+                        "RNNFAST_REG_TILE": str(value)}
+        assert all(k not in os.environ for k in cal.KNOBS)

@@ -5,6 +5,7 @@ tracker's checks of distributed shared memory and of clusters on small made-up k
 No GPU needed; without a built rnnfast only the comparison with the CPU ops is left out."""
 import importlib.util
 import os
+import re
 import sys
 
 import numpy as np
@@ -130,6 +131,47 @@ def test_unknown_mma_rows_is_refused(mma_rows):
     mma_rows("48")
     with pytest.raises(emu.Finding, match="RNNFAST_MMA_ROWS is '48'"):
         plan("float16", False, 5)
+
+
+@pytest.mark.parametrize("cell, N, H, sms, reg, units", [
+    ("lstm", 16, 768, 132, True, 6), ("lstm", 16, 1024, 132, True, 8),
+    ("gru", 1, 1024, 132, True, 8), ("rnn", 16, 256, 132, True, 2),
+    ("lstm", 17, 768, 132, False, 6), ("lstm", 16, 1056, 132, False, 8),
+    ("lstm", 16, 100, 132, False, 1), ("lstm", 16, 768, 66, False, 12),
+], ids=["lstm-N16-H768", "lstm-N16-H1024", "gru-N1-H1024", "rnn-N16-H256", "N17", "H1056-chunks",
+        "H100-not-mult-8", "H768-66-SMs-rows"])
+def test_register_tile_where_it_holds_the_layer(cell, N, H, sms, reg, units):
+    """RNNFAST_REG_TILE=1: the 16-bit forward on the register tile where N <= 16, H % 8 ==
+    0, at most 32 rows of W a block (not so for the LSTM with H = 768 on 66 SMs: 48) and 4
+    chunks of 32 columns a warp (H up to 1024); else the tiled forward; never the backward
+    or float32; off without the knob."""
+    Cell = {"lstm": emu.LstmCell, "gru": emu.GruCell, "rnn": emu.ElmanCell}[cell]
+    device = emu.FakeDevice(sms)
+    emu.reset_stats()  # the planner's coverage notes go there
+    try:
+        emu.KNOBS["RNNFAST_REG_TILE"] = "1"
+        p = emu.plan_persistent(Cell, False, N, H, device, emu.dtype_of("float16"))
+        assert (p.reg, p.units) == (reg, units)
+        if reg:
+            assert (p.nt, p.rpw, p.smem) == (16, 0, 8 * 16 * 40 * 4)
+        assert not emu.plan_persistent(Cell, True, N, H, device, emu.dtype_of("float16")).reg
+        assert not emu.plan_persistent(Cell, False, N, H, device, emu.dtype_of("float32")).reg
+        emu.KNOBS["RNNFAST_REG_TILE"] = "0"
+        assert not emu.plan_persistent(Cell, False, N, H, device, emu.dtype_of("float16")).reg
+        emu.KNOBS["RNNFAST_REG_TILE"] = "2"
+        with pytest.raises(emu.Finding, match="RNNFAST_REG_TILE is '2'"):
+            emu.plan_persistent(Cell, False, N, H, device, emu.dtype_of("float16"))
+    finally:
+        emu.KNOBS.clear()
+
+
+def test_register_tile_constants_are_the_headers():
+    """The emulation's sizes of the register tile are persistent.cuh's."""
+    text = open(emu.HEADER).read()
+    for name, value in (("kRegMaxN8", emu.REG_MAX_N8), ("kRegMaxChunks", emu.REG_MAX_CHUNKS),
+                        ("kRegScratchLd", emu.REG_SCRATCH_LD)):
+        m = re.search(rf"\b{name} = (\d+);", text)
+        assert m is not None and int(m.group(1)) == value, name
 
 
 # backward in float64, 8 rows a tile: ws 8 x 80 doubles, xs 8 x 80, out 8 x 8, scratch 8

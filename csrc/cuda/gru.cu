@@ -70,6 +70,7 @@ __device__ __forceinline__ acc_t gru_hidden_bias(const scalar_t* b_hh, int64_t H
 struct GruCell {
   static constexpr int kGates = 3;
   static constexpr bool kDirectDh = true;  // dh_{t-1} = dg_hh W_hh + dh_t * z
+  static constexpr bool kNeedsHPrev = true;  // forward reads h_{t-1} (the register tile)
 
   // the pointwise inputs of unit u, row n at step s: x_r, x_z, x_n (the input projection
   // with b_ih) and b_hr, b_hz, b_hn (zero without b_hh)

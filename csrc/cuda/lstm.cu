@@ -51,6 +51,7 @@ __device__ __forceinline__ acc_t lstm_point_backward(const acc_t* sv, int64_t H,
 struct LstmCell {
   static constexpr int kGates = 4;
   static constexpr bool kDirectDh = false;
+  static constexpr bool kNeedsHPrev = false;  // forward reads h_{t-1} (the register tile)
 
   template <typename scalar_t, typename acc_t>
   __device__ static acc_t c_prev(const PersistentParams<scalar_t, acc_t>& p, int64_t s,

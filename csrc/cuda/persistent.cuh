@@ -799,6 +799,206 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   if constexpr (kCluster) cluster_sync();
 }
 
+// ---- the register tile: the grid variant's tensor-core forward for N <= 16 ----
+// At small N the tiled forward above is latency-bound (ncu at N = 16, H = 768, bfloat16:
+// about 1500 instructions a warp a step at 7.6 cycles each): each step stages h_{t-1}
+// from L2 into shared memory, __syncthreads, reads it back and W's slice with ldmatrix,
+// and sums the split-K partial tiles in a second pass before the pointwise one. Here W's
+// slice lives in registers as mma.sync b fragments for the whole launch, and each warp
+// loads its k range of h_{t-1} from L2 straight into a fragments: per step one round trip
+// to L2, the MMAs, one pass through shared memory (each warp's partial sums) and the
+// pointwise update.
+//
+// Tiling: a block owns U units (R = G * U <= 32 rows of W, r = g * U + j, in kRegMaxN8
+// n-tiles of 8); K = H in chunks of 32 columns, warp w taking chunks [w * C / 8, (w + 1) *
+// C / 8) (C = ceil(H / 32) <= 32: H <= 1024); every warp computes all 16 batch rows (rows
+// past N zero) and all n-tiles of its chunks. Lane l (g = l / 4, c = l % 4) loads, for each
+// of its chunks, the 8 consecutive columns 32 ch + 8 c .. + 7 of batch rows g and g + 8 (one
+// 16-byte ld.global.cg each) and holds the same 8 columns of W's row 8 nt + g for each
+// n-tile nt. The k order inside a chunk is permuted, the same way for both operands, so
+// that these contiguous 8 columns are exactly the lane's share of two m16n8k16 steps:
+// step 0 takes columns 8c + {0, 1} (a0/a1, b0) and 8c + {4, 5} (a2/a3, b1), step 1
+// columns 8c + {2, 3} and 8c + {6, 7} (the PTX ISA's fragments hold logical columns
+// 2c + {0, 1} and 2c + 8 + {0, 1}); each step's 16 logical columns are 16 distinct
+// physical ones, and the two steps cover the chunk's 32, so the sum is unchanged. The
+// partial sums of each warp go to scratch [warps][16][kRegScratchLd] floats; item (n, j)
+// of the pointwise pass adds its G gates over the 8 warps in a fixed order (bitwise
+// deterministic). h_{t-1}'s rows are 16-byte aligned when H % 8 == 0 and the pointer is
+// (y always; h0 is checked each launch, 8 two-byte loads otherwise).
+constexpr int kRegMaxN8 = 4;        // n-tiles of 8 rows of W a block: R <= 32
+constexpr int kRegMaxChunks = 4;    // 32-column chunks of K a warp: H <= 8 * 4 * 32
+constexpr int kRegScratchLd = 40;   // floats a row of a warp's partial sums (32 + 8)
+
+__host__ __device__ inline size_t reg_scratch_bytes() {
+  return size_t(kPersistentThreads / 32) * 16 * kRegScratchLd * sizeof(float);
+}
+
+// Whether the register tile holds this layer: N <= 16 rows, w_rows = G * U <= 32 rows of
+// W a block, H a multiple of 8 (whole 16-byte vectors a row) and at most kRegMaxChunks
+// chunks of 32 columns a warp.
+__host__ __device__ inline bool reg_tile_fits(int64_t N, int64_t w_rows, int64_t H) {
+  const int64_t chunks = (H + 31) / 32, warps = kPersistentThreads / 32;
+  return N >= 1 && N <= 16 && w_rows <= 8 * kRegMaxN8 && H % 8 == 0 &&
+         (chunks + warps - 1) / warps <= kRegMaxChunks;
+}
+
+// Two 16-bit values as one 32-bit fragment register (lo in the low half, as in memory).
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t pack_pair(scalar_t lo, scalar_t hi) {
+  return uint32_t(lo.x) | (uint32_t(hi.x) << 16);
+}
+
+// The 8 16-bit values at p (another block's writes: through L2) as 4 fragment registers,
+// value 2i in the low half of register i; zeros where !valid. vec: p is 16-byte aligned.
+template <typename scalar_t>
+__device__ __forceinline__ uint4 load8_cg(const scalar_t* p, bool vec, bool valid) {
+  if (!valid) return make_uint4(0u, 0u, 0u, 0u);
+  if (vec) return __ldcg(reinterpret_cast<const uint4*>(p));
+  const unsigned short* q = reinterpret_cast<const unsigned short*>(p);
+  uint32_t r[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    r[i] = uint32_t(__ldcg(q + 2 * i)) | (uint32_t(__ldcg(q + 2 * i + 1)) << 16);
+  }
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
+// The forward of one layer and direction on the register tile (grid variant only; the
+// grid barrier, the loads ahead of it and the cell's pointwise update as in
+// persistent_forward). Cell::kNeedsHPrev: the update reads h_{t-1} of its own unit (GRU),
+// which for a thread's first item is the h it returned the step before.
+template <typename Cell, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kPersistentThreads, 1)
+    persistent_forward_reg(const PersistentParams<scalar_t, acc_t> p) {
+  static_assert(sizeof(scalar_t) == 2, "the register tile is the 16-bit types' forward");
+  constexpr int G = Cell::kGates, L = Cell::kLoads, kWarps = kPersistentThreads / 32;
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* scratch = reinterpret_cast<float*>(smem);
+  const int64_t N = p.N, H = p.H;
+  const int U = p.units;
+  const BlockWork w = block_work<false>(p);
+  const int64_t u0 = w.u0;
+  const int here = w.here;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int n8 = (G * U + 7) / 8;
+  const int chunks = static_cast<int>((H + 31) / 32);
+  const int ch0 = warp * chunks / kWarps, my_chunks = (warp + 1) * chunks / kWarps - ch0;
+
+  // W's b fragments: chunk c, n-tile nt: row 8 nt + gid of the block's slice, columns
+  // 32 (ch0 + c) + 8 tig + [0, 8); zeros past the slice's rows and past H
+  uint32_t wb[kRegMaxChunks][kRegMaxN8][4];
+#pragma unroll
+  for (int c = 0; c < kRegMaxChunks; ++c) {
+#pragma unroll
+    for (int nt = 0; nt < kRegMaxN8; ++nt) {
+      const int r = nt * 8 + gid, g = r / U, j = r % U;
+      const int64_t k = int64_t(ch0 + c) * 32 + 8 * tig;
+      const bool valid = c < my_chunks && nt < n8 && g < G && j < here && k < H;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        wb[c][nt][i] = 0u;
+        if (valid) {
+          const scalar_t* src = p.w_hh + (int64_t(g) * H + u0 + j) * H + k + 2 * i;
+          wb[c][nt][i] = pack_pair(src[0], src[1]);
+        }
+      }
+    }
+  }
+
+  // this thread's first item's inputs, loaded ahead (see persistent_forward), and for
+  // Cell::kNeedsHPrev its h_{t-1}
+  acc_t ahead[L], own_h = acc_t(0);
+  const bool ahead_item = threadIdx.x < N * here;
+  const int64_t ahead_n = threadIdx.x / here, ahead_u = u0 + threadIdx.x % here;
+  if (ahead_item) {
+    Cell::load(p, 0, time_index(0, p.T, p.reverse), time_index(-1, p.T, p.reverse), ahead_n,
+               ahead_u, ahead);
+    if constexpr (Cell::kNeedsHPrev) own_h = acc_t(p.h0[ahead_n * H + ahead_u]);
+  }
+
+  for (int64_t s = 0; s < p.T; ++s) {
+    const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
+    const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
+    const bool vec = (reinterpret_cast<uintptr_t>(h_prev) & 15) == 0;
+    // the lane's 8 columns of each chunk of rows gid and gid + 8, all loads in flight at once
+    uint4 a_lo[kRegMaxChunks], a_hi[kRegMaxChunks];
+#pragma unroll
+    for (int c = 0; c < kRegMaxChunks; ++c) {
+      const int64_t k = int64_t(ch0 + c) * 32 + 8 * tig;
+      const bool in_k = c < my_chunks && k < H;
+      a_lo[c] = load8_cg(h_prev + gid * H + k, vec, in_k && gid < N);
+      a_hi[c] = load8_cg(h_prev + (gid + 8) * H + k, vec, in_k && gid + 8 < N);
+    }
+    float acc[kRegMaxN8][4] = {};
+#pragma unroll
+    for (int c = 0; c < kRegMaxChunks; ++c) {
+      if (c < my_chunks) {
+        // k step 0: columns 8 tig + {0, 1} and + {4, 5}; step 1: + {2, 3} and + {6, 7}
+        const uint32_t a0[4] = {a_lo[c].x, a_hi[c].x, a_lo[c].z, a_hi[c].z};
+        const uint32_t a1[4] = {a_lo[c].y, a_hi[c].y, a_lo[c].w, a_hi[c].w};
+#pragma unroll
+        for (int nt = 0; nt < kRegMaxN8; ++nt) {
+          if (nt < n8) {
+            mma_16816<scalar_t>(acc[nt], a0, wb[c][nt][0], wb[c][nt][2]);
+            mma_16816<scalar_t>(acc[nt], a1, wb[c][nt][1], wb[c][nt][3]);
+          }
+        }
+      }
+    }
+    // the warp's partial sums (d fragment: rows gid and gid + 8, columns 2 tig + {0, 1} of
+    // each n-tile); a warp without chunks writes its zeros too
+    float* part = scratch + warp * 16 * kRegScratchLd;
+#pragma unroll
+    for (int nt = 0; nt < kRegMaxN8; ++nt) {
+      if (nt < n8) {
+        const int col = nt * 8 + 2 * tig;
+        *reinterpret_cast<float2*>(part + gid * kRegScratchLd + col) =
+            make_float2(acc[nt][0], acc[nt][1]);
+        *reinterpret_cast<float2*>(part + (gid + 8) * kRegScratchLd + col) =
+            make_float2(acc[nt][2], acc[nt][3]);
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < N * here; idx += blockDim.x) {
+      const int nl = idx / here, j = idx % here;
+      acc_t hh[G], in[L];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float v = 0.0f;
+#pragma unroll
+        for (int wp = 0; wp < kWarps; ++wp) {
+          v += scratch[(wp * 16 + nl) * kRegScratchLd + g * U + j];
+        }
+        hh[g] = v;
+      }
+      const bool first = idx == threadIdx.x;
+      if (first) {
+#pragma unroll
+        for (int l = 0; l < L; ++l) in[l] = ahead[l];
+      } else {
+        Cell::load(p, s, t, tp, nl, u0 + j, in);
+      }
+      acc_t hp = acc_t(0);
+      if constexpr (Cell::kNeedsHPrev) {
+        hp = first ? own_h : acc_t(load_cg(h_prev + nl * H + u0 + j));
+      }
+      const scalar_t h = Cell::forward(p, s, t, tp, nl, u0 + j, hh, hp, in);
+      if (first) own_h = acc_t(h);
+    }
+    if (s + 1 < p.T) {
+      grid_arrive(p.barrier);  // its __syncthreads: scratch read before the next step's stores
+      if (ahead_item) {
+        Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
+      }
+      if (p.prefetch_xp && s + 2 < p.T) {
+        prefetch_xp<G>(p.xp, time_index(s + 2, p.T, p.reverse), N, H, 0, N, u0, here);
+      }
+      grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
+    }
+  }
+}
+
 // The backward of one layer and direction. Cell provides kGates, kDirectDh (dh_{t-1} has a
 // term besides dg_hh W_hh, left in dh by phase A), kBackwardLoads and
 //   load_backward(p, s, t, tp, n, u, in): phase A's inputs but the carried dh;
@@ -1020,6 +1220,14 @@ struct CostModel {
     const double push_us = double(pushes) * x_size / (kDsmemBytesPerClk * clock_mhz);
     return double(waves) * ((tiles + 1) * cluster_tile_us + tiles * dot_us + push_us);
   }
+  // The grid variant's register tile (persistent_forward_reg, N <= 16): not measured yet. A
+  // guess: the grid barrier (1.06 us at 128 blocks, sync_bench), one L2 round trip for
+  // h_{t-1}, the MMAs of 16 rows (r_pad rows of W, K columns) at the tiled forward's share
+  // of the tensor cores, and the pointwise pass.
+  static constexpr double kRegFloorUs = 2.0;
+  double reg_us(int r_pad, int64_t K) const {
+    return kRegFloorUs + 2.0 * 16 * r_pad * K / (ffma_flops_per_sm_us * mma_factor * kMmaShare);
+  }
   // flops: the step's GEMM (2 N G H H); mma: on tensor cores
   double step_us(double flops, bool mma) const {
     const double rate = sms * ffma_flops_per_sm_us * (mma ? mma_factor * kGemmMmaShare
@@ -1052,6 +1260,7 @@ struct PersistentLaunch {
   int xs_tiles = 1;         // the grid variant's tiles of xs (2: stage_rows_async)
   int nt = 0, rpw = 0;      // the tile
   int gates = 0;            // G, for the launch's xp size
+  bool reg = false;         // the grid variant's register tile (persistent_forward_reg)
 };
 
 // A CUDA error is a reason not to run, not an exception (nothing is thrown inside the op's
@@ -1103,6 +1312,16 @@ inline int mma_rows(std::string& value) {
   return value == "32" ? 32 : value == "16" ? 16 : 0;
 }
 
+// RNNFAST_REG_TILE: 1 plans the grid variant's register tile (persistent_forward_reg) for
+// the 16-bit forward where it holds the layer (reg_tile_fits); unset or 0: the tiled
+// forward. Off by default until a GPU run has measured it. -1 for any other value.
+inline int reg_tile_knob(std::string& value) {
+  const char* v = std::getenv("RNNFAST_REG_TILE");
+  value = v != nullptr ? v : "";
+  if (value.empty() || value == "0") return 0;
+  return value == "1" ? 1 : -1;
+}
+
 // What plan_persistent's variants share: the cell's sizes, the device and the cost model.
 template <typename Cell, typename scalar_t, typename acc_t, bool kBackward>
 struct PersistentPlanner {
@@ -1121,10 +1340,13 @@ struct PersistentPlanner {
   CostModel model;
   std::string why;  // why the last variant planned cannot run
   int mma_tile_rows;  // RNNFAST_MMA_ROWS (64 unless set to 16 or 32), as plan_persistent read it
+  bool reg_tile;      // RNNFAST_REG_TILE=1, as plan_persistent read it
 
-  PersistentPlanner(int64_t n, int64_t h, at::ScalarType dtype, int mma_rows_asked = 64)
+  PersistentPlanner(int64_t n, int64_t h, at::ScalarType dtype, int mma_rows_asked = 64,
+                    bool reg_tile_asked = false)
       : N(n), H(h), prop(*at::cuda::getCurrentDeviceProperties()),
-        model(prop, dtype == at::kDouble, kBackward), mma_tile_rows(mma_rows_asked) {}
+        model(prop, dtype == at::kDouble, kBackward), mma_tile_rows(mma_rows_asked),
+        reg_tile(reg_tile_asked) {}
 
   template <int NT, int RPW, bool kCluster>
   static const void* kernel() {
@@ -1227,6 +1449,45 @@ struct PersistentPlanner {
                       });
   }
 
+  // Whether `blocks` blocks of kernel k with smem bytes each are all resident at once (the
+  // occupancy query), as the grid variant's cooperative launch needs.
+  bool resident(const void* k, size_t smem, int64_t blocks) {
+    int per_sm = 0;
+    if (!memo_query(QueryKey{c10::cuda::current_device(), k, 0, smem}, per_sm, why,
+                    [&](int& v, std::string& w) {
+                      return cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                         &v, k, kPersistentThreads, smem),
+                                     "the occupancy query", w);
+                    })) {
+      return false;
+    }
+    if (int64_t(per_sm) * prop.multiProcessorCount < blocks) {
+      why = "its " + std::to_string(blocks) + " blocks cannot all be resident at once";
+      return false;
+    }
+    return true;
+  }
+
+  // The grid variant's register tile (persistent_forward_reg) with `units` units a block:
+  // the 16-bit forward where RNNFAST_REG_TILE=1 asks for it and reg_tile_fits.
+  PersistentLaunch reg_grid(int64_t units) {
+    PersistentLaunch plan;
+    if constexpr (kMma) {
+      const void* k =
+          reinterpret_cast<const void*>(&persistent_forward_reg<Cell, scalar_t, acc_t>);
+      const size_t smem = reg_scratch_bytes();
+      const int64_t blocks = (H + units - 1) / units;
+      int ptx = 0;
+      if (!fits(smem) || !prepare(k, false, ptx) || !resident(k, smem, blocks)) return plan;
+      plan = {k, static_cast<int>(blocks), static_cast<int>(units), 0, N, smem};
+      plan.nt = 16;
+      plan.gates = G;
+      plan.reg = true;
+      plan.us = model.reg_us(round_up(static_cast<int>(G * units), 8), H);
+    }
+    return plan;
+  }
+
   // The grid variant: B = ceil(H / U) blocks, U = ceil(H / SMs) units each (at most
   // RNNFAST_PERSISTENT_MAX_BLOCKS blocks, a knob for scripts/calibrate_persistent.py), all
   // co-resident; a cooperative launch.
@@ -1242,6 +1503,10 @@ struct PersistentPlanner {
     const int64_t K = kBackward ? G * H : H;
     const int64_t units = (H + spread - 1) / spread;
     const int64_t w_rows = kBackward ? units : G * units;
+    if (kMma && reg_tile && reg_tile_fits(N, w_rows, H)) {
+      plan = reg_grid(units);
+      if (plan.kernel != nullptr) return plan;
+    }
     for_tiles(N, w_rows, mma_tile_rows, [&](auto nt, auto rpw) {
       constexpr int kNT = decltype(nt)::value, kRPW = decltype(rpw)::value;
       const void* k = kernel<kNT, kRPW, false>();
@@ -1258,21 +1523,9 @@ struct PersistentPlanner {
           xs_tiles = 2;
         }
       }
-      int ptx = 0, per_sm = 0;
-      if (!fits(smem) || !prepare(k, false, ptx)) return false;
-      if (!memo_query(QueryKey{c10::cuda::current_device(), k, 0, smem}, per_sm, why,
-                      [&](int& v, std::string& w) {
-                        return cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                                           &v, k, kPersistentThreads, smem),
-                                       "the occupancy query", w);
-                      })) {
-        return false;
-      }
+      int ptx = 0;
       const int64_t blocks = (H + units - 1) / units;
-      if (int64_t(per_sm) * sms < blocks) {
-        why = "its " + std::to_string(blocks) + " blocks cannot all be resident at once";
-        return false;
-      }
+      if (!fits(smem) || !prepare(k, false, ptx) || !resident(k, smem, blocks)) return false;
       const int x_size = sizeof(x_t);
       plan = {k, static_cast<int>(blocks), static_cast<int>(units), 0, N, smem};
       plan.xs_tiles = xs_tiles;
@@ -1401,6 +1654,7 @@ inline CudaPlanNote plan_note(const PersistentLaunch& plan) {
   n.rpw = plan.rpw;
   n.xs_tiles = plan.cluster > 0 ? 0 : plan.xs_tiles;
   n.group_rows = plan.group_rows;
+  n.reg = plan.reg ? 1 : 0;
   return n;
 }
 
@@ -1427,7 +1681,14 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
     plan.refused = "RNNFAST_MMA_ROWS is '" + rows_value + "', expected 16, 32 or 64";
     return plan;
   }
-  PersistentPlanner<Cell, scalar_t, acc_t, kBackward> planner(N, H, dtype, rows);
+  std::string reg_value;
+  const int reg = reg_tile_knob(reg_value);
+  if (reg < 0) {
+    PersistentLaunch plan;
+    plan.refused = "RNNFAST_REG_TILE is '" + reg_value + "', expected 0 or 1";
+    return plan;
+  }
+  PersistentPlanner<Cell, scalar_t, acc_t, kBackward> planner(N, H, dtype, rows, reg == 1);
   auto forced = [&](PersistentLaunch plan, const char* name) {
     const std::string forced_why = std::string("the ") + name +
                                    " CUDA path was forced (rnnfast.cuda_path / "

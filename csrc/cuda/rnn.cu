@@ -47,6 +47,7 @@ __global__ void elman_backward_step(const scalar_t* __restrict__ dy, const acc_t
 struct ElmanCell {
   static constexpr int kGates = 1;
   static constexpr bool kDirectDh = false;
+  static constexpr bool kNeedsHPrev = false;  // forward reads h_{t-1} (the register tile)
 
   // the pointwise input of unit u, row n at step s: the input projection (both biases in it)
   static constexpr int kLoads = 1;

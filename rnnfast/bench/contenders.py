@@ -19,6 +19,9 @@ Contenders:
                   (GPU) the per-step path forced with RNNFAST_STEP_GEMM=aten: its 16-bit
                   GEMMs through ATen rather than cublasGemmEx called directly (`rnnfast
                   step`), to measure what the direct calls save
+  rnnfast reg     (GPU, float16/bfloat16, N <= 16) the grid variant forced with
+                  RNNFAST_REG_TILE=1: its forward on the register tile (W_hh's slice in
+                  registers, where the layer fits it; the backward is unchanged)
   torch.nn        the torch.nn module itself (CPU: native ATen/oneDNN kernels; GPU: cuDNN)
   reference loop  rnnfast.reference.forward: a Python loop over the cell equations, the
                   code people write without a fused layer
@@ -65,22 +68,23 @@ def make_torch_module(cell, shape, dtype, device, seed=0):
 
 # the environment knobs the rnnfast contenders set on each call (csrc/cuda/persistent.cuh,
 # csrc/cuda/common.cuh): each as the contender asks, else as it was when it was built
-KNOBS = ("RNNFAST_MMA_ROWS", "RNNFAST_STEP_GEMM")
+KNOBS = ("RNNFAST_MMA_ROWS", "RNNFAST_STEP_GEMM", "RNNFAST_REG_TILE")
 
 
-def _rnnfast_on(path, name=None, mma_rows=None, step_gemm=None):
+def _rnnfast_on(path, name=None, mma_rows=None, step_gemm=None, reg_tile=None):
     """The rnnfast contender on a CUDA path (None: the setting in force when it is built),
-    with RNNFAST_MMA_ROWS = mma_rows and RNNFAST_STEP_GEMM = step_gemm where given. Each
-    call sets the path and the knobs, which stay set through the backward that follows it:
-    the contenders' calls interleave."""
+    with RNNFAST_MMA_ROWS = mma_rows, RNNFAST_STEP_GEMM = step_gemm and RNNFAST_REG_TILE =
+    reg_tile where given. Each call sets the path and the knobs, which stay set through the
+    backward that follows it: the contenders' calls interleave."""
     asked = {"RNNFAST_MMA_ROWS": None if mma_rows is None else str(mma_rows),
-             "RNNFAST_STEP_GEMM": step_gemm}
+             "RNNFAST_STEP_GEMM": step_gemm,
+             "RNNFAST_REG_TILE": None if reg_tile is None else str(reg_tile)}
 
     def build(ref, cell, shape, mode):
         label = name or f"rnnfast {path}"
         if path is not None:
             _require_cuda(label, ref)
-        check_knobs_apply(label, ref.weight_ih_l0.dtype, shape, mma_rows, step_gemm)
+        check_knobs_apply(label, ref.weight_ih_l0.dtype, shape, mma_rows, step_gemm, reg_tile)
         m = FAST_CLASSES[cell](shape.C, shape.H, num_layers=shape.layers,
                                bidirectional=shape.bidirectional, **EXTRA_ARGS[cell])
         m = m.to(dtype=ref.weight_ih_l0.dtype, device=ref.weight_ih_l0.device)
@@ -96,7 +100,7 @@ def _rnnfast_on(path, name=None, mma_rows=None, step_gemm=None):
     return build
 
 
-def check_knobs_apply(label, dtype, shape, mma_rows, step_gemm):
+def check_knobs_apply(label, dtype, shape, mma_rows, step_gemm, reg_tile=None):
     """Unavailable where a knob asked for changes nothing (the contender would time the same
     code as another)."""
     half = dtype in (torch.float16, torch.bfloat16)
@@ -110,6 +114,13 @@ def check_knobs_apply(label, dtype, shape, mma_rows, step_gemm):
         if shape.N * 2 <= mma_rows:
             raise Unavailable(f"{label}: N={shape.N} is too small for {mma_rows}-row tiles "
                               f"(more than {mma_rows // 2} rows needed)")
+    if reg_tile:
+        if not half:
+            raise Unavailable(f"{label}: the register tile is the tensor-core "
+                              f"(float16/bfloat16) forward's; {dtype} has none")
+        if shape.N > 16:
+            raise Unavailable(f"{label}: the register tile holds at most 16 batch rows, "
+                              f"N={shape.N}")
 
 
 def set_knobs(knobs):
@@ -288,6 +299,7 @@ BUILDERS: Dict[str, Callable] = {
     "rnnfast mma32": _rnnfast_on("persistent", "rnnfast mma32", mma_rows=32),
     "rnnfast mma64": _rnnfast_on("persistent", "rnnfast mma64", mma_rows=64),
     "rnnfast step aten": _rnnfast_on("step", "rnnfast step aten", step_gemm="aten"),
+    "rnnfast reg": _rnnfast_on("persistent", "rnnfast reg", reg_tile=1),
     "torch.nn": _torch_nn,
     "reference loop": _reference_loop,
     "compiled loop": _compiled_loop,

@@ -178,23 +178,42 @@ def record(args, rows, case, path, fields, knob=0, mma_rows=None, step_gemm=None
     return f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
 
 
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def fewest_reg_blocks(cell, H):
+    """The fewest blocks the register tile can take for H: 32 rows of W a block, so
+    32 // G units (RNNFAST_PERSISTENT_MAX_BLOCKS for it)."""
+    units = 32 // GATES[cell]
+    return (H + units - 1) // units
+
+
 def reg_table(args, prop, rows):
     """The 16-bit forward at the batches of --batch up to 16 on the grid variant, tiled and
     on the register tile (RNNFAST_REG_TILE=0 and 1; the plan's `reg` says which ran: the
-    tiled forward where the layer does not fit the register tile), H in --hidden and 1024.
-    Rows carry `reg_tile`."""
+    tiled forward where the layer does not fit the register tile), the latter with a block
+    per SM and with the fewest blocks it can take (RNNFAST_PERSISTENT_MAX_BLOCKS, 32 rows of
+    W a block: a cheaper barrier and fewer reads of h_{t-1} from L2, more MMAs a warp), H in
+    --hidden and 1024. Rows carry `reg_tile` (and `max_blocks`)."""
     dtypes = [d for d in args.dtypes if d in ("bfloat16", "float16")]
     batches = [n for n in args.batch if n <= 16]
     if args.no_reg_tile or not dtypes or not batches:
         return
     hidden = sorted(set(args.hidden) | {1024})
     print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent forward: "
-          f"{'tiled':>8s} {'register':>8s} ran")
+          f"{'tiled':>8s} {'register':>8s} ran | fewest blocks: {'register':>8s} ran")
     for case in cases(dtypes, args.cells, batches, hidden, ["fwd"]):
-        tiled = record(args, rows, case, "persistent", {"reg_tile": 0}, reg_tile=0)
-        reg = record(args, rows, case, "persistent", {"reg_tile": 1}, reg_tile=1)
+        tiled = record(args, rows, case, "persistent", {"reg_tile": 0, "max_blocks": 0},
+                       reg_tile=0)
+        reg = record(args, rows, case, "persistent", {"reg_tile": 1, "max_blocks": 0},
+                     reg_tile=1)
         ran = (rows[-1].get("plan_fwd") or {}).get("reg")
-        print(f"{label(case)} | {'':20s}{tiled} {reg} {ran}", flush=True)
+        cap = fewest_reg_blocks(case["cell"], case["H"])
+        few = record(args, rows, case, "persistent", {"reg_tile": 1, "max_blocks": cap},
+                     knob=cap, reg_tile=1)
+        few_ran = (rows[-1].get("plan_fwd") or {}).get("reg")
+        print(f"{label(case)} | {'':20s}{tiled} {reg} {ran!s:>3} | {cap:5d} blocks: {few} "
+              f"{few_ran!s:>3}", flush=True)
         save(args, prop, rows)
 
 

@@ -53,16 +53,18 @@
 # test_cuda 158 s (4 shards), sanitize 81 s (42 runs), calib 30 s, ncu 48 s, the whole
 # first call 413 s; bench7 327 s for 128 of the 144 cases with 5 contenders (cut at its
 # limit; about 2.5 s a case). The whole lease was 802 s. Since then the CUDA tests grew
-# (tests/test_cuda_step_gemm.py, the default tile in tests/test_cuda_mma_rows.py: expect
-# about 200 s) and sanitize has 45 runs. The first call checks and calibrates (add ncu when
-# the persistent kernels changed: they have not since the third run's profile); the second
-# measures the issue's table (bfloat16 first; auto, the grid variant, now with 64-row
-# tensor-core tiles by default, the per-step path with its direct cuBLAS calls and through
-# ATen, and cuDNN):
-#   GPU_CHECK_STAGES="test_cuda sanitize calib" GPU_CHECK_BUDGET=430
-#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,rnnfast step aten,torch.nn" BENCH7_CAP=380 GPU_CHECK_BUDGET=390
+# (tests/test_cuda_step_gemm.py, the default tile in tests/test_cuda_mma_rows.py,
+# tests/test_cuda_reg_tile.py: expect about 230 s), sanitize has 53 runs and calib a table
+# of the register tile (a few seconds). The first call checks and calibrates (ncu left out:
+# the tiled kernels have not changed since the third run's profile; the register tile is
+# new, and calib times it); the second measures the issue's table (bfloat16 first; auto,
+# the grid variant, now with 64-row tensor-core tiles by default, the per-step path with
+# its direct cuBLAS calls and through ATen, the register tile at N <= 16, and cuDNN):
+#   GPU_CHECK_STAGES="test_cuda sanitize calib" GPU_CHECK_BUDGET=450
+#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,rnnfast step aten,rnnfast reg,torch.nn" BENCH7_CAP=360 GPU_CHECK_BUDGET=370
 # (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`
 # runs the per-step path's GEMMs through ATen, against `rnnfast step`'s direct cuBLAS calls;
+# `rnnfast reg` the grid variant with RNNFAST_REG_TILE=1, at N <= 16 in 16 bits only;
 # `rnnfast mma64` and `rnnfast mma32` force the tile, where it applies)
 #
 # The extension is built with `python setup.py build_ext --inplace` (not scripts/setup.sh,
@@ -579,14 +581,21 @@ if cal:
     if reg:
         print()
         print("gpu-calib.json, 16-bit forward at N <= 16: us per step on the grid variant, "
-              "tiled and on the register tile (RNNFAST_REG_TILE=1; ran: the plan's reg)")
-        print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'tiled':>8} {'register':>8} {'ran':>3}")
+              "tiled and on the register tile (RNNFAST_REG_TILE=1) with a block per SM and "
+              "with the fewest blocks (32 rows of W each); ran: the plan's reg")
+        print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'tiled':>8} {'register':>8} {'ran':>3}"
+              f" {'blocks':>6} {'fewest':>8} {'ran':>3}")
         for k in dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"]) for r in reg):
             rs = [r for r in reg if (r["cell"], r["dtype"], r["N"], r["H"]) == k]
-            on = [r for r in rs if r["reg_tile"] == 1]
-            ran = (on[0].get("plan_fwd") or {}).get("reg", "-") if on else "-"
-            print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} "
-                  f"{us_of([r for r in rs if r['reg_tile'] == 0])} {us_of(on)} {ran!s:>3}")
+            line = f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} "
+            line += us_of([r for r in rs if r["reg_tile"] == 0])
+            for few in (False, True):
+                on = [r for r in rs if r["reg_tile"] == 1 and bool(r.get("max_blocks")) == few]
+                ran = (on[0].get("plan_fwd") or {}).get("reg", "-") if on else "-"
+                if few:
+                    line += f" {on[0]['max_blocks'] if on else '-':>6}"
+                line += f" {us_of(on)} {ran!s:>3}"
+            print(line)
     mma = [r for r in cal if "mma_rows" in r]
     if mma:
         sizes = sorted({r["mma_rows"] for r in mma if r["mma_rows"]})

@@ -43,7 +43,7 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     # = 768 and 1024, tiled and on the register tile; at N = 64 and 256: the tensor-core
     # tiles of 16, 32 and 64 rows and the per-step path, direct and through ATen
     main_rows = 2 * (2 + 4 + 1) * 2  # 2 modes, 2 dtypes
-    reg_rows = 2 * 2
+    reg_rows = 2 * 3
     assert len(rows) == main_rows + reg_rows + 2 * 2 * (3 + 2)
     assert len(seen) == len(rows)
     assert [r["dtype"] for r in rows[:14]] == ["bfloat16"] * 14  # bfloat16 first
@@ -56,15 +56,19 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
                 0, 4, 8, 16]
             assert [r["max_blocks"] for r in rs if r["path"] == "step"] == [0]
     # the knob each measurement was given is the one its row records
-    assert {(s[4], s[5]) for s in seen if s[2] == 16} == {
+    assert {(s[4], s[5]) for s in seen[:main_rows]} == {
         ("persistent", 0), ("persistent", 64), ("cluster", 0), ("cluster", 16),
         ("cluster", 8), ("cluster", 4), ("step", 0)}
     assert all(s[7] is None and s[8] is None for s in seen if s[2] == 16)
     reg = rows[main_rows:main_rows + reg_rows]
-    assert {(r["dtype"], r["N"], r["H"], r["mode"], r["path"], r["reg_tile"]) for r in reg} == {
-        ("bfloat16", 16, h, "fwd", "persistent", t) for h in (768, 1024) for t in (0, 1)}
+    # tiled, the register tile with every block and with the fewest (LSTM: 8 units a block)
+    assert sorted((r["H"], r["reg_tile"], r["max_blocks"]) for r in reg) == [
+        (768, 0, 0), (768, 1, 0), (768, 1, 96), (1024, 0, 0), (1024, 1, 0), (1024, 1, 128)]
+    assert all((r["dtype"], r["N"], r["mode"], r["path"]) == ("bfloat16", 16, "fwd", "persistent")
+               for r in reg)
     assert all(r["reg_tile"] == r["plan_fwd"]["reg"] for r in reg)
     assert all(s[9] is None for s in seen[:main_rows] + seen[main_rows + reg_rows:])
+    assert [s[5] for s in seen[main_rows:main_rows + reg_rows]] == [0, 0, 96, 0, 0, 128]
     mma = rows[main_rows + reg_rows:]
     assert {(r["dtype"], r["N"], r["mma_rows"], r["path"], r.get("step_gemm")) for r in mma} == {
         ("bfloat16", n, r, "persistent", None) for n in (64, 256) for r in (16, 32, 64)} | {

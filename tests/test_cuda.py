@@ -341,6 +341,37 @@ def test_forcing_the_persistent_path_where_it_cannot_run_is_a_clear_error():
     assert child.stdout.count("cannot run for H=") == 6, child.stdout
 
 
+_BAD_KNOB_CHILD = r"""
+import sys
+import torch
+import rnnfast
+
+f = getattr(rnnfast, sys.argv[1])(4, 8).cuda().half()
+for path in ("persistent", "auto", "step"):
+    with rnnfast.cuda_path(path):
+        try:
+            f(torch.randn(2, 1, 4, device="cuda").half())
+        except RuntimeError as e:
+            print(path, str(e).splitlines()[0])
+        else:
+            print(path, "raised nothing")
+"""
+
+
+def bad_knob_messages(knob, value, module="GRU"):
+    """{path: the first line of the error a float16 `module` forward raised on that path
+    (persistent, auto, step) with the environment knob set to value, or "raised nothing"}.
+    In a child process, as the refusal test above."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, **{knob: value})
+    child = subprocess.run([sys.executable, "-c", _BAD_KNOB_CHILD, module], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert child.returncode == 0, child.stderr[-4000:]
+    return dict(line.split(" ", 1) for line in child.stdout.splitlines())
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_long_sequence(cell):
     T_, N_, C_, H_ = 600, 2, 8, 16

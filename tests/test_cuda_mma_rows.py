@@ -5,17 +5,14 @@ state and gradient against torch.nn and the float64 reference, as in test_cuda.p
 float16 and bfloat16; the plan note says which tile ran; float32 (FFMA) ignores the knob; a bad value is
 a clear error. Needs a CUDA GPU.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import rnnfast
 from helpers import CELLS, compare_all
 from rnnfast._ops import _last_cuda_plan
-from test_cuda import _cuda_pair, _inputs, check_half_one_layer, no_tf32, run_cuda
+from test_cuda import (_cuda_pair, _inputs, bad_knob_messages, check_half_one_layer, no_tf32,
+                       run_cuda)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -69,31 +66,10 @@ def test_float32_ignores_the_knob(monkeypatch):
     assert _last_cuda_plan()[0]["nt"] == 16
 
 
-_BAD_ROWS_CHILD = r"""
-import torch
-import rnnfast
-
-f = rnnfast.GRU(4, 8).cuda().half()
-for path in ("persistent", "auto", "step"):
-    with rnnfast.cuda_path(path):
-        try:
-            f(torch.randn(2, 1, 4, device="cuda").half())
-        except RuntimeError as e:
-            print(path, str(e).splitlines()[0])
-        else:
-            print(path, "raised nothing")
-"""
-
-
 def test_unknown_mma_rows_is_a_clear_error():
     """RNNFAST_MMA_ROWS=48: an error naming the values it takes, on the paths that may run
-    the grid variant; the per-step path never reads it. In a child process, as test_cuda's
-    refusal test."""
-    env = dict(os.environ, RNNFAST_MMA_ROWS="48")
-    child = subprocess.run([sys.executable, "-c", _BAD_ROWS_CHILD], capture_output=True,
-                           text=True, timeout=300, env=env)
-    assert child.returncode == 0, child.stderr[-4000:]
-    lines = dict(line.split(" ", 1) for line in child.stdout.splitlines())
+    the grid variant; the per-step path never reads it."""
+    lines = bad_knob_messages("RNNFAST_MMA_ROWS", "48")
     for path in ("persistent", "auto"):
-        assert "RNNFAST_MMA_ROWS is '48', expected 16, 32 or 64" in lines[path], child.stdout
-    assert lines["step"] == "raised nothing", child.stdout
+        assert "RNNFAST_MMA_ROWS is '48', expected 16, 32 or 64" in lines[path], lines
+    assert lines["step"] == "raised nothing", lines

@@ -8,17 +8,14 @@ it (N > 16, H not a multiple of 8, more than 32 rows of W a block or 4 chunks of
 a warp); an h0 whose rows are not 16-byte aligned gives the same bits as an aligned one; a
 bad value is a clear error. Needs a CUDA GPU.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import rnnfast
 from helpers import CELLS, compare_all
 from rnnfast._ops import _last_cuda_plan
-from test_cuda import _cuda_pair, _inputs, check_half_one_layer, no_tf32, run_cuda
+from test_cuda import (_cuda_pair, _inputs, bad_knob_messages, check_half_one_layer, no_tf32,
+                       run_cuda)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -122,31 +119,10 @@ def test_off_by_default_and_float32_ignores_it(monkeypatch):
     assert forward_plan()["reg"] == 0
 
 
-_BAD_KNOB_CHILD = r"""
-import torch
-import rnnfast
-
-f = rnnfast.LSTM(4, 8).cuda().half()
-for path in ("persistent", "auto", "step"):
-    with rnnfast.cuda_path(path):
-        try:
-            f(torch.randn(2, 1, 4, device="cuda").half())
-        except RuntimeError as e:
-            print(path, str(e).splitlines()[0])
-        else:
-            print(path, "raised nothing")
-"""
-
-
 def test_unknown_value_is_a_clear_error():
     """RNNFAST_REG_TILE=yes: an error naming the values it takes, on the paths that may run
-    the grid variant; the per-step path never reads it. In a child process, as
-    test_cuda_mma_rows's."""
-    env = dict(os.environ, RNNFAST_REG_TILE="yes")
-    child = subprocess.run([sys.executable, "-c", _BAD_KNOB_CHILD], capture_output=True,
-                           text=True, timeout=300, env=env)
-    assert child.returncode == 0, child.stderr[-4000:]
-    lines = dict(line.split(" ", 1) for line in child.stdout.splitlines())
+    the grid variant; the per-step path never reads it."""
+    lines = bad_knob_messages("RNNFAST_REG_TILE", "yes", "LSTM")
     for path in ("persistent", "auto"):
-        assert "RNNFAST_REG_TILE is 'yes', expected 0 or 1" in lines[path], child.stdout
-    assert lines["step"] == "raised nothing", child.stdout
+        assert "RNNFAST_REG_TILE is 'yes', expected 0 or 1" in lines[path], lines
+    assert lines["step"] == "raised nothing", lines

@@ -71,6 +71,10 @@
 //   mma.sync m16n8k16 with fp32 sums, 16 x 16 tiles; the (NT / 16) x (r_pad / 16) output
 //   tiles are shared out to the warps, each tile's k range split over several warps whose
 //   partial tiles are then summed. K is zero-padded to a multiple of 16.
+//   The register tile (persistent_forward_reg; the grid variant's 16-bit forward at N <= 16
+//   where RNNFAST_REG_TILE=1 asks for it): W's slice held in registers as mma.sync
+//   fragments and h_{t-1} loaded from L2 straight into fragments, no staging; see its
+//   section below.
 //
 // Barrier protocol of the grid variant (grid_arrive + grid_wait, sync.cuh): a 64-bit
 //   counter per launch, zeroed before it. At its k-th barrier every block adds 1 and waits

@@ -157,6 +157,7 @@ MUTATIONS = {
     "reg_own_h_stale": "register tile: a thread's h_{t-1} (GRU) kept from step 0",
     "reg_no_sync": "register tile: no __syncthreads between the partial sums and the pointwise pass",
     "reg_chunk_split": "register tile: warp w's chunks from w * C // 8 to (w + 1) * C // 8 + 1",
+    "reg_one_step_sum": "register tile: the partial sums leave out k step 1's accumulator",
 }
 MUT = set()
 
@@ -1168,7 +1169,7 @@ def persistent_forward_reg(Cell, dt, p, ctx):
                                          dt.scalar, "register tile: h_{t-1}")
         A = a.reshape(WARPS, 32, REG_MAX_CHUNKS, 2, 8)
         Wb = wb.reshape(WARPS, 32, REG_MAX_CHUNKS, REG_MAX_N8, 8)
-        acc = np.zeros((WARPS, 32, REG_MAX_N8, 4))
+        acc = np.zeros((2, WARPS, 32, REG_MAX_N8, 4))  # k steps 0 and 1 summed apart
         my_w = my[::32]
         for c in range(REG_MAX_CHUNKS):
             on = my_w > c  # warp-uniform
@@ -1186,9 +1187,11 @@ def persistent_forward_reg(Cell, dt, p, ctx):
                 for nt in range(n8):
                     bf = np.stack([Wb[on, :, c, nt, e0:e0 + 2], Wb[on, :, c, nt, e0 + 4:e0 + 6]],
                                   axis=2)
-                    acc[on, :, nt] = mma_16816(acc[on, :, nt], af, bf)
-        # the partial sums: rows gid and gid + 8, columns 8 nt + 2 tig + {0, 1}
-        acc = acc.reshape(BLOCK_DIM, REG_MAX_N8, 4)
+                    acc[step, on, :, nt] = mma_16816(acc[step, on, :, nt], af, bf)
+        # the partial sums (the two k steps' added): rows gid and gid + 8, columns 8 nt + 2 tig
+        # + {0, 1}
+        acc = (acc[0] if mut("reg_one_step_sum") else acc[0] + acc[1]).reshape(
+            BLOCK_DIM, REG_MAX_N8, 4)
         writes = np.ones(BLOCK_DIM, bool)
         if mut("reg_idle_warp_silent"):
             writes = my > 0
@@ -1225,6 +1228,8 @@ def persistent_forward_reg(Cell, dt, p, ctx):
         h = Cell.forward(p, s, t, tp, nl, u0 + j, hh, hp, inp, ctx, it_thr)
         if Cell.kNeedsHPrev and not mut("reg_own_h_stale"):
             own_h = h[first]
+        if s + 2 < p.T:  # step s + 2's xp into L2, by warps 1 on (bounds only)
+            prefetch_xp(p, G, time_index(s + 2, p.T, p.reverse), 0, N, u0, here)
         if s + 1 < p.T:
             yield GRID_ARRIVE
             ahead = Cell.load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u,

@@ -393,12 +393,13 @@ __device__ __forceinline__ void stage_rows_async(const x_t* src, int64_t n0, int
 // group's rows n and every gate g (xp [T, N, G * H], every cell's layout): a later step's
 // input projection, which at long T comes from DRAM (larger than L2, and written before
 // the launch from its first step on), in L2 by the time the loads ahead ask for it (the
-// forward prefetches step s + 2's at the end of step s, when it loads step s + 1's).
+// forward prefetches step s + 2's at the end of step s, when it loads step s + 1's). By
+// `threads` threads, this one being `thread` of them.
 template <int G, typename scalar_t>
 __device__ __forceinline__ void prefetch_xp(const scalar_t* xp, int64_t t, int64_t N, int64_t H,
                                             int64_t n_begin, int64_t rows, int64_t u0,
-                                            int here) {
-  for (int64_t idx = threadIdx.x; idx < rows * G; idx += blockDim.x) {
+                                            int here, int thread, int threads) {
+  for (int64_t idx = thread; idx < rows * G; idx += threads) {
     const int64_t n = n_begin + idx / G, g = idx % G;
     const scalar_t* first = xp + (t * N + n) * G * H + g * H + u0;
     const uintptr_t begin = reinterpret_cast<uintptr_t>(first);
@@ -789,7 +790,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
       }
       if (p.prefetch_xp && s + 2 < p.T) {
-        prefetch_xp<G>(p.xp, time_index(s + 2, p.T, p.reverse), N, H, n_begin, rows, u0, here);
+        prefetch_xp<G>(p.xp, time_index(s + 2, p.T, p.reverse), N, H, n_begin, rows, u0, here,
+                       threadIdx.x, blockDim.x);
       }
       if constexpr (kCluster) {
         cluster_wait();
@@ -921,6 +923,18 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     if constexpr (Cell::kNeedsHPrev) own_h = acc_t(p.h0[ahead_n * H + ahead_u]);
   }
 
+  // the lane's loads of h_{t-1}, the same every step: chunk c's 8 columns of rows gid (lo)
+  // and gid + 8 (hi) at h_prev + off_lo + 32 c and + off_lo + 8 H + 32 c, where bits c of
+  // on_lo / on_hi are set (the chunk is the warp's, inside H, the row inside N)
+  const int64_t off_lo = int64_t(gid) * H + int64_t(ch0) * 32 + 8 * tig;
+  unsigned on_lo = 0, on_hi = 0;
+#pragma unroll
+  for (int c = 0; c < kRegMaxChunks; ++c) {
+    const bool in_k = c < my_chunks && int64_t(ch0 + c) * 32 + 8 * tig < H;
+    on_lo |= (in_k && gid < N) ? 1u << c : 0u;
+    on_hi |= (in_k && gid + 8 < N) ? 1u << c : 0u;
+  }
+
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
     const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
@@ -929,12 +943,12 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     uint4 a_lo[kRegMaxChunks], a_hi[kRegMaxChunks];
 #pragma unroll
     for (int c = 0; c < kRegMaxChunks; ++c) {
-      const int64_t k = int64_t(ch0 + c) * 32 + 8 * tig;
-      const bool in_k = c < my_chunks && k < H;
-      a_lo[c] = load8_cg(h_prev + gid * H + k, vec, in_k && gid < N);
-      a_hi[c] = load8_cg(h_prev + (gid + 8) * H + k, vec, in_k && gid + 8 < N);
+      a_lo[c] = load8_cg(h_prev + off_lo + 32 * c, vec, (on_lo >> c) & 1u);
+      a_hi[c] = load8_cg(h_prev + off_lo + 8 * H + 32 * c, vec, (on_hi >> c) & 1u);
     }
-    float acc[kRegMaxN8][4] = {};
+    // k steps 0 and 1 of each chunk into separate sums (two chains of dependent MMAs a
+    // n-tile, not one), added at the end: a fixed order still
+    float acc[2][kRegMaxN8][4] = {};
 #pragma unroll
     for (int c = 0; c < kRegMaxChunks; ++c) {
       if (c < my_chunks) {
@@ -944,8 +958,8 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 #pragma unroll
         for (int nt = 0; nt < kRegMaxN8; ++nt) {
           if (nt < n8) {
-            mma_16816<scalar_t>(acc[nt], a0, wb[c][nt][0], wb[c][nt][2]);
-            mma_16816<scalar_t>(acc[nt], a1, wb[c][nt][1], wb[c][nt][3]);
+            mma_16816<scalar_t>(acc[0][nt], a0, wb[c][nt][0], wb[c][nt][2]);
+            mma_16816<scalar_t>(acc[1][nt], a1, wb[c][nt][1], wb[c][nt][3]);
           }
         }
       }
@@ -958,9 +972,9 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if (nt < n8) {
         const int col = nt * 8 + 2 * tig;
         *reinterpret_cast<float2*>(part + gid * kRegScratchLd + col) =
-            make_float2(acc[nt][0], acc[nt][1]);
+            make_float2(acc[0][nt][0] + acc[1][nt][0], acc[0][nt][1] + acc[1][nt][1]);
         *reinterpret_cast<float2*>(part + (gid + 8) * kRegScratchLd + col) =
-            make_float2(acc[nt][2], acc[nt][3]);
+            make_float2(acc[0][nt][2] + acc[1][nt][2], acc[0][nt][3] + acc[1][nt][3]);
       }
     }
     __syncthreads();
@@ -995,8 +1009,10 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
       }
-      if (p.prefetch_xp && s + 2 < p.T) {
-        prefetch_xp<G>(p.xp, time_index(s + 2, p.T, p.reverse), N, H, 0, N, u0, here);
+      // by warps 1 on, so that thread 0 starts its wait at once
+      if (p.prefetch_xp && s + 2 < p.T && warp > 0) {
+        prefetch_xp<G>(p.xp, time_index(s + 2, p.T, p.reverse), N, H, 0, N, u0, here,
+                       threadIdx.x - 32, blockDim.x - 32);
       }
       grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
     }
@@ -1228,9 +1244,13 @@ struct CostModel {
   // guess: the grid barrier (1.06 us at 128 blocks, sync_bench), one L2 round trip for
   // h_{t-1}, the MMAs of 16 rows (r_pad rows of W, K columns) at the tiled forward's share
   // of the tensor cores, and the pointwise pass.
+  // Never less than every block's reads of h_{t-1} at L2 bandwidth (N rows of K 16-bit
+  // values a block: about 0.5 us at N = 16, H = 768 with 128 blocks).
   static constexpr double kRegFloorUs = 2.0;
-  double reg_us(int r_pad, int64_t K) const {
-    return kRegFloorUs + 2.0 * 16 * r_pad * K / (ffma_flops_per_sm_us * mma_factor * kMmaShare);
+  double reg_us(int64_t N, int r_pad, int64_t K, int blocks) const {
+    const double latency_us =
+        kRegFloorUs + 2.0 * 16 * r_pad * K / (ffma_flops_per_sm_us * mma_factor * kMmaShare);
+    return std::max(latency_us, double(blocks) * N * K * 2 / kL2BytesPerS * 1e6);
   }
   // flops: the step's GEMM (2 N G H H); mma: on tensor cores
   double step_us(double flops, bool mma) const {
@@ -1487,7 +1507,7 @@ struct PersistentPlanner {
       plan.nt = 16;
       plan.gates = G;
       plan.reg = true;
-      plan.us = model.reg_us(round_up(static_cast<int>(G * units), 8), H);
+      plan.us = model.reg_us(N, round_up(static_cast<int>(G * units), 8), H, plan.blocks);
     }
     return plan;
   }

@@ -15,7 +15,12 @@ third H100 run measured each) beside the per-step path. Times are the median of
 --repeats CUDA-event timings after a warm-up, divided by T. And for the 16-bit dtypes at
 the batches of --batch up to 16, the forward on the grid variant's register tile
 (RNNFAST_REG_TILE=1: W_hh's slice in registers, not yet measured on a GPU; `reg` in the
-plan says whether it ran) beside the tiled forward, H in --hidden and 1024. A cap that does not fit on chip
+plan says whether it ran) beside the tiled forward, H in --hidden and 1024. Last, the
+fixed cost of a call (--overhead-seq-lens, default T = 1, 16 and 256, forward only): the
+whole call's CUDA-event time and the host's time to return from it, so that a call's time
+splits into a fixed part and a part a step (the third H100 run's T = 256 and T = 1024
+times disagree by 0.6-1 ms a forward call on every persistent path, a fixed cost that
+this separates from the step). A cap that does not fit on chip
 is reported as such (the forced path raises). The grid variant exchanges h_t through its
 grid barrier only: the other exchanges this script once compared (--exchanges: a flag per
 block, and the LL exchange) were removed from the kernels after the second H100 run
@@ -36,6 +41,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -121,6 +127,8 @@ def main(argv=None):
     ap.add_argument("--cluster-sizes", nargs="+", type=int, default=[16, 8, 4])
     ap.add_argument("--no-reg-tile", action="store_true",
                     help="leave out the register tile's table")
+    ap.add_argument("--overhead-seq-lens", nargs="*", type=int, default=[1, 16, 256],
+                    help="sequence lengths of the fixed-cost table (none: no table)")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
@@ -150,6 +158,7 @@ def main(argv=None):
               f"{step}", flush=True)
         save(args, prop, rows)  # after every case: a run cut short keeps them
     reg_table(args, prop, rows)
+    overhead_table(args, prop, rows)
     mma_table(args, prop, rows)
     save(args, prop, rows)
     return rows
@@ -214,6 +223,88 @@ def reg_table(args, prop, rows):
         few_ran = (rows[-1].get("plan_fwd") or {}).get("reg")
         print(f"{label(case)} | {'':20s}{tiled} {reg} {ran!s:>3} | {cap:5d} blocks: {few} "
               f"{few_ran!s:>3}", flush=True)
+        save(args, prop, rows)
+
+
+# (cell, dtype, N, H, path, RNNFAST_REG_TILE) of the fixed-cost table: the issue's latency
+# case on the grid variant tiled and on the register tile, and the float32 Elman RNN at
+# H = 256 (slower than cuDNN in the third run) on both persistent variants
+OVERHEAD_CASES = [("lstm", "bfloat16", 16, 768, "persistent", 0),
+                  ("lstm", "bfloat16", 16, 768, "persistent", 1),
+                  ("rnn", "float32", 16, 256, "persistent", 0),
+                  ("rnn", "float32", 16, 256, "cluster", 0)]
+
+
+def time_call(fn, repeats, warmup=2):
+    """(median CUDA-event microseconds of one call from an idle device, median host
+    microseconds until the call returned)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(warmup):
+        fn()
+    device, host = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e6)
+        end.record()
+        torch.cuda.synchronize()
+        device.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(device), statistics.median(host)
+
+
+def overhead_table(args, prop, rows):
+    """The forward of OVERHEAD_CASES at each T of --overhead-seq-lens: a call's device
+    time and host time (rows with `overhead`: True, `call_us`, `host_us`, `T`), and the
+    line through the device times (fixed microseconds a call, microseconds a step)."""
+    if not args.overhead_seq_lens:
+        return
+    print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'path':10s} reg | call us (host us) "
+          f"at T = {args.overhead_seq_lens} | fixed us, us a step")
+    for cell, dtype, N, H, path, reg in OVERHEAD_CASES:
+        if dtype not in args.dtypes or cell not in args.cells:
+            continue
+        points = []
+        cells = []
+        for T in args.overhead_seq_lens:
+            torch.manual_seed(0)
+            m = MODULES[cell](H, H).to("cuda", getattr(torch, dtype))
+            x = torch.randn(T, N, H, device="cuda", dtype=getattr(torch, dtype))
+            for name in KNOBS:
+                os.environ.pop(name, None)
+            os.environ["RNNFAST_REG_TILE"] = str(reg)
+
+            def fwd():
+                with torch.no_grad():
+                    m(x)
+            try:
+                with rnnfast.cuda_path(path):
+                    call_us, host_us = time_call(fwd, args.repeats)
+                    plan = _last_cuda_plan()[0]
+                    used = rnnfast.last_cuda_path()
+            except RuntimeError as e:
+                call_us, host_us, plan, used = str(e).strip().splitlines()[0][:160], None, None, None
+            finally:
+                for name in KNOBS:
+                    os.environ.pop(name, None)
+            rows.append(dict(cell=cell, dtype=dtype, N=N, H=H, mode="fwd", path=path,
+                             reg_tile=reg, overhead=True, T=T, call_us=call_us, host_us=host_us,
+                             used=used, plan_fwd=plan))
+            if isinstance(call_us, float):
+                points.append((T, call_us))
+                cells.append(f"{call_us:.0f} ({host_us:.0f})")
+            else:
+                cells.append("n/a")
+        fit = ""
+        if len(points) >= 2:
+            n = len(points)
+            mt = sum(t for t, _ in points) / n
+            mu = sum(u for _, u in points) / n
+            slope = sum((t - mt) * (u - mu) for t, u in points) / sum((t - mt) ** 2 for t, _ in points)
+            fit = f"{mu - slope * mt:.0f}, {slope:.2f}"
+        print(f"{cell:5s} {dtype:9s} {N:4d} {H:5d} {path:10s} {reg:3d} | {' '.join(cells)} | {fit}",
+              flush=True)
         save(args, prop, rows)
 
 

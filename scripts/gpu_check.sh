@@ -577,7 +577,27 @@ if cal:
         model = f"{sum(p['us'] for p in plans):8.2f}" if plans else f"{'n/a':>8}"
         print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6} {grid} "
               f"{pick('cluster', cluster_size=(0, 0))} {pick('step')} {model}")
-    reg = [r for r in cal if "reg_tile" in r]
+    over = [r for r in cal if r.get("overhead")]
+    if over:
+        print()
+        print("gpu-calib.json, a forward call's fixed cost: device us of the whole call (host us "
+              "until it returned) at each T; fixed: the line's intercept, step: its slope")
+        for k in dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["path"], r["reg_tile"])
+                               for r in over):
+            rs = [r for r in over if (r["cell"], r["dtype"], r["N"], r["H"], r["path"],
+                                      r["reg_tile"]) == k]
+            pts = [(r["T"], r["call_us"]) for r in rs if isinstance(r.get("call_us"), float)]
+            cells = " ".join(f"T={r['T']}: " + (f"{r['call_us']:.0f} ({r['host_us']:.0f})"
+                                                 if isinstance(r.get("call_us"), float) else "n/a")
+                             for r in rs)
+            fit = ""
+            if len(pts) >= 2:
+                mt = sum(t for t, _ in pts) / len(pts)
+                mu = sum(u for _, u in pts) / len(pts)
+                sl = sum((t - mt) * (u - mu) for t, u in pts) / sum((t - mt) ** 2 for t, _ in pts)
+                fit = f"  fixed {mu - sl * mt:.0f} us, step {sl:.2f} us"
+            print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:10} reg={k[5]}  {cells}{fit}")
+    reg = [r for r in cal if "reg_tile" in r and not r.get("overhead")]
     if reg:
         print()
         print("gpu-calib.json, 16-bit forward at N <= 16: us per step on the grid variant, "

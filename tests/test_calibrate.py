@@ -37,7 +37,8 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Prop())
     out = tmp_path / "calib.json"
-    rows = cal.main(["--cells", "lstm", "--batch", "16", "--hidden", "768", "--json", str(out)])
+    rows = cal.main(["--cells", "lstm", "--batch", "16", "--hidden", "768", "--json", str(out),
+                     "--overhead-seq-lens"])
     # per mode and dtype: persistent at all blocks and <= 64, cluster at the planner's size
     # and 16, 8, 4, and the per-step path; then bfloat16 only: its forward at N = 16 with H
     # = 768 and 1024, tiled and on the register tile; at N = 64 and 256: the tensor-core
@@ -137,3 +138,44 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
                         "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
                         "RNNFAST_REG_TILE": str(value)}
         assert all(k not in os.environ for k in cal.KNOBS)
+
+
+def test_overhead_table_fits_a_fixed_cost_and_a_cost_a_step(monkeypatch, capsys):
+    """The fixed-cost table: each case's forward at each T, its device and host times
+    recorded, and the line through the device times printed (a stand-in module whose call
+    takes 700 + 3 T microseconds)."""
+    cal = _load()
+    seen = []
+
+    class _Module(torch.nn.Module):
+        def __init__(self, *a):
+            super().__init__()
+
+        def to(self, *a, **k):
+            return self
+
+        def forward(self, x):
+            seen.append((x.shape[0], os.environ.get("RNNFAST_REG_TILE")))
+
+    def fake_time_call(fn, repeats, warmup=2):
+        fn()
+        return 700.0 + 3.0 * seen[-1][0], 40.0
+
+    for cell in ("lstm", "rnn"):
+        monkeypatch.setitem(cal.MODULES, cell, _Module)
+    monkeypatch.setattr(cal, "time_call", fake_time_call)
+    monkeypatch.setattr(cal, "_last_cuda_plan", lambda: ({"us": 1.0, "reg": 0}, None))
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: real_randn(*a[:3]))
+    args = cal.argparse.Namespace(overhead_seq_lens=[1, 16, 256], dtypes=["bfloat16", "float32"],
+                                  cells=["lstm", "gru", "rnn"], repeats=1, json=None)
+    rows = []
+    cal.overhead_table(args, _Prop(), rows)
+    assert len(rows) == 3 * len(cal.OVERHEAD_CASES)
+    assert [r["T"] for r in rows[:3]] == [1, 16, 256]
+    assert all(r["overhead"] and r["call_us"] == 700.0 + 3.0 * r["T"] and r["host_us"] == 40.0
+               for r in rows)
+    assert [s[1] for s in seen] == [str(c[5]) for c in cal.OVERHEAD_CASES for _ in range(3)]
+    assert all(k not in os.environ for k in cal.KNOBS)
+    printed = capsys.readouterr().out
+    assert printed.count("| 700, 3.00") == len(cal.OVERHEAD_CASES), printed

@@ -14,7 +14,7 @@ dtypes at the larger batches of --mma-batch, the grid variant with each tensor-c
 third H100 run measured each) beside the per-step path. Times are the median of
 --repeats CUDA-event timings after a warm-up, divided by T. And for the 16-bit dtypes at
 the batches of --batch up to 16, the forward on the grid variant's register tile
-(RNNFAST_REG_TILE=1: W_hh's slice in registers, not yet measured on a GPU; `reg` in the
+(RNNFAST_REG_TILE=1, the default since the fourth H100 run: W_hh's slice in registers; `reg` in the
 plan says whether it ran) beside the tiled forward, H in --hidden and 1024. Last, the
 fixed cost of a call (--overhead-seq-lens, default T = 1, 16 and 256, forward only): the
 whole call's CUDA-event time and the host's time to return from it, so that a call's time

@@ -533,7 +533,7 @@ STATS = {}
 
 
 def cover(*items):
-    STATS["cover"].update(items)
+    STATS.setdefault("cover", set()).update(items)  # a planner called outside a suite too
 
 
 def shfl_xor_sync(val, dist):
@@ -1720,7 +1720,7 @@ class Plan:
     at_once: int = 0  # the cluster variant: clusters the device runs at once
     us: float = 0.0  # the cluster variant: the stand-in cost (see cluster_us)
     xs_tiles: int = 1  # the grid variant's tiles of xs (2: stage_rows_async)
-    reg: bool = False  # the grid variant's register tile (RNNFAST_REG_TILE=1)
+    reg: bool = False  # the grid variant's register tile (RNNFAST_REG_TILE unset or 1)
 
 
 # the environment knobs of the case running (RNNFAST_MMA_ROWS, RNNFAST_REG_TILE), read by
@@ -1803,9 +1803,10 @@ def plan_persistent(Cell, backward, N, H, dev, dt, tile=None):
                       f"{KNOBS['RNNFAST_REG_TILE']!r}")
     units = (H + sms - 1) // sms
     K, w_rows, _, mma = plan_sizes(Cell, backward, H, units, dt)
-    if mma and KNOBS.get("RNNFAST_REG_TILE") == "1" and not reg_tile_fits(N, w_rows, H):
+    reg_on = KNOBS.get("RNNFAST_REG_TILE", "") != "0"  # on unless 0, as reg_tile_knob
+    if mma and reg_on and not reg_tile_fits(N, w_rows, H):
         cover("register tile: asked, the layer does not fit it")
-    if mma and KNOBS.get("RNNFAST_REG_TILE") == "1" and reg_tile_fits(N, w_rows, H):
+    if mma and reg_on and reg_tile_fits(N, w_rows, H):
         smem = reg_scratch_bytes()
         blocks = (H + units - 1) // units
         if smem <= dev.smem_optin and dev.occupancy(smem) * sms >= blocks:
@@ -1859,7 +1860,7 @@ def header_constants(path=HEADER):
                  "kStepOverheadUs", "kBwdStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare",
                  "kClusterTileUs",
                  "kBwdClusterTileUs", "kClusterFfmaShare", "kBwdClusterFfmaShare",
-                 "kDsmemBytesPerClk", "kWideRowUsPerKB"):
+                 "kDsmemBytesPerClk", "kWideRowUsPerKB", "kRegFloorUs"):
         m = re.search(rf"\b{name}\s*=\s*([0-9.eE+-]+)", text)
         if m is None:
             raise SystemExit(f"{name} not found in {path}")
@@ -2254,12 +2255,14 @@ def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True
     """One case; cluster: (size, rows) for the cluster variant (RNNFAST_CLUSTER_SIZE and
     _ROWS; None in either for the planner's choice), None for the grid variant; mma_rows:
     RNNFAST_MMA_ROWS (the tensor-core tile's batch rows), reg_tile: RNNFAST_REG_TILE (1: the
-    register tile where it holds the layer), each set for this case only."""
+    register tile where it holds the layer, the CUDA code's default), each set for this case
+    only. A case without reg_tile runs with RNNFAST_REG_TILE=0, so that the tiled
+    tensor-core forward keeps its cases at N <= 16 (tests/test_persistent_emulation.py
+    checks the planner's default)."""
     KNOBS.clear()
     if mma_rows:
         KNOBS["RNNFAST_MMA_ROWS"] = str(mma_rows)
-    if reg_tile is not None:
-        KNOBS["RNNFAST_REG_TILE"] = str(reg_tile)
+    KNOBS["RNNFAST_REG_TILE"] = "0" if reg_tile is None else str(reg_tile)
     try:
         _run_case(kind, T, N, C, H, reverse, training, sms, bias, act, gru_bhh, tile, dtype,
                   seed, ops, h0_off, smem_optin, cluster)

@@ -19,8 +19,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(autouse=True)
 def _grid_variant(monkeypatch):
-    """The grid variant forced, with every block, TF32 off."""
+    """The grid variant forced, with every block and its tiled forward (not the register
+    tile, which would take N <= 16), TF32 off."""
     monkeypatch.delenv("RNNFAST_PERSISTENT_MAX_BLOCKS", raising=False)
+    monkeypatch.setenv("RNNFAST_REG_TILE", "0")
     with no_tf32("persistent"):
         yield
 

@@ -1,7 +1,7 @@
 """The grid variant's register tile (csrc/cuda/persistent.cuh, persistent_forward_reg): the
 16-bit forward at N <= 16 with W_hh's slice held in registers as mma.sync fragments and
-h_{t-1} loaded from L2 straight into fragments, asked for with RNNFAST_REG_TILE=1 (off by
-default until a GPU run has measured it). Every output, final state and gradient against
+h_{t-1} loaded from L2 straight into fragments, on by default (RNNFAST_REG_TILE=0 turns it
+off) since the fourth H100 run measured it. Every output, final state and gradient against
 torch.nn and the float64 reference, as in test_cuda.py, in float16 and bfloat16; the plan
 note says the register tile ran, or that the tiled forward did where the layer does not fit
 it (N > 16, H not a multiple of 8, more than 32 rows of W a block or 4 chunks of 32 columns
@@ -124,8 +124,11 @@ def test_layers_the_tile_does_not_hold_run_tiled(shape):
     assert forward_plan()["reg"] == 0, forward_plan()
 
 
-def test_off_by_default_and_float32_ignores_it(monkeypatch):
+def test_on_by_default_off_with_0_and_float32_ignores_it(monkeypatch):
     monkeypatch.delenv("RNNFAST_REG_TILE")
+    check_half_one_layer("lstm", torch.bfloat16, 2, 8, 64)
+    assert forward_plan()["reg"] == 1
+    monkeypatch.setenv("RNNFAST_REG_TILE", "0")
     check_half_one_layer("lstm", torch.bfloat16, 2, 8, 64)
     assert forward_plan()["reg"] == 0
     monkeypatch.setenv("RNNFAST_REG_TILE", "1")

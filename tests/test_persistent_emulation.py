@@ -141,10 +141,10 @@ def test_unknown_mma_rows_is_refused(mma_rows):
 ], ids=["lstm-N16-H768", "lstm-N16-H1024", "gru-N1-H1024", "rnn-N16-H256", "N17", "H1056-chunks",
         "H100-not-mult-8", "H768-66-SMs-rows"])
 def test_register_tile_where_it_holds_the_layer(cell, N, H, sms, reg, units):
-    """RNNFAST_REG_TILE=1: the 16-bit forward on the register tile where N <= 16, H % 8 ==
-    0, at most 32 rows of W a block (not so for the LSTM with H = 768 on 66 SMs: 48) and 4
-    chunks of 32 columns a warp (H up to 1024); else the tiled forward; never the backward
-    or float32; off without the knob."""
+    """RNNFAST_REG_TILE unset or 1: the 16-bit forward on the register tile where N <= 16,
+    H % 8 == 0, at most 32 rows of W a block (not so for the LSTM with H = 768 on 66 SMs:
+    48) and 4 chunks of 32 columns a warp (H up to 1024); else the tiled forward; never the
+    backward or float32; off with 0."""
     Cell = {"lstm": emu.LstmCell, "gru": emu.GruCell, "rnn": emu.ElmanCell}[cell]
     device = emu.FakeDevice(sms)
     emu.reset_stats()  # the planner's coverage notes go there
@@ -156,6 +156,8 @@ def test_register_tile_where_it_holds_the_layer(cell, N, H, sms, reg, units):
             assert (p.nt, p.rpw, p.smem) == (16, 0, 8 * 16 * 40 * 4)
         assert not emu.plan_persistent(Cell, True, N, H, device, emu.dtype_of("float16")).reg
         assert not emu.plan_persistent(Cell, False, N, H, device, emu.dtype_of("float32")).reg
+        emu.KNOBS.clear()  # the default: on
+        assert emu.plan_persistent(Cell, False, N, H, device, emu.dtype_of("float16")).reg == reg
         emu.KNOBS["RNNFAST_REG_TILE"] = "0"
         assert not emu.plan_persistent(Cell, False, N, H, device, emu.dtype_of("float16")).reg
         emu.KNOBS["RNNFAST_REG_TILE"] = "2"

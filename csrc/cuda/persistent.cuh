@@ -71,8 +71,8 @@
 //   mma.sync m16n8k16 with fp32 sums, 16 x 16 tiles; the (NT / 16) x (r_pad / 16) output
 //   tiles are shared out to the warps, each tile's k range split over several warps whose
 //   partial tiles are then summed. K is zero-padded to a multiple of 16.
-//   The register tile (persistent_forward_reg; the grid variant's 16-bit forward at N <= 16
-//   where RNNFAST_REG_TILE=1 asks for it): W's slice held in registers as mma.sync
+//   The register tile (persistent_forward_reg; the grid variant's 16-bit forward at N <= 16,
+//   RNNFAST_REG_TILE=0 turning it off): W's slice held in registers as mma.sync
 //   fragments and h_{t-1} loaded from L2 straight into fragments, no staging; see its
 //   section below.
 //
@@ -1176,6 +1176,26 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 // plus the GEMM at a share of the device's rate (16-bit forward on tensor cores, 30%, from
 // the third run's bfloat16 times at N = 256; float32 on FFMA, TF32 being off by default, as
 // is every backward, which runs in acc_t).
+// The device's SM clock in kHz (a guess of 1.5 GHz where the query fails), asked once per
+// device: the planner builds a CostModel at every op call, and on the H100 machine a
+// forward call's host time was about 0.9 ms on the persistent paths against 0.4 on the
+// per-step path (scripts/host_overhead.py, the fourth run), so nothing that needs the
+// driver is asked again per call.
+inline int device_clock_khz(int device) {
+  static std::mutex mutex;
+  static std::map<int, int> clocks;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = clocks.find(device);
+  if (it != clocks.end()) return it->second;
+  int khz = 0;
+  if (cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, device) != cudaSuccess || khz <= 0) {
+    (void)cudaGetLastError();  // not sticky; a guess instead
+    khz = 1500000;
+  }
+  clocks.emplace(device, khz);
+  return khz;
+}
+
 struct CostModel {
   static constexpr double kFloorUs = 1.9, kTileUs = 2.5, kFfmaShare = 0.4, kMmaShare = 0.4;
   static constexpr double kWideRowUsPerKB = 0.08;
@@ -1201,13 +1221,7 @@ struct CostModel {
         cluster_tile_us(backward ? kBwdClusterTileUs : kClusterTileUs),
         cluster_share(backward ? kBwdClusterFfmaShare : kClusterFfmaShare),
         step_overhead_us(backward ? kBwdStepOverheadUs : kStepOverheadUs) {
-    int clock_khz = 0;
-    if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, c10::cuda::current_device()) !=
-            cudaSuccess ||
-        clock_khz <= 0) {
-      (void)cudaGetLastError();  // not sticky; a guess instead
-      clock_khz = 1500000;
-    }
+    const int clock_khz = device_clock_khz(c10::cuda::current_device());
     const bool datacenter = (prop.major == 8 && prop.minor == 0) || prop.major == 9;
     const double fp32_lanes = prop.major == 8 && prop.minor == 0 ? 64.0 : 128.0;
     const double lanes = fp64 ? (datacenter ? fp32_lanes / 2 : fp32_lanes / 64) : fp32_lanes;
@@ -1240,13 +1254,15 @@ struct CostModel {
     const double push_us = double(pushes) * x_size / (kDsmemBytesPerClk * clock_mhz);
     return double(waves) * ((tiles + 1) * cluster_tile_us + tiles * dot_us + push_us);
   }
-  // The grid variant's register tile (persistent_forward_reg, N <= 16): not measured yet. A
-  // guess: the grid barrier (1.06 us at 128 blocks, sync_bench), one L2 round trip for
-  // h_{t-1}, the MMAs of 16 rows (r_pad rows of W, K columns) at the tiled forward's share
-  // of the tensor cores, and the pointwise pass.
+  // The grid variant's register tile (persistent_forward_reg, N <= 16): a floor (the grid
+  // barrier, one L2 round trip for h_{t-1}, the pointwise pass; set by hand from the fourth
+  // H100 run's issue table: 3.1-4.7 us a step at T = 1024, a forward call's fixed cost
+  // included; scripts/fit_cost_model.py reads the three earlier runs, which ran the tiled
+  // forward there) and the MMAs of 16 rows (r_pad rows of W, K columns) at the tiled
+  // forward's share of the tensor cores.
   // Never less than every block's reads of h_{t-1} at L2 bandwidth (N rows of K 16-bit
   // values a block: about 0.5 us at N = 16, H = 768 with 128 blocks).
-  static constexpr double kRegFloorUs = 2.0;
+  static constexpr double kRegFloorUs = 3.4;
   double reg_us(int64_t N, int r_pad, int64_t K, int blocks) const {
     const double latency_us =
         kRegFloorUs + 2.0 * 16 * r_pad * K / (ffma_flops_per_sm_us * mma_factor * kMmaShare);
@@ -1336,14 +1352,16 @@ inline int mma_rows(std::string& value) {
   return value == "32" ? 32 : value == "16" ? 16 : 0;
 }
 
-// RNNFAST_REG_TILE: 1 plans the grid variant's register tile (persistent_forward_reg) for
-// the 16-bit forward where it holds the layer (reg_tile_fits); unset or 0: the tiled
-// forward. Off by default until a GPU run has measured it. -1 for any other value.
+// RNNFAST_REG_TILE: unset or 1 plans the grid variant's register tile
+// (persistent_forward_reg) for the 16-bit forward where it holds the layer (reg_tile_fits);
+// 0: the tiled forward. On by default since the fourth H100 run (2026-11-27): faster than
+// the tiled forward and than auto's earlier picks in all 18 of the issue table's
+// forwards it holds (bfloat16, N 1 and 16, H 256-1024, each cell). -1 for any other value.
 inline int reg_tile_knob(std::string& value) {
   const char* v = std::getenv("RNNFAST_REG_TILE");
   value = v != nullptr ? v : "";
-  if (value.empty() || value == "0") return 0;
-  return value == "1" ? 1 : -1;
+  if (value.empty() || value == "1") return 1;
+  return value == "0" ? 0 : -1;
 }
 
 // What plan_persistent's variants share: the cell's sizes, the device and the cost model.
@@ -1364,7 +1382,7 @@ struct PersistentPlanner {
   CostModel model;
   std::string why;  // why the last variant planned cannot run
   int mma_tile_rows;  // RNNFAST_MMA_ROWS (64 unless set to 16 or 32), as plan_persistent read it
-  bool reg_tile;      // RNNFAST_REG_TILE=1, as plan_persistent read it
+  bool reg_tile;      // RNNFAST_REG_TILE unset or 1, as plan_persistent read it
 
   PersistentPlanner(int64_t n, int64_t h, at::ScalarType dtype, int mma_rows_asked = 64,
                     bool reg_tile_asked = false)
@@ -1493,7 +1511,7 @@ struct PersistentPlanner {
   }
 
   // The grid variant's register tile (persistent_forward_reg) with `units` units a block:
-  // the 16-bit forward where RNNFAST_REG_TILE=1 asks for it and reg_tile_fits.
+  // the 16-bit forward where reg_tile_fits, unless RNNFAST_REG_TILE=0.
   PersistentLaunch reg_grid(int64_t units) {
     PersistentLaunch plan;
     if constexpr (kMma) {
@@ -1748,8 +1766,9 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
     plan = clustered;
   }
   // the per-step forward GEMM runs in scalar_t, on tensor cores for 16-bit; the backward's
-  // is costed in acc_t on FFMA, as the H100 measured it (in bfloat16 it now takes bfloat16
-  // operands on tensor cores, StepGemm::dg16: not measured yet, so overestimated)
+  // is costed in acc_t on FFMA, as the third H100 run measured it (in bfloat16 it now takes
+  // bfloat16 operands on tensor cores, StepGemm::dg16: the fourth run measured it 4-6x
+  // faster than the model at N = 256, not yet refitted)
   constexpr int G = Cell::kGates;
   const double step_us = planner.model.step_us(2.0 * N * G * H * H, planner.kMma);
   if (plan.kernel != nullptr && !(plan.us < step_us)) plan = PersistentLaunch{};

@@ -20,8 +20,9 @@ Contenders:
                   GEMMs through ATen rather than cublasGemmEx called directly (`rnnfast
                   step`), to measure what the direct calls save
   rnnfast reg     (GPU, float16/bfloat16, N <= 16) the grid variant forced with
-                  RNNFAST_REG_TILE=1: its forward on the register tile (W_hh's slice in
-                  registers, where the layer fits it; the backward is unchanged)
+                  RNNFAST_REG_TILE=1 (the default since the fourth H100 run): its forward on
+                  the register tile (W_hh's slice in registers, where the layer fits it; the
+                  backward is unchanged)
   torch.nn        the torch.nn module itself (CPU: native ATen/oneDNN kernels; GPU: cuDNN)
   reference loop  rnnfast.reference.forward: a Python loop over the cell equations, the
                   code people write without a fused layer

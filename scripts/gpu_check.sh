@@ -49,23 +49,22 @@
 # bench7 stage's limit in seconds, default 300).
 #
 # With 15 device minutes (the machine's start counts too), two calls fit (the second
-# finds the build in place). Measured on the H100 on 2026-11-27 (third run): build 80 s,
-# test_cuda 158 s (4 shards), sanitize 81 s (42 runs), calib 30 s, ncu 48 s, the whole
-# first call 413 s; bench7 327 s for 128 of the 144 cases with 5 contenders (cut at its
-# limit; about 2.5 s a case). The whole lease was 802 s. Since then the CUDA tests grew
-# (tests/test_cuda_step_gemm.py, the default tile in tests/test_cuda_mma_rows.py,
-# tests/test_cuda_reg_tile.py: expect about 230 s), sanitize has 53 runs and calib a table
-# of the register tile (a few seconds). The first call checks and calibrates (ncu left out:
-# the tiled kernels have not changed since the third run's profile; the register tile is
-# new, and calib times it); the second measures the issue's table (bfloat16 first; auto,
-# the grid variant, now with 64-row tensor-core tiles by default, the per-step path with
-# its direct cuBLAS calls and through ATen, the register tile at N <= 16, and cuDNN):
+# finds the build in place). Measured on the H100 on 2026-11-27 (fourth run): build 78 s,
+# test_cuda 180 s (1209 tests, 4 shards), sanitize 85 s (45 of its 53 runs inside the
+# stage's limit), calib 35 s, the whole first call 392 s; bench7 263 s for 93 of the 144
+# cases with 6 contenders (cut at its limit; about 2.8 s a case). The whole lease was 752 s.
+# The next plan: the first call checks and calibrates (the register tile is now the default
+# forward at N <= 16 in 16 bits, and calib's fixed-cost table says whether caching the
+# clock query removed the persistent paths' extra host time); the second measures the
+# issue's table with auto, the grid variant, the per-step path and cuDNN, float32 first
+# this time (the fourth run left 51 float32 cases unmeasured):
 #   GPU_CHECK_STAGES="test_cuda sanitize calib" GPU_CHECK_BUDGET=450
-#   GPU_CHECK_STAGES="bench7" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,rnnfast step aten,rnnfast reg,torch.nn" BENCH7_CAP=360 GPU_CHECK_BUDGET=370
+#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="float32 bfloat16" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,torch.nn" BENCH7_CAP=360 GPU_CHECK_BUDGET=370
 # (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`
 # runs the per-step path's GEMMs through ATen, against `rnnfast step`'s direct cuBLAS calls;
 # `rnnfast reg` the grid variant with RNNFAST_REG_TILE=1, at N <= 16 in 16 bits only;
-# `rnnfast mma64` and `rnnfast mma32` force the tile, where it applies)
+# `rnnfast mma64` and `rnnfast mma32` force the tile, where it applies;
+# scripts/host_overhead.py times a call's host time on each CUDA path)
 #
 # The extension is built with `python setup.py build_ext --inplace` (not scripts/setup.sh,
 # which may pip install, nor pip, which may look for an index): the .so lands in rnnfast/

@@ -237,6 +237,16 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   echo $? >"$WORK/san-$tool-$cell-$dtype-$h-$path.rc"
 }
 SAN_CASES=()
+# the register tile (bfloat16 forwards, the default at N <= 16; the backward is the grid
+# variant's) and the per-step path's bfloat16 memcheck first: the fourth run's list ran out
+# of time before them
+for tool in memcheck racecheck; do
+  for cell in lstm gru rnn_tanh; do SAN_CASES+=("$tool $cell bfloat16 16 reg"); done
+  SAN_CASES+=("$tool lstm bfloat16 768 reg")
+done
+# the per-step path in bfloat16: its GEMMs through cublasGemmEx called directly, the
+# backward's step kernels writing the gate gradients in bfloat16 too (StepGemm)
+for cell in lstm gru rnn_tanh; do SAN_CASES+=("memcheck $cell bfloat16 16 step"); done
 for tool in memcheck racecheck synccheck; do
   for cell in lstm gru rnn_tanh; do
     for dtype in float32 bfloat16; do SAN_CASES+=("$tool $cell $dtype 16 persistent"); done
@@ -250,13 +260,7 @@ for tool in memcheck racecheck; do
   # 64-row tensor-core tiles (bfloat16 forwards)
   for cell in lstm gru rnn_tanh; do SAN_CASES+=("$tool $cell bfloat16 16 mma64"); done
   SAN_CASES+=("$tool lstm bfloat16 700 mma64")
-  # the register tile (bfloat16 forwards; the backward is the grid variant's)
-  for cell in lstm gru rnn_tanh; do SAN_CASES+=("$tool $cell bfloat16 16 reg"); done
-  SAN_CASES+=("$tool lstm bfloat16 768 reg")
 done
-# the per-step path in bfloat16: its GEMMs through cublasGemmEx called directly, the
-# backward's step kernels writing the gate gradients in bfloat16 too (StepGemm)
-for cell in lstm gru rnn_tanh; do SAN_CASES+=("memcheck $cell bfloat16 16 step"); done
 t_san=$(stage_time 150 100)
 s=$(now)
 if wanted sanitize; then
@@ -316,6 +320,12 @@ else
   # 144 cases: few runs each, so that the whole table fits the stage's time
   BENCH=(--set full --dtypes float32 bfloat16 --contenders rnnfast torch.nn "reference loop"
     --repeats 15 --min-time 0.1 --loop-runs 3 --markdown)
+fi
+if wanted host; then
+  # a forward call's host time on each CUDA path, a cProfile and torch.profiler's table of
+  # the op's ATen and CUDA runtime calls (scripts/host_overhead.py)
+  run_stage host 60 40 "$PY" scripts/host_overhead.py
+  cp "$WORK/host.out" "$OUT/host_overhead.txt"
 fi
 if wanted calib; then
   # the persistent kernels' per-step time against their block count (RNNFAST_PERSISTENT_MAX_BLOCKS)

@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rnnfast  # noqa: E402
@@ -52,6 +53,11 @@ def main():
                         line += f" {path} {host_us(lambda: m(x)):.0f}"
                     except RuntimeError as e:
                         line += f" {path} n/a ({str(e).splitlines()[0][:60]})"
+            if dtype != torch.float32:  # the tiled forward in place of the register tile
+                os.environ["RNNFAST_REG_TILE"] = "0"
+                with rnnfast.cuda_path("persistent"):
+                    line += f" persistent-tiled {host_us(lambda: m(x)):.0f}"
+                del os.environ["RNNFAST_REG_TILE"]
         print(line, flush=True)
         with torch.no_grad(), rnnfast.cuda_path("persistent"):
             pr = cProfile.Profile()
@@ -63,6 +69,17 @@ def main():
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(8)
         print("\n".join(s.getvalue().splitlines()[:22]), flush=True)
+        # the op's ATen calls and CUDA runtime calls (CUPTI), by their own host time: which
+        # driver call, if any, the persistent paths' extra host time is
+        for path in ("persistent", "step"):
+            with torch.no_grad(), rnnfast.cuda_path(path):
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(50):
+                        m(x)
+                    torch.cuda.synchronize()
+            print(f"-- {cell} {path}: torch.profiler, 50 calls, by self CPU time", flush=True)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14,
+                                            max_name_column_width=40), flush=True)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,8 @@ struct CudaPlanNote {
   int blocks = 0, units = 0, cluster = 0, nt = 0, rpw = 0, xs_tiles = 0;
   int64_t group_rows = 0;
   int reg = 0;  // 1: the grid variant's register tile (RNNFAST_REG_TILE)
+  // 1: the cluster variant's async exchange (RNNFAST_CLUSTER_EXCHANGE=async) ran
+  int async_exchange = 0;
 };
 void note_cuda_plan(bool backward, const CudaPlanNote& note);
 // Raises `op: why` when `why` is not empty: a persistent variant was forced and cannot

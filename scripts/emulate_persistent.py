@@ -512,6 +512,11 @@ class SmemLayout:
     bytes: int
 
 
+# kClusterStaticSmem: the cluster kernels' static shared memory (the async exchange's
+# mbarriers; ptxas reports 128 bytes)
+CLUSTER_STATIC_SMEM = 128
+
+
 def smem_layout(xs_rows, nt, r_pad, ld, scratch, w_size, x_size, acc_size):
     xs = align128(r_pad * ld * w_size)
     out = align128(xs + xs_rows * ld * x_size)
@@ -1911,10 +1916,11 @@ def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None)
 
             def sm(group_rows):
                 return smem_bytes(nt, rpw, r_pad, ld, group_rows, True, dt, backward, mma)
-            if sm(1) > dev.smem_optin:
+            # the kernels' static shared memory (kClusterStaticSmem) beside the dynamic
+            if sm(1) + CLUSTER_STATIC_SMEM > dev.smem_optin:
                 return False
             cap = nt  # the most rows whose two turns fit
-            while cap < N and sm(cap + nt) <= dev.smem_optin:
+            while cap < N and sm(cap + nt) + CLUSTER_STATIC_SMEM <= dev.smem_optin:
                 cap += nt
             at_once = dev.active_clusters(cs, sm(min(cap, guess_rows)))
             if at_once < 1:

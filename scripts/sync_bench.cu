@@ -165,18 +165,6 @@ struct ClusterArgs {
   int T, n, mode;
 };
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-// the shared::cluster address of this block's shared address `addr` in block `rank`
-__device__ __forceinline__ unsigned map_rank(unsigned addr, int rank) {
-  unsigned out;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(addr), "r"(rank));
-  return out;
-}
-#endif
-
 __global__ void __launch_bounds__(kThreads, 1) cluster_bench(ClusterArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) float turns[];  // [2][n]

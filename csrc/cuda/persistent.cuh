@@ -143,7 +143,16 @@ struct PersistentParams {
   // the grid variant: tiles of NT rows in xs; 2: later tiles staged by cp.async during the
   // earlier ones' work (stage_rows_async)
   int xs_tiles = 1;
+  // the cluster variant's async exchange (RNNFAST_CLUSTER_EXCHANGE=async, where the values
+  // exchanged are 4 or 8 bytes: cluster_async_ok): st.async into the peers' turns and a
+  // wait on this block's mbarrier, in place of generic stores and the cluster barrier
+  bool async_exchange = false;
 };
+
+// The cluster kernels' static shared memory: the async exchange's two mbarriers (a turn
+// each), beside the dynamic shared memory the planner sizes; ptxas reports 128 bytes (the
+// dynamic shared memory starts 128-byte aligned after them).
+constexpr size_t kClusterStaticSmem = 128;
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
@@ -674,6 +683,18 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
   scalar_t* xs = reinterpret_cast<scalar_t*>(smem + lay.xs_offset);
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
+  // the async exchange (4- and 8-byte h only): this block's mbarrier for each turn
+  constexpr bool kAsyncOk = kCluster && (sizeof(scalar_t) == 4 || sizeof(scalar_t) == 8);
+  unsigned long long* bars = nullptr;
+  if constexpr (kAsyncOk) {
+    __shared__ __align__(8) unsigned long long turn_bars[2];
+    bars = turn_bars;
+    if (p.async_exchange && threadIdx.x == 0) {
+      mbar_init(bars, 1);
+      mbar_init(bars + 1, 1);
+    }
+  }
+  const bool async_exchange = kAsyncOk && p.async_exchange;
 
   batched_copy<scalar_t>(
       int64_t(r_pad) * ld,
@@ -770,7 +791,15 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
           // step: nothing reads that turn)
           if (s + 1 < p.T) {
             scalar_t* dst = next + (n0 + nl) * ld + u0 + j;
-            for_each_peer(w, [&](int r) { *peer_shared(dst, r) = h; });
+            bool sent = false;
+            if constexpr (kAsyncOk) {
+              if (async_exchange) {
+                unsigned long long* bar = bars + ((s + 1) & 1);
+                for_each_peer(w, [&](int r) { st_async(dst, h, bar, r); });
+                sent = true;
+              }
+            }
+            if (!sent) for_each_peer(w, [&](int r) { *peer_shared(dst, r) = h; });
           }
         }
       }
@@ -782,7 +811,18 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     if (s + 1 < p.T) {
       // loads between the arrival and the wait (none of these inputs is another block's)
       if constexpr (kCluster) {
-        cluster_arrive();
+        if (async_exchange) {
+          // every thread's reads of out and of this step's turn are done (the next step's
+          // dot product rewrites out); then this block's arrival for the next turn, which
+          // receives rows x H values of h_t, every block's units
+          __syncthreads();
+          if (threadIdx.x == 0) {
+            mbar_arrive_expect(bars + ((s + 1) & 1),
+                               static_cast<unsigned>(rows * H * int64_t(sizeof(scalar_t))));
+          }
+        } else {
+          cluster_arrive();
+        }
       } else {
         grid_arrive(p.barrier);
       }
@@ -794,7 +834,13 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
                        threadIdx.x, blockDim.x);
       }
       if constexpr (kCluster) {
-        cluster_wait();
+        // the next turn's phase: turn (s + 1) & 1 is filled at every other step, so this is
+        // its (s / 2)-th phase
+        if (async_exchange) {
+          mbar_wait(bars + ((s + 1) & 1), static_cast<unsigned>((s >> 1) & 1));
+        } else {
+          cluster_wait();
+        }
       } else {
         grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
       }
@@ -1045,6 +1091,17 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
   acc_t* xs = reinterpret_cast<acc_t*>(smem + lay.xs_offset);
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
+  // the async exchange (acc_t is 4 or 8 bytes): this block's mbarrier for each turn
+  unsigned long long* bars = nullptr;
+  if constexpr (kCluster) {
+    __shared__ __align__(8) unsigned long long turn_bars[2];
+    bars = turn_bars;
+    if (p.async_exchange && threadIdx.x == 0) {
+      mbar_init(bars, 1);
+      mbar_init(bars + 1, 1);
+    }
+  }
+  const bool async_exchange = kCluster && p.async_exchange;
 
   // consecutive threads read consecutive units of one row of W_hh; columns K..ld are zero
   batched_copy<scalar_t>(
@@ -1093,16 +1150,34 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       Cell::backward(p, s, t, tp, n_begin + nl, u, in, dgh);
       if constexpr (kCluster) {
         acc_t* dst = cur + nl * ld + u;
-        for_each_peer(w, [&](int r) {
-          acc_t* q = peer_shared(dst, r);
+        if (async_exchange) {
+          unsigned long long* bar = bars + (s & 1);
+          for_each_peer(w, [&](int r) {
 #pragma unroll
-          for (int g = 0; g < G; ++g) q[g * H] = dgh[g];
-        });
+            for (int g = 0; g < G; ++g) st_async(dst + g * H, dgh[g], bar, r);
+          });
+        } else {
+          for_each_peer(w, [&](int r) {
+            acc_t* q = peer_shared(dst, r);
+#pragma unroll
+            for (int g = 0; g < G; ++g) q[g * H] = dgh[g];
+          });
+        }
       }
     }
     // the loads below need no other block's data
     if constexpr (kCluster) {
-      cluster_arrive();
+      if (async_exchange) {
+        // this block's arrival for this step's turn, which receives rows x G x H gate
+        // gradients, every block's units (the last step's phase B ended with
+        // __syncthreads: no read of this turn is outstanding in this block)
+        if (threadIdx.x == 0) {
+          mbar_arrive_expect(bars + (s & 1),
+                             static_cast<unsigned>(rows * G * H * int64_t(sizeof(acc_t))));
+        }
+      } else {
+        cluster_arrive();
+      }
     } else {
       grid_arrive(p.barrier);
     }
@@ -1111,7 +1186,13 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
                           ahead);
     }
     if constexpr (kCluster) {
-      cluster_wait();
+      // turn s & 1 is filled at every other step from T - 1 down: its ((T - 1 - s) / 2)-th
+      // phase
+      if (async_exchange) {
+        mbar_wait(bars + (s & 1), static_cast<unsigned>(((p.T - 1 - s) >> 1) & 1));
+      } else {
+        cluster_wait();
+      }
     } else {
       grid_wait(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
     }
@@ -1301,6 +1382,7 @@ struct PersistentLaunch {
   int nt = 0, rpw = 0;      // the tile
   int gates = 0;            // G, for the launch's xp size
   bool reg = false;         // the grid variant's register tile (persistent_forward_reg)
+  bool async_exchange = false;  // the cluster variant's async exchange (cluster_async_ok)
 };
 
 // A CUDA error is a reason not to run, not an exception (nothing is thrown inside the op's
@@ -1364,6 +1446,26 @@ inline int reg_tile_knob(std::string& value) {
   return value == "0" ? 0 : -1;
 }
 
+// RNNFAST_CLUSTER_EXCHANGE: unset or "barrier": the cluster variant's stores into the peers'
+// shared memory and the cluster barrier; "async": st.async and a wait on each block's own
+// mbarrier (sync.cuh), where the exchanged values are 4 or 8 bytes (cluster_async_ok; the
+// barrier elsewhere). Off by default: it has not yet run on a GPU inside the kernels
+// (sync_bench measured the exchange alone 0.36-0.41 us a step faster). 1 for async, 0
+// for the barrier, -1 for any other value.
+inline int cluster_exchange_knob(std::string& value) {
+  const char* v = std::getenv("RNNFAST_CLUSTER_EXCHANGE");
+  value = v != nullptr ? v : "";
+  if (value.empty() || value == "barrier") return 0;
+  return value == "async" ? 1 : -1;
+}
+// Whether the async exchange can carry the values the cluster variant exchanges: h_t in
+// scalar_t (the forward), the gate gradients in acc_t (the backward); st.async stores 4
+// or 8 bytes.
+template <typename scalar_t, typename acc_t, bool kBackward>
+constexpr bool cluster_async_ok() {
+  return kBackward || sizeof(scalar_t) == 4 || sizeof(scalar_t) == 8;
+}
+
 // What plan_persistent's variants share: the cell's sizes, the device and the cost model.
 template <typename Cell, typename scalar_t, typename acc_t, bool kBackward>
 struct PersistentPlanner {
@@ -1383,12 +1485,13 @@ struct PersistentPlanner {
   std::string why;  // why the last variant planned cannot run
   int mma_tile_rows;  // RNNFAST_MMA_ROWS (64 unless set to 16 or 32), as plan_persistent read it
   bool reg_tile;      // RNNFAST_REG_TILE unset or 1, as plan_persistent read it
+  bool async_exchange;  // RNNFAST_CLUSTER_EXCHANGE=async, as plan_persistent read it
 
   PersistentPlanner(int64_t n, int64_t h, at::ScalarType dtype, int mma_rows_asked = 64,
-                    bool reg_tile_asked = false)
+                    bool reg_tile_asked = false, bool async_asked = false)
       : N(n), H(h), prop(*at::cuda::getCurrentDeviceProperties()),
         model(prop, dtype == at::kDouble, kBackward), mma_tile_rows(mma_rows_asked),
-        reg_tile(reg_tile_asked) {}
+        reg_tile(reg_tile_asked), async_exchange(async_asked) {}
 
   template <int NT, int RPW, bool kCluster>
   static const void* kernel() {
@@ -1613,7 +1716,9 @@ struct PersistentPlanner {
         // code for 9.0 or newer (below it the cluster helpers trap): not so where only an
         // older architecture's PTX was built and the driver compiled that
         int ptx = 0;
-        if (!fits(smem_bytes<kNT, kRPW, true>(r_pad, ld, 1)) || !prepare(k, cs > 8, ptx)) {
+        // the kernel's static shared memory (kClusterStaticSmem) beside the dynamic
+        if (!fits(smem_bytes<kNT, kRPW, true>(r_pad, ld, 1) + kClusterStaticSmem) ||
+            !prepare(k, cs > 8, ptx)) {
           return false;
         }
         if (ptx < 90) {
@@ -1624,7 +1729,8 @@ struct PersistentPlanner {
         }
         // the most rows whose two turns fit
         int64_t cap = kNT;
-        while (cap < N && smem_bytes<kNT, kRPW, true>(r_pad, ld, cap + kNT) <=
+        while (cap < N && smem_bytes<kNT, kRPW, true>(r_pad, ld, cap + kNT) +
+                                  kClusterStaticSmem <=
                               prop.sharedMemPerBlockOptin) {
           cap += kNT;
         }
@@ -1665,6 +1771,7 @@ struct PersistentPlanner {
         plan.nt = kNT;
         plan.rpw = kRPW;
         plan.gates = G;
+        plan.async_exchange = async_exchange && cluster_async_ok<scalar_t, acc_t, kBackward>();
         // a block stores each of its values (G of them in the backward) into each block
         const int64_t pushes = rows * units * (kBackward ? G : 1) * cs;
         plan.us = model.cluster_us(rows, kNT, r_pad, K, pushes, sizeof(x_t), kMma,
@@ -1697,6 +1804,7 @@ inline CudaPlanNote plan_note(const PersistentLaunch& plan) {
   n.xs_tiles = plan.cluster > 0 ? 0 : plan.xs_tiles;
   n.group_rows = plan.group_rows;
   n.reg = plan.reg ? 1 : 0;
+  n.async_exchange = plan.async_exchange ? 1 : 0;
   return n;
 }
 
@@ -1730,7 +1838,16 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
     plan.refused = "RNNFAST_REG_TILE is '" + reg_value + "', expected 0 or 1";
     return plan;
   }
-  PersistentPlanner<Cell, scalar_t, acc_t, kBackward> planner(N, H, dtype, rows, reg == 1);
+  std::string exchange_value;
+  const int exchange = cluster_exchange_knob(exchange_value);
+  if (exchange < 0) {
+    PersistentLaunch plan;
+    plan.refused = "RNNFAST_CLUSTER_EXCHANGE is '" + exchange_value +
+                   "', expected 'barrier' or 'async'";
+    return plan;
+  }
+  PersistentPlanner<Cell, scalar_t, acc_t, kBackward> planner(N, H, dtype, rows, reg == 1,
+                                                              exchange == 1);
   auto forced = [&](PersistentLaunch plan, const char* name) {
     const std::string forced_why = std::string("the ") + name +
                                    " CUDA path was forced (rnnfast.cuda_path / "
@@ -1791,6 +1908,7 @@ std::string launch_persistent(const PersistentLaunch& plan,
   params.units = plan.units;
   params.group_rows = plan.group_rows;
   params.xs_tiles = plan.xs_tiles;
+  params.async_exchange = plan.cluster > 0 && plan.async_exchange;
   // the forward's input projection from DRAM: larger than L2 (it was written before the
   // launch, from its first step on, so its first steps are gone from L2)
   params.prefetch_xp =

@@ -53,7 +53,7 @@ from rnnfast._ops import _last_cuda_plan  # noqa: E402
 
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
 KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_MMA_ROWS",
-         "RNNFAST_STEP_GEMM", "RNNFAST_REG_TILE")
+         "RNNFAST_STEP_GEMM", "RNNFAST_REG_TILE", "RNNFAST_CLUSTER_EXCHANGE")
 
 
 def time_per_step(fn, T, repeats, warmup=2):
@@ -72,13 +72,13 @@ def time_per_step(fn, T, repeats, warmup=2):
 
 
 def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None, step_gemm=None,
-            reg_tile=None):
+            reg_tile=None, exchange=None):
     """(microseconds per step, or the first line of the error the call raised; the paths
     that ran; the planner's decisions, rnnfast._ops._last_cuda_plan(): the cost model's
     estimates beside the measurement). knob: the value of RNNFAST_PERSISTENT_MAX_BLOCKS
     (path persistent) or RNNFAST_CLUSTER_SIZE (path cluster), 0 for none; mma_rows:
     RNNFAST_MMA_ROWS (path persistent); step_gemm: RNNFAST_STEP_GEMM (path step); reg_tile:
-    RNNFAST_REG_TILE (path persistent)."""
+    RNNFAST_REG_TILE (path persistent); exchange: RNNFAST_CLUSTER_EXCHANGE (path cluster)."""
     torch.manual_seed(0)
     m = MODULES[cell](H, H).to("cuda", dtype)
     x = torch.randn(T, N, H, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
@@ -92,6 +92,8 @@ def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None, step
         os.environ[KNOBS[3]] = step_gemm
     if reg_tile is not None:
         os.environ[KNOBS[4]] = str(reg_tile)
+    if exchange:
+        os.environ[KNOBS[5]] = exchange
 
     def fwd():
         with torch.no_grad():
@@ -127,6 +129,8 @@ def main(argv=None):
     ap.add_argument("--cluster-sizes", nargs="+", type=int, default=[16, 8, 4])
     ap.add_argument("--no-reg-tile", action="store_true",
                     help="leave out the register tile's table")
+    ap.add_argument("--no-exchange", action="store_true",
+                    help="leave out the cluster exchanges' table")
     ap.add_argument("--overhead-seq-lens", nargs="*", type=int, default=[1, 16, 256],
                     help="sequence lengths of the fixed-cost table (none: no table)")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
@@ -158,6 +162,7 @@ def main(argv=None):
               f"{step}", flush=True)
         save(args, prop, rows)  # after every case: a run cut short keeps them
     reg_table(args, prop, rows)
+    exchange_table(args, prop, rows)
     overhead_table(args, prop, rows)
     mma_table(args, prop, rows)
     save(args, prop, rows)
@@ -176,12 +181,12 @@ def label(case):
 
 
 def record(args, rows, case, path, fields, knob=0, mma_rows=None, step_gemm=None,
-           reg_tile=None):
-    """One measurement of case on path (knob, mma_rows, step_gemm and reg_tile as measure()
-    takes them), appended to rows with `fields`; returns its table cell."""
+           reg_tile=None, exchange=None):
+    """One measurement of case on path (knob, mma_rows, step_gemm, reg_tile and exchange as
+    measure() takes them), appended to rows with `fields`; returns its table cell."""
     us, used, plans = measure(case["cell"], getattr(torch, case["dtype"]), case["N"],
                               case["H"], args.seq_len, path, knob, case["mode"], args.repeats,
-                              mma_rows, step_gemm, reg_tile)
+                              mma_rows, step_gemm, reg_tile, exchange)
     rows.append(dict(case, path=path, **fields, us=us, used=used, plan_fwd=plans[0],
                      plan_bwd=plans[1] if case["mode"] == "fwdbwd" else None))
     return f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
@@ -223,6 +228,22 @@ def reg_table(args, prop, rows):
         few_ran = (rows[-1].get("plan_fwd") or {}).get("reg")
         print(f"{label(case)} | {'':20s}{tiled} {reg} {ran!s:>3} | {cap:5d} blocks: {few} "
               f"{few_ran!s:>3}", flush=True)
+        save(args, prop, rows)
+
+
+def exchange_table(args, prop, rows):
+    """The cluster variant (the planner's size) with each exchange, RNNFAST_CLUSTER_EXCHANGE
+    barrier and async, at the cases of the main table (rows carry `cluster_exchange`; the plans'
+    `async` says which ran: the 16-bit forward keeps the barrier)."""
+    if args.no_exchange:
+        return
+    print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | cluster: "
+          f"{'barrier':>8s} {'async':>8s} ran (forward, backward)")
+    for case in cases(args.dtypes, args.cells, args.batch, args.hidden, args.modes):
+        cells = [record(args, rows, case, "cluster", {"cluster_exchange": e}, exchange=e)
+                 for e in ("barrier", "async")]
+        ran = tuple((rows[-1].get(k) or {}).get("async", "-") for k in ("plan_fwd", "plan_bwd"))
+        print(f"{label(case)} | {'':9s}{' '.join(cells)} {ran}", flush=True)
         save(args, prop, rows)
 
 

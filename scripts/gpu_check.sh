@@ -4,10 +4,14 @@
 #      own (scripts/sync_bench.cu, built with nvcc, no torch), for the cost model's floors;
 #   1. build rnnfast from source for the card that is there (no internet needed: no pip,
 #      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
+#   1b. host (only when named in GPU_CHECK_STAGES): scripts/host_overhead.py, a forward
+#      call's host time on each CUDA path and the profiles of the op, into host_overhead.txt;
 #   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py,
-#      tests/test_cuda_mma_rows.py, tests/test_cuda_step_gemm.py, tests/test_cuda_reg_tile.py);
+#      tests/test_cuda_mma_rows.py, tests/test_cuda_step_gemm.py, tests/test_cuda_reg_tile.py,
+#      tests/test_cuda_cluster_async.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
-#      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants)
+#      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants,
+#      the cluster variant also with its async exchange)
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
 #      have not changed since);
 #   3b. calib: the persistent kernels' per-step time against their block count
@@ -49,17 +53,18 @@
 # bench7 stage's limit in seconds, default 300).
 #
 # With 15 device minutes (the machine's start counts too), two calls fit (the second
-# finds the build in place). Measured on the H100 on 2026-11-27 (fourth run): build 78 s,
-# test_cuda 180 s (1209 tests, 4 shards), sanitize 85 s (45 of its 53 runs inside the
-# stage's limit), calib 35 s, the whole first call 392 s; bench7 263 s for 93 of the 144
-# cases with 6 contenders (cut at its limit; about 2.8 s a case). The whole lease was 752 s.
-# The next plan: the first call checks and calibrates (the register tile is now the default
-# forward at N <= 16 in 16 bits, and calib's fixed-cost table says whether caching the
-# clock query removed the persistent paths' extra host time); the second measures the
-# issue's table with auto, the grid variant, the per-step path and cuDNN, float32 first
-# this time (the fourth run left 51 float32 cases unmeasured):
-#   GPU_CHECK_STAGES="test_cuda sanitize calib" GPU_CHECK_BUDGET=450
-#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="float32 bfloat16" BENCH7_CONTENDERS="rnnfast,rnnfast persistent,rnnfast step,torch.nn" BENCH7_CAP=360 GPU_CHECK_BUDGET=370
+# finds the build in place only if it comes within the machine's 30 s idle time: run it at
+# once). Measured on the H100 on 2026-11-27 (fifth run): build 89-95 s, host 20 s,
+# test_cuda 168 s (1209 tests, 4 shards), sanitize 94 s (all 53 runs), calib 27 s, the
+# whole first call 407 s; bench7 about 3 s a case with 4 contenders (71 float32 cases in
+# 221 s). The whole lease was 869 s.
+# The next plan: the first call checks and calibrates (tests/test_cuda_cluster_async.py
+# and the async exchange's sanitizer runs are new, never run on a GPU; calib's exchange
+# table says whether RNNFAST_CLUSTER_EXCHANGE=async is faster); the second measures the
+# issue's table, bfloat16 first this time (the fifth run measured only float32, the
+# fourth bfloat16 with the register tile off):
+#   GPU_CHECK_STAGES="test_cuda sanitize calib" GPU_CHECK_BUDGET=470
+#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast cluster,rnnfast step,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=350
 # (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`
 # runs the per-step path's GEMMs through ATen, against `rnnfast step`'s direct cuBLAS calls;
 # `rnnfast reg` the grid variant with RNNFAST_REG_TILE=1, at N <= 16 in 16 bits only;
@@ -203,7 +208,7 @@ if wanted test_cuda; then
   run_stage test_cuda 300 160 "$PY" scripts/pytest_shards.py --shards "${TEST_CUDA_SHARDS:-4}" \
     --junitxml="$OUT/test_cuda.xml" -- -q --tb=short \
     tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_mma_rows.py \
-    tests/test_cuda_step_gemm.py tests/test_cuda_reg_tile.py
+    tests/test_cuda_step_gemm.py tests/test_cuda_reg_tile.py tests/test_cuda_cluster_async.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
@@ -216,10 +221,12 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # partial tile)
   # PATH reg: the grid variant's register tile (RNNFAST_REG_TILE=1), N=11 (rows g + 8 of
   # its a fragments) or, at H=768, the issue's N=16
-  local forced=$path rows=16 n=5 reg=0
+  # PATH async: the cluster variant with the async exchange (RNNFAST_CLUSTER_EXCHANGE)
+  local forced=$path rows=16 n=5 reg=0 exch=barrier
   case $path in
     mma64) forced=persistent rows=64 n=40 ;;
     reg) forced=persistent reg=1 n=11; ((h > 16)) && n=16 ;;
+    async) forced=cluster exch=async ;;
   esac
   # racecheck runs over every kernel, cuBLAS's included (a --kernel-name filter for
   # rnnfast's own has not been tried on the GPU image yet)
@@ -230,13 +237,19 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # The cluster variant: clusters of 4 blocks (4 units each), 2 batch rows a cluster, so
   # 3 clusters, the last with 1 row
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 RNNFAST_CLUSTER_SIZE=4 RNNFAST_CLUSTER_ROWS=2 \
-    RNNFAST_MMA_ROWS=$rows RNNFAST_REG_TILE=$reg timeout -k 5 "$t" "$SANITIZER" \
+    RNNFAST_MMA_ROWS=$rows RNNFAST_REG_TILE=$reg RNNFAST_CLUSTER_EXCHANGE=$exch \
+    timeout -k 5 "$t" "$SANITIZER" \
     --tool "$tool" --error-exitcode 1 --report-api-errors no --print-limit 20 \
     "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$forced" --N "$n" \
     --H "$h" $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h-$path.log" 2>&1
   echo $? >"$WORK/san-$tool-$cell-$dtype-$h-$path.rc"
 }
 SAN_CASES=()
+# the cluster variant's async exchange (never run on a GPU before): float32 both ways,
+# bfloat16's backward
+for tool in memcheck racecheck synccheck; do
+  for c in "lstm float32" "gru bfloat16" "rnn_tanh float32"; do SAN_CASES+=("$tool ${c% *} ${c#* } 16 async"); done
+done
 # the register tile (bfloat16 forwards, the default at N <= 16; the backward is the grid
 # variant's) and the per-step path's bfloat16 memcheck first: the fourth run's list ran out
 # of time before them
@@ -578,7 +591,7 @@ if cal:
     # rows of an older run may carry the removed exchanges ("exchange" other than the
     # barrier): left out
     main = [r for r in cal if "mma_rows" not in r and "reg_tile" not in r
-            and r.get("exchange", "barrier") == "barrier"]
+            and "cluster_exchange" not in r and r.get("exchange", "barrier") == "barrier"]
     print("gpu-calib.json: us per step; persistent (grid variant) with all blocks and <= 64; "
           "cluster (planner's size); per-step path")
     print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} {'all':>8} {'<=64':>8}"
@@ -616,6 +629,19 @@ if cal:
                 sl = sum((t - mt) * (u - mu) for t, u in pts) / sum((t - mt) ** 2 for t, _ in pts)
                 fit = f"  fixed {mu - sl * mt:.0f} us, step {sl:.2f} us"
             print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:10} reg={k[5]}  {cells}{fit}")
+    exch = [r for r in cal if "cluster_exchange" in r]
+    if exch:
+        print()
+        print("gpu-calib.json, the cluster variant's exchange: us per step with the cluster "
+              "barrier and with st.async (RNNFAST_CLUSTER_EXCHANGE=async); ran: the plans' "
+              "async, forward and backward")
+        print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} {'barrier':>8} {'async':>8} ran")
+        for k in dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in exch):
+            rs = [r for r in exch if (r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) == k]
+            on = [r for r in rs if r["cluster_exchange"] == "async"]
+            ran = "".join(str((on[0].get(p) or {}).get("async", "-")) for p in ("plan_fwd", "plan_bwd")) if on else "-"
+            print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6} "
+                  f"{us_of([r for r in rs if r['cluster_exchange'] == 'barrier'])} {us_of(on)} {ran}")
     reg = [r for r in cal if "reg_tile" in r and not r.get("overhead")]
     if reg:
         print()

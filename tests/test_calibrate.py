@@ -28,9 +28,11 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     seen = []
 
     def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None,
-                     step_gemm=None, reg_tile=None):
-        seen.append((cell, str(dtype), N, H, path, knob, mode, mma_rows, step_gemm, reg_tile))
-        plan = {"us": 1.0, "blocks": 132, "reg": reg_tile or 0}
+                     step_gemm=None, reg_tile=None, exchange=None):
+        seen.append((cell, str(dtype), N, H, path, knob, mode, mma_rows, step_gemm, reg_tile,
+                     exchange))
+        plan = {"us": 1.0, "blocks": 132, "reg": reg_tile or 0,
+                "async": int(exchange == "async")}
         return 2.0, (path, path), (plan, plan if mode == "fwdbwd" else None)
 
     monkeypatch.setattr(cal, "measure", fake_measure)
@@ -45,7 +47,9 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     # tiles of 16, 32 and 64 rows and the per-step path, direct and through ATen
     main_rows = 2 * (2 + 4 + 1) * 2  # 2 modes, 2 dtypes
     reg_rows = 2 * 3
-    assert len(rows) == main_rows + reg_rows + 2 * 2 * (3 + 2)
+    # then the cluster variant with each exchange, per mode and dtype
+    exchange_rows = 2 * 2 * 2
+    assert len(rows) == main_rows + reg_rows + exchange_rows + 2 * 2 * (3 + 2)
     assert len(seen) == len(rows)
     assert [r["dtype"] for r in rows[:14]] == ["bfloat16"] * 14  # bfloat16 first
     assert all("exchange" not in r for r in rows)
@@ -70,7 +74,17 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     assert all(r["reg_tile"] == r["plan_fwd"]["reg"] for r in reg)
     assert all(s[9] is None for s in seen[:main_rows] + seen[main_rows + reg_rows:])
     assert [s[5] for s in seen[main_rows:main_rows + reg_rows]] == [0, 0, 96, 0, 0, 128]
-    mma = rows[main_rows + reg_rows:]
+    exch = rows[main_rows + reg_rows:main_rows + reg_rows + exchange_rows]
+    # the cluster variant at the planner's size with each exchange, at every main case
+    assert sorted((r["dtype"], r["mode"], r["cluster_exchange"]) for r in exch) == sorted(
+        (d, m, e) for d in ("bfloat16", "float32") for m in ("fwd", "fwdbwd")
+        for e in ("barrier", "async"))
+    assert all(r["path"] == "cluster" and "cluster_size" not in r for r in exch)
+    assert [s[10] for s in seen[main_rows + reg_rows:main_rows + reg_rows + exchange_rows]] == [
+        "barrier", "async"] * 4
+    assert all(s[10] is None for s in seen[:main_rows + reg_rows])
+    assert all(s[10] is None for s in seen[main_rows + reg_rows + exchange_rows:])
+    mma = rows[main_rows + reg_rows + exchange_rows:]
     assert {(r["dtype"], r["N"], r["mma_rows"], r["path"], r.get("step_gemm")) for r in mma} == {
         ("bfloat16", n, r, "persistent", None) for n in (64, 256) for r in (16, 32, 64)} | {
         ("bfloat16", n, None, "step", g) for n in (64, 256) for g in ("cublas", "aten")}
@@ -116,27 +130,57 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
     assert us == 3.0 and plans == ({"us": 1.0}, None)
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": "64", "RNNFAST_CLUSTER_SIZE": None,
                     "RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None,
-                    "RNNFAST_REG_TILE": None}
+                    "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the cluster variant: its size knob, and no tile
     monkeypatch.setenv("RNNFAST_MMA_ROWS", "stale")
     cal.measure("lstm", torch.float32, 2, 8, 4, "cluster", 8, "fwd", 1)
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": "8",
                     "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
-                    "RNNFAST_REG_TILE": None}
+                    "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the per-step path through ATen
     cal.measure("lstm", torch.float32, 2, 8, 4, "step", 0, "fwd", 1, step_gemm="aten")
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
                     "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": "aten",
-                    "RNNFAST_REG_TILE": None}
+                    "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the register tile, asked for and not
     for value in (1, 0):
         cal.measure("lstm", torch.bfloat16, 2, 8, 4, "persistent", 0, "fwd", 1, reg_tile=value)
         assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
                         "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
-                        "RNNFAST_REG_TILE": str(value)}
+                        "RNNFAST_REG_TILE": str(value), "RNNFAST_CLUSTER_EXCHANGE": None}
+        assert all(k not in os.environ for k in cal.KNOBS)
+
+
+def test_measure_sets_the_cluster_exchange(monkeypatch):
+    """measure(exchange=...) sets RNNFAST_CLUSTER_EXCHANGE for its call only."""
+    cal = _load()
+    seen = {}
+
+    def fake_time(fn, T, repeats, warmup=2):
+        seen.update({k: os.environ.get(k) for k in cal.KNOBS})
+        return 3.0
+
+    monkeypatch.setattr(cal, "time_per_step", fake_time)
+    monkeypatch.setattr(cal, "_last_cuda_plan", lambda: ({"us": 1.0, "async": 1}, None))
+
+    class _Module(torch.nn.Module):
+        def __init__(self, *a):
+            super().__init__()
+
+        def to(self, *a, **k):
+            return self
+
+    monkeypatch.setitem(cal.MODULES, "rnn", _Module)
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: real_randn(*a[:3]))
+    monkeypatch.setenv("RNNFAST_CLUSTER_EXCHANGE", "stale")
+    for value in ("async", "barrier"):
+        cal.measure("rnn", torch.float32, 2, 8, 4, "cluster", 0, "fwd", 1, exchange=value)
+        assert seen["RNNFAST_CLUSTER_EXCHANGE"] == value
+        assert seen["RNNFAST_CLUSTER_SIZE"] is None
         assert all(k not in os.environ for k in cal.KNOBS)
 
 

@@ -38,7 +38,12 @@ another block's data (needs __ldcg), a peer's shared memory mapped before the fi
 cluster_sync or after the peer exited, and intra-block races between __syncthreads. A
 case's dtype picks the element sizes and so the kernels and layout (16-bit: tensor
 cores); its `cluster` = (RNNFAST_CLUSTER_SIZE, RNNFAST_CLUSTER_ROWS), None in either for
-the planner's choice, picks the cluster variant. Results are compared with
+the planner's choice, picks the cluster variant, and its `cluster_exchange` "async" the
+async exchange (RNNFAST_CLUSTER_EXCHANGE): st.async complete their bytes on the receiving
+block's mbarrier of that turn (MBarrier: phase, pending arrival, transaction bytes), a
+block's arrival expects the turn's bytes, and its wait returns once the phase of the
+parity it names has completed; a wait that can never return is a deadlock, and bytes or
+an arrival left over at the end are flagged. Results are compared with
 rnnfast.reference and torch autograd, and with the CPU ops when a built rnnfast imports.
 
 It cannot show memory ordering on real hardware (fences, __ldcg and the cluster barrier's
@@ -139,6 +144,12 @@ MUTATIONS = {
     "cluster_phase_b_other_turn": "cluster backward: phase B reads turn (s + 1) & 1",
     "cluster_plan_smem_one_row": "cluster plan: smem sized for N_c = 1 (smem_bytes(..., 1))",
     "cluster_early_arrive": "cluster: cluster_arrive before the stores into the peers' turns",
+    # the cluster variant's async exchange (RNNFAST_CLUSTER_EXCHANGE=async)
+    "mbar_bytes_short": "async exchange: a turn's expected bytes one value short",
+    "mbar_fwd_parity": "async exchange forward: the wait's parity s & 1, not (s >> 1) & 1",
+    "mbar_bwd_parity": "async exchange backward: the wait's parity (s >> 1) & 1, from s not T - 1 - s",
+    "mbar_no_init": "async exchange: the mbarriers left uninitialised",
+    "mbar_fwd_this_turn": "async exchange forward: the arrival and wait on this step's turn's mbarrier",
     "grid_early_arrive": "grid forward: grid_arrive before the last tile's stores of h into y",
     # the grid variant's pipelined staging (cp.async into two tiles of xs)
     "async_no_wait": "pipelined staging: no cp_async_wait before a tile's dot product",
@@ -193,6 +204,7 @@ class Ctx:
         self.epoch, self.sync = 0, 0
         self.window = False  # between cluster_arrive and cluster_wait
         self.exited = False
+        self.mbar = [MBarrier(), MBarrier()]  # the async exchange's, a turn each
         # a cluster launch tracks the peers' accesses to this block's shared memory too
         self.smem = Buf(f"smem[b{block}]", np.zeros(smem_bytes), initialized=False,
                         shared=True, cross=peers is not None)
@@ -863,13 +875,14 @@ def tile_dot_mma(NT, ws, r_pad, xs, K, ld, out, scratch, ctx):
 # --------------------------------------------------------------------------------------
 class Params:
     FIELDS = ("T N H units group_rows reverse activation xp w_hh b_hh h0 c0 y cache c_state dy "
-              "dh dc dg_ih dg_hh barrier xs_tiles").split()
+              "dh dc dg_ih dg_hh barrier xs_tiles async_exchange").split()
 
     def __init__(self, **kw):
         for f in self.FIELDS:
             setattr(self, f, None)
         self.activation = 0
         self.xs_tiles = 1
+        self.async_exchange = False
         for k, v in kw.items():
             assert k in self.FIELDS, k
             setattr(self, k, v)
@@ -878,6 +891,53 @@ class Params:
 # what a cluster kernel yields: cluster_arrive(), cluster_wait(), cluster_sync() (both)
 CLUSTER_ARRIVE, CLUSTER_WAIT, CLUSTER_SYNC = "cluster_arrive", "cluster_wait", "cluster_sync"
 GRID_ARRIVE = "grid_arrive"  # grid_arrive; grid_wait is the int target that follows
+# the async exchange (sync.cuh): (MBAR_ARRIVE, turn, bytes) is thread 0's
+# mbar_arrive_expect on this block's mbarrier of that turn; (MBAR_WAIT, turn, parity) is
+# every thread's mbar_wait on it
+MBAR_ARRIVE, MBAR_WAIT = "mbar_arrive", "mbar_wait"
+
+
+class MBarrier:
+    """An mbarrier with one arrival a phase (mbar_init(bar, 1)): its phase count, the
+    arrivals still pending and the transaction bytes still expected in the current phase
+    (negative while st.async bytes land before the arrival that expects them)."""
+
+    def __init__(self):
+        self.init, self.phase, self.pending, self.tx = False, 0, 1, 0
+
+    def complete_if_done(self):
+        if self.pending == 0 and self.tx == 0:
+            self.phase += 1
+            self.pending = 1
+
+    def arrive_expect(self, nbytes):
+        if not self.init:
+            finding("async exchange: an arrival on an uninitialised mbarrier")
+        self.tx += nbytes
+        self.pending -= 1
+        if self.pending < 0:
+            finding("async exchange: two arrivals in one phase of a one-arrival mbarrier")
+        self.complete_if_done()
+
+    def complete_tx(self, nbytes):
+        if not self.init:
+            finding("async exchange: st.async completes on an uninitialised mbarrier")
+        self.tx -= nbytes
+        self.complete_if_done()
+
+
+def mbar_init(ctx):
+    """turn_mbarriers: thread 0 initialises this block's two mbarriers, one a turn."""
+    if not mut("mbar_no_init"):
+        for bar in ctx.mbar:
+            bar.init = True
+
+
+def st_async(ptr, r, ctx, off, val, thr, turn, size, where):
+    """st_async(dst, v, bar, r) for each value: the store into block r's shared memory (as
+    peer_shared's), completing `size` bytes a value on that block's mbarrier of `turn`."""
+    peer_shared(ptr, r, ctx).write(off, val, ctx, thr, where=where)
+    ctx.peers[r].mbar[turn].complete_tx(int(np.asarray(off).size) * size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -992,6 +1052,10 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
         val[load] = p.h0.read(((n_begin + nl) * H + k)[load], ctx, thr[load],
                               where="cluster forward h0 into turn 0")
         xs.write(idx, val, ctx, thr, where="cluster forward turns of xs")
+    # the async exchange: 4- and 8-byte h only
+    async_x = cluster and p.async_exchange and dt.scalar in (4, 8)
+    if async_x:
+        mbar_init(ctx)
 
     # this thread's first item of a step (tile 0, idx = threadIdx.x), its inputs loaded ahead
     ahead_thr = np.arange(min(min(rows, NT) * here, BLOCK_DIM), dtype=np.int64)
@@ -1060,13 +1124,27 @@ def persistent_forward(Cell, NT, RPW, dt, cluster, p, ctx):
                 col = j if mut("cluster_h_no_u0") else u0 + j
                 row = nl if mut("cluster_h_no_n0") else n0 + nl
                 for rk in for_each_peer(w):
-                    peer_shared(nxt, rk, ctx).write(row * ld + col, h, ctx, thr,
-                                                    where="cluster forward h into a turn")
+                    if async_x:
+                        st_async(nxt, rk, ctx, row * ld + col, h, thr, turn_index(s + 1),
+                                 dt.scalar, where="cluster forward h into a turn (st.async)")
+                    else:
+                        peer_shared(nxt, rk, ctx).write(row * ld + col, h, ctx, thr,
+                                                        where="cluster forward h into a turn")
             if n0 + NT < rows and not mut("no_next_tile_sync"):
                 ctx.syncthreads()
         if s + 2 < p.T + mut("prefetch_past_t"):  # step s + 2's xp into L2 (bounds only)
             prefetch_xp(p, G, time_index(s + 2, p.T, p.reverse), nb, rows, u0, here)
-        if s + 1 < p.T:
+        # the async exchange's mbarrier: the next turn's, in its (s / 2)-th phase
+        bar = turn_index(s if mut("mbar_fwd_this_turn") else s + 1)
+        if s + 1 < p.T and async_x:
+            ctx.syncthreads()
+            nbytes = (rows * H - mut("mbar_bytes_short")) * dt.scalar
+            yield (MBAR_ARRIVE, bar, nbytes)
+            ahead = Cell.load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u,
+                              ctx, ahead_thr)
+            yield (MBAR_WAIT, bar, (s & 1) if mut("mbar_fwd_parity") else (s >> 1) & 1)
+            cover("cluster forward: the async exchange")
+        elif s + 1 < p.T:
             # loads between the arrival and the wait
             if not mut("cluster_early_arrive" if cluster else "grid_early_arrive"):
                 yield CLUSTER_ARRIVE if cluster else GRID_ARRIVE
@@ -1273,6 +1351,9 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
     if cluster:  # both turns zero (their padding rows and columns stay so)
         idx = np.arange((1 if mut("cluster_fill_one_turn") else 2) * turn * ld, dtype=np.int64)
         xs.write(idx, 0.0, ctx, idx % BLOCK_DIM, where="cluster backward turns of xs")
+    async_x = cluster and p.async_exchange  # acc_t: 4 or 8 bytes
+    if async_x:
+        mbar_init(ctx)
     # phase A's inputs but dh of this thread's first item (idx = threadIdx.x), loaded ahead
     ahead_thr = np.arange(min(rows * here, BLOCK_DIM), dtype=np.int64)
     ahead_n, ahead_u = nb + ahead_thr // here, u0 + ahead_thr % here
@@ -1301,12 +1382,20 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
         nl, u = idx // here, u0 + idx % here
         dgh = Cell.backward(p, s, t, tp, nb + nl, u, inp, ctx, thr)
         if cluster:  # dgh into every block's turn, its own included
-            if mut("cluster_early_arrive"):
+            if mut("cluster_early_arrive") and not async_x:
                 yield CLUSTER_ARRIVE  # before the stores
             for rk in for_each_peer(w):
-                peer_shared(cur, rk, ctx).write(nl * ld + u + gate_offsets(G, H), dgh, ctx, thr,
-                                                where="cluster backward dgh into a turn")
-            if not mut("cluster_early_arrive"):
+                if async_x:
+                    st_async(cur, rk, ctx, nl * ld + u + gate_offsets(G, H), dgh, thr,
+                             turn_index(s), dt.acc, where="cluster backward dgh into a turn "
+                             "(st.async)")
+                else:
+                    peer_shared(cur, rk, ctx).write(nl * ld + u + gate_offsets(G, H), dgh, ctx,
+                                                    thr, where="cluster backward dgh into a turn")
+            if async_x:  # this step's turn receives rows x G x H gate gradients
+                nbytes = (rows * G * H - mut("mbar_bytes_short")) * dt.acc
+                yield (MBAR_ARRIVE, turn_index(s), nbytes)
+            elif not mut("cluster_early_arrive"):
                 yield CLUSTER_ARRIVE  # the loads below need no peer's data
         elif not mut("no_bwd_barrier"):
             yield GRID_ARRIVE
@@ -1316,7 +1405,11 @@ def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
             else:
                 ahead = Cell.load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse),
                                            ahead_n, ahead_u, ctx, ahead_thr)
-        if cluster:
+        if async_x:  # turn s & 1's ((T - 1 - s) / 2)-th phase
+            yield (MBAR_WAIT, turn_index(s),
+                   (s >> 1) & 1 if mut("mbar_bwd_parity") else ((p.T - 1 - s) >> 1) & 1)
+            cover("cluster backward: the async exchange")
+        elif cluster:
             yield CLUSTER_WAIT
         elif not mut("no_bwd_barrier"):
             yield (p.T - s) * ctx.grid - mut("barrier_target_low")
@@ -1409,7 +1502,13 @@ def run_clusters(kernel, blocks, cluster, smem_bytes, p, bufs, seed, at_once):
     it in, and its k-th CLUSTER_WAIT (acquire) returns once every block of the cluster
     arrived k times; in between (Ctx.window) it runs on, and its accesses may overlap
     the peers' on both sides of the barrier (Buf.overlap). CLUSTER_SYNC is both. The wait
-    passes: the epoch and a __syncthreads (every thread of the block waits)."""
+    passes: the epoch and a __syncthreads (every thread of the block waits).
+    The async exchange: (MBAR_ARRIVE, turn, bytes) is the block's arrival on its own
+    mbarrier of that turn (MBarrier; the peers' st.async complete their bytes on it as they
+    store), and (MBAR_WAIT, turn, parity) returns once that mbarrier's phase of that parity
+    has completed (try_wait.parity: its phase count's parity differs); it counts as the
+    cluster barrier does for the accesses (the window from the arrival, the epoch at the
+    wait). A launch's mbarriers must end with no arrival or byte outstanding."""
     assert blocks % cluster == 0 and at_once >= 1
     for b in bufs:
         b.reset_launch()
@@ -1425,17 +1524,31 @@ def run_clusters(kernel, blocks, cluster, smem_bytes, p, bufs, seed, at_once):
                 x.peers = ctxs
             active.append(dict(c=c, ctxs=ctxs, gens=[kernel(p, x) for x in ctxs],
                                arrived=[0] * cluster, passed=[0] * cluster,
-                               waiting=[False] * cluster, done=[False] * cluster))
+                               waiting=[False] * cluster, done=[False] * cluster,
+                               mwait=[None] * cluster))
+
+        def mbar_done(a, r):
+            turn, parity = a["mwait"][r]
+            return (a["ctxs"][r].mbar[turn].phase & 1) != parity
         runnable = [(a, r) for a in active for r in range(cluster)
-                    if not a["done"][r] and (not a["waiting"][r]
-                                             or min(a["arrived"]) > a["passed"][r])]
+                    if not a["done"][r] and (
+                        mbar_done(a, r) if a["mwait"][r] is not None else
+                        (not a["waiting"][r] or min(a["arrived"]) > a["passed"][r]))]
         if not runnable:
             stuck = [(a["c"], [r for r in range(cluster) if a["done"][r]]) for a in active]
+            if any(w is not None for a in active for w in a["mwait"]):
+                raise Finding(f"DEADLOCK: blocks wait on an mbarrier phase that never "
+                              f"completes (cluster, exited blocks): {stuck}")
             raise Finding(f"DEADLOCK: blocks wait at a cluster barrier that the cluster's "
                           f"other blocks never arrive at (cluster, exited blocks): {stuck}")
         a, r = runnable[rng.integers(len(runnable))]
         ctx = a["ctxs"][r]
-        if a["waiting"][r]:  # the wait returns
+        if a["mwait"][r] is not None:  # the mbarrier wait returns
+            a["mwait"][r] = None
+            ctx.epoch += 1
+            ctx.window = False
+            ctx.syncthreads()
+        elif a["waiting"][r]:  # the wait returns
             a["waiting"][r] = False
             a["passed"][r] += 1
             ctx.epoch += 1
@@ -1443,6 +1556,14 @@ def run_clusters(kernel, blocks, cluster, smem_bytes, p, bufs, seed, at_once):
             ctx.syncthreads()
         try:
             what = next(a["gens"][r])
+            if isinstance(what, tuple):  # the async exchange
+                if what[0] == MBAR_ARRIVE:
+                    ctx.mbar[what[1]].arrive_expect(what[2])
+                    ctx.window = True
+                else:
+                    assert what[0] == MBAR_WAIT, what
+                    a["mwait"][r] = (what[1], what[2])
+                continue
             assert what in (CLUSTER_ARRIVE, CLUSTER_WAIT, CLUSTER_SYNC), what
             if what != CLUSTER_WAIT:
                 if a["arrived"][r] > a["passed"][r]:
@@ -1460,6 +1581,10 @@ def run_clusters(kernel, blocks, cluster, smem_bytes, p, bufs, seed, at_once):
                 finding("a block exits between cluster_arrive and cluster_wait")
         if all(a["done"]):
             active.remove(a)
+            for x in a["ctxs"]:
+                if any(bar.pending != 1 or bar.tx != 0 for bar in x.mbar):
+                    finding("async exchange: an mbarrier left with an arrival or bytes "
+                            "outstanding at the end of the launch")
             if len(set(a["passed"])) != 1:
                 finding(f"cluster {a['c']}: blocks passed different numbers of cluster "
                         f"barriers: {a['passed']}")
@@ -1726,6 +1851,7 @@ class Plan:
     us: float = 0.0  # the cluster variant: the stand-in cost (see cluster_us)
     xs_tiles: int = 1  # the grid variant's tiles of xs (2: stage_rows_async)
     reg: bool = False  # the grid variant's register tile (RNNFAST_REG_TILE unset or 1)
+    async_exchange: bool = False  # the cluster variant's (RNNFAST_CLUSTER_EXCHANGE=async)
 
 
 # the environment knobs of the case running (RNNFAST_MMA_ROWS, RNNFAST_REG_TILE), read by
@@ -1937,6 +2063,9 @@ def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None)
             plan = Plan(kernel_of(Cell, backward, nt, rpw, dt, True), clusters * cs, units, cs,
                         n_c, sm(1 if mut("cluster_plan_smem_one_row") else n_c), nt, rpw,
                         at_once)
+            # cluster_async_ok: 4- and 8-byte values (the forward's h, the backward's acc_t)
+            plan.async_exchange = KNOBS.get("RNNFAST_CLUSTER_EXCHANGE", "") == "async" and (
+                backward or dt.scalar in (4, 8))
             pushes = n_c * units * (Cell.kGates if backward else 1) * cs
             plan.us = cluster_us(n_c, nt, r_pad, K, pushes, x_size, mma,
                                  -(-clusters // at_once), dt.scalar == 8, backward)
@@ -1954,6 +2083,7 @@ def launch_persistent(plan, p, bufs, seed):
     p.units = plan.units
     p.group_rows = plan.group_rows
     p.xs_tiles = plan.xs_tiles
+    p.async_exchange = plan.cluster > 0 and plan.async_exchange
     if plan.cluster > 0:
         run_clusters(plan.kernel, plan.blocks, plan.cluster, plan.smem, p, bufs, seed,
                      plan.at_once)
@@ -2251,24 +2381,28 @@ def cover_plan(plan, N, H, sms, dt, backward):
 
 def case_name(c):
     keys = ("kind", "dtype", "T", "N", "C", "H", "reverse", "training", "sms", "bias", "act",
-            "gru_bhh", "tile", "h0_off", "smem_optin", "cluster", "mma_rows", "reg_tile")
+            "gru_bhh", "tile", "h0_off", "smem_optin", "cluster", "mma_rows", "reg_tile",
+            "cluster_exchange")
     return " ".join(f"{k}={c[k]}" for k in keys if k in c)
 
 
 def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True, tile=None,
              dtype="float64", seed=0, ops=None, h0_off=0, smem_optin=None, cluster=None,
-             mma_rows=None, reg_tile=None):
+             mma_rows=None, reg_tile=None, cluster_exchange=None):
     """One case; cluster: (size, rows) for the cluster variant (RNNFAST_CLUSTER_SIZE and
     _ROWS; None in either for the planner's choice), None for the grid variant; mma_rows:
     RNNFAST_MMA_ROWS (the tensor-core tile's batch rows), reg_tile: RNNFAST_REG_TILE (1: the
     register tile where it holds the layer, the CUDA code's default), each set for this case
-    only. A case without reg_tile runs with RNNFAST_REG_TILE=0, so that the tiled
+    only; cluster_exchange: RNNFAST_CLUSTER_EXCHANGE ("async": the cluster variant's async
+    exchange). A case without reg_tile runs with RNNFAST_REG_TILE=0, so that the tiled
     tensor-core forward keeps its cases at N <= 16 (tests/test_persistent_emulation.py
     checks the planner's default)."""
     KNOBS.clear()
     if mma_rows:
         KNOBS["RNNFAST_MMA_ROWS"] = str(mma_rows)
     KNOBS["RNNFAST_REG_TILE"] = "0" if reg_tile is None else str(reg_tile)
+    if cluster_exchange:
+        KNOBS["RNNFAST_CLUSTER_EXCHANGE"] = cluster_exchange
     try:
         _run_case(kind, T, N, C, H, reverse, training, sms, bias, act, gru_bhh, tile, dtype,
                   seed, ops, h0_off, smem_optin, cluster)
@@ -2508,6 +2642,18 @@ def cases(full=False):
         # T = 1: nothing stored into the turns in the forward
         dict(kind="rnn", act=0, T=1, N=2, H=2, sms=2, cluster=(2, None), reverse=False,
              training=True, **C),
+        # the async exchange (RNNFAST_CLUSTER_EXCHANGE=async): float32 both ways, T even
+        # (the backward's phases from an odd T - 1); 3 clusters of 4 (U 3, 0), 2 at once
+        dict(kind="lstm", T=6, N=7, H=9, sms=8, cluster=(4, 3), reverse=True, training=True,
+             dtype="float32", cluster_exchange="async", **C),
+        # float16: the forward keeps the barrier, the backward (float sums) is async; T odd
+        dict(kind="gru", T=5, N=5, H=10, sms=6, cluster=(2, 2), reverse=False, training=True,
+             dtype="float16", cluster_exchange="async", **C),
+        # float64 forward in inference (8-byte values); two tiles a cluster
+        dict(kind="rnn", act=1, T=5, N=20, H=6, sms=4, cluster=(2, None), reverse=False,
+             training=False, tile=(4, 8), cluster_exchange="async", **C),
+        dict(kind="rnn", act=0, T=4, N=9, H=12, sms=12, cluster=(8, 4), reverse=True,
+             training=True, cluster_exchange="async", **C),
     ]
     # the tensor-core forward's tiles of 64 and 32 rows and RNNFAST_MMA_ROWS capping them; the
     # comments give the tile and its rows
@@ -2572,6 +2718,7 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "cluster: N_c = 1", "cluster: several row tiles", "cluster: a partial row tile",
             "cluster: a last cluster with fewer rows", "cluster: more clusters than run at once",
             "cluster: mma forward", "cluster: ffma forward", "cluster: backward",
+            "cluster forward: the async exchange", "cluster backward: the async exchange",
             "stage_rows_async: cp.async",
             "stage_rows_async: a later tile issued during an earlier one",
             "forward: xp prefetched into L2", "mma: 32 rows a tile", "mma: 64 rows a tile",
@@ -2655,6 +2802,12 @@ SELF_TEST_CASES = [
     # warps, so the scratch for 2 row tiles is twice that for one
     dict(kind="gru", T=2, N=40, C=2, H=26, reverse=True, training=False, sms=1, bias=True,
          dtype="float16", mma_rows=32),
+    # the cluster variant's async exchange: float32 (3 clusters of 3, 2 rows each, T even),
+    # and float64's forward (T odd, 2 clusters)
+    dict(kind="lstm", T=4, N=6, C=2, H=7, reverse=True, training=True, sms=6, bias=True,
+         dtype="float32", cluster=(4, 2), cluster_exchange="async"),
+    dict(kind="rnn", T=5, N=5, C=2, H=6, reverse=False, training=True, sms=4, bias=True,
+         act=0, cluster=(2, 3), cluster_exchange="async"),
     # the register tile: GRU U 8, 24 rows of W a block, one chunk (7 warps idle), N 11 (rows
     # g + 8), h0 unaligned (2-byte loads at step 0)
     dict(kind="gru", T=3, N=11, C=2, H=24, reverse=True, training=True, sms=3, bias=True,
@@ -2673,6 +2826,8 @@ def catch(name, ops=None):
     MUT.add(name)
     # the cluster variant's bugs: its cases first (any case may catch any bug)
     order = sorted(self_test_cases(), key=lambda c: ("cluster" in c) != name.startswith("cluster_"))
+    if name.startswith("mbar_"):  # the async exchange's: its cases first
+        order = sorted(order, key=lambda c: "cluster_exchange" not in c)
     try:
         with one_torch_thread():
             for c in order:

@@ -23,6 +23,24 @@ class _Prop:
     name, multi_processor_count = "stand-in", 132
 
 
+class _StandIn(torch.nn.Module):
+    """A stand-in for a recurrent module: built from any sizes, moved nowhere."""
+
+    def __init__(self, *a):
+        super().__init__()
+
+    def to(self, *a, **k):
+        return self
+
+
+def _stand_in_modules(cal, monkeypatch, cells, module=_StandIn):
+    """calibrate_persistent's modules and torch.randn replaced by CPU stand-ins."""
+    for cell in cells:
+        monkeypatch.setitem(cal.MODULES, cell, module)
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: real_randn(*a[:3]))
+
+
 def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, capsys):
     cal = _load()
     seen = []
@@ -115,16 +133,7 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
     monkeypatch.setattr(cal, "time_per_step", fake_time)
     monkeypatch.setattr(cal, "_last_cuda_plan", lambda: ({"us": 1.0}, None))
 
-    class _Module(torch.nn.Module):
-        def __init__(self, *a):
-            super().__init__()
-
-        def to(self, *a, **k):
-            return self
-
-    monkeypatch.setitem(cal.MODULES, "lstm", _Module)
-    real_randn = torch.randn
-    monkeypatch.setattr(torch, "randn", lambda *a, **k: real_randn(*a[:3]))
+    _stand_in_modules(cal, monkeypatch, ["lstm"])
     us, used, plans = cal.measure("lstm", torch.float32, 2, 8, 4, "persistent", 64, "fwd", 1,
                                   mma_rows=32)
     assert us == 3.0 and plans == ({"us": 1.0}, None)
@@ -166,16 +175,7 @@ def test_measure_sets_the_cluster_exchange(monkeypatch):
     monkeypatch.setattr(cal, "time_per_step", fake_time)
     monkeypatch.setattr(cal, "_last_cuda_plan", lambda: ({"us": 1.0, "async": 1}, None))
 
-    class _Module(torch.nn.Module):
-        def __init__(self, *a):
-            super().__init__()
-
-        def to(self, *a, **k):
-            return self
-
-    monkeypatch.setitem(cal.MODULES, "rnn", _Module)
-    real_randn = torch.randn
-    monkeypatch.setattr(torch, "randn", lambda *a, **k: real_randn(*a[:3]))
+    _stand_in_modules(cal, monkeypatch, ["rnn"])
     monkeypatch.setenv("RNNFAST_CLUSTER_EXCHANGE", "stale")
     for value in ("async", "barrier"):
         cal.measure("rnn", torch.float32, 2, 8, 4, "cluster", 0, "fwd", 1, exchange=value)
@@ -191,13 +191,7 @@ def test_overhead_table_fits_a_fixed_cost_and_a_cost_a_step(monkeypatch, capsys)
     cal = _load()
     seen = []
 
-    class _Module(torch.nn.Module):
-        def __init__(self, *a):
-            super().__init__()
-
-        def to(self, *a, **k):
-            return self
-
+    class _Module(_StandIn):
         def forward(self, x):
             seen.append((x.shape[0], os.environ.get("RNNFAST_REG_TILE")))
 
@@ -205,12 +199,9 @@ def test_overhead_table_fits_a_fixed_cost_and_a_cost_a_step(monkeypatch, capsys)
         fn()
         return 700.0 + 3.0 * seen[-1][0], 40.0
 
-    for cell in ("lstm", "rnn"):
-        monkeypatch.setitem(cal.MODULES, cell, _Module)
+    _stand_in_modules(cal, monkeypatch, ["lstm", "rnn"], _Module)
     monkeypatch.setattr(cal, "time_call", fake_time_call)
     monkeypatch.setattr(cal, "_last_cuda_plan", lambda: ({"us": 1.0, "reg": 0}, None))
-    real_randn = torch.randn
-    monkeypatch.setattr(torch, "randn", lambda *a, **k: real_randn(*a[:3]))
     args = cal.argparse.Namespace(overhead_seq_lens=[1, 16, 256], dtypes=["bfloat16", "float32"],
                                   cells=["lstm", "gru", "rnn"], repeats=1, json=None)
     rows = []

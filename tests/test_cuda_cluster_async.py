@@ -19,10 +19,7 @@ import rnnfast
 from helpers import CELLS, compare_all, run_and_grad
 from rnnfast._ops import _last_cuda_plan
 from test_cuda import _cuda, _cuda_pair, _inputs, _map, bad_knob_messages, no_tf32, run_cuda
-
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-    reason="needs a CUDA GPU with thread-block clusters (compute capability 9.0 or newer)")
+from test_cuda_cluster import _knobs, pytestmark  # noqa: F401 - pytestmark: its GPU check
 
 SIZES = [1, 2, 8, 16]
 ROWS = [None, 1, 5, 17]
@@ -36,12 +33,6 @@ def _async_exchange(monkeypatch):
     monkeypatch.delenv("RNNFAST_CLUSTER_ROWS", raising=False)
     with no_tf32("cluster"):
         yield
-
-
-def _knobs(monkeypatch, size, rows):
-    monkeypatch.setenv("RNNFAST_CLUSTER_SIZE", str(size))
-    if rows is not None:
-        monkeypatch.setenv("RNNFAST_CLUSTER_ROWS", str(rows))
 
 
 def _exchanges():
@@ -64,15 +55,23 @@ def test_async_shapes_float32(cell, size, rows, monkeypatch):
     assert _exchanges() == (1, 1)
 
 
+def _one_layer(cell, dtype, T_, N_, H_):
+    """One unidirectional layer with h0 given, against torch.nn and the reference (relu
+    with nonnegative values, off its kink: see test_cuda's test_half_matches_...)."""
+    relu = cell == "rnn_relu" and dtype == torch.bfloat16
+    m, f, m64 = _cuda_pair(cell, 8, H_, dtype=dtype, nonnegative=relu)
+    x, hx, upstream = _inputs(cell, 1, False, False, True, dtype, T=T_, N=N_, C=8, H=H_)
+    if relu:
+        x, hx = x.abs(), hx.abs()
+    compare_all(*run_cuda(cell, x, hx, m, f, m64, upstream))
+    assert rnnfast.last_cuda_path() == ("cluster", "cluster")
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_async_float64(cell, monkeypatch):
     """8-byte values (st.async .b64) in both directions."""
     _knobs(monkeypatch, 4, 3)
-    T_, N_, C_, H_ = 7, 7, 8, 24
-    m, f, m64 = _cuda_pair(cell, C_, H_, dtype=torch.float64)
-    x, hx, upstream = _inputs(cell, 1, False, False, True, torch.float64, T=T_, N=N_, C=C_, H=H_)
-    compare_all(*run_cuda(cell, x, hx, m, f, m64, upstream))
-    assert rnnfast.last_cuda_path() == ("cluster", "cluster")
+    _one_layer(cell, torch.float64, 7, 7, 24)
     assert _exchanges() == (1, 1)
 
 
@@ -81,15 +80,7 @@ def test_async_bfloat16_backward_only(cell, monkeypatch):
     """bfloat16: the forward's h_t is 2 bytes, so its exchange stays the barrier; the
     backward's gate gradients are float32 and go by st.async."""
     _knobs(monkeypatch, 2, 5)
-    T_, N_, C_, H_ = 9, 19, 8, 40
-    relu = cell == "rnn_relu"  # off relu's kink: see test_cuda's test_half_matches_...
-    m, f, m64 = _cuda_pair(cell, C_, H_, dtype=torch.bfloat16, nonnegative=relu)
-    x, hx, upstream = _inputs(cell, 1, False, False, True, torch.bfloat16, T=T_, N=N_, C=C_,
-                              H=H_)
-    if relu:
-        x, hx = x.abs(), hx.abs()
-    compare_all(*run_cuda(cell, x, hx, m, f, m64, upstream))
-    assert rnnfast.last_cuda_path() == ("cluster", "cluster")
+    _one_layer(cell, torch.bfloat16, 9, 19, 40)
     assert _exchanges() == (0, 1)
 
 

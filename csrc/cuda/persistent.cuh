@@ -646,6 +646,18 @@ __device__ __forceinline__ BlockWork block_work(const Params& p) {
   return w;
 }
 
+// The async exchange's mbarriers, one a turn (kClusterStaticSmem): the static shared
+// memory of the cluster kernels that call this; thread 0 initialises them where the
+// exchange runs (one arrival a phase), before the cluster barrier that precedes the loop.
+__device__ __forceinline__ unsigned long long* turn_mbarriers(bool async_exchange) {
+  __shared__ __align__(8) unsigned long long bars[2];
+  if (async_exchange && threadIdx.x == 0) {
+    mbar_init(bars, 1);
+    mbar_init(bars + 1, 1);
+  }
+  return bars;
+}
+
 // store(r) for every block r of the cluster, this one's included, starting at this block's
 // rank: the blocks' stores spread over the peers rather than all going to rank 0 first.
 template <typename Store>
@@ -686,14 +698,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   // the async exchange (4- and 8-byte h only): this block's mbarrier for each turn
   constexpr bool kAsyncOk = kCluster && (sizeof(scalar_t) == 4 || sizeof(scalar_t) == 8);
   unsigned long long* bars = nullptr;
-  if constexpr (kAsyncOk) {
-    __shared__ __align__(8) unsigned long long turn_bars[2];
-    bars = turn_bars;
-    if (p.async_exchange && threadIdx.x == 0) {
-      mbar_init(bars, 1);
-      mbar_init(bars + 1, 1);
-    }
-  }
+  if constexpr (kAsyncOk) bars = turn_mbarriers(p.async_exchange);
   const bool async_exchange = kAsyncOk && p.async_exchange;
 
   batched_copy<scalar_t>(
@@ -1093,14 +1098,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
   // the async exchange (acc_t is 4 or 8 bytes): this block's mbarrier for each turn
   unsigned long long* bars = nullptr;
-  if constexpr (kCluster) {
-    __shared__ __align__(8) unsigned long long turn_bars[2];
-    bars = turn_bars;
-    if (p.async_exchange && threadIdx.x == 0) {
-      mbar_init(bars, 1);
-      mbar_init(bars + 1, 1);
-    }
-  }
+  if constexpr (kCluster) bars = turn_mbarriers(p.async_exchange);
   const bool async_exchange = kCluster && p.async_exchange;
 
   // consecutive threads read consecutive units of one row of W_hh; columns K..ld are zero

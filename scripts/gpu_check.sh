@@ -64,10 +64,11 @@
 # issue's table, bfloat16 first this time (the fifth run measured only float32, the
 # fourth bfloat16 with the register tile off):
 #   GPU_CHECK_STAGES="test_cuda sanitize calib" GPU_CHECK_BUDGET=470
-#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast cluster,rnnfast step,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=350
+#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast async,rnnfast step,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=350
 # (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`
 # runs the per-step path's GEMMs through ATen, against `rnnfast step`'s direct cuBLAS calls;
 # `rnnfast reg` the grid variant with RNNFAST_REG_TILE=1, at N <= 16 in 16 bits only;
+# `rnnfast async` auto with RNNFAST_CLUSTER_EXCHANGE=async;
 # `rnnfast mma64` and `rnnfast mma32` force the tile, where it applies;
 # scripts/host_overhead.py times a call's host time on each CUDA path)
 #

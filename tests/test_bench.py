@@ -118,6 +118,7 @@ def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch)
     monkeypatch.setenv("RNNFAST_MMA_ROWS", "32")
     monkeypatch.delenv("RNNFAST_STEP_GEMM", raising=False)
     monkeypatch.setenv("RNNFAST_REG_TILE", "0")
+    monkeypatch.delenv("RNNFAST_CLUSTER_EXCHANGE", raising=False)
     seen = {}
 
     def watch(name):
@@ -131,7 +132,8 @@ def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch)
                 return fn(x, hx)
             return m, call
         return build
-    kwargs = {"plain": {}, "knobbed": {"mma_rows": 64, "step_gemm": "aten", "reg_tile": 1}}
+    kwargs = {"plain": {}, "knobbed": {"mma_rows": 64, "step_gemm": "aten", "reg_tile": 1,
+                                       "exchange": "async"}}
     monkeypatch.setattr(C, "check_knobs_apply", lambda *args: None)  # float32 on the CPU
     for name in kwargs:
         monkeypatch.setitem(C.BUILDERS, name, watch(name))
@@ -139,11 +141,12 @@ def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch)
                             ["rnnfast", "plain", "knobbed"], FAST_TIMING)
     assert "median_s" in rec["results"]["knobbed"], rec["results"]
     assert seen["plain"] == {"RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None,
-                             "RNNFAST_REG_TILE": "0"}
+                             "RNNFAST_REG_TILE": "0", "RNNFAST_CLUSTER_EXCHANGE": None}
     assert seen["knobbed"] == {"RNNFAST_MMA_ROWS": "64", "RNNFAST_STEP_GEMM": "aten",
-                               "RNNFAST_REG_TILE": "1"}
+                               "RNNFAST_REG_TILE": "1", "RNNFAST_CLUSTER_EXCHANGE": "async"}
     assert os.environ.get("RNNFAST_MMA_ROWS") == "32" and "RNNFAST_STEP_GEMM" not in os.environ
     assert os.environ.get("RNNFAST_REG_TILE") == "0"
+    assert "RNNFAST_CLUSTER_EXCHANGE" not in os.environ
 
 
 def test_knob_contenders_say_where_they_do_not_apply():
@@ -160,6 +163,9 @@ def test_knob_contenders_say_where_they_do_not_apply():
         C._rnnfast_on(None, "x", reg_tile=1)(half, "lstm", wide, "fwd")
     assert "CUDA only" in C.unavailable_here("rnnfast reg", "cpu")
     assert "CUDA only" in C.unavailable_here("rnnfast step aten", "cpu")
+    assert "CUDA only" in C.unavailable_here("rnnfast async", "cpu")
+    with pytest.raises(C.Unavailable, match="CUDA"):
+        C.build("rnnfast async", ref, "lstm", TINY, "fwd")
 
 
 def test_gpu_peers_are_skipped_with_a_reason_on_cpu():

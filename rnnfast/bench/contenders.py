@@ -23,6 +23,9 @@ Contenders:
                   RNNFAST_REG_TILE=1 (the default since the fourth H100 run): its forward on
                   the register tile (W_hh's slice in registers, where the layer fits it; the
                   backward is unchanged)
+  rnnfast async   (GPU) rnnfast on auto with RNNFAST_CLUSTER_EXCHANGE=async: the cluster
+                  variant's async exchange (st.async and mbarriers, no cluster barrier;
+                  off by default until measured) wherever auto picks the cluster variant
   torch.nn        the torch.nn module itself (CPU: native ATen/oneDNN kernels; GPU: cuDNN)
   reference loop  rnnfast.reference.forward: a Python loop over the cell equations, the
                   code people write without a fused layer
@@ -69,17 +72,21 @@ def make_torch_module(cell, shape, dtype, device, seed=0):
 
 # the environment knobs the rnnfast contenders set on each call (csrc/cuda/persistent.cuh,
 # csrc/cuda/common.cuh): each as the contender asks, else as it was when it was built
-KNOBS = ("RNNFAST_MMA_ROWS", "RNNFAST_STEP_GEMM", "RNNFAST_REG_TILE")
+KNOBS = ("RNNFAST_MMA_ROWS", "RNNFAST_STEP_GEMM", "RNNFAST_REG_TILE",
+         "RNNFAST_CLUSTER_EXCHANGE")
 
 
-def _rnnfast_on(path, name=None, mma_rows=None, step_gemm=None, reg_tile=None):
+def _rnnfast_on(path, name=None, mma_rows=None, step_gemm=None, reg_tile=None,
+                exchange=None):
     """The rnnfast contender on a CUDA path (None: the setting in force when it is built),
-    with RNNFAST_MMA_ROWS = mma_rows, RNNFAST_STEP_GEMM = step_gemm and RNNFAST_REG_TILE =
-    reg_tile where given. Each call sets the path and the knobs, which stay set through the
-    backward that follows it: the contenders' calls interleave."""
+    with RNNFAST_MMA_ROWS = mma_rows, RNNFAST_STEP_GEMM = step_gemm, RNNFAST_REG_TILE =
+    reg_tile and RNNFAST_CLUSTER_EXCHANGE = exchange where given. Each call sets the path
+    and the knobs, which stay set through the backward that follows it: the contenders'
+    calls interleave."""
     asked = {"RNNFAST_MMA_ROWS": None if mma_rows is None else str(mma_rows),
              "RNNFAST_STEP_GEMM": step_gemm,
-             "RNNFAST_REG_TILE": None if reg_tile is None else str(reg_tile)}
+             "RNNFAST_REG_TILE": None if reg_tile is None else str(reg_tile),
+             "RNNFAST_CLUSTER_EXCHANGE": exchange}
 
     def build(ref, cell, shape, mode):
         label = name or f"rnnfast {path}"
@@ -301,6 +308,7 @@ BUILDERS: Dict[str, Callable] = {
     "rnnfast mma64": _rnnfast_on("persistent", "rnnfast mma64", mma_rows=64),
     "rnnfast step aten": _rnnfast_on("step", "rnnfast step aten", step_gemm="aten"),
     "rnnfast reg": _rnnfast_on("persistent", "rnnfast reg", reg_tile=1),
+    "rnnfast async": _rnnfast_on("auto", "rnnfast async", exchange="async"),
     "torch.nn": _torch_nn,
     "reference loop": _reference_loop,
     "compiled loop": _compiled_loop,

@@ -131,6 +131,13 @@ def _stack(run_layer, x: Tensor, states: Tuple[Tensor, ...], weights: Sequence[L
     return x, finals
 
 
+def _final_states(finals: List[Tensor]) -> Tensor:
+    """The layers' and directions' final states [L * D, N, H]: torch.stack, or for a single
+    layer and direction a view of its state, which every op returns freshly allocated (never
+    a view of its output), so nothing is copied."""
+    return finals[0].unsqueeze(0) if len(finals) == 1 else torch.stack(finals)
+
+
 # One layer and direction as _stack / _stack_packed call it: run(x, states, weights, reverse)
 def _rnn_runner(nonlinearity: str):
     def run(x, s, w, reverse):
@@ -151,7 +158,7 @@ def rnn(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int 
         training: bool = False) -> Tuple[Tensor, Tensor]:
     """Stacked Elman RNN: x [T, N, C], hx [L * D, N, H] -> (output [T, N, D * H], h_n)."""
     out, (h,) = _stack(_rnn_runner(nonlinearity), x, (hx,), weights, num_layers, bidirectional, dropout, training)
-    return out, torch.stack(h)
+    return out, _final_states(h)
 
 
 def lstm(x: Tensor, hx: Tuple[Tensor, Tensor], weights: Sequence[LayerWeights],
@@ -159,7 +166,7 @@ def lstm(x: Tensor, hx: Tuple[Tensor, Tensor], weights: Sequence[LayerWeights],
          training: bool = False) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """Stacked LSTM: x [T, N, C], (h0, c0) [L * D, N, H] -> (output, (h_n, c_n))."""
     out, (h, c) = _stack(_lstm_run, x, hx, weights, num_layers, bidirectional, dropout, training)
-    return out, (torch.stack(h), torch.stack(c))
+    return out, (_final_states(h), _final_states(c))
 
 
 def gru(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int = 1,
@@ -167,7 +174,7 @@ def gru(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int 
         training: bool = False) -> Tuple[Tensor, Tensor]:
     """Stacked GRU: x [T, N, C], hx [L * D, N, H] -> (output [T, N, D * H], h_n)."""
     out, (h,) = _stack(_gru_run, x, (hx,), weights, num_layers, bidirectional, dropout, training)
-    return out, torch.stack(h)
+    return out, _final_states(h)
 
 
 # ---- PackedSequence: sequences of different lengths, sorted longest first ----

@@ -19,15 +19,26 @@ from torch.nn.utils.rnn import PackedSequence
 from . import functional as RF
 
 
+def _weight_names(module: nn.RNNBase):
+    """Per layer and direction, the attribute names of (w_ih, w_hh, b_ih, b_hh) with None
+    for absent biases, and w_hr's last for an LSTM with proj_size (from torch.nn's
+    _all_weights, which the constructor fixes)."""
+    layers = []
+    for names in module._all_weights:
+        by_kind = {n.split("_l")[0]: n for n in names}
+        w = tuple(by_kind.get(k) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        layers.append(w + (by_kind["weight_hr"],) if "weight_hr" in by_kind else w)
+    return tuple(layers)
+
+
 def _layer_weights(module: nn.RNNBase):
     """Per layer and direction, (w_ih, w_hh, b_ih, b_hh) with None for absent biases, and
-    w_hr last for an LSTM with proj_size."""
-    weights = []
-    for names in module._all_weights:
-        params = {n.split("_l")[0]: getattr(module, n) for n in names}
-        w = tuple(params.get(k) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-        weights.append(w + (params["weight_hr"],) if "weight_hr" in params else w)
-    return weights
+    w_hr last for an LSTM with proj_size: each looked up by name at every call (so a
+    replaced or parametrized weight is the one used), the names worked out once per
+    module (a module unpickled from before they were kept works them out each call)."""
+    layers = getattr(module, "_rnnfast_weight_names", None) or _weight_names(module)
+    return [tuple(None if n is None else getattr(module, n) for n in names)
+            for names in layers]
 
 
 def _autocast(module: nn.Module, x: Tensor, hx, weights):
@@ -169,6 +180,7 @@ class RNN(nn.RNNBase):
         self.nonlinearity = nonlinearity
         super().__init__(modes[nonlinearity], input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)
+        self._rnnfast_weight_names = _weight_names(self)
 
     def forward(self, input, hx: Optional[Tensor] = None):
         if isinstance(input, PackedSequence):
@@ -191,6 +203,7 @@ class LSTM(nn.RNNBase):
                  proj_size: int = 0, device=None, dtype=None):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
+        self._rnnfast_weight_names = _weight_names(self)
 
     # torch.nn.LSTM's own checks and state permutation (two states, c of hidden_size)
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -225,6 +238,7 @@ class GRU(nn.RNNBase):
                  device=None, dtype=None):
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
+        self._rnnfast_weight_names = _weight_names(self)
 
     def forward(self, input, hx: Optional[Tensor] = None):
         if isinstance(input, PackedSequence):

@@ -186,3 +186,25 @@ def test_results_do_not_depend_on_thread_count(cell):
         torch.set_num_threads(before)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)], ids=["L1", "L2-bi"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_final_states_are_their_own_tensors(cell, layers, bidirectional):
+    """h_n (and c_n) share no memory with the output (a single layer's is a view of the
+    op's freshly allocated state, not a copy), so changing one in place leaves the other
+    and the gradients through the output as they were."""
+    _, f, _ = make_pair(cell, 3, 5, num_layers=layers, bidirectional=bidirectional)
+    x = torch.randn(4, 2, 3, requires_grad=True)
+    out, state = f(x)
+    states = state if cell == "lstm" else (state,)
+    out_storage = out.untyped_storage().data_ptr()
+    for s in states:
+        assert s.untyped_storage().data_ptr() != out_storage
+    before = out.detach().clone()
+    (grad_before,) = torch.autograd.grad(out.sum(), x, retain_graph=True)
+    for s in states:
+        s.data.add_(1.0)
+    assert torch.equal(out.detach(), before)
+    (grad_after,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(grad_after, grad_before)

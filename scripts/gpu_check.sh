@@ -63,7 +63,7 @@
 # table says whether RNNFAST_CLUSTER_EXCHANGE=async is faster); the second measures the
 # issue's table, bfloat16 first this time (the fifth run measured only float32, the
 # fourth bfloat16 with the register tile off):
-#   GPU_CHECK_STAGES="test_cuda sanitize calib" GPU_CHECK_BUDGET=470
+#   GPU_CHECK_STAGES="host test_cuda sanitize calib" GPU_CHECK_BUDGET=480
 #   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast async,rnnfast step,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=350
 # (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`
 # runs the per-step path's GEMMs through ATen, against `rnnfast step`'s direct cuBLAS calls;

@@ -247,13 +247,16 @@ def exchange_table(args, prop, rows):
         save(args, prop, rows)
 
 
-# (cell, dtype, N, H, path, RNNFAST_REG_TILE) of the fixed-cost table: the latency
-# case on the grid variant tiled and on the register tile, and the float32 Elman RNN at
-# H = 256 (slower than cuDNN in the third run) on both persistent variants
-OVERHEAD_CASES = [("lstm", "bfloat16", 16, 768, "persistent", 0),
-                  ("lstm", "bfloat16", 16, 768, "persistent", 1),
-                  ("rnn", "float32", 16, 256, "persistent", 0),
-                  ("rnn", "float32", 16, 256, "cluster", 0)]
+# (cell, dtype, N, H, path, RNNFAST_REG_TILE, RNNFAST_CLUSTER_EXCHANGE or None) of the
+# fixed-cost table: the latency case on the grid variant tiled and on the register
+# tile, and the float32 Elman RNN at H = 256 (slower than cuDNN in the third and fifth
+# runs) on both persistent variants, the cluster variant with each exchange (the line's
+# slope: the async exchange's gain a step, free of the call's fixed cost)
+OVERHEAD_CASES = [("lstm", "bfloat16", 16, 768, "persistent", 0, None),
+                  ("lstm", "bfloat16", 16, 768, "persistent", 1, None),
+                  ("rnn", "float32", 16, 256, "persistent", 0, None),
+                  ("rnn", "float32", 16, 256, "cluster", 0, None),
+                  ("rnn", "float32", 16, 256, "cluster", 0, "async")]
 
 
 def time_call(fn, repeats, warmup=2):
@@ -283,7 +286,7 @@ def overhead_table(args, prop, rows):
         return
     print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'path':10s} reg | call us (host us) "
           f"at T = {args.overhead_seq_lens} | fixed us, us a step")
-    for cell, dtype, N, H, path, reg in OVERHEAD_CASES:
+    for cell, dtype, N, H, path, reg, exchange in OVERHEAD_CASES:
         if dtype not in args.dtypes or cell not in args.cells:
             continue
         points = []
@@ -295,6 +298,8 @@ def overhead_table(args, prop, rows):
             for name in KNOBS:
                 os.environ.pop(name, None)
             os.environ["RNNFAST_REG_TILE"] = str(reg)
+            if exchange:
+                os.environ["RNNFAST_CLUSTER_EXCHANGE"] = exchange
 
             def fwd():
                 with torch.no_grad():
@@ -311,7 +316,8 @@ def overhead_table(args, prop, rows):
                     os.environ.pop(name, None)
             rows.append(dict(cell=cell, dtype=dtype, N=N, H=H, mode="fwd", path=path,
                              reg_tile=reg, overhead=True, T=T, call_us=call_us, host_us=host_us,
-                             used=used, plan_fwd=plan))
+                             used=used, plan_fwd=plan,
+                             **({"cluster_exchange": exchange} if exchange else {})))
             if isinstance(call_us, float):
                 points.append((T, call_us))
                 cells.append(f"{call_us:.0f} ({host_us:.0f})")
@@ -324,8 +330,9 @@ def overhead_table(args, prop, rows):
             mu = sum(u for _, u in points) / n
             slope = sum((t - mt) * (u - mu) for t, u in points) / sum((t - mt) ** 2 for t, _ in points)
             fit = f"{mu - slope * mt:.0f}, {slope:.2f}"
-        print(f"{cell:5s} {dtype:9s} {N:4d} {H:5d} {path:10s} {reg:3d} | {' '.join(cells)} | {fit}",
-              flush=True)
+        label_path = path + (f"/{exchange}" if exchange else "")
+        print(f"{cell:5s} {dtype:9s} {N:4d} {H:5d} {label_path:10s} {reg:3d} | {' '.join(cells)} | "
+              f"{fit}", flush=True)
         save(args, prop, rows)
 
 

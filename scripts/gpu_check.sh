@@ -615,10 +615,12 @@ if cal:
         print()
         print("gpu-calib.json, a forward call's fixed cost: device us of the whole call (host us "
               "until it returned) at each T; fixed: the line's intercept, step: its slope")
-        for k in dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["path"], r["reg_tile"])
-                               for r in over):
-            rs = [r for r in over if (r["cell"], r["dtype"], r["N"], r["H"], r["path"],
-                                      r["reg_tile"]) == k]
+        def okey(r):
+            return (r["cell"], r["dtype"], r["N"], r["H"],
+                    r["path"] + ("/" + r["cluster_exchange"] if "cluster_exchange" in r else ""),
+                    r["reg_tile"])
+        for k in dict.fromkeys(okey(r) for r in over):
+            rs = [r for r in over if okey(r) == k]
             pts = [(r["T"], r["call_us"]) for r in rs if isinstance(r.get("call_us"), float)]
             cells = " ".join(f"T={r['T']}: " + (f"{r['call_us']:.0f} ({r['host_us']:.0f})"
                                                  if isinstance(r.get("call_us"), float) else "n/a")
@@ -630,7 +632,7 @@ if cal:
                 sl = sum((t - mt) * (u - mu) for t, u in pts) / sum((t - mt) ** 2 for t, _ in pts)
                 fit = f"  fixed {mu - sl * mt:.0f} us, step {sl:.2f} us"
             print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:10} reg={k[5]}  {cells}{fit}")
-    exch = [r for r in cal if "cluster_exchange" in r]
+    exch = [r for r in cal if "cluster_exchange" in r and not r.get("overhead")]
     if exch:
         print()
         print("gpu-calib.json, the cluster variant's exchange: us per step with the cluster "

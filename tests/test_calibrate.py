@@ -193,7 +193,8 @@ def test_overhead_table_fits_a_fixed_cost_and_a_cost_a_step(monkeypatch, capsys)
 
     class _Module(_StandIn):
         def forward(self, x):
-            seen.append((x.shape[0], os.environ.get("RNNFAST_REG_TILE")))
+            seen.append((x.shape[0], os.environ.get("RNNFAST_REG_TILE"),
+                         os.environ.get("RNNFAST_CLUSTER_EXCHANGE")))
 
     def fake_time_call(fn, repeats, warmup=2):
         fn()
@@ -211,6 +212,11 @@ def test_overhead_table_fits_a_fixed_cost_and_a_cost_a_step(monkeypatch, capsys)
     assert all(r["overhead"] and r["call_us"] == 700.0 + 3.0 * r["T"] and r["host_us"] == 40.0
                for r in rows)
     assert [s[1] for s in seen] == [str(c[5]) for c in cal.OVERHEAD_CASES for _ in range(3)]
+    assert [s[2] for s in seen] == [c[6] for c in cal.OVERHEAD_CASES for _ in range(3)]
+    # the cluster variant with the async exchange, its rows marked so
+    assert [r.get("cluster_exchange") for r in rows] == [
+        c[6] for c in cal.OVERHEAD_CASES for _ in range(3)]
+    assert any(c[6] == "async" for c in cal.OVERHEAD_CASES)
     assert all(k not in os.environ for k in cal.KNOBS)
     printed = capsys.readouterr().out
     assert printed.count("| 700, 3.00") == len(cal.OVERHEAD_CASES), printed

@@ -131,13 +131,6 @@ def _stack(run_layer, x: Tensor, states: Tuple[Tensor, ...], weights: Sequence[L
     return x, finals
 
 
-def _final_states(finals: List[Tensor]) -> Tensor:
-    """The layers' and directions' final states [L * D, N, H]: torch.stack, or for a single
-    layer and direction a view of its state, which every op returns freshly allocated (never
-    a view of its output), so nothing is copied."""
-    return finals[0].unsqueeze(0) if len(finals) == 1 else torch.stack(finals)
-
-
 # One layer and direction as _stack / _stack_packed call it: run(x, states, weights, reverse)
 def _rnn_runner(nonlinearity: str):
     def run(x, s, w, reverse):
@@ -157,24 +150,35 @@ def rnn(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int 
         nonlinearity: str = "tanh", bidirectional: bool = False, dropout: float = 0.0,
         training: bool = False) -> Tuple[Tensor, Tensor]:
     """Stacked Elman RNN: x [T, N, C], hx [L * D, N, H] -> (output [T, N, D * H], h_n)."""
+    # one layer and direction: no stacking, and its final state a view of the op's, which
+    # every op returns freshly allocated (never a view of its output), so nothing is copied
+    if num_layers == 1 and not bidirectional:
+        out, h = rnn_layer(x, hx[0], *weights[0], nonlinearity=nonlinearity)
+        return out, h.unsqueeze(0)
     out, (h,) = _stack(_rnn_runner(nonlinearity), x, (hx,), weights, num_layers, bidirectional, dropout, training)
-    return out, _final_states(h)
+    return out, torch.stack(h)
 
 
 def lstm(x: Tensor, hx: Tuple[Tensor, Tensor], weights: Sequence[LayerWeights],
          num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0,
          training: bool = False) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """Stacked LSTM: x [T, N, C], (h0, c0) [L * D, N, H] -> (output, (h_n, c_n))."""
+    if num_layers == 1 and not bidirectional:  # one layer: as rnn's
+        out, h, c = _lstm_run(x, (hx[0][0], hx[1][0]), weights[0], False)
+        return out, (h.unsqueeze(0), c.unsqueeze(0))
     out, (h, c) = _stack(_lstm_run, x, hx, weights, num_layers, bidirectional, dropout, training)
-    return out, (_final_states(h), _final_states(c))
+    return out, (torch.stack(h), torch.stack(c))
 
 
 def gru(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int = 1,
         bidirectional: bool = False, dropout: float = 0.0,
         training: bool = False) -> Tuple[Tensor, Tensor]:
     """Stacked GRU: x [T, N, C], hx [L * D, N, H] -> (output [T, N, D * H], h_n)."""
+    if num_layers == 1 and not bidirectional:  # one layer: as rnn's
+        out, h = gru_layer(x, hx[0], *weights[0])
+        return out, h.unsqueeze(0)
     out, (h,) = _stack(_gru_run, x, (hx,), weights, num_layers, bidirectional, dropout, training)
-    return out, _final_states(h)
+    return out, torch.stack(h)
 
 
 # ---- PackedSequence: sequences of different lengths, sorted longest first ----

@@ -154,6 +154,14 @@ struct PersistentParams {
 // dynamic shared memory starts 128-byte aligned after them).
 constexpr size_t kClusterStaticSmem = 128;
 
+// Whether the async exchange can carry the values the cluster variant exchanges: h_t in
+// scalar_t (the forward), the gate gradients in acc_t (the backward); st.async stores 4
+// or 8 bytes.
+template <typename scalar_t, typename acc_t, bool kBackward>
+constexpr bool cluster_async_ok() {
+  return kBackward || sizeof(scalar_t) == 4 || sizeof(scalar_t) == 8;
+}
+
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
 // ld.global.cg: read through L2, for data another block wrote during this launch.
@@ -696,7 +704,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   scalar_t* xs = reinterpret_cast<scalar_t*>(smem + lay.xs_offset);
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
   // the async exchange (4- and 8-byte h only): this block's mbarrier for each turn
-  constexpr bool kAsyncOk = kCluster && (sizeof(scalar_t) == 4 || sizeof(scalar_t) == 8);
+  constexpr bool kAsyncOk = kCluster && cluster_async_ok<scalar_t, acc_t, false>();
   unsigned long long* bars = nullptr;
   if constexpr (kAsyncOk) bars = turn_mbarriers(p.async_exchange);
   const bool async_exchange = kAsyncOk && p.async_exchange;
@@ -1097,9 +1105,10 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   acc_t* xs = reinterpret_cast<acc_t*>(smem + lay.xs_offset);
   acc_t* out = reinterpret_cast<acc_t*>(smem + lay.out_offset);
   // the async exchange (acc_t is 4 or 8 bytes): this block's mbarrier for each turn
+  constexpr bool kAsyncOk = kCluster && cluster_async_ok<scalar_t, acc_t, true>();
   unsigned long long* bars = nullptr;
-  if constexpr (kCluster) bars = turn_mbarriers(p.async_exchange);
-  const bool async_exchange = kCluster && p.async_exchange;
+  if constexpr (kAsyncOk) bars = turn_mbarriers(p.async_exchange);
+  const bool async_exchange = kAsyncOk && p.async_exchange;
 
   // consecutive threads read consecutive units of one row of W_hh; columns K..ld are zero
   batched_copy<scalar_t>(
@@ -1455,13 +1464,6 @@ inline int cluster_exchange_knob(std::string& value) {
   value = v != nullptr ? v : "";
   if (value.empty() || value == "barrier") return 0;
   return value == "async" ? 1 : -1;
-}
-// Whether the async exchange can carry the values the cluster variant exchanges: h_t in
-// scalar_t (the forward), the gate gradients in acc_t (the backward); st.async stores 4
-// or 8 bytes.
-template <typename scalar_t, typename acc_t, bool kBackward>
-constexpr bool cluster_async_ok() {
-  return kBackward || sizeof(scalar_t) == 4 || sizeof(scalar_t) == 8;
 }
 
 // What plan_persistent's variants share: the cell's sizes, the device and the cost model.

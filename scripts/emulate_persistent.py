@@ -1988,10 +1988,10 @@ def header_constants(path=HEADER):
     consts = {}
     for name in ("kStageBatch", "kFloorUs", "kTileUs", "kFfmaShare", "kMmaShare",
                  "kBwdFloorUs", "kBwdTileUs", "kBwdFfmaShare", "kL2BytesPerS",
-                 "kStepOverheadUs", "kBwdStepOverheadUs", "kGemmFfmaShare", "kGemmMmaShare",
-                 "kClusterTileUs",
-                 "kBwdClusterTileUs", "kClusterFfmaShare", "kBwdClusterFfmaShare",
-                 "kDsmemBytesPerClk", "kWideRowUsPerKB", "kRegFloorUs"):
+                 "kStepOverheadUs", "kBwdStepOverheadUs", "kStepDirectUs", "kBwdStepDirectUs",
+                 "kGemmFfmaShare", "kGemmMmaShare", "kClusterTileUs", "kClusterMmaTileUs",
+                 "kBwdClusterTileUs", "kClusterFfmaShare", "kClusterMmaShare",
+                 "kBwdClusterFfmaShare", "kDsmemClkPerStore", "kWideRowUsPerKB", "kRegFloorUs"):
         m = re.search(rf"\b{name}\s*=\s*([0-9.eE+-]+)", text)
         if m is None:
             raise SystemExit(f"{name} not found in {path}")
@@ -2002,7 +2002,7 @@ def header_constants(path=HEADER):
 _HEADER_CONSTANTS = []
 
 
-def cluster_us(group_rows, nt, r_pad, K, pushes, x_size, mma, waves, fp64, backward,
+def cluster_us(group_rows, nt, r_pad, K, pushes, mma, waves, fp64, backward,
                clock_mhz=1755.0):
     """CostModel::cluster_us with the header's constants on a stand-in device (the emulator
     has no cudaDeviceProp): by default an H100's 1755 MHz, 128 FP32 lanes an SM (64 for
@@ -2010,12 +2010,16 @@ def cluster_us(group_rows, nt, r_pad, K, pushes, x_size, mma, waves, fp64, backw
     if not _HEADER_CONSTANTS:
         _HEADER_CONSTANTS.append(header_constants())
     c = _HEADER_CONSTANTS[0]
-    share = c["kBwdClusterFfmaShare"] if backward else c["kClusterFfmaShare"]
-    rate = 2.0 * (64.0 if fp64 else 128.0) * clock_mhz * (16.0 * share if mma else share)
+    if backward:
+        tile_us, share = c["kBwdClusterTileUs"], c["kBwdClusterFfmaShare"]
+    elif mma:
+        tile_us, share = c["kClusterMmaTileUs"], 16.0 * c["kClusterMmaShare"]
+    else:
+        tile_us, share = c["kClusterTileUs"], c["kClusterFfmaShare"]
+    rate = 2.0 * (64.0 if fp64 else 128.0) * clock_mhz * share
     tiles = (group_rows + nt - 1) // nt
     dot_us = 2.0 * nt * r_pad * K / rate
-    push_us = pushes * x_size / (c["kDsmemBytesPerClk"] * clock_mhz)
-    tile_us = c["kBwdClusterTileUs"] if backward else c["kClusterTileUs"]
+    push_us = pushes * c["kDsmemClkPerStore"] / clock_mhz
     return waves * ((tiles + 1) * tile_us + tiles * dot_us + push_us)
 
 
@@ -2032,7 +2036,7 @@ def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None)
             continue
         units = (H + c0 - 1) // c0
         cs = (H + units - 1) // units
-        K, w_rows, x_size, mma = plan_sizes(Cell, backward, H, units, dt)
+        K, w_rows, _, mma = plan_sizes(Cell, backward, H, units, dt)
         guess_rows = -(-N // max(1, sms // cs))
 
         def try_tile(nt, rpw):
@@ -2067,7 +2071,7 @@ def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None)
             plan.async_exchange = KNOBS.get("RNNFAST_CLUSTER_EXCHANGE", "") == "async" and (
                 backward or dt.scalar in (4, 8))
             pushes = n_c * units * (Cell.kGates if backward else 1) * cs
-            plan.us = cluster_us(n_c, nt, r_pad, K, pushes, x_size, mma,
+            plan.us = cluster_us(n_c, nt, r_pad, K, pushes, mma,
                                  -(-clusters // at_once), dt.scalar == 8, backward)
             if best is None or plan.us < best.us:
                 best = plan

@@ -149,28 +149,39 @@ class StepGemm {
     const auto dtype = w_hh.scalar_type();
     error_ = step_gemm_knob_error();
     if (!error_.empty()) return;
-    const char* kind = step_gemm_kind();
-    const at::Context& ctx = at::globalContext();
-    const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-    const bool defaults =
-        !ctx.deterministicAlgorithms() &&
-        (dtype == at::kHalf ? reduced_reduction_default(ctx.allowFP16ReductionCuBLAS())
-                            : reduced_reduction_default(ctx.allowBF16ReductionCuBLAS()));
-    if (half && defaults && std::strcmp(kind, "cublas") == 0) {
+    if (direct(dtype)) {
       gemm_ = loaded_cublas_gemm_ex();
       handle_ = at::cuda::getCurrentCUDABlasHandle();  // set to the current stream
       type_ = dtype == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
     } else {
       w_t_ = w_hh.t();
     }
-    const bool bf16_dh = dtype == at::kBFloat16 && (gemm_ != nullptr || kMmOutDtype);
     if (backward_rows > 0) {
-      if (bf16_dh) {
+      if (bf16_dh(dtype)) {
         dg16_ = at::empty({backward_rows, w_hh.size(0)}, w_hh.options());
       } else {
         w_acc_ = w_hh.to(workspace_dtype(dtype)).contiguous();
       }
     }
+  }
+
+  // Whether the GEMMs of dtype call cuBLAS directly (16-bit, cublasGemmEx found,
+  // RNNFAST_STEP_GEMM not "aten", torch's settings at the defaults ATen alone applies
+  // otherwise: see above); else they go through ATen. Also the cost model's question
+  // (CostModel: the host's time a step differs).
+  static bool direct(at::ScalarType dtype) {
+    if (!step_gemm_knob_error().empty()) return false;
+    const at::Context& ctx = at::globalContext();
+    const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+    const bool defaults =
+        !ctx.deterministicAlgorithms() &&
+        (dtype == at::kHalf ? reduced_reduction_default(ctx.allowFP16ReductionCuBLAS())
+                            : reduced_reduction_default(ctx.allowBF16ReductionCuBLAS()));
+    return half && defaults && std::strcmp(step_gemm_kind(), "cublas") == 0;
+  }
+  // Whether the backward's dh GEMM of dtype takes bfloat16 operands (see dg16 below)
+  static bool bf16_dh(at::ScalarType dtype) {
+    return dtype == at::kBFloat16 && (direct(dtype) || kMmOutDtype);
   }
 
   // The backward's dh GEMM takes bfloat16 operands where the tensors are bfloat16 (the gate

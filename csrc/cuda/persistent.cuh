@@ -1242,7 +1242,11 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 // (benchmarks/results/cuda-h100-issue7-2026-11-27.json, the second: the grid and cluster
 // variants forced, 141 cases, float32 and bfloat16, forward and backward;
 // cuda-h100-issue7-2026-11-27c.json and cuda-h100-calib-2026-11-27c.json, the third: the
-// per-step path and the grid variant's 32- and 64-row tensor-core tiles).
+// per-step path and the grid variant's 32- and 64-row tensor-core tiles; the cluster variant
+// and the per-step path refitted to all five, the fourth and fifth adding the per-step
+// path's direct cuBLAS calls and the register tile; scripts/fit_cost_model.py's RUNS).
+// Picks against the fastest measured path over those runs' 143 cases with two or more
+// paths measured: within 10% in all but 2 (8 before the refit, the worst 2.95x; now 1.30x).
 // Grid variant: a floor (the grid barrier, the __syncthreads and the first pointwise pass),
 // then per tile of NT batch rows a fixed cost (the staging of the tile from L2, its
 // __syncthreads and the tile's pointwise pass: about 2.5 us forward, 2.2 backward, the same
@@ -1254,16 +1258,23 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 // staging at L2 bandwidth. Measured time per step grows with the tiles, not the
 // bytes: at N = 256 (16 tiles) the grid variant staged about 0.9 TB/s across the device.
 // scripts/fit_cost_model.py prints this model against a run's JSON, reading the constants
-// below from this file; it gives 0.81x-1.30x of the measured forward times (geomean 0.98x)
-// and 0.79x-1.16x of the backward (0.99x).
+// below from this file; it gives 0.84x-1.64x of the measured forward times over all five
+// runs (geomean 1.09x; the worst the 64-row tile at H = 1024) and 0.74x-1.22x of the
+// backward (1.01x).
 // Cluster variant: per wave of clusters, a floor and a cost per tile (fitted equal), the dot
-// product and the stores into the peers' shared memory (about 3 bytes a clock per SM as
-// built: a 4-byte or 2-byte store per value and peer); 0.52x-1.39x of measured.
-// Per-step path: the host's launches through ATen (on the H100 machine's CPU about 17 us a
-// step forward, 22 backward, whatever the size: 14-25 us measured where the GEMM is small),
-// plus the GEMM at a share of the device's rate (16-bit forward on tensor cores, 30%, from
-// the third run's bfloat16 times at N = 256; float32 on FFMA, TF32 being off by default, as
-// is every backward, which runs in acc_t).
+// product and the stores into the peers' shared memory, a cost per store whatever its
+// width (a 2-byte store of the 16-bit forward costs as a 4-byte one: costing them by bytes
+// put the 16-bit forward at 0.47x-0.95x of its measured time). Refitted to all five H100 runs
+// (the fourth and fifth measured the cluster variant where auto ran it): tile cost, dot
+// share and the store's cost least squares on log time, a separate tile cost and share for
+// the tensor-core forward (its split-k partial tiles are summed in a second pass); 0.70x-1.36x
+// of measured forward, 0.59x-1.46x backward (scripts/fit_cost_model.py).
+// Per-step path: the host's launches (on the H100 machine's CPU 14-25 us a step whatever
+// the size: 17 forward, 22 backward through ATen, 15 and 20 where the 16-bit GEMM calls
+// cuBLAS directly, StepGemm::direct, the fourth run), plus the GEMM at a share of the
+// device's rate (16-bit forward and bfloat16 backward on tensor cores, 30%, from the third
+// run's bfloat16 times at N = 256; float32 on FFMA, TF32 being off by default, as is the
+// float16 backward's, which runs in acc_t).
 // The device's SM clock in kHz (a guess of 1.5 GHz where the query fails), asked once per
 // device: the planner builds a CostModel at every op call, and on the H100 machine a
 // forward call's host time was about 0.9 ms on the persistent paths against 0.4 on the
@@ -1290,25 +1301,29 @@ struct CostModel {
   static constexpr double kBwdFloorUs = 1.6, kBwdTileUs = 2.2, kBwdFfmaShare = 0.22;
   static constexpr double kL2BytesPerS = 5e12;
   static constexpr double kStepOverheadUs = 17.0, kBwdStepOverheadUs = 22.0,
+                          kStepDirectUs = 15.0, kBwdStepDirectUs = 20.0,
                           kGemmFfmaShare = 0.7, kGemmMmaShare = 0.3;
-  static constexpr double kClusterTileUs = 1.5, kBwdClusterTileUs = 1.0,
-                          kClusterFfmaShare = 0.5, kBwdClusterFfmaShare = 0.34,
-                          kDsmemBytesPerClk = 3.2;
+  static constexpr double kClusterTileUs = 0.9, kClusterMmaTileUs = 1.9,
+                          kBwdClusterTileUs = 1.0, kClusterFfmaShare = 0.2,
+                          kClusterMmaShare = 0.15, kBwdClusterFfmaShare = 0.25,
+                          kDsmemClkPerStore = 0.8;
   double ffma_flops_per_sm_us;  // flop per SM per microsecond, FFMA (DFMA for float64)
   double mma_factor;            // dense 16-bit tensor cores (fp32 sums) over FP32 FFMA
   int sms;
   // the direction's constants (forward or backward)
-  double floor_us, tile_us, ffma_share, cluster_tile_us, cluster_share, step_overhead_us;
+  double floor_us, tile_us, ffma_share, step_overhead_us;
+  bool backward;
   // Per SM and cycle: 128 FP32 FMA lanes (64 on sm_80), FP64 at half that on sm_80 and
   // sm_90 and at 1/64 elsewhere; tensor cores 16x FFMA on sm_80 and sm_90, about 4x on the
   // others (sm_86, sm_89, ...). Fitted on the H100 only.
-  CostModel(const cudaDeviceProp& prop, bool fp64, bool backward)
-      : floor_us(backward ? kBwdFloorUs : kFloorUs),
-        tile_us(backward ? kBwdTileUs : kTileUs),
-        ffma_share(backward ? kBwdFfmaShare : kFfmaShare),
-        cluster_tile_us(backward ? kBwdClusterTileUs : kClusterTileUs),
-        cluster_share(backward ? kBwdClusterFfmaShare : kClusterFfmaShare),
-        step_overhead_us(backward ? kBwdStepOverheadUs : kStepOverheadUs) {
+  // step_direct: the per-step path's GEMMs call cuBLAS directly (StepGemm::direct)
+  CostModel(const cudaDeviceProp& prop, bool fp64, bool backward_, bool step_direct)
+      : floor_us(backward_ ? kBwdFloorUs : kFloorUs),
+        tile_us(backward_ ? kBwdTileUs : kTileUs),
+        ffma_share(backward_ ? kBwdFfmaShare : kFfmaShare),
+        step_overhead_us(backward_ ? (step_direct ? kBwdStepDirectUs : kBwdStepOverheadUs)
+                                   : (step_direct ? kStepDirectUs : kStepOverheadUs)),
+        backward(backward_) {
     const int clock_khz = device_clock_khz(c10::cuda::current_device());
     const bool datacenter = (prop.major == 8 && prop.minor == 0) || prop.major == 9;
     const double fp32_lanes = prop.major == 8 && prop.minor == 0 ? 64.0 : 128.0;
@@ -1332,15 +1347,18 @@ struct CostModel {
     return std::max(latency_us, bandwidth_us);
   }
   // The cluster variant, per step of one cluster: rows of N (group_rows) in tiles of nt;
-  // pushes: the stores a block makes into the cluster's shared memory (x_size bytes each);
+  // pushes: the stores a block makes into the cluster's shared memory (one value each);
   // waves: how many times the clusters take turns on the device (more clusters than fit).
-  double cluster_us(int64_t group_rows, int nt, int r_pad, int64_t K, int64_t pushes,
-                    int x_size, bool mma, int64_t waves) const {
+  double cluster_us(int64_t group_rows, int nt, int r_pad, int64_t K, int64_t pushes, bool mma,
+                    int64_t waves) const {
     const int64_t tiles = (group_rows + nt - 1) / nt;
-    const double rate = ffma_flops_per_sm_us * (mma ? mma_factor : 1.0) * cluster_share;
-    const double dot_us = 2.0 * nt * r_pad * K / rate;
-    const double push_us = double(pushes) * x_size / (kDsmemBytesPerClk * clock_mhz);
-    return double(waves) * ((tiles + 1) * cluster_tile_us + tiles * dot_us + push_us);
+    const double tile = backward ? kBwdClusterTileUs : mma ? kClusterMmaTileUs : kClusterTileUs;
+    const double share = backward ? kBwdClusterFfmaShare
+                         : mma    ? mma_factor * kClusterMmaShare
+                                  : kClusterFfmaShare;
+    const double dot_us = 2.0 * nt * r_pad * K / (ffma_flops_per_sm_us * share);
+    const double push_us = double(pushes) * kDsmemClkPerStore / clock_mhz;
+    return double(waves) * ((tiles + 1) * tile + tiles * dot_us + push_us);
   }
   // The grid variant's register tile (persistent_forward_reg, N <= 16): a floor (the grid
   // barrier, one L2 round trip for h_{t-1}, the pointwise pass; set by hand from the fourth
@@ -1482,6 +1500,7 @@ struct PersistentPlanner {
   int64_t N, H;
   const cudaDeviceProp& prop;
   CostModel model;
+  bool step_mma;  // the per-step path's GEMM on tensor cores (16-bit forward, bfloat16 dh)
   std::string why;  // why the last variant planned cannot run
   int mma_tile_rows;  // RNNFAST_MMA_ROWS (64 unless set to 16 or 32), as plan_persistent read it
   bool reg_tile;      // RNNFAST_REG_TILE unset or 1, as plan_persistent read it
@@ -1490,7 +1509,8 @@ struct PersistentPlanner {
   PersistentPlanner(int64_t n, int64_t h, at::ScalarType dtype, int mma_rows_asked = 64,
                     bool reg_tile_asked = false, bool async_asked = false)
       : N(n), H(h), prop(*at::cuda::getCurrentDeviceProperties()),
-        model(prop, dtype == at::kDouble, kBackward), mma_tile_rows(mma_rows_asked),
+        model(prop, dtype == at::kDouble, kBackward, StepGemm::direct(dtype)),
+        step_mma(kBackward ? StepGemm::bf16_dh(dtype) : kMma), mma_tile_rows(mma_rows_asked),
         reg_tile(reg_tile_asked), async_exchange(async_asked) {}
 
   template <int NT, int RPW, bool kCluster>
@@ -1774,7 +1794,7 @@ struct PersistentPlanner {
         plan.async_exchange = async_exchange && cluster_async_ok<scalar_t, acc_t, kBackward>();
         // a block stores each of its values (G of them in the backward) into each block
         const int64_t pushes = rows * units * (kBackward ? G : 1) * cs;
-        plan.us = model.cluster_us(rows, kNT, r_pad, K, pushes, sizeof(x_t), kMma,
+        plan.us = model.cluster_us(rows, kNT, r_pad, K, pushes, kMma,
                                    (clusters + at_once - 1) / at_once);
         if (best.kernel == nullptr || plan.us < best.us) best = plan;
         return true;
@@ -1883,11 +1903,9 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
     plan = clustered;
   }
   // the per-step forward GEMM runs in scalar_t, on tensor cores for 16-bit; the backward's
-  // is costed in acc_t on FFMA, as the third H100 run measured it (in bfloat16 it now takes
-  // bfloat16 operands on tensor cores, StepGemm::dg16: the fourth run measured it 4-6x
-  // faster than the model at N = 256, not yet refitted)
+  // in bfloat16 on tensor cores too (StepGemm::dg16), else in acc_t on FFMA
   constexpr int G = Cell::kGates;
-  const double step_us = planner.model.step_us(2.0 * N * G * H * H, planner.kMma);
+  const double step_us = planner.model.step_us(2.0 * N * G * H * H, planner.step_mma);
   if (plan.kernel != nullptr && !(plan.us < step_us)) plan = PersistentLaunch{};
   CudaPlanNote note = plan_note(plan);
   note.grid_us = grid_us;

@@ -169,6 +169,13 @@ MUTATIONS = {
     "reg_no_sync": "register tile: no __syncthreads between the partial sums and the pointwise pass",
     "reg_chunk_split": "register tile: warp w's chunks from w * C // 8 to (w + 1) * C // 8 + 1",
     "reg_one_step_sum": "register tile: the partial sums leave out k step 1's accumulator",
+    # the per-step path's fused forward (fused_step_forward)
+    "fused_w_gate_row": "fused step: W's tile row g U + j from W_hh's row u0 + j (the gate's "
+                        "offset g H missing)",
+    "fused_stage_one_buffer": "fused step: every stage copied into buffer 0",
+    "fused_no_wait": "fused step: no cp.async wait before a stage's MMAs (but the last)",
+    "fused_no_trailing_sync": "fused step: no __syncthreads after a stage's MMAs",
+    "fused_h0_unaligned": "fused step: an unaligned h0 copied by cp.async as it is",
 }
 MUT = set()
 
@@ -1320,6 +1327,148 @@ def persistent_forward_reg(Cell, dt, p, ctx):
             yield (s + 1) * ctx.grid
 
 
+# --------------------------------------------------------------------------------------
+# fused_step.cuh: the per-step path's fused 16-bit forward (RNNFAST_STEP_FUSED=1), one
+# launch a step, lane by lane
+# --------------------------------------------------------------------------------------
+FUSED_ROWS = FUSED_COLS = FUSED_K = 64
+FUSED_LD = FUSED_K + 8
+
+
+def fused_units(G):
+    return FUSED_COLS // G
+
+
+def fused_smem_bytes(dt):
+    return 2 * 2 * FUSED_ROWS * FUSED_LD * dt.scalar  # sa and sb, two stages each
+
+
+def fused_step_forward(Cell, dt, p, ctx, s):
+    """fused_step_forward at step s, block ctx.block of the launch's (x, y) grid flattened
+    x-fastest: batch rows [64 bx, 64 bx + 64) by units [U by, U by + U)."""
+    G = Cell.kGates
+    U = fused_units(G)
+    N, H = p.N, p.H
+    K = H
+    gx = -(-N // FUSED_ROWS)
+    bx, by = ctx.block % gx, ctx.block // gx
+    n0, u0 = bx * FUSED_ROWS, by * U
+    t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
+    h_prev = p.h0 if s == 0 else p.y + tp * N * H
+    x = dt.scalar
+    smem = ctx.shared_memory()
+    stage_elems = FUSED_ROWS * FUSED_LD
+    sa, sb = Ptr(smem, 0, x), Ptr(smem, 2 * stage_elems * x, x)
+    vecs = FUSED_K // 8
+    pending = []
+    if K % FUSED_K:
+        cover("fused step: a last stage zero-padded past H")
+    if N % FUSED_ROWS:
+        cover("fused step: rows past N zero")
+    if H % U:
+        cover("fused step: units past H")
+
+    def stage(buf, k0):
+        e = np.arange((FUSED_ROWS + FUSED_COLS) * vecs, dtype=np.int64)
+        thr = e % BLOCK_DIM
+        w = e >= FUSED_ROWS * vecs
+        ee = np.where(w, e - FUSED_ROWS * vecs, e)
+        r, c = ee // vecs, (ee % vecs) * 8
+        k = k0 + c
+        g, j = r // U, r % U
+        in_w = w & (g < G) & (u0 + j < H) & (k < K)
+        in_a = ~w & (n0 + r < N) & (k < K)
+        val = np.zeros((e.size, 8))
+        for on, src, off, what in (
+                (in_a, h_prev, (n0 + r) * H + k, "h_{t-1}"),
+                (in_w, p.w_hh, ((g * (0 if mut("fused_w_gate_row") else H) + u0 + j) * H + k),
+                 "W_hh")):
+            if on.any():
+                if ((src.addr(off[on]) * x) % 16).any():
+                    finding(f"fused step: a cp.async source of {what} not 16-byte aligned")
+                val[on] = src.read(off[on][:, None] + np.arange(8), ctx, thr[on][:, None],
+                                   cg=True, where=f"fused step: cp.async of {what}")
+        dst = buf * stage_elems + r * FUSED_LD + c
+        if mut("fused_stage_one_buffer"):
+            dst = r * FUSED_LD + c
+        idx = (dst[:, None] + np.arange(8)).reshape(-1)
+        t8 = np.repeat(thr, 8)
+        v8 = val.reshape(-1)
+        for ptr, part in ((sa, ~w), (sb, w)):
+            sel = np.repeat(part, 8)
+            ptr.write(idx[sel], v8[sel], ctx, t8[sel], where="fused step: cp.async issued")
+            smem.init[ptr.addr(idx[sel])] = False
+            pending.append((ptr, idx[sel], v8[sel], t8[sel]))
+
+    lane = np.arange(BLOCK_DIM, dtype=np.int64) % 32
+    warp = np.arange(WARPS, dtype=np.int64)
+    wm, wn = warp // 4, warp % 4
+    acc = np.zeros((2, 2, WARPS, 32, 4))  # [16-row tile][8-column half][warp][lane][reg]
+    stages = -(-K // FUSED_K)
+    if stages > 1:
+        cover("fused step: several stages")
+    stage(0, 0)
+    for kc in range(stages):
+        if kc + 1 < stages:
+            stage((kc + 1) & 1, (kc + 1) * FUSED_K)
+            if not mut("fused_no_wait"):
+                cp_async_wait(1, pending, ctx)
+        else:
+            cp_async_wait(0, pending, ctx)
+        ctx.syncthreads()
+        buf = kc & 1
+        for ks in range(FUSED_K // 16):
+            b_off = (buf * stage_elems + (16 * wn[:, None] + 8 * (LANES[None, :] // 16)
+                                          + LANES[None, :] % 8) * FUSED_LD
+                     + 16 * ks + ((LANES[None, :] // 8) % 2) * 8)
+            b = ldmatrix_x4(sb, b_off, warp, ctx, "fused step: b = W")
+            for mt in range(2):
+                a_off = (buf * stage_elems + (32 * wm[:, None] + 16 * mt + LANES[None, :] % 16)
+                         * FUSED_LD + 16 * ks + (LANES[None, :] // 16) * 8)
+                a = ldmatrix_x4(sa, a_off, warp, ctx, "fused step: a = h_{t-1}")
+                for h in range(2):
+                    acc[mt, h] = mma_16816(acc[mt, h], a, b[:, :, 2 * h:2 * h + 2])
+        if not mut("fused_no_trailing_sync"):
+            ctx.syncthreads()
+    # the sums over sa: row 32 wm + 16 mt + g (+ 8), column 16 wn + 8 h + 2 t + {0, 1}
+    out = Ptr(smem, 0, 4)
+    ld_out = FUSED_COLS + 4
+    thr = warp[:, None] * 32 + LANES[None, :]
+    for mt in range(2):
+        for h in range(2):
+            for i in range(4):
+                row = 32 * wm[:, None] + 16 * mt + GROUP[None, :] + 8 * (i // 2)
+                col = 16 * wn[:, None] + 8 * h + 2 * TIG[None, :] + i % 2
+                out.write(row * ld_out + col, acc[mt, h, :, :, i], ctx, thr,
+                          where="fused step: the sums")
+    ctx.syncthreads()
+    idx = np.arange(FUSED_ROWS * U, dtype=np.int64)
+    nl, j = idx // U, idx % U
+    n, u = n0 + nl, u0 + j
+    live = (n < N) & (u < H)
+    idx, nl, j, n, u = idx[live], nl[live], j[live], n[live], u[live]
+    it_thr = idx % BLOCK_DIM
+    if idx.size:
+        hh = np.zeros((G, idx.size))
+        for g in range(G):
+            hh[g] = out.read(nl * ld_out + g * U + j, ctx, it_thr, where="fused step: gates")
+        inp = Cell.load(p, s, t, tp, n, u, ctx, it_thr)
+        hp = np.zeros(idx.size)
+        if Cell.kNeedsHPrev:
+            hp = h_prev.read(n * H + u, ctx, it_thr, where="fused step: h_{t-1} of an item")
+        Cell.forward(p, s, t, tp, n, u, hh, hp, inp, ctx, it_thr)
+    if False:  # a generator, as run_grid's kernels are (no barrier inside a step's launch)
+        yield
+
+
+def run_fused_steps(Cell, dt, p, bufs, seed):
+    """run_fused_steps: T launches of (ceil(N / 64), ceil(H / U)) blocks."""
+    blocks = -(-p.N // FUSED_ROWS) * -(-p.H // fused_units(Cell.kGates))
+    for s in range(p.T):
+        run_grid(lambda q, ctx, s=s: fused_step_forward(Cell, dt, q, ctx, s), blocks,
+                 fused_smem_bytes(dt), p, bufs, seed + s)
+
+
 def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):
     G = Cell.kGates
     N, H = p.N, p.H
@@ -1852,6 +2001,7 @@ class Plan:
     xs_tiles: int = 1  # the grid variant's tiles of xs (2: stage_rows_async)
     reg: bool = False  # the grid variant's register tile (RNNFAST_REG_TILE unset or 1)
     async_exchange: bool = False  # the cluster variant's (RNNFAST_CLUSTER_EXCHANGE=async)
+    fused: tuple = ()  # the per-step path's fused forward: (Cell, dt) (RNNFAST_STEP_FUSED=1)
 
 
 # the environment knobs of the case running (RNNFAST_MMA_ROWS, RNNFAST_REG_TILE), read by
@@ -2083,7 +2233,19 @@ def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None)
     return best
 
 
+def fused_h0(plan, h0, h0b, h0_off, dt):
+    """aligned_h0: the fused step copies h0 by 16-byte cp.async, so an unaligned view is
+    cloned first."""
+    if plan.fused and (h0_off * dt.scalar) % 16 and not mut("fused_h0_unaligned"):
+        cover("fused step: an unaligned h0 cloned")
+        return offset_buf("h0", h0, 0), 0
+    return h0b, h0_off
+
+
 def launch_persistent(plan, p, bufs, seed):
+    if plan.fused:
+        run_fused_steps(*plan.fused, p, bufs, seed)
+        return
     p.units = plan.units
     p.group_rows = plan.group_rows
     p.xs_tiles = plan.xs_tiles
@@ -2097,7 +2259,16 @@ def launch_persistent(plan, p, bufs, seed):
 
 def plan_for(Cell, backward, N, H, dev, dt, tile, cluster):
     """The forced path of a case: the grid variant, or with cluster = (size, rows) the
-    cluster variant (None in either for the planner's choice)."""
+    cluster variant (None in either for the planner's choice); the per-step path's fused
+    forward where the case asks for it (RNNFAST_STEP_FUSED=1: fused_step_applies)."""
+    asked = not backward and KNOBS.get("RNNFAST_STEP_FUSED") == "1" and dt.mma
+    if asked and H % 8:
+        cover("fused step: asked, H % 8 != 0")
+    if asked and H % 8 == 0:
+        plan = Plan(None, -(-N // FUSED_ROWS) * -(-H // fused_units(Cell.kGates)),
+                    fused_units(Cell.kGates), 0, N, fused_smem_bytes(dt), FUSED_ROWS, 0)
+        plan.fused = (Cell, dt)
+        return plan
     if cluster is None:
         return plan_persistent(Cell, backward, N, H, dev, dt, tile)
     return plan_cluster(Cell, backward, N, H, dev, dt, *cluster, tile=tile)
@@ -2163,6 +2334,7 @@ def lstm_forward_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, d
     w = Buf("w_hh", w_hh)
     h0b = offset_buf("h0", h0, h0_off)
     plan = plan_for(LstmCell, False, N, H, dev, dt, tile, cluster)
+    h0b, h0_off = fused_h0(plan, h0, h0b, h0_off, dt)
     c_state = None if training else Buf("c_state", c0)  # c0_acc.clone()
     p = Params(T=T, N=N, H=H, reverse=reverse, xp=Ptr(xp), w_hh=Ptr(w), h0=Ptr(h0b, h0_off),
                c0=Ptr(c0_acc), y=Ptr(y), cache=Ptr(ws) if training else None,
@@ -2206,6 +2378,7 @@ def gru_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training, dev, dt, ti
     h0b = offset_buf("h0", h0, h0_off)
     bb = Buf("b_hh", b_hh) if b_hh is not None else None
     plan = plan_for(GruCell, False, N, H, dev, dt, tile, cluster)
+    h0b, h0_off = fused_h0(plan, h0, h0b, h0_off, dt)
     p = Params(T=T, N=N, H=H, reverse=reverse, xp=Ptr(xp), w_hh=Ptr(w),
                b_hh=Ptr(bb) if bb is not None else None, h0=Ptr(h0b, h0_off), y=Ptr(y),
                cache=Ptr(ws) if training else None)
@@ -2244,6 +2417,7 @@ def rnn_forward_op(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, dev, dt, 
     w = Buf("w_hh", w_hh)
     h0b = offset_buf("h0", h0, h0_off)
     plan = plan_for(ElmanCell, False, N, H, dev, dt, tile, cluster)
+    h0b, h0_off = fused_h0(plan, h0, h0b, h0_off, dt)
     p = Params(T=T, N=N, H=H, reverse=reverse, activation=activation, xp=Ptr(xp), w_hh=Ptr(w),
                h0=Ptr(h0b, h0_off), y=Ptr(y))
     launch_persistent(plan, p, [y, xp, w, h0b], seed)
@@ -2352,6 +2526,9 @@ def check(name, got, want, case, tol=1e-9):
 
 def cover_plan(plan, N, H, sms, dt, backward):
     STATS["tiles"].add((plan.nt, plan.rpw))
+    if plan.fused:
+        cover("fused step")
+        return
     if plan.reg:
         cover("register tile")
         return
@@ -2386,19 +2563,21 @@ def cover_plan(plan, N, H, sms, dt, backward):
 def case_name(c):
     keys = ("kind", "dtype", "T", "N", "C", "H", "reverse", "training", "sms", "bias", "act",
             "gru_bhh", "tile", "h0_off", "smem_optin", "cluster", "mma_rows", "reg_tile",
-            "cluster_exchange")
+            "cluster_exchange", "step_fused")
     return " ".join(f"{k}={c[k]}" for k in keys if k in c)
 
 
 def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True, tile=None,
              dtype="float64", seed=0, ops=None, h0_off=0, smem_optin=None, cluster=None,
-             mma_rows=None, reg_tile=None, cluster_exchange=None):
+             mma_rows=None, reg_tile=None, cluster_exchange=None, step_fused=None):
     """One case; cluster: (size, rows) for the cluster variant (RNNFAST_CLUSTER_SIZE and
     _ROWS; None in either for the planner's choice), None for the grid variant; mma_rows:
     RNNFAST_MMA_ROWS (the tensor-core tile's batch rows), reg_tile: RNNFAST_REG_TILE (1: the
     register tile where it holds the layer, the CUDA code's default), each set for this case
     only; cluster_exchange: RNNFAST_CLUSTER_EXCHANGE ("async": the cluster variant's async
-    exchange). A case without reg_tile runs with RNNFAST_REG_TILE=0, so that the tiled
+    exchange); step_fused: RNNFAST_STEP_FUSED ("1": the per-step path's fused forward, in
+    place of the persistent forward the case would run). A case without reg_tile runs with
+    RNNFAST_REG_TILE=0, so that the tiled
     tensor-core forward keeps its cases at N <= 16 (tests/test_persistent_emulation.py
     checks the planner's default)."""
     KNOBS.clear()
@@ -2407,6 +2586,8 @@ def run_case(kind, T, N, C, H, reverse, training, sms, bias, act=0, gru_bhh=True
     KNOBS["RNNFAST_REG_TILE"] = "0" if reg_tile is None else str(reg_tile)
     if cluster_exchange:
         KNOBS["RNNFAST_CLUSTER_EXCHANGE"] = cluster_exchange
+    if step_fused:
+        KNOBS["RNNFAST_STEP_FUSED"] = str(step_fused)
     try:
         _run_case(kind, T, N, C, H, reverse, training, sms, bias, act, gru_bhh, tile, dtype,
                   seed, ops, h0_off, smem_optin, cluster)
@@ -2703,6 +2884,22 @@ def cases(full=False):
         # H % 8 != 0: the tiled forward runs
         dict(kind="lstm", T=2, N=4, H=21, sms=6, reverse=False, training=True, **R),
     ]
+    # the per-step path's fused forward (RNNFAST_STEP_FUSED=1; the backward the persistent
+    # one); the comments give the blocks (rows by units) and the stages of 64 columns
+    F = dict(C=3, bias=True, dtype="float16", step_fused=1)
+    extra += [
+        # 2 x 5 blocks (LSTM U 16: 72 = 4 x 16 + 8), 2 stages (the second half padding);
+        # h0 one element into its allocation: cloned
+        dict(kind="lstm", T=3, N=65, H=72, sms=4, reverse=True, training=True, h0_off=1, **F),
+        # GRU U 21 (the tile's row 63 zero): 1 x 7 blocks, 2 whole stages; inference
+        dict(kind="gru", T=2, N=5, H=128, sms=3, reverse=False, training=False, **F),
+        # one whole 64 x 64 tile, one stage
+        dict(kind="rnn", act=1, T=3, N=64, H=64, sms=5, reverse=False, training=True, **F),
+        # 3 stages; LSTM inference (c in place)
+        dict(kind="lstm", T=2, N=2, H=136, sms=6, reverse=False, training=False, **F),
+        # H % 8 != 0: the persistent forward runs
+        dict(kind="gru", T=2, N=3, H=12, sms=4, reverse=True, training=True, **F),
+    ]
     for j, e in enumerate(extra):
         e.setdefault("seed", 100000 + j)
     return out + extra
@@ -2730,9 +2927,13 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "register tile: several chunks a warp", "register tile: a chunk zero-padded past H",
             "register tile: more items than threads",
             "register tile: h_{t-1} by 2-byte loads (unaligned)",
-            "register tile: asked, the layer does not fit it"}
-# (16, 0): the register tile
-TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16), (32, 16), (64, 16), (16, 0)}
+            "register tile: asked, the layer does not fit it",
+            "fused step", "fused step: several stages",
+            "fused step: a last stage zero-padded past H", "fused step: rows past N zero",
+            "fused step: units past H", "fused step: an unaligned h0 cloned",
+            "fused step: asked, H % 8 != 0"}
+# (16, 0): the register tile; (64, 0): the fused step
+TILES = {(16, 8), (16, 4), (8, 8), (4, 8), (16, 16), (32, 16), (64, 16), (16, 0), (64, 0)}
 
 
 @dataclasses.dataclass
@@ -2816,6 +3017,11 @@ SELF_TEST_CASES = [
     # g + 8), h0 unaligned (2-byte loads at step 0)
     dict(kind="gru", T=3, N=11, C=2, H=24, reverse=True, training=True, sms=3, bias=True,
          dtype="float16", reg_tile=1, h0_off=1),
+    # the fused step: LSTM 2 x 5 blocks, 2 stages, h0 unaligned (cloned); GRU 3 stages
+    dict(kind="lstm", T=2, N=66, C=2, H=72, reverse=False, training=True, sms=4, bias=True,
+         dtype="float16", step_fused=1, h0_off=1),
+    dict(kind="gru", T=2, N=3, C=2, H=136, reverse=True, training=False, sms=3, bias=True,
+         dtype="float16", step_fused=1),
 ]
 
 
@@ -2832,6 +3038,8 @@ def catch(name, ops=None):
     order = sorted(self_test_cases(), key=lambda c: ("cluster" in c) != name.startswith("cluster_"))
     if name.startswith("mbar_"):  # the async exchange's: its cases first
         order = sorted(order, key=lambda c: "cluster_exchange" not in c)
+    if name.startswith("fused_"):  # the fused step's: its cases first
+        order = sorted(order, key=lambda c: "step_fused" not in c)
     try:
         with one_torch_thread():
             for c in order:

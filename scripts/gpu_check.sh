@@ -8,10 +8,10 @@
 #      call's host time on each CUDA path and the profiles of the op, into host_overhead.txt;
 #   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py,
 #      tests/test_cuda_mma_rows.py, tests/test_cuda_step_gemm.py, tests/test_cuda_reg_tile.py,
-#      tests/test_cuda_cluster_async.py);
+#      tests/test_cuda_cluster_async.py, tests/test_cuda_step_fused.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants,
-#      the cluster variant also with its async exchange)
+#      the cluster variant also with its async exchange) and the per-step path's fused forward
 #      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
 #      have not changed since);
 #   3b. calib: the persistent kernels' per-step time against their block count
@@ -58,17 +58,19 @@
 # test_cuda 168 s (1209 tests, 4 shards), sanitize 94 s (all 53 runs), calib 27 s, the
 # whole first call 407 s; bench7 about 3 s a case with 4 contenders (71 float32 cases in
 # 221 s). The whole lease was 869 s.
-# The next plan: the first call checks and calibrates (tests/test_cuda_cluster_async.py
-# and the async exchange's sanitizer runs are new, never run on a GPU; calib's exchange
-# table says whether RNNFAST_CLUSTER_EXCHANGE=async is faster); the second measures the
-# issue's table, bfloat16 first this time (the fifth run measured only float32, the
-# fourth bfloat16 with the register tile off):
+# The next plan: the first call checks and calibrates (tests/test_cuda_cluster_async.py,
+# tests/test_cuda_step_fused.py and their sanitizer runs are new, never run on a GPU;
+# calib's exchange table says whether RNNFAST_CLUSTER_EXCHANGE=async is faster); the
+# second measures the issue's table, bfloat16 first this time (the fifth run measured only
+# float32, the fourth bfloat16 with the register tile off), with the fused step forward
+# (RNNFAST_STEP_FUSED=1, where the per-step path is auto's pick: N = 256, H >= 768):
 #   GPU_CHECK_STAGES="host test_cuda sanitize calib" GPU_CHECK_BUDGET=480
-#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast async,rnnfast step,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=350
+#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast async,rnnfast step,rnnfast step fused,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=350
 # (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`
 # runs the per-step path's GEMMs through ATen, against `rnnfast step`'s direct cuBLAS calls;
 # `rnnfast reg` the grid variant with RNNFAST_REG_TILE=1, at N <= 16 in 16 bits only;
-# `rnnfast async` auto with RNNFAST_CLUSTER_EXCHANGE=async;
+# `rnnfast async` auto with RNNFAST_CLUSTER_EXCHANGE=async; `rnnfast step fused` the
+# per-step path with RNNFAST_STEP_FUSED=1 (16-bit, H % 8 == 0);
 # `rnnfast mma64` and `rnnfast mma32` force the tile, where it applies;
 # scripts/host_overhead.py times a call's host time on each CUDA path)
 #
@@ -209,7 +211,8 @@ if wanted test_cuda; then
   run_stage test_cuda 300 160 "$PY" scripts/pytest_shards.py --shards "${TEST_CUDA_SHARDS:-4}" \
     --junitxml="$OUT/test_cuda.xml" -- -q --tb=short \
     tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_mma_rows.py \
-    tests/test_cuda_step_gemm.py tests/test_cuda_reg_tile.py tests/test_cuda_cluster_async.py
+    tests/test_cuda_step_gemm.py tests/test_cuda_reg_tile.py tests/test_cuda_cluster_async.py \
+    tests/test_cuda_step_fused.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
@@ -223,11 +226,14 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # PATH reg: the grid variant's register tile (RNNFAST_REG_TILE=1), N=11 (rows g + 8 of
   # its a fragments) or, at H=768, the issue's N=16
   # PATH async: the cluster variant with the async exchange (RNNFAST_CLUSTER_EXCHANGE)
-  local forced=$path rows=16 n=5 reg=0 exch=barrier
+  # PATH fused: the per-step path's fused forward (RNNFAST_STEP_FUSED=1), N=70 (two blocks of
+  # 64 batch rows, the second mostly past N)
+  local forced=$path rows=16 n=5 reg=0 exch=barrier fused=0
   case $path in
     mma64) forced=persistent rows=64 n=40 ;;
     reg) forced=persistent reg=1 n=11; ((h > 16)) && n=16 ;;
     async) forced=cluster exch=async ;;
+    fused) forced=step fused=1 n=70 ;;
   esac
   # racecheck runs over every kernel, cuBLAS's included (a --kernel-name filter for
   # rnnfast's own has not been tried on the GPU image yet)
@@ -239,6 +245,7 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # 3 clusters, the last with 1 row
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 RNNFAST_CLUSTER_SIZE=4 RNNFAST_CLUSTER_ROWS=2 \
     RNNFAST_MMA_ROWS=$rows RNNFAST_REG_TILE=$reg RNNFAST_CLUSTER_EXCHANGE=$exch \
+    RNNFAST_STEP_FUSED=$fused \
     timeout -k 5 "$t" "$SANITIZER" \
     --tool "$tool" --error-exitcode 1 --report-api-errors no --print-limit 20 \
     "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$forced" --N "$n" \
@@ -246,6 +253,12 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   echo $? >"$WORK/san-$tool-$cell-$dtype-$h-$path.rc"
 }
 SAN_CASES=()
+# the per-step path's fused forward (never run on a GPU before): H=72, two stages of 64
+# columns (the second mostly padding), 5 units a block of the LSTM
+for tool in memcheck racecheck; do
+  for cell in lstm gru rnn_tanh; do SAN_CASES+=("$tool $cell bfloat16 72 fused"); done
+done
+SAN_CASES+=("synccheck gru bfloat16 72 fused")
 # the cluster variant's async exchange (never run on a GPU before): float32 both ways,
 # bfloat16's backward
 for tool in memcheck racecheck synccheck; do
@@ -458,7 +471,8 @@ def issue7_targets(recs):
     """The persistent-kernel issue's targets, from the bench7 records: rnnfast (auto) over
     cuDNN, and the best of the forced paths over cuDNN (what a perfect dispatch would give)."""
     paths = ("rnnfast", "rnnfast persistent", "rnnfast cluster", "rnnfast step", "rnnfast mma32",
-             "rnnfast mma64", "rnnfast step aten", "rnnfast reg")
+             "rnnfast mma64", "rnnfast step aten", "rnnfast reg", "rnnfast async",
+             "rnnfast step fused")
 
     def t(res, name):
         return res.get(name, {}).get("median_s")

@@ -119,6 +119,7 @@ def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch)
     monkeypatch.delenv("RNNFAST_STEP_GEMM", raising=False)
     monkeypatch.setenv("RNNFAST_REG_TILE", "0")
     monkeypatch.delenv("RNNFAST_CLUSTER_EXCHANGE", raising=False)
+    monkeypatch.setenv("RNNFAST_STEP_FUSED", "0")
     seen = {}
 
     def watch(name):
@@ -133,7 +134,7 @@ def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch)
             return m, call
         return build
     kwargs = {"plain": {}, "knobbed": {"mma_rows": 64, "step_gemm": "aten", "reg_tile": 1,
-                                       "exchange": "async"}}
+                                       "exchange": "async", "step_fused": 1}}
     monkeypatch.setattr(C, "check_knobs_apply", lambda *args: None)  # float32 on the CPU
     for name in kwargs:
         monkeypatch.setitem(C.BUILDERS, name, watch(name))
@@ -141,12 +142,15 @@ def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch)
                             ["rnnfast", "plain", "knobbed"], FAST_TIMING)
     assert "median_s" in rec["results"]["knobbed"], rec["results"]
     assert seen["plain"] == {"RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None,
-                             "RNNFAST_REG_TILE": "0", "RNNFAST_CLUSTER_EXCHANGE": None}
+                             "RNNFAST_REG_TILE": "0", "RNNFAST_CLUSTER_EXCHANGE": None,
+                             "RNNFAST_STEP_FUSED": "0"}
     assert seen["knobbed"] == {"RNNFAST_MMA_ROWS": "64", "RNNFAST_STEP_GEMM": "aten",
-                               "RNNFAST_REG_TILE": "1", "RNNFAST_CLUSTER_EXCHANGE": "async"}
+                               "RNNFAST_REG_TILE": "1", "RNNFAST_CLUSTER_EXCHANGE": "async",
+                               "RNNFAST_STEP_FUSED": "1"}
     assert os.environ.get("RNNFAST_MMA_ROWS") == "32" and "RNNFAST_STEP_GEMM" not in os.environ
     assert os.environ.get("RNNFAST_REG_TILE") == "0"
     assert "RNNFAST_CLUSTER_EXCHANGE" not in os.environ
+    assert os.environ.get("RNNFAST_STEP_FUSED") == "0"
 
 
 def test_knob_contenders_say_where_they_do_not_apply():
@@ -166,6 +170,12 @@ def test_knob_contenders_say_where_they_do_not_apply():
     assert "CUDA only" in C.unavailable_here("rnnfast async", "cpu")
     with pytest.raises(C.Unavailable, match="CUDA"):
         C.build("rnnfast async", ref, "lstm", TINY, "fwd")
+    with pytest.raises(C.Unavailable, match="fused step is the tensor-core"):
+        C._rnnfast_on(None, "x", step_fused=1)(ref, "lstm", TINY, "fwd")
+    odd = dataclasses.replace(TINY, H=12)
+    with pytest.raises(C.Unavailable, match="needs H % 8 == 0, H=12"):
+        C._rnnfast_on(None, "x", step_fused=1)(half, "lstm", odd, "fwd")
+    assert "CUDA only" in C.unavailable_here("rnnfast step fused", "cpu")
 
 
 def test_gpu_peers_are_skipped_with_a_reason_on_cpu():

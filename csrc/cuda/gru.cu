@@ -1,5 +1,6 @@
 // GRU on CUDA: the persistent kernels (persistent.cuh) where they fit, else per step the
 // recurrent GEMM and one fused pointwise kernel (common.cuh).
+#include "fused_step.cuh"
 #include "persistent.cuh"
 
 namespace rnnfast::cuda {
@@ -204,12 +205,22 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
           refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
           return;
         }
-        if (plan.kernel != nullptr) {
+        // the per-step path's forward fused (RNNFAST_STEP_FUSED=1; a bad value raised below
+        // whichever path runs)
+        const bool fused_asked = fused_step_applies<scalar_t>(H, refused);
+        if (!refused.empty()) return;
+        const bool fused = plan.kernel == nullptr && fused_asked;
+        if (plan.kernel != nullptr || fused) {
+          const Tensor h0a = fused ? aligned_h0(h0) : h0;
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hh.data_ptr<scalar_t>(), p.b_hh = bp;
-          p.h0 = h0.data_ptr<scalar_t>(), p.y = yp, p.cache = training ? ws : nullptr;
-          refused = launch_persistent(plan, p, x);  // a launch error, raised below
+          p.h0 = h0a.data_ptr<scalar_t>(), p.y = yp, p.cache = training ? ws : nullptr;
+          if (fused) {
+            run_fused_steps<GruCell>(p, stream);
+          } else {
+            refused = launch_persistent(plan, p, x);  // a launch error, raised below
+          }
           return;
         }
         Tensor hh = at::empty({N, 3 * H}, x.options());

@@ -1,5 +1,6 @@
 // LSTM on CUDA: the persistent kernels (persistent.cuh) where they fit, else per step the
 // recurrent GEMM and one fused pointwise kernel (common.cuh).
+#include "fused_step.cuh"
 #include "persistent.cuh"
 
 namespace rnnfast::cuda {
@@ -198,15 +199,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
           refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
           return;
         }
-        if (plan.kernel != nullptr) {
+        // the per-step path's forward fused (RNNFAST_STEP_FUSED=1; a bad value raised below
+        // whichever path runs)
+        const bool fused_asked = fused_step_applies<scalar_t>(H, refused);
+        if (!refused.empty()) return;
+        const bool fused = plan.kernel == nullptr && fused_asked;
+        if (plan.kernel != nullptr || fused) {
           if (!training) c_state = c0_acc.clone();
+          const Tensor h0a = fused ? aligned_h0(h0) : h0;
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hh.data_ptr<scalar_t>();
-          p.h0 = h0.data_ptr<scalar_t>(), p.c0 = c0_acc.data_ptr<acc_t>(), p.y = yp;
+          p.h0 = h0a.data_ptr<scalar_t>(), p.c0 = c0_acc.data_ptr<acc_t>(), p.y = yp;
           p.cache = training ? ws : nullptr;
           p.c_state = training ? nullptr : c_state.data_ptr<acc_t>();
-          refused = launch_persistent(plan, p, x);  // a launch error, raised below
+          if (fused) {
+            run_fused_steps<LstmCell>(p, stream);
+          } else {
+            refused = launch_persistent(plan, p, x);  // a launch error, raised below
+          }
           return;
         }
         if (!training) c_turns = at::empty({2, N, H}, x.options().dtype(acc));

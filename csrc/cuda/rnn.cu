@@ -1,6 +1,7 @@
 // Elman RNN on CUDA (tanh, relu, and the identity recurrence of SimpleRNN): the persistent
 // kernels (persistent.cuh) where they fit, else per step the recurrent GEMM and one fused
 // pointwise kernel (common.cuh).
+#include "fused_step.cuh"
 #include "persistent.cuh"
 
 namespace rnnfast::cuda {
@@ -113,13 +114,23 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
           refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
           return;
         }
-        if (plan.kernel != nullptr) {
+        // the per-step path's forward fused (RNNFAST_STEP_FUSED=1; a bad value raised below
+        // whichever path runs)
+        const bool fused_asked = fused_step_applies<scalar_t>(H, refused);
+        if (!refused.empty()) return;
+        const bool fused = plan.kernel == nullptr && fused_asked;
+        if (plan.kernel != nullptr || fused) {
+          const Tensor h0a = fused ? aligned_h0(h0) : h0;
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.activation = static_cast<int>(activation);
           p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hh.data_ptr<scalar_t>();
-          p.h0 = h0.data_ptr<scalar_t>(), p.y = yp;
-          refused = launch_persistent(plan, p, x);  // a launch error, raised below
+          p.h0 = h0a.data_ptr<scalar_t>(), p.y = yp;
+          if (fused) {
+            run_fused_steps<ElmanCell>(p, stream);
+          } else {
+            refused = launch_persistent(plan, p, x);  // a launch error, raised below
+          }
           return;
         }
         Tensor hh = at::empty({N, H}, x.options());

@@ -23,6 +23,10 @@ Contenders:
                   RNNFAST_REG_TILE=1 (the default since the fourth H100 run): its forward on
                   the register tile (W_hh's slice in registers, where the layer fits it; the
                   backward is unchanged)
+  rnnfast step fused
+                  (GPU, float16/bfloat16, H % 8 == 0) the per-step path forced with
+                  RNNFAST_STEP_FUSED=1: its forward one kernel a step (the GEMM on tensor
+                  cores and the pointwise update fused; off by default until measured)
   rnnfast async   (GPU) rnnfast on auto with RNNFAST_CLUSTER_EXCHANGE=async: the cluster
                   variant's async exchange (st.async and mbarriers, no cluster barrier;
                   off by default until measured) wherever auto picks the cluster variant
@@ -73,26 +77,28 @@ def make_torch_module(cell, shape, dtype, device, seed=0):
 # the environment knobs the rnnfast contenders set on each call (csrc/cuda/persistent.cuh,
 # csrc/cuda/common.cuh): each as the contender asks, else as it was when it was built
 KNOBS = ("RNNFAST_MMA_ROWS", "RNNFAST_STEP_GEMM", "RNNFAST_REG_TILE",
-         "RNNFAST_CLUSTER_EXCHANGE")
+         "RNNFAST_CLUSTER_EXCHANGE", "RNNFAST_STEP_FUSED")
 
 
 def _rnnfast_on(path, name=None, mma_rows=None, step_gemm=None, reg_tile=None,
-                exchange=None):
+                exchange=None, step_fused=None):
     """The rnnfast contender on a CUDA path (None: the setting in force when it is built),
     with RNNFAST_MMA_ROWS = mma_rows, RNNFAST_STEP_GEMM = step_gemm, RNNFAST_REG_TILE =
-    reg_tile and RNNFAST_CLUSTER_EXCHANGE = exchange where given. Each call sets the path
-    and the knobs, which stay set through the backward that follows it: the contenders'
-    calls interleave."""
+    reg_tile, RNNFAST_CLUSTER_EXCHANGE = exchange and RNNFAST_STEP_FUSED = step_fused where
+    given. Each call sets the path and the knobs, which stay set through the backward that
+    follows it: the contenders' calls interleave."""
     asked = {"RNNFAST_MMA_ROWS": None if mma_rows is None else str(mma_rows),
              "RNNFAST_STEP_GEMM": step_gemm,
              "RNNFAST_REG_TILE": None if reg_tile is None else str(reg_tile),
-             "RNNFAST_CLUSTER_EXCHANGE": exchange}
+             "RNNFAST_CLUSTER_EXCHANGE": exchange,
+             "RNNFAST_STEP_FUSED": None if step_fused is None else str(step_fused)}
 
     def build(ref, cell, shape, mode):
         label = name or f"rnnfast {path}"
         if path is not None:
             _require_cuda(label, ref)
-        check_knobs_apply(label, ref.weight_ih_l0.dtype, shape, mma_rows, step_gemm, reg_tile)
+        check_knobs_apply(label, ref.weight_ih_l0.dtype, shape, mma_rows, step_gemm, reg_tile,
+                          step_fused)
         m = FAST_CLASSES[cell](shape.C, shape.H, num_layers=shape.layers,
                                bidirectional=shape.bidirectional, **EXTRA_ARGS[cell])
         m = m.to(dtype=ref.weight_ih_l0.dtype, device=ref.weight_ih_l0.device)
@@ -108,10 +114,17 @@ def _rnnfast_on(path, name=None, mma_rows=None, step_gemm=None, reg_tile=None,
     return build
 
 
-def check_knobs_apply(label, dtype, shape, mma_rows, step_gemm, reg_tile=None):
+def check_knobs_apply(label, dtype, shape, mma_rows, step_gemm, reg_tile=None,
+                      step_fused=None):
     """Unavailable where a knob asked for changes nothing (the contender would time the same
     code as another)."""
     half = dtype in (torch.float16, torch.bfloat16)
+    if step_fused:
+        if not half:
+            raise Unavailable(f"{label}: the fused step is the tensor-core (float16/bfloat16) "
+                              f"forward's; {dtype} has none")
+        if shape.H % 8:
+            raise Unavailable(f"{label}: the fused step needs H % 8 == 0, H={shape.H}")
     if step_gemm is not None and not half:
         raise Unavailable(f"{label}: RNNFAST_STEP_GEMM routes only float16/bfloat16 GEMMs; "
                           f"{dtype}'s go through ATen either way")
@@ -309,6 +322,7 @@ BUILDERS: Dict[str, Callable] = {
     "rnnfast step aten": _rnnfast_on("step", "rnnfast step aten", step_gemm="aten"),
     "rnnfast reg": _rnnfast_on("persistent", "rnnfast reg", reg_tile=1),
     "rnnfast async": _rnnfast_on("auto", "rnnfast async", exchange="async"),
+    "rnnfast step fused": _rnnfast_on("step", "rnnfast step fused", step_fused=1),
     "torch.nn": _torch_nn,
     "reference loop": _reference_loop,
     "compiled loop": _compiled_loop,

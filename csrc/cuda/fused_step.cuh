@@ -1,0 +1,182 @@
+// The per-step path's 16-bit forward as one kernel a step (RNNFAST_STEP_FUSED=1; off by
+// default until it has run on a GPU): the step's recurrent GEMM and the cell's pointwise
+// update fused, in place of a cuBLAS GEMM and a pointwise kernel.
+//
+// Why: at N = 256 in bfloat16 the per-step path is bound by the host's two launches a step
+// (the H100 runs: 12.5-16 us a step where the step's GEMM takes a few, cuDNN 13.8-17.6),
+// while the persistent kernels lose there to their staging of h_{t-1} (BENCHMARKS.md). One
+// launch a step halves the host's share; the gate pre-activations stay in fp32 in shared
+// memory instead of a round trip through global memory in scalar_t.
+//
+// Tiling: block (bx, by) owns batch rows [64 bx, 64 bx + 64) and units [U by, U by + U),
+// U = 64 / G (LSTM 16, GRU 21, Elman 64): the 64 rows of W_hh that are those units' G
+// gates (row g U + j of the tile is W_hh's row g H + u0 + j; rows past G U or past H are
+// zero). The tile's gates[n][r] = sum_k h_{t-1}[n][k] W[r][k] run over K = H in stages of
+// 64 columns, each staged by cp.async (h_{t-1} from y[t-1] or h0, W from global memory,
+// both through L2) into one of two buffers while the other's MMAs run. 8 warps, 2 x 4:
+// warp (wm, wn) computes rows 32 wm .. 32 wm + 31 by W rows 16 wn .. 16 wn + 15, two 16 x 16
+// output tiles, with ldmatrix and mma.sync m16n8k16 (fp32 sums), as tile_dot_mma lays out
+// its fragments. The sums go to shared memory (over the staging buffers, after the last
+// stage), and each thread then runs the cell's pointwise update (Cell::load and
+// Cell::forward, the persistent kernels' own: y, the training cache, the LSTM's c) for
+// items (row, unit) of the tile. Each item is one thread's: the LSTM's c in inference is
+// read and written by that thread only; h_{t-1} is the previous launch's output.
+// Needs H % 8 == 0 (16-byte vectors that never straddle a row) and a 16-byte aligned h0
+// (the op passes an aligned copy otherwise).
+#pragma once
+
+#include <string>
+
+#include "persistent.cuh"
+
+namespace rnnfast::cuda {
+
+constexpr int kFusedRows = 64;       // batch rows a block
+constexpr int kFusedCols = 64;       // rows of W_hh a block (G * U, padded)
+constexpr int kFusedK = 64;          // columns of a stage
+constexpr int kFusedLd = kFusedK + 8;  // a staged row: 144 bytes, 8 rows in distinct banks
+
+template <int G>
+constexpr int fused_units() {
+  return kFusedCols / G;
+}
+
+template <typename Cell, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(256)
+    fused_step_forward(const PersistentParams<scalar_t, acc_t> p, int64_t s) {
+  static_assert(sizeof(scalar_t) == 2, "the fused step runs on tensor cores: 16-bit only");
+  constexpr int G = Cell::kGates, U = fused_units<G>();
+  constexpr int kVecs = kFusedK / 8;  // 16-byte vectors a staged row
+  __shared__ __align__(128) scalar_t sa[2][kFusedRows][kFusedLd];  // h_{t-1}
+  __shared__ __align__(128) scalar_t sb[2][kFusedCols][kFusedLd];  // W_hh's rows
+  static_assert(sizeof(float) * kFusedRows * (kFusedCols + 4) <= sizeof(sa),
+                "the sums fit over sa");
+  const int64_t N = p.N, H = p.H;
+  const int K = static_cast<int>(H);
+  const int64_t n0 = int64_t(blockIdx.x) * kFusedRows, u0 = int64_t(blockIdx.y) * U;
+  const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
+  const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
+
+  // columns [k0, k0 + 64) of both operands into buffer buf; zeros past N, G U, H and K
+  auto stage = [&](int buf, int k0) {
+    for (int e = threadIdx.x; e < (kFusedRows + kFusedCols) * kVecs; e += blockDim.x) {
+      const bool w = e >= kFusedRows * kVecs;
+      const int ee = w ? e - kFusedRows * kVecs : e;
+      const int r = ee / kVecs, c = (ee % kVecs) * 8, k = k0 + c;
+      const scalar_t* src;
+      bool in;
+      if (w) {
+        const int g = r / U, j = r % U;
+        in = g < G && u0 + j < H && k < K;
+        src = in ? p.w_hh + (g * H + u0 + j) * H + k : p.w_hh;
+      } else {
+        in = n0 + r < N && k < K;
+        src = in ? h_prev + (n0 + r) * H + k : h_prev;
+      }
+      cp_async16(w ? &sb[buf][r][c] : &sa[buf][r][c], src, in ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp >> 2, wn = warp & 3;
+  float acc[2][2][4] = {};  // [16-row tile][8-column half][fragment]
+  const int stages = (K + kFusedK - 1) / kFusedK;
+  stage(0, 0);
+  for (int kc = 0; kc < stages; ++kc) {
+    if (kc + 1 < stages) {
+      stage((kc + 1) & 1, (kc + 1) * kFusedK);  // the buffer stage kc - 1 read
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int buf = kc & 1;
+#pragma unroll
+    for (int ks = 0; ks < kFusedK / 16; ++ks) {
+      uint32_t a[2][4], b[4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        ldmatrix_x4(a[mt], &sa[buf][32 * wm + 16 * mt + lane % 16][16 * ks + (lane / 16) * 8]);
+      }
+      ldmatrix_x4(b, &sb[buf][16 * wn + 8 * (lane / 16) + lane % 8][16 * ks + ((lane / 8) % 2) * 8]);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        mma_16816<scalar_t>(acc[mt][0], a[mt], b[0], b[1]);
+        mma_16816<scalar_t>(acc[mt][1], a[mt], b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp's reads of buf before the next stage fills it
+  }
+
+  // the sums over sa (every read of it is behind the barrier above)
+  auto out = reinterpret_cast<float(*)[kFusedCols + 4]>(&sa[0][0][0]);
+  const int row = lane / 4, col = 2 * (lane % 4);
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float* top = &out[32 * wm + 16 * mt + row][16 * wn + 8 * h + col];
+      float* bottom = &out[32 * wm + 16 * mt + row + 8][16 * wn + 8 * h + col];
+      top[0] = acc[mt][h][0], top[1] = acc[mt][h][1];
+      bottom[0] = acc[mt][h][2], bottom[1] = acc[mt][h][3];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kFusedRows * U; idx += blockDim.x) {
+    const int nl = idx / U, j = idx % U;
+    const int64_t n = n0 + nl, u = u0 + j;
+    if (n >= N || u >= H) continue;
+    acc_t hh[G], in[Cell::kLoads];
+#pragma unroll
+    for (int g = 0; g < G; ++g) hh[g] = out[nl][g * U + j];
+    Cell::load(p, s, t, tp, n, u, in);
+    const acc_t hp = Cell::kNeedsHPrev ? acc_t(h_prev[n * H + u]) : acc_t(0);
+    Cell::forward(p, s, t, tp, n, u, hh, hp, in);
+  }
+}
+
+// RNNFAST_STEP_FUSED: "1" runs the per-step path's 16-bit forward as fused_step_forward
+// where it applies (fused_step_applies); unset or "0": the cuBLAS GEMM and the pointwise
+// kernel. Off by default: it has not run on a GPU yet. 1, 0, or -1 for any other value.
+inline int step_fused_knob(std::string& value) {
+  const char* v = std::getenv("RNNFAST_STEP_FUSED");
+  value = v != nullptr ? v : "";
+  if (value.empty() || value == "0") return 0;
+  return value == "1" ? 1 : -1;
+}
+
+// Whether the per-step forward of this layer runs fused: asked (RNNFAST_STEP_FUSED=1),
+// 16-bit, H a multiple of 8. A bad knob value sets why (the op raises it) and returns false.
+template <typename scalar_t>
+bool fused_step_applies(int64_t H, std::string& why) {
+  std::string value;
+  const int knob = step_fused_knob(value);
+  if (knob < 0) {
+    why = "RNNFAST_STEP_FUSED is '" + value + "', expected 0 or 1";
+    return false;
+  }
+  return knob == 1 && sizeof(scalar_t) == 2 && H % 8 == 0;
+}
+
+// The T launches of the fused forward, on the current stream. p as the persistent
+// forward's (p.h0 16-byte aligned: see aligned_h0).
+template <typename Cell, typename scalar_t, typename acc_t>
+void run_fused_steps(const PersistentParams<scalar_t, acc_t>& p, cudaStream_t stream) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    constexpr int U = fused_units<Cell::kGates>();
+    const dim3 grid(static_cast<unsigned>((p.N + kFusedRows - 1) / kFusedRows),
+                    static_cast<unsigned>((p.H + U - 1) / U));
+    for (int64_t s = 0; s < p.T; ++s) {
+      fused_step_forward<Cell, scalar_t, acc_t><<<grid, 256, 0, stream>>>(p, s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+// h0 itself where its data is 16-byte aligned (cp.async's vectors), else an aligned copy
+inline at::Tensor aligned_h0(const at::Tensor& h0) {
+  return (reinterpret_cast<uintptr_t>(h0.data_ptr()) & 15) == 0 ? h0 : h0.clone();
+}
+
+}  // namespace rnnfast::cuda

@@ -1,0 +1,113 @@
+"""The per-step path's fused 16-bit forward (csrc/cuda/fused_step.cuh, RNNFAST_STEP_FUSED=1):
+one kernel a step doing the recurrent GEMM on tensor cores and the cell's pointwise update,
+in place of a cuBLAS GEMM and a pointwise kernel. Off by default until measured on a GPU;
+scripts/emulate_persistent.py runs its indexing without one (tests/
+test_persistent_emulation.py).
+
+On a GPU: every output, final state and gradient with the step path forced and the fused
+forward asked, against torch.nn and the float64 reference (test_cuda.py's checks), over
+shapes that cover its tiling (64 batch rows by 64 rows of W a block, stages of 64 columns):
+partial row and unit tiles, several stages, a last stage partly padding, an unaligned h0
+(cloned), H % 8 != 0 (the unfused step runs), inference (the LSTM's c in place) equal to
+the training forward bit for bit, determinism, and a bad value of the knob.
+"""
+import pytest
+import torch
+
+import rnnfast
+from helpers import CELLS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+HALF = [torch.bfloat16, torch.float16]
+
+# (T, N, H): one block, a last stage of 8 columns; 2 x 5 blocks (LSTM), 2 stages; 3 row
+# blocks, 3 stages; a long sequence (the fp32 gate sums carried over 64 steps); H % 8 != 0
+SHAPES = [(5, 3, 8), (4, 65, 72), (3, 130, 136), (64, 5, 24), (4, 6, 37)]
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setenv("RNNFAST_STEP_FUSED", "1")
+    with rnnfast.cuda_path("step"):
+        yield
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-N{n}-H{h}" for t, n, h in SHAPES])
+@pytest.mark.parametrize("dtype", HALF, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_fused_step_matches_torch_and_reference(cell, dtype, shape, fused):
+    from test_cuda import check_half_one_layer, no_tf32
+    T, N, H = shape
+    with no_tf32():
+        check_half_one_layer(cell, dtype, T, N, H)
+    assert rnnfast.last_cuda_path() == ("step", "step")
+
+
+@pytest.mark.parametrize("layout", ["L2-bi-tm-h0-H16", "long-T128-N8-H64-bi"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_fused_step_stacked_and_bidirectional(cell, layout, fused):
+    """Two layers, both directions (the reverse time order, h0 a view of the stacked
+    state)."""
+    from test_cuda import _run_half, compare_all
+    ours, theirs, ref = _run_half(cell, torch.bfloat16, layout, nonnegative=cell == "rnn_relu")
+    compare_all(ours, theirs, ref)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_unaligned_h0_is_copied(cell, fused):
+    """h0 one element into its storage: the fused step's 16-byte copies need an aligned h0,
+    so the op clones it; the results equal those from an aligned h0 of the same values."""
+    from test_cuda import _cuda_pair
+    _, f, _ = _cuda_pair(cell, 8, 64, torch.bfloat16)
+    x = torch.randn(5, 3, 8, device="cuda", dtype=torch.bfloat16)
+    store = torch.randn(3 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    h0 = store[1:].view(1, 3, 64)
+    assert h0.data_ptr() % 16 != 0
+    state = (h0, torch.randn_like(h0)) if cell == "lstm" else h0
+    aligned = (h0.clone(), state[1]) if cell == "lstm" else h0.clone()
+    with torch.no_grad():
+        a, _ = f(x, state)
+        b, _ = f(x, aligned)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_inference_equals_training_forward(cell, fused):
+    """Inference saves nothing (the LSTM's c kept in place): bit for bit the training
+    forward's outputs and final states; and two runs agree bit for bit."""
+    from test_cuda import _cuda_pair
+    _, f, _ = _cuda_pair(cell, 8, 72, torch.bfloat16)
+    x = torch.randn(7, 70, 8, device="cuda", dtype=torch.bfloat16)
+    got = []
+    for grad in (False, True, True):
+        with torch.set_grad_enabled(grad):
+            out, state = f(x)
+        states = state if isinstance(state, tuple) else (state,)
+        got.append([out.detach(), *[s.detach() for s in states]])
+    for other in got[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got[0], other))
+
+
+def test_fused_and_unfused_agree(monkeypatch):
+    """The same forward, fused and not: within the rounding of the unfused path's gate sums
+    to bfloat16 (the fused step keeps them in fp32)."""
+    from test_cuda import _cuda_pair
+    _, f, _ = _cuda_pair("lstm", 8, 136, torch.bfloat16)
+    x = torch.randn(6, 66, 8, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    with rnnfast.cuda_path("step"), torch.no_grad():
+        for knob in ("0", "1"):
+            monkeypatch.setenv("RNNFAST_STEP_FUSED", knob)
+            outs[knob] = f(x)[0].float()
+    assert not torch.equal(outs["0"], outs["1"])  # the fused kernel ran
+    assert (outs["0"] - outs["1"]).abs().max().item() < 0.05
+
+
+def test_a_bad_value_is_a_clear_error():
+    """Raised by the op after its dispatch whichever path runs (as a bad RNNFAST_MMA_ROWS)."""
+    from test_cuda import bad_knob_messages
+    got = bad_knob_messages("RNNFAST_STEP_FUSED", "yes")
+    assert got.keys() == {"persistent", "auto", "step"}
+    for path, line in got.items():
+        assert "RNNFAST_STEP_FUSED is 'yes', expected 0 or 1" in line, (path, line)

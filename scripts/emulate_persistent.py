@@ -43,7 +43,10 @@ async exchange (RNNFAST_CLUSTER_EXCHANGE): st.async complete their bytes on the 
 block's mbarrier of that turn (MBarrier: phase, pending arrival, transaction bytes), a
 block's arrival expects the turn's bytes, and its wait returns once the phase of the
 parity it names has completed; a wait that can never return is a deadlock, and bytes or
-an arrival left over at the end are flagged. Results are compared with
+an arrival left over at the end are flagged. fused_step.cuh's fused_step_forward (the
+per-step path's 16-bit forward, a case's `step_fused` setting RNNFAST_STEP_FUSED) runs as
+one launch a step of blocks without barriers, its cp.async stages, ldmatrix and mma.sync
+lane by lane as above. Results are compared with
 rnnfast.reference and torch autograd, and with the CPU ops when a built rnnfast imports.
 
 It cannot show memory ordering on real hardware (fences, __ldcg and the cluster barrier's

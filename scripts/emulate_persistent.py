@@ -2237,7 +2237,7 @@ def plan_cluster(Cell, backward, N, H, dev, dt, size=None, rows=None, tile=None)
 
 
 def fused_h0(plan, h0, h0b, h0_off, dt):
-    """aligned_h0: the fused step copies h0 by 16-byte cp.async, so an unaligned view is
+    """aligned16: the fused step copies h0 by 16-byte cp.async, so an unaligned view is
     cloned first."""
     if plan.fused and (h0_off * dt.scalar) % 16 and not mut("fused_h0_unaligned"):
         cover("fused step: an unaligned h0 cloned")

@@ -21,8 +21,8 @@
 // Cell::forward, the persistent kernels' own: y, the training cache, the LSTM's c) for
 // items (row, unit) of the tile. Each item is one thread's: the LSTM's c in inference is
 // read and written by that thread only; h_{t-1} is the previous launch's output.
-// Needs H % 8 == 0 (16-byte vectors that never straddle a row) and a 16-byte aligned h0
-// (the op passes an aligned copy otherwise).
+// Needs H % 8 == 0 (16-byte vectors that never straddle a row) and 16-byte aligned h0 and
+// W_hh (the op passes aligned copies otherwise: aligned16).
 #pragma once
 
 #include <string>
@@ -160,7 +160,7 @@ bool fused_step_applies(int64_t H, std::string& why) {
 }
 
 // The T launches of the fused forward, on the current stream. p as the persistent
-// forward's (p.h0 16-byte aligned: see aligned_h0).
+// forward's (p.h0 and p.w_hh 16-byte aligned: see aligned16).
 template <typename Cell, typename scalar_t, typename acc_t>
 void run_fused_steps(const PersistentParams<scalar_t, acc_t>& p, cudaStream_t stream) {
   if constexpr (sizeof(scalar_t) == 2) {
@@ -174,9 +174,10 @@ void run_fused_steps(const PersistentParams<scalar_t, acc_t>& p, cudaStream_t st
   }
 }
 
-// h0 itself where its data is 16-byte aligned (cp.async's vectors), else an aligned copy
-inline at::Tensor aligned_h0(const at::Tensor& h0) {
-  return (reinterpret_cast<uintptr_t>(h0.data_ptr()) & 15) == 0 ? h0 : h0.clone();
+// t itself where its data is 16-byte aligned (cp.async's vectors), else an aligned copy: h0
+// and W_hh, which may be views at any offset into their storage (y is a fresh allocation)
+inline at::Tensor aligned16(const at::Tensor& t) {
+  return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0 ? t : t.clone();
 }
 
 }  // namespace rnnfast::cuda

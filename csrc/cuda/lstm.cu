@@ -206,10 +206,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
         const bool fused = plan.kernel == nullptr && fused_asked;
         if (plan.kernel != nullptr || fused) {
           if (!training) c_state = c0_acc.clone();
-          const Tensor h0a = fused ? aligned_h0(h0) : h0;
+          const Tensor h0a = fused ? aligned16(h0) : h0, w_hha = fused ? aligned16(w_hh) : w_hh;
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
-          p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hh.data_ptr<scalar_t>();
+          p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hha.data_ptr<scalar_t>();
           p.h0 = h0a.data_ptr<scalar_t>(), p.c0 = c0_acc.data_ptr<acc_t>(), p.y = yp;
           p.cache = training ? ws : nullptr;
           p.c_state = training ? nullptr : c_state.data_ptr<acc_t>();

@@ -120,11 +120,11 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
         if (!refused.empty()) return;
         const bool fused = plan.kernel == nullptr && fused_asked;
         if (plan.kernel != nullptr || fused) {
-          const Tensor h0a = fused ? aligned_h0(h0) : h0;
+          const Tensor h0a = fused ? aligned16(h0) : h0, w_hha = fused ? aligned16(w_hh) : w_hh;
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.activation = static_cast<int>(activation);
-          p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hh.data_ptr<scalar_t>();
+          p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hha.data_ptr<scalar_t>();
           p.h0 = h0a.data_ptr<scalar_t>(), p.y = yp;
           if (fused) {
             run_fused_steps<ElmanCell>(p, stream);

@@ -45,8 +45,8 @@ block's arrival expects the turn's bytes, and its wait returns once the phase of
 parity it names has completed; a wait that can never return is a deadlock, and bytes or
 an arrival left over at the end are flagged. fused_step.cuh's fused_step_forward (the
 per-step path's 16-bit forward, a case's `step_fused` setting RNNFAST_STEP_FUSED) runs as
-one launch a step of blocks without barriers, its cp.async stages, ldmatrix and mma.sync
-lane by lane as above. Results are compared with
+one launch a step of blocks without barriers, its cp.async groups (4 buffers, 3 in
+flight), ldmatrix and mma.sync lane by lane as above. Results are compared with
 rnnfast.reference and torch autograd, and with the CPU ops when a built rnnfast imports.
 
 It cannot show memory ordering on real hardware (fences, __ldcg and the cluster barrier's
@@ -176,8 +176,11 @@ MUTATIONS = {
     "fused_w_gate_row": "fused step: W's tile row g U + j from W_hh's row u0 + j (the gate's "
                         "offset g H missing)",
     "fused_stage_one_buffer": "fused step: every stage copied into buffer 0",
-    "fused_no_wait": "fused step: no cp.async wait before a stage's MMAs (but the last)",
-    "fused_no_trailing_sync": "fused step: no __syncthreads after a stage's MMAs",
+    "fused_wait_one_short": "fused step: cp.async.wait_group S - 1 before a stage's MMAs "
+                            "(one group too many left pending)",
+    "fused_no_top_sync": "fused step: no __syncthreads between a stage's wait and its MMAs",
+    "fused_no_trailing_sync": "fused step: no __syncthreads between the last stage's MMAs and "
+                              "the sums written over sa",
     "fused_h0_unaligned": "fused step: an unaligned h0 copied by cp.async as it is",
 }
 MUT = set()
@@ -1336,6 +1339,7 @@ def persistent_forward_reg(Cell, dt, p, ctx):
 # --------------------------------------------------------------------------------------
 FUSED_ROWS = FUSED_COLS = FUSED_K = 64
 FUSED_LD = FUSED_K + 8
+FUSED_STAGES = 4
 
 
 def fused_units(G):
@@ -1343,7 +1347,7 @@ def fused_units(G):
 
 
 def fused_smem_bytes(dt):
-    return 2 * 2 * FUSED_ROWS * FUSED_LD * dt.scalar  # sa and sb, two stages each
+    return FUSED_STAGES * (FUSED_ROWS + FUSED_COLS) * FUSED_LD * dt.scalar  # sa, then sb
 
 
 def fused_step_forward(Cell, dt, p, ctx, s):
@@ -1359,11 +1363,12 @@ def fused_step_forward(Cell, dt, p, ctx, s):
     t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
     h_prev = p.h0 if s == 0 else p.y + tp * N * H
     x = dt.scalar
+    S = FUSED_STAGES
     smem = ctx.shared_memory()
     stage_elems = FUSED_ROWS * FUSED_LD
-    sa, sb = Ptr(smem, 0, x), Ptr(smem, 2 * stage_elems * x, x)
+    sa, sb = Ptr(smem, 0, x), Ptr(smem, S * stage_elems * x, x)
     vecs = FUSED_K // 8
-    pending = []
+    groups = []  # this block's committed cp.async groups, oldest first: [(ptr, idx, val, thr)]
     if K % FUSED_K:
         cover("fused step: a last stage zero-padded past H")
     if N % FUSED_ROWS:
@@ -1372,6 +1377,9 @@ def fused_step_forward(Cell, dt, p, ctx, s):
         cover("fused step: units past H")
 
     def stage(buf, k0):
+        """Columns [k0, k0 + 64) of both operands into buffer buf, one committed group: the
+        sources read now, the destinations written now (a race with any other access in
+        this __syncthreads interval) and unreadable until the group's wait."""
         e = np.arange((FUSED_ROWS + FUSED_COLS) * vecs, dtype=np.int64)
         thr = e % BLOCK_DIM
         w = e >= FUSED_ROWS * vecs
@@ -1391,35 +1399,47 @@ def fused_step_forward(Cell, dt, p, ctx, s):
                     finding(f"fused step: a cp.async source of {what} not 16-byte aligned")
                 val[on] = src.read(off[on][:, None] + np.arange(8), ctx, thr[on][:, None],
                                    cg=True, where=f"fused step: cp.async of {what}")
-        dst = buf * stage_elems + r * FUSED_LD + c
-        if mut("fused_stage_one_buffer"):
-            dst = r * FUSED_LD + c
+        dst = (0 if mut("fused_stage_one_buffer") else buf * stage_elems) + r * FUSED_LD + c
         idx = (dst[:, None] + np.arange(8)).reshape(-1)
         t8 = np.repeat(thr, 8)
         v8 = val.reshape(-1)
+        group = []
         for ptr, part in ((sa, ~w), (sb, w)):
             sel = np.repeat(part, 8)
             ptr.write(idx[sel], v8[sel], ctx, t8[sel], where="fused step: cp.async issued")
             smem.init[ptr.addr(idx[sel])] = False
-            pending.append((ptr, idx[sel], v8[sel], t8[sel]))
+            group.append((ptr, idx[sel], v8[sel], t8[sel]))
+        groups.append(group)
 
-    lane = np.arange(BLOCK_DIM, dtype=np.int64) % 32
+    def wait(n):
+        """cp.async.wait_group n: every group but the n committed last has landed."""
+        while len(groups) > n:
+            for ptr, idx, val, thr in groups.pop(0):
+                ptr.write(idx, val, ctx, thr, where="fused step: cp.async landed")
+
     warp = np.arange(WARPS, dtype=np.int64)
     wm, wn = warp // 4, warp % 4
     acc = np.zeros((2, 2, WARPS, 32, 4))  # [16-row tile][8-column half][warp][lane][reg]
     stages = -(-K // FUSED_K)
     if stages > 1:
         cover("fused step: several stages")
-    stage(0, 0)
-    for kc in range(stages):
-        if kc + 1 < stages:
-            stage((kc + 1) & 1, (kc + 1) * FUSED_K)
-            if not mut("fused_no_wait"):
-                cp_async_wait(1, pending, ctx)
+    if stages > S:
+        cover("fused step: more stages than buffers")
+    for i in range(S - 1):
+        if i < stages:
+            stage(i, i * FUSED_K)
         else:
-            cp_async_wait(0, pending, ctx)
-        ctx.syncthreads()
-        buf = kc & 1
+            groups.append([])  # an empty group keeps the count
+    for kc in range(stages):
+        wait(S - 1 if mut("fused_wait_one_short") else S - 2)
+        if not mut("fused_no_top_sync"):
+            ctx.syncthreads()
+        nxt = kc + S - 1
+        if nxt < stages:
+            stage(nxt % S, nxt * FUSED_K)
+        else:
+            groups.append([])
+        buf = kc % S
         for ks in range(FUSED_K // 16):
             b_off = (buf * stage_elems + (16 * wn[:, None] + 8 * (LANES[None, :] // 16)
                                           + LANES[None, :] % 8) * FUSED_LD
@@ -1431,8 +1451,11 @@ def fused_step_forward(Cell, dt, p, ctx, s):
                 a = ldmatrix_x4(sa, a_off, warp, ctx, "fused step: a = h_{t-1}")
                 for h in range(2):
                     acc[mt, h] = mma_16816(acc[mt, h], a, b[:, :, 2 * h:2 * h + 2])
-        if not mut("fused_no_trailing_sync"):
-            ctx.syncthreads()
+    wait(0)
+    if groups:
+        finding("fused step: cp.async groups left pending")
+    if not mut("fused_no_trailing_sync"):
+        ctx.syncthreads()
     # the sums over sa: row 32 wm + 16 mt + g (+ 8), column 16 wn + 8 h + 2 t + {0, 1}
     out = Ptr(smem, 0, 4)
     ld_out = FUSED_COLS + 4
@@ -2900,6 +2923,8 @@ def cases(full=False):
         dict(kind="rnn", act=1, T=3, N=64, H=64, sms=5, reverse=False, training=True, **F),
         # 3 stages; LSTM inference (c in place)
         dict(kind="lstm", T=2, N=2, H=136, sms=6, reverse=False, training=False, **F),
+        # 5 stages, more than the 4 buffers: the first comes round again
+        dict(kind="rnn", act=0, T=2, N=3, H=264, sms=7, reverse=True, training=True, **F),
         # H % 8 != 0: the persistent forward runs
         dict(kind="gru", T=2, N=3, H=12, sms=4, reverse=True, training=True, **F),
     ]
@@ -2933,6 +2958,7 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "register tile: asked, the layer does not fit it",
             "fused step", "fused step: several stages",
             "fused step: a last stage zero-padded past H", "fused step: rows past N zero",
+            "fused step: more stages than buffers",
             "fused step: units past H", "fused step: an unaligned h0 cloned",
             "fused step: asked, H % 8 != 0"}
 # (16, 0): the register tile; (64, 0): the fused step
@@ -3020,10 +3046,11 @@ SELF_TEST_CASES = [
     # g + 8), h0 unaligned (2-byte loads at step 0)
     dict(kind="gru", T=3, N=11, C=2, H=24, reverse=True, training=True, sms=3, bias=True,
          dtype="float16", reg_tile=1, h0_off=1),
-    # the fused step: LSTM 2 x 5 blocks, 2 stages, h0 unaligned (cloned); GRU 3 stages
+    # the fused step: LSTM 2 x 5 blocks, 2 stages, h0 unaligned (cloned); GRU 5 stages (one
+    # buffer used twice)
     dict(kind="lstm", T=2, N=66, C=2, H=72, reverse=False, training=True, sms=4, bias=True,
          dtype="float16", step_fused=1, h0_off=1),
-    dict(kind="gru", T=2, N=3, C=2, H=136, reverse=True, training=False, sms=3, bias=True,
+    dict(kind="gru", T=2, N=3, C=2, H=264, reverse=True, training=False, sms=3, bias=True,
          dtype="float16", step_fused=1),
 ]
 

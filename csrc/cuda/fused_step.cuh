@@ -13,7 +13,9 @@
 // gates (row g U + j of the tile is W_hh's row g H + u0 + j; rows past G U or past H are
 // zero). The tile's gates[n][r] = sum_k h_{t-1}[n][k] W[r][k] run over K = H in stages of
 // 64 columns, each staged by cp.async (h_{t-1} from y[t-1] or h0, W from global memory,
-// both through L2) into one of two buffers while the other's MMAs run. 8 warps, 2 x 4:
+// both through L2) into one of 4 buffers (72 KiB of dynamic shared memory), 3 stages in
+// flight while a fourth's MMAs run: a block's stages follow each other at the rate of
+// the MMAs rather than one L2 round trip each. 8 warps, 2 x 4:
 // warp (wm, wn) computes rows 32 wm .. 32 wm + 31 by W rows 16 wn .. 16 wn + 15, two 16 x 16
 // output tiles, with ldmatrix and mma.sync m16n8k16 (fp32 sums), as tile_dot_mma lays out
 // its fragments. The sums go to shared memory (over the staging buffers, after the last
@@ -35,6 +37,13 @@ constexpr int kFusedRows = 64;       // batch rows a block
 constexpr int kFusedCols = 64;       // rows of W_hh a block (G * U, padded)
 constexpr int kFusedK = 64;          // columns of a stage
 constexpr int kFusedLd = kFusedK + 8;  // a staged row: 144 bytes, 8 rows in distinct banks
+constexpr int kFusedStages = 4;      // buffers of a stage each (S - 1 stages in flight)
+
+// The dynamic shared memory of fused_step_forward: S buffers of each operand's 64 rows.
+template <typename scalar_t>
+constexpr size_t fused_smem_bytes() {
+  return size_t(kFusedStages) * (kFusedRows + kFusedCols) * kFusedLd * sizeof(scalar_t);
+}
 
 template <int G>
 constexpr int fused_units() {
@@ -45,11 +54,14 @@ template <typename Cell, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(256)
     fused_step_forward(const PersistentParams<scalar_t, acc_t> p, int64_t s) {
   static_assert(sizeof(scalar_t) == 2, "the fused step runs on tensor cores: 16-bit only");
-  constexpr int G = Cell::kGates, U = fused_units<G>();
+  constexpr int G = Cell::kGates, U = fused_units<G>(), S = kFusedStages;
   constexpr int kVecs = kFusedK / 8;  // 16-byte vectors a staged row
-  __shared__ __align__(128) scalar_t sa[2][kFusedRows][kFusedLd];  // h_{t-1}
-  __shared__ __align__(128) scalar_t sb[2][kFusedCols][kFusedLd];  // W_hh's rows
-  static_assert(sizeof(float) * kFusedRows * (kFusedCols + 4) <= sizeof(sa),
+  using RowsA = scalar_t[kFusedRows][kFusedLd];
+  using RowsB = scalar_t[kFusedCols][kFusedLd];
+  extern __shared__ __align__(128) unsigned char smem[];
+  RowsA* sa = reinterpret_cast<RowsA*>(smem);              // [S]: h_{t-1}
+  RowsB* sb = reinterpret_cast<RowsB*>(smem + S * sizeof(RowsA));  // [S]: W_hh's rows
+  static_assert(sizeof(float) * kFusedRows * (kFusedCols + 4) <= S * sizeof(RowsA),
                 "the sums fit over sa");
   const int64_t N = p.N, H = p.H;
   const int K = static_cast<int>(H);
@@ -57,7 +69,8 @@ __global__ void __launch_bounds__(256)
   const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
   const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
 
-  // columns [k0, k0 + 64) of both operands into buffer buf; zeros past N, G U, H and K
+  // columns [k0, k0 + 64) of both operands into buffer buf, one committed group; zeros past
+  // N, G U, H and K
   auto stage = [&](int buf, int k0) {
     for (int e = threadIdx.x; e < (kFusedRows + kFusedCols) * kVecs; e += blockDim.x) {
       const bool w = e >= kFusedRows * kVecs;
@@ -82,16 +95,27 @@ __global__ void __launch_bounds__(256)
   const int wm = warp >> 2, wn = warp & 3;
   float acc[2][2][4] = {};  // [16-row tile][8-column half][fragment]
   const int stages = (K + kFusedK - 1) / kFusedK;
-  stage(0, 0);
-  for (int kc = 0; kc < stages; ++kc) {
-    if (kc + 1 < stages) {
-      stage((kc + 1) & 1, (kc + 1) * kFusedK);  // the buffer stage kc - 1 read
-      cp_async_wait<1>();
+  // S - 1 stages in flight; a group a stage, empty past the last, so that before stage kc's
+  // wait S - 1 + kc groups are committed and S - 2 may still be pending
+  for (int i = 0; i < S - 1; ++i) {
+    if (i < stages) {
+      stage(i, i * kFusedK);
     } else {
-      cp_async_wait<0>();
+      cp_async_commit();
     }
+  }
+  for (int kc = 0; kc < stages; ++kc) {
+    cp_async_wait<S - 2>();  // this thread's copies of stage kc
+    // every thread's copies of stage kc visible; every warp done with stage kc - 1's buffer,
+    // which stage kc + S - 1 now fills
     __syncthreads();
-    const int buf = kc & 1;
+    const int next = kc + S - 1;
+    if (next < stages) {
+      stage(next % S, next * kFusedK);
+    } else {
+      cp_async_commit();
+    }
+    const int buf = kc % S;
 #pragma unroll
     for (int ks = 0; ks < kFusedK / 16; ++ks) {
       uint32_t a[2][4], b[4];
@@ -106,11 +130,12 @@ __global__ void __launch_bounds__(256)
         mma_16816<scalar_t>(acc[mt][1], a[mt], b[2], b[3]);
       }
     }
-    __syncthreads();  // every warp's reads of buf before the next stage fills it
   }
+  cp_async_wait<0>();  // only empty groups are left
+  __syncthreads();     // every warp's reads of the stages before the sums overwrite sa
 
-  // the sums over sa (every read of it is behind the barrier above)
-  auto out = reinterpret_cast<float(*)[kFusedCols + 4]>(&sa[0][0][0]);
+  // the sums over sa
+  auto out = reinterpret_cast<float(*)[kFusedCols + 4]>(smem);
   const int row = lane / 4, col = 2 * (lane % 4);
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
@@ -160,18 +185,28 @@ bool fused_step_applies(int64_t H, std::string& why) {
 }
 
 // The T launches of the fused forward, on the current stream. p as the persistent
-// forward's (p.h0 and p.w_hh 16-byte aligned: see aligned16).
+// forward's (p.h0 and p.w_hh 16-byte aligned: see aligned16). Returns "" or the CUDA error
+// of its shared-memory attribute, which the op raises after its dispatch (as a refusal).
 template <typename Cell, typename scalar_t, typename acc_t>
-void run_fused_steps(const PersistentParams<scalar_t, acc_t>& p, cudaStream_t stream) {
+std::string run_fused_steps(const PersistentParams<scalar_t, acc_t>& p, cudaStream_t stream) {
+  std::string why;
   if constexpr (sizeof(scalar_t) == 2) {
     constexpr int U = fused_units<Cell::kGates>();
+    constexpr size_t smem = fused_smem_bytes<scalar_t>();
+    const auto kernel = &fused_step_forward<Cell, scalar_t, acc_t>;
+    if (!cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)),
+                 "cudaFuncSetAttribute (the fused step's shared memory)", why)) {
+      return why;
+    }
     const dim3 grid(static_cast<unsigned>((p.N + kFusedRows - 1) / kFusedRows),
                     static_cast<unsigned>((p.H + U - 1) / U));
     for (int64_t s = 0; s < p.T; ++s) {
-      fused_step_forward<Cell, scalar_t, acc_t><<<grid, 256, 0, stream>>>(p, s);
+      kernel<<<grid, 256, smem, stream>>>(p, s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
+  return why;
 }
 
 // t itself where its data is 16-byte aligned (cp.async's vectors), else an aligned copy: h0

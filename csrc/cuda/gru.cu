@@ -217,7 +217,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
           p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hha.data_ptr<scalar_t>(), p.b_hh = bp;
           p.h0 = h0a.data_ptr<scalar_t>(), p.y = yp, p.cache = training ? ws : nullptr;
           if (fused) {
-            run_fused_steps<GruCell>(p, stream);
+            refused = run_fused_steps<GruCell>(p, stream);  // raised below
           } else {
             refused = launch_persistent(plan, p, x);  // a launch error, raised below
           }

@@ -214,7 +214,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
           p.cache = training ? ws : nullptr;
           p.c_state = training ? nullptr : c_state.data_ptr<acc_t>();
           if (fused) {
-            run_fused_steps<LstmCell>(p, stream);
+            refused = run_fused_steps<LstmCell>(p, stream);  // raised below
           } else {
             refused = launch_persistent(plan, p, x);  // a launch error, raised below
           }

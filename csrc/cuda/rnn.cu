@@ -127,7 +127,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
           p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hha.data_ptr<scalar_t>();
           p.h0 = h0a.data_ptr<scalar_t>(), p.y = yp;
           if (fused) {
-            run_fused_steps<ElmanCell>(p, stream);
+            refused = run_fused_steps<ElmanCell>(p, stream);  // raised below
           } else {
             refused = launch_persistent(plan, p, x);  // a launch error, raised below
           }

@@ -62,12 +62,12 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     # per mode and dtype: persistent at all blocks and <= 64, cluster at the planner's size
     # and 16, 8, 4, and the per-step path; then bfloat16 only: its forward at N = 16 with H
     # = 768 and 1024, tiled and on the register tile; at N = 64 and 256: the tensor-core
-    # tiles of 16, 32 and 64 rows and the per-step path, direct and through ATen
+    # tiles of 16, 32 and 64 rows and the per-step path, direct, through ATen and fused
     main_rows = 2 * (2 + 4 + 1) * 2  # 2 modes, 2 dtypes
     reg_rows = 2 * 3
     # then the cluster variant with each exchange, per mode and dtype
     exchange_rows = 2 * 2 * 2
-    assert len(rows) == main_rows + reg_rows + exchange_rows + 2 * 2 * (3 + 2)
+    assert len(rows) == main_rows + reg_rows + exchange_rows + 2 * 2 * (3 + 3)
     assert len(seen) == len(rows)
     assert [r["dtype"] for r in rows[:14]] == ["bfloat16"] * 14  # bfloat16 first
     assert all("exchange" not in r for r in rows)
@@ -105,9 +105,9 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     mma = rows[main_rows + reg_rows + exchange_rows:]
     assert {(r["dtype"], r["N"], r["mma_rows"], r["path"], r.get("step_gemm")) for r in mma} == {
         ("bfloat16", n, r, "persistent", None) for n in (64, 256) for r in (16, 32, 64)} | {
-        ("bfloat16", n, None, "step", g) for n in (64, 256) for g in ("cublas", "aten")}
+        ("bfloat16", n, None, "step", g) for n in (64, 256) for g in ("cublas", "aten", "fused")}
     assert {(s[7], s[8]) for s in seen if s[2] in (64, 256)} == {
-        (16, None), (32, None), (64, None), (None, "cublas"), (None, "aten")}
+        (16, None), (32, None), (64, None), (None, "cublas"), (None, "aten"), (None, "fused")}
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["sms"] == 132
     fwdbwd = [r for r in rows if r["mode"] == "fwdbwd"]
@@ -139,27 +139,38 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
     assert us == 3.0 and plans == ({"us": 1.0}, None)
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": "64", "RNNFAST_CLUSTER_SIZE": None,
                     "RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None,
-                    "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None}
+                    "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
+                    "RNNFAST_STEP_FUSED": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the cluster variant: its size knob, and no tile
     monkeypatch.setenv("RNNFAST_MMA_ROWS", "stale")
     cal.measure("lstm", torch.float32, 2, 8, 4, "cluster", 8, "fwd", 1)
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": "8",
                     "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
-                    "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None}
+                    "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
+                    "RNNFAST_STEP_FUSED": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the per-step path through ATen
     cal.measure("lstm", torch.float32, 2, 8, 4, "step", 0, "fwd", 1, step_gemm="aten")
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
                     "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": "aten",
-                    "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None}
+                    "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
+                    "RNNFAST_STEP_FUSED": None}
+    assert all(k not in os.environ for k in cal.KNOBS)
+    # the per-step path's fused forward: RNNFAST_STEP_FUSED, not RNNFAST_STEP_GEMM
+    cal.measure("lstm", torch.bfloat16, 2, 8, 4, "step", 0, "fwd", 1, step_gemm="fused")
+    assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
+                    "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
+                    "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
+                    "RNNFAST_STEP_FUSED": "1"}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the register tile, asked for and not
     for value in (1, 0):
         cal.measure("lstm", torch.bfloat16, 2, 8, 4, "persistent", 0, "fwd", 1, reg_tile=value)
         assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
                         "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
-                        "RNNFAST_REG_TILE": str(value), "RNNFAST_CLUSTER_EXCHANGE": None}
+                        "RNNFAST_REG_TILE": str(value), "RNNFAST_CLUSTER_EXCHANGE": None,
+                    "RNNFAST_STEP_FUSED": None}
         assert all(k not in os.environ for k in cal.KNOBS)
 
 

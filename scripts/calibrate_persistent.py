@@ -21,7 +21,9 @@ fixed cost of a call (--overhead-seq-lens, default T = 1, 16 and 256, forward on
 whole call's CUDA-event time and the host's time to return from it, so that a call's time
 splits into a fixed part and a part a step (the third H100 run's T = 256 and T = 1024
 times disagree by 0.6-1 ms a forward call on every persistent path, a fixed cost that
-this separates from the step). A cap that does not fit on chip
+this separates from the step). The float32 Elman RNN at H = 256 and N = 64 and 256
+(--elman-batch) on the cluster variant at each size, with the barrier and (the planner's
+size) the async exchange. A cap that does not fit on chip
 is reported as such (the forced path raises). The grid variant exchanges h_t through its
 grid barrier only: the other exchanges this script once compared (--exchanges: a flag per
 block, and the LL exchange) were removed from the kernels after the second H100 run
@@ -136,6 +138,10 @@ def main(argv=None):
                     help="leave out the register tile's table")
     ap.add_argument("--no-exchange", action="store_true",
                     help="leave out the cluster exchanges' table")
+    ap.add_argument("--elman-batch", nargs="+", type=int, default=[64, 256],
+                    help="the batches of the float32 Elman RNN table (H = 256)")
+    ap.add_argument("--no-elman", action="store_true",
+                    help="leave out the float32 Elman RNN table")
     ap.add_argument("--overhead-seq-lens", nargs="*", type=int, default=[1, 16, 256],
                     help="sequence lengths of the fixed-cost table (none: no table)")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
@@ -168,6 +174,7 @@ def main(argv=None):
         save(args, prop, rows)  # after every case: a run cut short keeps them
     reg_table(args, prop, rows)
     exchange_table(args, prop, rows)
+    elman_table(args, prop, rows)
     overhead_table(args, prop, rows)
     mma_table(args, prop, rows)
     save(args, prop, rows)
@@ -249,6 +256,30 @@ def exchange_table(args, prop, rows):
                  for e in ("barrier", "async")]
         ran = tuple((rows[-1].get(k) or {}).get("async", "-") for k in ("plan_fwd", "plan_bwd"))
         print(f"{label(case)} | {'':9s}{' '.join(cells)} {ran}", flush=True)
+        save(args, prop, rows)
+
+
+def elman_table(args, prop, rows):
+    """The float32 Elman RNN at H = 256 and the batches of --elman-batch (forward; slower
+    than cuDNN at every N in the fifth run: 3.1 us a step against 2.6 at N = 64), on the
+    cluster variant at the planner's size and each of 2, 4, 8 and 16 blocks with the
+    barrier, and at the planner's size with the async exchange: whether another cluster
+    size would win, and what the exchange gains where many clusters share the device (rows
+    carry `table` "elman", `cluster_size` and `cluster_exchange`)."""
+    if args.no_elman or "rnn" not in args.cells or "float32" not in args.dtypes:
+        return
+    sizes = [0, 2, 4, 8, 16]
+    head = "  ".join(f"{'auto' if c == 0 else f'C={c}':>8s}" for c in sizes)
+    print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | cluster, barrier: "
+          f"{head} | {'async':>8s}")
+    for case in cases(["float32"], ["rnn"], args.elman_batch, [256], ["fwd"]):
+        cells = [record(args, rows, case, "cluster",
+                        {"table": "elman", "cluster_size": c, "cluster_exchange": "barrier"},
+                        knob=c, exchange="barrier") for c in sizes]
+        async_cell = record(args, rows, case, "cluster",
+                            {"table": "elman", "cluster_size": 0, "cluster_exchange": "async"},
+                            exchange="async")
+        print(f"{label(case)} | {'':17s}{'  '.join(cells)} | {async_cell}", flush=True)
         save(args, prop, rows)
 
 

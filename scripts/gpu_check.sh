@@ -646,7 +646,8 @@ if cal:
                 sl = sum((t - mt) * (u - mu) for t, u in pts) / sum((t - mt) ** 2 for t, _ in pts)
                 fit = f"  fixed {mu - sl * mt:.0f} us, step {sl:.2f} us"
             print(f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:10} reg={k[5]}  {cells}{fit}")
-    exch = [r for r in cal if "cluster_exchange" in r and not r.get("overhead")]
+    exch = [r for r in cal if "cluster_exchange" in r and not r.get("overhead")
+            and r.get("table") != "elman"]
     if exch:
         print()
         print("gpu-calib.json, the cluster variant's exchange: us per step with the cluster "
@@ -686,7 +687,8 @@ if cal:
               "tensor-core tile (RNNFAST_MMA_ROWS; nt: the tile that ran) and the per-step path")
         print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} "
               + " ".join(f"{f'rows={n}':>8} {'nt':>3}" for n in sizes)
-              + f" {'step':>8} {'aten':>8}  (step: cuBLAS called directly; aten: through ATen)")
+              + f" {'step':>8} {'aten':>8} {'fused':>8}  (step: cuBLAS called directly; "
+              "aten: through ATen; fused: RNNFAST_STEP_FUSED=1)")
         for k in dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in mma):
             rs = [r for r in mma if (r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) == k]
             line = f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6}"
@@ -695,8 +697,25 @@ if cal:
                 nt = (sel[0].get("plan_fwd") or {}).get("nt", "-") if sel else "-"
                 line += f" {us_of(sel)} {nt:>3}"
             steps = [r for r in rs if r["path"] == "step"]
-            print(line + " " + us_of([r for r in steps if r.get("step_gemm") != "aten"]) + " "
-                  + us_of([r for r in steps if r.get("step_gemm") == "aten"]))
+            print(line + " " + us_of([r for r in steps if r.get("step_gemm") == "cublas"]) + " "
+                  + us_of([r for r in steps if r.get("step_gemm") == "aten"]) + " "
+                  + us_of([r for r in steps if r.get("step_gemm") == "fused"]))
+    elman = [r for r in cal if r.get("table") == "elman"]
+    if elman:
+        print()
+        print("gpu-calib.json, float32 Elman RNN at H = 256, forward: us per step on the "
+              "cluster variant at the planner's size and at each size, with the barrier, and "
+              "at the planner's size with the async exchange")
+        sizes = list(dict.fromkeys(r["cluster_size"] for r in elman
+                                   if r["cluster_exchange"] == "barrier"))
+        print(f"{'N':>4} " + " ".join(f"{'auto' if c == 0 else f'C={c}':>8}" for c in sizes)
+              + f" {'async':>8}")
+        for n in dict.fromkeys(r["N"] for r in elman):
+            rs = [r for r in elman if r["N"] == n]
+            print(f"{n:4} " + " ".join(us_of([r for r in rs if r["cluster_size"] == c and
+                                              r["cluster_exchange"] == "barrier"])
+                                       for c in sizes)
+                  + " " + us_of([r for r in rs if r["cluster_exchange"] == "async"]))
 
 # benchmarks: rnnfast's speedup over cuDNN (torch.nn) per case, then the geomeans
 for fname in ("gpu-bench7.json", "gpu-bench.json", "gpu-peers.json"):

@@ -231,3 +231,35 @@ def test_overhead_table_fits_a_fixed_cost_and_a_cost_a_step(monkeypatch, capsys)
     assert all(k not in os.environ for k in cal.KNOBS)
     printed = capsys.readouterr().out
     assert printed.count("| 700, 3.00") == len(cal.OVERHEAD_CASES), printed
+
+
+def test_elman_table_sweeps_the_cluster_sizes_and_exchanges(monkeypatch, capsys):
+    """The float32 Elman RNN at H = 256 and N = 64 and 256: the cluster variant at the
+    planner's size and 2, 4, 8 and 16 blocks with the barrier, and the planner's size with
+    the async exchange; only where the run includes the RNN in float32."""
+    cal = _load()
+    seen = []
+
+    def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None,
+                     step_gemm=None, reg_tile=None, exchange=None):
+        seen.append((cell, str(dtype), N, H, path, knob, mode, exchange))
+        return 2.0, (path, path), ({"us": 1.0}, None)
+
+    monkeypatch.setattr(cal, "measure", fake_measure)
+    args = cal.argparse.Namespace(no_elman=False, cells=["rnn"], dtypes=["float32"],
+                                  elman_batch=[64, 256], seq_len=8, repeats=1, json=None)
+    rows = []
+    cal.elman_table(args, None, rows)
+    assert seen == [("rnn", "torch.float32", n, 256, "cluster", c, "fwd", e)
+                    for n in (64, 256)
+                    for c, e in [(0, "barrier"), (2, "barrier"), (4, "barrier"),
+                                 (8, "barrier"), (16, "barrier"), (0, "async")]]
+    assert all(r["table"] == "elman" for r in rows) and len(rows) == 12
+    assert [(r["cluster_size"], r["cluster_exchange"]) for r in rows[:6]] == [
+        (0, "barrier"), (2, "barrier"), (4, "barrier"), (8, "barrier"), (16, "barrier"),
+        (0, "async")]
+    assert "cluster, barrier" in capsys.readouterr().out
+    for skip in (dict(no_elman=True), dict(cells=["lstm"]), dict(dtypes=["bfloat16"])):
+        rows = []
+        cal.elman_table(cal.argparse.Namespace(**{**vars(args), **skip}), None, rows)
+        assert rows == []

@@ -43,10 +43,11 @@ async exchange (RNNFAST_CLUSTER_EXCHANGE): st.async complete their bytes on the 
 block's mbarrier of that turn (MBarrier: phase, pending arrival, transaction bytes), a
 block's arrival expects the turn's bytes, and its wait returns once the phase of the
 parity it names has completed; a wait that can never return is a deadlock, and bytes or
-an arrival left over at the end are flagged. fused_step.cuh's fused_step_forward (the
-per-step path's 16-bit forward, a case's `step_fused` setting RNNFAST_STEP_FUSED) runs as
-one launch a step of blocks without barriers, its cp.async groups (4 buffers, 3 in
-flight), ldmatrix and mma.sync lane by lane as above. Results are compared with
+an arrival left over at the end are flagged. fused_step.cuh's fused_step_forward and
+fused_step_backward (the per-step path's fused kernels, a case's `step_fused` setting
+RNNFAST_STEP_FUSED; the emulator's 16-bit type standing for bfloat16, whose backward is
+fused) run as one launch a step of blocks without barriers, their cp.async groups (4
+buffers, 3 in flight), ldmatrix and mma.sync lane by lane as above. Results are compared with
 rnnfast.reference and torch autograd, and with the CPU ops when a built rnnfast imports.
 
 It cannot show memory ordering on real hardware (fences, __ldcg and the cluster barrier's
@@ -182,6 +183,8 @@ MUTATIONS = {
     "fused_no_trailing_sync": "fused step: no __syncthreads between the last stage's MMAs and "
                               "the sums written over sa",
     "fused_h0_unaligned": "fused step: an unaligned h0 copied by cp.async as it is",
+    "fused_bwd_one_buffer": "fused backward: the gate gradients of every step in buffer 0",
+    "fused_bwd_no_direct": "fused backward: dh the GEMM alone, the GRU's direct term dropped",
 }
 MUT = set()
 
@@ -888,7 +891,7 @@ def tile_dot_mma(NT, ws, r_pad, xs, K, ld, out, scratch, ctx):
 # --------------------------------------------------------------------------------------
 class Params:
     FIELDS = ("T N H units group_rows reverse activation xp w_hh b_hh h0 c0 y cache c_state dy "
-              "dh dc dg_ih dg_hh barrier xs_tiles async_exchange").split()
+              "dh dc dg_ih dg_hh barrier xs_tiles async_exchange dg16").split()
 
     def __init__(self, **kw):
         for f in self.FIELDS:
@@ -1350,18 +1353,11 @@ def fused_smem_bytes(dt):
     return FUSED_STAGES * (FUSED_ROWS + FUSED_COLS) * FUSED_LD * dt.scalar  # sa, then sb
 
 
-def fused_step_forward(Cell, dt, p, ctx, s):
-    """fused_step_forward at step s, block ctx.block of the launch's (x, y) grid flattened
-    x-fastest: batch rows [64 bx, 64 bx + 64) by units [U by, U by + U)."""
-    G = Cell.kGates
-    U = fused_units(G)
-    N, H = p.N, p.H
-    K = H
-    gx = -(-N // FUSED_ROWS)
-    bx, by = ctx.block % gx, ctx.block // gx
-    n0, u0 = bx * FUSED_ROWS, by * U
-    t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
-    h_prev = p.h0 if s == 0 else p.y + tp * N * H
+def fused_tile_sums(dt, K, src_a, src_b, ctx, what_a, what_b):
+    """fused_tile_sums: the tile's 64 x 64 sums over k < K of A's rows by B's rows, staged by
+    cp.async groups (4 buffers, 3 in flight), ldmatrix and mma.sync, stored as floats over
+    the staging buffers; returns that Ptr (out[r * 68 + c]). src_a(r, k) / src_b(c, k) for
+    arrays of rows and 16-byte vectors' first columns: (Ptr, element offsets, valid)."""
     x = dt.scalar
     S = FUSED_STAGES
     smem = ctx.shared_memory()
@@ -1370,11 +1366,7 @@ def fused_step_forward(Cell, dt, p, ctx, s):
     vecs = FUSED_K // 8
     groups = []  # this block's committed cp.async groups, oldest first: [(ptr, idx, val, thr)]
     if K % FUSED_K:
-        cover("fused step: a last stage zero-padded past H")
-    if N % FUSED_ROWS:
-        cover("fused step: rows past N zero")
-    if H % U:
-        cover("fused step: units past H")
+        cover("fused step: a last stage zero-padded past K")
 
     def stage(buf, k0):
         """Columns [k0, k0 + 64) of both operands into buffer buf, one committed group: the
@@ -1386,18 +1378,14 @@ def fused_step_forward(Cell, dt, p, ctx, s):
         ee = np.where(w, e - FUSED_ROWS * vecs, e)
         r, c = ee // vecs, (ee % vecs) * 8
         k = k0 + c
-        g, j = r // U, r % U
-        in_w = w & (g < G) & (u0 + j < H) & (k < K)
-        in_a = ~w & (n0 + r < N) & (k < K)
         val = np.zeros((e.size, 8))
-        for on, src, off, what in (
-                (in_a, h_prev, (n0 + r) * H + k, "h_{t-1}"),
-                (in_w, p.w_hh, ((g * (0 if mut("fused_w_gate_row") else H) + u0 + j) * H + k),
-                 "W_hh")):
+        for part, src, what in ((~w, src_a, what_a), (w, src_b, what_b)):
+            ptr, off, valid = src(r, k)
+            on = part & valid
             if on.any():
-                if ((src.addr(off[on]) * x) % 16).any():
+                if ((ptr.addr(off[on]) * x) % 16).any():
                     finding(f"fused step: a cp.async source of {what} not 16-byte aligned")
-                val[on] = src.read(off[on][:, None] + np.arange(8), ctx, thr[on][:, None],
+                val[on] = ptr.read(off[on][:, None] + np.arange(8), ctx, thr[on][:, None],
                                    cg=True, where=f"fused step: cp.async of {what}")
         dst = (0 if mut("fused_stage_one_buffer") else buf * stage_elems) + r * FUSED_LD + c
         idx = (dst[:, None] + np.arange(8)).reshape(-1)
@@ -1444,11 +1432,11 @@ def fused_step_forward(Cell, dt, p, ctx, s):
             b_off = (buf * stage_elems + (16 * wn[:, None] + 8 * (LANES[None, :] // 16)
                                           + LANES[None, :] % 8) * FUSED_LD
                      + 16 * ks + ((LANES[None, :] // 8) % 2) * 8)
-            b = ldmatrix_x4(sb, b_off, warp, ctx, "fused step: b = W")
+            b = ldmatrix_x4(sb, b_off, warp, ctx, f"fused step: b = {what_b}")
             for mt in range(2):
                 a_off = (buf * stage_elems + (32 * wm[:, None] + 16 * mt + LANES[None, :] % 16)
                          * FUSED_LD + 16 * ks + (LANES[None, :] // 16) * 8)
-                a = ldmatrix_x4(sa, a_off, warp, ctx, "fused step: a = h_{t-1}")
+                a = ldmatrix_x4(sa, a_off, warp, ctx, f"fused step: a = {what_a}")
                 for h in range(2):
                     acc[mt, h] = mma_16816(acc[mt, h], a, b[:, :, 2 * h:2 * h + 2])
     wait(0)
@@ -1458,16 +1446,47 @@ def fused_step_forward(Cell, dt, p, ctx, s):
         ctx.syncthreads()
     # the sums over sa: row 32 wm + 16 mt + g (+ 8), column 16 wn + 8 h + 2 t + {0, 1}
     out = Ptr(smem, 0, 4)
-    ld_out = FUSED_COLS + 4
     thr = warp[:, None] * 32 + LANES[None, :]
     for mt in range(2):
         for h in range(2):
             for i in range(4):
                 row = 32 * wm[:, None] + 16 * mt + GROUP[None, :] + 8 * (i // 2)
                 col = 16 * wn[:, None] + 8 * h + 2 * TIG[None, :] + i % 2
-                out.write(row * ld_out + col, acc[mt, h, :, :, i], ctx, thr,
+                out.write(row * FUSED_LD_OUT + col, acc[mt, h, :, :, i], ctx, thr,
                           where="fused step: the sums")
     ctx.syncthreads()
+    return out
+
+
+FUSED_LD_OUT = FUSED_COLS + 4
+
+
+def fused_step_forward(Cell, dt, p, ctx, s):
+    """fused_step_forward at step s, block ctx.block of the launch's (x, y) grid flattened
+    x-fastest: batch rows [64 bx, 64 bx + 64) by units [U by, U by + U)."""
+    G = Cell.kGates
+    U = fused_units(G)
+    N, H = p.N, p.H
+    K = H
+    gx = -(-N // FUSED_ROWS)
+    bx, by = ctx.block % gx, ctx.block // gx
+    n0, u0 = bx * FUSED_ROWS, by * U
+    t, tp = time_index(s, p.T, p.reverse), time_index(s - 1, p.T, p.reverse)
+    h_prev = p.h0 if s == 0 else p.y + tp * N * H
+    if N % FUSED_ROWS:
+        cover("fused step: rows past N zero")
+    if H % U:
+        cover("fused step: units past H")
+
+    def src_a(r, k):
+        return h_prev, (n0 + r) * H + k, (n0 + r < N) & (k < K)
+
+    def src_b(r, k):
+        g, j = r // U, r % U
+        gate = 0 if mut("fused_w_gate_row") else H
+        return p.w_hh, (g * gate + u0 + j) * H + k, (g < G) & (u0 + j < H) & (k < K)
+
+    out = fused_tile_sums(dt, K, src_a, src_b, ctx, "h_{t-1}", "W_hh")
     idx = np.arange(FUSED_ROWS * U, dtype=np.int64)
     nl, j = idx // U, idx % U
     n, u = n0 + nl, u0 + j
@@ -1477,7 +1496,8 @@ def fused_step_forward(Cell, dt, p, ctx, s):
     if idx.size:
         hh = np.zeros((G, idx.size))
         for g in range(G):
-            hh[g] = out.read(nl * ld_out + g * U + j, ctx, it_thr, where="fused step: gates")
+            hh[g] = out.read(nl * FUSED_LD_OUT + g * U + j, ctx, it_thr,
+                             where="fused step: gates")
         inp = Cell.load(p, s, t, tp, n, u, ctx, it_thr)
         hp = np.zeros(idx.size)
         if Cell.kNeedsHPrev:
@@ -1487,11 +1507,68 @@ def fused_step_forward(Cell, dt, p, ctx, s):
         yield
 
 
+def fused_step_backward(Cell, dt, p, ctx, s):
+    """fused_step_backward, launch s of T + 1 (s = T, ..., 0), block (bx, by) of batch rows
+    [64 bx, ...) by units [64 by, ...): for s < T, dh = dg16[s & 1] W_hh (p.w_hh holding
+    W_hh^T [H, G H]) into p.dh (added where Cell.kDirectDh); for s >= 1, the pointwise
+    backward of step s - 1 from it, its gate gradients into dg16[(s - 1) & 1]."""
+    G = Cell.kGates
+    N, H = p.N, p.H
+    K = G * H
+    gx = -(-N // FUSED_ROWS)
+    bx, by = ctx.block % gx, ctx.block // gx
+    n0, u0 = bx * FUSED_ROWS, by * FUSED_COLS
+    buf_of = (lambda q: 0) if mut("fused_bwd_one_buffer") else (lambda q: q & 1)
+    out = None
+    if s < p.T:
+        dg = p.dg16 + buf_of(s) * N * K
+
+        def src_a(r, k):
+            return dg, (n0 + r) * K + k, (n0 + r < N) & (k < K)
+
+        def src_b(c, k):
+            return p.w_hh, (u0 + c) * K + k, (u0 + c < H) & (k < K)
+
+        out = fused_tile_sums(dt, K, src_a, src_b, ctx, "dg16", "W_hh^T")
+    sa = s - 1
+    ta, tpa = time_index(sa, p.T, p.reverse), time_index(sa - 1, p.T, p.reverse)
+    idx = np.arange(FUSED_ROWS * FUSED_COLS, dtype=np.int64)
+    nl, j = idx // FUSED_COLS, idx % FUSED_COLS
+    n, u = n0 + nl, u0 + j
+    live = (n < N) & (u < H)
+    idx, nl, j, n, u = idx[live], nl[live], j[live], n[live], u[live]
+    it_thr = idx % BLOCK_DIM
+    if not idx.size:
+        return
+    if s < p.T:
+        v = out.read(nl * FUSED_LD_OUT + j, ctx, it_thr, where="fused step: dh sums")
+        if Cell.kDirectDh and not mut("fused_bwd_no_direct"):
+            v = v + p.dh.read(n * H + u, ctx, it_thr, where="fused step: dh's direct term")
+        p.dh.write(n * H + u, v, ctx, it_thr, where="fused step: dh")
+    if s >= 1:
+        inp = Cell.load_backward(p, sa, ta, tpa, n, u, ctx, it_thr)
+        dgh = Cell.backward(p, sa, ta, tpa, n, u, inp, ctx, it_thr)
+        nxt = p.dg16 + buf_of(sa) * N * K
+        for g in range(G):
+            nxt.write(n * K + g * H + u, dgh[g], ctx, it_thr, where="fused step: dg16")
+    if False:
+        yield
+
+
 def run_fused_steps(Cell, dt, p, bufs, seed):
     """run_fused_steps: T launches of (ceil(N / 64), ceil(H / U)) blocks."""
     blocks = -(-p.N // FUSED_ROWS) * -(-p.H // fused_units(Cell.kGates))
     for s in range(p.T):
         run_grid(lambda q, ctx, s=s: fused_step_forward(Cell, dt, q, ctx, s), blocks,
+                 fused_smem_bytes(dt), p, bufs, seed + s)
+
+
+def run_fused_backward(Cell, dt, p, bufs, seed):
+    """run_fused_backward: T + 1 launches (s = T, ..., 0) of (ceil(N / 64), ceil(H / 64))
+    blocks."""
+    blocks = -(-p.N // FUSED_ROWS) * -(-p.H // FUSED_COLS)
+    for s in range(p.T, -1, -1):
+        run_grid(lambda q, ctx, s=s: fused_step_backward(Cell, dt, q, ctx, s), blocks,
                  fused_smem_bytes(dt), p, bufs, seed + s)
 
 
@@ -2270,7 +2347,17 @@ def fused_h0(plan, h0, h0b, h0_off, dt):
 
 def launch_persistent(plan, p, bufs, seed):
     if plan.fused:
-        run_fused_steps(*plan.fused, p, bufs, seed)
+        Cell, dt, backward = plan.fused
+        if not backward:
+            run_fused_steps(Cell, dt, p, bufs, seed)
+            return
+        # the op's W_hh^T (contiguous) and the gate gradients' two bfloat16 buffers
+        GH = Cell.kGates * p.H
+        w = p.w_hh.buf.v[p.w_hh.off:p.w_hh.off + GH * p.H].reshape(GH, p.H)
+        wt = Buf("w_hh^T", w.T.copy())
+        dg16 = empty("dg16", 2 * p.N * GH)
+        p.w_hh, p.dg16 = Ptr(wt), Ptr(dg16)
+        run_fused_backward(Cell, dt, p, bufs + [wt, dg16], seed)
         return
     p.units = plan.units
     p.group_rows = plan.group_rows
@@ -2287,13 +2374,16 @@ def plan_for(Cell, backward, N, H, dev, dt, tile, cluster):
     """The forced path of a case: the grid variant, or with cluster = (size, rows) the
     cluster variant (None in either for the planner's choice); the per-step path's fused
     forward where the case asks for it (RNNFAST_STEP_FUSED=1: fused_step_applies)."""
-    asked = not backward and KNOBS.get("RNNFAST_STEP_FUSED") == "1" and dt.mma
+    # (the emulator's 16-bit type stands for bfloat16 here: the CUDA code fuses float16's
+    # forward but not its backward, whose dh GEMM runs in float32)
+    asked = KNOBS.get("RNNFAST_STEP_FUSED") == "1" and dt.mma
     if asked and H % 8:
         cover("fused step: asked, H % 8 != 0")
     if asked and H % 8 == 0:
-        plan = Plan(None, -(-N // FUSED_ROWS) * -(-H // fused_units(Cell.kGates)),
-                    fused_units(Cell.kGates), 0, N, fused_smem_bytes(dt), FUSED_ROWS, 0)
-        plan.fused = (Cell, dt)
+        units = FUSED_COLS if backward else fused_units(Cell.kGates)
+        plan = Plan(None, -(-N // FUSED_ROWS) * -(-H // units), units, 0, N,
+                    fused_smem_bytes(dt), FUSED_ROWS, 0)
+        plan.fused = (Cell, dt, backward)
         return plan
     if cluster is None:
         return plan_persistent(Cell, backward, N, H, dev, dt, tile)
@@ -2553,7 +2643,7 @@ def check(name, got, want, case, tol=1e-9):
 def cover_plan(plan, N, H, sms, dt, backward):
     STATS["tiles"].add((plan.nt, plan.rpw))
     if plan.fused:
-        cover("fused step")
+        cover("fused step backward" if backward else "fused step")
         return
     if plan.reg:
         cover("register tile")
@@ -2957,7 +3047,8 @@ COVERAGE = {"forward: tile 0 has more items than threads",
             "register tile: h_{t-1} by 2-byte loads (unaligned)",
             "register tile: asked, the layer does not fit it",
             "fused step", "fused step: several stages",
-            "fused step: a last stage zero-padded past H", "fused step: rows past N zero",
+            "fused step: a last stage zero-padded past K", "fused step: rows past N zero",
+            "fused step backward",
             "fused step: more stages than buffers",
             "fused step: units past H", "fused step: an unaligned h0 cloned",
             "fused step: asked, H % 8 != 0"}
@@ -3047,10 +3138,10 @@ SELF_TEST_CASES = [
     dict(kind="gru", T=3, N=11, C=2, H=24, reverse=True, training=True, sms=3, bias=True,
          dtype="float16", reg_tile=1, h0_off=1),
     # the fused step: LSTM 2 x 5 blocks, 2 stages, h0 unaligned (cloned); GRU 5 stages (one
-    # buffer used twice)
+    # buffer used twice); both with the fused backward
     dict(kind="lstm", T=2, N=66, C=2, H=72, reverse=False, training=True, sms=4, bias=True,
          dtype="float16", step_fused=1, h0_off=1),
-    dict(kind="gru", T=2, N=3, C=2, H=264, reverse=True, training=False, sms=3, bias=True,
+    dict(kind="gru", T=2, N=3, C=2, H=264, reverse=True, training=True, sms=3, bias=True,
          dtype="float16", step_fused=1),
 ]
 

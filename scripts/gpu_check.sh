@@ -226,7 +226,7 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # PATH reg: the grid variant's register tile (RNNFAST_REG_TILE=1), N=11 (rows g + 8 of
   # its a fragments) or, at H=768, the N=16
   # PATH async: the cluster variant with the async exchange (RNNFAST_CLUSTER_EXCHANGE)
-  # PATH fused: the per-step path's fused forward (RNNFAST_STEP_FUSED=1), N=70 (two blocks of
+  # PATH fused: the per-step path's fused kernels (RNNFAST_STEP_FUSED=1), N=70 (two blocks of
   # 64 batch rows, the second mostly past N)
   local forced=$path rows=16 n=5 reg=0 exch=barrier fused=0
   case $path in

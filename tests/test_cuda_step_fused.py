@@ -1,15 +1,17 @@
-"""The per-step path's fused 16-bit forward (csrc/cuda/fused_step.cuh, RNNFAST_STEP_FUSED=1):
-one kernel a step doing the recurrent GEMM on tensor cores and the cell's pointwise update,
-in place of a cuBLAS GEMM and a pointwise kernel. Off by default until measured on a GPU;
-scripts/emulate_persistent.py runs its indexing without one (tests/
-test_persistent_emulation.py).
+"""The per-step path's fused 16-bit kernels (csrc/cuda/fused_step.cuh, RNNFAST_STEP_FUSED=1):
+the forward one kernel a step (the recurrent GEMM on tensor cores and the cell's update), and
+in bfloat16 the backward one kernel a step (the dh GEMM of a step and the pointwise backward
+of the step before), in place of a cuBLAS GEMM and a pointwise kernel each. Off by default
+until measured on a GPU; scripts/emulate_persistent.py runs their indexing without one
+(tests/test_persistent_emulation.py).
 
 On a GPU: every output, final state and gradient with the step path forced and the fused
-forward asked, against torch.nn and the float64 reference (test_cuda.py's checks), over
-shapes that cover its tiling (64 batch rows by 64 rows of W a block, stages of 64 columns):
+kernels asked, against torch.nn and the float64 reference (test_cuda.py's checks), over
+shapes that cover the tiling (64 batch rows by 64 rows of W a block, stages of 64 columns):
 partial row and unit tiles, several stages, a last stage partly padding, unaligned h0 and
 W_hh (cloned), H % 8 != 0 (the unfused step runs), inference (the LSTM's c in place) equal to
-the training forward bit for bit, determinism, and a bad value of the knob.
+the training forward bit for bit, determinism, the fused kernels having run, and a bad
+value of the knob.
 """
 import pytest
 import torch
@@ -135,3 +137,25 @@ def test_a_bad_value_is_a_clear_error():
     assert got.keys() == {"persistent", "auto", "step"}
     for path, line in got.items():
         assert "RNNFAST_STEP_FUSED is 'yes', expected 0 or 1" in line, (path, line)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_fused_backward_ran_and_agrees(cell, monkeypatch):
+    """In bfloat16 the backward fuses too (the dh GEMM of a step and the pointwise backward of
+    the step before, one launch a step): its gradients differ from the unfused path's bit for
+    bit (the GEMM sums in another order), so the fused kernels ran, and agree within
+    bfloat16's rounding; float16's backward is not fused (its dh GEMM runs in float32)."""
+    from test_cuda import _cuda_pair
+    _, f, _ = _cuda_pair(cell, 8, 136, torch.bfloat16)
+    x0 = torch.randn(6, 66, 8, device="cuda", dtype=torch.bfloat16)
+    grads = {}
+    with rnnfast.cuda_path("step"):
+        for knob in ("0", "1"):
+            monkeypatch.setenv("RNNFAST_STEP_FUSED", knob)
+            f.zero_grad()
+            x = x0.clone().requires_grad_()
+            f(x)[0].float().square().sum().backward()
+            grads[knob] = [x.grad.float()] + [q.grad.float() for q in f.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(grads["0"], grads["1"]))
+    for a, b in zip(grads["0"], grads["1"]):
+        assert ((a - b).abs().max() / (1 + a.abs().max())).item() < 0.05

@@ -1,6 +1,7 @@
-// The per-step path's 16-bit forward as one kernel a step (RNNFAST_STEP_FUSED=1; off by
-// default until it has run on a GPU): the step's recurrent GEMM and the cell's pointwise
-// update fused, in place of a cuBLAS GEMM and a pointwise kernel.
+// The per-step path's 16-bit forward and bfloat16 backward as one kernel a step each
+// (RNNFAST_STEP_FUSED=1; off by default until they have run on a GPU): the step's recurrent
+// GEMM and the cell's pointwise update fused, in place of a cuBLAS GEMM and a pointwise
+// kernel (the backward: see fused_step_backward).
 //
 // Why: at N = 256 in bfloat16 the per-step path is bound by the host's two launches a step
 // (the H100 runs: 12.5-16 us a step where the step's GEMM takes a few, cuDNN 13.8-17.6),
@@ -28,6 +29,7 @@
 #pragma once
 
 #include <string>
+#include <type_traits>
 
 #include "persistent.cuh"
 
@@ -50,42 +52,31 @@ constexpr int fused_units() {
   return kFusedCols / G;
 }
 
-template <typename Cell, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(256)
-    fused_step_forward(const PersistentParams<scalar_t, acc_t> p, int64_t s) {
-  static_assert(sizeof(scalar_t) == 2, "the fused step runs on tensor cores: 16-bit only");
-  constexpr int G = Cell::kGates, U = fused_units<G>(), S = kFusedStages;
-  constexpr int kVecs = kFusedK / 8;  // 16-byte vectors a staged row
+// The tile's sums: acc (each warp's [16-row tile][8-column half][fragment]) of
+// sum_k A[r][k] B[c][k] for the tile's 64 rows r and 64 columns c over k < K, A's and B's
+// rows staged 64 columns at a time by cp.async (a stage a group; S - 1 stages in flight
+// while a fourth's MMAs run), then stored as floats out[64][68] over the staging buffers
+// (returned; every thread's sums are there when this returns). src_a(r, k, in) and
+// src_b(c, k, in): the address of the 16-byte vector of row r (c) at column k, in set to
+// whether it exists (a zero vector otherwise, the address then any valid one).
+template <typename scalar_t, typename SrcA, typename SrcB>
+__device__ __forceinline__ float (*fused_tile_sums(int K, SrcA src_a, SrcB src_b,
+                                                    unsigned char* smem))[kFusedCols + 4] {
+  constexpr int S = kFusedStages, kVecs = kFusedK / 8;  // 16-byte vectors a staged row
   using RowsA = scalar_t[kFusedRows][kFusedLd];
   using RowsB = scalar_t[kFusedCols][kFusedLd];
-  extern __shared__ __align__(128) unsigned char smem[];
-  RowsA* sa = reinterpret_cast<RowsA*>(smem);              // [S]: h_{t-1}
-  RowsB* sb = reinterpret_cast<RowsB*>(smem + S * sizeof(RowsA));  // [S]: W_hh's rows
+  RowsA* sa = reinterpret_cast<RowsA*>(smem);                      // [S]
+  RowsB* sb = reinterpret_cast<RowsB*>(smem + S * sizeof(RowsA));  // [S]
   static_assert(sizeof(float) * kFusedRows * (kFusedCols + 4) <= S * sizeof(RowsA),
                 "the sums fit over sa");
-  const int64_t N = p.N, H = p.H;
-  const int K = static_cast<int>(H);
-  const int64_t n0 = int64_t(blockIdx.x) * kFusedRows, u0 = int64_t(blockIdx.y) * U;
-  const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
-  const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
-
-  // columns [k0, k0 + 64) of both operands into buffer buf, one committed group; zeros past
-  // N, G U, H and K
+  // columns [k0, k0 + 64) of both operands into buffer buf, one committed group
   auto stage = [&](int buf, int k0) {
     for (int e = threadIdx.x; e < (kFusedRows + kFusedCols) * kVecs; e += blockDim.x) {
       const bool w = e >= kFusedRows * kVecs;
       const int ee = w ? e - kFusedRows * kVecs : e;
-      const int r = ee / kVecs, c = (ee % kVecs) * 8, k = k0 + c;
-      const scalar_t* src;
+      const int r = ee / kVecs, c = (ee % kVecs) * 8;
       bool in;
-      if (w) {
-        const int g = r / U, j = r % U;
-        in = g < G && u0 + j < H && k < K;
-        src = in ? p.w_hh + (g * H + u0 + j) * H + k : p.w_hh;
-      } else {
-        in = n0 + r < N && k < K;
-        src = in ? h_prev + (n0 + r) * H + k : h_prev;
-      }
+      const scalar_t* src = w ? src_b(r, k0 + c, in) : src_a(r, k0 + c, in);
       cp_async16(w ? &sb[buf][r][c] : &sa[buf][r][c], src, in ? 16 : 0);
     }
     cp_async_commit();
@@ -134,7 +125,6 @@ __global__ void __launch_bounds__(256)
   cp_async_wait<0>();  // only empty groups are left
   __syncthreads();     // every warp's reads of the stages before the sums overwrite sa
 
-  // the sums over sa
   auto out = reinterpret_cast<float(*)[kFusedCols + 4]>(smem);
   const int row = lane / 4, col = 2 * (lane % 4);
 #pragma unroll
@@ -148,6 +138,33 @@ __global__ void __launch_bounds__(256)
     }
   }
   __syncthreads();
+  return out;
+}
+
+template <typename Cell, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(256)
+    fused_step_forward(const PersistentParams<scalar_t, acc_t> p, int64_t s) {
+  static_assert(sizeof(scalar_t) == 2, "the fused step runs on tensor cores: 16-bit only");
+  constexpr int G = Cell::kGates, U = fused_units<G>();
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t N = p.N, H = p.H;
+  const int K = static_cast<int>(H);
+  const int64_t n0 = int64_t(blockIdx.x) * kFusedRows, u0 = int64_t(blockIdx.y) * U;
+  const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
+  const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
+  // A: h_{t-1}'s rows n0 + r; B: W_hh's rows of the block's gates; zeros past N, G U, H, K
+  auto out = fused_tile_sums<scalar_t>(
+      K,
+      [&](int r, int k, bool& in) {
+        in = n0 + r < N && k < K;
+        return in ? h_prev + (n0 + r) * H + k : h_prev;
+      },
+      [&](int r, int k, bool& in) {
+        const int g = r / U, j = r % U;
+        in = g < G && u0 + j < H && k < K;
+        return in ? p.w_hh + (g * H + u0 + j) * H + k : p.w_hh;
+      },
+      smem);
   for (int idx = threadIdx.x; idx < kFusedRows * U; idx += blockDim.x) {
     const int nl = idx / U, j = idx % U;
     const int64_t n = n0 + nl, u = u0 + j;
@@ -158,6 +175,63 @@ __global__ void __launch_bounds__(256)
     Cell::load(p, s, t, tp, n, u, in);
     const acc_t hp = Cell::kNeedsHPrev ? acc_t(h_prev[n * H + u]) : acc_t(0);
     Cell::forward(p, s, t, tp, n, u, hh, hp, in);
+  }
+}
+
+// The bfloat16 backward, launch s of T + 1 (s = T, T - 1, ..., 0), block (bx, by): batch rows
+// [64 bx, ...) by units [64 by, ...). For s < T, the dh GEMM of step s: dh_{t-1}[n][u] =
+// sum_q dg_t[n][q] W_hh[q][u] (q < G H: A = step s's gate gradients in bfloat16, p.dg16's
+// buffer s & 1, written by the launch before; B = W_hh^T's rows u, p.w_hh pointing at
+// W_hh^T [H, G H] here), into p.dh (added to the direct term where Cell::kDirectDh, as the
+// persistent backward's phase B); for s >= 1, the pointwise backward of step s - 1 for the
+// same items (the persistent backward's phase A: Cell::load_backward and Cell::backward,
+// which read that dh and write dg_ih, dg_hh, the LSTM's dc and the GRU's direct term), its
+// gate gradients also rounded into p.dg16's buffer (s - 1) & 1 for the next launch. One
+// launch a step in place of the pointwise kernel and the cuBLAS GEMM; the same numbers as
+// the per-step path's bfloat16 backward (bfloat16 operands, fp32 sums), in another order.
+template <typename Cell, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(256)
+    fused_step_backward(const PersistentParams<scalar_t, acc_t> p, int64_t s) {
+  static_assert(sizeof(scalar_t) == 2, "the fused step runs on tensor cores: 16-bit only");
+  constexpr int G = Cell::kGates;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t N = p.N, H = p.H;
+  const int K = static_cast<int>(G * H);
+  const int64_t n0 = int64_t(blockIdx.x) * kFusedRows, u0 = int64_t(blockIdx.y) * kFusedCols;
+  float(*out)[kFusedCols + 4] = nullptr;
+  if (s < p.T) {
+    const scalar_t* dg = p.dg16 + (s & 1) * N * K;
+    out = fused_tile_sums<scalar_t>(
+        K,
+        [&](int r, int k, bool& in) {
+          in = n0 + r < N && k < K;
+          return in ? dg + (n0 + r) * K + k : dg;
+        },
+        [&](int r, int k, bool& in) {
+          in = u0 + r < H && k < K;
+          return in ? p.w_hh + (u0 + r) * K + k : p.w_hh;
+        },
+        smem);
+  }
+  const int64_t sa = s - 1;  // the step whose pointwise backward follows
+  const int64_t ta = time_index(sa, p.T, p.reverse), tpa = time_index(sa - 1, p.T, p.reverse);
+  scalar_t* dg_next = p.dg16 + (sa & 1) * N * K;
+  for (int idx = threadIdx.x; idx < kFusedRows * kFusedCols; idx += blockDim.x) {
+    const int nl = idx / kFusedCols, j = idx % kFusedCols;
+    const int64_t n = n0 + nl, u = u0 + j;
+    if (n >= N || u >= H) continue;
+    if (s < p.T) {
+      acc_t* dh = p.dh + n * H + u;
+      const acc_t v = out[nl][j];
+      *dh = Cell::kDirectDh ? *dh + v : v;
+    }
+    if (s >= 1) {
+      acc_t in[Cell::kBackwardLoads], dgh[G];
+      Cell::load_backward(p, sa, ta, tpa, n, u, in);
+      Cell::backward(p, sa, ta, tpa, n, u, in, dgh);
+#pragma unroll
+      for (int g = 0; g < G; ++g) dg_next[n * K + g * H + u] = scalar_t(dgh[g]);
+    }
   }
 }
 
@@ -202,6 +276,39 @@ std::string run_fused_steps(const PersistentParams<scalar_t, acc_t>& p, cudaStre
     const dim3 grid(static_cast<unsigned>((p.N + kFusedRows - 1) / kFusedRows),
                     static_cast<unsigned>((p.H + U - 1) / U));
     for (int64_t s = 0; s < p.T; ++s) {
+      kernel<<<grid, 256, smem, stream>>>(p, s);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  return why;
+}
+
+// Whether the per-step backward of this layer runs fused (fused_step_backward): as the
+// forward (fused_step_applies), in bfloat16 only (float16's dh GEMM runs in float32, whose
+// range its gate gradients need: see StepGemm::dg16).
+template <typename scalar_t>
+bool fused_backward_applies(int64_t H, std::string& why) {
+  const bool asked = fused_step_applies<scalar_t>(H, why);
+  return asked && std::is_same_v<scalar_t, c10::BFloat16>;
+}
+
+// The T + 1 launches of the fused backward (s = T, ..., 0), on the current stream. p as the
+// persistent backward's, but p.w_hh = W_hh^T [H, G H] (contiguous) and p.dg16 [2, N, G H];
+// p.dh holds dh_T on entry, dh_0 on return. Returns "" or a CUDA error, as run_fused_steps.
+template <typename Cell, typename scalar_t, typename acc_t>
+std::string run_fused_backward(const PersistentParams<scalar_t, acc_t>& p, cudaStream_t stream) {
+  std::string why;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    constexpr size_t smem = fused_smem_bytes<scalar_t>();
+    const auto kernel = &fused_step_backward<Cell, scalar_t, acc_t>;
+    if (!cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)),
+                 "cudaFuncSetAttribute (the fused step's shared memory)", why)) {
+      return why;
+    }
+    const dim3 grid(static_cast<unsigned>((p.N + kFusedRows - 1) / kFusedRows),
+                    static_cast<unsigned>((p.H + kFusedCols - 1) / kFusedCols));
+    for (int64_t s = p.T; s >= 0; --s) {
       kernel<<<grid, 256, smem, stream>>>(p, s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

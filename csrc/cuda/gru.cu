@@ -274,14 +274,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
           refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
           return;
         }
-        if (plan.kernel != nullptr) {
+        // the per-step path's bfloat16 backward fused (RNNFAST_STEP_FUSED=1)
+        const bool fused_asked = fused_backward_applies<scalar_t>(H, refused);
+        if (!refused.empty()) return;
+        const bool fused = plan.kernel == nullptr && fused_asked;
+        if (plan.kernel != nullptr || fused) {
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.w_hh = w_hh.data_ptr<scalar_t>(), p.h0 = h0.data_ptr<scalar_t>();
           p.y = const_cast<scalar_t*>(yp), p.cache = const_cast<acc_t*>(ws);
           p.dy = dy.data_ptr<scalar_t>(), p.dh = dh.data_ptr<acc_t>();
           p.dg_ih = dg_ih.data_ptr<acc_t>(), p.dg_hh = dg_hh.data_ptr<acc_t>();
-          refused = launch_persistent(plan, p, x);  // a launch error, raised below
+          if (fused) {
+            const Tensor w_t = w_hh.t().contiguous();
+            const Tensor dg16 = at::empty({2, N, 3 * H}, x.options());
+            p.w_hh = w_t.data_ptr<scalar_t>(), p.dg16 = dg16.data_ptr<scalar_t>();
+            refused = run_fused_backward<GruCell>(p, stream);  // raised below
+          } else {
+            refused = launch_persistent(plan, p, x);  // a launch error, raised below
+          }
           return;
         }
         const StepGemm gemm(w_hh, N);

@@ -143,6 +143,9 @@ struct PersistentParams {
   // the grid variant: tiles of NT rows in xs; 2: later tiles staged by cp.async during the
   // earlier ones' work (stage_rows_async)
   int xs_tiles = 1;
+  // the per-step path's fused bfloat16 backward (fused_step.cuh): two buffers [2, N, G*H] of
+  // the gate gradients in scalar_t, the dh GEMM's operand; else null
+  scalar_t* dg16 = nullptr;
   // the cluster variant's async exchange (RNNFAST_CLUSTER_EXCHANGE=async, where the values
   // exchanged are 4 or 8 bytes: cluster_async_ok): st.async into the peers' turns and a
   // wait on this block's mbarrier, in place of generic stores and the cluster barrier

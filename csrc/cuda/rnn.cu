@@ -180,14 +180,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
           refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
           return;
         }
-        if (plan.kernel != nullptr) {
+        // the per-step path's bfloat16 backward fused (RNNFAST_STEP_FUSED=1)
+        const bool fused_asked = fused_backward_applies<scalar_t>(H, refused);
+        if (!refused.empty()) return;
+        const bool fused = plan.kernel == nullptr && fused_asked;
+        if (plan.kernel != nullptr || fused) {
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.activation = static_cast<int>(activation);
           p.w_hh = w_hh.data_ptr<scalar_t>(), p.y = const_cast<scalar_t*>(y.data_ptr<scalar_t>());
           p.dy = dy.data_ptr<scalar_t>(), p.dh = dh.data_ptr<acc_t>();
           p.dg_ih = dg.data_ptr<acc_t>(), p.dg_hh = dg.data_ptr<acc_t>();
-          refused = launch_persistent(plan, p, x);  // a launch error, raised below
+          if (fused) {
+            const Tensor w_t = w_hh.t().contiguous();
+            const Tensor dg16 = at::empty({2, N, H}, x.options());
+            p.w_hh = w_t.data_ptr<scalar_t>(), p.dg16 = dg16.data_ptr<scalar_t>();
+            refused = run_fused_backward<ElmanCell>(p, stream);  // raised below
+          } else {
+            refused = launch_persistent(plan, p, x);  // a launch error, raised below
+          }
           return;
         }
         const StepGemm gemm(w_hh, N);

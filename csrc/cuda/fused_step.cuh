@@ -41,7 +41,7 @@ constexpr int kFusedK = 64;          // columns of a stage
 constexpr int kFusedLd = kFusedK + 8;  // a staged row: 144 bytes, 8 rows in distinct banks
 constexpr int kFusedStages = 4;      // buffers of a stage each (S - 1 stages in flight)
 
-// The dynamic shared memory of fused_step_forward: S buffers of each operand's 64 rows.
+// The dynamic shared memory of both fused kernels: S buffers of each operand's 64 rows.
 template <typename scalar_t>
 constexpr size_t fused_smem_bytes() {
   return size_t(kFusedStages) * (kFusedRows + kFusedCols) * kFusedLd * sizeof(scalar_t);
@@ -236,8 +236,9 @@ __global__ void __launch_bounds__(256)
 }
 
 // RNNFAST_STEP_FUSED: "1" runs the per-step path's 16-bit forward as fused_step_forward
-// where it applies (fused_step_applies); unset or "0": the cuBLAS GEMM and the pointwise
-// kernel. Off by default: it has not run on a GPU yet. 1, 0, or -1 for any other value.
+// and its bfloat16 backward as fused_step_backward where they apply (fused_step_applies,
+// fused_backward_applies); unset or "0": the cuBLAS GEMMs and the pointwise kernels. Off by
+// default: they have not run on a GPU yet. 1, 0, or -1 for any other value.
 inline int step_fused_knob(std::string& value) {
   const char* v = std::getenv("RNNFAST_STEP_FUSED");
   value = v != nullptr ? v : "";

@@ -192,7 +192,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
           p.dy = dy.data_ptr<scalar_t>(), p.dh = dh.data_ptr<acc_t>();
           p.dg_ih = dg.data_ptr<acc_t>(), p.dg_hh = dg.data_ptr<acc_t>();
           if (fused) {
-            const Tensor w_t = w_hh.t().contiguous();
+            const Tensor w_t = aligned16(w_hh.t().contiguous());  // a fresh copy
             const Tensor dg16 = at::empty({2, N, H}, x.options());
             p.w_hh = w_t.data_ptr<scalar_t>(), p.dg16 = dg16.data_ptr<scalar_t>();
             refused = run_fused_backward<ElmanCell>(p, stream);  // raised below

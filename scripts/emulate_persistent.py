@@ -1461,6 +1461,16 @@ def fused_tile_sums(dt, K, src_a, src_b, ctx, what_a, what_b):
 FUSED_LD_OUT = FUSED_COLS + 4
 
 
+def fused_items(n0, u0, units, N, H):
+    """The epilogue's items (row nl, unit j) of a block, idx = nl * units + j thread idx %
+    256's, those inside N and H: (nl, j, n, u, thread)."""
+    idx = np.arange(FUSED_ROWS * units, dtype=np.int64)
+    nl, j = idx // units, idx % units
+    live = (n0 + nl < N) & (u0 + j < H)
+    idx, nl, j = idx[live], nl[live], j[live]
+    return nl, j, n0 + nl, u0 + j, idx % BLOCK_DIM
+
+
 def fused_step_forward(Cell, dt, p, ctx, s):
     """fused_step_forward at step s, block ctx.block of the launch's (x, y) grid flattened
     x-fastest: batch rows [64 bx, 64 bx + 64) by units [U by, U by + U)."""
@@ -1487,19 +1497,14 @@ def fused_step_forward(Cell, dt, p, ctx, s):
         return p.w_hh, (g * gate + u0 + j) * H + k, (g < G) & (u0 + j < H) & (k < K)
 
     out = fused_tile_sums(dt, K, src_a, src_b, ctx, "h_{t-1}", "W_hh")
-    idx = np.arange(FUSED_ROWS * U, dtype=np.int64)
-    nl, j = idx // U, idx % U
-    n, u = n0 + nl, u0 + j
-    live = (n < N) & (u < H)
-    idx, nl, j, n, u = idx[live], nl[live], j[live], n[live], u[live]
-    it_thr = idx % BLOCK_DIM
-    if idx.size:
-        hh = np.zeros((G, idx.size))
+    nl, j, n, u, it_thr = fused_items(n0, u0, U, N, H)
+    if n.size:
+        hh = np.zeros((G, n.size))
         for g in range(G):
             hh[g] = out.read(nl * FUSED_LD_OUT + g * U + j, ctx, it_thr,
                              where="fused step: gates")
         inp = Cell.load(p, s, t, tp, n, u, ctx, it_thr)
-        hp = np.zeros(idx.size)
+        hp = np.zeros(n.size)
         if Cell.kNeedsHPrev:
             hp = h_prev.read(n * H + u, ctx, it_thr, where="fused step: h_{t-1} of an item")
         Cell.forward(p, s, t, tp, n, u, hh, hp, inp, ctx, it_thr)
@@ -1532,13 +1537,8 @@ def fused_step_backward(Cell, dt, p, ctx, s):
         out = fused_tile_sums(dt, K, src_a, src_b, ctx, "dg16", "W_hh^T")
     sa = s - 1
     ta, tpa = time_index(sa, p.T, p.reverse), time_index(sa - 1, p.T, p.reverse)
-    idx = np.arange(FUSED_ROWS * FUSED_COLS, dtype=np.int64)
-    nl, j = idx // FUSED_COLS, idx % FUSED_COLS
-    n, u = n0 + nl, u0 + j
-    live = (n < N) & (u < H)
-    idx, nl, j, n, u = idx[live], nl[live], j[live], n[live], u[live]
-    it_thr = idx % BLOCK_DIM
-    if not idx.size:
+    nl, j, n, u, it_thr = fused_items(n0, u0, FUSED_COLS, N, H)
+    if not n.size:
         return
     if s < p.T:
         v = out.read(nl * FUSED_LD_OUT + j, ctx, it_thr, where="fused step: dh sums")
@@ -1555,21 +1555,25 @@ def fused_step_backward(Cell, dt, p, ctx, s):
         yield
 
 
+def launch_fused(kernel, p, units, steps, dt, bufs, seed):
+    """launch_fused: kernel(p, ctx, s) launched for each s of steps, blocks of 64 batch rows
+    by `units`."""
+    blocks = -(-p.N // FUSED_ROWS) * -(-p.H // units)
+    for s in steps:
+        run_grid(lambda q, ctx, s=s: kernel(q, ctx, s), blocks, fused_smem_bytes(dt), p, bufs,
+                 seed + s)
+
+
 def run_fused_steps(Cell, dt, p, bufs, seed):
-    """run_fused_steps: T launches of (ceil(N / 64), ceil(H / U)) blocks."""
-    blocks = -(-p.N // FUSED_ROWS) * -(-p.H // fused_units(Cell.kGates))
-    for s in range(p.T):
-        run_grid(lambda q, ctx, s=s: fused_step_forward(Cell, dt, q, ctx, s), blocks,
-                 fused_smem_bytes(dt), p, bufs, seed + s)
+    """run_fused_steps: T launches (s = 0, ..., T - 1)."""
+    launch_fused(lambda q, ctx, s: fused_step_forward(Cell, dt, q, ctx, s), p,
+                 fused_units(Cell.kGates), range(p.T), dt, bufs, seed)
 
 
 def run_fused_backward(Cell, dt, p, bufs, seed):
-    """run_fused_backward: T + 1 launches (s = T, ..., 0) of (ceil(N / 64), ceil(H / 64))
-    blocks."""
-    blocks = -(-p.N // FUSED_ROWS) * -(-p.H // FUSED_COLS)
-    for s in range(p.T, -1, -1):
-        run_grid(lambda q, ctx, s=s: fused_step_backward(Cell, dt, q, ctx, s), blocks,
-                 fused_smem_bytes(dt), p, bufs, seed + s)
+    """run_fused_backward: T + 1 launches (s = T, ..., 0)."""
+    launch_fused(lambda q, ctx, s: fused_step_backward(Cell, dt, q, ctx, s), p, FUSED_COLS,
+                 range(p.T, -1, -1), dt, bufs, seed)
 
 
 def persistent_backward(Cell, NT, RPW, dt, cluster, p, ctx):

@@ -259,29 +259,46 @@ bool fused_step_applies(int64_t H, std::string& why) {
   return knob == 1 && sizeof(scalar_t) == 2 && H % 8 == 0;
 }
 
-// The T launches of the fused forward, on the current stream. p as the persistent
-// forward's (p.h0 and p.w_hh 16-byte aligned: see aligned16). Returns "" or the CUDA error
-// of its shared-memory attribute, which the op raises after its dispatch (as a refusal).
-template <typename Cell, typename scalar_t, typename acc_t>
-std::string run_fused_steps(const PersistentParams<scalar_t, acc_t>& p, cudaStream_t stream) {
+// t itself where its data is 16-byte aligned (cp.async's vectors), else an aligned copy: h0
+// and W_hh, which may be views at any offset into their storage (y is a fresh allocation)
+inline at::Tensor aligned16(const at::Tensor& t) {
+  return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0 ? t : t.clone();
+}
+
+// The launches kernel(p, s) for s = first, ..., last (counting up or down) on the current
+// stream, with the fused kernels' shared memory and blocks of 64 batch rows by `units`.
+// Returns "" or the CUDA error of the shared-memory attribute, which the op raises after its
+// dispatch (as a refusal).
+template <typename scalar_t, typename acc_t>
+std::string launch_fused(void (*kernel)(PersistentParams<scalar_t, acc_t>, int64_t),
+                         const PersistentParams<scalar_t, acc_t>& p, int64_t units,
+                         int64_t first, int64_t last, cudaStream_t stream) {
   std::string why;
-  if constexpr (sizeof(scalar_t) == 2) {
-    constexpr int U = fused_units<Cell::kGates>();
-    constexpr size_t smem = fused_smem_bytes<scalar_t>();
-    const auto kernel = &fused_step_forward<Cell, scalar_t, acc_t>;
-    if (!cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)),
-                 "cudaFuncSetAttribute (the fused step's shared memory)", why)) {
-      return why;
-    }
-    const dim3 grid(static_cast<unsigned>((p.N + kFusedRows - 1) / kFusedRows),
-                    static_cast<unsigned>((p.H + U - 1) / U));
-    for (int64_t s = 0; s < p.T; ++s) {
-      kernel<<<grid, 256, smem, stream>>>(p, s);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+  constexpr size_t smem = fused_smem_bytes<scalar_t>();
+  if (!cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem)),
+               "cudaFuncSetAttribute (the fused step's shared memory)", why)) {
+    return why;
+  }
+  const dim3 grid(static_cast<unsigned>((p.N + kFusedRows - 1) / kFusedRows),
+                  static_cast<unsigned>((p.H + units - 1) / units));
+  const int64_t dir = first <= last ? 1 : -1;
+  for (int64_t s = first; s != last + dir; s += dir) {
+    kernel<<<grid, 256, smem, stream>>>(p, s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return why;
+}
+
+// The T launches of the fused forward (p as the persistent forward's; p.h0 and p.w_hh
+// 16-byte aligned: see aligned16).
+template <typename Cell, typename scalar_t, typename acc_t>
+std::string run_fused_steps(const PersistentParams<scalar_t, acc_t>& p, cudaStream_t stream) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    return launch_fused<scalar_t, acc_t>(&fused_step_forward<Cell, scalar_t, acc_t>, p,
+                                         fused_units<Cell::kGates>(), 0, p.T - 1, stream);
+  }
+  return "";
 }
 
 // Whether the per-step backward of this layer runs fused (fused_step_backward): as the
@@ -293,34 +310,22 @@ bool fused_backward_applies(int64_t H, std::string& why) {
   return asked && std::is_same_v<scalar_t, c10::BFloat16>;
 }
 
-// The T + 1 launches of the fused backward (s = T, ..., 0), on the current stream. p as the
-// persistent backward's, but p.w_hh = W_hh^T [H, G H] (contiguous) and p.dg16 [2, N, G H];
-// p.dh holds dh_T on entry, dh_0 on return. Returns "" or a CUDA error, as run_fused_steps.
+// The T + 1 launches of the fused backward (s = T, ..., 0). p as the persistent backward's;
+// W_hh^T [H, G H] (contiguous, 16-byte aligned) and the gate gradients' two buffers
+// [2, N, G H] are made here (p.w_hh and p.dg16 then point at them); p.dh holds dh_T on
+// entry, dh_0 on return.
 template <typename Cell, typename scalar_t, typename acc_t>
-std::string run_fused_backward(const PersistentParams<scalar_t, acc_t>& p, cudaStream_t stream) {
-  std::string why;
+std::string run_fused_backward(PersistentParams<scalar_t, acc_t> p, const at::Tensor& w_hh,
+                               cudaStream_t stream) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    constexpr size_t smem = fused_smem_bytes<scalar_t>();
-    const auto kernel = &fused_step_backward<Cell, scalar_t, acc_t>;
-    if (!cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)),
-                 "cudaFuncSetAttribute (the fused step's shared memory)", why)) {
-      return why;
-    }
-    const dim3 grid(static_cast<unsigned>((p.N + kFusedRows - 1) / kFusedRows),
-                    static_cast<unsigned>((p.H + kFusedCols - 1) / kFusedCols));
-    for (int64_t s = p.T; s >= 0; --s) {
-      kernel<<<grid, 256, smem, stream>>>(p, s);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    const at::Tensor w_t = aligned16(w_hh.t().contiguous());  // a fresh copy
+    const at::Tensor dg16 = at::empty({2, p.N, Cell::kGates * p.H}, w_hh.options());
+    p.w_hh = w_t.data_ptr<scalar_t>(), p.dg16 = dg16.data_ptr<scalar_t>();
+    return launch_fused<scalar_t, acc_t>(&fused_step_backward<Cell, scalar_t, acc_t>, p,
+                                         kFusedCols, p.T, 0, stream);
   }
-  return why;
+  return "";
 }
 
-// t itself where its data is 16-byte aligned (cp.async's vectors), else an aligned copy: h0
-// and W_hh, which may be views at any offset into their storage (y is a fresh allocation)
-inline at::Tensor aligned16(const at::Tensor& t) {
-  return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15) == 0 ? t : t.clone();
-}
 
 }  // namespace rnnfast::cuda

@@ -285,14 +285,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
           p.y = const_cast<scalar_t*>(yp), p.cache = const_cast<acc_t*>(ws);
           p.dy = dy.data_ptr<scalar_t>(), p.dh = dh.data_ptr<acc_t>();
           p.dg_ih = dg_ih.data_ptr<acc_t>(), p.dg_hh = dg_hh.data_ptr<acc_t>();
-          if (fused) {
-            const Tensor w_t = aligned16(w_hh.t().contiguous());  // a fresh copy
-            const Tensor dg16 = at::empty({2, N, 3 * H}, x.options());
-            p.w_hh = w_t.data_ptr<scalar_t>(), p.dg16 = dg16.data_ptr<scalar_t>();
-            refused = run_fused_backward<GruCell>(p, stream);  // raised below
-          } else {
-            refused = launch_persistent(plan, p, x);  // a launch error, raised below
-          }
+          // a launch error, raised below
+          refused = fused ? run_fused_backward<GruCell>(p, w_hh, stream)
+                          : launch_persistent(plan, p, x);
           return;
         }
         const StepGemm gemm(w_hh, N);

@@ -307,14 +307,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
           p.cache = const_cast<acc_t*>(ws), p.dy = dy.data_ptr<scalar_t>();
           p.dh = dh.data_ptr<acc_t>(), p.dc = dc.data_ptr<acc_t>();
           p.dg_ih = dgp, p.dg_hh = dgp;
-          if (fused) {
-            const Tensor w_t = aligned16(w_hh.t().contiguous());  // a fresh copy
-            const Tensor dg16 = at::empty({2, N, 4 * H}, x.options());
-            p.w_hh = w_t.data_ptr<scalar_t>(), p.dg16 = dg16.data_ptr<scalar_t>();
-            refused = run_fused_backward<LstmCell>(p, stream);  // raised below
-          } else {
-            refused = launch_persistent(plan, p, x);  // a launch error, raised below
-          }
+          // a launch error, raised below
+          refused = fused ? run_fused_backward<LstmCell>(p, w_hh, stream)
+                          : launch_persistent(plan, p, x);
           return;
         }
         const StepGemm gemm(w_hh, N);

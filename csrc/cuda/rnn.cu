@@ -191,14 +191,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
           p.w_hh = w_hh.data_ptr<scalar_t>(), p.y = const_cast<scalar_t*>(y.data_ptr<scalar_t>());
           p.dy = dy.data_ptr<scalar_t>(), p.dh = dh.data_ptr<acc_t>();
           p.dg_ih = dg.data_ptr<acc_t>(), p.dg_hh = dg.data_ptr<acc_t>();
-          if (fused) {
-            const Tensor w_t = aligned16(w_hh.t().contiguous());  // a fresh copy
-            const Tensor dg16 = at::empty({2, N, H}, x.options());
-            p.w_hh = w_t.data_ptr<scalar_t>(), p.dg16 = dg16.data_ptr<scalar_t>();
-            refused = run_fused_backward<ElmanCell>(p, stream);  // raised below
-          } else {
-            refused = launch_persistent(plan, p, x);  // a launch error, raised below
-          }
+          // a launch error, raised below
+          refused = fused ? run_fused_backward<ElmanCell>(p, w_hh, stream)
+                          : launch_persistent(plan, p, x);
           return;
         }
         const StepGemm gemm(w_hh, N);

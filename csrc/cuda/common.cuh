@@ -181,7 +181,7 @@ class StepGemm {
   }
   // Whether the backward's dh GEMM of dtype takes bfloat16 operands (see dg16 below)
   static bool bf16_dh(at::ScalarType dtype) {
-    return dtype == at::kBFloat16 && (direct(dtype) || kMmOutDtype);
+    return dtype == at::kBFloat16 && (kMmOutDtype || direct(dtype));
   }
 
   // The backward's dh GEMM takes bfloat16 operands where the tensors are bfloat16 (the gate

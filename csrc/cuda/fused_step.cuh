@@ -240,10 +240,7 @@ __global__ void __launch_bounds__(256)
 // fused_backward_applies); unset or "0": the cuBLAS GEMMs and the pointwise kernels. Off by
 // default: they have not run on a GPU yet. 1, 0, or -1 for any other value.
 inline int step_fused_knob(std::string& value) {
-  const char* v = std::getenv("RNNFAST_STEP_FUSED");
-  value = v != nullptr ? v : "";
-  if (value.empty() || value == "0") return 0;
-  return value == "1" ? 1 : -1;
+  return two_way_knob("RNNFAST_STEP_FUSED", "0", "1", 0, value);
 }
 
 // Whether the per-step forward of this layer runs fused: asked (RNNFAST_STEP_FUSED=1),

@@ -1462,16 +1462,24 @@ inline int mma_rows(std::string& value) {
   return value == "32" ? 32 : value == "16" ? 16 : 0;
 }
 
+// An environment knob of two values, read at each call: 1 for `on`, 0 for `off`, `unset`
+// (0 or 1) where it is not set, -1 for any other value (value holds what was read, for the
+// caller's error).
+inline int two_way_knob(const char* name, const char* off, const char* on, int unset,
+                        std::string& value) {
+  const char* v = std::getenv(name);
+  value = v != nullptr ? v : "";
+  if (value.empty()) return unset;
+  return value == on ? 1 : value == off ? 0 : -1;
+}
+
 // RNNFAST_REG_TILE: unset or 1 plans the grid variant's register tile
 // (persistent_forward_reg) for the 16-bit forward where it holds the layer (reg_tile_fits);
 // 0: the tiled forward. On by default since the fourth H100 run (2026-11-27): faster than
 // the tiled forward and than auto's earlier picks in all 18 of the issue table's
 // forwards it holds (bfloat16, N 1 and 16, H 256-1024, each cell). -1 for any other value.
 inline int reg_tile_knob(std::string& value) {
-  const char* v = std::getenv("RNNFAST_REG_TILE");
-  value = v != nullptr ? v : "";
-  if (value.empty() || value == "1") return 1;
-  return value == "0" ? 0 : -1;
+  return two_way_knob("RNNFAST_REG_TILE", "0", "1", 1, value);
 }
 
 // RNNFAST_CLUSTER_EXCHANGE: unset or "barrier": the cluster variant's stores into the peers'
@@ -1481,10 +1489,7 @@ inline int reg_tile_knob(std::string& value) {
 // (sync_bench measured the exchange alone 0.36-0.41 us a step faster). 1 for async, 0
 // for the barrier, -1 for any other value.
 inline int cluster_exchange_knob(std::string& value) {
-  const char* v = std::getenv("RNNFAST_CLUSTER_EXCHANGE");
-  value = v != nullptr ? v : "";
-  if (value.empty() || value == "barrier") return 0;
-  return value == "async" ? 1 : -1;
+  return two_way_knob("RNNFAST_CLUSTER_EXCHANGE", "barrier", "async", 0, value);
 }
 
 // What plan_persistent's variants share: the cell's sizes, the device and the cost model.

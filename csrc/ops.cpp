@@ -110,6 +110,8 @@ namespace {
 constexpr const char* kPathNames[] = {"auto", "step", "persistent", "cluster"};
 std::atomic<int> path_mode{-1};  // -1: not read from RNNFAST_CUDA_PATH yet
 std::atomic<int> last_path[2] = {-1, -1};
+std::atomic<int> last_variant[2] = {-1, -1};  // StepVariant
+constexpr const char* kVariantNames[] = {"plain", "fused", "graph"};
 std::mutex plan_mutex;
 CudaPlanNote last_plan[2];
 bool plan_noted[2] = {false, false};
@@ -145,7 +147,13 @@ std::string step_gemm_knob_error() {
 }
 
 void note_cuda_path(bool backward, CudaPath used) {
+  last_variant[backward ? 1 : 0].store(
+      static_cast<int>(used == CudaPath::kStep ? StepVariant::kPlain : StepVariant::kNone));
   last_path[backward ? 1 : 0].store(static_cast<int>(used));
+}
+
+void note_step_variant(bool backward, StepVariant variant) {
+  last_variant[backward ? 1 : 0].store(static_cast<int>(variant));
 }
 
 void note_cuda_plan(bool backward, const CudaPlanNote& note) {
@@ -209,6 +217,21 @@ PyObject* py_last_cuda_path(PyObject*, PyObject*) {
   return out;
 }
 
+// _C._last_step_variant() -> (forward, backward): how the last CUDA forward and backward ran
+// their steps on the per-step path, 'plain', 'fused' or 'graph'; None off it or before any
+PyObject* py_last_step_variant(PyObject*, PyObject*) {
+  auto name = [](int v) -> PyObject* {
+    if (v < 0) Py_RETURN_NONE;
+    return PyUnicode_FromString(rnnfast::kVariantNames[v]);
+  };
+  PyObject* fwd = name(rnnfast::last_variant[0].load());
+  PyObject* bwd = name(rnnfast::last_variant[1].load());
+  PyObject* out = PyTuple_Pack(2, fwd, bwd);
+  Py_DECREF(fwd);
+  Py_DECREF(bwd);
+  return out;
+}
+
 // _C._last_cuda_plan() -> (forward, backward), each a dict of CudaPlanNote's fields or None
 PyObject* py_last_cuda_plan(PyObject*, PyObject*) {
   return python_call([]() -> PyObject* {
@@ -264,6 +287,8 @@ PyMethodDef methods[] = {
     {"_cuda_path", py_cuda_path, METH_NOARGS, "the CUDA path setting"},
     {"_set_cuda_path", py_set_cuda_path, METH_O, "sets the CUDA path, returns the previous"},
     {"_last_cuda_path", py_last_cuda_path, METH_NOARGS, "(forward, backward) paths last run"},
+    {"_last_step_variant", py_last_step_variant, METH_NOARGS,
+     "(forward, backward): 'plain', 'fused', 'graph' or None, how the last ran its steps"},
     {"_last_cuda_plan", py_last_cuda_plan, METH_NOARGS,
      "(forward, backward) persistent plans last made: the cost model's estimates and sizes"},
     {"_step_gemm", py_step_gemm, METH_NOARGS,

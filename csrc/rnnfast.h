@@ -106,8 +106,16 @@ void check_activation(const char* op, int64_t activation);
 // it.
 enum class CudaPath : int { kAuto = 0, kStep = 1, kPersistent = 2, kCluster = 3 };
 CudaPath cuda_path_mode();
-// Records the path the last CUDA forward (backward) took, for rnnfast.last_cuda_path().
+// Records the path the last CUDA forward (backward) took, for rnnfast.last_cuda_path(),
+// and its step variant's default (note_step_variant).
 void note_cuda_path(bool backward, CudaPath used);
+// How the last CUDA forward (backward) on the per-step path ran its steps: the plain loop,
+// the fused kernels (cuda/fused_step.cuh, RNNFAST_STEP_FUSED=1) or a CUDA graph
+// (cuda/step_graph.cuh, RNNFAST_STEP_GRAPH=1), for rnnfast._ops._last_step_variant(): the
+// GPU tests' proof of which ran. note_cuda_path sets kPlain on the per-step path (kNone
+// elsewhere); the fused and graph runs then note themselves.
+enum class StepVariant : int { kNone = -1, kPlain = 0, kFused = 1, kGraph = 2 };
+void note_step_variant(bool backward, StepVariant variant);
 // What the persistent kernels' planner decided for the last CUDA forward (backward) that
 // planned one (a forced variant or auto), for scripts/calibrate_persistent.py
 // (rnnfast._ops._last_cuda_plan()): the cost model's microseconds per step of the plan

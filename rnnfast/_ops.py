@@ -173,6 +173,14 @@ def last_cuda_path():
     return _C._last_cuda_path()
 
 
+def _last_step_variant():
+    """(forward, backward): how the last CUDA forward and backward op ran their steps on the
+    per-step path: 'plain' (a cuBLAS GEMM and a pointwise kernel a step), 'fused'
+    (RNNFAST_STEP_FUSED=1) or 'graph' (RNNFAST_STEP_GRAPH=1); None where the op took
+    another path, or none has run."""
+    return _C._last_step_variant()
+
+
 def _last_cuda_plan():
     """(forward, backward): what the persistent kernels' planner decided for the last CUDA
     forward and backward op that planned one (a forced variant, or auto), or None: a dict

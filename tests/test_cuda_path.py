@@ -96,3 +96,19 @@ def test_no_plan_is_noted_before_a_cuda_call():
     done = _in_child(code, "persistent")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(None, None)"
+
+
+def test_no_step_variant_is_noted_on_the_cpu():
+    """rnnfast._ops._last_step_variant(): (None, None) until a CUDA op runs on the per-step
+    path; the CPU ops never note one, whatever RNNFAST_STEP_FUSED and RNNFAST_STEP_GRAPH say."""
+    code = ("import os, torch, rnnfast\n"
+            "from rnnfast._ops import _last_step_variant\n"
+            "os.environ['RNNFAST_STEP_FUSED'] = '1'\n"
+            "os.environ['RNNFAST_STEP_GRAPH'] = '1'\n"
+            "assert _last_step_variant() == (None, None)\n"
+            "f = rnnfast.GRU(3, 8)\n"
+            "f(torch.randn(4, 2, 3, requires_grad=True))[0].sum().backward()\n"
+            "print(_last_step_variant())")
+    done = _in_child(code, "step")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(None, None)"

@@ -263,13 +263,14 @@ inline at::Tensor aligned16(const at::Tensor& t) {
 }
 
 // The launches kernel(p, s) for s = first, ..., last (counting up or down) on the current
-// stream, with the fused kernels' shared memory and blocks of 64 batch rows by `units`.
+// stream, with the fused kernels' shared memory and blocks of 64 batch rows by `units`, and
+// notes that they ran (rnnfast::note_step_variant; `backward`: the backward's kernel).
 // Returns "" or the CUDA error of the shared-memory attribute, which the op raises after its
 // dispatch (as a refusal).
 template <typename scalar_t, typename acc_t>
 std::string launch_fused(void (*kernel)(PersistentParams<scalar_t, acc_t>, int64_t),
                          const PersistentParams<scalar_t, acc_t>& p, int64_t units,
-                         int64_t first, int64_t last, cudaStream_t stream) {
+                         int64_t first, int64_t last, bool backward, cudaStream_t stream) {
   std::string why;
   constexpr size_t smem = fused_smem_bytes<scalar_t>();
   if (!cuda_ok(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -284,6 +285,7 @@ std::string launch_fused(void (*kernel)(PersistentParams<scalar_t, acc_t>, int64
     kernel<<<grid, 256, smem, stream>>>(p, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  note_step_variant(backward, StepVariant::kFused);
   return why;
 }
 
@@ -293,7 +295,7 @@ template <typename Cell, typename scalar_t, typename acc_t>
 std::string run_fused_steps(const PersistentParams<scalar_t, acc_t>& p, cudaStream_t stream) {
   if constexpr (sizeof(scalar_t) == 2) {
     return launch_fused<scalar_t, acc_t>(&fused_step_forward<Cell, scalar_t, acc_t>, p,
-                                         fused_units<Cell::kGates>(), 0, p.T - 1, stream);
+                                         fused_units<Cell::kGates>(), 0, p.T - 1, false, stream);
   }
   return "";
 }
@@ -319,7 +321,7 @@ std::string run_fused_backward(PersistentParams<scalar_t, acc_t> p, const at::Te
     const at::Tensor dg16 = at::empty({2, p.N, Cell::kGates * p.H}, w_hh.options());
     p.w_hh = w_t.data_ptr<scalar_t>(), p.dg16 = dg16.data_ptr<scalar_t>();
     return launch_fused<scalar_t, acc_t>(&fused_step_backward<Cell, scalar_t, acc_t>, p,
-                                         kFusedCols, p.T, 0, stream);
+                                         kFusedCols, p.T, 0, true, stream);
   }
   return "";
 }

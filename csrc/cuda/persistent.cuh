@@ -662,6 +662,7 @@ __device__ __forceinline__ BlockWork block_work(const Params& p) {
 // exchange runs (one arrival a phase), before the cluster barrier that precedes the loop.
 __device__ __forceinline__ unsigned long long* turn_mbarriers(bool async_exchange) {
   __shared__ __align__(8) unsigned long long bars[2];
+  static_assert(sizeof(bars) <= kClusterStaticSmem, "the planner reserves too little");
   if (async_exchange && threadIdx.x == 0) {
     mbar_init(bars, 1);
     mbar_init(bars + 1, 1);
@@ -1422,6 +1423,15 @@ inline bool cuda_ok(cudaError_t e, const char* what, std::string& why) {
   return false;
 }
 
+// The dynamic shared memory a kernel may ask for: the device's opt-in maximum a block less
+// the kernel's static shared memory (cudaFuncAttributes::sharedSizeBytes); asking for more
+// is "invalid argument" (the sixth H100 run, 2026-11-28, found every cluster kernel
+// refused so, after the async exchange's mbarriers gave them static shared memory).
+constexpr int max_dynamic_smem(size_t optin, size_t static_bytes) {
+  return static_bytes >= optin ? 0 : static_cast<int>(optin - static_bytes);
+}
+static_assert(max_dynamic_smem(232448, 128) == 232320 && max_dynamic_smem(100, 128) == 0);
+
 // Answers that do not change while the process runs (attributes set on a kernel, occupancy
 // queries), kept per key: a query costs microseconds and the planner asks a dozen per op
 // call. Only successes are kept. key: (device, kernel, cluster size or 0, bytes or 0).
@@ -1597,24 +1607,27 @@ struct PersistentPlanner {
           "the device allows " + std::to_string(prop.sharedMemPerBlockOptin / 1024) + " KiB";
     return false;
   }
-  // Once per device and kernel: the device's maximum of dynamic shared memory (not this
-  // call's size: calls from several threads may race), clusters of more than 8 blocks
-  // where asked; ptx: the architecture the kernel's code was compiled for (e.g. 90).
+  // Once per device and kernel: the most dynamic shared memory the device allows beside the
+  // kernel's static shared memory (not this call's size: calls from several threads may
+  // race; asking for the whole opt-in maximum fails with "invalid argument" where the kernel
+  // has static shared memory, as the cluster kernels' mbarriers), clusters of more than 8
+  // blocks where asked; ptx: the architecture the kernel's code was compiled for (e.g. 90).
   bool prepare(const void* k, bool non_portable, int& ptx) {
     const int device = c10::cuda::current_device();
     return memo_query(QueryKey{device, k, non_portable ? -1 : 0, 0}, ptx, why,
                       [&](int& v, std::string& w) {
                         cudaFuncAttributes attrs;
-                        if (!cuda_ok(cudaFuncSetAttribute(
+                        if (!cuda_ok(cudaFuncGetAttributes(&attrs, k), "cudaFuncGetAttributes",
+                                     w) ||
+                            !cuda_ok(cudaFuncSetAttribute(
                                          k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(prop.sharedMemPerBlockOptin)),
+                                         max_dynamic_smem(prop.sharedMemPerBlockOptin,
+                                                          attrs.sharedSizeBytes)),
                                      "cudaFuncSetAttribute", w) ||
                             (non_portable &&
                              !cuda_ok(cudaFuncSetAttribute(
                                           k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
-                                      "allowing clusters of more than 8 blocks", w)) ||
-                            !cuda_ok(cudaFuncGetAttributes(&attrs, k), "cudaFuncGetAttributes",
-                                     w)) {
+                                      "allowing clusters of more than 8 blocks", w))) {
                           return false;
                         }
                         v = attrs.ptxVersion;

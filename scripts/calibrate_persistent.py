@@ -12,7 +12,8 @@ with the cluster variant forced, the planner's cluster size and each of --cluste
 dtypes at the larger batches of --mma-batch, the grid variant with each tensor-core tile of
 --mma-rows (RNNFAST_MMA_ROWS: at most 16, 32 or 64 batch rows a tile, 64 by default; the
 third H100 run measured each) beside the per-step path (its GEMMs by cuBLAS directly,
-through ATen, and its forward fused: RNNFAST_STEP_FUSED=1). Times are the median of
+through ATen, its forward fused: RNNFAST_STEP_FUSED=1, and its steps as a CUDA graph:
+RNNFAST_STEP_GRAPH=1). Times are the median of
 --repeats CUDA-event timings after a warm-up, divided by T. And for the 16-bit dtypes at
 the batches of --batch up to 16, the forward on the grid variant's register tile
 (RNNFAST_REG_TILE=1, the default since the fourth H100 run: W_hh's slice in registers; `reg` in the
@@ -57,7 +58,7 @@ from rnnfast._ops import _last_cuda_plan  # noqa: E402
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
 KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_MMA_ROWS",
          "RNNFAST_STEP_GEMM", "RNNFAST_REG_TILE", "RNNFAST_CLUSTER_EXCHANGE",
-         "RNNFAST_STEP_FUSED")
+         "RNNFAST_STEP_FUSED", "RNNFAST_STEP_GRAPH")
 
 
 def time_per_step(fn, T, repeats, warmup=2):
@@ -82,7 +83,8 @@ def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None, step
     estimates beside the measurement). knob: the value of RNNFAST_PERSISTENT_MAX_BLOCKS
     (path persistent) or RNNFAST_CLUSTER_SIZE (path cluster), 0 for none; mma_rows:
     RNNFAST_MMA_ROWS (path persistent); step_gemm: RNNFAST_STEP_GEMM (path step), or
-    "fused": RNNFAST_STEP_FUSED=1 instead (the fused 16-bit forward); reg_tile:
+    "fused": RNNFAST_STEP_FUSED=1 instead (the fused 16-bit forward), or "graph":
+    RNNFAST_STEP_GRAPH=1 (the steps replayed as a CUDA graph, captured in the warm-up); reg_tile:
     RNNFAST_REG_TILE (path persistent); exchange: RNNFAST_CLUSTER_EXCHANGE (path cluster)."""
     torch.manual_seed(0)
     m = MODULES[cell](H, H).to("cuda", dtype)
@@ -95,6 +97,8 @@ def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None, step
         os.environ[KNOBS[2]] = str(mma_rows)
     if step_gemm == "fused":
         os.environ[KNOBS[6]] = "1"
+    elif step_gemm == "graph":
+        os.environ[KNOBS[7]] = "1"
     elif step_gemm:
         os.environ[KNOBS[3]] = step_gemm
     if reg_tile is not None:
@@ -375,19 +379,19 @@ def overhead_table(args, prop, rows):
 def mma_table(args, prop, rows):
     """The 16-bit grid variant with each tensor-core tile of --mma-rows, at --mma-batch,
     beside the per-step path, its GEMMs by cublasGemmEx called directly, through ATen
-    (RNNFAST_STEP_GEMM=aten), and its forward fused (RNNFAST_STEP_FUSED=1, `fused`; the
-    backward then as with cublas)."""
+    (RNNFAST_STEP_GEMM=aten), its forward fused (RNNFAST_STEP_FUSED=1, `fused`; in bfloat16
+    the backward too) and its steps as a CUDA graph (RNNFAST_STEP_GRAPH=1, `graph`)."""
     dtypes = [d for d in args.dtypes if d in ("bfloat16", "float16")]
     if not dtypes or not args.mma_batch or not args.mma_rows:
         return
     head = "  ".join(f"{f'rows={r}':>8s}" for r in args.mma_rows)
     print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent, tensor-core "
-          f"tile: {head} | {'step':>8s} {'aten':>8s} {'fused':>8s}")
+          f"tile: {head} | {'step':>8s} {'aten':>8s} {'fused':>8s} {'graph':>8s}")
     for case in cases(dtypes, args.cells, args.mma_batch, args.hidden, args.modes):
         cells = [record(args, rows, case, "persistent", {"mma_rows": r}, mma_rows=r)
                  for r in args.mma_rows]
         steps = [record(args, rows, case, "step", {"mma_rows": None, "step_gemm": g},
-                        step_gemm=g) for g in ("cublas", "aten", "fused")]
+                        step_gemm=g) for g in ("cublas", "aten", "fused", "graph")]
         print(f"{label(case)} | {'':31s}{'  '.join(cells)} | {' '.join(steps)}", flush=True)
         save(args, prop, rows)
 

@@ -8,11 +8,12 @@
 #      call's host time on each CUDA path and the profiles of the op, into host_overhead.txt;
 #   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py,
 #      tests/test_cuda_mma_rows.py, tests/test_cuda_step_gemm.py, tests/test_cuda_reg_tile.py,
-#      tests/test_cuda_cluster_async.py, tests/test_cuda_step_fused.py);
+#      tests/test_cuda_cluster_async.py, tests/test_cuda_step_fused.py,
+#      tests/test_cuda_step_graph.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants,
-#      the cluster variant also with its async exchange) and the per-step path's fused forward
-#      (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
+#      the cluster variant also with its async exchange), the per-step path's fused kernels
+#      and its CUDA graphs (two calls) (scripts/sanitize_case.py; the per-step path's kernels were clean on 2026-11-26 and
 #      have not changed since);
 #   3b. calib: the persistent kernels' per-step time against their block count
 #      (scripts/calibrate_persistent.py, small shapes, T=256: the cost model's data; in 16
@@ -54,23 +55,22 @@
 #
 # With 15 device minutes (the machine's start counts too), two calls fit (the second
 # finds the build in place only if it comes within the machine's 30 s idle time: run it at
-# once). Measured on the H100 on 2026-11-27 (fifth run): build 89-95 s, host 20 s,
-# test_cuda 168 s (1209 tests, 4 shards), sanitize 94 s (all 53 runs), calib 27 s, the
-# whole first call 407 s; bench7 about 3 s a case with 4 contenders (71 float32 cases in
-# 221 s). The whole lease was 869 s.
-# The next plan: the first call checks and calibrates (tests/test_cuda_cluster_async.py,
-# tests/test_cuda_step_fused.py and their sanitizer runs are new, never run on a GPU;
-# calib's exchange table says whether RNNFAST_CLUSTER_EXCHANGE=async is faster); the
-# second measures the issue's table, bfloat16 first this time (the fifth run measured only
-# float32, the fourth bfloat16 with the register tile off), with the fused step forward
-# (RNNFAST_STEP_FUSED=1, where the per-step path is auto's pick: N = 256, H >= 768):
-#   GPU_CHECK_STAGES="host test_cuda sanitize calib" GPU_CHECK_BUDGET=480
-#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast async,rnnfast step,rnnfast step fused,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=350
+# once). Measured on the H100 on 2026-11-28 (sixth run): build 82 s, host 20 s, test_cuda
+# 171 s (1364 tests, 4 shards; 449 of them refused at once then), sanitize 96 s (69 runs),
+# calib 28 s, the whole first call 407 s; bench7 141 cases in 311 s with 4 contenders. The
+# whole lease was 789 s (one warm machine for both calls).
+# The next plan: the first call checks and calibrates (the cluster variant's fix and its
+# async exchange, tests/test_cuda_step_graph.py and its sanitizer runs: never run on a
+# GPU; calib's exchange and Elman tables, its graph column); the second measures the
+# issue's table with the per-step graphs (RNNFAST_STEP_GRAPH=1) and the async exchange:
+#   GPU_CHECK_STAGES="test_cuda sanitize calib" GPU_CHECK_BUDGET=460
+#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast async,rnnfast step graph,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=350
 # (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`
 # runs the per-step path's GEMMs through ATen, against `rnnfast step`'s direct cuBLAS calls;
 # `rnnfast reg` the grid variant with RNNFAST_REG_TILE=1, at N <= 16 in 16 bits only;
 # `rnnfast async` auto with RNNFAST_CLUSTER_EXCHANGE=async; `rnnfast step fused` the
-# per-step path with RNNFAST_STEP_FUSED=1 (16-bit, H % 8 == 0);
+# per-step path with RNNFAST_STEP_FUSED=1 (16-bit, H % 8 == 0); `rnnfast step graph` the
+# per-step path with RNNFAST_STEP_GRAPH=1 (16-bit);
 # `rnnfast mma64` and `rnnfast mma32` force the tile, where it applies;
 # scripts/host_overhead.py times a call's host time on each CUDA path)
 #
@@ -212,7 +212,7 @@ if wanted test_cuda; then
     --junitxml="$OUT/test_cuda.xml" -- -q --tb=short \
     tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_mma_rows.py \
     tests/test_cuda_step_gemm.py tests/test_cuda_reg_tile.py tests/test_cuda_cluster_async.py \
-    tests/test_cuda_step_fused.py
+    tests/test_cuda_step_fused.py tests/test_cuda_step_graph.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
@@ -228,8 +228,11 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # PATH async: the cluster variant with the async exchange (RNNFAST_CLUSTER_EXCHANGE)
   # PATH fused: the per-step path's fused kernels (RNNFAST_STEP_FUSED=1), N=70 (two blocks of
   # 64 batch rows, the second mostly past N)
-  local forced=$path rows=16 n=5 reg=0 exch=barrier fused=0
+  # PATH graph: the per-step path as CUDA graphs (RNNFAST_STEP_GRAPH=1), two calls (the
+  # second replays the graphs captured then)
+  local forced=$path rows=16 n=5 reg=0 exch=barrier fused=0 graph=0 calls=1
   case $path in
+    graph) forced=step graph=1 calls=2 ;;
     mma64) forced=persistent rows=64 n=40 ;;
     reg) forced=persistent reg=1 n=11; ((h > 16)) && n=16 ;;
     async) forced=cluster exch=async ;;
@@ -245,14 +248,19 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # 3 clusters, the last with 1 row
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 RNNFAST_CLUSTER_SIZE=4 RNNFAST_CLUSTER_ROWS=2 \
     RNNFAST_MMA_ROWS=$rows RNNFAST_REG_TILE=$reg RNNFAST_CLUSTER_EXCHANGE=$exch \
-    RNNFAST_STEP_FUSED=$fused \
+    RNNFAST_STEP_FUSED=$fused RNNFAST_STEP_GRAPH=$graph \
     timeout -k 5 "$t" "$SANITIZER" \
     --tool "$tool" --error-exitcode 1 --report-api-errors no --print-limit 20 \
     "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$forced" --N "$n" \
-    --H "$h" $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h-$path.log" 2>&1
+    --H "$h" --calls "$calls" $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h-$path.log" 2>&1
   echo $? >"$WORK/san-$tool-$cell-$dtype-$h-$path.rc"
 }
 SAN_CASES=()
+# the per-step path's CUDA graphs (never run on a GPU before): the forward and the bfloat16
+# backward replayed at the second call
+for tool in memcheck racecheck; do
+  for cell in lstm gru rnn_tanh; do SAN_CASES+=("$tool $cell bfloat16 16 graph"); done
+done
 # the per-step path's fused forward (never run on a GPU before): H=72, two stages of 64
 # columns (the second mostly padding), 5 units a block of the LSTM
 for tool in memcheck racecheck; do
@@ -687,8 +695,9 @@ if cal:
               "tensor-core tile (RNNFAST_MMA_ROWS; nt: the tile that ran) and the per-step path")
         print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'mode':6} "
               + " ".join(f"{f'rows={n}':>8} {'nt':>3}" for n in sizes)
-              + f" {'step':>8} {'aten':>8} {'fused':>8}  (step: cuBLAS called directly; "
-              "aten: through ATen; fused: RNNFAST_STEP_FUSED=1)")
+              + f" {'step':>8} {'aten':>8} {'fused':>8} {'graph':>8}  (step: cuBLAS called "
+              "directly; aten: through ATen; fused: RNNFAST_STEP_FUSED=1; graph: "
+              "RNNFAST_STEP_GRAPH=1)")
         for k in dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) for r in mma):
             rs = [r for r in mma if (r["cell"], r["dtype"], r["N"], r["H"], r["mode"]) == k]
             line = f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} {k[4]:6}"
@@ -699,7 +708,8 @@ if cal:
             steps = [r for r in rs if r["path"] == "step"]
             print(line + " " + us_of([r for r in steps if r.get("step_gemm") == "cublas"]) + " "
                   + us_of([r for r in steps if r.get("step_gemm") == "aten"]) + " "
-                  + us_of([r for r in steps if r.get("step_gemm") == "fused"]))
+                  + us_of([r for r in steps if r.get("step_gemm") == "fused"]) + " "
+                  + us_of([r for r in steps if r.get("step_gemm") == "graph"]))
     elman = [r for r in cal if r.get("table") == "elman"]
     if elman:
         print()

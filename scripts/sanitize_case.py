@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import rnnfast  # noqa: E402
+from rnnfast._ops import _last_step_variant  # noqa: E402
 
 CELLS = {
     "lstm": (rnnfast.LSTM, {}),
@@ -39,6 +40,10 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--path", default="auto", choices=["auto", "step", "persistent", "cluster"],
                    help="the CUDA path, forced (rnnfast.cuda_path)")
+    p.add_argument("--calls", type=int, default=1,
+                   help="runs of the whole (inference, training forward, backward), on the same "
+                        "module: 2 for the per-step path's CUDA graph (RNNFAST_STEP_GRAPH=1), "
+                        "which replays from a shape's second call")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try this script out")
     args = p.parse_args()
     rnnfast.set_cuda_path(args.path)
@@ -56,15 +61,19 @@ def main():
         if args.cell == "lstm" else h0
     states = list(hx) if isinstance(hx, tuple) else [hx]
 
-    with torch.no_grad():
-        y_inf = m(x, hx)[0]
-    y, hn = m(x, hx)
-    hn = list(hn) if isinstance(hn, tuple) else [hn]
-    # weights on every output, so that no gradient is trivially uniform
-    loss = sum((t.float() * torch.linspace(-1, 1, t.numel(), device=dev).view_as(t)).sum() for t in [y] + hn)
-    loss.backward()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    for _ in range(args.calls):  # the gradients of the last call kept
+        for t in [x, *states, *m.parameters()]:
+            t.grad = None
+        with torch.no_grad():
+            y_inf = m(x, hx)[0]
+        y, hn = m(x, hx)
+        hn = list(hn) if isinstance(hn, tuple) else [hn]
+        # weights on every output, so that no gradient is trivially uniform
+        loss = sum((t.float() * torch.linspace(-1, 1, t.numel(), device=dev).view_as(t)).sum()
+                   for t in [y] + hn)
+        loss.backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     checks = {"inference output": y_inf, "output": y, "dx": x.grad}
     checks.update({f"d{name}": p.grad for name, p in m.named_parameters()})
@@ -75,7 +84,8 @@ def main():
     diff = (y_inf.double() - y.detach().double()).abs().max().item()
     tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
     print(f"sanitize_case {args.cell} {args.dtype} T={args.T} N={args.N} C={args.C} H={args.H} "
-          f"layers={args.layers} bidirectional, path {args.path} (ran {rnnfast.last_cuda_path()}): "
+          f"layers={args.layers} bidirectional, path {args.path} (ran {rnnfast.last_cuda_path()}, "
+          f"steps {_last_step_variant()}, {args.calls} call(s)): "
           f"{len(checks)} tensors checked, "
           f"max |inference - training forward| = {diff:.2e}"
           + (f"; NOT FINITE or missing: {bad}" if bad else "")

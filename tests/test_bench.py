@@ -120,6 +120,7 @@ def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch)
     monkeypatch.setenv("RNNFAST_REG_TILE", "0")
     monkeypatch.delenv("RNNFAST_CLUSTER_EXCHANGE", raising=False)
     monkeypatch.setenv("RNNFAST_STEP_FUSED", "0")
+    monkeypatch.delenv("RNNFAST_STEP_GRAPH", raising=False)
     seen = {}
 
     def watch(name):
@@ -134,7 +135,8 @@ def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch)
             return m, call
         return build
     kwargs = {"plain": {}, "knobbed": {"mma_rows": 64, "step_gemm": "aten", "reg_tile": 1,
-                                       "exchange": "async", "step_fused": 1}}
+                                       "exchange": "async", "step_fused": 1,
+                                       "step_graph": 1}}
     monkeypatch.setattr(C, "check_knobs_apply", lambda *args: None)  # float32 on the CPU
     for name in kwargs:
         monkeypatch.setitem(C.BUILDERS, name, watch(name))
@@ -143,14 +145,15 @@ def test_knob_contenders_set_their_knobs_and_the_case_restores_them(monkeypatch)
     assert "median_s" in rec["results"]["knobbed"], rec["results"]
     assert seen["plain"] == {"RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None,
                              "RNNFAST_REG_TILE": "0", "RNNFAST_CLUSTER_EXCHANGE": None,
-                             "RNNFAST_STEP_FUSED": "0"}
+                             "RNNFAST_STEP_FUSED": "0", "RNNFAST_STEP_GRAPH": None}
     assert seen["knobbed"] == {"RNNFAST_MMA_ROWS": "64", "RNNFAST_STEP_GEMM": "aten",
                                "RNNFAST_REG_TILE": "1", "RNNFAST_CLUSTER_EXCHANGE": "async",
-                               "RNNFAST_STEP_FUSED": "1"}
+                               "RNNFAST_STEP_FUSED": "1", "RNNFAST_STEP_GRAPH": "1"}
     assert os.environ.get("RNNFAST_MMA_ROWS") == "32" and "RNNFAST_STEP_GEMM" not in os.environ
     assert os.environ.get("RNNFAST_REG_TILE") == "0"
     assert "RNNFAST_CLUSTER_EXCHANGE" not in os.environ
     assert os.environ.get("RNNFAST_STEP_FUSED") == "0"
+    assert "RNNFAST_STEP_GRAPH" not in os.environ
 
 
 def test_knob_contenders_say_where_they_do_not_apply():
@@ -176,6 +179,9 @@ def test_knob_contenders_say_where_they_do_not_apply():
     with pytest.raises(C.Unavailable, match="needs H % 8 == 0, H=12"):
         C._rnnfast_on(None, "x", step_fused=1)(half, "lstm", odd, "fwd")
     assert "CUDA only" in C.unavailable_here("rnnfast step fused", "cpu")
+    with pytest.raises(C.Unavailable, match="step graph is for float16/bfloat16"):
+        C._rnnfast_on(None, "x", step_graph=1)(ref, "lstm", TINY, "fwd")
+    assert "CUDA only" in C.unavailable_here("rnnfast step graph", "cpu")
 
 
 def test_gpu_peers_are_skipped_with_a_reason_on_cpu():

@@ -62,12 +62,13 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     # per mode and dtype: persistent at all blocks and <= 64, cluster at the planner's size
     # and 16, 8, 4, and the per-step path; then bfloat16 only: its forward at N = 16 with H
     # = 768 and 1024, tiled and on the register tile; at N = 64 and 256: the tensor-core
-    # tiles of 16, 32 and 64 rows and the per-step path, direct, through ATen and fused
+    # tiles of 16, 32 and 64 rows and the per-step path, direct, through ATen, fused and as a
+    # CUDA graph
     main_rows = 2 * (2 + 4 + 1) * 2  # 2 modes, 2 dtypes
     reg_rows = 2 * 3
     # then the cluster variant with each exchange, per mode and dtype
     exchange_rows = 2 * 2 * 2
-    assert len(rows) == main_rows + reg_rows + exchange_rows + 2 * 2 * (3 + 3)
+    assert len(rows) == main_rows + reg_rows + exchange_rows + 2 * 2 * (3 + 4)
     assert len(seen) == len(rows)
     assert [r["dtype"] for r in rows[:14]] == ["bfloat16"] * 14  # bfloat16 first
     assert all("exchange" not in r for r in rows)
@@ -105,9 +106,11 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     mma = rows[main_rows + reg_rows + exchange_rows:]
     assert {(r["dtype"], r["N"], r["mma_rows"], r["path"], r.get("step_gemm")) for r in mma} == {
         ("bfloat16", n, r, "persistent", None) for n in (64, 256) for r in (16, 32, 64)} | {
-        ("bfloat16", n, None, "step", g) for n in (64, 256) for g in ("cublas", "aten", "fused")}
+        ("bfloat16", n, None, "step", g) for n in (64, 256)
+        for g in ("cublas", "aten", "fused", "graph")}
     assert {(s[7], s[8]) for s in seen if s[2] in (64, 256)} == {
-        (16, None), (32, None), (64, None), (None, "cublas"), (None, "aten"), (None, "fused")}
+        (16, None), (32, None), (64, None), (None, "cublas"), (None, "aten"), (None, "fused"),
+        (None, "graph")}
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["sms"] == 132
     fwdbwd = [r for r in rows if r["mode"] == "fwdbwd"]
@@ -140,7 +143,7 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": "64", "RNNFAST_CLUSTER_SIZE": None,
                     "RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None,
                     "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
-                    "RNNFAST_STEP_FUSED": None}
+                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the cluster variant: its size knob, and no tile
     monkeypatch.setenv("RNNFAST_MMA_ROWS", "stale")
@@ -148,21 +151,28 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": "8",
                     "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
                     "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
-                    "RNNFAST_STEP_FUSED": None}
+                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the per-step path through ATen
     cal.measure("lstm", torch.float32, 2, 8, 4, "step", 0, "fwd", 1, step_gemm="aten")
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
                     "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": "aten",
                     "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
-                    "RNNFAST_STEP_FUSED": None}
+                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the per-step path's fused forward: RNNFAST_STEP_FUSED, not RNNFAST_STEP_GEMM
     cal.measure("lstm", torch.bfloat16, 2, 8, 4, "step", 0, "fwd", 1, step_gemm="fused")
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
                     "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
                     "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
-                    "RNNFAST_STEP_FUSED": "1"}
+                    "RNNFAST_STEP_FUSED": "1", "RNNFAST_STEP_GRAPH": None}
+    assert all(k not in os.environ for k in cal.KNOBS)
+    # the per-step path as a CUDA graph: RNNFAST_STEP_GRAPH
+    cal.measure("lstm", torch.bfloat16, 2, 8, 4, "step", 0, "fwd", 1, step_gemm="graph")
+    assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
+                    "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
+                    "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
+                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": "1"}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the register tile, asked for and not
     for value in (1, 0):
@@ -170,7 +180,7 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
         assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
                         "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
                         "RNNFAST_REG_TILE": str(value), "RNNFAST_CLUSTER_EXCHANGE": None,
-                    "RNNFAST_STEP_FUSED": None}
+                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None}
         assert all(k not in os.environ for k in cal.KNOBS)
 
 

@@ -116,12 +116,16 @@ using GemmExFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOpe
                                     int, int, const void*, const void*, cudaDataType, int,
                                     const void*, cudaDataType, int, const void*, void*,
                                     cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
-inline GemmExFn loaded_cublas_gemm_ex() {
-  static const GemmExFn fn = []() -> GemmExFn {
+// A function of the cuBLAS library torch loaded, or null where it is not loaded or has none
+inline void* loaded_cublas_symbol(const char* name) {
+  static void* const lib = [] {
     const std::string soname = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
-    void* lib = dlopen(soname.c_str(), RTLD_NOW | RTLD_NOLOAD);
-    return lib != nullptr ? reinterpret_cast<GemmExFn>(dlsym(lib, "cublasGemmEx")) : nullptr;
+    return dlopen(soname.c_str(), RTLD_NOW | RTLD_NOLOAD);
   }();
+  return lib != nullptr ? dlsym(lib, name) : nullptr;
+}
+inline GemmExFn loaded_cublas_gemm_ex() {
+  static const GemmExFn fn = reinterpret_cast<GemmExFn>(loaded_cublas_symbol("cublasGemmEx"));
   return fn;
 }
 // What the per-step path's 16-bit GEMMs go through: "cublas" (direct, where found) or "aten"
@@ -198,6 +202,8 @@ class StepGemm {
   // check_persistent_refusal: nothing is thrown from inside it); calls after a failure do
   // nothing.
   const std::string& error() const { return error_; }
+  // The cuBLAS handle of the direct calls (null where they go through ATen)
+  cublasHandle_t handle() const { return handle_; }
 
   // out [N, GH] = h [N, H] W_hh^T in the tensors' dtype, h being h0 (tp < 0) or y[tp]
   void gates(const Tensor& h0, const Tensor& y, int64_t tp, Tensor& out) const {

@@ -2,6 +2,7 @@
 // recurrent GEMM and one fused pointwise kernel (common.cuh).
 #include "fused_step.cuh"
 #include "persistent.cuh"
+#include "step_graph.cuh"
 
 namespace rnnfast::cuda {
 
@@ -209,19 +210,26 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
         // whichever path runs)
         const bool fused_asked = fused_step_applies<scalar_t>(H, refused);
         if (!refused.empty()) return;
+        // or as one CUDA graph (RNNFAST_STEP_GRAPH=1), where captured (else the loop below)
+        const bool graph_asked = step_graph_applies<scalar_t>(false, refused);
+        if (!refused.empty()) return;
         const bool fused = plan.kernel == nullptr && fused_asked;
-        if (plan.kernel != nullptr || fused) {
+        const bool graphed = plan.kernel == nullptr && !fused && graph_asked;
+        if (plan.kernel != nullptr || fused || graphed) {
           const Tensor h0a = fused ? aligned16(h0) : h0, w_hha = fused ? aligned16(w_hh) : w_hh;
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hha.data_ptr<scalar_t>(), p.b_hh = bp;
           p.h0 = h0a.data_ptr<scalar_t>(), p.y = yp, p.cache = training ? ws : nullptr;
-          if (fused) {
+          if (graphed) {
+            if (run_step_graph_forward<GruCell>(p, w_hh, stream)) return;
+          } else if (fused) {
             refused = run_fused_steps<GruCell>(p, stream);  // raised below
+            return;
           } else {
             refused = launch_persistent(plan, p, x);  // a launch error, raised below
+            return;
           }
-          return;
         }
         Tensor hh = at::empty({N, 3 * H}, x.options());
         const StepGemm gemm(w_hh);
@@ -277,18 +285,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
         // the per-step path's bfloat16 backward fused (RNNFAST_STEP_FUSED=1)
         const bool fused_asked = fused_backward_applies<scalar_t>(H, refused);
         if (!refused.empty()) return;
+        // or as one CUDA graph (RNNFAST_STEP_GRAPH=1), where captured (else the loop below)
+        const bool graph_asked = step_graph_applies<scalar_t>(true, refused);
+        if (!refused.empty()) return;
         const bool fused = plan.kernel == nullptr && fused_asked;
-        if (plan.kernel != nullptr || fused) {
+        const bool graphed = plan.kernel == nullptr && !fused && graph_asked;
+        if (plan.kernel != nullptr || fused || graphed) {
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.w_hh = w_hh.data_ptr<scalar_t>(), p.h0 = h0.data_ptr<scalar_t>();
           p.y = const_cast<scalar_t*>(yp), p.cache = const_cast<acc_t*>(ws);
           p.dy = dy.data_ptr<scalar_t>(), p.dh = dh.data_ptr<acc_t>();
           p.dg_ih = dg_ih.data_ptr<acc_t>(), p.dg_hh = dg_hh.data_ptr<acc_t>();
-          // a launch error, raised below
-          refused = fused ? run_fused_backward<GruCell>(p, w_hh, stream)
-                          : launch_persistent(plan, p, x);
-          return;
+          if (!graphed) {
+            // a launch error, raised below
+            refused = fused ? run_fused_backward<GruCell>(p, w_hh, stream)
+                            : launch_persistent(plan, p, x);
+            return;
+          }
+          if (run_step_graph_backward<GruCell>(p, w_hh, stream)) return;
         }
         const StepGemm gemm(w_hh, N);
         scalar_t* dg16p = gemm.dg16<scalar_t>();

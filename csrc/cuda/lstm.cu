@@ -2,6 +2,7 @@
 // recurrent GEMM and one fused pointwise kernel (common.cuh).
 #include "fused_step.cuh"
 #include "persistent.cuh"
+#include "step_graph.cuh"
 
 namespace rnnfast::cuda {
 
@@ -203,8 +204,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
         // whichever path runs)
         const bool fused_asked = fused_step_applies<scalar_t>(H, refused);
         if (!refused.empty()) return;
+        // or as one CUDA graph (RNNFAST_STEP_GRAPH=1), where captured (else the loop below)
+        const bool graph_asked = step_graph_applies<scalar_t>(false, refused);
+        if (!refused.empty()) return;
         const bool fused = plan.kernel == nullptr && fused_asked;
-        if (plan.kernel != nullptr || fused) {
+        const bool graphed = plan.kernel == nullptr && !fused && graph_asked;
+        if (plan.kernel != nullptr || fused || graphed) {
           if (!training) c_state = c0_acc.clone();
           const Tensor h0a = fused ? aligned16(h0) : h0, w_hha = fused ? aligned16(w_hh) : w_hh;
           PersistentParams<scalar_t, acc_t> p{};
@@ -213,12 +218,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
           p.h0 = h0a.data_ptr<scalar_t>(), p.c0 = c0_acc.data_ptr<acc_t>(), p.y = yp;
           p.cache = training ? ws : nullptr;
           p.c_state = training ? nullptr : c_state.data_ptr<acc_t>();
-          if (fused) {
+          if (graphed) {
+            if (run_step_graph_forward<LstmCell>(p, w_hh, stream)) return;
+            c_state = Tensor();  // the loop below keeps c in c_turns
+          } else if (fused) {
             refused = run_fused_steps<LstmCell>(p, stream);  // raised below
+            return;
           } else {
             refused = launch_persistent(plan, p, x);  // a launch error, raised below
+            return;
           }
-          return;
         }
         if (!training) c_turns = at::empty({2, N, H}, x.options().dtype(acc));
         acc_t* ct = training ? nullptr : c_turns.data_ptr<acc_t>();
@@ -299,18 +308,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
         // the per-step path's bfloat16 backward fused (RNNFAST_STEP_FUSED=1)
         const bool fused_asked = fused_backward_applies<scalar_t>(H, refused);
         if (!refused.empty()) return;
+        // or as one CUDA graph (RNNFAST_STEP_GRAPH=1), where captured (else the loop below)
+        const bool graph_asked = step_graph_applies<scalar_t>(true, refused);
+        if (!refused.empty()) return;
         const bool fused = plan.kernel == nullptr && fused_asked;
-        if (plan.kernel != nullptr || fused) {
+        const bool graphed = plan.kernel == nullptr && !fused && graph_asked;
+        if (plan.kernel != nullptr || fused || graphed) {
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.w_hh = w_hh.data_ptr<scalar_t>(), p.c0 = c0_acc.data_ptr<acc_t>();
           p.cache = const_cast<acc_t*>(ws), p.dy = dy.data_ptr<scalar_t>();
           p.dh = dh.data_ptr<acc_t>(), p.dc = dc.data_ptr<acc_t>();
           p.dg_ih = dgp, p.dg_hh = dgp;
-          // a launch error, raised below
-          refused = fused ? run_fused_backward<LstmCell>(p, w_hh, stream)
-                          : launch_persistent(plan, p, x);
-          return;
+          if (!graphed) {
+            // a launch error, raised below
+            refused = fused ? run_fused_backward<LstmCell>(p, w_hh, stream)
+                            : launch_persistent(plan, p, x);
+            return;
+          }
+          if (run_step_graph_backward<LstmCell>(p, w_hh, stream)) return;
         }
         const StepGemm gemm(w_hh, N);
         scalar_t* dg16p = gemm.dg16<scalar_t>();

@@ -3,6 +3,7 @@
 // pointwise kernel (common.cuh).
 #include "fused_step.cuh"
 #include "persistent.cuh"
+#include "step_graph.cuh"
 
 namespace rnnfast::cuda {
 
@@ -118,20 +119,27 @@ std::tuple<Tensor, Tensor> rnn_forward_cuda(const Tensor& x, const Tensor& h0, c
         // whichever path runs)
         const bool fused_asked = fused_step_applies<scalar_t>(H, refused);
         if (!refused.empty()) return;
+        // or as one CUDA graph (RNNFAST_STEP_GRAPH=1), where captured (else the loop below)
+        const bool graph_asked = step_graph_applies<scalar_t>(false, refused);
+        if (!refused.empty()) return;
         const bool fused = plan.kernel == nullptr && fused_asked;
-        if (plan.kernel != nullptr || fused) {
+        const bool graphed = plan.kernel == nullptr && !fused && graph_asked;
+        if (plan.kernel != nullptr || fused || graphed) {
           const Tensor h0a = fused ? aligned16(h0) : h0, w_hha = fused ? aligned16(w_hh) : w_hh;
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.activation = static_cast<int>(activation);
           p.xp = xp.data_ptr<scalar_t>(), p.w_hh = w_hha.data_ptr<scalar_t>();
           p.h0 = h0a.data_ptr<scalar_t>(), p.y = yp;
-          if (fused) {
+          if (graphed) {
+            if (run_step_graph_forward<ElmanCell>(p, w_hh, stream)) return;
+          } else if (fused) {
             refused = run_fused_steps<ElmanCell>(p, stream);  // raised below
+            return;
           } else {
             refused = launch_persistent(plan, p, x);  // a launch error, raised below
+            return;
           }
-          return;
         }
         Tensor hh = at::empty({N, H}, x.options());
         const StepGemm gemm(w_hh);
@@ -183,18 +191,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
         // the per-step path's bfloat16 backward fused (RNNFAST_STEP_FUSED=1)
         const bool fused_asked = fused_backward_applies<scalar_t>(H, refused);
         if (!refused.empty()) return;
+        // or as one CUDA graph (RNNFAST_STEP_GRAPH=1), where captured (else the loop below)
+        const bool graph_asked = step_graph_applies<scalar_t>(true, refused);
+        if (!refused.empty()) return;
         const bool fused = plan.kernel == nullptr && fused_asked;
-        if (plan.kernel != nullptr || fused) {
+        const bool graphed = plan.kernel == nullptr && !fused && graph_asked;
+        if (plan.kernel != nullptr || fused || graphed) {
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;
           p.activation = static_cast<int>(activation);
           p.w_hh = w_hh.data_ptr<scalar_t>(), p.y = const_cast<scalar_t*>(y.data_ptr<scalar_t>());
           p.dy = dy.data_ptr<scalar_t>(), p.dh = dh.data_ptr<acc_t>();
           p.dg_ih = dg.data_ptr<acc_t>(), p.dg_hh = dg.data_ptr<acc_t>();
-          // a launch error, raised below
-          refused = fused ? run_fused_backward<ElmanCell>(p, w_hh, stream)
-                          : launch_persistent(plan, p, x);
-          return;
+          if (!graphed) {
+            // a launch error, raised below
+            refused = fused ? run_fused_backward<ElmanCell>(p, w_hh, stream)
+                            : launch_persistent(plan, p, x);
+            return;
+          }
+          if (run_step_graph_backward<ElmanCell>(p, w_hh, stream)) return;
         }
         const StepGemm gemm(w_hh, N);
         scalar_t* dg16p = gemm.dg16<scalar_t>();

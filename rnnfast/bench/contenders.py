@@ -27,6 +27,11 @@ Contenders:
                   (GPU, float16/bfloat16, H % 8 == 0) the per-step path forced with
                   RNNFAST_STEP_FUSED=1: its forward one kernel a step (the GEMM on tensor
                   cores and the pointwise update fused; off by default until measured)
+  rnnfast step graph
+                  (GPU, float16/bfloat16) the per-step path forced with RNNFAST_STEP_GRAPH=1:
+                  its T steps replayed as one CUDA graph (captured at a shape's second
+                  call; the backward too in bfloat16), no host work a step; off by default
+                  until measured
   rnnfast async   (GPU) rnnfast on auto with RNNFAST_CLUSTER_EXCHANGE=async: the cluster
                   variant's async exchange (st.async and mbarriers, no cluster barrier;
                   off by default until measured) wherever auto picks the cluster variant
@@ -77,28 +82,29 @@ def make_torch_module(cell, shape, dtype, device, seed=0):
 # the environment knobs the rnnfast contenders set on each call (csrc/cuda/persistent.cuh,
 # csrc/cuda/common.cuh): each as the contender asks, else as it was when it was built
 KNOBS = ("RNNFAST_MMA_ROWS", "RNNFAST_STEP_GEMM", "RNNFAST_REG_TILE",
-         "RNNFAST_CLUSTER_EXCHANGE", "RNNFAST_STEP_FUSED")
+         "RNNFAST_CLUSTER_EXCHANGE", "RNNFAST_STEP_FUSED", "RNNFAST_STEP_GRAPH")
 
 
 def _rnnfast_on(path, name=None, mma_rows=None, step_gemm=None, reg_tile=None,
-                exchange=None, step_fused=None):
+                exchange=None, step_fused=None, step_graph=None):
     """The rnnfast contender on a CUDA path (None: the setting in force when it is built),
     with RNNFAST_MMA_ROWS = mma_rows, RNNFAST_STEP_GEMM = step_gemm, RNNFAST_REG_TILE =
-    reg_tile, RNNFAST_CLUSTER_EXCHANGE = exchange and RNNFAST_STEP_FUSED = step_fused where
-    given. Each call sets the path and the knobs, which stay set through the backward that
+    reg_tile, RNNFAST_CLUSTER_EXCHANGE = exchange, RNNFAST_STEP_FUSED = step_fused and
+    RNNFAST_STEP_GRAPH = step_graph where given. Each call sets the path and the knobs, which stay set through the backward that
     follows it: the contenders' calls interleave."""
     asked = {"RNNFAST_MMA_ROWS": None if mma_rows is None else str(mma_rows),
              "RNNFAST_STEP_GEMM": step_gemm,
              "RNNFAST_REG_TILE": None if reg_tile is None else str(reg_tile),
              "RNNFAST_CLUSTER_EXCHANGE": exchange,
-             "RNNFAST_STEP_FUSED": None if step_fused is None else str(step_fused)}
+             "RNNFAST_STEP_FUSED": None if step_fused is None else str(step_fused),
+             "RNNFAST_STEP_GRAPH": None if step_graph is None else str(step_graph)}
 
     def build(ref, cell, shape, mode):
         label = name or f"rnnfast {path}"
         if path is not None:
             _require_cuda(label, ref)
         check_knobs_apply(label, ref.weight_ih_l0.dtype, shape, mma_rows, step_gemm, reg_tile,
-                          step_fused)
+                          step_fused, step_graph)
         m = FAST_CLASSES[cell](shape.C, shape.H, num_layers=shape.layers,
                                bidirectional=shape.bidirectional, **EXTRA_ARGS[cell])
         m = m.to(dtype=ref.weight_ih_l0.dtype, device=ref.weight_ih_l0.device)
@@ -115,10 +121,13 @@ def _rnnfast_on(path, name=None, mma_rows=None, step_gemm=None, reg_tile=None,
 
 
 def check_knobs_apply(label, dtype, shape, mma_rows, step_gemm, reg_tile=None,
-                      step_fused=None):
+                      step_fused=None, step_graph=None):
     """Unavailable where a knob asked for changes nothing (the contender would time the same
     code as another)."""
     half = dtype in (torch.float16, torch.bfloat16)
+    if step_graph and not half:
+        raise Unavailable(f"{label}: the step graph is for float16/bfloat16; {dtype}'s per-step "
+                          f"path is bound by its GEMMs")
     if step_fused:
         if not half:
             raise Unavailable(f"{label}: the fused step is the tensor-core (float16/bfloat16) "
@@ -323,6 +332,7 @@ BUILDERS: Dict[str, Callable] = {
     "rnnfast reg": _rnnfast_on("persistent", "rnnfast reg", reg_tile=1),
     "rnnfast async": _rnnfast_on("auto", "rnnfast async", exchange="async"),
     "rnnfast step fused": _rnnfast_on("step", "rnnfast step fused", step_fused=1),
+    "rnnfast step graph": _rnnfast_on("step", "rnnfast step graph", step_graph=1),
     "torch.nn": _torch_nn,
     "reference loop": _reference_loop,
     "compiled loop": _compiled_loop,

@@ -6,11 +6,13 @@ measured on a GPU.
 
 On a GPU, with the step path forced: the first call runs the plain loop and later calls the
 graph (rnnfast._ops._last_step_variant says which ran); every output, final state and
-gradient of each call, on fresh inputs each time (so a replay that kept an earlier call's
-tensors fails), against torch.nn and the float64 reference; two layers both ways (each
-layer and direction its own graph); inference equal to the training forward bit for bit;
-another W_hh or T being another graph; float16's backward and float32 staying plain; a bad
-value of the knob.
+gradient of each call, on fresh values at fresh addresses each time (GPU memory held between
+calls shifts them: a replay that kept an earlier call's tensors fails), against torch.nn and
+the float64 reference; two layers both ways (each layer and direction its own graph);
+inference equal to the training forward bit for bit, and close to the plain loop's; W_hh
+changed in place between replays; another W_hh or T being another graph; another stream;
+the plain loop inside the caller's own torch.cuda.graph capture; float16's backward and
+float32 staying plain; a bad value of the knob.
 """
 import pytest
 import torch
@@ -42,8 +44,10 @@ def _three_calls(cell, dtype, T, N, H, **layout):
     relu = cell == "rnn_relu"
     L, bi = layout.get("num_layers", 1), layout.get("bidirectional", False)
     m, f, m64 = _cuda_pair(cell, 8, H, dtype=dtype, nonnegative=relu, **layout)
-    runs, variants = [], []
+    runs, variants, held = [], [], []
     for seed in (1, 2, 3):
+        # GPU memory held across calls, so that this call's tensors get other addresses
+        held.append(torch.empty(64 * 1024 * seed, device="cuda"))
         x, hx, upstream = _inputs(cell, L, bi, False, True, dtype, T=T, N=N, C=8, H=H, seed=seed)
         if relu:
             x, hx = x.abs(), tuple(s.abs() for s in hx) if cell == "lstm" else hx.abs()
@@ -92,6 +96,75 @@ def test_inference_equals_training_forward(cell, graph):
         states = state if isinstance(state, tuple) else (state,)
         got.append([out.detach(), *[s.detach() for s in states]])
     assert all(torch.equal(a, b) for a, b in zip(got[1], got[2]))
+    # the plain loop's cell code is another (the same math): within bfloat16's rounding
+    for a, b in zip(got[0], got[1]):
+        assert ((a.float() - b.float()).abs().max() / (1 + a.float().abs().max())).item() < 0.05
+
+
+def test_w_hh_changed_in_place_between_replays(graph, monkeypatch):
+    """A replay reads W_hh at its address as it is then (an optimizer's in-place step): the
+    plain loop's result after the change, not the graph's before it."""
+    from test_cuda import _cuda_pair
+    _, f, _ = _cuda_pair("lstm", 8, 24, torch.bfloat16)
+    x = torch.randn(6, 5, 8, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        f(x)
+        before = f(x)[0].float()
+        f.weight_hh_l0.mul_(-0.5)
+        got = f(x)[0].float()
+        assert _last_step_variant()[0] == "graph"
+        monkeypatch.setenv("RNNFAST_STEP_GRAPH", "0")
+        want = f(x)[0].float()
+        assert _last_step_variant()[0] == "plain"
+    assert (got - want).abs().max().item() < 0.05
+    assert (got - before).abs().max().item() > 0.1
+
+
+def test_another_stream(graph):
+    """A side stream has its own graph (its own buffers and workspace): the same results
+    as on the default stream."""
+    from test_cuda import _cuda_pair
+    _, f, _ = _cuda_pair("gru", 8, 24, torch.bfloat16)
+    x = torch.randn(5, 3, 8, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        f(x)
+        want = f(x)[0]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        seen = []
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                got = f(x)[0]
+                seen.append(_last_step_variant()[0])
+        torch.cuda.current_stream().wait_stream(side)
+    assert seen == ["plain", "graph"]
+    assert torch.equal(got, want)
+
+
+def test_inside_the_callers_own_capture(graph):
+    """Inside torch.cuda.graph the plain loop is what gets captured; the captured graph
+    replays the layer correctly."""
+    from test_cuda import _cuda_pair
+    _, f, _ = _cuda_pair("rnn_tanh", 8, 24, torch.bfloat16)
+    x = torch.randn(5, 3, 8, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        f(x)
+        f(x)  # this key is captured by rnnfast now
+        want = f(x)[0].clone()
+        g = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            f(x)  # warm-up on the capture's stream, as torch.cuda.graph asks
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(g):
+            out = f(x)[0]
+        assert _last_step_variant()[0] == "plain"
+        out.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+    assert ((out.float() - want.float()).abs().max()).item() < 0.05
+    assert out.float().abs().max().item() > 0
 
 
 def test_another_weight_or_length_is_another_graph(graph):

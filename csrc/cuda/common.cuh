@@ -212,13 +212,20 @@ class StepGemm {
       at::mm_out(out, tp < 0 ? h0 : y[tp], w_t_);
       return;
     }
-    const int64_t N = out.size(0), GH = out.size(1), H = w_hh_.size(1);
+    const int64_t N = out.size(0), H = w_hh_.size(1);
     const void* h = tp < 0 ? h0.data_ptr()
                            : static_cast<const char*>(y.data_ptr()) + tp * N * H * y.element_size();
+    gates_direct(h, out.data_ptr(), N);
+  }
+  // The same from raw pointers (h [N, H], out [N, GH] contiguous), direct calls only: no
+  // torch call, nothing thrown (a CUDA graph's capture, step_graph.cuh)
+  void gates_direct(const void* h, void* out, int64_t N) const {
+    if (!error_.empty() || gemm_ == nullptr) return;
+    const int64_t GH = w_hh_.size(0), H = w_hh_.size(1);
     const float one = 1.0f, zero = 0.0f;
     // column-major: out^T [GH, N] = W_hh ([H, GH] stored, transposed) h^T ([H, N] stored)
     check(gemm_(handle_, CUBLAS_OP_T, CUBLAS_OP_N, int(GH), int(N), int(H), &one, w_hh_.data_ptr(),
-                type_, int(H), h, type_, int(H), &zero, out.data_ptr(), type_, int(GH),
+                type_, int(H), h, type_, int(H), &zero, out, type_, int(GH),
                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
@@ -241,14 +248,21 @@ class StepGemm {
 #endif
       return;
     }
-    const int64_t N = dh.size(0), H = dh.size(1), GH = w_hh_.size(0);
+    dh_direct(dh.data_ptr<float>(), dh.size(0), accumulate);
+  }
+  // dh [N, H] (float32, contiguous) (+)= dg16() W_hh from a raw pointer, direct calls with
+  // dg16 only: no torch call, nothing thrown (a CUDA graph's capture, step_graph.cuh)
+  void dh_direct(float* dh, int64_t N, bool accumulate) const {
+    if (!error_.empty() || gemm_ == nullptr || !dg16_.defined()) return;
+    const int64_t H = w_hh_.size(1), GH = w_hh_.size(0);
     const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     // column-major: dh^T [H, N] (+)= W_hh^T ([H, GH] stored) dg^T ([GH, N] stored)
     check(gemm_(handle_, CUBLAS_OP_N, CUBLAS_OP_N, int(H), int(N), int(GH), &one,
                 w_hh_.data_ptr(), CUDA_R_16BF, int(H), dg16_.data_ptr(), CUDA_R_16BF, int(GH),
-                &beta, dh.data_ptr(), CUDA_R_32F, int(H), CUBLAS_COMPUTE_32F,
-                CUBLAS_GEMM_DEFAULT));
+                &beta, dh, CUDA_R_32F, int(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
+  // The backward's bfloat16 gate gradients' buffer (dg16), undefined where not made
+  const Tensor& dg16_buffer() const { return dg16_; }
 
  private:
   void check(cublasStatus_t status) const {

@@ -12,25 +12,31 @@
 // What a graph bakes in is the same at every replay: the kernels, their grids, the step
 // index s of each node, and the addresses the cuBLAS nodes read and write. So the GEMMs
 // work on buffers of the cached entry (StepGraph): the forward's h_{t-1} in two turns
-// (hbuf, h0 copied into turn 1 before the launch) and its gate sums hh; the backward's
-// bfloat16 gate gradients (StepGemm::dg16) and dh. Everything else a call has of its own
-// (xp, y, the training cache, the LSTM's c, dy, the gate gradients in acc_t, dc) reaches
-// the pointwise kernels through PersistentParams in device memory, written by a one-thread
-// kernel before the launch; they run the persistent kernels' own cell code (Cell::load and
-// forward, load_backward and backward), as the fused kernels do. W_hh's address is part of
-// the key (its values are read at each replay). A shape is captured at its second call (the
-// first runs the plain loop, which also loads cuBLAS's kernels for it), on a side stream in
-// thread-local capture mode, with the cuBLAS handle pointed at that stream and at a
-// workspace of the cache's own (torch's may be freed by torch.cuda.graph's capture); any
-// error there leaves the plain loop to run. One caller at a time per entry (its mutex held
-// from the parameters' store to the launch); entries per device, stream, kernel, T, N, H
-// and W_hh, at most kStepGraphEntries of them (the least recently used dropped).
+// (h0 copied into turn 1 before the launch) and its gate sums; the backward's bfloat16 gate
+// gradients and dh (copied in and out). Everything else a call has of its own (xp, y, the
+// training cache, the LSTM's c, dy, the gate gradients in acc_t, dc) reaches the pointwise
+// kernels through PersistentParams in device memory, written by a one-thread kernel before
+// the launch; they run the persistent kernels' own cell code (Cell::load and forward,
+// load_backward and backward), as the fused kernels do. W_hh's address is part of the key:
+// a replay reads whatever W_hh the call has there (not kept alive by the cache).
+//
+// A key is captured at its second call (the first runs the plain loop, which also loads
+// cuBLAS's kernels for the shape; the buffers are made only then), on a stream of its own
+// in thread-local capture mode, with the calling thread's cuBLAS handle pointed at that
+// stream and then at a workspace of the cache's (one per device and stream; torch's may be
+// freed by torch.cuda.graph's capture); the capture itself calls nothing of torch's and
+// throws nothing. Any failure leaves the plain loop to run for that key from then on; so does
+// a call inside the caller's own stream capture (torch.cuda.graph), which then captures the
+// plain loop. One caller at a time per entry (its mutex held from the parameters' store to
+// the launch); entries per device, stream, kernel, T, N, H and W_hh, at most
+// kStepGraphEntries of them (the least recently used dropped).
 #pragma once
 
 #include <c10/cuda/CUDAStream.h>
 
 #include <functional>
 #include <list>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -129,20 +135,18 @@ struct StepGraphKey {
   }
 };
 
-// One shape's graph and the buffers its nodes name.
+// One key's graph and the buffers its nodes name (made at the capture, on key.stream).
 struct StepGraph {
   StepGraphKey key;
-  std::mutex mutex;   // held from the parameters' store to the launch
-  int calls = 0;      // captured at the second
+  std::mutex mutex;     // held from the parameters' store to the launch
+  int calls = 0;        // captured at the second
   bool failed = false;  // its capture failed: the plain loop from then on
-  Tensor w_hh;             // kept alive: its address is the key's
-  int64_t backward_rows = 0;
-  std::unique_ptr<StepGemm> gemm;  // made by the capturing thread (its handle); dg16
-  Tensor params;  // PersistentParams, in device memory
-  Tensor a, b;    // forward: hbuf [2, N, H] and hh [N, G H]; backward: dh [N, H] (acc_t)
-  Tensor workspace;  // cuBLAS's, for the captured GEMMs
+  Tensor params;        // PersistentParams, in device memory
+  Tensor a, b;          // forward: h_{t-1} [2, N, H] and the gate sums [N, G H]; backward: dh
+  Tensor dg16;          // backward: the bfloat16 gate gradients [N, G H] (StepGemm's)
   cudaGraphExec_t exec = nullptr;
   ~StepGraph() {
+    // a launch in flight finishes first (the executable graph is freed after it)
     if (exec != nullptr) (void)cudaGraphExecDestroy(exec);
   }
 };
@@ -152,8 +156,7 @@ inline std::shared_ptr<StepGraph> step_graph_entry(const StepGraphKey& key) {
   static std::mutex mutex;
   // most recently used first; never destroyed (no CUDA or allocator calls at the process's
   // exit). An entry dropped here is freed when its last user ends: its tensors go back to
-  // torch's allocator on the stream they were made on (the graph's), and
-  // cudaGraphExecDestroy lets a launch in flight finish first.
+  // torch's allocator on the stream they were made on, the graph's.
   static auto* entries = new std::list<std::shared_ptr<StepGraph>>();
   const std::lock_guard<std::mutex> lock(mutex);
   for (auto it = entries->begin(); it != entries->end(); ++it) {
@@ -169,101 +172,121 @@ inline std::shared_ptr<StepGraph> step_graph_entry(const StepGraphKey& key) {
   return entry;
 }
 
-// Captures record(stream) on a side stream into g.exec, with a StepGemm of the calling
-// thread's cuBLAS handle (kept in g: the backward's dg16 is its buffer) pointed at that
-// stream and at g.workspace; false (nothing kept, the CUDA error cleared) on any failure.
-// Torch's handle settings are restored after (at::cuda::getCurrentCUDABlasHandle sets the
-// current stream and torch's workspace).
+// The captured GEMMs' cuBLAS workspace on this device and stream, made once and kept (the
+// graphs replayed on one stream run one after another, so they share it).
+inline void* step_graph_workspace(const StepGraphKey& key, const at::TensorOptions& options) {
+  static std::mutex mutex;
+  static auto* spaces = new std::map<std::pair<int, cudaStream_t>, Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  Tensor& w = (*spaces)[{key.device, key.stream}];
+  if (!w.defined()) w = at::empty({int64_t(kStepGraphWorkspace)}, options.dtype(at::kByte));
+  return w.data_ptr();
+}
+
+// Whether work queued on stream now would be captured (the caller's torch.cuda.graph)
+inline bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;  // unknown: the plain loop, which is right either way
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Captures record(stream) (raw launches and gemm's direct calls only: nothing that calls
+// torch or throws) on a stream of its own into g.exec, gemm's handle (the calling thread's)
+// pointed at that stream and at workspace; torch's settings of the handle restored after
+// (at::cuda::getCurrentCUDABlasHandle sets the current stream and torch's workspace).
+// False, nothing kept and the CUDA error cleared, on any failure.
 template <typename Record>
-bool capture_step_graph(StepGraph& g, Record record) {
+bool capture_step_graph(StepGraph& g, const StepGemm& gemm, void* workspace, Record record) {
   static const auto set_stream =
       reinterpret_cast<CublasSetStreamFn>(loaded_cublas_symbol("cublasSetStream_v2"));
   static const auto set_workspace =
       reinterpret_cast<CublasSetWorkspaceFn>(loaded_cublas_symbol("cublasSetWorkspace_v2"));
-  if (set_stream == nullptr || set_workspace == nullptr) return false;
-  g.gemm = std::make_unique<StepGemm>(g.w_hh, g.backward_rows);
-  const cublasHandle_t handle = g.gemm->handle();
-  if (handle == nullptr || !g.gemm->error().empty()) return false;
-  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, g.key.device);
-  bool ok = set_workspace(handle, g.workspace.data_ptr(), kStepGraphWorkspace) ==
-                CUBLAS_STATUS_SUCCESS &&
-            set_stream(handle, side.stream()) == CUBLAS_STATUS_SUCCESS &&
-            cudaStreamBeginCapture(side.stream(), cudaStreamCaptureModeThreadLocal) ==
-                cudaSuccess;
-  if (ok) {
-    ok = record(side.stream());
-    cudaGraph_t graph = nullptr;
-    ok = cudaStreamEndCapture(side.stream(), &graph) == cudaSuccess && ok;  // always ended
-    if (graph != nullptr) {
-      ok = ok && cudaGraphInstantiate(&g.exec, graph, 0) == cudaSuccess;
-      (void)cudaGraphDestroy(graph);
-    }
+  const cublasHandle_t handle = gemm.handle();
+  if (set_stream == nullptr || set_workspace == nullptr || handle == nullptr ||
+      !gemm.error().empty()) {
+    return false;
   }
-  (void)at::cuda::getCurrentCUDABlasHandle();  // torch's stream and workspace again
-  if (!ok) {
-    if (g.exec != nullptr) (void)cudaGraphExecDestroy(g.exec);
-    g.exec = nullptr;
-    (void)cudaGetLastError();  // not sticky
-  }
-  return ok;
-}
-
-// Launches g.exec after storing p where its kernels read it, under g's mutex; or false
-// where g is not captured (its first call; a failed capture), the caller then running the
-// plain loop (also inside the caller's own stream capture). capture(stream) records the T
-// steps; before(stream) and after(stream) run around the launch (the copies into and out of
-// g's buffers).
-using StreamWork = std::function<void(cudaStream_t)>;
-template <typename scalar_t, typename acc_t, typename Capture>
-bool launch_step_graph(StepGraph& g, const PersistentParams<scalar_t, acc_t>& p,
-                       cudaStream_t stream, Capture capture, const StreamWork& before,
-                       const StreamWork& after) {
-  // inside the caller's own stream capture (torch.cuda.graph) the plain loop is captured
-  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &capturing) != cudaSuccess ||
-      capturing != cudaStreamCaptureStatusNone) {
+  (void)cudaGetLastError();  // an earlier error is not this capture's
+  cudaStream_t side = nullptr;
+  if (cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
+  // the stream first: cublasSetStream puts the handle back on cuBLAS's own workspace
+  bool ok = set_stream(handle, side) == CUBLAS_STATUS_SUCCESS &&
+            set_workspace(handle, workspace, kStepGraphWorkspace) == CUBLAS_STATUS_SUCCESS &&
+            cudaStreamBeginCapture(side, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+  cudaGraph_t graph = nullptr;
+  if (ok) {
+    ok = record(side);
+    ok = cudaStreamEndCapture(side, &graph) == cudaSuccess && ok;  // always ended
+  }
+  cudaGraphExec_t exec = nullptr;
+  ok = ok && graph != nullptr && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+  if (graph != nullptr) (void)cudaGraphDestroy(graph);
+  (void)cudaStreamDestroy(side);
+  if (ok) {
+    g.exec = exec;
+  } else {
+    (void)cudaGetLastError();  // not sticky
+  }
+  (void)at::cuda::getCurrentCUDABlasHandle();  // torch's stream and workspace again
+  return ok;
+}
+
+// Runs the key's graph: on its second call captures it first (make(g): the buffers made and
+// the graph captured, true on success); stores params(g) where its kernels read it,
+// then before(g, stream), the launch and after(g, stream) (the copies into and out of g's
+// buffers). False where the plain loop must run instead: the key's first call, a failed
+// capture (from then on), the caller's own stream capture.
+using StreamWork = std::function<void(const StepGraph&, cudaStream_t)>;
+template <typename P, typename Make, typename Params>
+bool launch_step_graph(const StepGraphKey& key, Params params, Make make,
+                       const StreamWork& before, const StreamWork& after) {
+  if (stream_capturing(key.stream)) return false;
+  const std::shared_ptr<StepGraph> entry = step_graph_entry(key);
+  StepGraph& g = *entry;
   const std::lock_guard<std::mutex> lock(g.mutex);
   if (g.failed) return false;
   if (g.exec == nullptr) {
     if (++g.calls < 2) return false;
-    if (!capture_step_graph(g, capture)) {
+    bool made = false;
+    try {
+      made = make(g);
+    } catch (const std::exception&) {  // out of memory for the buffers: the plain loop
+      made = false;
+    }
+    if (!made) {
       g.failed = true;
+      g.params = g.a = g.b = g.dg16 = Tensor();
       return false;
     }
   }
-  using P = PersistentParams<scalar_t, acc_t>;
-  store_step_params<P><<<1, 1, 0, stream>>>(p, reinterpret_cast<P*>(g.params.data_ptr()));
+  store_step_params<P><<<1, 1, 0, key.stream>>>(params(g),
+                                                 reinterpret_cast<P*>(g.params.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  before(stream);
-  C10_CUDA_CHECK(cudaGraphLaunch(g.exec, stream));
-  after(stream);
+  before(g, key.stream);
+  C10_CUDA_CHECK(cudaGraphLaunch(g.exec, key.stream));
+  after(g, key.stream);
   return true;
 }
 
-// The entry of this kernel, shape and W_hh, its buffers made: the parameters', cuBLAS's,
-// and a [a_rows, a_cols] and b [b_rows, b_cols] of dtype (b_rows 0: none).
 template <typename scalar_t, typename acc_t>
-std::shared_ptr<StepGraph> step_graph_for(const void* kernel, const Tensor& w_hh, int64_t T,
-                                          int64_t N, int64_t H, int64_t backward_rows,
-                                          at::IntArrayRef a_shape, at::IntArrayRef b_shape,
-                                          at::ScalarType dtype, cudaStream_t stream) {
-  const StepGraphKey key{static_cast<int>(c10::cuda::current_device()), stream, kernel, T, N, H,
-                         w_hh.data_ptr()};
-  std::shared_ptr<StepGraph> g = step_graph_entry(key);
-  const std::lock_guard<std::mutex> lock(g->mutex);
-  if (!g->params.defined()) {
-    const auto bytes = w_hh.options().dtype(at::kByte);
-    g->w_hh = w_hh;
-    g->backward_rows = backward_rows;
-    g->params = at::empty({int64_t(sizeof(PersistentParams<scalar_t, acc_t>))}, bytes);
-    g->workspace = at::empty({int64_t(kStepGraphWorkspace)}, bytes);
-    g->a = at::empty(a_shape, w_hh.options().dtype(dtype));
-    if (!b_shape.empty()) g->b = at::empty(b_shape, w_hh.options().dtype(dtype));
-  }
-  return g;
+StepGraphKey step_graph_key(const void* kernel, const PersistentParams<scalar_t, acc_t>& p,
+                            const Tensor& w_hh, cudaStream_t stream) {
+  return {static_cast<int>(c10::cuda::current_device()), stream, kernel, p.T, p.N, p.H,
+          w_hh.data_ptr()};
+}
+
+// Loads a kernel's module before a capture (lazy loading would do it inside the capture)
+inline bool kernel_loaded(const void* kernel) {
+  cudaFuncAttributes attrs;
+  if (cudaFuncGetAttributes(&attrs, kernel) == cudaSuccess) return true;
+  (void)cudaGetLastError();
+  return false;
 }
 
 // The per-step forward as a graph: p as the persistent forward's (y, the training cache or
@@ -271,33 +294,48 @@ std::shared_ptr<StepGraph> step_graph_for(const void* kernel, const Tensor& w_hh
 template <typename Cell, typename scalar_t, typename acc_t>
 bool run_step_graph_forward(const PersistentParams<scalar_t, acc_t>& p, const Tensor& w_hh,
                             cudaStream_t stream) {
-  constexpr int G = Cell::kGates;
-  const int64_t N = p.N, H = p.H, T = p.T;
-  const auto kernel = &graph_step_forward<Cell, scalar_t, acc_t>;
-  // a: h_{t-1} in two turns (turn 1 holds h0 at s = 0), b: the gate sums
-  const std::shared_ptr<StepGraph> g = step_graph_for<scalar_t, acc_t>(
-      reinterpret_cast<const void*>(kernel), w_hh, T, N, H, 0, {2, N, H}, {N, G * H},
-      w_hh.scalar_type(), stream);
-  const Tensor hbuf = g->a;
-  Tensor hh = g->b;
-  const auto* pp = reinterpret_cast<const PersistentParams<scalar_t, acc_t>*>(g->params.data_ptr());
-  auto capture = [&](cudaStream_t cs) {
-    for (int64_t s = 0; s < T; ++s) {
-      g->gemm->gates(hbuf[(s + 1) & 1], hbuf, -1, hh);
-      if (!g->gemm->error().empty()) return false;
-      kernel<<<grid_for(N * H), kThreads, 0, cs>>>(
-          pp, hh.data_ptr<scalar_t>(), hbuf.data_ptr<scalar_t>() + (s & 1) * N * H, s);
-      if (cudaPeekAtLastError() != cudaSuccess) return false;
-    }
-    return true;
-  };
-  const StreamWork before = [&](cudaStream_t st) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(hbuf.data_ptr<scalar_t>() + N * H, p.h0,
-                                   N * H * sizeof(scalar_t), cudaMemcpyDeviceToDevice, st));
-  };
-  const bool ran = launch_step_graph(*g, p, stream, capture, before, [](cudaStream_t) {});
-  if (ran) note_step_variant(false, StepVariant::kGraph);
-  return ran;
+  if constexpr (sizeof(scalar_t) != 2) {
+    return false;  // 16-bit only (step_graph_applies)
+  } else {
+    using P = PersistentParams<scalar_t, acc_t>;
+    constexpr int G = Cell::kGates;
+    const int64_t N = p.N, H = p.H, T = p.T;
+    const auto kernel = &graph_step_forward<Cell, scalar_t, acc_t>;
+    const StepGraphKey key = step_graph_key(reinterpret_cast<const void*>(kernel), p, w_hh, stream);
+    // a: h_{t-1} in two turns (turn 1 holds h0 at s = 0); b: the gate sums
+    auto make = [&](StepGraph& g) {
+      g.params = at::empty({int64_t(sizeof(P))}, w_hh.options().dtype(at::kByte));
+      g.a = at::empty({2, N, H}, w_hh.options());
+      g.b = at::empty({N, G * H}, w_hh.options());
+      const StepGemm gemm(w_hh);  // the current thread's handle
+      void* workspace = step_graph_workspace(key, w_hh.options());
+      const P* pp = reinterpret_cast<const P*>(g.params.data_ptr());
+      scalar_t* h = g.a.data_ptr<scalar_t>();
+      scalar_t* hh = g.b.data_ptr<scalar_t>();
+      if (!kernel_loaded(reinterpret_cast<const void*>(kernel)) ||
+          !kernel_loaded(reinterpret_cast<const void*>(&store_step_params<P>))) {
+        return false;
+      }
+      return capture_step_graph(g, gemm, workspace, [&](cudaStream_t cs) {
+        for (int64_t s = 0; s < T; ++s) {
+          gemm.gates_direct(h + ((s + 1) & 1) * N * H, hh, N);
+          if (!gemm.error().empty()) return false;
+          kernel<<<grid_for(N * H), kThreads, 0, cs>>>(pp, hh, h + (s & 1) * N * H, s);
+          if (cudaPeekAtLastError() != cudaSuccess) return false;
+        }
+        return true;
+      });
+    };
+    const StreamWork before = [&](const StepGraph& g, cudaStream_t st) {
+      C10_CUDA_CHECK(cudaMemcpyAsync(g.a.data_ptr<scalar_t>() + N * H, p.h0,
+                                     N * H * sizeof(scalar_t), cudaMemcpyDeviceToDevice, st));
+    };
+    const bool ran = launch_step_graph<P>(
+        key, [&](const StepGraph&) { return p; }, make, before,
+        [](const StepGraph&, cudaStream_t) {});
+    if (ran) note_step_variant(false, StepVariant::kGraph);
+    return ran;
+  }
 }
 
 // The per-step bfloat16 backward as a graph: p as the persistent backward's (p.dh holding
@@ -306,39 +344,58 @@ bool run_step_graph_forward(const PersistentParams<scalar_t, acc_t>& p, const Te
 template <typename Cell, typename scalar_t, typename acc_t>
 bool run_step_graph_backward(const PersistentParams<scalar_t, acc_t>& p, const Tensor& w_hh,
                              cudaStream_t stream) {
-  const int64_t N = p.N, H = p.H, T = p.T;
-  const auto kernel = &graph_step_backward<Cell, scalar_t, acc_t>;
-  // a: dh, in acc_t
-  const std::shared_ptr<StepGraph> g = step_graph_for<scalar_t, acc_t>(
-      reinterpret_cast<const void*>(kernel), w_hh, T, N, H, N, {N, H}, {},
-      c10::CppTypeToScalarType<acc_t>::value, stream);
-  Tensor dh = g->a;
-  PersistentParams<scalar_t, acc_t> q = p;
-  q.dh = dh.data_ptr<acc_t>();
-  const auto* pp = reinterpret_cast<const PersistentParams<scalar_t, acc_t>*>(g->params.data_ptr());
-  auto capture = [&](cudaStream_t cs) {
-    scalar_t* dg16 = g->gemm->template dg16<scalar_t>();
-    if (dg16 == nullptr) return false;
-    const Tensor unused;  // dh() reads the StepGemm's dg16
-    for (int64_t s = T - 1; s >= 0; --s) {
-      kernel<<<grid_for(N * H), kThreads, 0, cs>>>(pp, dg16, s);
-      if (cudaPeekAtLastError() != cudaSuccess) return false;
-      // the GRU's pointwise backward left its direct term in dh
-      g->gemm->dh(unused, 0, dh, /*accumulate=*/Cell::kDirectDh);
-      if (!g->gemm->error().empty()) return false;
-    }
-    return true;
-  };
-  const size_t bytes = N * H * sizeof(acc_t);
-  const StreamWork before = [&](cudaStream_t st) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(q.dh, p.dh, bytes, cudaMemcpyDeviceToDevice, st));
-  };
-  const StreamWork after = [&](cudaStream_t st) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(p.dh, q.dh, bytes, cudaMemcpyDeviceToDevice, st));
-  };
-  const bool ran = launch_step_graph(*g, q, stream, capture, before, after);
-  if (ran) note_step_variant(true, StepVariant::kGraph);
-  return ran;
+  if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
+    return false;  // bfloat16 only (step_graph_applies)
+  } else {
+    using P = PersistentParams<scalar_t, acc_t>;
+    const int64_t N = p.N, H = p.H, T = p.T;
+    const auto kernel = &graph_step_backward<Cell, scalar_t, acc_t>;
+    const StepGraphKey key = step_graph_key(reinterpret_cast<const void*>(kernel), p, w_hh, stream);
+    // a: dh [N, H] in float32; dg16: the StepGemm's bfloat16 gate gradients
+    auto make = [&](StepGraph& g) {
+      g.params = at::empty({int64_t(sizeof(P))}, w_hh.options().dtype(at::kByte));
+      g.a = at::empty({N, H}, w_hh.options().dtype(at::kFloat));
+      const StepGemm gemm(w_hh, N);  // the current thread's handle; makes dg16
+      g.dg16 = gemm.dg16_buffer();
+      if (!g.dg16.defined()) return false;
+      void* workspace = step_graph_workspace(key, w_hh.options());
+      const P* pp = reinterpret_cast<const P*>(g.params.data_ptr());
+      float* dh = g.a.data_ptr<float>();
+      scalar_t* dg16 = g.dg16.data_ptr<scalar_t>();
+      if (!kernel_loaded(reinterpret_cast<const void*>(kernel)) ||
+          !kernel_loaded(reinterpret_cast<const void*>(&store_step_params<P>))) {
+        return false;
+      }
+      return capture_step_graph(g, gemm, workspace, [&](cudaStream_t cs) {
+        for (int64_t s = T - 1; s >= 0; --s) {
+          kernel<<<grid_for(N * H), kThreads, 0, cs>>>(pp, dg16, s);
+          if (cudaPeekAtLastError() != cudaSuccess) return false;
+          // the GRU's pointwise backward left its direct term in dh
+          gemm.dh_direct(dh, N, /*accumulate=*/Cell::kDirectDh);
+          if (!gemm.error().empty()) return false;
+        }
+        return true;
+      });
+    };
+    const size_t bytes = N * H * sizeof(float);
+    const StreamWork before = [&](const StepGraph& g, cudaStream_t st) {
+      C10_CUDA_CHECK(cudaMemcpyAsync(g.a.data_ptr<float>(), p.dh, bytes, cudaMemcpyDeviceToDevice,
+                                     st));
+    };
+    const StreamWork after = [&](const StepGraph& g, cudaStream_t st) {
+      C10_CUDA_CHECK(cudaMemcpyAsync(p.dh, g.a.data_ptr<float>(), bytes, cudaMemcpyDeviceToDevice,
+                                     st));
+    };
+    // the kernels read and write the entry's dh (the GEMMs' output), not the op's
+    auto params = [&](const StepGraph& g) {
+      P q = p;
+      q.dh = g.a.data_ptr<float>();
+      return q;
+    };
+    const bool ran = launch_step_graph<P>(key, params, make, before, after);
+    if (ran) note_step_variant(true, StepVariant::kGraph);
+    return ran;
+  }
 }
 
 }  // namespace rnnfast::cuda

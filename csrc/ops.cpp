@@ -204,32 +204,32 @@ PyObject* py_set_cuda_path(PyObject*, PyObject* arg) {
   });
 }
 
-PyObject* py_last_cuda_path(PyObject*, PyObject*) {
-  auto name = [](int v) -> PyObject* {
-    if (v < 0) Py_RETURN_NONE;
-    return PyUnicode_FromString(rnnfast::kPathNames[v]);
-  };
-  PyObject* fwd = name(rnnfast::last_path[0].load());
-  PyObject* bwd = name(rnnfast::last_path[1].load());
-  PyObject* out = PyTuple_Pack(2, fwd, bwd);
-  Py_DECREF(fwd);
-  Py_DECREF(bwd);
+// (names[forward], names[backward]) of two atomic indices, None for a negative one
+PyObject* name_pair(const std::atomic<int> (&index)[2], const char* const* names) {
+  PyObject* pair[2];
+  for (int i = 0; i < 2; ++i) {
+    const int v = index[i].load();
+    if (v < 0) {
+      Py_INCREF(Py_None);
+      pair[i] = Py_None;
+    } else {
+      pair[i] = PyUnicode_FromString(names[v]);
+    }
+  }
+  PyObject* out = PyTuple_Pack(2, pair[0], pair[1]);
+  Py_DECREF(pair[0]);
+  Py_DECREF(pair[1]);
   return out;
+}
+
+PyObject* py_last_cuda_path(PyObject*, PyObject*) {
+  return name_pair(rnnfast::last_path, rnnfast::kPathNames);
 }
 
 // _C._last_step_variant() -> (forward, backward): how the last CUDA forward and backward ran
 // their steps on the per-step path, 'plain', 'fused' or 'graph'; None off it or before any
 PyObject* py_last_step_variant(PyObject*, PyObject*) {
-  auto name = [](int v) -> PyObject* {
-    if (v < 0) Py_RETURN_NONE;
-    return PyUnicode_FromString(rnnfast::kVariantNames[v]);
-  };
-  PyObject* fwd = name(rnnfast::last_variant[0].load());
-  PyObject* bwd = name(rnnfast::last_variant[1].load());
-  PyObject* out = PyTuple_Pack(2, fwd, bwd);
-  Py_DECREF(fwd);
-  Py_DECREF(bwd);
-  return out;
+  return name_pair(rnnfast::last_variant, rnnfast::kVariantNames);
 }
 
 // _C._last_cuda_plan() -> (forward, backward), each a dict of CudaPlanNote's fields or None

@@ -237,23 +237,14 @@ __global__ void __launch_bounds__(256)
 
 // RNNFAST_STEP_FUSED: "1" runs the per-step path's 16-bit forward as fused_step_forward
 // and its bfloat16 backward as fused_step_backward where they apply (fused_step_applies,
-// fused_backward_applies); unset or "0": the cuBLAS GEMMs and the pointwise kernels. Off by
-// default: they have not run on a GPU yet. 1, 0, or -1 for any other value.
-inline int step_fused_knob(std::string& value) {
-  return two_way_knob("RNNFAST_STEP_FUSED", "0", "1", 0, value);
-}
-
+// fused_backward_applies); unset or "0": the cuBLAS GEMMs and the pointwise kernels. Off:
+// correct on the H100 (sixth run), but slower there than what auto picks at every shape
+// measured (BENCHMARKS.md).
 // Whether the per-step forward of this layer runs fused: asked (RNNFAST_STEP_FUSED=1),
 // 16-bit, H a multiple of 8. A bad knob value sets why (the op raises it) and returns false.
 template <typename scalar_t>
 bool fused_step_applies(int64_t H, std::string& why) {
-  std::string value;
-  const int knob = step_fused_knob(value);
-  if (knob < 0) {
-    why = "RNNFAST_STEP_FUSED is '" + value + "', expected 0 or 1";
-    return false;
-  }
-  return knob == 1 && sizeof(scalar_t) == 2 && H % 8 == 0;
+  return zero_one_knob("RNNFAST_STEP_FUSED", why) && sizeof(scalar_t) == 2 && H % 8 == 0;
 }
 
 // t itself where its data is 16-byte aligned (cp.async's vectors), else an aligned copy: h0

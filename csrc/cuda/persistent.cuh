@@ -1483,6 +1483,16 @@ inline int two_way_knob(const char* name, const char* off, const char* on, int u
   return value == on ? 1 : value == off ? 0 : -1;
 }
 
+// A knob that is unset, "0" or "1" (RNNFAST_STEP_FUSED, RNNFAST_STEP_GRAPH): whether it is
+// "1"; any other value sets why ("NAME is 'value', expected 0 or 1", which the op raises)
+// and returns false.
+inline bool zero_one_knob(const char* name, std::string& why) {
+  std::string value;
+  const int knob = two_way_knob(name, "0", "1", 0, value);
+  if (knob < 0) why = std::string(name) + " is '" + value + "', expected 0 or 1";
+  return knob == 1;
+}
+
 // RNNFAST_REG_TILE: unset or 1 plans the grid variant's register tile
 // (persistent_forward_reg) for the 16-bit forward where it holds the layer (reg_tile_fits);
 // 0: the tiled forward. On by default since the fourth H100 run (2026-11-27): faster than

@@ -47,25 +47,14 @@
 namespace rnnfast::cuda {
 
 // RNNFAST_STEP_GRAPH: "1" replays the per-step path's 16-bit forward and bfloat16 backward
-// as CUDA graphs where they apply (step_graph_applies); unset or "0": the plain loop. 1, 0, or
-// -1 for any other value.
-inline int step_graph_knob(std::string& value) {
-  return two_way_knob("RNNFAST_STEP_GRAPH", "0", "1", 0, value);
-}
-
+// as CUDA graphs where they apply; unset or "0": the plain loop.
 // Whether this layer's per-step forward (backward) may run as a graph: asked, in 16 bits
 // with the GEMMs calling cuBLAS directly (StepGemm::direct); the backward in bfloat16 with
 // its dh GEMM from bfloat16 gate gradients (StepGemm::bf16_dh). A bad knob value sets why
 // (the op raises it) and returns false.
 template <typename scalar_t>
 bool step_graph_applies(bool backward, std::string& why) {
-  std::string value;
-  const int knob = step_graph_knob(value);
-  if (knob < 0) {
-    why = "RNNFAST_STEP_GRAPH is '" + value + "', expected 0 or 1";
-    return false;
-  }
-  if (knob != 1 || sizeof(scalar_t) != 2) return false;
+  if (!zero_one_knob("RNNFAST_STEP_GRAPH", why) || sizeof(scalar_t) != 2) return false;
   const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
   return StepGemm::direct(dtype) &&
          (!backward || (dtype == at::kBFloat16 && StepGemm::bf16_dh(dtype)));
@@ -289,6 +278,18 @@ inline bool kernel_loaded(const void* kernel) {
   return false;
 }
 
+// The entry's stored parameters made (their device address returned) and the modules of
+// kernel and of the parameters' store loaded; null where a module does not load.
+template <typename P>
+const P* make_graph_params(StepGraph& g, const void* kernel, const Tensor& like) {
+  g.params = at::empty({int64_t(sizeof(P))}, like.options().dtype(at::kByte));
+  if (!kernel_loaded(kernel) ||
+      !kernel_loaded(reinterpret_cast<const void*>(&store_step_params<P>))) {
+    return nullptr;
+  }
+  return reinterpret_cast<const P*>(g.params.data_ptr());
+}
+
 // The per-step forward as a graph: p as the persistent forward's (y, the training cache or
 // the LSTM's c_state in place; p.h0 contiguous). False where the plain loop must run.
 template <typename Cell, typename scalar_t, typename acc_t>
@@ -304,18 +305,14 @@ bool run_step_graph_forward(const PersistentParams<scalar_t, acc_t>& p, const Te
     const StepGraphKey key = step_graph_key(reinterpret_cast<const void*>(kernel), p, w_hh, stream);
     // a: h_{t-1} in two turns (turn 1 holds h0 at s = 0); b: the gate sums
     auto make = [&](StepGraph& g) {
-      g.params = at::empty({int64_t(sizeof(P))}, w_hh.options().dtype(at::kByte));
+      const P* pp = make_graph_params<P>(g, reinterpret_cast<const void*>(kernel), w_hh);
+      if (pp == nullptr) return false;
       g.a = at::empty({2, N, H}, w_hh.options());
       g.b = at::empty({N, G * H}, w_hh.options());
       const StepGemm gemm(w_hh);  // the current thread's handle
       void* workspace = step_graph_workspace(key, w_hh.options());
-      const P* pp = reinterpret_cast<const P*>(g.params.data_ptr());
       scalar_t* h = g.a.data_ptr<scalar_t>();
       scalar_t* hh = g.b.data_ptr<scalar_t>();
-      if (!kernel_loaded(reinterpret_cast<const void*>(kernel)) ||
-          !kernel_loaded(reinterpret_cast<const void*>(&store_step_params<P>))) {
-        return false;
-      }
       return capture_step_graph(g, gemm, workspace, [&](cudaStream_t cs) {
         for (int64_t s = 0; s < T; ++s) {
           gemm.gates_direct(h + ((s + 1) & 1) * N * H, hh, N);
@@ -353,19 +350,15 @@ bool run_step_graph_backward(const PersistentParams<scalar_t, acc_t>& p, const T
     const StepGraphKey key = step_graph_key(reinterpret_cast<const void*>(kernel), p, w_hh, stream);
     // a: dh [N, H] in float32; dg16: the StepGemm's bfloat16 gate gradients
     auto make = [&](StepGraph& g) {
-      g.params = at::empty({int64_t(sizeof(P))}, w_hh.options().dtype(at::kByte));
+      const P* pp = make_graph_params<P>(g, reinterpret_cast<const void*>(kernel), w_hh);
+      if (pp == nullptr) return false;
       g.a = at::empty({N, H}, w_hh.options().dtype(at::kFloat));
       const StepGemm gemm(w_hh, N);  // the current thread's handle; makes dg16
       g.dg16 = gemm.dg16_buffer();
       if (!g.dg16.defined()) return false;
       void* workspace = step_graph_workspace(key, w_hh.options());
-      const P* pp = reinterpret_cast<const P*>(g.params.data_ptr());
       float* dh = g.a.data_ptr<float>();
       scalar_t* dg16 = g.dg16.data_ptr<scalar_t>();
-      if (!kernel_loaded(reinterpret_cast<const void*>(kernel)) ||
-          !kernel_loaded(reinterpret_cast<const void*>(&store_step_params<P>))) {
-        return false;
-      }
       return capture_step_graph(g, gemm, workspace, [&](cudaStream_t cs) {
         for (int64_t s = T - 1; s >= 0; --s) {
           kernel<<<grid_for(N * H), kThreads, 0, cs>>>(pp, dg16, s);

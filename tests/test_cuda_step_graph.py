@@ -30,6 +30,20 @@ HALF = [torch.bfloat16, torch.float16]
 SHAPES = [(1, 3, 8), (4, 65, 37), (64, 5, 24), (3, 130, 72)]
 
 
+# Every module these tests make stays alive to the end: the graphs are keyed by W_hh's
+# address (among others), and a freed W_hh's address given to a new module's would make that
+# module's first call replay the old key's graph (correctly, but not the plain loop the tests
+# expect of a first call).
+_KEEP = []
+
+
+def _pair(cell, H, dtype=torch.bfloat16, **kwargs):
+    from test_cuda import _cuda_pair
+    pair = _cuda_pair(cell, 8, H, dtype=dtype, **kwargs)
+    _KEEP.append(pair)
+    return pair
+
+
 @pytest.fixture
 def graph(monkeypatch):
     monkeypatch.setenv("RNNFAST_STEP_GRAPH", "1")
@@ -40,10 +54,10 @@ def graph(monkeypatch):
 def _three_calls(cell, dtype, T, N, H, **layout):
     """Three forward + backward calls of one module pair on fresh inputs each: [(ours,
     theirs, reference)] and the step variants each call ran."""
-    from test_cuda import _cuda_pair, _inputs, run_cuda
+    from test_cuda import _inputs, run_cuda
     relu = cell == "rnn_relu"
     L, bi = layout.get("num_layers", 1), layout.get("bidirectional", False)
-    m, f, m64 = _cuda_pair(cell, 8, H, dtype=dtype, nonnegative=relu, **layout)
+    m, f, m64 = _pair(cell, H, dtype, nonnegative=relu, **layout)
     runs, variants, held = [], [], []
     for seed in (1, 2, 3):
         # GPU memory held across calls, so that this call's tensors get other addresses
@@ -85,8 +99,7 @@ def test_graph_stacked_and_bidirectional(cell, graph):
 def test_inference_equals_training_forward(cell, graph):
     """Inference (the LSTM's c in place, no training cache) and the training forward on the
     same graph: equal bit for bit, both graphed after the first call."""
-    from test_cuda import _cuda_pair
-    _, f, _ = _cuda_pair(cell, 8, 40, torch.bfloat16)
+    _, f, _ = _pair(cell, 40)
     x = torch.randn(7, 70, 8, device="cuda", dtype=torch.bfloat16)
     got = []
     for grad in (False, False, True):
@@ -104,8 +117,7 @@ def test_inference_equals_training_forward(cell, graph):
 def test_w_hh_changed_in_place_between_replays(graph, monkeypatch):
     """A replay reads W_hh at its address as it is then (an optimizer's in-place step): the
     plain loop's result after the change, not the graph's before it."""
-    from test_cuda import _cuda_pair
-    _, f, _ = _cuda_pair("lstm", 8, 24, torch.bfloat16)
+    _, f, _ = _pair("lstm", 24)
     x = torch.randn(6, 5, 8, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         f(x)
@@ -123,8 +135,7 @@ def test_w_hh_changed_in_place_between_replays(graph, monkeypatch):
 def test_another_stream(graph):
     """A side stream has its own graph (its own buffers and workspace): the same results
     as on the default stream."""
-    from test_cuda import _cuda_pair
-    _, f, _ = _cuda_pair("gru", 8, 24, torch.bfloat16)
+    _, f, _ = _pair("gru", 24)
     x = torch.randn(5, 3, 8, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         f(x)
@@ -142,37 +153,43 @@ def test_another_stream(graph):
 
 
 def test_inside_the_callers_own_capture(graph):
-    """Inside torch.cuda.graph the plain loop is what gets captured; the captured graph
-    replays the layer correctly."""
-    from test_cuda import _cuda_pair
-    _, f, _ = _cuda_pair("rnn_tanh", 8, 24, torch.bfloat16)
+    """Inside torch.cuda.graph the plain loop is what gets captured, even for a key rnnfast
+    has captured already (the capture's stream, warmed up twice), and torch's graph replays
+    the layer correctly; rnnfast's own graph on the default stream still replays after
+    torch's capture (which frees torch's cuBLAS workspaces: rnnfast's graphs keep their
+    own)."""
+    _, f, _ = _pair("rnn_tanh", 24)
     x = torch.randn(5, 3, 8, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         f(x)
-        f(x)  # this key is captured by rnnfast now
-        want = f(x)[0].clone()
+        want = f(x)[0].clone()  # rnnfast's graph on the default stream
+        assert _last_step_variant()[0] == "graph"
         g = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            f(x)  # warm-up on the capture's stream, as torch.cuda.graph asks
+            f(x)
+            f(x)
+            assert _last_step_variant()[0] == "graph"  # this stream's key is captured
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, stream=side):
             out = f(x)[0]
-        assert _last_step_variant()[0] == "plain"
+            assert _last_step_variant()[0] == "plain"
         out.zero_()
         g.replay()
         torch.cuda.synchronize()
+        again = f(x)[0]
+        assert _last_step_variant()[0] == "graph"
     assert ((out.float() - want.float()).abs().max()).item() < 0.05
     assert out.float().abs().max().item() > 0
+    assert torch.equal(again, want)
 
 
 def test_another_weight_or_length_is_another_graph(graph):
     """The key holds W_hh's address and T: a new module, or a new length, first runs the
     plain loop again; the first module's graph still replays after."""
-    from test_cuda import _cuda_pair
-    _, f, _ = _cuda_pair("gru", 8, 24, torch.bfloat16)
-    _, g, _ = _cuda_pair("gru", 8, 24, torch.bfloat16)
+    _, f, _ = _pair("gru", 24)
+    _, g, _ = _pair("gru", 24)
     x = torch.randn(5, 3, 8, device="cuda", dtype=torch.bfloat16)
     seen = []
     with torch.no_grad():
@@ -184,8 +201,7 @@ def test_another_weight_or_length_is_another_graph(graph):
 
 def test_float32_stays_plain(graph):
     """The graph is for 16 bits (the float32 step path is bound by its GEMMs)."""
-    from test_cuda import _cuda_pair
-    _, f, _ = _cuda_pair("lstm", 8, 24)
+    _, f, _ = _pair("lstm", 24, torch.float32)
     x = torch.randn(5, 3, 8, device="cuda", requires_grad=True)
     for _ in range(3):
         f(x)[0].sum().backward()

@@ -220,7 +220,11 @@ class StepGemm {
   // The same from raw pointers (h [N, H], out [N, GH] contiguous), direct calls only: no
   // torch call, nothing thrown (a CUDA graph's capture, step_graph.cuh)
   void gates_direct(const void* h, void* out, int64_t N) const {
-    if (!error_.empty() || gemm_ == nullptr) return;
+    if (!error_.empty()) return;
+    if (gemm_ == nullptr) {
+      error_ = "StepGemm::gates_direct: cuBLAS is not called directly here";
+      return;
+    }
     const int64_t GH = w_hh_.size(0), H = w_hh_.size(1);
     const float one = 1.0f, zero = 0.0f;
     // column-major: out^T [GH, N] = W_hh ([H, GH] stored, transposed) h^T ([H, N] stored)
@@ -253,7 +257,11 @@ class StepGemm {
   // dh [N, H] (float32, contiguous) (+)= dg16() W_hh from a raw pointer, direct calls with
   // dg16 only: no torch call, nothing thrown (a CUDA graph's capture, step_graph.cuh)
   void dh_direct(float* dh, int64_t N, bool accumulate) const {
-    if (!error_.empty() || gemm_ == nullptr || !dg16_.defined()) return;
+    if (!error_.empty()) return;
+    if (gemm_ == nullptr || !dg16_.defined()) {
+      error_ = "StepGemm::dh_direct: cuBLAS is not called directly from bfloat16 here";
+      return;
+    }
     const int64_t H = w_hh_.size(1), GH = w_hh_.size(0);
     const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     // column-major: dh^T [H, N] (+)= W_hh^T ([H, GH] stored) dg^T ([GH, N] stored)

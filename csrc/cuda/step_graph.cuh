@@ -131,7 +131,7 @@ struct StepGraph {
   int calls = 0;        // captured at the second
   bool failed = false;  // its capture failed: the plain loop from then on
   Tensor params;        // PersistentParams, in device memory
-  Tensor a, b;          // forward: h_{t-1} [2, N, H] and the gate sums [N, G H]; backward: dh
+  Tensor a, b;          // forward: h_{t-1} (two turns) and the gate sums [N, G H]; backward: dh
   Tensor dg16;          // backward: the bfloat16 gate gradients [N, G H] (StepGemm's)
   cudaGraphExec_t exec = nullptr;
   ~StepGraph() {
@@ -210,19 +210,28 @@ bool capture_step_graph(StepGraph& g, const StepGemm& gemm, void* workspace, Rec
             cudaStreamBeginCapture(side, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
   cudaGraph_t graph = nullptr;
   if (ok) {
-    ok = record(side);
+    try {
+      ok = record(side);
+    } catch (...) {  // record throws nothing; the capture must end whatever happens
+      ok = false;
+    }
     ok = cudaStreamEndCapture(side, &graph) == cudaSuccess && ok;  // always ended
   }
   cudaGraphExec_t exec = nullptr;
   ok = ok && graph != nullptr && cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
   if (graph != nullptr) (void)cudaGraphDestroy(graph);
   (void)cudaStreamDestroy(side);
+  if (!ok) (void)cudaGetLastError();  // not sticky
+  try {
+    (void)at::cuda::getCurrentCUDABlasHandle();  // torch's stream and workspace again
+  } catch (...) {
+    ok = false;
+  }
   if (ok) {
     g.exec = exec;
-  } else {
-    (void)cudaGetLastError();  // not sticky
+  } else if (exec != nullptr) {
+    (void)cudaGraphExecDestroy(exec);
   }
-  (void)at::cuda::getCurrentCUDABlasHandle();  // torch's stream and workspace again
   return ok;
 }
 
@@ -303,11 +312,13 @@ bool run_step_graph_forward(const PersistentParams<scalar_t, acc_t>& p, const Te
     const int64_t N = p.N, H = p.H, T = p.T;
     const auto kernel = &graph_step_forward<Cell, scalar_t, acc_t>;
     const StepGraphKey key = step_graph_key(reinterpret_cast<const void*>(kernel), p, w_hh, stream);
-    // a: h_{t-1} in two turns (turn 1 holds h0 at s = 0); b: the gate sums
+    // a: h_{t-1} in two turns (turn 1 holds h0 at s = 0), each 16-byte aligned for the
+    // GEMM (turn stride NH rounded up to 8 elements); b: the gate sums
+    const int64_t turn = (N * H + 7) / 8 * 8;
     auto make = [&](StepGraph& g) {
       const P* pp = make_graph_params<P>(g, reinterpret_cast<const void*>(kernel), w_hh);
       if (pp == nullptr) return false;
-      g.a = at::empty({2, N, H}, w_hh.options());
+      g.a = at::empty({2 * turn}, w_hh.options());
       g.b = at::empty({N, G * H}, w_hh.options());
       const StepGemm gemm(w_hh);  // the current thread's handle
       void* workspace = step_graph_workspace(key, w_hh.options());
@@ -315,16 +326,16 @@ bool run_step_graph_forward(const PersistentParams<scalar_t, acc_t>& p, const Te
       scalar_t* hh = g.b.data_ptr<scalar_t>();
       return capture_step_graph(g, gemm, workspace, [&](cudaStream_t cs) {
         for (int64_t s = 0; s < T; ++s) {
-          gemm.gates_direct(h + ((s + 1) & 1) * N * H, hh, N);
+          gemm.gates_direct(h + ((s + 1) & 1) * turn, hh, N);
           if (!gemm.error().empty()) return false;
-          kernel<<<grid_for(N * H), kThreads, 0, cs>>>(pp, hh, h + (s & 1) * N * H, s);
+          kernel<<<grid_for(N * H), kThreads, 0, cs>>>(pp, hh, h + (s & 1) * turn, s);
           if (cudaPeekAtLastError() != cudaSuccess) return false;
         }
         return true;
       });
     };
     const StreamWork before = [&](const StepGraph& g, cudaStream_t st) {
-      C10_CUDA_CHECK(cudaMemcpyAsync(g.a.data_ptr<scalar_t>() + N * H, p.h0,
+      C10_CUDA_CHECK(cudaMemcpyAsync(g.a.data_ptr<scalar_t>() + turn, p.h0,
                                      N * H * sizeof(scalar_t), cudaMemcpyDeviceToDevice, st));
     };
     const bool ran = launch_step_graph<P>(

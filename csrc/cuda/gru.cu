@@ -206,15 +206,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cuda(const Tensor& x, const Tenso
           refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
           return;
         }
-        // the per-step path's forward fused (RNNFAST_STEP_FUSED=1; a bad value raised below
-        // whichever path runs)
-        const bool fused_asked = fused_step_applies<scalar_t>(H, refused);
+        // the per-step path fused or as a CUDA graph (a bad knob value raised below whichever
+        // path runs)
+        const auto [fused, graphed] =
+            step_choice<scalar_t>(plan.kernel == nullptr, H, /*backward=*/false, refused);
         if (!refused.empty()) return;
-        // or as one CUDA graph (RNNFAST_STEP_GRAPH=1), where captured (else the loop below)
-        const bool graph_asked = step_graph_applies<scalar_t>(false, refused);
-        if (!refused.empty()) return;
-        const bool fused = plan.kernel == nullptr && fused_asked;
-        const bool graphed = plan.kernel == nullptr && !fused && graph_asked;
         if (plan.kernel != nullptr || fused || graphed) {
           const Tensor h0a = fused ? aligned16(h0) : h0, w_hha = fused ? aligned16(w_hh) : w_hh;
           PersistentParams<scalar_t, acc_t> p{};
@@ -282,14 +278,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cuda(
           refused = plan.refused;  // thrown below, from C++ (see check_persistent_refusal)
           return;
         }
-        // the per-step path's bfloat16 backward fused (RNNFAST_STEP_FUSED=1)
-        const bool fused_asked = fused_backward_applies<scalar_t>(H, refused);
+        // the per-step path's bfloat16 backward fused or as a CUDA graph
+        const auto [fused, graphed] =
+            step_choice<scalar_t>(plan.kernel == nullptr, H, /*backward=*/true, refused);
         if (!refused.empty()) return;
-        // or as one CUDA graph (RNNFAST_STEP_GRAPH=1), where captured (else the loop below)
-        const bool graph_asked = step_graph_applies<scalar_t>(true, refused);
-        if (!refused.empty()) return;
-        const bool fused = plan.kernel == nullptr && fused_asked;
-        const bool graphed = plan.kernel == nullptr && !fused && graph_asked;
         if (plan.kernel != nullptr || fused || graphed) {
           PersistentParams<scalar_t, acc_t> p{};
           p.T = T, p.N = N, p.H = H, p.reverse = reverse;

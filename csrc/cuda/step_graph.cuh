@@ -60,6 +60,24 @@ bool step_graph_applies(bool backward, std::string& why) {
          (!backward || (dtype == at::kBFloat16 && StepGemm::bf16_dh(dtype)));
 }
 
+// How the per-step path runs this layer's forward (backward) where the plan leaves it to
+// that path (plan.kernel null): fused (RNNFAST_STEP_FUSED=1, where fused_step_applies /
+// fused_backward_applies), else as a CUDA graph (RNNFAST_STEP_GRAPH=1, where
+// step_graph_applies; the plain loop until captured), else the plain loop. Both knobs are
+// read whichever path runs, so that a bad value sets why (the op raises it) on every path.
+struct StepChoice {
+  bool fused = false, graphed = false;
+};
+template <typename scalar_t>
+StepChoice step_choice(bool per_step, int64_t H, bool backward, std::string& why) {
+  const bool fused = backward ? fused_backward_applies<scalar_t>(H, why)
+                              : fused_step_applies<scalar_t>(H, why);
+  if (!why.empty()) return {};
+  const bool graph = step_graph_applies<scalar_t>(backward, why);
+  if (!why.empty()) return {};
+  return {per_step && fused, per_step && !fused && graph};
+}
+
 template <typename P>
 __global__ void store_step_params(const P p, P* __restrict__ dst) {
   *dst = p;

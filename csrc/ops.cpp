@@ -8,6 +8,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <tuple>
 
 #include "rnnfast.h"
 
@@ -93,6 +94,10 @@ TORCH_LIBRARY(rnnfast, m) {
   m.def("gru_backward(Tensor dy, Tensor dhn, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
         "Tensor y, Tensor workspace, bool reverse) "
         "-> (Tensor dx, Tensor dh0, Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
+  // a trace of the next persistent launch in one direction (rnnfast._ops._trace_next)
+  m.def("_trace_next(int steps, bool backward) -> ()", &rnnfast::trace_next);
+  m.def("_last_trace(bool backward) -> (Tensor trace, int blocks, int steps)",
+        &rnnfast::last_trace);
 }
 
 TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
@@ -160,6 +165,42 @@ void note_cuda_plan(bool backward, const CudaPlanNote& note) {
   const std::lock_guard<std::mutex> lock(plan_mutex);
   last_plan[backward ? 1 : 0] = note;
   plan_noted[backward ? 1 : 0] = true;
+}
+
+static std::mutex trace_mutex;
+static int64_t trace_request[2] = {0, 0};
+// never destroyed: a CUDA tensor freed at the process's exit may outlive the allocator
+static Tensor* const trace_buffer = new Tensor[2];
+static int64_t trace_blocks[2] = {0, 0}, trace_steps[2] = {0, 0};
+
+void trace_next(int64_t steps, bool backward) {
+  TORCH_CHECK_VALUE(steps >= 0 && steps <= (int64_t(1) << 20),
+                    "rnnfast::_trace_next: expected steps from 0 to 1048576, but got ", steps);
+  const std::lock_guard<std::mutex> lock(trace_mutex);
+  trace_request[backward ? 1 : 0] = steps;
+}
+
+int64_t take_trace_request(bool backward) {
+  const std::lock_guard<std::mutex> lock(trace_mutex);
+  const int64_t steps = trace_request[backward ? 1 : 0];
+  trace_request[backward ? 1 : 0] = 0;
+  return steps;
+}
+
+void note_trace(bool backward, const Tensor& trace, int64_t blocks, int64_t steps) {
+  const std::lock_guard<std::mutex> lock(trace_mutex);
+  trace_buffer[backward ? 1 : 0] = trace;
+  trace_blocks[backward ? 1 : 0] = blocks;
+  trace_steps[backward ? 1 : 0] = steps;
+}
+
+// (trace, blocks, steps) of the last traced launch in that direction; an empty tensor and
+// zeros before any
+std::tuple<Tensor, int64_t, int64_t> last_trace(bool backward) {
+  const std::lock_guard<std::mutex> lock(trace_mutex);
+  const int i = backward ? 1 : 0;
+  if (!trace_buffer[i].defined()) return {at::empty({0}, at::kLong), 0, 0};
+  return {trace_buffer[i], trace_blocks[i], trace_steps[i]};
 }
 
 void check_persistent_refusal(const char* op, const std::string& why) {

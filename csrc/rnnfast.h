@@ -130,6 +130,15 @@ struct CudaPlanNote {
   int async_exchange = 0;
 };
 void note_cuda_plan(bool backward, const CudaPlanNote& note);
+// A trace of the persistent kernels' steps (cuda/persistent.cuh, StepTrace): the torch op
+// rnnfast::_trace_next(steps, backward) asks one for the next persistent launch in that
+// direction (0: none); the launch takes the request (take_trace_request returns the steps
+// asked and clears it) and notes its buffer [4 + blocks * steps * 7] (note_trace), which
+// rnnfast::_last_trace(backward) returns with its blocks and steps.
+int64_t take_trace_request(bool backward);
+void note_trace(bool backward, const Tensor& trace, int64_t blocks, int64_t steps);
+void trace_next(int64_t steps, bool backward);
+std::tuple<Tensor, int64_t, int64_t> last_trace(bool backward);
 // Raises `op: why` when `why` is not empty: a persistent variant was forced and cannot
 // run (why says which and why). The CUDA ops call it after their dispatch, so that the
 // error is thrown from a C++ (not nvcc) frame, with no dispatch lambda between it and the

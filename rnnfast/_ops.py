@@ -191,3 +191,41 @@ def _last_cuda_plan():
     scripts/calibrate_persistent.py, which records it beside each measured time (the model
     against the GPU)."""
     return _C._last_cuda_plan()
+
+
+# ---- a trace of the persistent kernels' steps (csrc/cuda/persistent.cuh, StepTrace) ----
+
+TRACE_MARKS = {
+    False: ("start", "h_prev in place", "dot done", "pointwise done", "arrived",
+            "wait starts", "wait over"),
+    True: ("start", "phase A done", "arrived", "wait starts", "wait over",
+           "phase B input in place", "phase B done"),
+}
+
+
+def _trace_next(steps, backward=False):
+    """Asks for a trace of the first `steps` steps of the next persistent launch (the grid
+    or cluster variant) in that direction (the forward, or the backward); 0 withdraws the
+    request. The launch that takes it records, in thread 0 of each block, the SM clock at
+    the marks of TRACE_MARKS each step; _last_trace() returns it. For
+    scripts/trace_persistent.py: where a step's time goes, measured inside the kernel."""
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"_trace_next: expected steps as an int, but got {type(steps).__name__}")
+    ops._trace_next(steps, bool(backward))
+
+
+def _last_trace(backward=False):
+    """The last trace taken in that direction (see _trace_next), or None before any: a dict
+    with `blocks`, `steps`, `marks` (an int64 CPU tensor [blocks, steps, 7] of SM clock
+    cycles, steps in the kernel's order: the backward's first is the sequence's last),
+    `mark_names` and `ns_per_cycle` (block 0's global-timer nanoseconds over its clock
+    cycles from its first step to its end: the launch's own clock)."""
+    trace, blocks, steps = ops._last_trace(bool(backward))
+    if blocks == 0:
+        return None
+    t = trace.cpu()
+    ns0, c0, ns1, c1 = t[:4].tolist()
+    marks = t[4:].view(blocks, steps, len(TRACE_MARKS[bool(backward)]))
+    return {"blocks": blocks, "steps": steps, "marks": marks,
+            "mark_names": TRACE_MARKS[bool(backward)],
+            "ns_per_cycle": (ns1 - ns0) / (c1 - c0) if c1 > c0 else float("nan")}

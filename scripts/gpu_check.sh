@@ -9,7 +9,7 @@
 #   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py,
 #      tests/test_cuda_mma_rows.py, tests/test_cuda_step_gemm.py, tests/test_cuda_reg_tile.py,
 #      tests/test_cuda_cluster_async.py, tests/test_cuda_step_fused.py,
-#      tests/test_cuda_step_graph.py);
+#      tests/test_cuda_step_graph.py, tests/test_trace.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants,
 #      the cluster variant also with its async exchange), the per-step path's fused kernels
@@ -19,6 +19,9 @@
 #      (scripts/calibrate_persistent.py, small shapes, T=256: the cost model's data; in 16
 #      bits at N=64 and 256 each tensor-core tile and the per-step path, its GEMMs by
 #      cuBLAS called directly and through ATen);
+#   3b'. trace (only when named in GPU_CHECK_STAGES): where a persistent kernel's step
+#      goes, from the SM clock at seven marks of each step inside the kernels
+#      (scripts/trace_persistent.py, 13 cases, seconds), into gpu-trace.json;
 #   3c. ncu (only when named in GPU_CHECK_STAGES): Nsight Compute on the grid variant's
 #      kernels at bfloat16 LSTM N=256 and N=16, H=768 (scripts/ncu_profile.sh): every section
 #      and the SASS lines with the most stall samples, into ncu.txt;
@@ -37,7 +40,7 @@
 #   GPU_CHECK_STAGES="bench7 bench" bash scripts/gpu_check.sh         # a second (the build is kept)
 #
 # Writes to $OUT (8 files at most, the device tool's limit): gpu_check.log (every stage's
-# output), summary.txt, gpu-sync.json (JSON lines), gpu-calib.json, gpu-bench7.json,
+# output), summary.txt, gpu-sync.json (JSON lines), gpu-calib.json, gpu-trace.json, gpu-bench7.json,
 # gpu-bench.json and .png (gpu-peers.json and .png instead, when peers runs), test_cuda.xml
 # and tests_cpu.xml (JUnit), ncu.txt (when ncu runs). syncbench runs only where GPU_CHECK_STAGES names it (the
 # default stages make 8 files; the two-call plan below 6).
@@ -60,10 +63,11 @@
 # calib 28 s, the whole first call 407 s; bench7 141 cases in 311 s with 4 contenders. The
 # whole lease was 789 s (one warm machine for both calls).
 # The next plan: the first call checks and calibrates (the cluster variant's fix and its
-# async exchange, tests/test_cuda_step_graph.py and its sanitizer runs: never run on a
-# GPU; calib's exchange and Elman tables, its graph column); the second measures the
+# async exchange, tests/test_cuda_step_graph.py and its sanitizer runs, the step trace:
+# never run on a GPU; calib's exchange and Elman tables, its graph column; the trace's
+# phases of the register tile and the cluster variant); the second measures the
 # issue's table with the per-step graphs (RNNFAST_STEP_GRAPH=1) and the async exchange:
-#   GPU_CHECK_STAGES="test_cuda sanitize calib" GPU_CHECK_BUDGET=460
+#   GPU_CHECK_STAGES="test_cuda sanitize calib trace" GPU_CHECK_BUDGET=470
 #   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast async,rnnfast step graph,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=350
 # (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`
 # runs the per-step path's GEMMs through ATen, against `rnnfast step`'s direct cuBLAS calls;
@@ -212,7 +216,7 @@ if wanted test_cuda; then
     --junitxml="$OUT/test_cuda.xml" -- -q --tb=short \
     tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_mma_rows.py \
     tests/test_cuda_step_gemm.py tests/test_cuda_reg_tile.py tests/test_cuda_cluster_async.py \
-    tests/test_cuda_step_fused.py tests/test_cuda_step_graph.py
+    tests/test_cuda_step_fused.py tests/test_cuda_step_graph.py tests/test_trace.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
@@ -230,8 +234,11 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # 64 batch rows, the second mostly past N)
   # PATH graph: the per-step path as CUDA graphs (RNNFAST_STEP_GRAPH=1), two calls (the
   # second replays the graphs captured then)
-  local forced=$path rows=16 n=5 reg=0 exch=barrier fused=0 graph=0 calls=1
+  # PATH regtrace, asynctrace: reg and async with a trace of the steps (--trace)
+  local forced=$path rows=16 n=5 reg=0 exch=barrier fused=0 graph=0 calls=1 trace=
   case $path in
+    regtrace) forced=persistent reg=1 n=11 trace=--trace ;;
+    asynctrace) forced=cluster exch=async trace=--trace ;;
     graph) forced=step graph=1 calls=2 ;;
     mma64) forced=persistent rows=64 n=40 ;;
     reg) forced=persistent reg=1 n=11; ((h > 16)) && n=16 ;;
@@ -252,10 +259,13 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
     timeout -k 5 "$t" "$SANITIZER" \
     --tool "$tool" --error-exitcode 1 --report-api-errors no --print-limit 20 \
     "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$forced" --N "$n" \
-    --H "$h" --calls "$calls" $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h-$path.log" 2>&1
+    --H "$h" --calls "$calls" $trace $( ((h > 16)) && echo --T 3 --layers 1) >"$WORK/san-$tool-$cell-$dtype-$h-$path.log" 2>&1
   echo $? >"$WORK/san-$tool-$cell-$dtype-$h-$path.rc"
 }
 SAN_CASES=()
+# the step trace's stores (never run on a GPU before): the register tile's forward (and the
+# grid variant's backward), the cluster variant's with the async exchange
+SAN_CASES+=("memcheck lstm bfloat16 16 regtrace" "memcheck rnn_tanh float32 16 asynctrace")
 # the per-step path's CUDA graphs (never run on a GPU before): the forward and the bfloat16
 # backward replayed at the second call
 for tool in memcheck racecheck; do
@@ -375,6 +385,12 @@ fi
 if wanted calib; then
   # the persistent kernels' per-step time against their block count (RNNFAST_PERSISTENT_MAX_BLOCKS)
   run_stage calib 120 60 "$PY" scripts/calibrate_persistent.py --json "$OUT/gpu-calib.json"
+fi
+if wanted trace; then
+  # where a persistent kernel's step goes, from marks recorded inside the kernels
+  # (scripts/trace_persistent.py: the register tile at the issue's latency case, the
+  # float32 Elman RNN on the cluster variant with each exchange, both directions)
+  run_stage trace 60 30 "$PY" scripts/trace_persistent.py --json "$OUT/gpu-trace.json"
 fi
 if wanted ncu; then
   # Nsight Compute on the grid variant at N=256 and N=16 (scripts/ncu_profile.sh): every
@@ -522,7 +538,8 @@ except OSError:
 print(f"took {took}s of a {budget}s budget")
 print()
 print(f"{'stage':10} {'result':10} {'time':>5}  note")
-for name in ("gpu", "syncbench", "build", "import", "test_cuda", "sanitize", "calib", "bench7", "bench",
+for name in ("gpu", "syncbench", "build", "import", "test_cuda", "sanitize", "calib", "trace",
+             "bench7", "bench",
              "build_haste", "peers", "tests_cpu"):
     if name not in stages and name not in ("gpu", "build", "import"):
         continue  # not asked for (GPU_CHECK_STAGES)
@@ -581,7 +598,7 @@ for name in ("gpu", "syncbench", "build", "import", "test_cuda", "sanitize", "ca
                 note = "no results: " + (tail[-1][:150] if tail else "no output")
             except OSError:
                 note = "no results"
-    optional = name in ("tests_cpu", "peers", "build_haste", "calib")
+    optional = name in ("tests_cpu", "peers", "build_haste", "calib", "trace")
     if status not in ("PASS",) and not (name == "tests_cpu" and status == "SKIPPED") and not (
             optional and name != "tests_cpu"):
         failed.append(name)
@@ -599,6 +616,30 @@ if san:
     for t, c, d, s, *note in san:
         if s != "PASS":
             print(f"  ! {t} {c} {d}: {s} {note[0] if note else ''}")
+
+# trace: ns a step by phase, from the marks inside the kernels
+try:
+    tr = json.load(open(os.path.join(out, "gpu-trace.json")))["rows"]
+except (OSError, ValueError, KeyError):
+    tr = []
+if tr:
+    print()
+    print("gpu-trace.json: ns a step by phase (median over blocks and steps; last: the wait "
+          "of the block that arrived last; events: the call's CUDA-event time / T, untraced "
+          "and traced)")
+    for r in tr:
+        if "error" in r:
+            print(f"  {' '.join(map(str, r['case']))}: {r['error'][:120]}")
+            continue
+        names = ("h_prev", "dot", "pointwise", "arrive", "ahead", "wait") if r["direction"] == "fwd" \
+            else ("phase A", "arrive", "ahead", "wait", "stage", "phase B")
+        knob = (f" reg={r['reg_tile']}" if r.get("reg_tile") else "") + (
+            f" {r['cluster_exchange']}" if r.get("cluster_exchange") else "")
+        print(f"{r['cell']:4} {r['dtype']:8} N={r['N']:<3} H={r['H']:<4} {r['direction']} "
+              f"{r['path']}{knob} ({r['blocks']} blocks): "
+              + " ".join(f"{n} {r[n]:.0f}" for n in names)
+              + f" | step {r['step']:.0f} last {r['last']:.0f} | events "
+              f"{r['call_us'] * 1e3 / r['T']:.0f} / {r['traced_call_us'] * 1e3 / r['T']:.0f}")
 
 # calib: the grid variant with all blocks and at most 64, the cluster variant and the
 # per-step path, us per step

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import rnnfast  # noqa: E402
-from rnnfast._ops import _last_step_variant  # noqa: E402
+from rnnfast._ops import _last_step_variant, _last_trace, _trace_next  # noqa: E402
 
 CELLS = {
     "lstm": (rnnfast.LSTM, {}),
@@ -44,6 +44,9 @@ def main():
                    help="runs of the whole (inference, training forward, backward), on the same "
                         "module: 2 for the per-step path's CUDA graph (RNNFAST_STEP_GRAPH=1), "
                         "which replays from a shape's second call")
+    p.add_argument("--trace", action="store_true",
+                   help="ask for a trace (rnnfast._ops._trace_next) of each call's first "
+                        "persistent launch in each direction, and fail where none was taken")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try this script out")
     args = p.parse_args()
     rnnfast.set_cuda_path(args.path)
@@ -64,6 +67,9 @@ def main():
     for _ in range(args.calls):  # the gradients of the last call kept
         for t in [x, *states, *m.parameters()]:
             t.grad = None
+        if args.trace:
+            _trace_next(args.T, False)
+            _trace_next(args.T, True)
         with torch.no_grad():
             y_inf = m(x, hx)[0]
         y, hn = m(x, hx)
@@ -79,6 +85,9 @@ def main():
     checks.update({f"d{name}": p.grad for name, p in m.named_parameters()})
     checks.update({f"d(initial state {i})": s.grad for i, s in enumerate(states)})
     bad = [name for name, t in checks.items() if t is None or not torch.isfinite(t).all()]
+    if args.trace:
+        bad += [f"{d} trace" for d, b in (("forward", False), ("backward", True))
+                if _last_trace(b) is None]
     # the inference forward (saves nothing) and the training forward compute the same
     # function: a gross difference means one of them read memory nothing wrote
     diff = (y_inf.double() - y.detach().double()).abs().max().item()

@@ -150,7 +150,65 @@ struct PersistentParams {
   // exchanged are 4 or 8 bytes: cluster_async_ok): st.async into the peers' turns and a
   // wait on this block's mbarrier, in place of generic stores and the cluster barrier
   bool async_exchange = false;
+  // a trace of this launch's first trace_steps steps by its first trace_blocks blocks
+  // (StepTrace, rnnfast._ops._trace_next), or null
+  long long* trace = nullptr;
+  int trace_steps = 0, trace_blocks = 0;
 };
+
+// The trace of one persistent launch (rnnfast._ops._trace_next, scripts/trace_persistent.py):
+// where a step's time goes, measured inside the kernel. Thread 0 of each block records
+// clock64() at kTraceMarks points of each step (SM cycles: comparable inside a block,
+// not across SMs), and block 0 the global timer and clock64() at its start and end (so
+// that cycles convert to nanoseconds at the launch's own clock). Layout (int64):
+// [0] global ns, [1] clock at block 0's start, [2] global ns, [3] clock at its end, then
+// [block][step][mark] for blocks < trace_blocks and steps s < trace_steps (counted in the
+// kernel's loop order: the backward's first is step T - 1). The marks, forward: 0 the step
+// starts, 1 h_{t-1} is in place (staged, or in registers; the cluster variant's is there
+// already), 2 the dot product is done, 3 the pointwise update is done, 4 the arrival is
+// done, 5 the loads ahead are issued (the wait starts), 6 the wait is over. Backward: 0 the
+// step starts, 1 phase A is done, 2 the arrival, 3 the wait starts, 4 the wait is over,
+// 5 phase B's input is in place, 6 phase B is done. With several row tiles, marks 1 and 2
+// are the first tile's; a step without a barrier (the last) repeats its last mark.
+// Off (null) it costs a test a step in thread 0.
+constexpr int kTraceMarks = 7;
+constexpr int kTraceHeader = 4;
+struct StepTrace {
+  long long* row;
+  __device__ __forceinline__ void mark(int m) const {
+    if (row != nullptr) row[m] = clock64();
+  }
+  // from mark m on, every mark at the same time (a step that ends early)
+  __device__ __forceinline__ void rest(int m) const {
+    if (row != nullptr) {
+      const long long c = clock64();
+      for (int i = m; i < kTraceMarks; ++i) row[i] = c;
+    }
+  }
+};
+template <typename Params>
+__device__ __forceinline__ StepTrace step_trace(const Params& p, int64_t step_count) {
+  StepTrace tr{nullptr};
+  if (p.trace != nullptr && threadIdx.x == 0 && step_count < p.trace_steps &&
+      int(blockIdx.x) < p.trace_blocks) {
+    tr.row = p.trace + kTraceHeader +
+             (int64_t(blockIdx.x) * p.trace_steps + step_count) * kTraceMarks;
+  }
+  return tr;
+}
+__device__ __forceinline__ long long global_ns() {
+  unsigned long long v;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
+  return static_cast<long long>(v);
+}
+// block 0's start (end = false) or end of the launch
+template <typename Params>
+__device__ __forceinline__ void trace_launch(const Params& p, bool end) {
+  if (p.trace != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    p.trace[end ? 2 : 0] = global_ns();
+    p.trace[end ? 3 : 1] = clock64();
+  }
+}
 
 // The cluster kernels' static shared memory: the async exchange's two mbarriers (a turn
 // each), beside the dynamic shared memory the planner sizes; ptxas reports 128 bytes (the
@@ -754,9 +812,12 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   } else {
     __syncthreads();
   }
+  trace_launch(p, false);
 
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
+    const StepTrace tr = step_trace(p, s);
+    tr.mark(0);
     const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
     scalar_t* next = xs + ((s + 1) & 1) * turn * ld;  // the cluster variant's next turn
     // the grid variant with two tiles of xs: tile i + 1 staged by cp.async during tile i's
@@ -776,6 +837,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         }
         __syncthreads();
       }
+      if (i == 0) tr.mark(1);
       // a later tile's first item per thread: its inputs load while the dot product runs
       if (n0 > 0 && threadIdx.x < (rows - n0 < NT ? rows - n0 : NT) * here) {
         Cell::load(p, s, t, tp, n_begin + n0 + threadIdx.x / here, u0 + threadIdx.x % here,
@@ -789,6 +851,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
                           reinterpret_cast<acc_t*>(smem + lay.scratch_offset));
       }
       __syncthreads();
+      if (i == 0) tr.mark(2);
       for (int idx = threadIdx.x; idx < NT * here; idx += blockDim.x) {
         const int nl = idx / here, j = idx % here;
         if (n0 + nl >= rows) continue;
@@ -825,6 +888,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       // before the next step
       if (n0 + NT < rows) __syncthreads();
     }
+    tr.mark(3);
     if (s + 1 < p.T) {
       // loads between the arrival and the wait (none of these inputs is another block's)
       if constexpr (kCluster) {
@@ -843,6 +907,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       } else {
         grid_arrive(p.barrier);
       }
+      tr.mark(4);
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
       }
@@ -850,6 +915,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         prefetch_xp<G>(p.xp, time_index(s + 2, p.T, p.reverse), N, H, n_begin, rows, u0, here,
                        threadIdx.x, blockDim.x);
       }
+      tr.mark(5);
       if constexpr (kCluster) {
         // the next turn's phase: turn (s + 1) & 1 is filled at every other step, so this is
         // its (s / 2)-th phase
@@ -861,8 +927,12 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       } else {
         grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
       }
+      tr.mark(6);
+    } else {
+      tr.rest(4);
     }
   }
+  trace_launch(p, true);
   // no block of a cluster leaves while a peer may still address its shared memory (the
   // last step's pushes are skipped, so this is belt and braces: once a launch)
   if constexpr (kCluster) cluster_sync();
@@ -998,8 +1068,11 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     on_hi |= (in_k && gid + 8 < N) ? 1u << c : 0u;
   }
 
+  trace_launch(p, false);
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
+    const StepTrace tr = step_trace(p, s);
+    tr.mark(0);
     const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
     const bool vec = (reinterpret_cast<uintptr_t>(h_prev) & 15) == 0;
     // the lane's 8 columns of each chunk of rows gid and gid + 8, all loads in flight at once
@@ -1008,6 +1081,18 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     for (int c = 0; c < kRegMaxChunks; ++c) {
       a_lo[c] = load8_cg(h_prev + off_lo + 32 * c, vec, (on_lo >> c) & 1u);
       a_hi[c] = load8_cg(h_prev + off_lo + 8 * H + 32 * c, vec, (on_hi >> c) & 1u);
+    }
+    if (tr.row != nullptr) {
+      // mark 1 once thread 0's loads are back: a branch on all of them (the store it
+      // guards is overwritten by the mark)
+      uint32_t dep = 0u;
+#pragma unroll
+      for (int c = 0; c < kRegMaxChunks; ++c) {
+        dep |= a_lo[c].x | a_lo[c].y | a_lo[c].z | a_lo[c].w;
+        dep |= a_hi[c].x | a_hi[c].y | a_hi[c].z | a_hi[c].w;
+      }
+      if (dep == 0xffffffffu) tr.row[1] = 0;
+      tr.mark(1);
     }
     // k steps 0 and 1 of each chunk into separate sums (two chains of dependent MMAs a
     // n-tile, not one), added at the end: a fixed order still
@@ -1041,6 +1126,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       }
     }
     __syncthreads();
+    tr.mark(2);
     for (int idx = threadIdx.x; idx < N * here; idx += blockDim.x) {
       const int nl = idx / here, j = idx % here;
       acc_t hh[G], in[L];
@@ -1067,8 +1153,10 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       const scalar_t h = Cell::forward(p, s, t, tp, nl, u0 + j, hh, hp, in);
       if (first) own_h = acc_t(h);
     }
+    tr.mark(3);
     if (s + 1 < p.T) {
       grid_arrive(p.barrier);  // its __syncthreads: scratch read before the next step's stores
+      tr.mark(4);
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
       }
@@ -1077,9 +1165,14 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         prefetch_xp<G>(p.xp, time_index(s + 2, p.T, p.reverse), N, H, 0, N, u0, here,
                        threadIdx.x - 32, blockDim.x - 32);
       }
+      tr.mark(5);
       grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
+      tr.mark(6);
+    } else {
+      tr.rest(4);
     }
   }
+  trace_launch(p, true);
 }
 
 // The backward of one layer and direction. Cell provides kGates, kDirectDh (dh_{t-1} has a
@@ -1145,9 +1238,12 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   } else {
     __syncthreads();
   }
+  trace_launch(p, false);
 
   for (int64_t s = p.T - 1; s >= 0; --s) {
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
+    const StepTrace tr = step_trace(p, p.T - 1 - s);
+    tr.mark(0);
     acc_t* cur = xs + (s & 1) * turn * ld;  // the cluster variant's turn for this step
     for (int64_t idx = threadIdx.x; idx < rows * here; idx += blockDim.x) {
       const int64_t nl = idx / here, u = u0 + idx % here;
@@ -1176,6 +1272,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         }
       }
     }
+    tr.mark(1);
     // the loads below need no other block's data
     if constexpr (kCluster) {
       if (async_exchange) {
@@ -1192,10 +1289,12 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     } else {
       grid_arrive(p.barrier);
     }
+    tr.mark(2);
     if (s > 0 && ahead_item) {
       Cell::load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse), ahead_n, ahead_u,
                           ahead);
     }
+    tr.mark(3);
     if constexpr (kCluster) {
       // turn s & 1 is filled at every other step from T - 1 down: its ((T - 1 - s) / 2)-th
       // phase
@@ -1207,6 +1306,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     } else {
       grid_wait(p.barrier, static_cast<unsigned long long>(p.T - s) * gridDim.x);
     }
+    tr.mark(4);
     const acc_t* dg = p.dg_hh + t * N * K;
     // the grid variant with two tiles of xs: tile i + 1 staged by cp.async during tile i's
     // work
@@ -1225,6 +1325,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         }
         __syncthreads();
       }
+      if (i == 0) tr.mark(5);
       tile_dot<NT, RPW>(ws, r_pad, xt, ld, out, reinterpret_cast<acc_t*>(smem + lay.scratch_offset));
       __syncthreads();
       for (int idx = threadIdx.x; idx < NT * here; idx += blockDim.x) {
@@ -1236,7 +1337,9 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       }
       __syncthreads();
     }
+    tr.mark(6);
   }
+  trace_launch(p, true);
   if constexpr (kCluster) cluster_sync();
 }
 
@@ -1964,6 +2067,18 @@ std::string launch_persistent(const PersistentLaunch& plan,
       params.xp != nullptr &&
       double(params.T) * params.N * plan.gates * params.H * sizeof(scalar_t) >
           double(at::cuda::getCurrentDeviceProperties()->l2CacheSize);
+  // a trace asked for this direction's next launch (rnnfast._ops._trace_next): a buffer
+  // of the launch's blocks and min(T, asked) steps (StepTrace)
+  const bool backward = params.dy != nullptr;
+  const int64_t trace_steps = std::min<int64_t>(take_trace_request(backward), params.T);
+  if (trace_steps > 0) {
+    Tensor trace = at::zeros({kTraceHeader + int64_t(plan.blocks) * trace_steps * kTraceMarks},
+                             like.options().dtype(at::kLong));
+    params.trace = reinterpret_cast<long long*>(trace.data_ptr<int64_t>());
+    params.trace_steps = static_cast<int>(trace_steps);
+    params.trace_blocks = plan.blocks;
+    note_trace(backward, trace, plan.blocks, trace_steps);
+  }
   void* args[] = {&params};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (plan.cluster > 0) {

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Where a persistent kernel's step goes, measured inside the kernel, on a GPU.
+
+For each case (cell, dtype, N, H, direction, path and knobs) the layer runs once at
+T = --seq-len untimed, then timed by CUDA events without a trace and with one
+(rnnfast._ops._trace_next: thread 0 of each block records the SM clock at seven marks of
+each of the first --steps steps; csrc/cuda/persistent.cuh, StepTrace). Per phase (the time
+between two marks) it prints the median over every block and step past the first --skip,
+in nanoseconds at the launch's own clock, and their sum beside the event-timed step (the
+trace's own cost is the difference of the two event times). `last` is the wait of the
+block that arrived last, the smallest wait of a step over the blocks (its median over the
+steps): the barrier's own latency, free of the other blocks' lateness.
+
+Forward phases: `h_prev` (staging h_{t-1} into shared memory, the register tile's loads
+of it; nothing in the cluster variant), `dot`, `pointwise`, `arrive` (the barrier's
+arrival: its __syncthreads and release, or the async exchange's expectation), `ahead` (the
+loads of the next step's inputs between arrival and wait), `wait`. Backward: `phase A`
+(the pointwise backward and, in the cluster variant, the stores into peers), `arrive`,
+`ahead`, `wait`, `stage` (phase B's input into shared memory), `phase B`.
+
+  python scripts/trace_persistent.py                    # the default cases, a table
+  python scripts/trace_persistent.py --json trace.json  # and the rows
+
+Needs a CUDA GPU and rnnfast built with its CUDA kernels.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import rnnfast  # noqa: E402
+from rnnfast._ops import _last_cuda_plan, _last_trace, _trace_next  # noqa: E402
+
+MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
+KNOBS = ("RNNFAST_REG_TILE", "RNNFAST_CLUSTER_EXCHANGE")
+PHASES = {False: ("h_prev", "dot", "pointwise", "arrive", "ahead", "wait"),
+          True: ("phase A", "arrive", "ahead", "wait", "stage", "phase B")}
+WAIT = {False: 5, True: 3}  # the index of the wait among the phases
+
+# (cell, dtype, N, H, backward, path, RNNFAST_REG_TILE, RNNFAST_CLUSTER_EXCHANGE): the
+# issue's latency case (LSTM bfloat16 N = 16, H = 768: 3.0-3.3 us a step on the register
+# tile, the target under 2) and its tiled forward, the other cells there, and the float32
+# Elman RNN at H = 256 (slower than cuDNN) on both variants and exchanges, both directions
+CASES = [("lstm", "bfloat16", 16, 768, False, "persistent", "1", None),
+         ("lstm", "bfloat16", 16, 768, False, "persistent", "0", None),
+         ("gru", "bfloat16", 16, 768, False, "persistent", "1", None),
+         ("rnn", "bfloat16", 16, 768, False, "persistent", "1", None),
+         ("lstm", "bfloat16", 1, 256, False, "persistent", "1", None),
+         ("rnn", "float32", 1, 256, False, "cluster", None, "barrier"),
+         ("rnn", "float32", 1, 256, False, "cluster", None, "async"),
+         ("rnn", "float32", 64, 256, False, "cluster", None, "barrier"),
+         ("rnn", "float32", 64, 256, False, "cluster", None, "async"),
+         ("rnn", "float32", 16, 256, False, "persistent", None, None),
+         ("rnn", "float32", 16, 256, True, "cluster", None, "barrier"),
+         ("rnn", "float32", 16, 256, True, "cluster", None, "async"),
+         ("lstm", "bfloat16", 16, 768, True, "persistent", None, None)]
+
+
+def set_knobs(reg_tile, exchange):
+    for name, value in zip(KNOBS, (reg_tile, exchange)):
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def event_us(fn):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3
+
+
+def summarize(trace, backward, skip):
+    """Per phase the median ns over blocks and steps past `skip`; the step's; the last
+    arriver's wait."""
+    marks = trace["marks"][:, skip:, :].to(torch.float64) * trace["ns_per_cycle"]
+    if marks.shape[1] == 0:
+        raise ValueError(f"no steps past the first {skip}: trace more steps")
+    d = marks[:, :, 1:] - marks[:, :, :-1]  # [blocks, steps, phases]
+    out = {name: float(d[:, :, i].median()) for i, name in enumerate(PHASES[backward])}
+    out["step"] = float((marks[:, :, -1] - marks[:, :, 0]).median())
+    wait = d[:, :, WAIT[backward]]
+    out["last"] = float(wait.min(dim=0).values.median())
+    out["wait_p90"] = float(wait.flatten().quantile(0.9))
+    return out
+
+
+def run_case(case, args):
+    cell, dtype, N, H, backward, path, reg_tile, exchange = case
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    layer = MODULES[cell](H, H).to("cuda", dt)
+    x = torch.randn(args.seq_len, N, H, device="cuda", dtype=dt)
+    set_knobs(reg_tile, exchange)
+    try:
+        with rnnfast.cuda_path(path):
+            if backward:
+                x.requires_grad_(True)
+
+                def fn():
+                    layer(x)[0].float().sum().backward()
+            else:
+                def fn():
+                    with torch.no_grad():
+                        layer(x)
+            fn()
+            torch.cuda.synchronize()
+            plan = _last_cuda_plan()[1 if backward else 0]
+            plain = statistics.median(event_us(fn) for _ in range(args.repeats))
+            _trace_next(args.steps, backward)
+            traced = event_us(fn)
+            _trace_next(0, backward)
+            trace = _last_trace(backward)
+    finally:
+        set_knobs(None, None)
+    if trace is None:
+        raise RuntimeError("no trace was taken: the persistent path did not run")
+    row = {"cell": cell, "dtype": dtype, "N": N, "H": H, "T": args.seq_len,
+           "direction": "bwd" if backward else "fwd", "path": path, "reg_tile": reg_tile,
+           "cluster_exchange": exchange, "plan": plan, "blocks": trace["blocks"],
+           "steps": trace["steps"], "ns_per_cycle": trace["ns_per_cycle"],
+           "call_us": plain, "traced_call_us": traced}
+    row.update(summarize(trace, backward, min(args.skip, trace["steps"] - 1)))
+    return row
+
+
+def label(case):
+    cell, dtype, N, H, backward, path, reg_tile, exchange = case
+    knob = (f"reg={reg_tile}" if reg_tile is not None else "") + (exchange or "")
+    return (f"{cell:4s} {dtype:8s} {N:>3d} {H:>4d} {'bwd' if backward else 'fwd'} "
+            f"{path:10s} {knob:7s}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=128, help="steps traced")
+    ap.add_argument("--skip", type=int, default=8, help="first traced steps left out")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("trace_persistent: needs a CUDA GPU")
+    prop = torch.cuda.get_device_properties(0)
+    print(f"{prop.name}, {prop.multi_processor_count} SMs, torch {torch.__version__}, "
+          f"T={args.seq_len}, ns a step (median over blocks and steps {args.skip}..)")
+    rows = []
+    for case in CASES:
+        backward = case[4]
+        try:
+            row = run_case(case, args)
+        except Exception as e:  # noqa: BLE001 - a case that cannot run is reported
+            print(f"{label(case)} | {type(e).__name__}: {str(e).splitlines()[0][:150]}",
+                  flush=True)
+            rows.append({"case": list(case), "error": f"{type(e).__name__}: {e}"})
+            continue
+        rows.append(row)
+        phases = "  ".join(f"{n} {row[n]:6.0f}" for n in PHASES[backward])
+        print(f"{label(case)} | {phases} | step {row['step']:6.0f} last wait "
+              f"{row['last']:5.0f} | events {row['call_us'] * 1e3 / args.seq_len:6.0f} "
+              f"traced {row['traced_call_us'] * 1e3 / args.seq_len:6.0f} | blocks "
+              f"{row['blocks']}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": prop.name, "torch": torch.__version__, "rows": rows}, f,
+                          indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

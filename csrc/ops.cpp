@@ -194,13 +194,13 @@ void note_trace(bool backward, const Tensor& trace, int64_t blocks, int64_t step
   trace_steps[backward ? 1 : 0] = steps;
 }
 
-// (trace, blocks, steps) of the last traced launch in that direction; an empty tensor and
-// zeros before any
+// (trace, blocks, steps) of the last traced launch in that direction (a copy); an empty
+// tensor and zeros before any
 std::tuple<Tensor, int64_t, int64_t> last_trace(bool backward) {
   const std::lock_guard<std::mutex> lock(trace_mutex);
   const int i = backward ? 1 : 0;
   if (!trace_buffer[i].defined()) return {at::empty({0}, at::kLong), 0, 0};
-  return {trace_buffer[i], trace_blocks[i], trace_steps[i]};
+  return {trace_buffer[i].clone(), trace_blocks[i], trace_steps[i]};
 }
 
 void check_persistent_refusal(const char* op, const std::string& why) {

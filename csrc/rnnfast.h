@@ -133,7 +133,7 @@ void note_cuda_plan(bool backward, const CudaPlanNote& note);
 // A trace of the persistent kernels' steps (cuda/persistent.cuh, StepTrace): the torch op
 // rnnfast::_trace_next(steps, backward) asks one for the next persistent launch in that
 // direction (0: none); the launch takes the request (take_trace_request returns the steps
-// asked and clears it) and notes its buffer [4 + blocks * steps * 7] (note_trace), which
+// asked and clears it) and notes its buffer [4 + blocks * steps * 9] (note_trace), which
 // rnnfast::_last_trace(backward) returns with its blocks and steps.
 int64_t take_trace_request(bool backward);
 void note_trace(bool backward, const Tensor& trace, int64_t blocks, int64_t steps);

@@ -207,7 +207,8 @@ def _trace_next(steps, backward=False):
     """Asks for a trace of the first `steps` steps of the next persistent launch (the grid
     or cluster variant) in that direction (the forward, or the backward); 0 withdraws the
     request. The launch that takes it records, in thread 0 of each block, the SM clock at
-    the marks of TRACE_MARKS each step; _last_trace() returns it. For
+    the marks of TRACE_MARKS each step (at most 2**24 slots in all: fewer steps where the
+    launch has that many blocks); _last_trace() returns it. For
     scripts/trace_persistent.py: where a step's time goes, measured inside the kernel."""
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"_trace_next: expected steps as an int, but got {type(steps).__name__}")
@@ -218,14 +219,20 @@ def _last_trace(backward=False):
     """The last trace taken in that direction (see _trace_next), or None before any: a dict
     with `blocks`, `steps`, `marks` (an int64 CPU tensor [blocks, steps, 7] of SM clock
     cycles, steps in the kernel's order: the backward's first is the sequence's last),
-    `mark_names` and `ns_per_cycle` (block 0's global-timer nanoseconds over its clock
-    cycles from its first step to its end: the launch's own clock)."""
+    `arrival_ns` ([blocks, steps]: the global timer at each block's arrival, comparable
+    across blocks, unlike the clocks; the last forward step's end), `sm` ([blocks, steps]:
+    the SM a block ran a step on; a block preempted and resumed on another SM changes it,
+    and its clocks are then another SM's), `mark_names` and
+    `ns_per_cycle` (block 0's global-timer nanoseconds over its clock cycles from its
+    first step to its end: the launch's own clock)."""
     trace, blocks, steps = ops._last_trace(bool(backward))
     if blocks == 0:
         return None
     t = trace.cpu()
     ns0, c0, ns1, c1 = t[:4].tolist()
-    marks = t[4:].view(blocks, steps, len(TRACE_MARKS[bool(backward)]))
-    return {"blocks": blocks, "steps": steps, "marks": marks,
+    clocks = len(TRACE_MARKS[bool(backward)])
+    slots = t[4:].view(blocks, steps, clocks + 2)
+    return {"blocks": blocks, "steps": steps, "marks": slots[:, :, :clocks],
+            "arrival_ns": slots[:, :, clocks], "sm": slots[:, :, clocks + 1],
             "mark_names": TRACE_MARKS[bool(backward)],
             "ns_per_cycle": (ns1 - ns0) / (c1 - c0) if c1 > c0 else float("nan")}

@@ -638,7 +638,8 @@ if tr:
         print(f"{r['cell']:4} {r['dtype']:8} N={r['N']:<3} H={r['H']:<4} {r['direction']} "
               f"{r['path']}{knob} ({r['blocks']} blocks): "
               + " ".join(f"{n} {r[n]:.0f}" for n in names)
-              + f" | step {r['step']:.0f} last {r['last']:.0f} | events "
+              + f" | step {r['step']:.0f} last {r['last']:.0f} spread "
+              f"{r['arrival_spread']:.0f} (timer {r['timer_resolution']:.0f}) | events "
               f"{r['call_us'] * 1e3 / r['T']:.0f} / {r['traced_call_us'] * 1e3 / r['T']:.0f}")
 
 # calib: the grid variant with all blocks and at most 64, the cluster variant and the

@@ -9,7 +9,9 @@ between two marks) it prints the median over every block and step past the first
 in nanoseconds at the launch's own clock, and their sum beside the event-timed step (the
 trace's own cost is the difference of the two event times). `last` is the wait of the
 block that arrived last, the smallest wait of a step over the blocks (its median over the
-steps): the barrier's own latency, free of the other blocks' lateness.
+steps): the barrier's own latency, free of the other blocks' lateness; `spread` the time
+from a step's first block's arrival to its last's by the global timer (its resolution,
+as seen, beside it).
 
 Forward phases: `h_prev` (staging h_{t-1} into shared memory, the register tile's loads
 of it; nothing in the cluster variant), `dot`, `pointwise`, `arrive` (the barrier's
@@ -82,16 +84,31 @@ def event_us(fn):
 
 def summarize(trace, backward, skip):
     """Per phase the median ns over blocks and steps past `skip`; the step's; the last
-    arriver's wait."""
-    marks = trace["marks"][:, skip:, :].to(torch.float64) * trace["ns_per_cycle"]
-    if marks.shape[1] == 0:
+    arriver's wait; the arrivals' spread. Blocks that changed SM (preempted and resumed
+    elsewhere: their clocks are two SMs') are left out of the clock phases and counted."""
+    if trace["marks"].shape[1] <= skip:
         raise ValueError(f"no steps past the first {skip}: trace more steps")
+    sm = trace["sm"][:, skip:]
+    stayed = (sm == sm[:, :1]).all(dim=1)
+    if not bool(stayed.any()):
+        raise ValueError("every block changed SM during the trace")
+    clocks = trace["marks"][stayed, skip:, :]
+    marks = (clocks - clocks[:, :1, :1]).to(torch.float64) * trace["ns_per_cycle"]
     d = marks[:, :, 1:] - marks[:, :, :-1]  # [blocks, steps, phases]
     out = {name: float(d[:, :, i].median()) for i, name in enumerate(PHASES[backward])}
+    out["moved_blocks"] = int((~stayed).sum())
     out["step"] = float((marks[:, :, -1] - marks[:, :, 0]).median())
     wait = d[:, :, WAIT[backward]]
     out["last"] = float(wait.min(dim=0).values.median())
     out["wait_p90"] = float(wait.flatten().quantile(0.9))
+    # the blocks' arrivals by the global timer: a step's spread (last less first), and the
+    # timer's resolution as seen (the smallest nonzero gap between two readings)
+    arrivals = trace["arrival_ns"][:, skip:].to(torch.float64)
+    out["arrival_spread"] = float((arrivals.max(dim=0).values
+                                   - arrivals.min(dim=0).values).median())
+    gaps = arrivals.flatten().sort().values.diff()
+    gaps = gaps[gaps > 0]
+    out["timer_resolution"] = float(gaps.min()) if gaps.numel() else float("nan")
     return out
 
 
@@ -117,13 +134,15 @@ def run_case(case, args):
             torch.cuda.synchronize()
             plan = _last_cuda_plan()[1 if backward else 0]
             plain = statistics.median(event_us(fn) for _ in range(args.repeats))
+            before = _last_trace(backward)
             _trace_next(args.steps, backward)
             traced = event_us(fn)
-            _trace_next(0, backward)
             trace = _last_trace(backward)
     finally:
+        _trace_next(0, backward)
         set_knobs(None, None)
-    if trace is None:
+    if trace is None or (before is not None and torch.equal(trace["arrival_ns"],
+                                                            before["arrival_ns"])):
         raise RuntimeError("no trace was taken: the persistent path did not run")
     row = {"cell": cell, "dtype": dtype, "N": N, "H": H, "T": args.seq_len,
            "direction": "bwd" if backward else "fwd", "path": path, "reg_tile": reg_tile,
@@ -160,14 +179,15 @@ def main(argv=None):
         try:
             row = run_case(case, args)
         except Exception as e:  # noqa: BLE001 - a case that cannot run is reported
-            print(f"{label(case)} | {type(e).__name__}: {str(e).splitlines()[0][:150]}",
+            print(f"{label(case)} | {type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}",
                   flush=True)
             rows.append({"case": list(case), "error": f"{type(e).__name__}: {e}"})
             continue
         rows.append(row)
         phases = "  ".join(f"{n} {row[n]:6.0f}" for n in PHASES[backward])
         print(f"{label(case)} | {phases} | step {row['step']:6.0f} last wait "
-              f"{row['last']:5.0f} | events {row['call_us'] * 1e3 / args.seq_len:6.0f} "
+              f"{row['last']:5.0f} arrivals spread {row['arrival_spread']:5.0f} (timer "
+              f"{row['timer_resolution']:.0f}, moved {row['moved_blocks']}) | events {row['call_us'] * 1e3 / args.seq_len:6.0f} "
               f"traced {row['traced_call_us'] * 1e3 / args.seq_len:6.0f} | blocks "
               f"{row['blocks']}", flush=True)
         if args.json:

@@ -99,6 +99,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <limits>
 #include <map>
@@ -169,20 +170,50 @@ struct PersistentParams {
 // done, 5 the loads ahead are issued (the wait starts), 6 the wait is over. Backward: 0 the
 // step starts, 1 phase A is done, 2 the arrival, 3 the wait starts, 4 the wait is over,
 // 5 phase B's input is in place, 6 phase B is done. With several row tiles, marks 1 and 2
-// are the first tile's; a step without a barrier (the last) repeats its last mark.
-// Off (null) it costs a test a step in thread 0.
-constexpr int kTraceMarks = 7;
+// are the first tile's; a step without a barrier (the last) repeats its last mark. Slot 7
+// of a step is the global timer (ns) at the arrival (mark 4 forward, 2 backward; the last
+// forward step: its end), comparable across blocks: the spread of the blocks' arrivals;
+// slot 8 the SM the block ran on at the step's start (%smid: a block preempted and resumed
+// elsewhere changes it, and its clocks are then another SM's). Off (null) it costs a test
+// a step in thread 0.
+__device__ __forceinline__ long long global_ns() {
+  unsigned long long v;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
+  return static_cast<long long>(v);
+}
+constexpr int kTraceClocks = 7;  // a step's clock marks
+// a step's slots: the clock marks, the arrival's global ns, the SM
+constexpr int kTraceMarks = kTraceClocks + 2;
 constexpr int kTraceHeader = 4;
+// the most int64 slots of a trace (128 MiB): a request for more steps gets fewer
+constexpr int64_t kTraceMaxSlots = int64_t(1) << 24;
 struct StepTrace {
   long long* row;
   __device__ __forceinline__ void mark(int m) const {
     if (row != nullptr) row[m] = clock64();
   }
-  // from mark m on, every mark at the same time (a step that ends early)
+  // mark 0, and the SM into slot 8
+  __device__ __forceinline__ void start() const {
+    if (row != nullptr) {
+      unsigned sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      row[kTraceClocks + 1] = sm;
+      row[0] = clock64();
+    }
+  }
+  // mark m, and the global timer into slot 7
+  __device__ __forceinline__ void arrived(int m) const {
+    if (row != nullptr) {
+      row[m] = clock64();
+      row[kTraceClocks] = global_ns();
+    }
+  }
+  // from mark m on, every mark at the same time (a step that ends early), and slot 7
   __device__ __forceinline__ void rest(int m) const {
     if (row != nullptr) {
       const long long c = clock64();
-      for (int i = m; i < kTraceMarks; ++i) row[i] = c;
+      for (int i = m; i < kTraceClocks; ++i) row[i] = c;
+      row[kTraceClocks] = global_ns();
     }
   }
 };
@@ -195,11 +226,6 @@ __device__ __forceinline__ StepTrace step_trace(const Params& p, int64_t step_co
              (int64_t(blockIdx.x) * p.trace_steps + step_count) * kTraceMarks;
   }
   return tr;
-}
-__device__ __forceinline__ long long global_ns() {
-  unsigned long long v;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
-  return static_cast<long long>(v);
 }
 // block 0's start (end = false) or end of the launch
 template <typename Params>
@@ -817,7 +843,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
     const StepTrace tr = step_trace(p, s);
-    tr.mark(0);
+    tr.start();
     const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
     scalar_t* next = xs + ((s + 1) & 1) * turn * ld;  // the cluster variant's next turn
     // the grid variant with two tiles of xs: tile i + 1 staged by cp.async during tile i's
@@ -907,7 +933,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       } else {
         grid_arrive(p.barrier);
       }
-      tr.mark(4);
+      tr.arrived(4);
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
       }
@@ -1072,7 +1098,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
     const StepTrace tr = step_trace(p, s);
-    tr.mark(0);
+    tr.start();
     const scalar_t* h_prev = s == 0 ? p.h0 : p.y + tp * N * H;
     const bool vec = (reinterpret_cast<uintptr_t>(h_prev) & 15) == 0;
     // the lane's 8 columns of each chunk of rows gid and gid + 8, all loads in flight at once
@@ -1156,7 +1182,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     tr.mark(3);
     if (s + 1 < p.T) {
       grid_arrive(p.barrier);  // its __syncthreads: scratch read before the next step's stores
-      tr.mark(4);
+      tr.arrived(4);
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
       }
@@ -1243,7 +1269,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   for (int64_t s = p.T - 1; s >= 0; --s) {
     const int64_t t = time_index(s, p.T, p.reverse), tp = time_index(s - 1, p.T, p.reverse);
     const StepTrace tr = step_trace(p, p.T - 1 - s);
-    tr.mark(0);
+    tr.start();
     acc_t* cur = xs + (s & 1) * turn * ld;  // the cluster variant's turn for this step
     for (int64_t idx = threadIdx.x; idx < rows * here; idx += blockDim.x) {
       const int64_t nl = idx / here, u = u0 + idx % here;
@@ -1289,7 +1315,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     } else {
       grid_arrive(p.barrier);
     }
-    tr.mark(2);
+    tr.arrived(2);
     if (s > 0 && ahead_item) {
       Cell::load_backward(p, s - 1, tp, time_index(s - 2, p.T, p.reverse), ahead_n, ahead_u,
                           ahead);
@@ -2068,34 +2094,42 @@ std::string launch_persistent(const PersistentLaunch& plan,
       double(params.T) * params.N * plan.gates * params.H * sizeof(scalar_t) >
           double(at::cuda::getCurrentDeviceProperties()->l2CacheSize);
   // a trace asked for this direction's next launch (rnnfast._ops._trace_next): a buffer
-  // of the launch's blocks and min(T, asked) steps (StepTrace)
+  // of the launch's blocks and min(T, asked) steps, fewer where that passes
+  // kTraceMaxSlots (StepTrace); noted once the launch is made
   const bool backward = params.dy != nullptr;
-  const int64_t trace_steps = std::min<int64_t>(take_trace_request(backward), params.T);
+  const int64_t trace_steps = std::min<int64_t>(
+      {take_trace_request(backward), params.T,
+       std::max<int64_t>(1, kTraceMaxSlots / (int64_t(plan.blocks) * kTraceMarks))});
+  Tensor trace;
   if (trace_steps > 0) {
-    Tensor trace = at::zeros({kTraceHeader + int64_t(plan.blocks) * trace_steps * kTraceMarks},
-                             like.options().dtype(at::kLong));
+    try {
+      trace = at::zeros({kTraceHeader + int64_t(plan.blocks) * trace_steps * kTraceMarks},
+                        like.options().dtype(at::kLong));
+    } catch (const std::exception& e) {
+      return std::string("the step trace's buffer could not be allocated: ") + e.what();
+    }
     params.trace = reinterpret_cast<long long*>(trace.data_ptr<int64_t>());
     params.trace_steps = static_cast<int>(trace_steps);
     params.trace_blocks = plan.blocks;
-    note_trace(backward, trace, plan.blocks, trace_steps);
   }
   void* args[] = {&params};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  std::string why;
+  Tensor counter;
   if (plan.cluster > 0) {
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t cfg =
         cluster_config(plan.cluster, plan.blocks, plan.smem, stream, attr);
-    std::string why;
     cuda_ok(cudaLaunchKernelExC(&cfg, plan.kernel, args), "launching the cluster kernel", why);
-    return why;
+  } else {
+    // the barrier's counter: zero before the launch; freed after it in stream order
+    counter = at::zeros({1}, like.options().dtype(at::kLong));
+    params.barrier = reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>());
+    cuda_ok(cudaLaunchCooperativeKernel(plan.kernel, plan.blocks, kPersistentThreads, args,
+                                        plan.smem, stream),
+            "the cooperative launch", why);
   }
-  // the barrier's counter: zero before the launch; freed after it in stream order
-  Tensor counter = at::zeros({1}, like.options().dtype(at::kLong));
-  params.barrier = reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>());
-  std::string why;
-  cuda_ok(cudaLaunchCooperativeKernel(plan.kernel, plan.blocks, kPersistentThreads, args,
-                                      plan.smem, stream),
-          "the cooperative launch", why);
+  if (why.empty() && trace.defined()) note_trace(backward, trace, plan.blocks, trace_steps);
   return why;
 }
 

@@ -38,6 +38,7 @@ sys.path.insert(0, ROOT)
 
 import rnnfast  # noqa: E402
 from rnnfast._ops import _last_cuda_plan, _last_trace, _trace_next  # noqa: E402
+from rnnfast.bench.timing import measure_cuda  # noqa: E402
 
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
 KNOBS = ("RNNFAST_REG_TILE", "RNNFAST_CLUSTER_EXCHANGE")
@@ -73,13 +74,7 @@ def set_knobs(reg_tile, exchange):
 
 
 def event_us(fn):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3
+    return measure_cuda(fn) * 1e6
 
 
 def summarize(trace, backward, skip):

@@ -225,7 +225,8 @@ def test_overhead_table_fits_a_fixed_cost_and_a_cost_a_step(monkeypatch, capsys)
     monkeypatch.setattr(cal, "time_call", fake_time_call)
     monkeypatch.setattr(cal, "_last_cuda_plan", lambda: ({"us": 1.0, "reg": 0}, None))
     args = cal.argparse.Namespace(overhead_seq_lens=[1, 16, 256], dtypes=["bfloat16", "float32"],
-                                  cells=["lstm", "gru", "rnn"], repeats=1, json=None)
+                                  cells=["lstm", "gru", "rnn"], repeats=1, json=None,
+                                  no_async=False)
     rows = []
     cal.overhead_table(args, _Prop(), rows)
     assert len(rows) == 3 * len(cal.OVERHEAD_CASES)
@@ -241,6 +242,13 @@ def test_overhead_table_fits_a_fixed_cost_and_a_cost_a_step(monkeypatch, capsys)
     assert all(k not in os.environ for k in cal.KNOBS)
     printed = capsys.readouterr().out
     assert printed.count("| 700, 3.00") == len(cal.OVERHEAD_CASES), printed
+    # --no-async (gpu_check, where the async exchange's smoke test failed): its case left out
+    seen.clear()
+    rows = []
+    cal.overhead_table(cal.argparse.Namespace(**{**vars(args), "no_async": True}), _Prop(), rows)
+    kept = [c for c in cal.OVERHEAD_CASES if c[6] != "async"]
+    assert len(kept) < len(cal.OVERHEAD_CASES) and len(rows) == 3 * len(kept)
+    assert all(s[2] != "async" for s in seen)
 
 
 def test_elman_table_sweeps_the_cluster_sizes_and_exchanges(monkeypatch, capsys):
@@ -257,7 +265,8 @@ def test_elman_table_sweeps_the_cluster_sizes_and_exchanges(monkeypatch, capsys)
 
     monkeypatch.setattr(cal, "measure", fake_measure)
     args = cal.argparse.Namespace(no_elman=False, cells=["rnn"], dtypes=["float32"],
-                                  elman_batch=[64, 256], seq_len=8, repeats=1, json=None)
+                                  elman_batch=[64, 256], seq_len=8, repeats=1, json=None,
+                                  no_async=False)
     rows = []
     cal.elman_table(args, None, rows)
     assert seen == [("rnn", "torch.float32", n, 256, "cluster", c, "fwd", e)
@@ -273,3 +282,8 @@ def test_elman_table_sweeps_the_cluster_sizes_and_exchanges(monkeypatch, capsys)
         rows = []
         cal.elman_table(cal.argparse.Namespace(**{**vars(args), **skip}), None, rows)
         assert rows == []
+    # --no-async: the barrier's columns only
+    seen.clear()
+    rows = []
+    cal.elman_table(cal.argparse.Namespace(**{**vars(args), "no_async": True}), None, rows)
+    assert len(rows) == 10 and all(s[7] == "barrier" for s in seen)

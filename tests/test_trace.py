@@ -216,3 +216,37 @@ def test_script_summary_of_a_made_up_trace():
     sm[:, 3] = 99
     with pytest.raises(ValueError, match="every block changed SM"):
         script.summarize(trace, False, 1)
+
+
+def test_script_runs_every_case_and_leaves_out_async_when_asked(monkeypatch, capsys):
+    """scripts/trace_persistent.py's loop with the measurement replaced: every case run (a
+    failing one reported, not raised), and --no-async (gpu_check, where the async
+    exchange's smoke test failed) leaving out the cases of the async exchange."""
+    script = _load_script()
+
+    class _Prop:
+        name, multi_processor_count = "stand-in", 132
+
+    ran = []
+
+    def fake_run_case(case, args):
+        ran.append(case)
+        if case[0] == "gru":
+            raise RuntimeError("")  # an empty message still reported
+        backward = case[4]
+        row = {n: 1.0 for n in script.PHASES[backward]}
+        row.update(step=6.0, last=1.0, arrival_spread=2.0, timer_resolution=32.0,
+                   moved_blocks=0, call_us=1.0, traced_call_us=1.0, blocks=132)
+        return row
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _Prop())
+    monkeypatch.setattr(script, "run_case", fake_run_case)
+    rows = script.main([])
+    assert ran == script.CASES and len(rows) == len(script.CASES)
+    assert any("error" in r for r in rows)
+    ran.clear()
+    script.main(["--no-async"])
+    assert ran == [c for c in script.CASES if c[7] != "async"]
+    assert any(c[7] == "async" for c in script.CASES)
+    assert "RuntimeError" in capsys.readouterr().out

@@ -72,6 +72,8 @@
 # issue's table with the per-step graphs (RNNFAST_STEP_GRAPH=1) and the async exchange:
 #   GPU_CHECK_STAGES="test_cuda sanitize calib trace" GPU_CHECK_BUDGET=470
 #   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast async,rnnfast step graph,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=350
+# (leave `rnnfast async` out of the second where the first's smoke stage failed: each of
+# its launches would hang until the trap)
 # (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`
 # runs the per-step path's GEMMs through ATen, against `rnnfast step`'s direct cuBLAS calls;
 # `rnnfast reg` the grid variant with RNNFAST_REG_TILE=1, at N <= 16 in 16 bits only;

@@ -294,11 +294,11 @@ PyObject* py_last_cuda_plan(PyObject*, PyObject*) {
       } else {
         const rnnfast::CudaPlanNote& n = notes[i];
         d = Py_BuildValue(
-            "{s:d,s:d,s:d,s:d,s:i,s:i,s:i,s:i,s:i,s:i,s:L,s:i,s:i}", "us", n.us, "grid_us",
+            "{s:d,s:d,s:d,s:d,s:i,s:i,s:i,s:i,s:i,s:i,s:L,s:i,s:i,s:i}", "us", n.us, "grid_us",
             n.grid_us, "cluster_us", n.cluster_us, "step_us", n.step_us, "blocks", n.blocks,
             "units", n.units, "cluster", n.cluster, "nt", n.nt, "rpw", n.rpw, "xs_tiles",
             n.xs_tiles, "group_rows", static_cast<long long>(n.group_rows), "reg", n.reg,
-            "async", n.async_exchange);
+            "async", n.async_exchange, "range_wait", n.range_wait);
         if (d == nullptr) {
           Py_DECREF(out);
           return nullptr;

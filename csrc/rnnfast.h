@@ -128,6 +128,8 @@ struct CudaPlanNote {
   int reg = 0;  // 1: the grid variant's register tile (RNNFAST_REG_TILE)
   // 1: the cluster variant's async exchange (RNNFAST_CLUSTER_EXCHANGE=async) ran
   int async_exchange = 0;
+  // 1: the register tile's range wait (RNNFAST_REG_WAIT=range) ran
+  int range_wait = 0;
 };
 void note_cuda_plan(bool backward, const CudaPlanNote& note);
 // A trace of the persistent kernels' steps (cuda/persistent.cuh, StepTrace): the torch op

@@ -58,7 +58,7 @@ from rnnfast._ops import _last_cuda_plan  # noqa: E402
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
 KNOBS = ("RNNFAST_PERSISTENT_MAX_BLOCKS", "RNNFAST_CLUSTER_SIZE", "RNNFAST_MMA_ROWS",
          "RNNFAST_STEP_GEMM", "RNNFAST_REG_TILE", "RNNFAST_CLUSTER_EXCHANGE",
-         "RNNFAST_STEP_FUSED", "RNNFAST_STEP_GRAPH")
+         "RNNFAST_STEP_FUSED", "RNNFAST_STEP_GRAPH", "RNNFAST_REG_WAIT")
 
 
 def time_per_step(fn, T, repeats, warmup=2):
@@ -77,7 +77,7 @@ def time_per_step(fn, T, repeats, warmup=2):
 
 
 def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None, step_gemm=None,
-            reg_tile=None, exchange=None):
+            reg_tile=None, exchange=None, reg_wait=None):
     """(microseconds per step, or the first line of the error the call raised; the paths
     that ran; the planner's decisions, rnnfast._ops._last_cuda_plan(): the cost model's
     estimates beside the measurement). knob: the value of RNNFAST_PERSISTENT_MAX_BLOCKS
@@ -85,7 +85,8 @@ def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None, step
     RNNFAST_MMA_ROWS (path persistent); step_gemm: RNNFAST_STEP_GEMM (path step), or
     "fused": RNNFAST_STEP_FUSED=1 instead (the fused 16-bit forward), or "graph":
     RNNFAST_STEP_GRAPH=1 (the steps replayed as a CUDA graph, captured in the warm-up); reg_tile:
-    RNNFAST_REG_TILE (path persistent); exchange: RNNFAST_CLUSTER_EXCHANGE (path cluster)."""
+    RNNFAST_REG_TILE (path persistent); exchange: RNNFAST_CLUSTER_EXCHANGE (path cluster);
+    reg_wait: RNNFAST_REG_WAIT (the register tile's wait, "grid" or "range")."""
     torch.manual_seed(0)
     m = MODULES[cell](H, H).to("cuda", dtype)
     x = torch.randn(T, N, H, device="cuda", dtype=dtype, requires_grad=mode == "fwdbwd")
@@ -105,6 +106,8 @@ def measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None, step
         os.environ[KNOBS[4]] = str(reg_tile)
     if exchange:
         os.environ[KNOBS[5]] = exchange
+    if reg_wait:
+        os.environ[KNOBS[8]] = reg_wait
 
     def fwd():
         with torch.no_grad():
@@ -146,6 +149,9 @@ def main(argv=None):
                     help="the batches of the float32 Elman RNN table (H = 256)")
     ap.add_argument("--no-elman", action="store_true",
                     help="leave out the float32 Elman RNN table")
+    ap.add_argument("--no-range", action="store_true",
+                    help="leave out the register tile's range wait (gpu_check, where its smoke "
+                         "test failed)")
     ap.add_argument("--no-async", action="store_true",
                     help="leave out every measurement of the cluster variant's async exchange "
                          "(gpu_check, where its smoke test failed: a hang traps only after "
@@ -201,12 +207,13 @@ def label(case):
 
 
 def record(args, rows, case, path, fields, knob=0, mma_rows=None, step_gemm=None,
-           reg_tile=None, exchange=None):
+           reg_tile=None, exchange=None, reg_wait=None):
     """One measurement of case on path (knob, mma_rows, step_gemm, reg_tile and exchange as
     measure() takes them), appended to rows with `fields`; returns its table cell."""
     us, used, plans = measure(case["cell"], getattr(torch, case["dtype"]), case["N"],
                               case["H"], args.seq_len, path, knob, case["mode"], args.repeats,
-                              mma_rows, step_gemm, reg_tile, exchange)
+                              mma_rows, step_gemm, reg_tile, exchange,
+                              *([reg_wait] if reg_wait else []))
     rows.append(dict(case, path=path, **fields, us=us, used=used, plan_fwd=plans[0],
                      plan_bwd=plans[1] if case["mode"] == "fwdbwd" else None))
     return f"{us:8.2f}" if isinstance(us, float) else f"{'n/a':>8s}"
@@ -228,14 +235,17 @@ def reg_table(args, prop, rows):
     tiled forward where the layer does not fit the register tile), the latter with a block
     per SM and with the fewest blocks it can take (RNNFAST_PERSISTENT_MAX_BLOCKS, 32 rows of
     W a block: a cheaper barrier and fewer reads of h_{t-1} from L2, more MMAs a warp), H in
-    --hidden and 1024. Rows carry `reg_tile` (and `max_blocks`)."""
+    --hidden and 1024; and with a block per SM and the range wait (RNNFAST_REG_WAIT=range:
+    each warp waits only for the blocks that make its k range of h; not with --no-range).
+    Rows carry `reg_tile` (and `max_blocks`, and `reg_wait` for the range wait's)."""
     dtypes = [d for d in args.dtypes if d in ("bfloat16", "float16")]
     batches = [n for n in args.batch if n <= 16]
     if args.no_reg_tile or not dtypes or not batches:
         return
     hidden = sorted(set(args.hidden) | {1024})
     print(f"{'cell':5s} {'dtype':9s} {'N':>4s} {'H':>5s} {'mode':6s} | persistent forward: "
-          f"{'tiled':>8s} {'register':>8s} ran | fewest blocks: {'register':>8s} ran")
+          f"{'tiled':>8s} {'register':>8s} ran | fewest blocks: {'register':>8s} ran | "
+          f"{'range':>8s} ran")
     for case in cases(dtypes, args.cells, batches, hidden, ["fwd"]):
         tiled = record(args, rows, case, "persistent", {"reg_tile": 0, "max_blocks": 0},
                        reg_tile=0)
@@ -246,8 +256,14 @@ def reg_table(args, prop, rows):
         few = record(args, rows, case, "persistent", {"reg_tile": 1, "max_blocks": cap},
                      knob=cap, reg_tile=1)
         few_ran = (rows[-1].get("plan_fwd") or {}).get("reg")
+        ranged, range_ran = f"{'-':>8s}", "-"
+        if not args.no_range:
+            ranged = record(args, rows, case, "persistent",
+                            {"reg_tile": 1, "max_blocks": 0, "reg_wait": "range"},
+                            reg_tile=1, reg_wait="range")
+            range_ran = (rows[-1].get("plan_fwd") or {}).get("range_wait")
         print(f"{label(case)} | {'':20s}{tiled} {reg} {ran!s:>3} | {cap:5d} blocks: {few} "
-              f"{few_ran!s:>3}", flush=True)
+              f"{few_ran!s:>3} | {ranged} {range_ran!s:>3}", flush=True)
         save(args, prop, rows)
 
 

@@ -219,7 +219,7 @@ PYEOF
 # hundreds of times, would spend their whole limits there; where this fails they leave the
 # async exchange out (NO_ASYNC: its tests deselected, its sanitizer runs, calib's and the
 # trace's measurements of it skipped) and the summary says so ----
-NO_ASYNC=
+NO_ASYNC= NO_RANGE=
 if wanted test_cuda || wanted sanitize || wanted calib || wanted trace; then
   if ! run_stage smoke 100 200 "$PY" - <<'PYEOF'
 import os
@@ -250,18 +250,50 @@ PYEOF
     NO_ASYNC=1
     log "!! the async exchange's smoke test failed: its tests, sanitizer runs and calib and trace measurements are left out"
   fi
+  # the register tile's range wait (never run on a GPU), likewise: its own process, so that
+  # a trap above or here leaves the other's result alone
+  if ! run_stage smoke_range 100 200 "$PY" - <<'PYEOF'
+import os
+import torch
+import rnnfast
+from rnnfast._ops import _last_cuda_plan
+out = {}
+for wait in ("range", "grid"):
+    os.environ["RNNFAST_REG_WAIT"] = wait
+    torch.manual_seed(0)
+    m = rnnfast.LSTM(768, 768).to("cuda", torch.bfloat16)
+    x = torch.randn(6, 16, 768, device="cuda", dtype=torch.bfloat16)
+    with rnnfast.cuda_path("persistent"), torch.no_grad():
+        y, (h, c) = m(x)
+    torch.cuda.synchronize()
+    plan = _last_cuda_plan()[0]
+    out[wait] = (y, h, c, plan["reg"], plan["range_wait"])
+same = all(torch.equal(a, b) for a, b in zip(out["range"][:3], out["grid"][:3]))
+print(f"range wait smoke, LSTM bfloat16 N=16 H=768: reg, range_wait {out['range'][3:]}, "
+      f"equal to the grid barrier bit for bit: {same}")
+if out["range"][3:] != (1, 1) or not same:
+    raise SystemExit(1)
+PYEOF
+  then
+    NO_RANGE=1
+    log "!! the range wait's smoke test failed: its tests, sanitizer runs and calib and trace measurements are left out"
+  fi
 fi
+KEXPR=${NO_ASYNC:+not async}
+if [ -n "$NO_RANGE" ]; then KEXPR="${KEXPR:+$KEXPR and }not range"; fi
 
 # ---- 2. the CUDA tests (each on every path) ----
 if wanted test_cuda; then
   # TEST_CUDA_SHARDS pytest processes at once (scripts/pytest_shards.py): the float64
   # reference loops on the CPU are most of these tests' time, and the machine has 16 cores
-  # (NO_ASYNC: every test whose name or module names the async exchange deselected)
+  # (NO_ASYNC, NO_RANGE: every test whose name or module names the async exchange, the
+  # range wait, deselected)
   run_stage test_cuda 300 160 "$PY" scripts/pytest_shards.py --shards "${TEST_CUDA_SHARDS:-4}" \
-    --junitxml="$OUT/test_cuda.xml" -- -q --tb=short ${NO_ASYNC:+"-knot async"} \
+    --junitxml="$OUT/test_cuda.xml" -- -q --tb=short ${KEXPR:+"-k$KEXPR"} \
     tests/test_cuda.py tests/test_cuda_cluster.py tests/test_cuda_mma_rows.py \
     tests/test_cuda_step_gemm.py tests/test_cuda_reg_tile.py tests/test_cuda_cluster_async.py \
-    tests/test_cuda_step_fused.py tests/test_cuda_step_graph.py tests/test_trace.py
+    tests/test_cuda_step_fused.py tests/test_cuda_step_graph.py tests/test_trace.py \
+    tests/test_cuda_reg_range.py
 fi
 
 # ---- 3. compute-sanitizer, one process per (tool, case), SANITIZE_JOBS at a time: torch's
@@ -280,8 +312,10 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # PATH graph: the per-step path as CUDA graphs (RNNFAST_STEP_GRAPH=1), two calls (the
   # second replays the graphs captured then)
   # PATH regtrace, asynctrace: reg and async with a trace of the steps (--trace)
-  local forced=$path rows=16 n=5 reg=0 exch=barrier fused=0 graph=0 calls=1 trace=
+  # PATH regrange: reg with the range wait (RNNFAST_REG_WAIT=range)
+  local forced=$path rows=16 n=5 reg=0 exch=barrier fused=0 graph=0 calls=1 trace= rwait=grid
   case $path in
+    regrange) forced=persistent reg=1 n=11 rwait=range; ((h > 16)) && n=16 ;;
     regtrace) forced=persistent reg=1 n=11 trace=--trace ;;
     asynctrace) forced=cluster exch=async trace=--trace ;;
     graph) forced=step graph=1 calls=2 ;;
@@ -300,7 +334,7 @@ san_case() {  # TOOL CELL DTYPE H PATH SECONDS: one sanitizer run; its log and e
   # 3 clusters, the last with 1 row
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 RNNFAST_CLUSTER_SIZE=4 RNNFAST_CLUSTER_ROWS=2 \
     RNNFAST_MMA_ROWS=$rows RNNFAST_REG_TILE=$reg RNNFAST_CLUSTER_EXCHANGE=$exch \
-    RNNFAST_STEP_FUSED=$fused RNNFAST_STEP_GRAPH=$graph \
+    RNNFAST_STEP_FUSED=$fused RNNFAST_STEP_GRAPH=$graph RNNFAST_REG_WAIT=$rwait \
     timeout -k 5 "$t" "$SANITIZER" \
     --tool "$tool" --error-exitcode 1 --report-api-errors no --print-limit 20 \
     "$PY" scripts/sanitize_case.py --cell "$cell" --dtype "$dtype" --path "$forced" --N "$n" \
@@ -311,6 +345,10 @@ SAN_CASES=()
 # the step trace's stores (never run on a GPU before): the register tile's forward (and the
 # grid variant's backward), the cluster variant's with the async exchange
 SAN_CASES+=("memcheck lstm bfloat16 16 regtrace" "memcheck rnn_tanh float32 16 asynctrace")
+# the register tile's range wait (never run on a GPU): H = 16 (one warp with a chunk, the
+# others waiting for nothing) and H = 200 (U = 2 on 132 SMs, 7 chunks)
+for tool in memcheck racecheck synccheck; do SAN_CASES+=("$tool lstm bfloat16 16 regrange"); done
+SAN_CASES+=("memcheck rnn_tanh bfloat16 200 regrange")
 # the per-step path's CUDA graphs (never run on a GPU before): the forward and the bfloat16
 # backward replayed at the second call
 for tool in memcheck racecheck; do
@@ -369,8 +407,8 @@ else
   for c in "${SAN_CASES[@]}"; do
     while (($(jobs -rp | wc -l) >= ${SANITIZE_JOBS:-6})); do wait -n 2>/dev/null || true; done
     read -r tool cell dtype h path <<<"$c"
-    if [ -n "$NO_ASYNC" ] && [[ $path == *async* ]]; then
-      printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell-h$h-$path" "$dtype" SKIPPED "the async smoke test failed" >>"$SAN_TSV"
+    if { [ -n "$NO_ASYNC" ] && [[ $path == *async* ]]; } || { [ -n "$NO_RANGE" ] && [[ $path == *range* ]]; }; then
+      printf '%s\t%s\t%s\t%s\t%s\n' "$tool" "$cell-h$h-$path" "$dtype" SKIPPED "its smoke test failed" >>"$SAN_TSV"
       continue
     fi
     left=$((deadline - $(now)))
@@ -434,14 +472,14 @@ fi
 if wanted calib; then
   # the persistent kernels' per-step time against their block count (RNNFAST_PERSISTENT_MAX_BLOCKS)
   run_stage calib 120 60 "$PY" scripts/calibrate_persistent.py --json "$OUT/gpu-calib.json" \
-    ${NO_ASYNC:+--no-async}
+    ${NO_ASYNC:+--no-async} ${NO_RANGE:+--no-range}
 fi
 if wanted trace; then
   # where a persistent kernel's step goes, from marks recorded inside the kernels
   # (scripts/trace_persistent.py: the register tile at the issue's latency case, the
   # float32 Elman RNN on the cluster variant with each exchange, both directions)
   run_stage trace 60 30 "$PY" scripts/trace_persistent.py --json "$OUT/gpu-trace.json" \
-    ${NO_ASYNC:+--no-async}
+    ${NO_ASYNC:+--no-async} ${NO_RANGE:+--no-range}
 fi
 if wanted ncu; then
   # Nsight Compute on the grid variant at N=256 and N=16 (scripts/ncu_profile.sh): every
@@ -589,7 +627,7 @@ except OSError:
 print(f"took {took}s of a {budget}s budget")
 print()
 print(f"{'stage':10} {'result':10} {'time':>5}  note")
-for name in ("gpu", "syncbench", "build", "import", "smoke", "test_cuda", "sanitize", "calib", "trace",
+for name in ("gpu", "syncbench", "build", "import", "smoke", "smoke_range", "test_cuda", "sanitize", "calib", "trace",
              "bench7", "bench",
              "build_haste", "peers", "tests_cpu"):
     if name not in stages and name not in ("gpu", "build", "import"):
@@ -766,19 +804,24 @@ if cal:
         print()
         print("gpu-calib.json, 16-bit forward at N <= 16: us per step on the grid variant, "
               "tiled and on the register tile (RNNFAST_REG_TILE=1) with a block per SM and "
-              "with the fewest blocks (32 rows of W each); ran: the plan's reg")
+              "with the fewest blocks (32 rows of W each); ran: the plan's reg; range: a block "
+              "per SM with RNNFAST_REG_WAIT=range, ran: the plan's range_wait")
         print(f"{'cell':5} {'dtype':9} {'N':>4} {'H':>5} {'tiled':>8} {'register':>8} {'ran':>3}"
-              f" {'blocks':>6} {'fewest':>8} {'ran':>3}")
+              f" {'blocks':>6} {'fewest':>8} {'ran':>3} {'range':>8} {'ran':>3}")
         for k in dict.fromkeys((r["cell"], r["dtype"], r["N"], r["H"]) for r in reg):
             rs = [r for r in reg if (r["cell"], r["dtype"], r["N"], r["H"]) == k]
             line = f"{k[0]:5} {k[1]:9} {k[2]:4} {k[3]:5} "
             line += us_of([r for r in rs if r["reg_tile"] == 0])
             for few in (False, True):
-                on = [r for r in rs if r["reg_tile"] == 1 and bool(r.get("max_blocks")) == few]
+                on = [r for r in rs if r["reg_tile"] == 1 and bool(r.get("max_blocks")) == few
+                      and r.get("reg_wait", "grid") == "grid"]
                 ran = (on[0].get("plan_fwd") or {}).get("reg", "-") if on else "-"
                 if few:
                     line += f" {on[0]['max_blocks'] if on else '-':>6}"
                 line += f" {us_of(on)} {ran!s:>3}"
+            on = [r for r in rs if r.get("reg_wait") == "range"]
+            ran = (on[0].get("plan_fwd") or {}).get("range_wait", "-") if on else "-"
+            line += f" {us_of(on)} {ran!s:>3}"
             print(line)
     mma = [r for r in cal if "mma_rows" in r]
     if mma:

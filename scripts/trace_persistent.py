@@ -41,16 +41,18 @@ from rnnfast._ops import _last_cuda_plan, _last_trace, _trace_next  # noqa: E402
 from rnnfast.bench.timing import measure_cuda  # noqa: E402
 
 MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "rnn": rnnfast.RNN}
-KNOBS = ("RNNFAST_REG_TILE", "RNNFAST_CLUSTER_EXCHANGE")
+KNOBS = ("RNNFAST_REG_TILE", "RNNFAST_CLUSTER_EXCHANGE", "RNNFAST_REG_WAIT")
 PHASES = {False: ("h_prev", "dot", "pointwise", "arrive", "ahead", "wait"),
           True: ("phase A", "arrive", "ahead", "wait", "stage", "phase B")}
 WAIT = {False: 5, True: 3}  # the index of the wait among the phases
 
 # (cell, dtype, N, H, backward, path, RNNFAST_REG_TILE, RNNFAST_CLUSTER_EXCHANGE): the
 # issue's latency case (LSTM bfloat16 N = 16, H = 768: 3.0-3.3 us a step on the register
-# tile, the target under 2) and its tiled forward, the other cells there, and the float32
+# tile, the target under 2), with the range wait (RNNFAST_REG_TILE "range": the register
+# tile and RNNFAST_REG_WAIT=range) and tiled, the other cells there, and the float32
 # Elman RNN at H = 256 (slower than cuDNN) on both variants and exchanges, both directions
 CASES = [("lstm", "bfloat16", 16, 768, False, "persistent", "1", None),
+         ("lstm", "bfloat16", 16, 768, False, "persistent", "range", None),
          ("lstm", "bfloat16", 16, 768, False, "persistent", "0", None),
          ("gru", "bfloat16", 16, 768, False, "persistent", "1", None),
          ("rnn", "bfloat16", 16, 768, False, "persistent", "1", None),
@@ -66,7 +68,10 @@ CASES = [("lstm", "bfloat16", 16, 768, False, "persistent", "1", None),
 
 
 def set_knobs(reg_tile, exchange):
-    for name, value in zip(KNOBS, (reg_tile, exchange)):
+    wait = None
+    if reg_tile == "range":
+        reg_tile, wait = "1", "range"
+    for name, value in zip(KNOBS, (reg_tile, exchange, wait)):
         if value is None:
             os.environ.pop(name, None)
         else:
@@ -164,6 +169,9 @@ def main(argv=None):
     ap.add_argument("--no-async", action="store_true",
                     help="leave out the cluster variant's async exchange (gpu_check, where its "
                          "smoke test failed)")
+    ap.add_argument("--no-range", action="store_true",
+                    help="leave out the register tile's range wait (gpu_check, where its "
+                         "smoke test failed)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -174,7 +182,7 @@ def main(argv=None):
     rows = []
     for case in CASES:
         backward = case[4]
-        if args.no_async and case[7] == "async":
+        if (args.no_async and case[7] == "async") or (args.no_range and case[6] == "range"):
             continue
         try:
             row = run_case(case, args)

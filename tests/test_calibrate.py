@@ -46,9 +46,9 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     seen = []
 
     def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None,
-                     step_gemm=None, reg_tile=None, exchange=None):
+                     step_gemm=None, reg_tile=None, exchange=None, reg_wait=None):
         seen.append((cell, str(dtype), N, H, path, knob, mode, mma_rows, step_gemm, reg_tile,
-                     exchange))
+                     exchange, reg_wait))
         plan = {"us": 1.0, "blocks": 132, "reg": reg_tile or 0,
                 "async": int(exchange == "async")}
         return 2.0, (path, path), (plan, plan if mode == "fwdbwd" else None)
@@ -65,7 +65,7 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
     # tiles of 16, 32 and 64 rows and the per-step path, direct, through ATen, fused and as a
     # CUDA graph
     main_rows = 2 * (2 + 4 + 1) * 2  # 2 modes, 2 dtypes
-    reg_rows = 2 * 3
+    reg_rows = 2 * 4
     # then the cluster variant with each exchange, per mode and dtype
     exchange_rows = 2 * 2 * 2
     assert len(rows) == main_rows + reg_rows + exchange_rows + 2 * 2 * (3 + 4)
@@ -85,14 +85,21 @@ def test_every_case_knob_and_tile_is_measured_and_saved(tmp_path, monkeypatch, c
         ("cluster", 8), ("cluster", 4), ("step", 0)}
     assert all(s[7] is None and s[8] is None for s in seen if s[2] == 16)
     reg = rows[main_rows:main_rows + reg_rows]
-    # tiled, the register tile with every block and with the fewest (LSTM: 8 units a block)
-    assert sorted((r["H"], r["reg_tile"], r["max_blocks"]) for r in reg) == [
-        (768, 0, 0), (768, 1, 0), (768, 1, 96), (1024, 0, 0), (1024, 1, 0), (1024, 1, 128)]
+    # tiled, the register tile with every block and with the fewest (LSTM: 8 units a block),
+    # and with every block and the range wait
+    assert sorted((r["H"], r["reg_tile"], r["max_blocks"], r.get("reg_wait", "grid"))
+                  for r in reg) == [
+        (768, 0, 0, "grid"), (768, 1, 0, "grid"), (768, 1, 0, "range"), (768, 1, 96, "grid"),
+        (1024, 0, 0, "grid"), (1024, 1, 0, "grid"), (1024, 1, 0, "range"),
+        (1024, 1, 128, "grid")]
     assert all((r["dtype"], r["N"], r["mode"], r["path"]) == ("bfloat16", 16, "fwd", "persistent")
                for r in reg)
     assert all(r["reg_tile"] == r["plan_fwd"]["reg"] for r in reg)
     assert all(s[9] is None for s in seen[:main_rows] + seen[main_rows + reg_rows:])
-    assert [s[5] for s in seen[main_rows:main_rows + reg_rows]] == [0, 0, 96, 0, 0, 128]
+    assert [s[5] for s in seen[main_rows:main_rows + reg_rows]] == [0, 0, 96, 0, 0, 0, 128, 0]
+    assert [s[11] for s in seen[main_rows:main_rows + reg_rows]] == [None, None, None,
+                                                                     "range"] * 2
+    assert all(s[11] is None for s in seen[:main_rows] + seen[main_rows + reg_rows:])
     exch = rows[main_rows + reg_rows:main_rows + reg_rows + exchange_rows]
     # the cluster variant at the planner's size with each exchange, at every main case
     assert sorted((r["dtype"], r["mode"], r["cluster_exchange"]) for r in exch) == sorted(
@@ -143,7 +150,7 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": "64", "RNNFAST_CLUSTER_SIZE": None,
                     "RNNFAST_MMA_ROWS": "32", "RNNFAST_STEP_GEMM": None,
                     "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
-                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None}
+                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None, "RNNFAST_REG_WAIT": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the cluster variant: its size knob, and no tile
     monkeypatch.setenv("RNNFAST_MMA_ROWS", "stale")
@@ -151,28 +158,28 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": "8",
                     "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
                     "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
-                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None}
+                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None, "RNNFAST_REG_WAIT": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the per-step path through ATen
     cal.measure("lstm", torch.float32, 2, 8, 4, "step", 0, "fwd", 1, step_gemm="aten")
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
                     "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": "aten",
                     "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
-                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None}
+                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None, "RNNFAST_REG_WAIT": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the per-step path's fused forward: RNNFAST_STEP_FUSED, not RNNFAST_STEP_GEMM
     cal.measure("lstm", torch.bfloat16, 2, 8, 4, "step", 0, "fwd", 1, step_gemm="fused")
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
                     "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
                     "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
-                    "RNNFAST_STEP_FUSED": "1", "RNNFAST_STEP_GRAPH": None}
+                    "RNNFAST_STEP_FUSED": "1", "RNNFAST_STEP_GRAPH": None, "RNNFAST_REG_WAIT": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the per-step path as a CUDA graph: RNNFAST_STEP_GRAPH
     cal.measure("lstm", torch.bfloat16, 2, 8, 4, "step", 0, "fwd", 1, step_gemm="graph")
     assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
                     "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
                     "RNNFAST_REG_TILE": None, "RNNFAST_CLUSTER_EXCHANGE": None,
-                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": "1"}
+                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": "1", "RNNFAST_REG_WAIT": None}
     assert all(k not in os.environ for k in cal.KNOBS)
     # the register tile, asked for and not
     for value in (1, 0):
@@ -180,7 +187,7 @@ def test_measure_sets_and_clears_the_knobs(monkeypatch):
         assert seen == {"RNNFAST_PERSISTENT_MAX_BLOCKS": None, "RNNFAST_CLUSTER_SIZE": None,
                         "RNNFAST_MMA_ROWS": None, "RNNFAST_STEP_GEMM": None,
                         "RNNFAST_REG_TILE": str(value), "RNNFAST_CLUSTER_EXCHANGE": None,
-                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None}
+                    "RNNFAST_STEP_FUSED": None, "RNNFAST_STEP_GRAPH": None, "RNNFAST_REG_WAIT": None}
         assert all(k not in os.environ for k in cal.KNOBS)
 
 
@@ -203,6 +210,12 @@ def test_measure_sets_the_cluster_exchange(monkeypatch):
         assert seen["RNNFAST_CLUSTER_EXCHANGE"] == value
         assert seen["RNNFAST_CLUSTER_SIZE"] is None
         assert all(k not in os.environ for k in cal.KNOBS)
+    # the register tile's range wait: RNNFAST_REG_WAIT beside RNNFAST_REG_TILE
+    monkeypatch.setenv("RNNFAST_REG_WAIT", "stale")
+    cal.measure("rnn", torch.bfloat16, 2, 8, 4, "persistent", 0, "fwd", 1, reg_tile=1,
+                reg_wait="range")
+    assert seen["RNNFAST_REG_WAIT"] == "range" and seen["RNNFAST_REG_TILE"] == "1"
+    assert all(k not in os.environ for k in cal.KNOBS)
 
 
 def test_overhead_table_fits_a_fixed_cost_and_a_cost_a_step(monkeypatch, capsys):
@@ -287,3 +300,27 @@ def test_elman_table_sweeps_the_cluster_sizes_and_exchanges(monkeypatch, capsys)
     rows = []
     cal.elman_table(cal.argparse.Namespace(**{**vars(args), "no_async": True}), None, rows)
     assert len(rows) == 10 and all(s[7] == "barrier" for s in seen)
+
+
+def test_reg_table_leaves_out_the_range_wait_when_asked(monkeypatch, capsys):
+    """--no-range (gpu_check, where the range wait's smoke test failed): the register tile's
+    table without its range-wait column."""
+    cal = _load()
+    seen = []
+
+    def fake_measure(cell, dtype, N, H, T, path, knob, mode, repeats, mma_rows=None,
+                     step_gemm=None, reg_tile=None, exchange=None, reg_wait=None):
+        seen.append(reg_wait)
+        return 2.0, (path, path), ({"us": 1.0, "reg": reg_tile or 0, "range_wait": 0}, None)
+
+    monkeypatch.setattr(cal, "measure", fake_measure)
+    args = cal.argparse.Namespace(no_reg_tile=False, no_range=False, dtypes=["bfloat16"],
+                                  batch=[16], cells=["lstm"], hidden=[768], seq_len=8,
+                                  repeats=1, json=None)
+    rows = []
+    cal.reg_table(args, None, rows)
+    assert seen == [None, None, None, "range"] * 2 and len(rows) == 8
+    seen.clear()
+    rows = []
+    cal.reg_table(cal.argparse.Namespace(**{**vars(args), "no_range": True}), None, rows)
+    assert seen == [None] * 6 and all("reg_wait" not in r for r in rows)

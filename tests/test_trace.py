@@ -10,6 +10,8 @@ global timer, the clock converts at a plausible rate, and the traced
 call's outputs and gradients equal the untraced call's bit for bit (the trace only
 records); a request is taken once, by the next persistent launch in its direction only.
 """
+import os
+
 import pytest
 import torch
 
@@ -220,8 +222,9 @@ def test_script_summary_of_a_made_up_trace():
 
 def test_script_runs_every_case_and_leaves_out_async_when_asked(monkeypatch, capsys):
     """scripts/trace_persistent.py's loop with the measurement replaced: every case run (a
-    failing one reported, not raised), and --no-async (gpu_check, where the async
-    exchange's smoke test failed) leaving out the cases of the async exchange."""
+    failing one reported, not raised), and --no-async and --no-range (gpu_check, where a
+    smoke test failed) leaving out the cases of the async exchange and of the range wait;
+    set_knobs' "range" sets the register tile and its range wait."""
     script = _load_script()
 
     class _Prop:
@@ -249,4 +252,20 @@ def test_script_runs_every_case_and_leaves_out_async_when_asked(monkeypatch, cap
     script.main(["--no-async"])
     assert ran == [c for c in script.CASES if c[7] != "async"]
     assert any(c[7] == "async" for c in script.CASES)
+    ran.clear()
+    script.main(["--no-range"])
+    assert ran == [c for c in script.CASES if c[6] != "range"]
+    assert any(c[6] == "range" for c in script.CASES)
     assert "RuntimeError" in capsys.readouterr().out
+
+
+def test_script_set_knobs_range(monkeypatch):
+    script = _load_script()
+    for name in script.KNOBS:
+        monkeypatch.delenv(name, raising=False)
+    script.set_knobs("range", None)
+    assert [os.environ.get(k) for k in script.KNOBS] == ["1", None, "range"]
+    script.set_knobs("0", "async")
+    assert [os.environ.get(k) for k in script.KNOBS] == ["0", "async", None]
+    script.set_knobs(None, None)
+    assert all(k not in os.environ for k in script.KNOBS)

@@ -155,6 +155,10 @@ struct PersistentParams {
   // (StepTrace, rnnfast._ops._trace_next), or null
   long long* trace = nullptr;
   int trace_steps = 0, trace_blocks = 0;
+  // the register tile's range wait (RNNFAST_REG_WAIT=range): a counter per warp's k range
+  // of h (kPersistentThreads / 32 of them, zeroed before the launch), or null: the grid
+  // barrier
+  unsigned long long* range_counters = nullptr;
 };
 
 // The trace of one persistent launch (rnnfast._ops._trace_next, scripts/trace_persistent.py):
@@ -990,6 +994,18 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 // of the pointwise pass adds its G gates over the 8 warps in a fixed order (bitwise
 // deterministic). h_{t-1}'s rows are 16-byte aligned when H % 8 == 0 and the pointer is
 // (y always; h0 is checked each launch, 8 two-byte loads otherwise).
+// The range wait (RNNFAST_REG_WAIT=range, off by default): warp w of every block reads only
+// its k range of h_{t-1}, the units that a few blocks make, so instead of the grid barrier
+// each warp waits for just those blocks, on a counter per range (range_arrive and
+// range_wait, sync.cuh): a block's arrival (its __syncthreads, then thread 0's release
+// fence and one add to each range its units fall in) and each warp's lane 0 polling its
+// range's counter up to the step count times the range's blocks, then __syncwarp. A warp
+// whose blocks are done loads and multiplies while the others wait, so the intake of h
+// (about 0.9 us a step at N = 16, H = 768 in sync_bench, each SM's own) overlaps the
+// blocks' spread. Nothing else changes: the __syncthreads after the MMAs still gathers the
+// warps, and the one in the arrival orders the pointwise pass's reads of the partial sums
+// before any warp's next stores (a warp past its wait is past that __syncthreads). The
+// results are bit for bit the barrier's.
 constexpr int kRegMaxN8 = 4;        // n-tiles of 8 rows of W a block: R <= 32
 constexpr int kRegMaxChunks = 4;    // 32-column chunks of K a warp: H <= 8 * 4 * 32
 constexpr int kRegScratchLd = 40;   // floats a row of a warp's partial sums (32 + 8)
@@ -1049,6 +1065,23 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
   const int n8 = (G * U + 7) / 8;
   const int chunks = static_cast<int>((H + 31) / 32);
   const int ch0 = warp * chunks / kWarps, my_chunks = (warp + 1) * chunks / kWarps - ch0;
+
+  // The range wait (p.range_counters): warp v's k range is h's units [32 ch0(v),
+  // min(H, 32 (ch0(v) + chunks(v)))); `producers` blocks make this warp's (block b makes
+  // [b U, b U + U)), and this block adds to the counter of each range its units fall in
+  // (bits of my_ranges). A warp without chunks waits for nothing.
+  const bool by_range = p.range_counters != nullptr;
+  unsigned long long producers = 0;
+  unsigned my_ranges = 0u;
+  if (by_range) {
+    const int64_t lo = int64_t(ch0) * 32, hi = std::min<int64_t>(H, int64_t(ch0 + my_chunks) * 32);
+    if (hi > lo) producers = static_cast<unsigned long long>((hi - 1) / U - lo / U + 1);
+    for (int v = 0; v < kWarps; ++v) {
+      const int64_t vlo = int64_t(v * chunks / kWarps) * 32;
+      const int64_t vhi = std::min<int64_t>(H, int64_t((v + 1) * chunks / kWarps) * 32);
+      if (vhi > vlo && u0 < vhi && u0 + here > vlo) my_ranges |= 1u << v;
+    }
+  }
 
   // W's b fragments: chunk c, n-tile nt: row 8 nt + gid of the block's slice, columns
   // 32 (ch0 + c) + 8 tig + [0, 8); zeros past the slice's rows and past H
@@ -1181,7 +1214,13 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
     }
     tr.mark(3);
     if (s + 1 < p.T) {
-      grid_arrive(p.barrier);  // its __syncthreads: scratch read before the next step's stores
+      // the __syncthreads: scratch read before the next step's stores
+      if (by_range) {
+        __syncthreads();
+        if (threadIdx.x == 0) range_arrive(p.range_counters, my_ranges);
+      } else {
+        grid_arrive(p.barrier);
+      }
       tr.arrived(4);
       if (ahead_item) {
         Cell::load(p, s + 1, time_index(s + 1, p.T, p.reverse), t, ahead_n, ahead_u, ahead);
@@ -1192,7 +1231,12 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
                        threadIdx.x - 32, blockDim.x - 32);
       }
       tr.mark(5);
-      grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
+      if (by_range) {
+        // each warp on its own: its next scratch stores follow this step's __syncthreads
+        range_wait(p.range_counters + warp, static_cast<unsigned long long>(s + 1) * producers);
+      } else {
+        grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
+      }
       tr.mark(6);
     } else {
       tr.rest(4);
@@ -1541,6 +1585,7 @@ struct PersistentLaunch {
   int gates = 0;            // G, for the launch's xp size
   bool reg = false;         // the grid variant's register tile (persistent_forward_reg)
   bool async_exchange = false;  // the cluster variant's async exchange (cluster_async_ok)
+  bool range_wait = false;      // the register tile's range wait (RNNFAST_REG_WAIT=range)
 };
 
 // A CUDA error is a reason not to run, not an exception (nothing is thrown inside the op's
@@ -1639,6 +1684,14 @@ inline int reg_tile_knob(std::string& value) {
 // for the barrier, -1 for any other value.
 inline int cluster_exchange_knob(std::string& value) {
   return two_way_knob("RNNFAST_CLUSTER_EXCHANGE", "barrier", "async", 0, value);
+}
+
+// RNNFAST_REG_WAIT: unset or "grid": the register tile's steps end with the grid barrier;
+// "range": each warp waits only for the blocks that make its k range of h
+// (persistent_forward_reg), so that its loads overlap the later blocks' work. Off by
+// default: not yet run on a GPU. 1 for range, 0 for grid, -1 for any other value.
+inline int reg_wait_knob(std::string& value) {
+  return two_way_knob("RNNFAST_REG_WAIT", "grid", "range", 0, value);
 }
 
 // What plan_persistent's variants share: the cell's sizes, the device and the cost model.
@@ -1985,6 +2038,7 @@ inline CudaPlanNote plan_note(const PersistentLaunch& plan) {
   n.group_rows = plan.group_rows;
   n.reg = plan.reg ? 1 : 0;
   n.async_exchange = plan.async_exchange ? 1 : 0;
+  n.range_wait = plan.range_wait ? 1 : 0;
   return n;
 }
 
@@ -2026,9 +2080,17 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
                    "', expected 'barrier' or 'async'";
     return plan;
   }
+  std::string wait_value;
+  const int range = reg_wait_knob(wait_value);
+  if (range < 0) {
+    PersistentLaunch plan;
+    plan.refused = "RNNFAST_REG_WAIT is '" + wait_value + "', expected 'grid' or 'range'";
+    return plan;
+  }
   PersistentPlanner<Cell, scalar_t, acc_t, kBackward> planner(N, H, dtype, rows, reg == 1,
                                                               exchange == 1);
   auto forced = [&](PersistentLaunch plan, const char* name) {
+    plan.range_wait = plan.reg && range == 1;
     const std::string forced_why = std::string("the ") + name +
                                    " CUDA path was forced (rnnfast.cuda_path / "
                                    "RNNFAST_CUDA_PATH), but ";
@@ -2067,6 +2129,7 @@ PersistentLaunch plan_persistent(int64_t N, int64_t H, at::ScalarType dtype,
   constexpr int G = Cell::kGates;
   const double step_us = planner.model.step_us(2.0 * N * G * H * H, planner.step_mma);
   if (plan.kernel != nullptr && !(plan.us < step_us)) plan = PersistentLaunch{};
+  plan.range_wait = plan.reg && range == 1;
   CudaPlanNote note = plan_note(plan);
   note.grid_us = grid_us;
   note.cluster_us = clustered.kernel != nullptr ? clustered.us : -1.0;
@@ -2122,9 +2185,12 @@ std::string launch_persistent(const PersistentLaunch& plan,
         cluster_config(plan.cluster, plan.blocks, plan.smem, stream, attr);
     cuda_ok(cudaLaunchKernelExC(&cfg, plan.kernel, args), "launching the cluster kernel", why);
   } else {
-    // the barrier's counter: zero before the launch; freed after it in stream order
-    counter = at::zeros({1}, like.options().dtype(at::kLong));
-    params.barrier = reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>());
+    // the barrier's counter (the range wait's: one a warp): zero before the launch; freed
+    // after it in stream order
+    counter = at::zeros({plan.range_wait ? kPersistentThreads / 32 : 1},
+                        like.options().dtype(at::kLong));
+    auto* counters = reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>());
+    (plan.range_wait ? params.range_counters : params.barrier) = counters;
     cuda_ok(cudaLaunchCooperativeKernel(plan.kernel, plan.blocks, kPersistentThreads, args,
                                         plan.smem, stream),
             "the cooperative launch", why);

@@ -67,6 +67,33 @@ __device__ __forceinline__ void grid_wait(const unsigned long long* counter,
   __syncthreads();
 }
 
+// The register tile's range wait (RNNFAST_REG_WAIT=range; persistent.cuh): a counter per
+// warp's k range of h instead of one for the grid. The arrival (after the block's
+// __syncthreads, by thread 0): the same release fence, then one add to the counter of each
+// range the block's units fall in (bits of `ranges`). The wait (lane 0 of each warp, then
+// __syncwarp, which carries its acquire to the other lanes): until its range's counter
+// reaches `target` (the step count times the blocks that make the range; 0: no wait).
+__device__ __forceinline__ void range_arrive(unsigned long long* counters, unsigned ranges) {
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+  for (int r = 0; ranges != 0u; ++r, ranges >>= 1) {
+    if (ranges & 1u) {
+      asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(counters + r) : "memory");
+    }
+  }
+}
+__device__ __forceinline__ void range_wait(const unsigned long long* counter,
+                                           unsigned long long target) {
+  if ((threadIdx.x & 31) == 0 && target > 0) {
+    const long long since = clock64();
+    unsigned long long seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(seen) : "l"(counter) : "memory");
+      if (seen < target && clock64() - since > kGridWaitTrapCycles) __trap();
+    } while (seen < target);
+  }
+  __syncwarp();
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // a shared-memory pointer as the 32-bit shared::cta address PTX takes
 __device__ __forceinline__ unsigned smem_u32(const void* p) {

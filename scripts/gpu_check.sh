@@ -66,12 +66,13 @@
 # calib 28 s, the whole first call 407 s; bench7 141 cases in 311 s with 4 contenders. The
 # whole lease was 789 s (one warm machine for both calls).
 # The next plan: the first call checks and calibrates (the cluster variant's fix and its
-# async exchange, tests/test_cuda_step_graph.py and its sanitizer runs, the step trace:
-# never run on a GPU; calib's exchange and Elman tables, its graph column; the trace's
-# phases of the register tile and the cluster variant); the second measures the
+# async exchange, tests/test_cuda_step_graph.py and its sanitizer runs, the step trace,
+# the register tile's range wait: never run on a GPU; calib's exchange and Elman tables,
+# its graph and range columns; the trace's phases of the register tile, with the barrier
+# and the range wait, and of the cluster variant); the second measures the
 # issue's table with the per-step graphs (RNNFAST_STEP_GRAPH=1) and the async exchange:
-#   GPU_CHECK_STAGES="test_cuda sanitize calib trace" GPU_CHECK_BUDGET=470
-#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast async,rnnfast step graph,torch.nn" BENCH7_CAP=330 GPU_CHECK_BUDGET=350
+#   GPU_CHECK_STAGES="test_cuda sanitize calib trace" GPU_CHECK_BUDGET=490
+#   GPU_CHECK_STAGES="bench7" BENCH7_DTYPES="bfloat16 float32" BENCH7_CONTENDERS="rnnfast,rnnfast async,rnnfast step graph,torch.nn" BENCH7_CAP=310 GPU_CHECK_BUDGET=330
 # (leave `rnnfast async` out of the second where the first's smoke stage failed: each of
 # its launches would hang until the trap)
 # (or with the budget `status` leaves after the first call, less 20 s; `rnnfast step aten`

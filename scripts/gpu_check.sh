@@ -4,15 +4,16 @@
 #      own (scripts/sync_bench.cu, built with nvcc, no torch), for the cost model's floors;
 #   1. build rnnfast from source for the card that is there (no internet needed: no pip,
 #      no build isolation; torch, ninja and a CUDA toolkit must be installed already);
-#   1a. smoke (with test_cuda, sanitize, calib or trace): the cluster variant's async
-#      exchange (never run on a GPU) against the barrier on two small layers; where it
-#      fails (a hang traps only after ~36 s a launch), the later stages leave it out;
+#   1a. smoke and smoke_range (with test_cuda, sanitize, calib or trace): the cluster
+#      variant's async exchange and the register tile's range wait (never run on a GPU)
+#      against the barrier, each in its own process; where one fails (a hang traps only
+#      after ~36 s a launch), the later stages leave it out;
 #   1b. host (only when named in GPU_CHECK_STAGES): scripts/host_overhead.py, a forward
 #      call's host time on each CUDA path and the profiles of the op, into host_overhead.txt;
 #   2. the CUDA tests (tests/test_cuda.py, tests/test_cuda_cluster.py,
 #      tests/test_cuda_mma_rows.py, tests/test_cuda_step_gemm.py, tests/test_cuda_reg_tile.py,
 #      tests/test_cuda_cluster_async.py, tests/test_cuda_step_fused.py,
-#      tests/test_cuda_step_graph.py, tests/test_trace.py);
+#      tests/test_cuda_step_graph.py, tests/test_trace.py, tests/test_cuda_reg_range.py);
 #   3. compute-sanitizer (memcheck, racecheck, synccheck) on a small forward + backward of each cell
 #      (lstm, gru, rnn tanh) in float32 and bfloat16 on the persistent kernels (both variants,
 #      the cluster variant also with its async exchange), the per-step path's fused kernels

@@ -9,7 +9,10 @@ between two marks) it prints the median over every block and step past the first
 in nanoseconds at the launch's own clock, and their sum beside the event-timed step (the
 trace's own cost is the difference of the two event times). `last` is the wait of the
 block that arrived last, the smallest wait of a step over the blocks (its median over the
-steps): the barrier's own latency, free of the other blocks' lateness; `spread` the time
+steps): the barrier's own latency, free of the other blocks' lateness (with the range
+wait, RNNFAST_REG_WAIT=range, the marks are thread 0's, so `wait`, `last` and `wait_p90`
+are warp 0's wait for its own range's blocks, the other warps' waits falling in `dot`;
+`step` and `spread` compare with the barrier's); `spread` the time
 from a step's first block's arrival to its last's by the global timer (its resolution,
 as seen, beside it).
 

@@ -156,7 +156,7 @@ struct PersistentParams {
   long long* trace = nullptr;
   int trace_steps = 0, trace_blocks = 0;
   // the register tile's range wait (RNNFAST_REG_WAIT=range): a counter per warp's k range
-  // of h (kPersistentThreads / 32 of them, zeroed before the launch), or null: the grid
+  // of h (kPersistentThreads / 32 of them, kRangeStride apart, zeroed before the launch), or null: the grid
   // barrier
   unsigned long long* range_counters = nullptr;
 };
@@ -1233,7 +1233,7 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       tr.mark(5);
       if (by_range) {
         // each warp on its own: its next scratch stores follow this step's __syncthreads
-        range_wait(p.range_counters + warp, static_cast<unsigned long long>(s + 1) * producers);
+        range_wait(p.range_counters, warp, static_cast<unsigned long long>(s + 1) * producers);
       } else {
         grid_wait(p.barrier, static_cast<unsigned long long>(s + 1) * gridDim.x);
       }
@@ -2187,7 +2187,7 @@ std::string launch_persistent(const PersistentLaunch& plan,
   } else {
     // the barrier's counter (the range wait's: one a warp): zero before the launch; freed
     // after it in stream order
-    counter = at::zeros({plan.range_wait ? kPersistentThreads / 32 : 1},
+    counter = at::zeros({plan.range_wait ? kPersistentThreads / 32 * kRangeStride : 1},
                         like.options().dtype(at::kLong));
     auto* counters = reinterpret_cast<unsigned long long*>(counter.data_ptr<int64_t>());
     (plan.range_wait ? params.range_counters : params.barrier) = counters;

@@ -73,17 +73,23 @@ __device__ __forceinline__ void grid_wait(const unsigned long long* counter,
 // range the block's units fall in (bits of `ranges`). The wait (lane 0 of each warp, then
 // __syncwarp, which carries its acquire to the other lanes): until its range's counter
 // reaches `target` (the step count times the blocks that make the range; 0: no wait).
+// The counters lie kRangeStride apart (128 bytes: each its own line, so that the ranges'
+// adds and polls spread over L2's slices). Every lane of the warp polls (one coalesced
+// load), so each has its own acquire; __syncwarp then keeps the warp together.
+constexpr int kRangeStride = 16;
 __device__ __forceinline__ void range_arrive(unsigned long long* counters, unsigned ranges) {
   asm volatile("fence.acq_rel.gpu;" ::: "memory");
   for (int r = 0; ranges != 0u; ++r, ranges >>= 1) {
     if (ranges & 1u) {
-      asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(counters + r) : "memory");
+      asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(counters + r * kRangeStride)
+                   : "memory");
     }
   }
 }
-__device__ __forceinline__ void range_wait(const unsigned long long* counter,
+__device__ __forceinline__ void range_wait(const unsigned long long* counters, int range,
                                            unsigned long long target) {
-  if ((threadIdx.x & 31) == 0 && target > 0) {
+  const unsigned long long* counter = counters + range * kRangeStride;
+  if (target > 0) {
     const long long since = clock64();
     unsigned long long seen;
     do {

@@ -54,16 +54,20 @@ __device__ __forceinline__ void grid_arrive(unsigned long long* counter) {
 // traps, so that the launch fails with an error instead of hanging the GPU.
 constexpr long long kGridWaitTrapCycles = 1LL << 36;
 
+// The calling thread polls *counter (acquire, gpu scope) until it reaches target.
+__device__ __forceinline__ void poll_counter(const unsigned long long* counter,
+                                             unsigned long long target) {
+  const long long since = clock64();
+  unsigned long long seen;
+  do {
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(seen) : "l"(counter) : "memory");
+    if (seen < target && clock64() - since > kGridWaitTrapCycles) __trap();
+  } while (seen < target);
+}
+
 __device__ __forceinline__ void grid_wait(const unsigned long long* counter,
                                           unsigned long long target) {
-  if (threadIdx.x == 0) {
-    const long long since = clock64();
-    unsigned long long seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(seen) : "l"(counter) : "memory");
-      if (seen < target && clock64() - since > kGridWaitTrapCycles) __trap();
-    } while (seen < target);
-  }
+  if (threadIdx.x == 0) poll_counter(counter, target);
   __syncthreads();
 }
 
@@ -88,15 +92,7 @@ __device__ __forceinline__ void range_arrive(unsigned long long* counters, unsig
 }
 __device__ __forceinline__ void range_wait(const unsigned long long* counters, int range,
                                            unsigned long long target) {
-  const unsigned long long* counter = counters + range * kRangeStride;
-  if (target > 0) {
-    const long long since = clock64();
-    unsigned long long seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(seen) : "l"(counter) : "memory");
-      if (seen < target && clock64() - since > kGridWaitTrapCycles) __trap();
-    } while (seen < target);
-  }
+  if (target > 0) poll_counter(counters + range * kRangeStride, target);
   __syncwarp();
 }
 

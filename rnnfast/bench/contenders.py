@@ -189,7 +189,9 @@ def _compiled(fn):
     # nor tie equal sizes together (C == H in most shapes, not in a second layer)
     torch.fx.experimental._config.use_duck_shape = False
     # variants: grad mode, whether h requires grad (not at t=0), dtype
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    # (recompile_limit: cache_size_limit before torch 2.7)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
     compiled = torch.compile(fn, dynamic=True)
 
     def call(*args, **kwargs):

@@ -25,11 +25,24 @@ using at::Tensor;
 
 // Time index of step s (0-based, in the order the forward pass visits them).
 
+// Whether weight_gemm takes oneDNN's linear, by torch release (its MKL and oneDNN change
+// with it). Measured on 2 cores of an AMD EPYC (Zen 3), 2026-11-28, float32, the shapes of
+// the input projection and dx (M = T * N up to 16384, K and P 256-4096): under torch 2.6
+// and 2.11 oneDNN took 0.87x-1.01x of addmm's time; under 2.14.1 addmm took 0.80x-0.93x of
+// oneDNN's, and whole layers gained 2-11% from it (Elman forward N = 64, H = 1024: 1.26x ->
+// 1.40x torch.nn's speed; LSTM forward+backward N = 64, H = 512: 1.00x -> 1.06x). 2.12 and
+// 2.13 are unmeasured and keep oneDNN, as before.
+#if defined(RNNFAST_TORCH_VERSION) && RNNFAST_TORCH_VERSION >= 214
+constexpr bool kOneDnnWeightGemms = false;
+#else
+constexpr bool kOneDnnWeightGemms = true;
+#endif
+
 // a [M, K] @ w [P, K]^T (+ bias [P]) -> [M, P]: the whole-sequence GEMMs that read a
-// weight. In float32 they go through oneDNN's linear where torch has it (torch's own
-// mkldnn::_linear_pointwise op, found once through the dispatcher and called boxed, so
-// that no C++ signature is assumed): on CPUs where MKL runs its generic code path (AMD) it
-// is markedly faster. Small GEMMs and anything else: addmm.
+// weight. In float32, where kOneDnnWeightGemms, they go through oneDNN's linear where
+// torch has it (torch's own mkldnn::_linear_pointwise op, found once through the
+// dispatcher and called boxed, so that no C++ signature is assumed): on CPUs where MKL runs
+// its generic code path (AMD) it was faster. Small GEMMs and anything else: addmm.
 inline Tensor weight_gemm(const Tensor& a, const Tensor& w, const std::optional<Tensor>& bias) {
   // used only with the schema this code was written for:
   // (Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, str? algorithm) -> Tensor
@@ -41,7 +54,7 @@ inline Tensor weight_gemm(const Tensor& a, const Tensor& w, const std::optional<
     return std::optional<c10::OperatorHandle>();
   }();
   // oneDNN's per-call cost only pays off on GEMMs of some size
-  if (onednn && a.scalar_type() == at::kFloat && a.size(0) >= 256 && a.size(1) > 0) {
+  if (kOneDnnWeightGemms && onednn && a.scalar_type() == at::kFloat && a.size(0) >= 256 && a.size(1) > 0) {
     std::vector<c10::IValue> stack{a, w.contiguous(), bias ? c10::IValue(*bias) : c10::IValue(),
                                    c10::IValue(std::string("none")),
                                    c10::IValue(c10::List<std::optional<c10::Scalar>>()),

@@ -5,7 +5,7 @@
 # CI's does not cover: the oldest supported (2.6) and the GPU machine's (2.11.0+cu130, whose
 # extension gpu_check.sh builds there: a build that fails there costs a GPU call).
 #   bash scripts/compat.sh 2.6.0                  # the whole test suite
-#   bash scripts/compat.sh 2.11.0 tests/test_parity.py -x   # extra arguments go to pytest
+#   bash scripts/compat.sh 2.11.0 tests/test_parity.py -x   # pytest's arguments instead of tests/
 # The CUDA kernels are built when that torch's CUDA major version is the toolkit's (nvcc),
 # else the C++ kernels only (torch refuses a toolkit of another major version); the
 # summary says which. Downloads torch and its CUDA libraries from the package index once
@@ -22,11 +22,11 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import torch" 2>/dev/
   python3 -m venv "$venv"
   "$venv/bin/pip" install --progress-bar off "torch==$version"
 fi
-# a fresh copy of the tree, keeping the previous copy's build folder (ninja rebuilds only
-# what changed)
-mkdir -p "$tree"
+# a fresh copy of the tree, keeping the previous copy's build folder and library (ninja and
+# setup.sh rebuild only what changed)
+mkdir -p "$tree/rnnfast"
 find "$tree" -mindepth 1 -maxdepth 1 ! -name build ! -name rnnfast -exec rm -rf {} +
-rm -rf "$tree/rnnfast"/*.py "$tree/rnnfast/bench"
+find "$tree/rnnfast" -mindepth 1 -maxdepth 1 ! -name '_C*.so' -exec rm -rf {} +
 git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$tree"
 
 cuda_home=${CUDA_HOME:-/usr/local/cuda}
@@ -42,15 +42,11 @@ fi
 echo "== building in $tree: $kernels" >&2
 cd "$tree"
 PATH="$venv/bin:$PATH" PYTHON="$venv/bin/python" bash scripts/setup.sh
-# every symbol must resolve at load (as in .ci/run), and a CUDA build must have its kernels
-LD_BIND_NOW=1 RNNFAST_NO_CUDA=$RNNFAST_NO_CUDA "$venv/bin/python" - <<'PYEOF'
-import os, torch, rnnfast
-cuda = torch._C._dispatch_has_kernel_for_dispatch_key("rnnfast::lstm_forward", "CUDA")
-assert cuda == (os.environ["RNNFAST_NO_CUDA"] == "0"), f"CUDA kernels registered: {cuda}"
-print(f"rnnfast loads on torch {torch.__version__}, CUDA kernels: {cuda}")
-PYEOF
+# every symbol must resolve at load, and the CUDA kernels be there exactly when built
+LD_BIND_NOW=1 "$venv/bin/python" scripts/check_build.py --cuda "$([ "$RNNFAST_NO_CUDA" = 1 ] && echo no || echo yes)"
 start=$(date +%s)
 status=0
-PATH="$venv/bin:$PATH" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests "$@" || status=$?
+[ $# -gt 0 ] || set -- tests
+PATH="$venv/bin:$PATH" "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" || status=$?
 echo "== torch $version, kernels $kernels: pytest exit $status in $(( $(date +%s) - start )) s"
 exit $status

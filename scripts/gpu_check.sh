@@ -205,15 +205,7 @@ fi
 # ---- 1. build, in place (no pip, no internet); then every op must have its CUDA kernel ----
 log "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset} CUDA_HOME=${CUDA_HOME:-unset} MAX_JOBS=$MAX_JOBS"
 run_stage build 330 200 "$PY" setup.py build_ext --inplace
-run_stage import 60 200 env LD_BIND_NOW=1 "$PY" - <<'PYEOF'
-import torch
-import rnnfast
-ops = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward", "gru_backward"]
-missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"rnnfast::{op}", "CUDA")]
-print(f"rnnfast {rnnfast.__version__} from {rnnfast.__file__}")
-assert not missing, f"no CUDA kernels for {missing}"
-print(f"CUDA kernels compiled and loaded for all {len(ops)} ops")
-PYEOF
+run_stage import 60 200 env LD_BIND_NOW=1 "$PY" scripts/check_build.py --cuda yes
 
 # ---- 1c. smoke: the cluster variant's async exchange, never run on a GPU, against the
 # barrier on two small layers. A broken protocol would hang each launch until its trap

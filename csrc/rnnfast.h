@@ -23,8 +23,9 @@
 //   Elman: nothing beyond y (the activation's derivative is a function of h_t).
 //   LSTM:  workspace [T, N, 5H] = activated i, f, g, o and c_t.
 //   GRU:   workspace [T, N, 4H] = r, z, n and (W_hn h_{t-1} + b_hn).
-// The workspace has the input's dtype, except for float16/bfloat16 (CUDA only), where it
-// is float32, like the LSTM cell state and all pointwise math.
+// The workspace has the input's dtype, except for float16/bfloat16, where it is float32,
+// like the LSTM cell state and all pointwise math (on the CPU every step runs in float32
+// for these dtypes: cpu/common.h, from_float32).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -14,8 +14,7 @@ from ._ops import ACTIVATIONS, GRUFunction, LSTMFunction, RNNFunction, ops
 
 LayerWeights = Sequence[Optional[Tensor]]  # (w_ih, w_hh, b_ih, b_hh[, w_hr]), biases may be None
 
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("rnnfast::rnn_forward", "CUDA")
 
 
@@ -25,17 +24,13 @@ def _needs_grad(*tensors) -> bool:
 
 def _check_input(x: Tensor) -> None:
     """What the kernels cannot take gets a clear error here, before any op runs."""
-    if x.device.type == "cuda":
-        if not _HAS_CUDA_KERNELS:
-            raise RuntimeError("rnnfast: got a CUDA input, but this build of rnnfast has no "
-                               "CUDA kernels (they need a CUDA build of torch and a CUDA "
-                               "toolkit)")
-        if x.dtype not in _CUDA_DTYPES:
-            raise TypeError(f"rnnfast: expected CUDA input of dtype torch.float32, float64, "
-                            f"float16 or bfloat16, but got {x.dtype}")
-    elif x.dtype not in _CPU_DTYPES:
-        raise TypeError(f"rnnfast: expected input of dtype torch.float32 or torch.float64 "
-                        f"on the CPU (float16 and bfloat16 run on CUDA), but got {x.dtype}")
+    if x.device.type == "cuda" and not _HAS_CUDA_KERNELS:
+        raise RuntimeError("rnnfast: got a CUDA input, but this build of rnnfast has no "
+                           "CUDA kernels (they need a CUDA build of torch and a CUDA "
+                           "toolkit)")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"rnnfast: expected input of dtype torch.float32, float64, float16 "
+                        f"or bfloat16, but got {x.dtype}")
 
 
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,

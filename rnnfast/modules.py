@@ -43,19 +43,17 @@ def _layer_weights(module: nn.RNNBase):
 
 def _autocast(module: nn.Module, x: Tensor, hx, weights):
     """Under torch.autocast, what torch.nn does: input, states and weights in the autocast
-    dtype (float32 ones; float64 stays). On CUDA the float16/bfloat16 kernels run, with
-    float32 accumulation and cell state inside; the CPU has no half-precision kernels, so
-    there the values are rounded to the autocast dtype, computed in float32 and the
-    results returned in the autocast dtype. On CUDA the layers (not the cells) use
-    float16 whatever autocast asks for, as torch.nn's cuDNN layers do. On the CPU torch's
-    autocast lowers RNN, RNNCell and LSTM but leaves GRU, GRUCell and LSTMCell in float32
-    (its CPU op lists); each module's _cpu_autocast follows that, so the output dtypes
-    are torch.nn's.
-    Returns (x, hx, weights, dtype to cast the results to, or None)."""
+    dtype (float32 ones; float64 stays), run by the float16/bfloat16 kernels, which
+    accumulate and keep the cell state in float32 (on the CPU every step runs in float32).
+    On CUDA the layers (not the cells) use float16 whatever autocast asks for, as torch.nn's
+    cuDNN layers do. On the CPU torch's autocast lowers RNN, RNNCell and LSTM but leaves
+    GRU, GRUCell and LSTMCell in float32 (its CPU op lists); each module's _cpu_autocast
+    follows that, so the output dtypes are torch.nn's.
+    Returns (x, hx, weights)."""
     dev = x.device.type
     if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev) or (
             dev == "cpu" and not module._cpu_autocast):
-        return x, hx, weights, None
+        return x, hx, weights
     # on CUDA torch's autocast casts cuDNN's RNN layers to float16 whatever dtype it was
     # asked for (the cells follow the asked dtype); the layers here do the same
     low = (torch.float16 if dev == "cuda" and isinstance(module, nn.RNNBase)
@@ -64,18 +62,14 @@ def _autocast(module: nn.Module, x: Tensor, hx, weights):
     def cast(t):
         if t is None or not t.is_floating_point() or t.dtype in (torch.float64, low):
             return t
-        return t.to(low).float() if dev == "cpu" else t.to(low)
+        return t.to(low)
 
     if isinstance(hx, tuple):
         hx = tuple(cast(s) for s in hx)
     else:
         hx = cast(hx)
     weights = [tuple(cast(w) for w in ws) for ws in weights]
-    return cast(x), hx, weights, (low if dev == "cpu" else None)
-
-
-def _cast_results(dtype, *tensors):
-    return tensors if dtype is None else tuple(t.to(dtype) for t in tensors)
+    return cast(x), hx, weights
 
 
 def _packed_forward(module: nn.RNNBase, input: PackedSequence, hx, n_states: int, run_packed):
@@ -95,12 +89,9 @@ def _packed_forward(module: nn.RNNBase, input: PackedSequence, hx, n_states: int
     else:
         hx = module.permute_hidden(hx, sorted_indices)
     module.check_forward_args(data, hx, batch_sizes)
-    data, hx, weights, out_dtype = _autocast(module, data, hx, _layer_weights(module))
+    data, hx, weights = _autocast(module, data, hx, _layer_weights(module))
     RF._check_input(data)
     out, state = run_packed(data, batch_sizes, hx, weights)
-    state = (state,) if n_states == 1 else state
-    out, *state = _cast_results(out_dtype, out, *state)
-    state = state[0] if n_states == 1 else tuple(state)
     return (PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices),
             module.permute_hidden(state, unsorted_indices))
 
@@ -160,9 +151,9 @@ def _forward_one_state(module: nn.RNNBase, input: Tensor, hx: Optional[Tensor], 
     if hx is None:
         hx = _zeros_state(module, input)
     module.check_forward_args(input, hx, None)
-    input, hx, weights, out_dtype = _autocast(module, input, hx, _layer_weights(module))
+    input, hx, weights = _autocast(module, input, hx, _layer_weights(module))
     RF._check_input(input)
-    output, h_n = _cast_results(out_dtype, *run(_time_major(module, input), hx, weights))
+    output, h_n = run(_time_major(module, input), hx, weights)
     return _restore(module, output, is_batched), h_n if is_batched else h_n.squeeze(1)
 
 
@@ -218,11 +209,10 @@ class LSTM(nn.RNNBase):
         if hx is None:  # h has proj_size units where there is a projection, c hidden_size
             hx = (_zeros_state(self, input, self.proj_size), _zeros_state(self, input))
         self.check_forward_args(input, hx, None)
-        input, hx, weights, out_dtype = _autocast(self, input, hx, _layer_weights(self))
+        input, hx, weights = _autocast(self, input, hx, _layer_weights(self))
         RF._check_input(input)
         output, (h_n, c_n) = RF.lstm(_time_major(self, input), hx, weights, self.num_layers,
                                      self.bidirectional, self.dropout, self.training)
-        output, h_n, c_n = _cast_results(out_dtype, output, h_n, c_n)
         if not is_batched:
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return _restore(self, output, is_batched), (h_n, c_n)
@@ -352,10 +342,9 @@ class RNNCell(nn.RNNCell):
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         x, (h,), is_batched = _cell_input(self, input, hx, 1)
-        x, h, (w,), out_dtype = _autocast(self, x, h, [_cell_weights(self)])
+        x, h, (w,) = _autocast(self, x, h, [_cell_weights(self)])
         RF._check_input(x)
         _, h1 = RF.rnn_layer(x.unsqueeze(0), h, *w, nonlinearity=self.nonlinearity)
-        (h1,) = _cast_results(out_dtype, h1)
         return h1 if is_batched else h1.squeeze(0)
 
 
@@ -365,10 +354,9 @@ class LSTMCell(nn.LSTMCell):
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         x, (h, c), is_batched = _cell_input(self, input, hx, 2)
-        x, (h, c), (w,), out_dtype = _autocast(self, x, (h, c), [_cell_weights(self)])
+        x, (h, c), (w,) = _autocast(self, x, (h, c), [_cell_weights(self)])
         RF._check_input(x)
         _, h1, c1 = RF.lstm_layer(x.unsqueeze(0), h, c, *w)
-        h1, c1 = _cast_results(out_dtype, h1, c1)
         return (h1, c1) if is_batched else (h1.squeeze(0), c1.squeeze(0))
 
 
@@ -378,10 +366,9 @@ class GRUCell(nn.GRUCell):
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         x, (h,), is_batched = _cell_input(self, input, hx, 1)
-        x, h, (w,), out_dtype = _autocast(self, x, h, [_cell_weights(self)])
+        x, h, (w,) = _autocast(self, x, h, [_cell_weights(self)])
         RF._check_input(x)
         _, h1 = RF.gru_layer(x.unsqueeze(0), h, *w)
-        (h1,) = _cast_results(out_dtype, h1)
         return h1 if is_batched else h1.squeeze(0)
 
 

@@ -48,8 +48,7 @@ BAD = [
     ("layer-input-bool", lambda: lstm()(torch.ones(T, N, C, dtype=torch.bool)), ValueError, "bool"),
     ("layer-h0-float64", lambda: lstm()(x(), (z(1, N, H, dtype=torch.float64), z(1, N, H))), RuntimeError,
      "expected h0 to have dtype Float like the input, but got Double"),
-    ("layer-float16-cpu", lambda: lstm().half()(x(dtype=torch.float16)), TypeError, "float16"),
-    ("layer-bfloat16-cpu", lambda: rnnfast.RNN(C, H).bfloat16()(x(dtype=torch.bfloat16)), TypeError, "bfloat16"),
+    ("layer-input-complex64", lambda: lstm()(x().to(torch.complex64)), ValueError, "complex64"),
     ("layer-input-list", lambda: rnnfast.GRU(C, H)([[1.0] * C]), TypeError, "Tensor"),
     ("layer-T-zero", lambda: lstm()(x(0, N, C)), RuntimeError, "sequence length to be larger than 0"),
     ("rnn-bad-nonlinearity", lambda: rnnfast.RNN(C, H, nonlinearity="gelu"), ValueError, "Unknown nonlinearity"),
@@ -76,6 +75,14 @@ BAD = [
      RuntimeError, "w_hh"),
     ("functional-w_ih-gates", lambda: RF.gru_layer(x(), z(N, H), W["w_ih"], W["w_hh"][:3 * H]), RuntimeError,
      "w_ih"),
+    # float16/bfloat16 run in float32 inside, after the dtypes were checked as given
+    ("functional-bfloat16-w_hh-float32", lambda: RF.lstm_layer(
+        x(dtype=torch.bfloat16), z(N, H, dtype=torch.bfloat16), z(N, H, dtype=torch.bfloat16),
+        W["w_ih"].bfloat16(), W["w_hh"]), RuntimeError,
+     "expected w_hh to have dtype BFloat16 like the input, but got Float"),
+    ("functional-float16-h0-float32", lambda: RF.rnn_layer(
+        x(dtype=torch.float16), z(N, H), W["w_ih"][:H].half(), W["w_hh"][:H].half()), RuntimeError,
+     "expected h0 to have dtype Half like the input, but got Float"),
     ("functional-bias-size", lambda: RF.lstm_layer(x(), z(N, H), z(N, H), W["w_ih"], W["w_hh"], W["b"][:-1]),
      RuntimeError, "b_ih"),
     ("op-rank-2-input", lambda: ops.gru_forward(x(N, C), z(N, H), W["w_ih"][:3 * H], W["w_hh"][:3 * H], None, None,

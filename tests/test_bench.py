@@ -258,9 +258,18 @@ def test_filters_and_bad_arguments(capsys):
     assert all(s.N == 1 and s.layers == 1 for s in runner.select_shapes(args))
     with pytest.raises(SystemExit):
         runner.main(["--hidden", "3"])  # nothing left
-    with pytest.raises(SystemExit):
-        runner.main(["--dtypes", "bfloat16"])  # half types need --device cuda
-    assert "--device cuda" in capsys.readouterr().err
+
+
+def test_cpu_half_precision_case(tmp_path, capsys):
+    """bfloat16 on the CPU: a row of its own, both contenders timed and checked."""
+    out = tmp_path / "r.json"
+    runner.main(["--shapes", "quick-n1-h256", "--cells", "lstm", "--modes", "fwdbwd", "--dtypes",
+                 "bfloat16", "--contenders", "rnnfast", "torch.nn", "--repeats", "1", "--min-time",
+                 "0", "--json", str(out)])
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["dtype"] == "bfloat16"
+    assert all("median_s" in record["results"][c] for c in ("rnnfast", "torch.nn")), record
+    assert "bfloat16" in capsys.readouterr().out
 
 
 def test_module_entry_point():

@@ -147,9 +147,9 @@ def test_bad_input_raises_like_torch(cell, case):
     assert str(ours.value), "the error must say what was expected"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
 def test_unsupported_dtype_is_a_clear_error(dtype):
-    f = rnnfast.LSTM(4, 6).to(dtype) if dtype.is_floating_point else rnnfast.LSTM(4, 6)
+    f = rnnfast.LSTM(4, 6)
     x = torch.ones(5, 2, 4, dtype=dtype)
     with pytest.raises((TypeError, ValueError), match=str(dtype)):
         f(x)

@@ -55,6 +55,30 @@ def test_opcheck_backward(cell, reverse):
         torch.library.opcheck(ops.gru_backward, (dy, dh, x, h0, w_ih, w_hh, y, ws, reverse))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cell", list(G))
+def test_opcheck_half_precision(cell, dtype):
+    """float16/bfloat16: outputs in the input's dtype, the training workspace in float32
+    (what the fake implementations say), forward and backward."""
+    args = _layer_args(cell, dtype)
+    g = torch.Generator().manual_seed(5)
+    dy, dh = (torch.randn(T, N, H, generator=g).to(dtype), torch.randn(N, H, generator=g).to(dtype))
+    if cell == "rnn":
+        torch.library.opcheck(ops.rnn_forward, (*args, 0, True, True))
+        y, _ = ops.rnn_forward(*args, 0, False, True)
+        torch.library.opcheck(ops.rnn_backward, (dy, dh, *args[:4], y, 0, False))
+    elif cell == "lstm":
+        torch.library.opcheck(ops.lstm_forward, (*args, True, True))
+        y, _, _, ws = ops.lstm_forward(*args, False, True)
+        assert y.dtype == dtype and ws.dtype == torch.float32
+        torch.library.opcheck(ops.lstm_backward, (dy, dh, dh, *args[:5], y, ws, False))
+    else:
+        torch.library.opcheck(ops.gru_forward, (*args, True, True))
+        y, _, ws = ops.gru_forward(*args, False, True)
+        assert y.dtype == dtype and ws.dtype == torch.float32
+        torch.library.opcheck(ops.gru_backward, (dy, dh, *args[:4], y, ws, False))
+
+
 GRAD_CASES = [("rnn", "tanh"), ("rnn", "relu"), ("rnn", "identity"), ("lstm", None), ("gru", None)]
 
 

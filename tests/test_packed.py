@@ -57,7 +57,8 @@ def run(module, x, lengths, hx, is_lstm, upstream, enforce_sorted, forward=None)
     return res
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
 @pytest.mark.parametrize("given_hx", [True, False], ids=["hx", "no_hx"])
 @pytest.mark.parametrize("layers,bidir", [(1, False), (1, True), (2, True)], ids=["L1", "L1-bi", "L2-bi"])
 @pytest.mark.parametrize("lengths,enforce_sorted", [

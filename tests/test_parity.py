@@ -1,6 +1,7 @@
 """rnnfast vs torch.nn vs the float64 reference: every output, final state and gradient
 (input, h0/c0, every parameter by name), across cells, layers, directions, layouts, bias,
-given or absent initial states, in float32 and float64."""
+given or absent initial states, in float32 and float64, and in float16 and bfloat16
+(computed in float32 on the CPU, so well inside torch.nn's own error there)."""
 import itertools
 
 import pytest
@@ -46,6 +47,24 @@ def test_matches_torch_and_reference(case):
                           bias=bias)
     x, hx, upstream = _inputs(cell, L, bi, bf, with_h0, dtype)
     compare_all(*run_three(cell, x, hx, m, f, m64, upstream))
+
+
+# float16 and bfloat16 on the CPU: every cell in three configurations each
+HALF_GRID = [(cell, L, bi, bf, bias, h0, dt) for cell in CELLS
+             for L, bi, bf, bias, h0 in [(1, False, False, True, True), (2, True, True, False, False),
+                                         (1, True, False, True, False)]
+             for dt in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("case", HALF_GRID, ids=[_id(p) for p in HALF_GRID])
+def test_half_precision_matches_torch_and_reference(case):
+    cell, L, bi, bf, bias, with_h0, dtype = case
+    m, f, m64 = make_pair(cell, C, H, dtype, num_layers=L, bidirectional=bi, batch_first=bf,
+                          bias=bias)
+    x, hx, upstream = _inputs(cell, L, bi, bf, with_h0, dtype, T=12)
+    ours, theirs, ref = run_three(cell, x, hx, m, f, m64, upstream)
+    compare_all(ours, theirs, ref)
+    assert all(t.dtype == dtype for t in ours.values())
 
 
 EDGE = [  # (T, N, C, H)

@@ -10,7 +10,8 @@ from helpers import assert_close_to_ref, compare_all, make_pair, run_three
 C, H, P, T, N = 5, 7, 3, 6, 4
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
 @pytest.mark.parametrize("given_hx", [True, False], ids=["hx", "no_hx"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("layers,bidir", [(1, False), (1, True), (2, False), (2, True)],

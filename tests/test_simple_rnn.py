@@ -42,7 +42,8 @@ def test_step_matches_tutorial():
 
 
 @pytest.mark.parametrize("nonlinearity", [None, "tanh"], ids=["linear", "tanh"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["float32", "float64", "bfloat16", "float16"])
 def test_sequence_matches_step_loop(nonlinearity, dtype):
     _, fast = _pair(nonlinearity)
     fast = fast.to(dtype)

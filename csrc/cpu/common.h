@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -280,5 +281,30 @@ inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor
 
 // db [G*H] = sum over T and N of the gate gradients.
 inline Tensor bias_grad(const Tensor& dg) { return dg.sum(at::IntArrayRef{0, 1}); }
+
+// float16 and bfloat16 on the CPU. Each op, once its checks have passed, calls itself on
+// float32 copies of its tensors (to_float32) and rounds the results back (from_float32):
+// the weights are converted once per call, the recurrence, its state and the gate math run
+// in float32, and only the outputs are rounded, as on CUDA, where these dtypes also
+// accumulate and keep the cell state in float32. The workspace of a training forward is
+// float32 on every device for these dtypes (workspace_dtype), so it stays as it is. Why
+// not half-precision kernels: torch's own half-precision GEMMs on a CPU without native
+// bfloat16 arithmetic (AVX2) run several times slower than its float32 ones.
+inline bool is_half(const Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+}
+inline Tensor to_float32(const Tensor& t) { return t.to(at::kFloat); }
+inline std::optional<Tensor> to_float32(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(to_float32(*t)) : std::nullopt;
+}
+// every tensor of `results` in `dtype`, except the one at index `workspace` (-1: none)
+template <typename Tuple>
+Tuple from_float32(at::ScalarType dtype, Tuple results, int workspace = -1) {
+  std::apply([&](auto&... r) {
+    int i = 0;
+    ((r = i++ == workspace ? r : r.to(dtype)), ...);
+  }, results);
+  return results;
+}
 
 }  // namespace rnnfast::cpu

@@ -15,6 +15,11 @@ std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, co
   (void)training;  // Elman saves nothing beyond y
   check_layer_inputs("rnnfast::rnn_forward", 1, x, h0, w_ih, w_hh, b_ih, b_hh);
   check_activation("rnnfast::rnn_forward", activation);
+  if (is_half(x))
+    return from_float32(x.scalar_type(),
+                        rnn_forward_cpu(to_float32(x), to_float32(h0), to_float32(w_ih),
+                                        to_float32(w_hh), to_float32(b_ih), to_float32(b_hh),
+                                        activation, reverse, training));
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   // y starts as the pre-activations of every step and is overwritten in place with h_t
   Tensor y = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
@@ -62,6 +67,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
   check_same_shape(op, "y", y, {T, N, H}, x);
   check_same_shape(op, "dy", dy, {T, N, H}, x);
   check_same_shape(op, "dhn", dhn, {N, H}, x);
+  if (is_half(x))
+    return from_float32(x.scalar_type(),
+                        rnn_backward_cpu(to_float32(dy), to_float32(dhn), to_float32(x),
+                                         to_float32(h0), to_float32(w_ih), to_float32(w_hh),
+                                         to_float32(y), activation, reverse));
   Tensor dg = at::empty({T, N, H}, x.options());
   Tensor dh_carry = dhn.clone();
   // the body for one dtype, dispatched below

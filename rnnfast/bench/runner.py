@@ -21,7 +21,6 @@ CELLS = ("lstm", "gru", "rnn")
 MODES = ("fwd", "fwdbwd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64,
           "float16": torch.float16, "bfloat16": torch.bfloat16}
-HALF = (torch.float16, torch.bfloat16)
 # correctness guard: max |contender - rnnfast| <= GUARD_TOL * max(1, max |rnnfast|).
 # Half types round h at every step (the loops also round the gates and the LSTM cell
 # state), so they get a looser bound; a wrong function is off by O(1).
@@ -243,9 +242,6 @@ def default_json_path(device, label, date):
 def main(argv=None):
     p, args = parse_args(argv)
     dtypes = list(dict.fromkeys(args.dtypes))
-    if args.device == "cpu" and any(DTYPES[d] in HALF for d in dtypes):
-        p.error("float16 and bfloat16 run on the GPU only (rnnfast's CPU kernels are float32 and "
-                "float64): add --device cuda")
     shapes = select_shapes(args)
     if not shapes:
         p.error("no shape left after the filters (--hidden, --batch, --seq-len, --layers, --directions)")

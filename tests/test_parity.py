@@ -105,10 +105,10 @@ def test_long_sequence(cell):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_input_projection_in_chunks(cell):
-    """Past 8M floats of pre-activations the input projection runs in chunks of steps
-    (here 2, the last one short), both directions."""
+    """Past 4M floats of pre-activations the input projection runs in chunks of steps
+    (here 3, the last one short), both directions."""
     T_, C_, H_ = 1100, 4, 128
-    N_ = 16 if cell == "lstm" else 24  # T * N * G * H just over 2**23
+    N_ = 16 if cell == "lstm" else 24  # T * N * G * H over 2 * 2**22
     m, f, m64 = make_pair(cell, C_, H_, torch.float32, bidirectional=True)
     x, hx, upstream = _inputs(cell, 1, True, False, True, torch.float32, T=T_, N=N_, C=C_, H=H_)
     compare_all(*run_three(cell, x, hx, m, f, m64, upstream))

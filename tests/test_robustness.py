@@ -15,12 +15,13 @@ from rnnfast import reference
 from helpers import CELLS, assert_close_to_ref, make_pair
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
-def test_nonfinite_inputs_propagate_as_in_torch(cell, bad):
+def test_nonfinite_inputs_propagate_as_in_torch(cell, bad, dtype):
     is_lstm = cell == "lstm"
-    m, f, _ = make_pair(cell, 4, 6, num_layers=2, bidirectional=True)
-    x = torch.randn(7, 3, 4)
+    m, f, _ = make_pair(cell, 4, 6, dtype=dtype, num_layers=2, bidirectional=True)
+    x = torch.randn(7, 3, 4, dtype=dtype)
     x[2, 0, 1] = bad  # sequence 0 at step 2; sequences 1 and 2 stay clean
     out_m, st_m = m(x)
     out_f, st_f = f(x)
@@ -30,6 +31,29 @@ def test_nonfinite_inputs_propagate_as_in_torch(cell, bad):
         ok = torch.isfinite(b)
         torch.testing.assert_close(a[ok], b[ok], rtol=1e-5, atol=1e-6)
     assert torch.isfinite(out_f[:, 1:]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_closed_forget_gate_times_infinite_state_is_nan_as_in_torch(dtype):
+    """A forget gate at sigmoid(-inf) is exactly 0, so 0 * an infinite c0 is NaN, as in
+    torch.nn (a clamped exp that left the gate at the smallest normal value gave inf)."""
+    H = 6
+    m, f, _ = make_pair("lstm", 4, H, dtype=dtype)
+    c0 = torch.full((1, 2, H), float("inf"), dtype=dtype)
+    c0[:, :, H // 2:] = 1.0
+    with torch.no_grad():
+        for mod in (m, f):
+            mod.bias_ih_l0[H:2 * H] = -float("inf")
+    x = torch.randn(3, 2, 4, dtype=dtype)
+    h0 = torch.zeros(1, 2, H, dtype=dtype)
+    out_m, (h_m, c_m) = m(x, (h0, c0))
+    out_f, (h_f, c_f) = f(x, (h0, c0))
+    assert torch.isnan(c_m[..., :H // 2]).all()
+    for a, b in ((out_f, out_m), (h_f, h_m), (c_f, c_m)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), "NaN pattern differs from torch.nn"
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), "Inf pattern differs from torch.nn"
+        ok = torch.isfinite(b)
+        torch.testing.assert_close(a[ok], b[ok])
 
 
 @pytest.mark.parametrize("cell", list(CELLS))

@@ -307,7 +307,7 @@ template <typename Tuple>
 Tuple from_float32(at::ScalarType dtype, Tuple results, int workspace = -1) {
   std::apply([&](auto&... r) {
     int i = 0;
-    ((r = i++ == workspace ? r : r.to(dtype)), ...);
+    ((i++ != workspace ? (void)(r = r.to(dtype)) : (void)0), ...);
   }, results);
   return results;
 }

@@ -36,9 +36,11 @@ RNNFAST_INLINE float exp_f(float x) {
   // round x / ln2 to the nearest integer n with the 1.5 * 2^23 shifter
   const float shifted = x * 1.44269504088896341f + 12582912.0f;
   const float n = shifted - 12582912.0f;
-  int32_t n_bits;
+  // the bit arithmetic unsigned: a NaN input makes n_bits any value, and a signed
+  // overflow there would be undefined (before C++20)
+  uint32_t n_bits;
   std::memcpy(&n_bits, &shifted, sizeof(n_bits));
-  const int32_t ni = n_bits - 0x4B400000;
+  const uint32_t ni = n_bits - 0x4B400000u;
   // r = x - n ln2 in two parts (Cody-Waite), then a degree-7 polynomial for e^r
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -49,7 +51,7 @@ RNNFAST_INLINE float exp_f(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float er = p * r * r + r + 1.0f;
-  const int32_t scale_bits = (ni + 127) << 23;
+  const uint32_t scale_bits = (ni + 127u) << 23;
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));
   return er * scale;
@@ -82,9 +84,9 @@ RNNFAST_INLINE double reduce_exp(double x, double* scale) {
   x = x > 709.0 ? 709.0 : x;
   const double shifted = x * 1.4426950408889634 + 6755399441055744.0;
   const double n = shifted - 6755399441055744.0;
-  int64_t n_bits;
+  uint64_t n_bits;  // unsigned, as in exp_f
   std::memcpy(&n_bits, &shifted, sizeof(n_bits));
-  const int64_t scale_bits = (n_bits - 0x4338000000000000LL + 1023) << 52;
+  const uint64_t scale_bits = (n_bits - 0x4338000000000000ULL + 1023u) << 52;
   std::memcpy(scale, &scale_bits, sizeof(*scale));
   return (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
 }
@@ -101,8 +103,16 @@ RNNFAST_INLINE double exp_d(double x) {
   return scale * expm1_reduced(r) + scale;
 }
 
-RNNFAST_INLINE float sigmoid_act(float x) { return 1.0f / (1.0f + exp_f(-x)); }
-RNNFAST_INLINE double sigmoid_act(double x) { return 1.0 / (1.0 + exp_d(-x)); }
+// Past the exp's clamp the sigmoid is 0 (the clamped exp would give its smallest normal
+// value instead, and a gate of -inf times an infinite state must be NaN, as in torch).
+RNNFAST_INLINE float sigmoid_act(float x) {
+  const float s = 1.0f / (1.0f + exp_f(-x));
+  return x < -88.0f ? 0.0f : s;
+}
+RNNFAST_INLINE double sigmoid_act(double x) {
+  const double s = 1.0 / (1.0 + exp_d(-x));
+  return x < -709.0 ? 0.0 : s;
+}
 
 RNNFAST_INLINE float tanh_act(float x) {
   const float ax = std::fabs(x);

@@ -288,7 +288,7 @@ inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor
 inline Tensor bias_grad(const Tensor& dg) { return dg.sum(at::IntArrayRef{0, 1}); }
 
 // float16 and bfloat16 on the CPU. Each op, once its checks have passed, calls itself on
-// float32 copies of its tensors (to_float32) and rounds the results back (from_float32):
+// float32 copies of its tensors and rounds the results back (in_float32):
 // the weights are converted once per call, the recurrence, its state and the gate math run
 // in float32, and only the outputs are rounded, as on CUDA, where these dtypes also
 // accumulate and keep the cell state in float32. The workspace of a training forward is
@@ -298,10 +298,12 @@ inline Tensor bias_grad(const Tensor& dg) { return dg.sum(at::IntArrayRef{0, 1})
 inline bool is_half(const Tensor& x) {
   return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
 }
-inline Tensor to_float32(const Tensor& t) { return t.to(at::kFloat); }
+inline Tensor to_float32(const Tensor& t) { return t.to(at::kFloat); }  // float32: t itself
 inline std::optional<Tensor> to_float32(const std::optional<Tensor>& t) {
   return t ? std::optional<Tensor>(to_float32(*t)) : std::nullopt;
 }
+template <typename T>
+const T& to_float32(const T& value) { return value; }  // flags and sizes pass through
 // every tensor of `results` in `dtype`, except the one at index `workspace` (-1: none)
 template <typename Tuple>
 Tuple from_float32(at::ScalarType dtype, Tuple results, int workspace = -1) {
@@ -310,6 +312,11 @@ Tuple from_float32(at::ScalarType dtype, Tuple results, int workspace = -1) {
     ((i++ != workspace ? (void)(r = r.to(dtype)) : (void)0), ...);
   }, results);
   return results;
+}
+// op(args...) on float32 copies of its tensor arguments, the results back in `dtype`
+template <typename Op, typename... Args>
+auto in_float32(at::ScalarType dtype, int workspace, Op op, const Args&... args) {
+  return from_float32(dtype, op(to_float32(args)...), workspace);
 }
 
 }  // namespace rnnfast::cpu

@@ -15,11 +15,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
   RNNFAST_NO_AUTOCAST;
   check_layer_inputs("rnnfast::gru_forward", 3, x, h0, w_ih, w_hh, b_ih, b_hh);
   if (is_half(x))
-    return from_float32(x.scalar_type(),
-                        gru_forward_cpu(to_float32(x), to_float32(h0), to_float32(w_ih),
-                                        to_float32(w_hh), to_float32(b_ih), to_float32(b_hh),
-                                        reverse, training),
-                        /*workspace=*/2);
+    return in_float32(x.scalar_type(), /*workspace=*/2, gru_forward_cpu, x, h0, w_ih, w_hh,
+                      b_ih, b_hh, reverse, training);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   // b_hr and b_hz fold into the input projection; b_hn must stay inside r * (...).
   std::optional<Tensor> b_hrz;
@@ -89,10 +86,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
   check_same_shape(op, "dy", dy, {T, N, H}, x);
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   if (is_half(x))
-    return from_float32(x.scalar_type(),
-                        gru_backward_cpu(to_float32(dy), to_float32(dhn), to_float32(x),
-                                         to_float32(h0), to_float32(w_ih), to_float32(w_hh),
-                                         to_float32(y), workspace, reverse));
+    return in_float32(x.scalar_type(), -1, gru_backward_cpu, dy, dhn, x, h0, w_ih, w_hh, y,
+                      workspace, reverse);
   Tensor dg_ih = at::empty({T, N, 3 * H}, x.options());
   Tensor dg_hh = at::empty({T, N, 3 * H}, x.options());
   Tensor dh_carry = dhn.clone();

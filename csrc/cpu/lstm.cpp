@@ -16,11 +16,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
   check_layer_inputs(op, 4, x, h0, w_ih, w_hh, b_ih, b_hh);
   check_same_shape(op, "c0", c0, h0.sizes(), x);
   if (is_half(x))
-    return from_float32(x.scalar_type(),
-                        lstm_forward_cpu(to_float32(x), to_float32(h0), to_float32(c0),
-                                         to_float32(w_ih), to_float32(w_hh), to_float32(b_ih),
-                                         to_float32(b_hh), reverse, training),
-                        /*workspace=*/3);
+    return in_float32(x.scalar_type(), /*workspace=*/3, lstm_forward_cpu, x, h0, c0, w_ih, w_hh,
+                      b_ih, b_hh, reverse, training);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   ProjectedChunks pre(x, w_ih, sum_biases(b_ih, b_hh), reverse);
   Tensor y = at::empty({T, N, H}, x.options());
@@ -103,11 +100,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cpu(
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   check_same_shape(op, "dcn", dcn, {N, H}, x);
   if (is_half(x))
-    return from_float32(x.scalar_type(),
-                        lstm_backward_cpu(to_float32(dy), to_float32(dhn), to_float32(dcn),
-                                          to_float32(x), to_float32(h0), to_float32(c0),
-                                          to_float32(w_ih), to_float32(w_hh), to_float32(y),
-                                          workspace, reverse));
+    return in_float32(x.scalar_type(), -1, lstm_backward_cpu, dy, dhn, dcn, x, h0, c0, w_ih,
+                      w_hh, y, workspace, reverse);
   Tensor dg = at::empty({T, N, 4 * H}, x.options());
   Tensor dh_carry = dhn.clone();
   Tensor dc = dcn.clone();

@@ -16,10 +16,8 @@ std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, co
   check_layer_inputs("rnnfast::rnn_forward", 1, x, h0, w_ih, w_hh, b_ih, b_hh);
   check_activation("rnnfast::rnn_forward", activation);
   if (is_half(x))
-    return from_float32(x.scalar_type(),
-                        rnn_forward_cpu(to_float32(x), to_float32(h0), to_float32(w_ih),
-                                        to_float32(w_hh), to_float32(b_ih), to_float32(b_hh),
-                                        activation, reverse, training));
+    return in_float32(x.scalar_type(), -1, rnn_forward_cpu, x, h0, w_ih, w_hh, b_ih, b_hh,
+                      activation, reverse, training);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   // y starts as the pre-activations of every step and is overwritten in place with h_t
   Tensor y = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
@@ -68,10 +66,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
   check_same_shape(op, "dy", dy, {T, N, H}, x);
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   if (is_half(x))
-    return from_float32(x.scalar_type(),
-                        rnn_backward_cpu(to_float32(dy), to_float32(dhn), to_float32(x),
-                                         to_float32(h0), to_float32(w_ih), to_float32(w_hh),
-                                         to_float32(y), activation, reverse));
+    return in_float32(x.scalar_type(), -1, rnn_backward_cpu, dy, dhn, x, h0, w_ih, w_hh, y,
+                      activation, reverse);
   Tensor dg = at::empty({T, N, H}, x.options());
   Tensor dh_carry = dhn.clone();
   // the body for one dtype, dispatched below

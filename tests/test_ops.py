@@ -198,3 +198,50 @@ def test_autocast_does_not_reach_inside_the_ops(cell):
     assert out_ac.dtype == torch.float32
     assert torch.equal(out, out_ac)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_ac))
+
+
+# (T, N, C, H): the input projection by small_projection's loops (at most 4096
+# multiply-adds), and by the GEMM
+PROJECTION_SIZES = [(3, 2, 4, 5), (1, 1, 8, 8), (20, 8, 32, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("size", PROJECTION_SIZES, ids=["small", "tiny", "gemm"])
+@pytest.mark.parametrize("biases", ["ih", "hh", "both", "none"])
+@pytest.mark.parametrize("cell", list(G))
+def test_forward_each_bias(cell, biases, size, dtype):
+    """Either bias alone, both, or none, on both routes of the input projection (the
+    GRU's b_hh splits: b_hr, b_hz folded into it, b_hn inside r * (...)): outputs and
+    final states against the reference cells in float64, both directions."""
+    from rnnfast import reference
+    T_, N_, C_, H_ = size
+    g = torch.Generator().manual_seed(11)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.5  # noqa: E731
+    x, h0, c0 = r(T_, N_, C_), r(N_, H_), r(N_, H_)
+    # W_hh scaled to a contracting recurrence: float32's rounding is then not amplified
+    # over the 20 steps of the largest size (at 0.5 * randn the Elman RNN is chaotic there)
+    w_ih, w_hh = r(G[cell] * H_, C_), r(G[cell] * H_, H_) / H_ ** 0.5
+    b_ih = r(G[cell] * H_) if biases in ("ih", "both") else None
+    b_hh = r(G[cell] * H_) if biases in ("hh", "both") else None
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=1e-5)
+    for reverse in (False, True):
+        h, c, ys = h0, c0, [None] * T_
+        for t in (reversed(range(T_)) if reverse else range(T_)):
+            if cell == "rnn":
+                h = reference.rnn_cell(x[t], h, w_ih, w_hh, b_ih, b_hh)
+            elif cell == "lstm":
+                h, c = reference.lstm_cell(x[t], h, c, w_ih, w_hh, b_ih, b_hh)
+            else:
+                h = reference.gru_cell(x[t], h, w_ih, w_hh, b_ih, b_hh)
+            ys[t] = h
+        args = [cast(t) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+        if cell == "rnn":
+            out = ops.rnn_forward(*args, 0, reverse, False)
+        elif cell == "lstm":
+            out = ops.lstm_forward(*args[:2], cast(c0), *args[2:], reverse, False)[:3]
+            torch.testing.assert_close(out[2].double(), c, **tol)
+        else:
+            out = ops.gru_forward(*args, reverse, False)[:2]
+        torch.testing.assert_close(out[0].double(), torch.stack(ys), **tol)
+        torch.testing.assert_close(out[1].double(), h, **tol)

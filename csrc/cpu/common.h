@@ -14,6 +14,7 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -66,11 +67,83 @@ inline Tensor weight_gemm(const Tensor& a, const Tensor& w, const std::optional<
   return bias ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
 }
 
+// The input projection's bias: b_ih plus the first hh_count entries of b_hh (all of them,
+// but for the GRU, whose b_hn stays inside r * (...)); either may be absent.
+struct ProjectionBias {
+  std::optional<Tensor> ih, hh;
+  int64_t hh_count = 0;
+  ProjectionBias(const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh)
+      : ih(b_ih), hh(b_hh), hh_count(b_hh ? b_hh->numel() : 0) {}
+  ProjectionBias(const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                 int64_t count)
+      : ih(b_ih), hh(b_hh), hh_count(b_hh ? count : 0) {}
+  // the sum as one tensor of P entries (b_hh's past hh_count left out), for a GEMM's bias
+  std::optional<Tensor> summed(int64_t P) const {
+    std::optional<Tensor> part = hh;
+    if (hh && hh_count < P)
+      part = at::cat({hh->narrow(0, 0, hh_count), at::zeros({P - hh_count}, hh->options())});
+    if (ih && part) return *ih + *part;
+    return ih ? ih : part;
+  }
+};
+
+// Projections of at most this many multiply-adds are computed by small_projection's loops:
+// the GEMM and the bias sum cost a few ATen calls (~5-10 us on this machine), which is most
+// of a call at the smallest sizes (T = 1, H = 8).
+constexpr int64_t kSmallProjectionFma = 4096;
+
+// out [M, P] = a [M, K] w [P, K]^T + bias, each output summed over k in four interleaved
+// partial sums added in a fixed order, then its bias (b_ih[p] + b_hh[p]) added.
+template <typename scalar_t>
+void small_projection(const scalar_t* a, const scalar_t* w, const scalar_t* b_ih,
+                      const scalar_t* b_hh, int64_t hh_count, int64_t M, int64_t K, int64_t P,
+                      scalar_t* out) {
+  for (int64_t p = 0; p < P; ++p) {
+    scalar_t bias = 0;
+    if (b_ih && b_hh && p < hh_count)
+      bias = b_ih[p] + b_hh[p];
+    else if (b_ih)
+      bias = b_ih[p];
+    else if (b_hh && p < hh_count)
+      bias = b_hh[p];
+    const scalar_t* wp = w + p * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const scalar_t* am = a + m * K;
+      scalar_t s[4] = {0, 0, 0, 0};
+      int64_t k = 0;
+      for (; k + 4 <= K; k += 4)
+        for (int q = 0; q < 4; ++q) s[q] += am[k + q] * wp[k + q];
+      for (; k < K; ++k) s[0] += am[k] * wp[k];
+      out[m * P + p] = ((s[0] + s[1]) + (s[2] + s[3])) + bias;
+    }
+  }
+}
+
 // pre [T, N, G*H] = x W_ih^T + bias, in one GEMM over all T*N rows of x.
-inline Tensor input_projection(const Tensor& x, const Tensor& w_ih,
-                               const std::optional<Tensor>& bias) {
-  const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
-  return weight_gemm(x.view({T * N, C}), w_ih, bias).view({T, N, w_ih.size(0)});
+inline Tensor input_projection(const Tensor& x, const Tensor& w_ih, const ProjectionBias& bias) {
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), P = w_ih.size(0);
+  const at::ScalarType dtype = x.scalar_type();
+  if (T * N * C * P <= kSmallProjectionFma && (dtype == at::kFloat || dtype == at::kDouble) &&
+      x.is_contiguous() && w_ih.is_contiguous()) {
+    Tensor out = at::empty({T, N, P}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(dtype, "small_projection", [&] {
+      small_projection<scalar_t>(x.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
+                                 bias.ih ? bias.ih->data_ptr<scalar_t>() : nullptr,
+                                 bias.hh ? bias.hh->data_ptr<scalar_t>() : nullptr,
+                                 bias.hh_count, T * N, C, P, out.data_ptr<scalar_t>());
+    });
+    return out;
+  }
+  return weight_gemm(x.view({T * N, C}), w_ih, bias.summed(P)).view({T, N, P});
+}
+
+// A copy of step t of y [T, N, H] (the final hidden state), in one allocation.
+inline Tensor copy_step(const Tensor& y, int64_t t) {
+  const int64_t N = y.size(1), H = y.size(2);
+  Tensor out = at::empty({N, H}, y.options());
+  std::memcpy(out.data_ptr(), static_cast<const char*>(y.data_ptr()) + t * N * H * y.element_size(),
+              N * H * y.element_size());
+  return out;
 }
 
 
@@ -86,7 +159,7 @@ inline Tensor input_projection(const Tensor& x, const Tensor& w_ih,
 constexpr int64_t kProjectionChunkFloats = int64_t{1} << 22;
 class ProjectedChunks {
  public:
-  ProjectedChunks(const Tensor& x, const Tensor& w_ih, std::optional<Tensor> bias, bool reverse)
+  ProjectedChunks(const Tensor& x, const Tensor& w_ih, ProjectionBias bias, bool reverse)
       : x_(x), w_ih_(w_ih), bias_(std::move(bias)), reverse_(reverse) {
     const int64_t step_floats = std::max<int64_t>(1, x.size(1) * w_ih.size(0));
     steps_per_chunk = std::max<int64_t>(1, kProjectionChunkFloats / step_floats);
@@ -109,7 +182,7 @@ class ProjectedChunks {
 
  private:
   Tensor x_, w_ih_;
-  std::optional<Tensor> bias_;
+  ProjectionBias bias_;
   bool reverse_;
   Tensor chunk_;
   int64_t t_lo_ = 0;

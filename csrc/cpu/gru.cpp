@@ -19,13 +19,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
                       b_ih, b_hh, reverse, training);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   // b_hr and b_hz fold into the input projection; b_hn must stay inside r * (...).
-  std::optional<Tensor> b_hrz;
-  Tensor b_hn = at::zeros({H}, x.options());
-  if (b_hh) {
-    b_hrz = at::cat({b_hh->narrow(0, 0, 2 * H), b_hn});
-    b_hn = b_hh->narrow(0, 2 * H, H);
-  }
-  ProjectedChunks xp(x, w_ih, sum_biases(b_ih, b_hrz), reverse);
+  const Tensor b_hn = b_hh ? b_hh->narrow(0, 2 * H, H) : at::zeros({H}, x.options());
+  ProjectedChunks xp(x, w_ih, ProjectionBias(b_ih, b_hh, 2 * H), reverse);
   Tensor y = at::empty({T, N, H}, x.options());
   Tensor workspace = at::empty({training ? T : 0, N, 4 * H}, x.options());
   Tensor hh = at::empty({N, 3 * H}, x.options());  // W_hh h_{t-1}, no bias
@@ -50,7 +45,6 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
     };
     const StepWeights wf =
         std::is_same_v<scalar_t, float> ? forward_step_weights(w_hh, 3, N) : StepWeights{};
-    const Tensor w_hh_t = w_hh.t();
     for (int64_t s0 = 0; s0 < T; s0 += xp.steps_per_chunk) {
       const int64_t s1 = std::min(T, s0 + xp.steps_per_chunk);
       xp.project(s0, s1);
@@ -62,6 +56,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
           cell(s, N, 0, u.u0, u.count);
         });
       } else {
+        const Tensor w_hh_t = w_hh.t();
         for (int64_t s = s0; s < s1; ++s) {
           at::mm_out(hh, s == 0 ? h0 : y[t_of(s - 1)], w_hh_t);
           parallel_rows(N, 3 * H, [&](int64_t b, int64_t e) { cell(s, e - b, b, 0, H); });
@@ -70,7 +65,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
     }
   };
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_forward_cpu", [&] { body(scalar_t(0)); });
-  Tensor hn = T == 0 ? h0.clone() : y[time_index(T - 1, T, reverse)].clone();
+  Tensor hn = T == 0 ? h0.clone() : copy_step(y, time_index(T - 1, T, reverse));
   return {y, hn, workspace};
 }
 

@@ -19,7 +19,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
     return in_float32(x.scalar_type(), /*workspace=*/3, lstm_forward_cpu, x, h0, c0, w_ih, w_hh,
                       b_ih, b_hh, reverse, training);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
-  ProjectedChunks pre(x, w_ih, sum_biases(b_ih, b_hh), reverse);
+  ProjectedChunks pre(x, w_ih, ProjectionBias(b_ih, b_hh), reverse);
   Tensor y = at::empty({T, N, H}, x.options());
   // Training keeps i, f, g, o and c of every step; inference only c of the last two
   // steps, in turns (the kernel's c_prev and c never alias).
@@ -59,7 +59,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
     };
     const StepWeights wf =
         std::is_same_v<scalar_t, float> ? forward_step_weights(w_hh, 4, N) : StepWeights{};
-    const Tensor w_hh_t = w_hh.t();
     for (int64_t s0 = 0; s0 < T; s0 += pre.steps_per_chunk) {
       const int64_t s1 = std::min(T, s0 + pre.steps_per_chunk);
       pre.project(s0, s1);
@@ -71,6 +70,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
           cell(s, N, 0, u.u0, u.count);
         });
       } else {
+        const Tensor w_hh_t = w_hh.t();
         for (int64_t s = s0; s < s1; ++s) {
           pre.chunk()[t_of(s) - pre.t_lo()].addmm_(s == 0 ? h0 : y[t_of(s - 1)], w_hh_t);
           parallel_rows(N, 4 * H, [&](int64_t b, int64_t e) { cell(s, e - b, b, 0, H); });
@@ -81,8 +81,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_forward_cpu", [&] { body(scalar_t(0)); });
   if (T == 0) return {y, h0.clone(), c0.clone(), workspace};
   const int64_t last = time_index(T - 1, T, reverse);
-  Tensor cn = training ? workspace[last].narrow(1, 4 * H, H).clone() : c_turns[(T - 1) % 2].clone();
-  return {y, y[last].clone(), cn, workspace};
+  Tensor cn = training ? workspace[last].narrow(1, 4 * H, H).clone() : copy_step(c_turns, (T - 1) % 2);
+  return {y, copy_step(y, last), cn, workspace};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cpu(

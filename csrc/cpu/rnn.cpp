@@ -20,7 +20,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, co
                       activation, reverse, training);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   // y starts as the pre-activations of every step and is overwritten in place with h_t
-  Tensor y = input_projection(x, w_ih, sum_biases(b_ih, b_hh));
+  Tensor y = input_projection(x, w_ih, ProjectionBias(b_ih, b_hh));
   // a generic lambda, so that `if constexpr` below discards the float-only path for double
   auto body = [&](auto zero) {
     using scalar_t = decltype(zero);
@@ -50,7 +50,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, co
     }
   };
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_forward_cpu", [&] { body(scalar_t(0)); });
-  Tensor hn = T == 0 ? h0.clone() : y[time_index(T - 1, T, reverse)].clone();
+  Tensor hn = T == 0 ? h0.clone() : copy_step(y, time_index(T - 1, T, reverse));
   return {y, hn};
 }
 

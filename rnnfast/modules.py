@@ -37,8 +37,15 @@ def _layer_weights(module: nn.RNNBase):
     replaced or parametrized weight is the one used), the names worked out once per
     module (a module unpickled from before they were kept works them out each call)."""
     layers = getattr(module, "_rnnfast_weight_names", None) or _weight_names(module)
-    return [tuple(None if n is None else getattr(module, n) for n in names)
-            for names in layers]
+    # a registered parameter straight from _parameters (Module.__getattr__ is a Python call
+    # per name); a name not there (parametrized: a property now) by getattr
+    params = module._parameters
+
+    def get(n):
+        w = params.get(n)
+        return w if w is not None or n in params else getattr(module, n)
+
+    return [tuple(None if n is None else get(n) for n in names) for names in layers]
 
 
 def _autocast(module: nn.Module, x: Tensor, hx, weights):

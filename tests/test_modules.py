@@ -208,3 +208,38 @@ def test_final_states_are_their_own_tensors(cell, layers, bidirectional):
     assert torch.equal(out.detach(), before)
     (grad_after,) = torch.autograd.grad(out.sum(), x)
     assert torch.equal(grad_after, grad_before)
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, w):
+        return 0.5 * w
+
+
+@pytest.mark.parametrize("nn_cls,fast_cls", PAIRS, ids=IDS)
+def test_parametrized_and_replaced_weights(nn_cls, fast_cls):
+    """The weights are looked up at every call: a parametrized W_hh (a property then, not in
+    _parameters) gives torch.nn's output and the gradient of its original, and a parameter
+    replaced between calls is the one the next call uses."""
+    from torch.nn.utils import parametrize
+    torch.manual_seed(0)
+    m = nn_cls(6, 5)
+    f = fast_cls(6, 5)
+    f.load_state_dict(m.state_dict())
+    for mod in (m, f):
+        parametrize.register_parametrization(mod, "weight_hh_l0", _Scale())
+    x = torch.randn(4, 3, 6)
+    ya, yb = m(x)[0], f(x)[0]
+    torch.testing.assert_close(yb, ya)
+    ya.sum().backward()
+    yb.sum().backward()
+    ga = m.parametrizations.weight_hh_l0.original.grad
+    gb = f.parametrizations.weight_hh_l0.original.grad
+    assert gb is not None
+    torch.testing.assert_close(gb, ga)
+    before = f(x)[0].detach()
+    new = torch.nn.Parameter(torch.randn_like(f.weight_ih_l0))
+    f.weight_ih_l0 = new
+    m.weight_ih_l0 = torch.nn.Parameter(new.detach().clone())
+    after = f(x)[0]
+    torch.testing.assert_close(after, m(x)[0])
+    assert not torch.allclose(after, before)

@@ -331,12 +331,49 @@ inline Tensor mm_tn(const Tensor& a, const Tensor& b) {
   return at::mm(a.t(), b);
 }
 
+// The backward's whole-sequence GEMMs at the smallest sizes (at most kSmallProjectionFma
+// multiply-adds, all contiguous float32 or float64, as the ops' checks leave them) by plain
+// loops, each output summed over the rows in order: as for the input projection, a GEMM
+// there is mostly the cost of its ATen calls.
+inline bool small_gemm(int64_t fma, const Tensor& t) {
+  return fma <= kSmallProjectionFma &&
+         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+}
+inline Tensor zeros_like_shape(at::IntArrayRef shape, const Tensor& like) {
+  Tensor out = at::empty(shape, like.options());
+  std::memset(out.data_ptr(), 0, out.numel() * out.element_size());
+  return out;
+}
+// out [P, K] += a [M, P]^T b [M, K]
+template <typename scalar_t>
+void small_tn(const scalar_t* a, const scalar_t* b, int64_t M, int64_t P, int64_t K,
+              scalar_t* out) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t p = 0; p < P; ++p) {
+      const scalar_t v = a[m * P + p];
+      for (int64_t k = 0; k < K; ++k) out[p * K + k] += v * b[m * K + k];
+    }
+}
+
 // dW_hh [G*H, H] = sum_t dg_hh[t]^T h_{t-1}, where h_{t-1} is h0 at the first step the
 // forward pass visited and the neighbouring y otherwise: two GEMMs, no gather.
 inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const Tensor& h0,
                                     bool reverse) {
   const int64_t T = dg_hh.size(0), GH = dg_hh.size(2), H = y.size(2);
   const int64_t first = reverse ? T - 1 : 0;
+  if (small_gemm(dg_hh.numel() * H, y)) {
+    const int64_t N = dg_hh.size(1);
+    Tensor dw_hh = zeros_like_shape({GH, H}, y);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "small_recurrent_weight_grad", [&] {
+      const scalar_t *dg = dg_hh.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
+      for (int64_t t = 0; t < T; ++t) {
+        const scalar_t* hp = t == first ? h0.data_ptr<scalar_t>()
+                                        : yp + (reverse ? t + 1 : t - 1) * N * H;
+        small_tn<scalar_t>(dg + t * N * GH, hp, N, GH, H, dw_hh.data_ptr<scalar_t>());
+      }
+    });
+    return dw_hh;
+  }
   Tensor dw_hh = mm_tn(dg_hh[first], h0);
   if (T > 1) {
     const Tensor dg = reverse ? dg_hh.narrow(0, 0, T - 1) : dg_hh.narrow(0, 1, T - 1);
@@ -353,12 +390,40 @@ struct InputGrads {
 // dx [T, N, C] = dg_ih W_ih and dW_ih = dg_ih^T x, each one GEMM over all T*N rows.
 inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor& w_ih) {
   const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
+  if (small_gemm(dg_ih.numel() * C, x)) {
+    const int64_t M = T * N, P = dg_ih.size(2);
+    InputGrads g{zeros_like_shape({T, N, C}, x), zeros_like_shape({P, C}, x)};
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "small_input_grads", [&] {
+      const scalar_t *dg = dg_ih.data_ptr<scalar_t>(), *w = w_ih.data_ptr<scalar_t>();
+      scalar_t* dx = g.dx.data_ptr<scalar_t>();
+      for (int64_t m = 0; m < M; ++m)  // dx [M, C] = dg [M, P] W_ih [P, C]
+        for (int64_t p = 0; p < P; ++p) {
+          const scalar_t v = dg[m * P + p];
+          for (int64_t c = 0; c < C; ++c) dx[m * C + c] += v * w[p * C + c];
+        }
+      small_tn<scalar_t>(dg, x.data_ptr<scalar_t>(), M, P, C, g.dw_ih.data_ptr<scalar_t>());
+    });
+    return g;
+  }
   const Tensor dg2d = dg_ih.view({T * N, -1});
   return {weight_gemm(dg2d, w_ih.t(), std::nullopt).view({T, N, C}), mm_tn(dg2d, x.view({T * N, C}))};
 }
 
 // db [G*H] = sum over T and N of the gate gradients.
-inline Tensor bias_grad(const Tensor& dg) { return dg.sum(at::IntArrayRef{0, 1}); }
+inline Tensor bias_grad(const Tensor& dg) {
+  if (small_gemm(dg.numel(), dg)) {
+    const int64_t M = dg.size(0) * dg.size(1), P = dg.size(2);
+    Tensor db = zeros_like_shape({P}, dg);
+    AT_DISPATCH_FLOATING_TYPES(dg.scalar_type(), "small_bias_grad", [&] {
+      const scalar_t* g = dg.data_ptr<scalar_t>();
+      scalar_t* out = db.data_ptr<scalar_t>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t p = 0; p < P; ++p) out[p] += g[m * P + p];
+    });
+    return db;
+  }
+  return dg.sum(at::IntArrayRef{0, 1});
+}
 
 // float16 and bfloat16 on the CPU. Each op, once its checks have passed, calls itself on
 // float32 copies of its tensors and rounds the results back (in_float32):

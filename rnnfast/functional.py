@@ -24,7 +24,7 @@ def _needs_grad(*tensors) -> bool:
 
 def _check_input(x: Tensor) -> None:
     """What the kernels cannot take gets a clear error here, before any op runs."""
-    if x.device.type == "cuda" and not _HAS_CUDA_KERNELS:
+    if x.is_cuda and not _HAS_CUDA_KERNELS:  # is_cuda: no torch.device made (a call's fixed cost)
         raise RuntimeError("rnnfast: got a CUDA input, but this build of rnnfast has no "
                            "CUDA kernels (they need a CUDA build of torch and a CUDA "
                            "toolkit)")

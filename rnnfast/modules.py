@@ -38,14 +38,20 @@ def _layer_weights(module: nn.RNNBase):
     module (a module unpickled from before they were kept works them out each call)."""
     layers = getattr(module, "_rnnfast_weight_names", None) or _weight_names(module)
     # a registered parameter straight from _parameters (Module.__getattr__ is a Python call
-    # per name); a name not there (parametrized: a property now) by getattr
+    # per name); a name not there (parametrized: a property now) by getattr. Plain loops:
+    # at the smallest sizes a call's Python is most of its time
     params = module._parameters
+    out = []
+    for names in layers:
+        ws = []
+        for n in names:
+            ws.append(None if n is None else params[n] if n in params else getattr(module, n))
+        out.append(tuple(ws))
+    return out
 
-    def get(n):
-        w = params.get(n)
-        return w if w is not None or n in params else getattr(module, n)
 
-    return [tuple(None if n is None else get(n) for n in names) for names in layers]
+# whether autocast is on for any device (what torch.nn's RNNBase.check_input asks), or None
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
 def _autocast(module: nn.Module, x: Tensor, hx, weights):
@@ -57,6 +63,8 @@ def _autocast(module: nn.Module, x: Tensor, hx, weights):
     GRU, GRUCell and LSTMCell in float32 (its CPU op lists); each module's _cpu_autocast
     follows that, so the output dtypes are torch.nn's.
     Returns (x, hx, weights)."""
+    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():  # the common case, cheaply
+        return x, hx, weights
     dev = x.device.type
     if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev) or (
             dev == "cpu" and not module._cpu_autocast):
@@ -159,7 +167,7 @@ def _forward_one_state(module: nn.RNNBase, input: Tensor, hx: Optional[Tensor], 
         hx = _zeros_state(module, input)
     module.check_forward_args(input, hx, None)
     input, hx, weights = _autocast(module, input, hx, _layer_weights(module))
-    RF._check_input(input)
+    # (the input's checks, RF._check_input, are the layer functions' own)
     output, h_n = run(_time_major(module, input), hx, weights)
     return _restore(module, output, is_batched), h_n if is_batched else h_n.squeeze(1)
 

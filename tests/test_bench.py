@@ -64,6 +64,16 @@ def test_time_interleaved_run_counts_and_errors():
     assert calls["broken"] == 1                      # dropped at its first failure
 
 
+def test_time_interleaved_rotates_the_order():
+    """Each round starts one contender further on, so none always runs right after the
+    same other one; with warmup 0 the calls are the timed rounds themselves."""
+    order = []
+    fns = {n: (lambda n=n: order.append(n)) for n in ("a", "b", "c")}
+    time_interleaved(fns, repeats=3, min_time=0.0, measure=lambda fn: fn() or 0.5, warmup=0)
+    rounds = [order[i:i + 3] for i in range(0, 9, 3)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 def test_bench_case_times_every_contender(cell, mode):

@@ -57,6 +57,11 @@ def _shapes() -> Dict[str, Shape]:
         s.append(Shape(f"quick-n16-h{H}", 64, 16, H, H))
     s.append(Shape("quick-n1-h256", 64, 1, 256, 256))
     s.append(Shape("quick-2layer-bidir", 64, 16, 128, 128, layers=2, bidirectional=True))
+    # --set tiny: calls that are all fixed cost (a step of a tiny model, as the tutorial's
+    # cell makes; the Python layers, the op's dispatch and its allocations)
+    s.append(Shape("tiny-t1", 1, 1, 8, 8))
+    s.append(Shape("tiny-t1-2layer-bidir", 1, 1, 8, 8, layers=2, bidirectional=True))
+    s.append(Shape("tiny-t16", 16, 4, 16, 16))
     return {x.name: x for x in s}
 
 
@@ -68,5 +73,6 @@ SETS: Dict[str, List[str]] = {
     # the full run on a CPU and on a GPU
     "full": _SWEEP + ["long", "2layer", "bidir", "2layer-bidir"],
     "issue7": [n for n in SHAPES if n.startswith("t1024-")],
-    "all": [n for n in SHAPES if not n.startswith("quick-")],
+    "tiny": [n for n in SHAPES if n.startswith("tiny-")],
+    "all": [n for n in SHAPES if not n.startswith(("quick-", "tiny-"))],
 }

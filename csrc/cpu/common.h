@@ -141,8 +141,11 @@ inline Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Projec
 inline Tensor copy_step(const Tensor& y, int64_t t) {
   const int64_t N = y.size(1), H = y.size(2);
   Tensor out = at::empty({N, H}, y.options());
-  std::memcpy(out.data_ptr(), static_cast<const char*>(y.data_ptr()) + t * N * H * y.element_size(),
-              N * H * y.element_size());
+  // (an empty tensor's data may be null, which memcpy must not get even for 0 bytes)
+  if (N * H > 0)
+    std::memcpy(out.data_ptr(),
+                static_cast<const char*>(y.data_ptr()) + t * N * H * y.element_size(),
+                N * H * y.element_size());
   return out;
 }
 
@@ -341,7 +344,7 @@ inline bool small_gemm(int64_t fma, const Tensor& t) {
 }
 inline Tensor zeros_like_shape(at::IntArrayRef shape, const Tensor& like) {
   Tensor out = at::empty(shape, like.options());
-  std::memset(out.data_ptr(), 0, out.numel() * out.element_size());
+  if (out.numel() > 0) std::memset(out.data_ptr(), 0, out.numel() * out.element_size());
   return out;
 }
 // out [P, K] += a [M, P]^T b [M, K]

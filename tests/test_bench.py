@@ -64,14 +64,20 @@ def test_time_interleaved_run_counts_and_errors():
     assert calls["broken"] == 1                      # dropped at its first failure
 
 
-def test_time_interleaved_rotates_the_order():
-    """Each round starts one contender further on, so none always runs right after the
-    same other one; with warmup 0 the calls are the timed rounds themselves."""
-    order = []
-    fns = {n: (lambda n=n: order.append(n)) for n in ("a", "b", "c")}
-    time_interleaved(fns, repeats=3, min_time=0.0, measure=lambda fn: fn() or 0.5, warmup=0)
-    rounds = [order[i:i + 3] for i in range(0, 9, 3)]
-    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+def test_time_interleaved_varies_the_order():
+    """Each round runs every contender once, in an order of its own (seeded, so two runs
+    give the same orders): no contender always follows the same other one."""
+    def orders():
+        order = []
+        fns = {n: (lambda n=n: order.append(n)) for n in ("a", "b", "c", "d")}
+        time_interleaved(fns, repeats=20, min_time=0.0, measure=lambda fn: fn() or 0.5, warmup=0)
+        return [order[i:i + 4] for i in range(0, len(order), 4)]
+    rounds = orders()
+    assert len(rounds) == 20 and all(sorted(r) == ["a", "b", "c", "d"] for r in rounds)
+    assert rounds == orders()
+    for n in "abcd":
+        before = {r[r.index(n) - 1] for r in rounds if r.index(n) > 0}
+        assert len(before) >= 2, n
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

@@ -6,6 +6,7 @@ events, the device idle before it (so that launch overhead counts, as it does fo
 user) and synchronized after it.
 """
 import ctypes
+import random
 import statistics
 import time
 from typing import Callable, Dict, Optional
@@ -42,8 +43,8 @@ def time_interleaved(fns: Dict[str, Callable], repeats: int, min_time: float,
     """Median, spread ((q3 - q1) / median) and run count of each fn. Each fn runs until it
     has `repeats` runs and `min_time` seconds of runs (at most MAX_ROUNDS runs, and at
     most max_runs[name] for a name given there); rounds go on while any fn still needs
-    runs, so the slow ones stop early and the fast ones get many samples. The order
-    within a round rotates from round to round. A fn that
+    runs, so the slow ones stop early and the fast ones get many samples. Each round
+    runs them in a seeded random order. A fn that
     raises is dropped and its error returned."""
     max_runs = max_runs or {}
     errors: Dict[str, str] = {}
@@ -70,17 +71,17 @@ def time_interleaved(fns: Dict[str, Callable], repeats: int, min_time: float,
             return False
         return k < repeats or total[n] < min_time
 
-    rnd = 0
+    # each round in an order of its own (seeded: runs repeat): at sizes where a call is all
+    # fixed cost, the contender that runs right after another one (the compiled loop's
+    # guards, say) finds less of its own code and data in cache, and in a fixed or merely
+    # rotated order it would always follow the same one
+    rng = random.Random(0)
     while True:
         active = [n for n in fns if needs_more(n)]
         if not active:
             break
-        # each round starts one contender further on: whoever runs first runs right after
-        # the previous round's last (at sizes where a call is all fixed cost, after the
-        # compiled loop's guards it finds less of its own code and data in cache)
-        k = rnd % len(active)
-        rnd += 1
-        for name in active[k:] + active[:k]:
+        rng.shuffle(active)
+        for name in active:
             dt = call(name)
             if dt is not None:
                 times[name].append(dt)

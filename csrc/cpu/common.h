@@ -87,10 +87,16 @@ struct ProjectionBias {
   }
 };
 
-// Projections of at most this many multiply-adds are computed by small_projection's loops:
+// GEMMs of at most this many multiply-adds (the input projection, the backward's dx and dW)
+// run as plain loops (small_projection, small_tn):
 // the GEMM and the bias sum cost a few ATen calls (~5-10 us on this machine), which is most
 // of a call at the smallest sizes (T = 1, H = 8).
-constexpr int64_t kSmallProjectionFma = 4096;
+constexpr int64_t kSmallGemmFma = 4096;
+// whether a GEMM of `fma` multiply-adds in t's dtype takes the plain loops
+inline bool small_gemm(int64_t fma, const Tensor& t) {
+  return fma <= kSmallGemmFma &&
+         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+}
 
 // out [M, P] = a [M, K] w [P, K]^T + bias, each output summed over k in four interleaved
 // partial sums added in a fixed order, then its bias (b_ih[p] + b_hh[p]) added.
@@ -122,11 +128,9 @@ void small_projection(const scalar_t* a, const scalar_t* w, const scalar_t* b_ih
 // pre [T, N, G*H] = x W_ih^T + bias, in one GEMM over all T*N rows of x.
 inline Tensor input_projection(const Tensor& x, const Tensor& w_ih, const ProjectionBias& bias) {
   const int64_t T = x.size(0), N = x.size(1), C = x.size(2), P = w_ih.size(0);
-  const at::ScalarType dtype = x.scalar_type();
-  if (T * N * C * P <= kSmallProjectionFma && (dtype == at::kFloat || dtype == at::kDouble) &&
-      x.is_contiguous() && w_ih.is_contiguous()) {
+  if (small_gemm(T * N * C * P, x) && x.is_contiguous() && w_ih.is_contiguous()) {
     Tensor out = at::empty({T, N, P}, x.options());
-    AT_DISPATCH_FLOATING_TYPES(dtype, "small_projection", [&] {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "small_projection", [&] {
       small_projection<scalar_t>(x.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
                                  bias.ih ? bias.ih->data_ptr<scalar_t>() : nullptr,
                                  bias.hh ? bias.hh->data_ptr<scalar_t>() : nullptr,
@@ -334,14 +338,9 @@ inline Tensor mm_tn(const Tensor& a, const Tensor& b) {
   return at::mm(a.t(), b);
 }
 
-// The backward's whole-sequence GEMMs at the smallest sizes (at most kSmallProjectionFma
-// multiply-adds, all contiguous float32 or float64, as the ops' checks leave them) by plain
-// loops, each output summed over the rows in order: as for the input projection, a GEMM
-// there is mostly the cost of its ATen calls.
-inline bool small_gemm(int64_t fma, const Tensor& t) {
-  return fma <= kSmallProjectionFma &&
-         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
-}
+// The backward's whole-sequence GEMMs at the smallest sizes (small_gemm; all contiguous,
+// as the ops' checks leave them) by plain loops, each output summed over the rows in order:
+// as for the input projection, a GEMM there is mostly the cost of its ATen calls.
 inline Tensor zeros_like_shape(at::IntArrayRef shape, const Tensor& like) {
   Tensor out = at::empty(shape, like.options());
   if (out.numel() > 0) std::memset(out.data_ptr(), 0, out.numel() * out.element_size());

@@ -45,33 +45,70 @@ void check_activation(const char* op, int64_t activation) {
               ": expected activation 0 (tanh), 1 (relu) or 2 (identity), but got ", activation);
 }
 
-void check_workspace(const char* op, const Tensor& workspace, int64_t width, const Tensor& x) {
+void check_workspace(const char* op, const Tensor& workspace, at::IntArrayRef shape,
+                     const Tensor& x) {
   const auto dtype = workspace_dtype(x.scalar_type());
-  TORCH_CHECK(workspace.sizes() == at::IntArrayRef({x.size(0), x.size(1), width}) &&
-                  workspace.scalar_type() == dtype && workspace.device() == x.device() &&
-                  workspace.is_contiguous(),
-              op, ": expected the workspace of a training forward (contiguous, shape [",
-              x.size(0), ", ", x.size(1), ", ", width, "], ", dtype, ", on ", x.device(),
-              "), but got shape ", workspace.sizes(), ", ", workspace.scalar_type(), " on ",
-              workspace.device());
+  TORCH_CHECK(workspace.sizes() == shape && workspace.scalar_type() == dtype &&
+                  workspace.device() == x.device() && workspace.is_contiguous(),
+              op, ": expected the workspace of a training forward (contiguous, shape ", shape,
+              ", ", dtype, ", on ", x.device(), "), but got shape ", workspace.sizes(), ", ",
+              workspace.scalar_type(), " on ", workspace.device());
+}
+
+void check_workspace(const char* op, const Tensor& workspace, int64_t width, const Tensor& x) {
+  check_workspace(op, workspace, {x.size(0), x.size(1), width}, x);
+}
+
+// x's dtype and layout, the weights' and h0's shapes, for C input features and N rows of state
+static void check_layer_tensors(const char* op, int64_t gates, const Tensor& x, int64_t C,
+                                int64_t N, const Tensor& h0, const Tensor& w_ih,
+                                const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                const std::optional<Tensor>& b_hh) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
+              ": expected a floating-point input, but got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), op, ": expected a contiguous x");
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), op,
+              ": expected w_hh of shape [", gates, "*H, H], but got ", w_hh.sizes());
+  const int64_t H = w_hh.size(1);
+  check_same_shape(op, "w_ih", w_ih, {gates * H, C}, x);
+  check_same_shape(op, "w_hh", w_hh, {gates * H, H}, x);
+  check_same_shape(op, "h0", h0, {N, H}, x);
+  if (b_ih) check_same_shape(op, "b_ih", *b_ih, {gates * H}, x);
+  if (b_hh) check_same_shape(op, "b_hh", *b_hh, {gates * H}, x);
 }
 
 void check_layer_inputs(const char* op, int64_t gates, const Tensor& x, const Tensor& h0,
                         const Tensor& w_ih, const Tensor& w_hh,
                         const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {
   TORCH_CHECK(x.dim() == 3, op, ": expected x of shape [T, N, C], but got ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
-              ": expected a floating-point input, but got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), op, ": expected a contiguous x");
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), op,
-              ": expected w_hh of shape [", gates, "*H, H], but got ", w_hh.sizes());
-  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = w_hh.size(1);
-  (void)T;
-  check_same_shape(op, "w_ih", w_ih, {gates * H, C}, x);
-  check_same_shape(op, "w_hh", w_hh, {gates * H, H}, x);
-  check_same_shape(op, "h0", h0, {N, H}, x);
-  if (b_ih) check_same_shape(op, "b_ih", *b_ih, {gates * H}, x);
-  if (b_hh) check_same_shape(op, "b_hh", *b_hh, {gates * H}, x);
+  check_layer_tensors(op, gates, x, x.size(2), x.size(1), h0, w_ih, w_hh, b_ih, b_hh);
+}
+
+void check_packed_inputs(const char* op, int64_t gates, const Tensor& x,
+                         const Tensor& batch_sizes, const Tensor& h0, const Tensor& w_ih,
+                         const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                         const std::optional<Tensor>& b_hh) {
+  TORCH_CHECK(x.dim() == 2, op, ": expected packed x of shape [rows, C], but got ", x.sizes());
+  TORCH_CHECK(h0.dim() == 2, op, ": expected h0 of shape [N, H], but got ", h0.sizes());
+  check_layer_tensors(op, gates, x, x.size(1), h0.size(0), h0, w_ih, w_hh, b_ih, b_hh);
+  TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.scalar_type() == at::kLong &&
+                  batch_sizes.device().is_cpu() && batch_sizes.numel() >= 1,
+              op, ": expected batch_sizes as a non-empty 1-D int64 tensor on the CPU, but got ",
+              batch_sizes.scalar_type(), " of shape ", batch_sizes.sizes(), " on ",
+              batch_sizes.device());
+  const Tensor b = batch_sizes.contiguous();
+  const int64_t* p = b.data_ptr<int64_t>();
+  TORCH_CHECK(p[0] == h0.size(0), op, ": expected batch_sizes[0] (", p[0],
+              ") to be the rows of h0 (", h0.size(0), ")");
+  int64_t rows = 0;
+  for (int64_t t = 0; t < b.numel(); ++t) {
+    TORCH_CHECK(p[t] >= 1 && (t == 0 || p[t] <= p[t - 1]), op,
+                ": expected batch_sizes positive and non-increasing (sequences sorted longest "
+                "first), but batch_sizes[", t, "] is ", p[t]);
+    rows += p[t];
+  }
+  TORCH_CHECK(rows == x.size(0), op, ": batch_sizes adds up to ", rows, " rows, but x has ",
+              x.size(0));
 }
 
 }  // namespace rnnfast
@@ -94,6 +131,26 @@ TORCH_LIBRARY(rnnfast, m) {
   m.def("gru_backward(Tensor dy, Tensor dhn, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
         "Tensor y, Tensor workspace, bool reverse) "
         "-> (Tensor dx, Tensor dh0, Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
+  // the same over a PackedSequence's data (CPU; rnnfast.h, "PackedSequence")
+  m.def("rnn_packed_forward(Tensor x, Tensor batch_sizes, Tensor h0, Tensor w_ih, Tensor w_hh, "
+        "Tensor? b_ih, Tensor? b_hh, int activation, bool reverse, bool training) "
+        "-> (Tensor y, Tensor hn)");
+  m.def("rnn_packed_backward(Tensor dy, Tensor dhn, Tensor x, Tensor batch_sizes, Tensor h0, "
+        "Tensor w_ih, Tensor w_hh, Tensor y, int activation, bool reverse) "
+        "-> (Tensor dx, Tensor dh0, Tensor dw_ih, Tensor dw_hh, Tensor db)");
+  m.def("lstm_packed_forward(Tensor x, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor w_ih, "
+        "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool reverse, bool training) "
+        "-> (Tensor y, Tensor hn, Tensor cn, Tensor workspace)");
+  m.def("lstm_packed_backward(Tensor dy, Tensor dhn, Tensor dcn, Tensor x, Tensor batch_sizes, "
+        "Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor y, Tensor workspace, "
+        "bool reverse) "
+        "-> (Tensor dx, Tensor dh0, Tensor dc0, Tensor dw_ih, Tensor dw_hh, Tensor db)");
+  m.def("gru_packed_forward(Tensor x, Tensor batch_sizes, Tensor h0, Tensor w_ih, Tensor w_hh, "
+        "Tensor? b_ih, Tensor? b_hh, bool reverse, bool training) "
+        "-> (Tensor y, Tensor hn, Tensor workspace)");
+  m.def("gru_packed_backward(Tensor dy, Tensor dhn, Tensor x, Tensor batch_sizes, Tensor h0, "
+        "Tensor w_ih, Tensor w_hh, Tensor y, Tensor workspace, bool reverse) "
+        "-> (Tensor dx, Tensor dh0, Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
   // a trace of the next persistent launch in one direction (rnnfast._ops._trace_next)
   m.def("_trace_next(int steps, bool backward) -> ()", &rnnfast::trace_next);
   m.def("_last_trace(bool backward) -> (Tensor trace, int blocks, int steps)",
@@ -107,6 +164,12 @@ TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("lstm_backward", &rnnfast::lstm_backward_cpu);
   m.impl("gru_forward", &rnnfast::gru_forward_cpu);
   m.impl("gru_backward", &rnnfast::gru_backward_cpu);
+  m.impl("rnn_packed_forward", &rnnfast::rnn_packed_forward_cpu);
+  m.impl("rnn_packed_backward", &rnnfast::rnn_packed_backward_cpu);
+  m.impl("lstm_packed_forward", &rnnfast::lstm_packed_forward_cpu);
+  m.impl("lstm_packed_backward", &rnnfast::lstm_packed_backward_cpu);
+  m.impl("gru_packed_forward", &rnnfast::gru_packed_forward_cpu);
+  m.impl("gru_packed_backward", &rnnfast::gru_packed_backward_cpu);
 }
 
 // ---- the CUDA path setting (kept here so that it exists in CPU-only builds too) ----

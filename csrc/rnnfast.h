@@ -76,6 +76,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& y, const Tensor& workspace, bool reverse);
 
+// ---- PackedSequence (CPU) ----
+// The same layers over a PackedSequence's data, in one call per layer and direction:
+//   x [R, C] with R = sum(batch_sizes), y [R, H], workspace [R, width]; batch_sizes [T]
+//   (int64, on the CPU): the sequences still running at each step, sorted longest first
+//   (positive, non-increasing; batch_sizes[0] = N, the rows of h0, c0, hn and cn).
+// Step t owns the batch_sizes[t] rows after those of steps 0..t-1, as in torch.nn's packed
+// layout; a sequence's final state is its state after its own last step (reverse: time 0).
+std::tuple<Tensor, Tensor> rnn_packed_forward_cpu(
+    const Tensor& x, const Tensor& batch_sizes, const Tensor& h0, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    int64_t activation, bool reverse, bool training);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_packed_backward_cpu(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& batch_sizes,
+    const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, int64_t activation,
+    bool reverse);
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_packed_forward_cpu(
+    const Tensor& x, const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+    const std::optional<Tensor>& b_hh, bool reverse, bool training);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_packed_backward_cpu(
+    const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x,
+    const Tensor& batch_sizes, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+    const Tensor& w_hh, const Tensor& y, const Tensor& workspace, bool reverse);
+std::tuple<Tensor, Tensor, Tensor> gru_packed_forward_cpu(
+    const Tensor& x, const Tensor& batch_sizes, const Tensor& h0, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    bool reverse, bool training);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_packed_backward_cpu(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& batch_sizes,
+    const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& y,
+    const Tensor& workspace, bool reverse);
+
 // Every op body starts with this: the ATen calls inside an op must not be re-cast by an
 // enclosing torch.autocast (the op has chosen its dtypes; a GEMM coming back in another
 // dtype would break it).
@@ -96,6 +128,12 @@ at::ScalarType workspace_dtype(at::ScalarType dtype);
 void check_layer_inputs(const char* op, int64_t gates, const Tensor& x, const Tensor& h0,
                         const Tensor& w_ih, const Tensor& w_hh,
                         const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh);
+// The packed ops' (x [R, C], batch_sizes [T], h0 [N, H]): as check_layer_inputs, and
+// batch_sizes as described above, adding up to R.
+void check_packed_inputs(const char* op, int64_t gates, const Tensor& x,
+                         const Tensor& batch_sizes, const Tensor& h0, const Tensor& w_ih,
+                         const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                         const std::optional<Tensor>& b_hh);
 void check_same_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape,
                       const Tensor& like);
 void check_activation(const char* op, int64_t activation);
@@ -159,5 +197,8 @@ const char* cuda_step_gemm_kind();
 // The workspace of a training forward: [T, N, width], workspace_dtype, contiguous, on x's
 // device.
 void check_workspace(const char* op, const Tensor& workspace, int64_t width, const Tensor& x);
+// ... of a packed one: `shape` [R, width]
+void check_workspace(const char* op, const Tensor& workspace, at::IntArrayRef shape,
+                     const Tensor& x);
 
 }  // namespace rnnfast

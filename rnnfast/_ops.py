@@ -63,7 +63,50 @@ def _gru_backward_fake(dy, dhn, x, h0, w_ih, w_hh, y, workspace, reverse):
             torch.empty_like(w_hh), w_hh.new_empty(G), w_hh.new_empty(G))
 
 
+# the packed ops (PackedSequence data x [R, C], batch_sizes [T]; CPU): y and the workspace
+# have R rows, the states N = batch_sizes[0]
+
+@torch.library.register_fake("rnnfast::rnn_packed_forward")
+def _rnn_packed_forward_fake(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, training):
+    return x.new_empty(x.shape[0], w_hh.shape[1]), torch.empty_like(h0)
+
+
+@torch.library.register_fake("rnnfast::rnn_packed_backward")
+def _rnn_packed_backward_fake(dy, dhn, x, batch_sizes, h0, w_ih, w_hh, y, activation, reverse):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+
+
+@torch.library.register_fake("rnnfast::lstm_packed_forward")
+def _lstm_packed_forward_fake(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training):
+    R, H = x.shape[0], w_hh.shape[1]
+    return (x.new_empty(R, H), torch.empty_like(h0), torch.empty_like(c0),
+            x.new_empty(R if training else 0, 5 * H, dtype=_workspace_dtype(x)))
+
+
+@torch.library.register_fake("rnnfast::lstm_packed_backward")
+def _lstm_packed_backward_fake(dy, dhn, dcn, x, batch_sizes, h0, c0, w_ih, w_hh, y, workspace, reverse):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0),
+            torch.empty_like(w_ih), torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+
+
+@torch.library.register_fake("rnnfast::gru_packed_forward")
+def _gru_packed_forward_fake(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, reverse, training):
+    R, H = x.shape[0], w_hh.shape[1]
+    return (x.new_empty(R, H), torch.empty_like(h0),
+            x.new_empty(R if training else 0, 4 * H, dtype=_workspace_dtype(x)))
+
+
+@torch.library.register_fake("rnnfast::gru_packed_backward")
+def _gru_packed_backward_fake(dy, dhn, x, batch_sizes, h0, w_ih, w_hh, y, workspace, reverse):
+    G = w_hh.shape[0]
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), w_hh.new_empty(G), w_hh.new_empty(G))
+
+
 # ---- autograd ----
+# Each Function runs one layer and direction over x [T, N, C], or, given batch_sizes (a
+# PackedSequence's, on the CPU), over its packed data x [R, C] with the packed ops.
 
 def _bias_grads(has_bias, db_ih, db_hh):
     """The gradients of the biases that exist. Elman and LSTM pass one db for both, cloned
@@ -75,64 +118,91 @@ class RNNFunction(torch.autograd.Function):
     """One Elman layer and direction: (x, h0, w_ih, w_hh, b_ih, b_hh) -> (y, hn)."""
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse):
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, batch_sizes=None):
         training = any(ctx.needs_input_grad[:6])
-        y, hn = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, training)
+        if batch_sizes is None:
+            y, hn = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, activation, reverse, training)
+        else:
+            y, hn = ops.rnn_packed_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh, activation,
+                                           reverse, training)
         if training:
             ctx.save_for_backward(x, h0, w_ih, w_hh, y)
-            ctx.activation, ctx.reverse = activation, reverse
+            ctx.activation, ctx.reverse, ctx.batch_sizes = activation, reverse, batch_sizes
             ctx.has_bias = (b_ih is not None, b_hh is not None)
         return y, hn
 
     @staticmethod
     def backward(ctx, dy, dhn):
         x, h0, w_ih, w_hh, y = ctx.saved_tensors
-        dx, dh0, dw_ih, dw_hh, db = ops.rnn_backward(
-            dy.contiguous(), dhn.contiguous(), x, h0, w_ih, w_hh, y, ctx.activation, ctx.reverse)
-        return (dx, dh0, dw_ih, dw_hh) + _bias_grads(ctx.has_bias, db, db.clone()) + (None, None)
+        if ctx.batch_sizes is None:
+            dx, dh0, dw_ih, dw_hh, db = ops.rnn_backward(
+                dy.contiguous(), dhn.contiguous(), x, h0, w_ih, w_hh, y, ctx.activation, ctx.reverse)
+        else:
+            dx, dh0, dw_ih, dw_hh, db = ops.rnn_packed_backward(
+                dy.contiguous(), dhn.contiguous(), x, ctx.batch_sizes, h0, w_ih, w_hh, y,
+                ctx.activation, ctx.reverse)
+        return (dx, dh0, dw_ih, dw_hh) + _bias_grads(ctx.has_bias, db, db.clone()) + (None,) * 3
 
 
 class LSTMFunction(torch.autograd.Function):
     """One LSTM layer and direction: (x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> (y, hn, cn)."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, batch_sizes=None):
         training = any(ctx.needs_input_grad[:7])
-        y, hn, cn, workspace = ops.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training)
+        if batch_sizes is None:
+            y, hn, cn, workspace = ops.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, training)
+        else:
+            y, hn, cn, workspace = ops.lstm_packed_forward(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih,
+                                                           b_hh, reverse, training)
         if training:
             ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, workspace)
-            ctx.reverse = reverse
+            ctx.reverse, ctx.batch_sizes = reverse, batch_sizes
             ctx.has_bias = (b_ih is not None, b_hh is not None)
         return y, hn, cn
 
     @staticmethod
     def backward(ctx, dy, dhn, dcn):
         x, h0, c0, w_ih, w_hh, y, workspace = ctx.saved_tensors
-        dx, dh0, dc0, dw_ih, dw_hh, db = ops.lstm_backward(
-            dy.contiguous(), dhn.contiguous(), dcn.contiguous(), x, h0, c0, w_ih, w_hh, y,
-            workspace, ctx.reverse)
-        return (dx, dh0, dc0, dw_ih, dw_hh) + _bias_grads(ctx.has_bias, db, db.clone()) + (None,)
+        if ctx.batch_sizes is None:
+            dx, dh0, dc0, dw_ih, dw_hh, db = ops.lstm_backward(
+                dy.contiguous(), dhn.contiguous(), dcn.contiguous(), x, h0, c0, w_ih, w_hh, y,
+                workspace, ctx.reverse)
+        else:
+            dx, dh0, dc0, dw_ih, dw_hh, db = ops.lstm_packed_backward(
+                dy.contiguous(), dhn.contiguous(), dcn.contiguous(), x, ctx.batch_sizes, h0, c0,
+                w_ih, w_hh, y, workspace, ctx.reverse)
+        return (dx, dh0, dc0, dw_ih, dw_hh) + _bias_grads(ctx.has_bias, db, db.clone()) + (None,) * 2
 
 
 class GRUFunction(torch.autograd.Function):
     """One GRU layer and direction: (x, h0, w_ih, w_hh, b_ih, b_hh) -> (y, hn)."""
 
     @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, reverse):
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, batch_sizes=None):
         training = any(ctx.needs_input_grad[:6])
-        y, hn, workspace = ops.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training)
+        if batch_sizes is None:
+            y, hn, workspace = ops.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, training)
+        else:
+            y, hn, workspace = ops.gru_packed_forward(x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh,
+                                                      reverse, training)
         if training:
             ctx.save_for_backward(x, h0, w_ih, w_hh, y, workspace)
-            ctx.reverse = reverse
+            ctx.reverse, ctx.batch_sizes = reverse, batch_sizes
             ctx.has_bias = (b_ih is not None, b_hh is not None)
         return y, hn
 
     @staticmethod
     def backward(ctx, dy, dhn):
         x, h0, w_ih, w_hh, y, workspace = ctx.saved_tensors
-        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = ops.gru_backward(
-            dy.contiguous(), dhn.contiguous(), x, h0, w_ih, w_hh, y, workspace, ctx.reverse)
-        return (dx, dh0, dw_ih, dw_hh) + _bias_grads(ctx.has_bias, db_ih, db_hh) + (None,)
+        if ctx.batch_sizes is None:
+            dx, dh0, dw_ih, dw_hh, db_ih, db_hh = ops.gru_backward(
+                dy.contiguous(), dhn.contiguous(), x, h0, w_ih, w_hh, y, workspace, ctx.reverse)
+        else:
+            dx, dh0, dw_ih, dw_hh, db_ih, db_hh = ops.gru_packed_backward(
+                dy.contiguous(), dhn.contiguous(), x, ctx.batch_sizes, h0, w_ih, w_hh, y,
+                workspace, ctx.reverse)
+        return (dx, dh0, dw_ih, dw_hh) + _bias_grads(ctx.has_bias, db_ih, db_hh) + (None,) * 2
 
 
 # ---- which CUDA design runs (csrc/cuda/persistent.cuh); the CPU ignores the setting ----

@@ -35,10 +35,11 @@ def _check_input(x: Tensor) -> None:
 
 def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
               b_hh: Optional[Tensor] = None, nonlinearity: str = "tanh",
-              reverse: bool = False) -> Tuple[Tensor, Tensor]:
+              reverse: bool = False, batch_sizes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """One Elman layer over x [T, N, C] from h0 [N, H]; returns y [T, N, H] and hn [N, H].
 
     nonlinearity: "tanh", "relu" or "identity" (SimpleRNN's linear recurrence).
+    batch_sizes: a PackedSequence's (CPU only): x is then its data [R, C] and y [R, H].
     """
     if nonlinearity not in ACTIVATIONS:
         raise ValueError(f"rnnfast: expected nonlinearity 'tanh', 'relu' or 'identity', "
@@ -49,23 +50,31 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
             None if b_hh is None else b_hh.contiguous())
     act = ACTIVATIONS[nonlinearity]
     if _needs_grad(*args):
-        return RNNFunction.apply(*args, act, reverse)
+        return RNNFunction.apply(*args, act, reverse, batch_sizes)
+    if batch_sizes is not None:
+        return ops.rnn_packed_forward(args[0], batch_sizes, *args[1:], act, reverse, False)
     return ops.rnn_forward(*args, act, reverse, False)
 
 
 def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None,
-               reverse: bool = False, w_hr: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+               reverse: bool = False, w_hr: Optional[Tensor] = None,
+               batch_sizes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer over x [T, N, C]; returns y [T, N, H], hn and cn [N, H].
-    With w_hr [P, H] (torch.nn's proj_size P): h0, y and hn have P units, w_hh is [4H, P]."""
+    With w_hr [P, H] (torch.nn's proj_size P): h0, y and hn have P units, w_hh is [4H, P].
+    batch_sizes: as rnn_layer's (not with w_hr)."""
     if w_hr is not None:
+        if batch_sizes is not None:
+            raise ValueError("rnnfast: lstm_layer takes batch_sizes only without w_hr")
         return _lstm_projected(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
     _check_input(x)
     args = (x.contiguous(), h0.contiguous(), c0.contiguous(), w_ih.contiguous(),
             w_hh.contiguous(), None if b_ih is None else b_ih.contiguous(),
             None if b_hh is None else b_hh.contiguous())
     if _needs_grad(*args):
-        return LSTMFunction.apply(*args, reverse)
+        return LSTMFunction.apply(*args, reverse, batch_sizes)
+    if batch_sizes is not None:
+        return ops.lstm_packed_forward(args[0], batch_sizes, *args[1:], reverse, False)[:3]
     return ops.lstm_forward(*args, reverse, False)[:3]
 
 
@@ -93,14 +102,18 @@ def _lstm_projected(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tenso
 
 
 def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
-              b_hh: Optional[Tensor] = None, reverse: bool = False) -> Tuple[Tensor, Tensor]:
-    """One GRU layer over x [T, N, C]; returns y [T, N, H] and hn [N, H]."""
+              b_hh: Optional[Tensor] = None, reverse: bool = False,
+              batch_sizes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """One GRU layer over x [T, N, C]; returns y [T, N, H] and hn [N, H].
+    batch_sizes: as rnn_layer's."""
     _check_input(x)
     args = (x.contiguous(), h0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
             None if b_ih is None else b_ih.contiguous(),
             None if b_hh is None else b_hh.contiguous())
     if _needs_grad(*args):
-        return GRUFunction.apply(*args, reverse)
+        return GRUFunction.apply(*args, reverse, batch_sizes)
+    if batch_sizes is not None:
+        return ops.gru_packed_forward(args[0], batch_sizes, *args[1:], reverse, False)[:2]
     return ops.gru_forward(*args, reverse, False)[:2]
 
 
@@ -126,19 +139,22 @@ def _stack(run_layer, x: Tensor, states: Tuple[Tensor, ...], weights: Sequence[L
     return x, finals
 
 
-# One layer and direction as _stack / _stack_packed call it: run(x, states, weights, reverse)
+# One layer and direction as _stack / _stack_packed call it:
+# run(x, states, weights, reverse, batch_sizes=None)
 def _rnn_runner(nonlinearity: str):
-    def run(x, s, w, reverse):
-        return rnn_layer(x, s[0], *w, nonlinearity=nonlinearity, reverse=reverse)
+    def run(x, s, w, reverse, batch_sizes=None):
+        return rnn_layer(x, s[0], *w, nonlinearity=nonlinearity, reverse=reverse,
+                         batch_sizes=batch_sizes)
     return run
 
 
-def _lstm_run(x, s, w, reverse):
-    return lstm_layer(x, s[0], s[1], *w[:4], reverse=reverse, w_hr=w[4] if len(w) > 4 else None)
+def _lstm_run(x, s, w, reverse, batch_sizes=None):
+    return lstm_layer(x, s[0], s[1], *w[:4], reverse=reverse, w_hr=w[4] if len(w) > 4 else None,
+                      batch_sizes=batch_sizes)
 
 
-def _gru_run(x, s, w, reverse):
-    return gru_layer(x, s[0], *w, reverse=reverse)
+def _gru_run(x, s, w, reverse, batch_sizes=None):
+    return gru_layer(x, s[0], *w, reverse=reverse, batch_sizes=batch_sizes)
 
 
 def rnn(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int = 1,
@@ -178,10 +194,12 @@ def gru(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int 
 
 # ---- PackedSequence: sequences of different lengths, sorted longest first ----
 # Packed data [sum(batch_sizes), C] holds, for each step t, the rows of the batch_sizes[t]
-# sequences still running. Runs of steps with the same batch size ("segments") are
-# rectangles [t1 - t0, n, C] in that layout, so each one is a single op call over only
-# its live rows: padded steps are never computed. Across segments the state is carried
-# (forward: the finished rows drop off; reverse: rows that start join with their h0).
+# sequences still running. On the CPU the packed ops take it as it is: one call per layer
+# and direction, each step over its live rows only. Elsewhere (CUDA, and the LSTM with a
+# projection), runs of steps with the same batch size ("segments") are rectangles
+# [t1 - t0, n, C] in that layout, each one a single op call over only its live rows;
+# across segments the state is carried (forward: the finished rows drop off; reverse: rows
+# that start join with their h0). Either way padded steps are never computed.
 
 
 def check_batch_sizes(batch_sizes: Tensor, rows: int) -> List[int]:
@@ -253,6 +271,7 @@ def _stack_packed(run_layer, data: Tensor, batch_sizes: Tensor, states: Tuple[Te
                   dropout: float, training: bool) -> Tuple[Tensor, List[List[Tensor]]]:
     """_stack over packed data [rows, C] with states [L * D, N, H] in sorted batch order."""
     segs = _segments(check_batch_sizes(batch_sizes, data.size(0)))
+    native = not data.is_cuda and all(len(w) <= 4 or w[4] is None for w in weights)
     D = 2 if bidirectional else 1
     finals: List[List[Tensor]] = [[] for _ in states]
     x = data
@@ -260,8 +279,12 @@ def _stack_packed(run_layer, data: Tensor, batch_sizes: Tensor, states: Tuple[Te
         outputs = []
         for d in range(D):
             k = layer * D + d
-            y, final = _packed_direction(run_layer, x, segs, tuple(s[k] for s in states), weights[k],
-                                         reverse=d == 1)
+            if native:
+                y, *final = run_layer(x, [s[k] for s in states], weights[k], reverse=d == 1,
+                                      batch_sizes=batch_sizes)
+            else:
+                y, final = _packed_direction(run_layer, x, segs, tuple(s[k] for s in states),
+                                             weights[k], reverse=d == 1)
             outputs.append(y)
             for acc, f in zip(finals, final):
                 acc.append(f)

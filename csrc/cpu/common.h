@@ -25,7 +25,82 @@ namespace rnnfast::cpu {
 
 using at::Tensor;
 
-// Time index of step s (0-based, in the order the forward pass visits them).
+// ---- where each step's rows lie ----
+// The drivers work on 2-D row views: x [R, C], y [R, H], the pre-activations and the
+// workspace [R, width], where the step at time t owns rows [offset(t), offset(t) + rows(t)).
+// A dense sequence [T, N, ...] has N rows a step (R = T * N). A packed one (a
+// PackedSequence: sequences sorted longest first, batch_sizes[t] of them still running at
+// time t) has batch_sizes[t] rows, never more than the step before: state row i belongs
+// to the i-th longest sequence, and a step touches only the state rows [0, rows(t)).
+class StepRows {
+ public:
+  static StepRows dense(int64_t T, int64_t N) { return StepRows(T, N); }
+  // batch_sizes: checked by the op (check_packed_inputs): at least one step, positive,
+  // non-increasing
+  static StepRows packed(const Tensor& batch_sizes) {
+    const Tensor b = batch_sizes.contiguous();
+    const int64_t* p = b.data_ptr<int64_t>();
+    StepRows L(b.numel(), p[0]);
+    L.off_.resize(L.T + 1, 0);
+    for (int64_t t = 0; t < L.T; ++t) L.off_[t + 1] = L.off_[t] + p[t];
+    return L;
+  }
+  int64_t T, N;  // N: the state's rows, the most of any step
+  bool packed() const { return !off_.empty(); }
+  int64_t offset(int64_t t) const { return packed() ? off_[t] : t * N; }
+  int64_t rows(int64_t t) const { return packed() ? off_[t + 1] - off_[t] : N; }
+  int64_t total() const { return offset(T); }
+  // Of the rows of the step at visiting position s, [0, carried) continue from the step
+  // visited before it and [carried, rows) start from the initial state (h0, c0): all of
+  // them at s = 0, and in a packed sequence read in reverse, those whose last step it is.
+  int64_t carried(int64_t s, bool reverse) const {
+    if (s == 0) return 0;
+    return std::min(rows(time_index(s, T, reverse)), rows(time_index(s - 1, T, reverse)));
+  }
+
+ private:
+  StepRows(int64_t T_, int64_t N_) : T(T_), N(N_) {}
+  std::vector<int64_t> off_;  // T + 1 row offsets where packed, else empty
+};
+
+// f(n0, rows, from_init) over rows [n0, n0 + rows) of the step at visiting position s,
+// split where its previous state changes source (StepRows::carried); no call for no rows.
+template <typename F>
+void split_by_source(const StepRows& L, int64_t s, bool reverse, int64_t n0, int64_t rows,
+                     const F& f) {
+  const int64_t k = std::clamp(L.carried(s, reverse), n0, n0 + rows);
+  if (k > n0) f(n0, k - n0, false);
+  if (n0 + rows > k) f(k, n0 + rows - k, true);
+}
+
+// The final state [N, H] (init's dtype) of every row: its value after the last step, in
+// visiting order, that ran it (step_rows(s): row 0 of step s's values, rows `ld` elements
+// apart); a row no step ran keeps init's (T = 0).
+template <typename StepPtr>
+Tensor final_state(const StepRows& L, bool reverse, const Tensor& init, int64_t ld,
+                   const StepPtr& step_rows) {
+  const int64_t N = init.size(0), H = init.size(1), es = init.element_size();
+  Tensor out = at::empty({N, H}, init.options());
+  // (an empty tensor's data may be null, which memcpy must not get even for 0 bytes)
+  if (N * H == 0) return out;
+  char* o = static_cast<char*>(out.data_ptr());
+  int64_t filled = 0;
+  for (int64_t s = L.T - 1; s >= 0 && filled < N; --s) {
+    const int64_t n = L.rows(time_index(s, L.T, reverse));
+    if (n <= filled) continue;
+    const char* p = reinterpret_cast<const char*>(step_rows(s));
+    if (ld == H) {
+      std::memcpy(o + filled * H * es, p + filled * H * es, (n - filled) * H * es);
+    } else {
+      for (int64_t i = filled; i < n; ++i) std::memcpy(o + i * H * es, p + i * ld * es, H * es);
+    }
+    filled = n;
+  }
+  if (filled < N)
+    std::memcpy(o + filled * H * es, static_cast<const char*>(init.data_ptr()) + filled * H * es,
+                (N - filled) * H * es);
+  return out;
+}
 
 // Whether weight_gemm takes oneDNN's linear, by torch release (its MKL and oneDNN change
 // with it). Measured on 2 cores of an AMD EPYC (Zen 3), 2026-11-28, float32, the shapes of
@@ -125,34 +200,21 @@ void small_projection(const scalar_t* a, const scalar_t* w, const scalar_t* b_ih
   }
 }
 
-// pre [T, N, G*H] = x W_ih^T + bias, in one GEMM over all T*N rows of x.
+// pre [M, G*H] = x [M, C] W_ih^T + bias, in one GEMM over all rows of x.
 inline Tensor input_projection(const Tensor& x, const Tensor& w_ih, const ProjectionBias& bias) {
-  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), P = w_ih.size(0);
-  if (small_gemm(T * N * C * P, x) && x.is_contiguous() && w_ih.is_contiguous()) {
-    Tensor out = at::empty({T, N, P}, x.options());
+  const int64_t M = x.size(0), C = x.size(1), P = w_ih.size(0);
+  if (small_gemm(M * C * P, x) && x.is_contiguous() && w_ih.is_contiguous()) {
+    Tensor out = at::empty({M, P}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "small_projection", [&] {
       small_projection<scalar_t>(x.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
                                  bias.ih ? bias.ih->data_ptr<scalar_t>() : nullptr,
                                  bias.hh ? bias.hh->data_ptr<scalar_t>() : nullptr,
-                                 bias.hh_count, T * N, C, P, out.data_ptr<scalar_t>());
+                                 bias.hh_count, M, C, P, out.data_ptr<scalar_t>());
     });
     return out;
   }
-  return weight_gemm(x.view({T * N, C}), w_ih, bias.summed(P)).view({T, N, P});
+  return weight_gemm(x, w_ih, bias.summed(P));
 }
-
-// A copy of step t of y [T, N, H] (the final hidden state), in one allocation.
-inline Tensor copy_step(const Tensor& y, int64_t t) {
-  const int64_t N = y.size(1), H = y.size(2);
-  Tensor out = at::empty({N, H}, y.options());
-  // (an empty tensor's data may be null, which memcpy must not get even for 0 bytes)
-  if (N * H > 0)
-    std::memcpy(out.data_ptr(),
-                static_cast<const char*>(y.data_ptr()) + t * N * H * y.element_size(),
-                N * H * y.element_size());
-  return out;
-}
-
 
 // The input projection of LSTM and GRU: one GEMM over all steps whenever its output fits
 // in 16 MiB (4M floats), else one GEMM per chunk of that size, computed just before those
@@ -166,33 +228,37 @@ inline Tensor copy_step(const Tensor& y, int64_t t) {
 constexpr int64_t kProjectionChunkFloats = int64_t{1} << 22;
 class ProjectedChunks {
  public:
-  ProjectedChunks(const Tensor& x, const Tensor& w_ih, ProjectionBias bias, bool reverse)
-      : x_(x), w_ih_(w_ih), bias_(std::move(bias)), reverse_(reverse) {
-    const int64_t step_floats = std::max<int64_t>(1, x.size(1) * w_ih.size(0));
+  // x [R, C] laid out as L says
+  ProjectedChunks(const Tensor& x, const StepRows& L, const Tensor& w_ih, ProjectionBias bias,
+                  bool reverse)
+      : x_(x), L_(L), w_ih_(w_ih), bias_(std::move(bias)), reverse_(reverse) {
+    const int64_t step_floats = std::max<int64_t>(1, L.N * w_ih.size(0));
     steps_per_chunk = std::max<int64_t>(1, kProjectionChunkFloats / step_floats);
   }
   int64_t steps_per_chunk;
 
   // Projects the steps [s0, s1) (in visiting order).
   void project(int64_t s0, int64_t s1) {
-    const int64_t T = x_.size(0), n = s1 - s0;
+    const int64_t T = L_.T, n = s1 - s0;
     t_lo_ = reverse_ ? T - s1 : s0;
-    chunk_ = input_projection(x_.narrow(0, t_lo_, n), w_ih_, bias_);
+    row_lo_ = L_.offset(t_lo_);
+    chunk_ = input_projection(x_.narrow(0, row_lo_, L_.offset(t_lo_ + n) - row_lo_), w_ih_, bias_);
   }
-  // Pre-activations [N, G*H] of the step at time t, which the last chunk must hold.
+  // Pre-activations [rows(t), G*H] of the step at time t, which the last chunk must hold.
   template <typename scalar_t>
   scalar_t* at_time(int64_t t) const {
-    return chunk_.data_ptr<scalar_t>() + (t - t_lo_) * chunk_.size(1) * chunk_.size(2);
+    return chunk_.data_ptr<scalar_t>() + (L_.offset(t) - row_lo_) * chunk_.size(1);
   }
-  const Tensor& chunk() const { return chunk_; }
-  int64_t t_lo() const { return t_lo_; }
+  Tensor step(int64_t t) const { return chunk_.narrow(0, L_.offset(t) - row_lo_, L_.rows(t)); }
 
  private:
-  Tensor x_, w_ih_;
+  Tensor x_;
+  const StepRows& L_;
+  Tensor w_ih_;
   ProjectionBias bias_;
   bool reverse_;
   Tensor chunk_;
-  int64_t t_lo_ = 0;
+  int64_t t_lo_ = 0, row_lo_ = 0;
 };
 
 
@@ -289,15 +355,17 @@ inline UnitRange units_of(int64_t b0, int64_t b1, int64_t H) {
   return {u0, std::min(b1 * kUnitBlock, H) - u0};
 }
 
-// The reverse-time loop of every cell's backward, for time-major dg_hh [T, N, G*H] (the
-// gate gradients that W_hh multiplies). gate_grads(s, rows, n0, u0, count) computes step
-// s's gate gradients for rows [n0, n0 + rows) and units [u0, u0 + count) from dh_carry;
-// then dh_carry = dg_hh[t] W_hh, or += where gate_grads leaves a direct term there (GRU).
+// The reverse-time loop of every cell's backward, for dg_hh [R, G*H] (the gate gradients
+// that W_hh multiplies, laid out as L says). gate_grads(s, rows, n0, u0, count) computes
+// step s's gate gradients for rows [n0, n0 + rows) and units [u0, u0 + count) from
+// dh_carry; then dh_carry's rows of that step = dg_hh's rows W_hh, or += where gate_grads
+// leaves a direct term there (GRU). The state rows a step does not run keep their carry:
+// dhn for sequences not yet begun (read backwards), dh0 for those already ended.
 // float32 runs weight-stationary (backward_steps); other dtypes with BLAS per step.
 template <typename scalar_t, typename F>
-void reverse_time_loop(const Tensor& dg_hh, const Tensor& w_hh, bool reverse, Tensor& dh_carry,
-                       bool accumulate, const F& gate_grads) {
-  const int64_t T = dg_hh.size(0), N = dg_hh.size(1), GH = dg_hh.size(2), H = w_hh.size(1);
+void reverse_time_loop(const Tensor& dg_hh, const StepRows& L, const Tensor& w_hh, bool reverse,
+                       Tensor& dh_carry, bool accumulate, const F& gate_grads) {
+  const int64_t T = L.T, N = L.N, GH = dg_hh.size(1), H = w_hh.size(1);
   if constexpr (std::is_same_v<scalar_t, float>) {
     const Tensor wb = pack_backward_weights(w_hh);
     const float* dg = dg_hh.data_ptr<float>();
@@ -306,20 +374,23 @@ void reverse_time_loop(const Tensor& dg_hh, const Tensor& w_hh, bool reverse, Te
         T, H, N * GH * kUnitBlock,
         [&](int64_t s, int64_t b0, int64_t b1) {
           const UnitRange u = units_of(b0, b1, H);
-          gate_grads(s, N, 0, u.u0, u.count);
+          gate_grads(s, L.rows(time_index(s, T, reverse)), 0, u.u0, u.count);
         },
         [&](int64_t s, int64_t b0, int64_t b1) {
-          recurrent_dh_blocks(wb.data_ptr<float>(), dg + time_index(s, T, reverse) * N * GH, N,
-                              GH, H, dhc, b0, b1, accumulate, descending_step(s));
+          const int64_t t = time_index(s, T, reverse);
+          recurrent_dh_blocks(wb.data_ptr<float>(), dg + L.offset(t) * GH, L.rows(t), GH, H,
+                              dhc, b0, b1, accumulate, descending_step(s));
         });
   } else {
     for (int64_t s = T - 1; s >= 0; --s) {
-      parallel_rows(N, GH, [&](int64_t b, int64_t e) { gate_grads(s, e - b, b, 0, H); });
-      const Tensor dg_t = dg_hh[time_index(s, T, reverse)];
+      const int64_t t = time_index(s, T, reverse), n = L.rows(t);
+      parallel_rows(n, GH, [&](int64_t b, int64_t e) { gate_grads(s, e - b, b, 0, H); });
+      const Tensor dg_t = dg_hh.narrow(0, L.offset(t), n);
+      Tensor dh = dh_carry.narrow(0, 0, n);
       if (accumulate) {
-        dh_carry.addmm_(dg_t, w_hh);
+        dh.addmm_(dg_t, w_hh);
       } else {
-        at::mm_out(dh_carry, dg_t, w_hh);
+        at::mm_out(dh, dg_t, w_hh);
       }
     }
   }
@@ -357,14 +428,39 @@ void small_tn(const scalar_t* a, const scalar_t* b, int64_t M, int64_t P, int64_
     }
 }
 
-// dW_hh [G*H, H] = sum_t dg_hh[t]^T h_{t-1}, where h_{t-1} is h0 at the first step the
-// forward pass visited and the neighbouring y otherwise: two GEMMs, no gather.
+// dW_hh [G*H, H] = sum over steps of dg_hh's rows^T h_{t-1}'s (dg_hh [R, G*H] and y
+// [R, H] laid out as L says). Dense: h_{t-1} is h0 at the first step the forward pass
+// visited and the neighbouring y otherwise, so two GEMMs do it, no gather. Packed: the
+// rows of h_{t-1} are gathered first (StepRows::carried), then one GEMM.
 inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const Tensor& h0,
-                                    bool reverse) {
-  const int64_t T = dg_hh.size(0), GH = dg_hh.size(2), H = y.size(2);
+                                    const StepRows& L, bool reverse) {
+  const int64_t T = L.T, N = L.N, R = dg_hh.size(0), GH = dg_hh.size(1), H = y.size(1);
+  if (L.packed()) {
+    Tensor h_prev = at::empty({R, H}, y.options());
+    const int64_t es = y.element_size();
+    char* hp = static_cast<char*>(h_prev.data_ptr());
+    const char *yp = static_cast<const char*>(y.data_ptr()),
+               *h0p = static_cast<const char*>(h0.data_ptr());
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = time_index(s, T, reverse);
+      split_by_source(L, s, reverse, 0, L.rows(t), [&](int64_t n0, int64_t rows, bool init) {
+        const char* src = init ? h0p + n0 * H * es
+                               : yp + (L.offset(time_index(s - 1, T, reverse)) + n0) * H * es;
+        std::memcpy(hp + (L.offset(t) + n0) * H * es, src, rows * H * es);
+      });
+    }
+    if (small_gemm(R * GH * H, y)) {
+      Tensor dw_hh = zeros_like_shape({GH, H}, y);
+      AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "small_recurrent_weight_grad", [&] {
+        small_tn<scalar_t>(dg_hh.data_ptr<scalar_t>(), h_prev.data_ptr<scalar_t>(), R, GH, H,
+                           dw_hh.data_ptr<scalar_t>());
+      });
+      return dw_hh;
+    }
+    return mm_tn(dg_hh, h_prev);
+  }
   const int64_t first = reverse ? T - 1 : 0;
-  if (small_gemm(dg_hh.numel() * H, y)) {
-    const int64_t N = dg_hh.size(1);
+  if (small_gemm(R * GH * H, y)) {
     Tensor dw_hh = zeros_like_shape({GH, H}, y);
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "small_recurrent_weight_grad", [&] {
       const scalar_t *dg = dg_hh.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
@@ -376,11 +472,12 @@ inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const 
     });
     return dw_hh;
   }
-  Tensor dw_hh = mm_tn(dg_hh[first], h0);
+  Tensor dw_hh = mm_tn(dg_hh.narrow(0, first * N, N), h0);
   if (T > 1) {
-    const Tensor dg = reverse ? dg_hh.narrow(0, 0, T - 1) : dg_hh.narrow(0, 1, T - 1);
-    const Tensor hp = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-    dw_hh += mm_tn(dg.reshape({-1, GH}), hp.reshape({-1, H}));
+    const int64_t rest = (T - 1) * N;
+    const Tensor dg = dg_hh.narrow(0, reverse ? 0 : N, rest);
+    const Tensor hp = y.narrow(0, reverse ? N : 0, rest);
+    dw_hh += mm_tn(dg, hp);
   }
   return dw_hh;
 }
@@ -389,12 +486,12 @@ struct InputGrads {
   Tensor dx, dw_ih;
 };
 
-// dx [T, N, C] = dg_ih W_ih and dW_ih = dg_ih^T x, each one GEMM over all T*N rows.
+// dx [M, C] = dg_ih [M, G*H] W_ih and dW_ih = dg_ih^T x, each one GEMM over all rows.
 inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor& w_ih) {
-  const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
+  const int64_t M = x.size(0), C = x.size(1);
   if (small_gemm(dg_ih.numel() * C, x)) {
-    const int64_t M = T * N, P = dg_ih.size(2);
-    InputGrads g{zeros_like_shape({T, N, C}, x), zeros_like_shape({P, C}, x)};
+    const int64_t P = dg_ih.size(1);
+    InputGrads g{zeros_like_shape({M, C}, x), zeros_like_shape({P, C}, x)};
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "small_input_grads", [&] {
       const scalar_t *dg = dg_ih.data_ptr<scalar_t>(), *w = w_ih.data_ptr<scalar_t>();
       scalar_t* dx = g.dx.data_ptr<scalar_t>();
@@ -407,14 +504,13 @@ inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor
     });
     return g;
   }
-  const Tensor dg2d = dg_ih.view({T * N, -1});
-  return {weight_gemm(dg2d, w_ih.t(), std::nullopt).view({T, N, C}), mm_tn(dg2d, x.view({T * N, C}))};
+  return {weight_gemm(dg_ih, w_ih.t(), std::nullopt), mm_tn(dg_ih, x)};
 }
 
-// db [G*H] = sum over T and N of the gate gradients.
+// db [G*H] = the sum over all rows of the gate gradients dg [R, G*H].
 inline Tensor bias_grad(const Tensor& dg) {
   if (small_gemm(dg.numel(), dg)) {
-    const int64_t M = dg.size(0) * dg.size(1), P = dg.size(2);
+    const int64_t M = dg.size(0), P = dg.size(1);
     Tensor db = zeros_like_shape({P}, dg);
     AT_DISPATCH_FLOATING_TYPES(dg.scalar_type(), "small_bias_grad", [&] {
       const scalar_t* g = dg.data_ptr<scalar_t>();
@@ -424,7 +520,7 @@ inline Tensor bias_grad(const Tensor& dg) {
     });
     return db;
   }
-  return dg.sum(at::IntArrayRef{0, 1});
+  return dg.sum(0);
 }
 
 // float16 and bfloat16 on the CPU. Each op, once its checks have passed, calls itself on

@@ -7,18 +7,18 @@ namespace rnnfast {
 
 using namespace rnnfast::cpu;
 
-std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
-                                           const Tensor& w_hh, const std::optional<Tensor>& b_ih,
-                                           const std::optional<Tensor>& b_hh, int64_t activation,
-                                           bool reverse, bool training) {
-  RNNFAST_NO_AUTOCAST;
-  (void)training;  // Elman saves nothing beyond y
-  check_layer_inputs("rnnfast::rnn_forward", 1, x, h0, w_ih, w_hh, b_ih, b_hh);
-  check_activation("rnnfast::rnn_forward", activation);
+namespace {
+
+// One layer and direction over the steps of L: x [R, C] -> (y [R, H], hn [N, H]).
+std::tuple<Tensor, Tensor> rnn_forward_rows(const Tensor& x, const StepRows& L, const Tensor& h0,
+                                            const Tensor& w_ih, const Tensor& w_hh,
+                                            const std::optional<Tensor>& b_ih,
+                                            const std::optional<Tensor>& b_hh, int64_t activation,
+                                            bool reverse) {
   if (is_half(x))
-    return in_float32(x.scalar_type(), -1, rnn_forward_cpu, x, h0, w_ih, w_hh, b_ih, b_hh,
-                      activation, reverse, training);
-  const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
+    return in_float32(x.scalar_type(), -1, rnn_forward_rows, x, L, h0, w_ih, w_hh, b_ih, b_hh,
+                      activation, reverse);
+  const int64_t T = L.T, N = L.N, H = w_hh.size(1);
   // y starts as the pre-activations of every step and is overwritten in place with h_t
   Tensor y = input_projection(x, w_ih, ProjectionBias(b_ih, b_hh));
   // a generic lambda, so that `if constexpr` below discards the float-only path for double
@@ -26,49 +26,55 @@ std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, co
     using scalar_t = decltype(zero);
     scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* h0p = h0.data_ptr<scalar_t>();
-    auto step = [&](int64_t s) { return yp + time_index(s, T, reverse) * N * H; };
-    auto h_before = [&](int64_t s) -> const scalar_t* { return s == 0 ? h0p : step(s - 1); };
+    auto t_of = [&](int64_t s) { return time_index(s, T, reverse); };
+    auto step = [&](int64_t s) { return yp + L.offset(t_of(s)) * H; };
+    // row 0 of h_{t-1} for the rows of step s that continue (init: that start from h0)
+    auto h_src = [&](int64_t s, bool init) -> const scalar_t* { return init ? h0p : step(s - 1); };
     if constexpr (std::is_same_v<scalar_t, float>) {
       const StepWeights wf = forward_step_weights(w_hh, 1, N);
       forward_steps(0, T, H, N * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
         float* pre = step(s);
-        recurrent_gates_blocks(wf, h_before(s), N, H, pre, b0, b1,
-                               /*accumulate=*/true, descending_step(s));
+        const int64_t n = L.rows(t_of(s));
+        split_by_source(L, s, reverse, 0, n, [&](int64_t n0, int64_t rows, bool init) {
+          recurrent_gates_blocks(wf, h_src(s, init) + n0 * H, rows, H, pre + n0 * H, b0, b1,
+                                 /*accumulate=*/true, descending_step(s));
+        });
         const UnitRange u = units_of(b0, b1, H);
-        elman_forward_block<float>(pre, N, H, u.u0, u.count, activation);
+        elman_forward_block<float>(pre, n, H, u.u0, u.count, activation);
       });
     } else {
       const Tensor w_hh_t = w_hh.t();
       for (int64_t s = 0; s < T; ++s) {
-        Tensor y_t = y[time_index(s, T, reverse)];
-        y_t.addmm_(s == 0 ? h0 : y[time_index(s - 1, T, reverse)], w_hh_t);
+        const int64_t t = t_of(s), n = L.rows(t);
+        Tensor pre = y.narrow(0, L.offset(t), n);
+        split_by_source(L, s, reverse, 0, n, [&](int64_t n0, int64_t rows, bool init) {
+          const Tensor src = init ? h0 : y.narrow(0, L.offset(t_of(s - 1)), L.rows(t_of(s - 1)));
+          pre.narrow(0, n0, rows).addmm_(src.narrow(0, n0, rows), w_hh_t);
+        });
         scalar_t* p = step(s);
-        parallel_rows(N, H, [&](int64_t b, int64_t e) {
+        parallel_rows(n, H, [&](int64_t b, int64_t e) {
           elman_forward_block<scalar_t>(p + b * H, e - b, H, 0, H, activation);
         });
       }
     }
   };
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_forward_cpu", [&] { body(scalar_t(0)); });
-  Tensor hn = T == 0 ? h0.clone() : copy_step(y, time_index(T - 1, T, reverse));
+  const char* yb = static_cast<const char*>(y.data_ptr());
+  Tensor hn = final_state(L, reverse, h0, H, [&](int64_t s) {
+    return yb + L.offset(time_index(s, T, reverse)) * H * y.element_size();
+  });
   return {y, hn};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
-    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
-    const Tensor& w_hh, const Tensor& y, int64_t activation, bool reverse) {
-  RNNFAST_NO_AUTOCAST;
-  const char* op = "rnnfast::rnn_backward";
-  check_layer_inputs(op, 1, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
-  check_activation(op, activation);
-  const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
-  check_same_shape(op, "y", y, {T, N, H}, x);
-  check_same_shape(op, "dy", dy, {T, N, H}, x);
-  check_same_shape(op, "dhn", dhn, {N, H}, x);
+// returns (dx [R, C], dh0, dw_ih, dw_hh, db)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_rows(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const StepRows& L, const Tensor& h0,
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, int64_t activation, bool reverse) {
   if (is_half(x))
-    return in_float32(x.scalar_type(), -1, rnn_backward_cpu, dy, dhn, x, h0, w_ih, w_hh, y,
+    return in_float32(x.scalar_type(), -1, rnn_backward_rows, dy, dhn, x, L, h0, w_ih, w_hh, y,
                       activation, reverse);
-  Tensor dg = at::empty({T, N, H}, x.options());
+  const int64_t R = x.size(0), H = w_hh.size(1);
+  Tensor dg = at::empty({R, H}, x.options());
   Tensor dh_carry = dhn.clone();
   // the body for one dtype, dispatched below
   auto body = [&](auto zero) {
@@ -78,19 +84,81 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
     scalar_t* dgp = dg.data_ptr<scalar_t>();
     // dg[t] = (dy[t] + dh_carry) * act'(y[t]) for rows [n0, n0 + rows), units [u0, u0 + count)
     auto gate_grads = [&](int64_t s, int64_t rows, int64_t n0, int64_t u0, int64_t count) {
-      const int64_t o = time_index(s, T, reverse) * N * H + n0 * H;
+      const int64_t o = (L.offset(time_index(s, L.T, reverse)) + n0) * H;
       elman_backward_block<scalar_t>(dyp + o, dhc + n0 * H, yp + o, dgp + o, rows, H, u0, count,
                                      activation);
     };
-    reverse_time_loop<scalar_t>(dg, w_hh, reverse, dh_carry, /*accumulate=*/false, gate_grads);
+    reverse_time_loop<scalar_t>(dg, L, w_hh, reverse, dh_carry, /*accumulate=*/false, gate_grads);
   };
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_backward_cpu", [&] { body(scalar_t(0)); });
-  if (T == 0 || N == 0 || H == 0) {
+  if (R == 0 || H == 0) {
     return {at::zeros_like(x), dh_carry, at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({H}, x.options())};
   }
   InputGrads in = input_grads(dg, x, w_ih);
-  return {in.dx, dh_carry, in.dw_ih, recurrent_weight_grad(dg, y, h0, reverse), bias_grad(dg)};
+  return {in.dx, dh_carry, in.dw_ih, recurrent_weight_grad(dg, y, h0, L, reverse), bias_grad(dg)};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                                           const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                           const std::optional<Tensor>& b_hh, int64_t activation,
+                                           bool reverse, bool training) {
+  RNNFAST_NO_AUTOCAST;
+  (void)training;  // Elman saves nothing beyond y
+  check_layer_inputs("rnnfast::rnn_forward", 1, x, h0, w_ih, w_hh, b_ih, b_hh);
+  check_activation("rnnfast::rnn_forward", activation);
+  const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
+  auto [y, hn] = rnn_forward_rows(x.view({T * N, x.size(2)}), StepRows::dense(T, N), h0, w_ih,
+                                  w_hh, b_ih, b_hh, activation, reverse);
+  return {y.view({T, N, H}), hn};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+    const Tensor& w_hh, const Tensor& y, int64_t activation, bool reverse) {
+  RNNFAST_NO_AUTOCAST;
+  const char* op = "rnnfast::rnn_backward";
+  check_layer_inputs(op, 1, x, h0, w_ih, w_hh, std::nullopt, std::nullopt);
+  check_activation(op, activation);
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = w_hh.size(1);
+  check_same_shape(op, "y", y, {T, N, H}, x);
+  check_same_shape(op, "dy", dy, {T, N, H}, x);
+  check_same_shape(op, "dhn", dhn, {N, H}, x);
+  auto g = rnn_backward_rows(dy.view({T * N, H}), dhn, x.view({T * N, C}), StepRows::dense(T, N),
+                             h0, w_ih, w_hh, y.view({T * N, H}), activation, reverse);
+  std::get<0>(g) = std::get<0>(g).view({T, N, C});
+  return g;
+}
+
+std::tuple<Tensor, Tensor> rnn_packed_forward_cpu(
+    const Tensor& x, const Tensor& batch_sizes, const Tensor& h0, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    int64_t activation, bool reverse, bool training) {
+  RNNFAST_NO_AUTOCAST;
+  (void)training;
+  const char* op = "rnnfast::rnn_packed_forward";
+  check_packed_inputs(op, 1, x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh);
+  check_activation(op, activation);
+  return rnn_forward_rows(x, StepRows::packed(batch_sizes), h0, w_ih, w_hh, b_ih, b_hh,
+                          activation, reverse);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_packed_backward_cpu(
+    const Tensor& dy, const Tensor& dhn, const Tensor& x, const Tensor& batch_sizes,
+    const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, int64_t activation,
+    bool reverse) {
+  RNNFAST_NO_AUTOCAST;
+  const char* op = "rnnfast::rnn_packed_backward";
+  check_packed_inputs(op, 1, x, batch_sizes, h0, w_ih, w_hh, std::nullopt, std::nullopt);
+  check_activation(op, activation);
+  const int64_t R = x.size(0), N = h0.size(0), H = w_hh.size(1);
+  check_same_shape(op, "y", y, {R, H}, x);
+  check_same_shape(op, "dy", dy, {R, H}, x);
+  check_same_shape(op, "dhn", dhn, {N, H}, x);
+  return rnn_backward_rows(dy, dhn, x, StepRows::packed(batch_sizes), h0, w_ih, w_hh, y,
+                           activation, reverse);
 }
 
 }  // namespace rnnfast

@@ -202,6 +202,11 @@ def gru(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int 
 # that start join with their h0). Either way padded steps are never computed.
 
 
+# Whether the CPU runs PackedSequence input through the packed ops (False: by segments, as
+# CUDA does; the tests turn it off to check that path on the CPU too).
+PACKED_OPS = True
+
+
 def check_batch_sizes(batch_sizes: Tensor, rows: int) -> List[int]:
     """A PackedSequence's batch_sizes as a list, checked: a 1-D integer CPU tensor of
     positive, non-increasing counts that add up to the data's rows."""
@@ -271,7 +276,7 @@ def _stack_packed(run_layer, data: Tensor, batch_sizes: Tensor, states: Tuple[Te
                   dropout: float, training: bool) -> Tuple[Tensor, List[List[Tensor]]]:
     """_stack over packed data [rows, C] with states [L * D, N, H] in sorted batch order."""
     segs = _segments(check_batch_sizes(batch_sizes, data.size(0)))
-    native = not data.is_cuda and all(len(w) <= 4 or w[4] is None for w in weights)
+    native = PACKED_OPS and not data.is_cuda and all(len(w) <= 4 or w[4] is None for w in weights)
     D = 2 if bidirectional else 1
     finals: List[List[Tensor]] = [[] for _ in states]
     x = data

@@ -1,13 +1,27 @@
 """PackedSequence input and output against torch.nn and the float64 reference run
-sequence by sequence: packed outputs, final states of each sequence, and every gradient."""
+sequence by sequence: packed outputs, final states of each sequence, and every gradient.
+Both ways rnnfast runs packed data: the packed ops (the CPU's way) and segments of equal
+batch size through the dense ops (CUDA's way, and the projected LSTM's)."""
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+import rnnfast.functional as RF
 from rnnfast import reference
 from helpers import CELLS, assert_close_to_ref, make_pair
 
 C, H = 5, 6
+
+
+@pytest.fixture(params=["ops", "segments"])
+def packed_path(request, monkeypatch):
+    """Runs the test on one packed path, and checks afterwards that it was the one taken."""
+    calls = []
+    direction = RF._packed_direction
+    monkeypatch.setattr(RF, "PACKED_OPS", request.param == "ops")
+    monkeypatch.setattr(RF, "_packed_direction", lambda *a, **k: calls.append(1) or direction(*a, **k))
+    yield request.param
+    assert bool(calls) == (request.param == "segments"), f"the {request.param} path did not run"
 
 
 def per_sequence_reference(m64, x, lengths, hx, is_lstm):
@@ -68,8 +82,10 @@ def run(module, x, lengths, hx, is_lstm, upstream, enforce_sorted, forward=None)
     ([3, 3, 3], False),         # all equal: one segment
 ], ids=["sorted", "unsorted", "single", "equal"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_packed_matches_torch_and_reference(cell, lengths, enforce_sorted, layers, bidir, given_hx, dtype):
+def test_packed_matches_torch_and_reference(cell, lengths, enforce_sorted, layers, bidir, given_hx, dtype,
+                                            packed_path, size=(C, H)):
     is_lstm = cell == "lstm"
+    C, H = size
     m, f, m64 = make_pair(cell, C, H, dtype=dtype, num_layers=layers, bidirectional=bidir)
     N, T, D = len(lengths), max(lengths), 2 if bidir else 1
     torch.manual_seed(1)
@@ -91,6 +107,17 @@ def test_packed_matches_torch_and_reference(cell, lengths, enforce_sorted, layer
     assert set(ours) == set(theirs) == set(ref)
     for name in ref:
         assert_close_to_ref(name, ours[name], theirs[name], ref[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_packed_at_gemm_size(cell, dtype, packed_path):
+    """Sizes past the small-size loops (csrc/cpu/common.h, kSmallGemmFma): the input
+    projection and the dx and dW GEMMs take ATen, the float32 steps the packed W_hh
+    kernels; ten sequences of eight lengths, so the batch changes at most steps."""
+    lengths = [9, 9, 8, 6, 6, 5, 3, 2, 2, 1]
+    test_packed_matches_torch_and_reference(cell, lengths, False, 1, True, True, dtype, packed_path,
+                                            size=(24, 40))
 
 
 def test_packed_dropout_between_layers_follows_torch():

@@ -100,11 +100,13 @@ void check_packed_inputs(const char* op, int64_t gates, const Tensor& x,
   const int64_t* p = b.data_ptr<int64_t>();
   TORCH_CHECK(p[0] == h0.size(0), op, ": expected batch_sizes[0] (", p[0],
               ") to be the rows of h0 (", h0.size(0), ")");
-  int64_t rows = 0;
+  int64_t rows = 0;  // kept at most x's rows, so that the sum cannot overflow
   for (int64_t t = 0; t < b.numel(); ++t) {
     TORCH_CHECK(p[t] >= 1 && (t == 0 || p[t] <= p[t - 1]), op,
                 ": expected batch_sizes positive and non-increasing (sequences sorted longest "
                 "first), but batch_sizes[", t, "] is ", p[t]);
+    TORCH_CHECK(p[t] <= x.size(0) - rows, op, ": batch_sizes adds up to more than the ",
+                x.size(0), " rows of x (past them at batch_sizes[", t, "])");
     rows += p[t];
   }
   TORCH_CHECK(rows == x.size(0), op, ": batch_sizes adds up to ", rows, " rows, but x has ",

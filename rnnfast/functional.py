@@ -22,8 +22,11 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _check_input(x: Tensor) -> None:
+def _check_input(x: Tensor, batch_sizes: Optional[Tensor] = None) -> None:
     """What the kernels cannot take gets a clear error here, before any op runs."""
+    if batch_sizes is not None and x.is_cuda:
+        raise ValueError("rnnfast: the packed layer ops (batch_sizes given) run on the CPU; "
+                         "on CUDA, give the modules a PackedSequence (they run it by segments)")
     if x.is_cuda and not _HAS_CUDA_KERNELS:  # is_cuda: no torch.device made (a call's fixed cost)
         raise RuntimeError("rnnfast: got a CUDA input, but this build of rnnfast has no "
                            "CUDA kernels (they need a CUDA build of torch and a CUDA "
@@ -44,7 +47,7 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
     if nonlinearity not in ACTIVATIONS:
         raise ValueError(f"rnnfast: expected nonlinearity 'tanh', 'relu' or 'identity', "
                          f"but got {nonlinearity!r}")
-    _check_input(x)
+    _check_input(x, batch_sizes)
     args = (x.contiguous(), h0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
             None if b_ih is None else b_ih.contiguous(),
             None if b_hh is None else b_hh.contiguous())
@@ -67,7 +70,7 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
         if batch_sizes is not None:
             raise ValueError("rnnfast: lstm_layer takes batch_sizes only without w_hr")
         return _lstm_projected(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
-    _check_input(x)
+    _check_input(x, batch_sizes)
     args = (x.contiguous(), h0.contiguous(), c0.contiguous(), w_ih.contiguous(),
             w_hh.contiguous(), None if b_ih is None else b_ih.contiguous(),
             None if b_hh is None else b_hh.contiguous())
@@ -106,7 +109,7 @@ def gru_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
               batch_sizes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """One GRU layer over x [T, N, C]; returns y [T, N, H] and hn [N, H].
     batch_sizes: as rnn_layer's."""
-    _check_input(x)
+    _check_input(x, batch_sizes)
     args = (x.contiguous(), h0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
             None if b_ih is None else b_ih.contiguous(),
             None if b_hh is None else b_hh.contiguous())

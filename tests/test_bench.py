@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+import rnnfast
 from rnnfast.bench import contenders as C
 from rnnfast.bench import runner
 from rnnfast.bench.shapes import SETS, SHAPES, Shape
@@ -93,6 +94,32 @@ def test_bench_case_times_every_contender(cell, mode):
         assert r["rnnfast_speedup"] == pytest.approx(r["median_s"] / rec["results"]["rnnfast"]["median_s"])
         assert r["guard_max_abs_diff"] <= 1e-4
     assert rec["results"]["rnnfast"]["guard_max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_packed_shape_runs_the_modules_on_a_packed_sequence(mode, monkeypatch):
+    """A packed shape's input is a PackedSequence of its own lengths: rnnfast and torch.nn
+    are timed on it (their outputs agree), the loops are skipped with the reason, and the
+    record counts the rows actually run."""
+    shape = Shape("tiny-packed", 6, 4, 5, 7, layers=2, bidirectional=True, packed=True)
+    lengths = shape.lengths
+    assert max(lengths) == lengths[0] == 6 and min(lengths) >= 1 and len(lengths) == 4
+    assert lengths == shape.lengths  # seeded by the shape
+    seen = []
+    forward = rnnfast.GRU.forward
+    monkeypatch.setattr(rnnfast.GRU, "forward",
+                        lambda self, x, hx=None: seen.append(type(x).__name__) or forward(self, x, hx))
+    names = ["rnnfast", "torch.nn", "reference loop", "compiled loop"]
+    rec = runner.bench_case("gru", shape, mode, torch.float32, "cpu", names, FAST_TIMING)
+    assert rec["packed"] and rec["rows"] == sum(lengths) < shape.T * shape.N
+    assert set(seen) == {"PackedSequence"}
+    for n in ("rnnfast", "torch.nn"):
+        r = rec["results"][n]
+        assert "error" not in r and "skipped" not in r, (n, r)
+        assert r["guard_max_abs_diff"] <= 1e-4
+        assert r["steps_per_s"] == pytest.approx(rec["rows"] / r["median_s"])
+    for n in ("reference loop", "compiled loop"):
+        assert rec["results"][n] == {"skipped": f"{n} takes no PackedSequence"}
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])

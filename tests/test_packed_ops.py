@@ -157,6 +157,7 @@ def test_equal_lengths_match_the_dense_ops(cell, reverse, dtype):
     (torch.tensor([2, 3]), 5, r"non-increasing .* batch_sizes\[1\] is 3"),
     (torch.tensor([2, 0]), 2, r"positive .* batch_sizes\[1\] is 0"),
     (torch.tensor([2, 2]), 5, "adds up to 4 rows, but x has 5"),
+    (torch.tensor([2, 2]), 3, r"adds up to more than the 3 rows of x \(past them at batch_sizes\[1\]\)"),
 ])
 @pytest.mark.parametrize("cell", list(G))
 def test_bad_batch_sizes_are_clear_errors(cell, batch_sizes, rows, match):
@@ -167,6 +168,15 @@ def test_bad_batch_sizes_are_clear_errors(cell, batch_sizes, rows, match):
     args[1] = batch_sizes
     with pytest.raises(RuntimeError, match=match):
         _forward(cell, args, False, True)
+
+
+def test_batch_sizes_too_large_to_add_up_are_refused():
+    """Counts whose sum would overflow int64 (h0 of 2**62 empty rows, H = 0) are refused
+    before they are added up."""
+    big = 2 ** 62
+    with pytest.raises(RuntimeError, match="adds up to more than the 3 rows of x"):
+        ops.gru_packed_forward(torch.randn(3, C), torch.tensor([big] * 4), torch.empty(big, 0),
+                               torch.empty(0, C), torch.empty(0, 0), None, None, False, True)
 
 
 @pytest.mark.parametrize("cell", list(G))

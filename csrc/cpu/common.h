@@ -253,7 +253,7 @@ class ProjectedChunks {
 
  private:
   Tensor x_;
-  const StepRows& L_;
+  StepRows L_;
   Tensor w_ih_;
   ProjectionBias bias_;
   bool reverse_;

@@ -47,6 +47,7 @@ Contenders:
   haste           (GPU) LMNT's Haste (haste_pytorch) LSTM and GRU; one layer, one direction
 
 A contender that cannot run raises Unavailable with the reason; the runner reports it.
+Packed shapes (PackedSequence input) run rnnfast's and torch.nn's modules only.
 """
 import copy
 import importlib
@@ -348,6 +349,8 @@ DEFAULT_CONTENDERS = {
 
 
 def build(name, ref, cell, shape, mode) -> Tuple[nn.Module, Callable]:
+    if shape.packed and not (name == "torch.nn" or name.split(" ")[0] == "rnnfast"):
+        raise Unavailable(f"{name} takes no PackedSequence")
     return BUILDERS[name](ref, cell, shape, mode)
 
 

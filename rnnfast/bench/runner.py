@@ -7,6 +7,7 @@ import sys
 import time
 
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnfast
 
@@ -49,10 +50,18 @@ def make_step(module, fn, inputs, hx, mode):
             with torch.no_grad():
                 fn(x, hx)
         else:
-            xr = x.detach().requires_grad_(True)
-            fn(xr, hx)[0].sum().backward()
+            if isinstance(x, PackedSequence):
+                xr = x._replace(data=x.data.detach().requires_grad_(True))
+            else:
+                xr = x.detach().requires_grad_(True)
+            output_data(fn(xr, hx)[0]).sum().backward()
             module.zero_grad(set_to_none=True)
     return step
+
+
+def output_data(out):
+    """A contender's output as a tensor: a PackedSequence's data."""
+    return out.data if isinstance(out, PackedSequence) else out
 
 
 def guard_error(got, expected) -> float:
@@ -80,6 +89,8 @@ def _bench_case(cell, shape, mode, dtype, device, names, timing, seed):
     # drawn in float32 on the CPU, so every dtype and device sees the same numbers
     inputs = [torch.randn(shape.T, shape.N, shape.C, generator=g).to(dtype=dtype, device=device)
               for _ in range(N_INPUT_SETS)]
+    if shape.packed:
+        inputs = [pack_padded_sequence(x, shape.lengths, enforce_sorted=False) for x in inputs]
     h0 = torch.zeros(shape.layers * shape.D, shape.N, shape.H, dtype=dtype, device=device)
     hx = (h0, h0.clone()) if cell == "lstm" else h0
 
@@ -89,7 +100,7 @@ def _bench_case(cell, shape, mode, dtype, device, names, timing, seed):
             module, fn = C.build(name, ref, cell, shape, mode)
             t0 = time.perf_counter()
             with torch.no_grad():
-                out = fn(inputs[0], hx)[0]
+                out = output_data(fn(inputs[0], hx)[0])
             if device == "cuda":
                 torch.cuda.synchronize()
             first_call = time.perf_counter() - t0
@@ -137,7 +148,7 @@ def _bench_case(cell, shape, mode, dtype, device, names, timing, seed):
         rows["rnnfast"]["cuda_path"] = fwd if mode == "fwd" else f"{fwd}/{bwd}"
     for name, (med, spread, n) in timed.items():
         rows[name].update({"median_s": med, "spread": spread, "runs": n,
-                           "steps_per_s": shape.T * shape.N / med})
+                           "steps_per_s": shape.rows / med})
         try:
             peak = peak_memory_cuda(steps[name]) if cuda else peak_memory_cpu(steps[name])
             if peak is not None:
@@ -152,7 +163,8 @@ def _bench_case(cell, shape, mode, dtype, device, names, timing, seed):
         del steps, built, inputs, ref
         torch.cuda.empty_cache()
     return {"cell": cell, "shape": shape.name, "T": shape.T, "N": shape.N, "C": shape.C, "H": shape.H,
-            "layers": shape.layers, "D": shape.D, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
+            "layers": shape.layers, "D": shape.D, "mode": mode,
+            **({"packed": True, "rows": shape.rows} if shape.packed else {}), "dtype": str(dtype).replace("torch.", ""),
             "device": device, "results": {n: rows[n] for n in names if n in rows}}
 
 

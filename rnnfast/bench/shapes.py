@@ -1,11 +1,15 @@
 """The benchmark's shape registry and the named sets of shapes a run picks from.
 
 A shape is one layer stack's problem: T steps, N sequences, C input and H hidden units,
-L layers, D directions (2: bidirectional). Names say what a shape is for; the sets are
-what a run times unless filters (--hidden, --batch, ...) narrow them.
+L layers, D directions (2: bidirectional); a packed shape's sequences have lengths of
+their own (`lengths`), the longest T, and go in as a PackedSequence. Names say what a
+shape is for; the sets are what a run times unless filters (--hidden, --batch, ...)
+narrow them.
 """
 from dataclasses import dataclass
 from typing import Dict, List
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,7 @@ class Shape:
     H: int
     layers: int = 1
     bidirectional: bool = False
+    packed: bool = False
 
     @property
     def D(self) -> int:
@@ -26,10 +31,28 @@ class Shape:
     def family(self) -> str:
         """Shapes that differ only in H: the lines of the speedup-vs-hidden-size plot."""
         return (f"T={self.T} N={self.N}" + (f" L={self.layers}" if self.layers > 1 else "")
-                + (" bidir" if self.bidirectional else ""))
+                + (" bidir" if self.bidirectional else "") + (" packed" if self.packed else ""))
 
     def describe(self) -> str:
-        return f"T={self.T} N={self.N} C={self.C} H={self.H} L={self.layers} D={self.D}"
+        return (f"T={self.T} N={self.N} C={self.C} H={self.H} L={self.layers} D={self.D}"
+                + (f" packed ({self.rows} rows)" if self.packed else ""))
+
+    @property
+    def lengths(self) -> List[int]:
+        """Each sequence's length: T for all, or for a packed shape, drawn (seeded by the
+        shape) uniformly from [T / 4, T], the first T, in no order (unsorted, as data
+        comes)."""
+        if not self.packed:
+            return [self.T] * self.N
+        g = torch.Generator().manual_seed(self.T * 1000 + self.N)
+        lengths = torch.randint(max(1, self.T // 4), self.T + 1, (self.N,), generator=g).tolist()
+        lengths[0] = self.T
+        return lengths
+
+    @property
+    def rows(self) -> int:
+        """The steps of all sequences together: T * N, or a packed shape's sum of lengths."""
+        return sum(self.lengths)
 
 
 def _shapes() -> Dict[str, Shape]:
@@ -62,6 +85,12 @@ def _shapes() -> Dict[str, Shape]:
     s.append(Shape("tiny-t1", 1, 1, 8, 8))
     s.append(Shape("tiny-t1-2layer-bidir", 1, 1, 8, 8, layers=2, bidirectional=True))
     s.append(Shape("tiny-t16", 16, 4, 16, 16))
+    # --set packed: PackedSequence input, sequences of different lengths; a name
+    # classifier's batch (as examples/names.py trains) and longer sequences, 1 and 2 layers
+    s.append(Shape("packed-names", 16, 64, 64, 128, packed=True))
+    s.append(Shape("packed-t100", 100, 32, 256, 256, packed=True))
+    s.append(Shape("packed-t100-2layer-bidir", 100, 32, 256, 256, layers=2, bidirectional=True,
+                   packed=True))
     return {x.name: x for x in s}
 
 
@@ -74,5 +103,6 @@ SETS: Dict[str, List[str]] = {
     "full": _SWEEP + ["long", "2layer", "bidir", "2layer-bidir"],
     "issue7": [n for n in SHAPES if n.startswith("t1024-")],
     "tiny": [n for n in SHAPES if n.startswith("tiny-")],
-    "all": [n for n in SHAPES if not n.startswith(("quick-", "tiny-"))],
+    "packed": [n for n in SHAPES if n.startswith("packed-")],
+    "all": [n for n in SHAPES if not n.startswith(("quick-", "tiny-", "packed-"))],
 }

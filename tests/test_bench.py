@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rnnfast
+import rnnfast.functional as RF
 from rnnfast.bench import contenders as C
 from rnnfast.bench import runner
 from rnnfast.bench.shapes import SETS, SHAPES, Shape
@@ -109,17 +110,29 @@ def test_packed_shape_runs_the_modules_on_a_packed_sequence(mode, monkeypatch):
     forward = rnnfast.GRU.forward
     monkeypatch.setattr(rnnfast.GRU, "forward",
                         lambda self, x, hx=None: seen.append(type(x).__name__) or forward(self, x, hx))
-    names = ["rnnfast", "torch.nn", "reference loop", "compiled loop"]
+    segments = []
+    direction = RF._packed_direction
+    monkeypatch.setattr(RF, "_packed_direction", lambda *a, **k: segments.append(1) or direction(*a, **k))
+    names = ["rnnfast", "rnnfast segments", "torch.nn", "reference loop", "compiled loop"]
     rec = runner.bench_case("gru", shape, mode, torch.float32, "cpu", names, FAST_TIMING)
     assert rec["packed"] and rec["rows"] == sum(lengths) < shape.T * shape.N
     assert set(seen) == {"PackedSequence"}
-    for n in ("rnnfast", "torch.nn"):
+    assert segments and RF.PACKED_OPS  # the segments contender ran them, and restored the switch
+    for n in ("rnnfast", "rnnfast segments", "torch.nn"):
         r = rec["results"][n]
         assert "error" not in r and "skipped" not in r, (n, r)
         assert r["guard_max_abs_diff"] <= 1e-4
         assert r["steps_per_s"] == pytest.approx(rec["rows"] / r["median_s"])
     for n in ("reference loop", "compiled loop"):
         assert rec["results"][n] == {"skipped": f"{n} takes no PackedSequence"}
+
+
+def test_segments_contender_only_where_it_differs():
+    shape = Shape("dense", 4, 2, 5, 7)
+    ref = C.make_torch_module("gru", shape, torch.float32, "cpu")
+    with pytest.raises(C.Unavailable, match="only on packed shapes"):
+        C.build("rnnfast segments", ref, "gru", shape, "fwd")
+    assert C.unavailable_here("rnnfast segments", "cpu") is None
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])

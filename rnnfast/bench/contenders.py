@@ -35,6 +35,11 @@ Contenders:
   rnnfast async   (GPU) rnnfast on auto with RNNFAST_CLUSTER_EXCHANGE=async: the cluster
                   variant's async exchange (st.async and mbarriers, no cluster barrier;
                   off by default until measured) wherever auto picks the cluster variant
+  rnnfast segments
+                  (CPU, packed shapes) rnnfast with the packed ops off
+                  (rnnfast.functional.PACKED_OPS): PackedSequence input by segments of
+                  equal batch size, one dense op call each, as CUDA runs it; what the packed
+                  ops gain
   torch.nn        the torch.nn module itself (CPU: native ATen/oneDNN kernels; GPU: cuDNN)
   reference loop  rnnfast.reference.forward: a Python loop over the cell equations, the
                   code people write without a fused layer
@@ -59,6 +64,7 @@ import torch.fx.experimental._config  # noqa: F401 - use_duck_shape, set below
 from torch import nn
 
 import rnnfast
+import rnnfast.functional as RF
 from rnnfast import reference
 
 NN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -119,6 +125,24 @@ def _rnnfast_on(path, name=None, mma_rows=None, step_gemm=None, reg_tile=None,
             return m(x, hx)
         return m, call
     return build
+
+
+def _rnnfast_segments(ref, cell, shape, mode):
+    label = "rnnfast segments"
+    if not shape.packed:
+        raise Unavailable(f"{label} differs from rnnfast only on packed shapes")
+    if ref.weight_ih_l0.device.type != "cpu":
+        raise Unavailable(f"{label}: on CUDA rnnfast runs packed input by segments anyway")
+    m, call = _rnnfast_on(None, label)(ref, cell, shape, mode)
+
+    def by_segments(x, hx):
+        # off for the forward, which decides the path; the backward follows its graph
+        saved, RF.PACKED_OPS = RF.PACKED_OPS, False
+        try:
+            return call(x, hx)
+        finally:
+            RF.PACKED_OPS = saved
+    return m, by_segments
 
 
 def check_knobs_apply(label, dtype, shape, mma_rows, step_gemm, reg_tile=None,
@@ -336,6 +360,7 @@ BUILDERS: Dict[str, Callable] = {
     "rnnfast async": _rnnfast_on("auto", "rnnfast async", exchange="async"),
     "rnnfast step fused": _rnnfast_on("step", "rnnfast step fused", step_fused=1),
     "rnnfast step graph": _rnnfast_on("step", "rnnfast step graph", step_graph=1),
+    "rnnfast segments": _rnnfast_segments,
     "torch.nn": _torch_nn,
     "reference loop": _reference_loop,
     "compiled loop": _compiled_loop,
@@ -356,7 +381,8 @@ def build(name, ref, cell, shape, mode) -> Tuple[nn.Module, Callable]:
 
 def unavailable_here(name: str, device: str) -> Optional[str]:
     """Why `name` cannot run at all on `device` (checked once per run), or None."""
-    if (name in ("flashrnn", "haste") or name.startswith("rnnfast ")) and device != "cuda":
+    if (name in ("flashrnn", "haste") or name.startswith("rnnfast ")) and device != "cuda" \
+            and name != "rnnfast segments":
         return f"{name} runs on CUDA only"
     try:
         if name == "flashrnn":

@@ -28,7 +28,8 @@ export RNNFAST_HYPOTHESIS_EXAMPLES=${RNNFAST_HYPOTHESIS_EXAMPLES:-40}
 if [ $# -eq 0 ]; then
   # every op and path on small shapes; the long, threaded and compile tests are left to
   # the plain run (they exercise the same code at sizes that are slow under ASan)
-  set -- tests/test_ops.py tests/test_parity.py tests/test_packed.py tests/test_proj.py \
+  set -- tests/test_ops.py tests/test_parity.py tests/test_packed.py tests/test_packed_ops.py \
+    tests/test_proj.py \
     tests/test_cells_convert.py tests/test_bad_input.py tests/test_properties.py \
     tests/test_simple_rnn.py tests/test_cuda_path.py -k "not converted_model_trains"
 fi

@@ -65,11 +65,9 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                batch_sizes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer over x [T, N, C]; returns y [T, N, H], hn and cn [N, H].
     With w_hr [P, H] (torch.nn's proj_size P): h0, y and hn have P units, w_hh is [4H, P].
-    batch_sizes: as rnn_layer's (not with w_hr)."""
+    batch_sizes: as rnn_layer's."""
     if w_hr is not None:
-        if batch_sizes is not None:
-            raise ValueError("rnnfast: lstm_layer takes batch_sizes only without w_hr")
-        return _lstm_projected(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+        return _lstm_projected(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, batch_sizes)
     _check_input(x, batch_sizes)
     args = (x.contiguous(), h0.contiguous(), c0.contiguous(), w_ih.contiguous(),
             w_hh.contiguous(), None if b_ih is None else b_ih.contiguous(),
@@ -83,24 +81,38 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
 
 def _lstm_projected(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                     b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Tensor,
-                    reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                    reverse: bool, batch_sizes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The LSTM with a projection, h_t = W_hr m_t with m_t = o_t * tanh(c_t), on the fused
     LSTM op by a change of variables: W_hh h_{t-1} = (W_hh W_hr) m_{t-1}, so the sequence is
     an ordinary LSTM in m with the square recurrent weight W_hh W_hr [4H, H] from m = 0;
-    h0's term W_hh h0 enters the first step through the input projection (x extended by h0
-    at that step only, W_ih by W_hh), and y = m W_hr^T is one GEMM after the loop."""
-    T, N = x.shape[:2]
+    h0's term W_hh h0 enters each sequence's first step through the input projection (x
+    extended by h0 at that step only, W_ih by W_hh), and y = m W_hr^T is one GEMM after the
+    loop. Packed data (batch_sizes): a sequence's first step read in reverse is its own last."""
     H, P = w_hh.shape[0] // 4, w_hr.shape[0]
-    if T == 0:
-        return x.new_zeros(0, N, P), h0, c0
+    N = h0.shape[0]
+    if x.shape[0] == 0:
+        return x.new_zeros(*x.shape[:-1], P), h0, c0
     # in float32 at least: the product is one more rounding than torch.nn's per-step path
     w_rec = (w_hh.float() @ w_hr.float()).to(w_hh.dtype) if w_hh.dtype in (torch.float16, torch.bfloat16) \
         else w_hh @ w_hr
-    zeros = x.new_zeros(T - 1, N, P)
-    first = h0.unsqueeze(0).to(x.dtype)
-    extra = torch.cat([zeros, first] if reverse else [first, zeros])
-    m, m_n, c_n = lstm_layer(torch.cat([x, extra], dim=2), x.new_zeros(N, H), c0,
-                             torch.cat([w_ih, w_hh], dim=1), w_rec, b_ih, b_hh, reverse=reverse)
+    h0 = h0.to(x.dtype)
+    if batch_sizes is None:
+        zeros = x.new_zeros(x.shape[0] - 1, N, P)
+        extra = torch.cat([zeros, h0.unsqueeze(0)] if reverse else [h0.unsqueeze(0), zeros])
+    elif not reverse:  # every sequence starts at time 0: the first N rows
+        extra = torch.cat([h0, x.new_zeros(x.shape[0] - N, P)])
+    else:  # rows [batch_sizes[t+1], batch_sizes[t]) start at time t, at rows offset(t) + those
+        sizes = batch_sizes.tolist()
+        rows, seqs, offset = [], [], 0
+        for t, n in enumerate(sizes):
+            after = sizes[t + 1] if t + 1 < len(sizes) else 0
+            rows.extend(range(offset + after, offset + n))
+            seqs.extend(range(after, n))
+            offset += n
+        extra = x.new_zeros(x.shape[0], P).index_put((torch.tensor(rows),), h0[torch.tensor(seqs)])
+    m, m_n, c_n = lstm_layer(torch.cat([x, extra], dim=-1), x.new_zeros(N, H), c0,
+                             torch.cat([w_ih, w_hh], dim=1), w_rec, b_ih, b_hh, reverse=reverse,
+                             batch_sizes=batch_sizes)
     return m @ w_hr.t(), m_n @ w_hr.t(), c_n
 
 
@@ -198,8 +210,8 @@ def gru(x: Tensor, hx: Tensor, weights: Sequence[LayerWeights], num_layers: int 
 # ---- PackedSequence: sequences of different lengths, sorted longest first ----
 # Packed data [sum(batch_sizes), C] holds, for each step t, the rows of the batch_sizes[t]
 # sequences still running. On the CPU the packed ops take it as it is: one call per layer
-# and direction, each step over its live rows only. Elsewhere (CUDA, and the LSTM with a
-# projection), runs of steps with the same batch size ("segments") are rectangles
+# and direction, each step over its live rows only. On CUDA, runs of steps with the same
+# batch size ("segments") are rectangles
 # [t1 - t0, n, C] in that layout, each one a single op call over only its live rows;
 # across segments the state is carried (forward: the finished rows drop off; reverse: rows
 # that start join with their h0). Either way padded steps are never computed.
@@ -279,7 +291,7 @@ def _stack_packed(run_layer, data: Tensor, batch_sizes: Tensor, states: Tuple[Te
                   dropout: float, training: bool) -> Tuple[Tensor, List[List[Tensor]]]:
     """_stack over packed data [rows, C] with states [L * D, N, H] in sorted batch order."""
     segs = _segments(check_batch_sizes(batch_sizes, data.size(0)))
-    native = PACKED_OPS and not data.is_cuda and all(len(w) <= 4 or w[4] is None for w in weights)
+    native = PACKED_OPS and not data.is_cuda
     D = 2 if bidirectional else 1
     finals: List[List[Tensor]] = [[] for _ in states]
     x = data

@@ -83,21 +83,23 @@ def run(module, x, lengths, hx, is_lstm, upstream, enforce_sorted, forward=None)
 ], ids=["sorted", "unsorted", "single", "equal"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_packed_matches_torch_and_reference(cell, lengths, enforce_sorted, layers, bidir, given_hx, dtype,
-                                            packed_path, size=(C, H)):
+                                            packed_path, size=(C, H), proj=0):
     is_lstm = cell == "lstm"
     C, H = size
-    m, f, m64 = make_pair(cell, C, H, dtype=dtype, num_layers=layers, bidirectional=bidir)
+    m, f, m64 = make_pair(cell, C, H, dtype=dtype, num_layers=layers, bidirectional=bidir,
+                          **({"proj_size": proj} if proj else {}))
     N, T, D = len(lengths), max(lengths), 2 if bidir else 1
+    Hout = proj or H  # h's units (the LSTM's c keeps H)
     torch.manual_seed(1)
     x = torch.randn(T, N, C, dtype=torch.float64)
     for b, n in enumerate(lengths):
         x[n:, b] = 0  # padding, which must not matter
     hx = None
     if given_hx:
-        hx = tuple(torch.randn(layers * D, N, H, dtype=torch.float64) for _ in range(2 if is_lstm else 1))
+        hx = tuple(torch.randn(layers * D, N, k, dtype=torch.float64) for k in ((Hout, H) if is_lstm else (H,)))
         hx = hx if is_lstm else hx[0]
-    upstream = [torch.randn(T, N, D * H, dtype=torch.float64)] + \
-        [torch.randn(layers * D, N, H, dtype=torch.float64) for _ in range(2 if is_lstm else 1)]
+    upstream = [torch.randn(T, N, D * Hout, dtype=torch.float64)] + \
+        [torch.randn(layers * D, N, k, dtype=torch.float64) for k in ((Hout, H) if is_lstm else (H,))]
     for b, n in enumerate(lengths):
         upstream[0][n:, b] = 0
     cast = (lambda s: None if s is None else (tuple(t.to(dtype) for t in s) if is_lstm else s.to(dtype)))
@@ -118,6 +120,15 @@ def test_packed_at_gemm_size(cell, dtype, packed_path):
     lengths = [9, 9, 8, 6, 6, 5, 3, 2, 2, 1]
     test_packed_matches_torch_and_reference(cell, lengths, False, 1, True, True, dtype, packed_path,
                                             size=(24, 40))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layers,bidir", [(1, False), (2, True)], ids=["L1", "L2-bi"])
+def test_packed_projected_lstm(layers, bidir, dtype, packed_path):
+    """proj_size: the packed op runs the LSTM in m (rnnfast.functional._lstm_projected),
+    h0's term entering at each sequence's first step, which in reverse is its own last."""
+    test_packed_matches_torch_and_reference("lstm", [2, 7, 1, 5, 7, 3], False, layers, bidir, True,
+                                            dtype, packed_path, proj=3)
 
 
 def test_packed_dropout_between_layers_follows_torch():

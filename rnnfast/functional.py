@@ -290,8 +290,9 @@ def _stack_packed(run_layer, data: Tensor, batch_sizes: Tensor, states: Tuple[Te
                   weights: Sequence[LayerWeights], num_layers: int, bidirectional: bool,
                   dropout: float, training: bool) -> Tuple[Tensor, List[List[Tensor]]]:
     """_stack over packed data [rows, C] with states [L * D, N, H] in sorted batch order."""
-    segs = _segments(check_batch_sizes(batch_sizes, data.size(0)))
+    sizes = check_batch_sizes(batch_sizes, data.size(0))
     native = PACKED_OPS and not data.is_cuda
+    segs = None if native else _segments(sizes)  # the segments only where they run
     D = 2 if bidirectional else 1
     finals: List[List[Tensor]] = [[] for _ in states]
     x = data

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "rnnfast.h"
+#include "cpu/kernels.h"
 
 namespace rnnfast {
 
@@ -375,6 +376,27 @@ PyObject* py_last_cuda_plan(PyObject*, PyObject*) {
   });
 }
 
+// _C._cpu_isa() -> the build of the CPU step kernels that runs: 'avx512', 'avx2' or 'baseline'
+PyObject* py_cpu_isa(PyObject*, PyObject*) {
+  return python_call(
+      [] { return PyUnicode_FromString(rnnfast::cpu::cpu_isa_name(rnnfast::cpu::cpu_isa())); });
+}
+
+// _C._set_cpu_isa(name) -> the previous setting
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  return python_call([arg]() -> PyObject* {
+    const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+    if (name == nullptr) {
+      PyErr_Clear();
+      PyErr_SetString(PyExc_TypeError,
+                      "expected the CPU ISA as a str: 'baseline', 'avx2' or 'avx512'");
+      return nullptr;
+    }
+    const rnnfast::cpu::CpuIsa previous = rnnfast::cpu::set_cpu_isa("rnnfast.cpu_isa", name);
+    return PyUnicode_FromString(rnnfast::cpu::cpu_isa_name(previous));
+  });
+}
+
 // _C._step_gemm() -> "cublas" or "aten" (the per-step path's 16-bit GEMMs), None without CUDA
 PyObject* py_step_gemm(PyObject*, PyObject*) {
 #ifdef RNNFAST_WITH_CUDA
@@ -397,6 +419,8 @@ PyMethodDef methods[] = {
      "(forward, backward): 'plain', 'fused', 'graph' or None, how the last ran its steps"},
     {"_last_cuda_plan", py_last_cuda_plan, METH_NOARGS,
      "(forward, backward) persistent plans last made: the cost model's estimates and sizes"},
+    {"_cpu_isa", py_cpu_isa, METH_NOARGS, "the build of the CPU step kernels that runs"},
+    {"_set_cpu_isa", py_set_cpu_isa, METH_O, "sets the CPU kernels' build, returns the previous"},
     {"_step_gemm", py_step_gemm, METH_NOARGS,
      "what the per-step path's 16-bit GEMMs go through: 'cublas', 'aten' or None (no CUDA)"},
     {nullptr, nullptr, 0, nullptr}};

@@ -205,6 +205,32 @@ class GRUFunction(torch.autograd.Function):
         return (dx, dh0, dw_ih, dw_hh) + _bias_grads(ctx.has_bias, db_ih, db_hh) + (None,) * 2
 
 
+# ---- which build of the CPU step kernels runs (csrc/cpu/kernels.cpp) ----
+
+def get_cpu_isa():
+    """The build of the CPU step kernels that runs: 'avx512' (16-wide; AVX-512 F, VL, BW
+    and DQ), 'avx2' (8-wide, AVX2 and FMA) or 'baseline'. The default is the best the CPU
+    has; the environment variable RNNFAST_CPU_ISA sets the initial value."""
+    return _C._cpu_isa()
+
+
+def set_cpu_isa(isa):
+    """Sets the build of the CPU step kernels for every later call ('avx512', 'avx2' or
+    'baseline', one the CPU can run) and returns the previous setting; for tests and
+    benchmarks. A call that has started keeps the build it started with."""
+    return _C._set_cpu_isa(isa)
+
+
+@contextlib.contextmanager
+def cpu_isa(isa):
+    """``with rnnfast._ops.cpu_isa("avx2"): ...`` runs the block with that build."""
+    previous = set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        set_cpu_isa(previous)
+
+
 # ---- which CUDA design runs (csrc/cuda/persistent.cuh); the CPU ignores the setting ----
 
 def get_cuda_path():

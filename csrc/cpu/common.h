@@ -103,20 +103,26 @@ Tensor final_state(const StepRows& L, bool reverse, const Tensor& init, int64_t 
 }
 
 // Whether weight_gemm takes oneDNN's linear, by torch release (its MKL and oneDNN change
-// with it). Measured on 2 cores of an AMD EPYC (Zen 3), 2026-11-28, float32, the shapes of
-// the input projection and dx (M = T * N up to 16384, K and P 256-4096): under torch 2.6
-// and 2.11 oneDNN took 0.87x-1.01x of addmm's time; under 2.14.1 addmm took 0.80x-0.93x of
-// oneDNN's, and whole layers gained 2-11% from it (Elman forward N = 64, H = 1024: 1.26x ->
-// 1.40x torch.nn's speed; LSTM forward+backward N = 64, H = 512: 1.00x -> 1.06x). 2.12 and
-// 2.13 are unmeasured and keep oneDNN, as before.
+// with it) and CPU. Measured on 2 cores of an AMD EPYC (Zen 3, AVX2), 2026-11-28, float32,
+// the shapes of the input projection and dx (M = T * N up to 16384, K and P 256-4096):
+// under torch 2.6 and 2.11 oneDNN took 0.87x-1.01x of addmm's time; under 2.14.1 addmm
+// took 0.80x-0.93x of oneDNN's, and whole layers gained 2-11% from it (Elman forward N =
+// 64, H = 1024: 1.26x -> 1.40x torch.nn's speed; LSTM forward+backward N = 64, H = 512:
+// 1.00x -> 1.06x). 2.12 and 2.13 are unmeasured and keep oneDNN, as before. On a CPU with
+// AVX-512 it is oneDNN in every release: on 2 cores of an AMD EPYC with AVX-512 (Zen 5),
+// torch 2.14.1's addmm (MKL) ran 256-bit code while oneDNN ran 512-bit code and took
+// 0.47x-0.58x of its time at M = 1024-6400, K and P 256-2048.
+inline bool onednn_weight_gemms() {
 #if defined(RNNFAST_TORCH_VERSION) && RNNFAST_TORCH_VERSION >= 214
-constexpr bool kOneDnnWeightGemms = false;
+  static const bool use = best_cpu_isa() == CpuIsa::kAvx512;
+  return use;
 #else
-constexpr bool kOneDnnWeightGemms = true;
+  return true;
 #endif
+}
 
 // a [M, K] @ w [P, K]^T (+ bias [P]) -> [M, P]: the whole-sequence GEMMs that read a
-// weight. In float32, where kOneDnnWeightGemms, they go through oneDNN's linear where
+// weight. In float32, where onednn_weight_gemms(), they go through oneDNN's linear where
 // torch has it (torch's own mkldnn::_linear_pointwise op, found once through the
 // dispatcher and called boxed, so that no C++ signature is assumed): on CPUs where MKL runs
 // its generic code path (AMD) it was faster. Small GEMMs and anything else: addmm.
@@ -131,7 +137,8 @@ inline Tensor weight_gemm(const Tensor& a, const Tensor& w, const std::optional<
     return std::optional<c10::OperatorHandle>();
   }();
   // oneDNN's per-call cost only pays off on GEMMs of some size
-  if (kOneDnnWeightGemms && onednn && a.scalar_type() == at::kFloat && a.size(0) >= 256 && a.size(1) > 0) {
+  if (onednn && a.scalar_type() == at::kFloat && a.size(0) >= 256 && a.size(1) > 0 &&
+      onednn_weight_gemms()) {
     std::vector<c10::IValue> stack{a, w.contiguous(), bias ? c10::IValue(*bias) : c10::IValue(),
                                    c10::IValue(std::string("none")),
                                    c10::IValue(c10::List<std::optional<c10::Scalar>>()),
@@ -275,7 +282,7 @@ void parallel_rows(int64_t rows, int64_t elements_per_row, const F& f) {
 // re-reading the same slice of the packed W_hh from its own cache, and the threads meet at
 // one barrier per step (a fork and join per step would cost more than a small step).
 
-inline int64_t unit_blocks(int64_t H) { return (H + kUnitBlock - 1) / kUnitBlock; }
+inline int64_t unit_blocks(int64_t H, int64_t lanes) { return (H + lanes - 1) / lanes; }
 
 // Threads worth using: each needs enough multiply-adds per step to pay for a barrier.
 inline int64_t step_threads(int64_t nb, int64_t fma_per_block) {
@@ -312,11 +319,13 @@ void in_step_region(int64_t nb, int64_t threads, const F& body) {
 inline bool descending_step(int64_t s) { return (s & 1) != 0; }
 
 // Forward: step(s, b0, b1) computes step s (in visiting order, s0 <= s < s1) for unit
-// blocks [b0, b1).
+// blocks [b0, b1) of w's layout (w.lanes units each); a step takes fma_per_unit
+// multiply-adds per unit.
 template <typename F>
-void forward_steps(int64_t s0, int64_t s1, int64_t H, int64_t fma_per_block, const F& step) {
-  const int64_t nb = unit_blocks(H);
-  in_step_region(nb, step_threads(nb, fma_per_block), [&](int64_t b0, int64_t b1, auto barrier) {
+void forward_steps(int64_t s0, int64_t s1, int64_t H, const StepWeights& w, int64_t fma_per_unit,
+                   const F& step) {
+  const int64_t nb = unit_blocks(H, w.lanes);
+  in_step_region(nb, step_threads(nb, fma_per_unit * w.lanes), [&](int64_t b0, int64_t b1, auto barrier) {
     for (int64_t s = s0; s < s1; ++s) {
       if (b0 < b1) step(s, b0, b1);
       barrier();
@@ -329,11 +338,11 @@ void forward_steps(int64_t s0, int64_t s1, int64_t H, int64_t fma_per_block, con
 // units, which needs the gate gradients of every unit. The second of one step and the
 // first of the next touch the same units only, so no barrier separates them.
 template <typename A, typename B>
-void backward_steps(int64_t T, int64_t H, int64_t fma_per_block, const A& gate_grads,
-                    const B& recurrent_grad) {
+void backward_steps(int64_t T, int64_t H, const StepWeights& w, int64_t fma_per_unit,
+                    const A& gate_grads, const B& recurrent_grad) {
   if (T == 0) return;
-  const int64_t nb = unit_blocks(H);
-  in_step_region(nb, step_threads(nb, fma_per_block), [&](int64_t b0, int64_t b1, auto barrier) {
+  const int64_t nb = unit_blocks(H, w.lanes);
+  in_step_region(nb, step_threads(nb, fma_per_unit * w.lanes), [&](int64_t b0, int64_t b1, auto barrier) {
     if (b0 < b1) gate_grads(T - 1, b0, b1);
     barrier();
     for (int64_t s = T - 1; s >= 0; --s) {
@@ -346,13 +355,13 @@ void backward_steps(int64_t T, int64_t H, int64_t fma_per_block, const A& gate_g
   });
 }
 
-// Units [u0, u0 + count) of blocks [b0, b1).
+// Units [u0, u0 + count) of blocks [b0, b1) of w's layout.
 struct UnitRange {
   int64_t u0, count;
 };
-inline UnitRange units_of(int64_t b0, int64_t b1, int64_t H) {
-  const int64_t u0 = b0 * kUnitBlock;
-  return {u0, std::min(b1 * kUnitBlock, H) - u0};
+inline UnitRange units_of(int64_t b0, int64_t b1, int64_t H, const StepWeights& w) {
+  const int64_t u0 = b0 * w.lanes;
+  return {u0, std::min(b1 * w.lanes, H) - u0};
 }
 
 // The reverse-time loop of every cell's backward, for dg_hh [R, G*H] (the gate gradients
@@ -367,18 +376,18 @@ void reverse_time_loop(const Tensor& dg_hh, const StepRows& L, const Tensor& w_h
                        Tensor& dh_carry, bool accumulate, const F& gate_grads) {
   const int64_t T = L.T, N = L.N, GH = dg_hh.size(1), H = w_hh.size(1);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const Tensor wb = pack_backward_weights(w_hh);
+    const StepWeights wb = backward_step_weights(w_hh);
     const float* dg = dg_hh.data_ptr<float>();
     float* dhc = dh_carry.data_ptr<float>();
     backward_steps(
-        T, H, N * GH * kUnitBlock,
+        T, H, wb, N * GH,
         [&](int64_t s, int64_t b0, int64_t b1) {
-          const UnitRange u = units_of(b0, b1, H);
+          const UnitRange u = units_of(b0, b1, H, wb);
           gate_grads(s, L.rows(time_index(s, T, reverse)), 0, u.u0, u.count);
         },
         [&](int64_t s, int64_t b0, int64_t b1) {
           const int64_t t = time_index(s, T, reverse);
-          recurrent_dh_blocks(wb.data_ptr<float>(), dg + L.offset(t) * GH, L.rows(t), GH, H,
+          recurrent_dh_blocks(wb, dg + L.offset(t) * GH, L.rows(t), GH, H,
                               dhc, b0, b1, accumulate, descending_step(s));
         });
   } else {

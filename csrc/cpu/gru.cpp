@@ -55,13 +55,13 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_rows(const Tensor& x, const StepR
       const int64_t s1 = std::min(T, s0 + xp.steps_per_chunk);
       xp.project(s0, s1);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        forward_steps(s0, s1, H, N * 3 * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
+        forward_steps(s0, s1, H, wf, N * 3 * H, [&](int64_t s, int64_t b0, int64_t b1) {
           const int64_t n = L.rows(t_of(s));
           split_by_source(L, s, reverse, 0, n, [&](int64_t n0, int64_t rows, bool init) {
             recurrent_gates_blocks(wf, h_src(s, init) + n0 * H, rows, H, hhp + n0 * 3 * H, b0,
                                    b1, /*accumulate=*/false, descending_step(s));
           });
-          const UnitRange u = units_of(b0, b1, H);
+          const UnitRange u = units_of(b0, b1, H, wf);
           cell(s, n, 0, u.u0, u.count);
         });
       } else {

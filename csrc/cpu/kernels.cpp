@@ -1,12 +1,14 @@
-// Builds the per-step kernels twice, for AVX2+FMA and for the baseline ISA, and
-// dispatches at run time: one extension binary runs on every x86-64 CPU and still gets
-// 8-wide FMA code on the CPUs that have it.
+// Builds the per-step kernels three times, for AVX-512 (F, VL, BW, DQ), AVX2+FMA and the
+// baseline ISA, and dispatches at run time: one extension binary runs on every x86-64 CPU
+// and still gets 16- or 8-wide FMA code on the CPUs that have it.
 #include "kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -26,53 +28,124 @@
   template void gru_backward_block<T>(const T*, T*, const T*, const T*, T*, T*, int64_t,     \
                                       int64_t, int64_t, int64_t);
 
+#define RNNFAST_INSTANTIATE_STEP_GEMMS(G)                                                    \
+  template void recurrent_gates_blocks<G>(const float*, const float*, int64_t, int64_t, float*, \
+                                          int64_t, int64_t, bool, bool);                       \
+  template void recurrent_gates_rows<G>(const float*, const float*, int64_t, int64_t, float*,   \
+                                        int64_t, int64_t, bool, bool);
+
+// One build per ISA: RNNFAST_LANES is the unit block (one vector of floats),
+// RNNFAST_ACC_REGS the accumulator vectors a tile of the step GEMMs keeps in registers.
 #if defined(__x86_64__) && defined(__GNUC__)
-#define RNNFAST_HAVE_AVX2_BUILD 1
+#define RNNFAST_HAVE_X86_BUILDS 1
+#pragma GCC push_options
+// 512-bit vectors for the auto-vectorised pointwise loops too (GCC's generic tuning may
+// prefer 256-bit ones)
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+#define RNNFAST_LANES 16
+#define RNNFAST_ACC_REGS 24
+namespace rnnfast::cpu::avx512 {
+#include "pointwise_impl.h"
+#include "step_gemm_impl.h"
+RNNFAST_INSTANTIATE(float)
+RNNFAST_INSTANTIATE(double)
+RNNFAST_INSTANTIATE_STEP_GEMMS(1)
+RNNFAST_INSTANTIATE_STEP_GEMMS(3)
+RNNFAST_INSTANTIATE_STEP_GEMMS(4)
+}  // namespace rnnfast::cpu::avx512
+#undef RNNFAST_LANES
+#undef RNNFAST_ACC_REGS
+#pragma GCC pop_options
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define RNNFAST_LANES 8
+#define RNNFAST_ACC_REGS 12
 namespace rnnfast::cpu::avx2 {
 #include "pointwise_impl.h"
 #include "step_gemm_impl.h"
 RNNFAST_INSTANTIATE(float)
 RNNFAST_INSTANTIATE(double)
-template void recurrent_gates_blocks<1>(const float*, const float*, int64_t, int64_t, float*,
-                                        int64_t, int64_t, bool, bool);
-template void recurrent_gates_blocks<3>(const float*, const float*, int64_t, int64_t, float*,
-                                        int64_t, int64_t, bool, bool);
-template void recurrent_gates_blocks<4>(const float*, const float*, int64_t, int64_t, float*,
-                                        int64_t, int64_t, bool, bool);
-template void recurrent_gates_rows<1>(const float*, const float*, int64_t, int64_t, float*,
-                                      int64_t, int64_t, bool, bool);
-template void recurrent_gates_rows<3>(const float*, const float*, int64_t, int64_t, float*,
-                                      int64_t, int64_t, bool, bool);
-template void recurrent_gates_rows<4>(const float*, const float*, int64_t, int64_t, float*,
-                                      int64_t, int64_t, bool, bool);
+RNNFAST_INSTANTIATE_STEP_GEMMS(1)
+RNNFAST_INSTANTIATE_STEP_GEMMS(3)
+RNNFAST_INSTANTIATE_STEP_GEMMS(4)
 }  // namespace rnnfast::cpu::avx2
+#undef RNNFAST_LANES
+#undef RNNFAST_ACC_REGS
 #pragma GCC pop_options
 #endif
 
+#define RNNFAST_LANES 8
+#define RNNFAST_ACC_REGS 12
 namespace rnnfast::cpu::base {
 #include "pointwise_impl.h"
 #include "step_gemm_impl.h"
 }  // namespace rnnfast::cpu::base
+#undef RNNFAST_LANES
+#undef RNNFAST_ACC_REGS
 
 namespace rnnfast::cpu {
+
 namespace {
-bool use_avx2() {
-#ifdef RNNFAST_HAVE_AVX2_BUILD
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
+std::atomic<int> isa_setting{-1};  // -1: not read from RNNFAST_CPU_ISA yet
+
+CpuIsa parse_isa(const char* what, const std::string& name) {
+  int found = -1;
+  for (int i = 0; i < 3; ++i)
+    if (name == kIsaNames[i]) found = i;
+  TORCH_CHECK_VALUE(found >= 0, what, ": expected 'baseline', 'avx2' or 'avx512', but got '",
+                    name, "'");
+  const CpuIsa best = best_cpu_isa();
+  TORCH_CHECK_VALUE(found <= static_cast<int>(best), what, ": this CPU cannot run the '", name,
+                    "' kernels (the most it has is '", cpu_isa_name(best), "')");
+  return static_cast<CpuIsa>(found);
 }
 }  // namespace
 
-#ifdef RNNFAST_HAVE_AVX2_BUILD
-#define RNNFAST_DISPATCH(fn, ...) (use_avx2() ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
-#else
-#define RNNFAST_DISPATCH(fn, ...) base::fn(__VA_ARGS__)
+const char* cpu_isa_name(CpuIsa isa) { return kIsaNames[static_cast<int>(isa)]; }
+
+CpuIsa best_cpu_isa() {
+  static const CpuIsa best = [] {
+#ifdef RNNFAST_HAVE_X86_BUILDS
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return CpuIsa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::kAvx2;
 #endif
+    return CpuIsa::kBaseline;
+  }();
+  return best;
+}
+
+CpuIsa cpu_isa() {
+  int v = isa_setting.load();
+  if (v < 0) {
+    const char* env = std::getenv("RNNFAST_CPU_ISA");
+    const CpuIsa isa =
+        env != nullptr && *env != 0 ? parse_isa("RNNFAST_CPU_ISA", env) : best_cpu_isa();
+    int unread = -1;
+    isa_setting.compare_exchange_strong(unread, static_cast<int>(isa));
+    v = isa_setting.load();
+  }
+  return static_cast<CpuIsa>(v);
+}
+
+CpuIsa set_cpu_isa(const char* what, const std::string& name) {
+  const CpuIsa previous = cpu_isa();
+  isa_setting.store(static_cast<int>(parse_isa(what, name)));
+  return previous;
+}
+
+#ifdef RNNFAST_HAVE_X86_BUILDS
+#define RNNFAST_ISA_CALL(isa, fn, ...)                               \
+  ((isa) == CpuIsa::kAvx512 ? avx512::fn(__VA_ARGS__)                \
+   : (isa) == CpuIsa::kAvx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
+#else
+#define RNNFAST_ISA_CALL(isa, fn, ...) base::fn(__VA_ARGS__)
+#endif
+// the pointwise kernels: any build for any call (their units need no block layout)
+#define RNNFAST_DISPATCH(fn, ...) RNNFAST_ISA_CALL(cpu_isa(), fn, __VA_ARGS__)
 
 template <typename scalar_t>
 void elman_forward_block(scalar_t* pre, int64_t rows, int64_t H, int64_t u0, int64_t count,
@@ -117,27 +190,28 @@ void gru_backward_block(const scalar_t* dy, scalar_t* dh_carry, const scalar_t* 
 RNNFAST_INSTANTIATE(float)
 RNNFAST_INSTANTIATE(double)
 
+namespace {
 // Plain loops: a permuted .contiguous() of these shapes goes through TensorIterator's
 // strided copy, which costs more than a whole short sequence. Writes are sequential.
-at::Tensor pack_forward_weights(const at::Tensor& w_hh, int64_t G) {
-  const int64_t H = w_hh.size(1), nb = (H + kUnitBlock - 1) / kUnitBlock;
-  at::Tensor packed = at::empty({nb, H, G, kUnitBlock}, w_hh.options());
+at::Tensor pack_forward_weights(const at::Tensor& w_hh, int64_t G, int64_t L) {
+  const int64_t H = w_hh.size(1), nb = (H + L - 1) / L;
+  at::Tensor packed = at::empty({nb, H, G, L}, w_hh.options());
   const float* w = w_hh.data_ptr<float>();
   float* p = packed.data_ptr<float>();
-  // per block: read its G*8 rows of W_hh in order, scatter into the block's packed slice
-  // (H*G*8 floats, small enough to stay in L1 while it fills)
+  // per block: read its G*L rows of W_hh in order, scatter into the block's packed slice
+  // (H*G*L floats, small enough to stay in L1 while it fills)
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t valid = std::min(kUnitBlock, H - b * kUnitBlock);
-      float* dst = p + b * H * G * kUnitBlock;
+      const int64_t valid = std::min(L, H - b * L);
+      float* dst = p + b * H * G * L;
       for (int64_t k = 0; k < G; ++k)
-        for (int64_t u = 0; u < kUnitBlock; ++u) {
-          float* d = dst + k * kUnitBlock + u;
+        for (int64_t u = 0; u < L; ++u) {
+          float* d = dst + k * L + u;
           if (u < valid) {
-            const float* src = w + (k * H + b * kUnitBlock + u) * H;  // W_hh[k*H + unit][:]
-            for (int64_t j = 0; j < H; ++j) d[j * G * kUnitBlock] = src[j];
+            const float* src = w + (k * H + b * L + u) * H;  // W_hh[k*H + unit][:]
+            for (int64_t j = 0; j < H; ++j) d[j * G * L] = src[j];
           } else {
-            for (int64_t j = 0; j < H; ++j) d[j * G * kUnitBlock] = 0.0f;
+            for (int64_t j = 0; j < H; ++j) d[j * G * L] = 0.0f;
           }
         }
     }
@@ -145,43 +219,60 @@ at::Tensor pack_forward_weights(const at::Tensor& w_hh, int64_t G) {
   return packed;
 }
 
-at::Tensor pack_backward_weights(const at::Tensor& w_hh) {
-  const int64_t GH = w_hh.size(0), H = w_hh.size(1), nb = (H + kUnitBlock - 1) / kUnitBlock;
-  at::Tensor packed = at::empty({nb, GH, kUnitBlock}, w_hh.options());
+at::Tensor pack_backward_weights(const at::Tensor& w_hh, int64_t L) {
+  const int64_t GH = w_hh.size(0), H = w_hh.size(1), nb = (H + L - 1) / L;
+  at::Tensor packed = at::empty({nb, GH, L}, w_hh.options());
   const float* w = w_hh.data_ptr<float>();
   float* p = packed.data_ptr<float>();
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t valid = std::min(kUnitBlock, H - b * kUnitBlock);
+      const int64_t valid = std::min(L, H - b * L);
       for (int64_t g = 0; g < GH; ++g) {
-        const float* src = w + g * H + b * kUnitBlock;
-        float* dst = p + (b * GH + g) * kUnitBlock;
-        for (int64_t u = 0; u < kUnitBlock; ++u) dst[u] = u < valid ? src[u] : 0.0f;
+        const float* src = w + g * H + b * L;
+        float* dst = p + (b * GH + g) * L;
+        for (int64_t u = 0; u < L; ++u) dst[u] = u < valid ? src[u] : 0.0f;
       }
     }
   });
   return packed;
 }
 
-StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N) {
+StepWeights step_weights(at::Tensor tensor, int64_t G, bool packed, CpuIsa isa) {
   StepWeights w;
-  w.G = G;
-  w.packed = N * G > kMaxDotRowsTimesGates;
-  w.tensor = w.packed ? pack_forward_weights(w_hh, G) : w_hh.contiguous();
+  w.tensor = std::move(tensor);
   w.data = w.tensor.data_ptr<float>();
+  w.G = G;
+  w.packed = packed;
+  w.isa = isa;
+  w.lanes = isa_lanes(isa);
   return w;
+}
+}  // namespace
+
+StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N) {
+  const CpuIsa isa = cpu_isa();
+  const bool packed = N * G > kMaxDotRowsTimesGates;
+  return step_weights(packed ? pack_forward_weights(w_hh, G, isa_lanes(isa)) : w_hh.contiguous(),
+                      G, packed, isa);
+}
+
+StepWeights backward_step_weights(const at::Tensor& w_hh) {
+  const CpuIsa isa = cpu_isa();
+  const int64_t H = w_hh.size(1);
+  return step_weights(pack_backward_weights(w_hh, isa_lanes(isa)),
+                      H > 0 ? w_hh.size(0) / H : 0, true, isa);
 }
 
 void recurrent_gates_blocks(const StepWeights& w, const float* h, int64_t N, int64_t H,
                             float* out, int64_t b0, int64_t b1, bool accumulate,
                             bool descending) {
-#define RNNFAST_GATES(G)                                                                    \
-  if (w.packed) {                                                                           \
-    RNNFAST_DISPATCH(recurrent_gates_blocks<G>, w.data, h, N, H, out, b0, b1, accumulate,   \
-                     descending);                                                           \
-  } else {                                                                                  \
-    RNNFAST_DISPATCH(recurrent_gates_rows<G>, w.data, h, N, H, out, b0, b1, accumulate,     \
-                     descending);                                                           \
+#define RNNFAST_GATES(G)                                                                      \
+  if (w.packed) {                                                                             \
+    RNNFAST_ISA_CALL(w.isa, recurrent_gates_blocks<G>, w.data, h, N, H, out, b0, b1,          \
+                     accumulate, descending);                                                 \
+  } else {                                                                                    \
+    RNNFAST_ISA_CALL(w.isa, recurrent_gates_rows<G>, w.data, h, N, H, out, b0, b1, accumulate, \
+                     descending);                                                             \
   }
   switch (w.G) {
     case 1:
@@ -197,10 +288,10 @@ void recurrent_gates_blocks(const StepWeights& w, const float* h, int64_t N, int
 #undef RNNFAST_GATES
 }
 
-void recurrent_dh_blocks(const float* wb, const float* dg, int64_t N, int64_t GH, int64_t H,
-                         float* dh, int64_t b0, int64_t b1, bool accumulate,
-                         bool descending) {
-  RNNFAST_DISPATCH(recurrent_dh_blocks, wb, dg, N, GH, H, dh, b0, b1, accumulate, descending);
+void recurrent_dh_blocks(const StepWeights& w, const float* dg, int64_t N, int64_t GH, int64_t H,
+                         float* dh, int64_t b0, int64_t b1, bool accumulate, bool descending) {
+  RNNFAST_ISA_CALL(w.isa, recurrent_dh_blocks, w.data, dg, N, GH, H, dh, b0, b1, accumulate,
+                   descending);
 }
 
 }  // namespace rnnfast::cpu

@@ -1,12 +1,13 @@
 // Per-step CPU kernels: the pointwise math of every cell (pointwise_impl.h) and the
-// weight-stationary float32 recurrent GEMMs (step_gemm_impl.h). Each call picks, once per
-// process, the AVX2+FMA build where the CPU has it and the baseline build elsewhere.
+// weight-stationary float32 recurrent GEMMs (step_gemm_impl.h), each built for AVX-512,
+// AVX2+FMA and the baseline ISA; the best the CPU has runs (cpu_isa below).
 // Pointwise kernels are instantiated for float and double.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 
 namespace rnnfast::cpu {
 
@@ -35,32 +36,46 @@ void gru_backward_block(const scalar_t* dy, scalar_t* dh_carry, const scalar_t* 
                         const scalar_t* cache, scalar_t* dg_ih, scalar_t* dg_hh, int64_t rows,
                         int64_t H, int64_t u0, int64_t count);
 
+// ---- which build of the kernels runs ----
+// The kernels are compiled once per ISA (kernels.cpp) and picked at run time: the best the
+// CPU has, or the one RNNFAST_CPU_ISA (baseline, avx2, avx512) or set_cpu_isa names.
+enum class CpuIsa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+CpuIsa best_cpu_isa();      // what this CPU (and this build) can run
+CpuIsa cpu_isa();           // the current setting
+// Sets it for every later call; throws c10::ValueError for a name that is not an ISA or
+// not one this CPU can run. `what` names the setting in that message.
+CpuIsa set_cpu_isa(const char* what, const std::string& name);  // returns the previous
+const char* cpu_isa_name(CpuIsa isa);
+
 // ---- weight-stationary recurrent GEMMs (float32); see step_gemm_impl.h ----
-constexpr int64_t kUnitBlock = 8;
+// Units go in blocks of one vector: 16 in the AVX-512 build, 8 in the others.
+inline int64_t isa_lanes(CpuIsa isa) { return isa == CpuIsa::kAvx512 ? 16 : 8; }
 
-// w_hh [G*H, H] -> [ceil(H/8)][H][G][8] (forward) and [ceil(H/8)][G*H][8] (backward).
-at::Tensor pack_forward_weights(const at::Tensor& w_hh, int64_t G);
-at::Tensor pack_backward_weights(const at::Tensor& w_hh);
-
-// The forward's recurrent weights as the step kernels read them: packed (above), or W_hh
-// itself (contiguous, no packing) for batches of N rows with N * G <= 4, where the
-// dot-product kernel is faster (measured: Elman up to N = 4, GRU and LSTM at N = 1).
+// The recurrent weights as one build of the step kernels reads them, made once per op
+// call (the build is fixed then, so that a change of setting cannot reach a running call):
+// forward: w_hh [G*H, H] packed to [ceil(H/L)][H][G][L], or W_hh itself (contiguous, no
+// packing) for batches of N rows with N * G <= 4, where the dot-product kernel is faster
+// (measured: Elman up to N = 4, GRU and LSTM at N = 1); backward: packed to
+// [ceil(H/L)][G*H][L]. L = lanes, units padded with zeros.
 constexpr int64_t kMaxDotRowsTimesGates = 4;
 struct StepWeights {
   at::Tensor tensor;  // keeps `data` alive
-  const float* data;
-  int64_t G;
-  bool packed;
+  const float* data = nullptr;
+  int64_t G = 0;
+  bool packed = false;
+  CpuIsa isa = CpuIsa::kBaseline;
+  int64_t lanes = 8;  // units per block
 };
 StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N);
+StepWeights backward_step_weights(const at::Tensor& w_hh);
 
 // out[n][k*H + u] (+)= (h W_hh^T)[n][k*H + u] for the units of blocks [b0, b1), visiting
 // the blocks in descending order when asked (alternate steps go opposite ways, so that
 // the end of one step's weights is still in cache at the start of the next).
 void recurrent_gates_blocks(const StepWeights& w, const float* h, int64_t N, int64_t H,
                             float* out, int64_t b0, int64_t b1, bool accumulate, bool descending);
-// dh[n][u] (+)= (dg W_hh)[n][u] for the units of blocks [b0, b1).
-void recurrent_dh_blocks(const float* wb, const float* dg, int64_t N, int64_t GH, int64_t H,
+// dh[n][u] (+)= (dg W_hh)[n][u] for the units of blocks [b0, b1) (w: backward_step_weights).
+void recurrent_dh_blocks(const StepWeights& w, const float* dg, int64_t N, int64_t GH, int64_t H,
                          float* dh, int64_t b0, int64_t b1, bool accumulate, bool descending);
 
 }  // namespace rnnfast::cpu

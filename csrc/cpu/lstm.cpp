@@ -67,14 +67,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_rows(
       const int64_t s1 = std::min(T, s0 + pre.steps_per_chunk);
       pre.project(s0, s1);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        forward_steps(s0, s1, H, N * 4 * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
+        forward_steps(s0, s1, H, wf, N * 4 * H, [&](int64_t s, int64_t b0, int64_t b1) {
           const int64_t n = L.rows(t_of(s));
           float* out = pre.at_time<float>(t_of(s));
           split_by_source(L, s, reverse, 0, n, [&](int64_t n0, int64_t rows, bool init) {
             recurrent_gates_blocks(wf, h_src(s, init) + n0 * H, rows, H, out + n0 * 4 * H, b0,
                                    b1, /*accumulate=*/true, descending_step(s));
           });
-          const UnitRange u = units_of(b0, b1, H);
+          const UnitRange u = units_of(b0, b1, H, wf);
           cell(s, n, 0, u.u0, u.count);
         });
       } else {

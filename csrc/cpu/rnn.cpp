@@ -32,14 +32,14 @@ std::tuple<Tensor, Tensor> rnn_forward_rows(const Tensor& x, const StepRows& L, 
     auto h_src = [&](int64_t s, bool init) -> const scalar_t* { return init ? h0p : step(s - 1); };
     if constexpr (std::is_same_v<scalar_t, float>) {
       const StepWeights wf = forward_step_weights(w_hh, 1, N);
-      forward_steps(0, T, H, N * H * kUnitBlock, [&](int64_t s, int64_t b0, int64_t b1) {
+      forward_steps(0, T, H, wf, N * H, [&](int64_t s, int64_t b0, int64_t b1) {
         float* pre = step(s);
         const int64_t n = L.rows(t_of(s));
         split_by_source(L, s, reverse, 0, n, [&](int64_t n0, int64_t rows, bool init) {
           recurrent_gates_blocks(wf, h_src(s, init) + n0 * H, rows, H, pre + n0 * H, b0, b1,
                                  /*accumulate=*/true, descending_step(s));
         });
-        const UnitRange u = units_of(b0, b1, H);
+        const UnitRange u = units_of(b0, b1, H, wf);
         elman_forward_block<float>(pre, n, H, u.u0, u.count, activation);
       });
     } else {

@@ -1,22 +1,33 @@
 // The recurrent GEMMs of one time step in float32, weight-stationary: each thread owns a
-// fixed range of 8-unit blocks of the hidden state for the whole sequence, so its slice
+// fixed range of unit blocks of the hidden state for the whole sequence, so its slice
 // of W_hh stays in its own core's cache from step to step (at small batch the step is
 // bound by reading W_hh; BLAS re-reads and re-packs all of it every step).
 //
-// Packed layouts (made once per op call, units padded to a multiple of 8 with zeros):
-//   forward  wf [H/8 blocks][H (j)][G][8 units]: gate pre-activations of block b are
-//            sum_j h[n][j] * wf[b][j][k][:], one 8-wide FMA per (n, j, gate)
-//   backward wb [H/8 blocks][G*H (g)][8 units]: dh_prev[n][8b:8b+8] = sum_g dg[n][g] * wb[b][g][:]
+// Packed layouts (made once per op call, units padded to a multiple of L with zeros, L =
+// kLanes, the unit block: 16 in the AVX-512 build, else 8):
+//   forward  wf [H/L blocks][H (j)][G][L units]: gate pre-activations of block b are
+//            sum_j h[n][j] * wf[b][j][k][:], one L-wide FMA per (n, j, gate)
+//   backward wb [H/L blocks][G*H (g)][L units]: dh_prev[n][Lb:Lb+L] = sum_g dg[n][g] * wb[b][g][:]
 //
-// Like pointwise_impl.h, included twice (AVX2+FMA and baseline) by kernels.cpp. GCC's
-// vector extensions lower the 8-wide type to whatever the target has. Each output is
-// summed by one thread in a fixed order: results do not depend on the thread count.
+// Like pointwise_impl.h, included once per ISA (AVX-512, AVX2+FMA, baseline) by
+// kernels.cpp, which defines RNNFAST_LANES (the vector width in floats) and
+// RNNFAST_ACC_REGS (the accumulator vectors a tile keeps: 12 of AVX2's 16 registers, 24 of
+// AVX-512's 32) first. GCC's vector extensions lower the vector types to whatever the
+// target has. Each output is summed by one thread in a fixed order: results do not depend
+// on the thread count.
+
+constexpr int kLanes = RNNFAST_LANES;
+constexpr int kAccRegs = RNNFAST_ACC_REGS;
 
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf8_unaligned __attribute__((vector_size(32), aligned(4), __may_alias__));
+typedef float vfl __attribute__((vector_size(4 * kLanes)));
+typedef float vfl_unaligned __attribute__((vector_size(4 * kLanes), aligned(4), __may_alias__));
 
 inline vf8 load8(const float* p) { return *reinterpret_cast<const vf8_unaligned*>(p); }
 inline void store8(float* p, const vf8& v) { *reinterpret_cast<vf8_unaligned*>(p) = v; }
+inline vfl loadl(const float* p) { return *reinterpret_cast<const vfl_unaligned*>(p); }
+inline void storel(float* p, const vfl& v) { *reinterpret_cast<vfl_unaligned*>(p) = v; }
 
 // Independent accumulator sets per output: an FMA chain waits ~4 cycles per step, so with
 // fewer than 8 accumulators in flight (few rows, few gates) the K loop is split into S
@@ -27,25 +38,26 @@ constexpr int splits_for(int accumulators) {
 
 // Rows [0, NR) x gates [0, GP) of out[n][k * gate_stride + u] (+)= sum_j h[n][j] * w[j][k][u]
 // for u < valid, where w advances w_stride floats per j. NR x GP vectors of accumulators:
-// 12 of them, plus the GP weight vectors and one broadcast, fill AVX2's 16 registers.
-template <int GP, int NR, bool PREFETCH_OUT = true>
+// kAccRegs of them, plus the GP weight vectors and one broadcast, fill the registers.
+// SPLITS: the K loop's partial sums (0: splits_for(NR * GP)).
+template <int GP, int NR, bool PREFETCH_OUT = true, int SPLITS = 0>
 inline void gates_tile(const float* __restrict__ w, int64_t w_stride, const float* __restrict__ h,
                        int64_t ld_h, int64_t K, float* __restrict__ out, int64_t ld_out,
                        int64_t gate_stride, int64_t valid, bool accumulate,
-                       int64_t w_gate_stride = 8) {
-  constexpr int S = splits_for(NR * GP);
+                       int64_t w_gate_stride = kLanes) {
+  constexpr int S = SPLITS > 0 ? SPLITS : splits_for(NR * GP);
   // the outputs are rows 4*G*H bytes apart, last written by the input projection (long
   // gone from L1): fetch them while the K loop runs, not at the end
   if (accumulate && PREFETCH_OUT)
     for (int r = 0; r < NR; ++r)
       for (int k = 0; k < GP; ++k) __builtin_prefetch(out + r * ld_out + k * gate_stride, 1, 3);
-  vf8 acc[S][NR][GP];
+  vfl acc[S][NR][GP];
   for (int q = 0; q < S; ++q)
     for (int r = 0; r < NR; ++r)
-      for (int k = 0; k < GP; ++k) acc[q][r][k] = vf8{};
+      for (int k = 0; k < GP; ++k) acc[q][r][k] = vfl{};
   auto step = [&](int q, int64_t j) {
-    vf8 wv[GP];
-    for (int k = 0; k < GP; ++k) wv[k] = load8(w + j * w_stride + k * w_gate_stride);
+    vfl wv[GP];
+    for (int k = 0; k < GP; ++k) wv[k] = loadl(w + j * w_stride + k * w_gate_stride);
     for (int r = 0; r < NR; ++r) {
       const float x = h[r * ld_h + j];
       for (int k = 0; k < GP; ++k) acc[q][r][k] += wv[k] * x;
@@ -61,9 +73,9 @@ inline void gates_tile(const float* __restrict__ w, int64_t w_stride, const floa
   for (int r = 0; r < NR; ++r) {
     for (int k = 0; k < GP; ++k) {
       float* o = out + r * ld_out + k * gate_stride;
-      const vf8 v = acc[0][r][k];
-      if (valid == 8) {
-        store8(o, accumulate ? load8(o) + v : v);
+      const vfl v = acc[0][r][k];
+      if (valid == kLanes) {
+        storel(o, accumulate ? loadl(o) + v : v);
       } else {
         for (int64_t u = 0; u < valid; ++u) o[u] = accumulate ? o[u] + v[u] : v[u];
       }
@@ -71,20 +83,22 @@ inline void gates_tile(const float* __restrict__ w, int64_t w_stride, const floa
   }
 }
 
-// Rows [0, NR) x blocks [0, BP) of out[n][8 * c + u] (+)= sum_g dg[n][g] * wb[c][g][u], u <
+// Rows [0, NR) x blocks [0, BP) of out[n][L * c + u] (+)= sum_g dg[n][g] * wb[c][g][u], u <
 // valid (the last block's count), where block c's weights start c * w_block floats on.
+// The K loop is split as for two blocks whatever BP is, so that a block's sums do not
+// depend on whether it was paired (that depends on the threads' block ranges).
 template <int BP, int NR>
 inline void dh_tile(const float* __restrict__ wb, int64_t w_block, const float* __restrict__ dg,
                     int64_t ld_dg, int64_t K, float* __restrict__ out, int64_t ld_out,
                     int64_t valid, bool accumulate) {
-  constexpr int S = splits_for(NR * BP);
-  vf8 acc[S][NR][BP];
+  constexpr int S = splits_for(NR * 2);
+  vfl acc[S][NR][BP];
   for (int q = 0; q < S; ++q)
     for (int r = 0; r < NR; ++r)
-      for (int c = 0; c < BP; ++c) acc[q][r][c] = vf8{};
+      for (int c = 0; c < BP; ++c) acc[q][r][c] = vfl{};
   auto step = [&](int q, int64_t g) {
-    vf8 wv[BP];
-    for (int c = 0; c < BP; ++c) wv[c] = load8(wb + c * w_block + g * 8);
+    vfl wv[BP];
+    for (int c = 0; c < BP; ++c) wv[c] = loadl(wb + c * w_block + g * kLanes);
     for (int r = 0; r < NR; ++r) {
       const float x = dg[r * ld_dg + g];
       for (int c = 0; c < BP; ++c) acc[q][r][c] += wv[c] * x;
@@ -99,10 +113,10 @@ inline void dh_tile(const float* __restrict__ wb, int64_t w_block, const float* 
       for (int c = 0; c < BP; ++c) acc[0][r][c] += acc[q][r][c];
   for (int r = 0; r < NR; ++r) {
     for (int c = 0; c < BP; ++c) {
-      float* o = out + r * ld_out + c * 8;
-      const vf8 v = acc[0][r][c];
-      if (c < BP - 1 || valid == 8) {
-        store8(o, accumulate ? load8(o) + v : v);
+      float* o = out + r * ld_out + c * kLanes;
+      const vfl v = acc[0][r][c];
+      if (c < BP - 1 || valid == kLanes) {
+        storel(o, accumulate ? loadl(o) + v : v);
       } else {
         for (int64_t u = 0; u < valid; ++u) o[u] = accumulate ? o[u] + v[u] : v[u];
       }
@@ -128,10 +142,8 @@ inline void row_tiles(int64_t N, const F& tile) {
 
 // Gate pre-activations of unit blocks [b0, b1) for all N rows:
 // out[n][k * H + u] (+)= sum_j h[n][j] W_hh[k * H + u][j]. out rows are G*H apart.
-// Gate pre-activations of unit blocks [b0, b1) for all N rows:
-// out[n][k * H + u] (+)= sum_j h[n][j] W_hh[k * H + u][j]. out rows are G*H apart.
-// Tiles cover all G gates of a block for 12 / G rows (12 accumulators), so each pass over
-// a block's weights reads each h row once.
+// Tiles cover all G gates of a block for kAccRegs / G rows, so each pass over a block's
+// weights reads each h row once.
 template <int G>
 void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t H, float* out,
                             int64_t b0, int64_t b1, bool accumulate, bool descending) {
@@ -139,23 +151,24 @@ void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t 
   // h rows and output rows are H floats apart (4 KiB when H = 1024), and 12 h streams plus
   // 12 prefetched output lines in one 8-way L1 set thrashed it (N=64, H=1024: 0.64x of
   // torch.nn with both, 0.70x without the prefetch, 0.80x with 6 rows and no prefetch)
-  constexpr int NR = G == 1 ? 6 : 12 / G;
-  constexpr int64_t KC = kWeightChunkFloats / (G * 8);
+  constexpr int NR = G == 1 ? 6 : kAccRegs / G;
+  constexpr int64_t KC = kWeightChunkFloats / (G * kLanes);
   if constexpr (G == 1) {
-    // Elman: two full blocks (16 units) per tile, as if they were two gates, so that each
-    // broadcast of h feeds two FMAs (8 loads per 12 FMAs rather than 14). Pairs are taken
-    // from the end the snake order starts at; the rest goes through single blocks below.
-    const int64_t full = H / 8;
+    // Elman: two full blocks per tile, as if they were two gates, so that each broadcast
+    // of h feeds two FMAs (8 loads per 12 FMAs rather than 14). Pairs are taken from the
+    // end the snake order starts at; the rest goes through single blocks below.
+    const int64_t full = H / kLanes;
     while (b1 - b0 >= 2) {
       const int64_t b = descending ? b1 - 2 : b0;
       if (b + 1 >= full) break;  // the pair would hold the partial block
       for (int64_t k0 = 0; k0 < H; k0 += KC / 2) {
         const int64_t kc = std::min(KC / 2, H - k0);
         const bool acc = accumulate || k0 > 0;
-        const float* w = wf + (b * H + k0) * 8;
+        const float* w = wf + (b * H + k0) * kLanes;
         row_tiles<NR>(N, [&](auto rows, int64_t n) {
-          gates_tile<2, decltype(rows)::value, false>(w, 8, h + n * H + k0, H, kc,
-                                                      out + n * H + b * 8, H, 8, 8, acc, H * 8);
+          gates_tile<2, decltype(rows)::value, false>(w, kLanes, h + n * H + k0, H, kc,
+                                                      out + n * H + b * kLanes, H, kLanes, kLanes,
+                                                      acc, H * kLanes);
         });
       }
       if (descending) {
@@ -167,40 +180,43 @@ void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t 
   }
   for (int64_t i = 0; i < b1 - b0; ++i) {
     const int64_t b = descending ? b1 - 1 - i : b0 + i;
-    const int64_t u = b * 8, valid = std::min<int64_t>(8, H - u);
+    const int64_t u = b * kLanes, valid = std::min<int64_t>(kLanes, H - u);
     for (int64_t k0 = 0; k0 < H; k0 += KC) {
       const int64_t kc = std::min(KC, H - k0);
       const bool acc = accumulate || k0 > 0;
-      const float* w = wf + (b * H + k0) * G * 8;
+      const float* w = wf + (b * H + k0) * G * kLanes;
       row_tiles<NR>(N, [&](auto rows, int64_t n) {
-        gates_tile<G, decltype(rows)::value, /*PREFETCH_OUT=*/(G > 1)>(
-            w, G * 8, h + n * H + k0, H, kc, out + n * G * H + u, G * H, H, valid, acc);
+        // Elman's lone blocks split K as its pairs do, so that a block's sums do not depend
+        // on whether it was paired (that depends on the threads' block ranges)
+        constexpr int R = decltype(rows)::value;
+        gates_tile<G, R, /*PREFETCH_OUT=*/(G > 1), splits_for(R * (G == 1 ? 2 : G))>(
+            w, G * kLanes, h + n * H + k0, H, kc, out + n * G * H + u, G * H, H, valid, acc);
       });
     }
   }
 }
 
 // dh[n][u] (+)= sum_g dg[n][g] W_hh[g][u] for the units of blocks [b0, b1), all N rows,
-// two blocks (16 units) per tile where there are two.
+// two blocks per tile where there are two, kAccRegs / 2 rows.
 inline void recurrent_dh_blocks(const float* wb, const float* dg, int64_t N, int64_t GH,
                                 int64_t H, float* dh, int64_t b0, int64_t b1, bool accumulate,
                                 bool descending) {
-  constexpr int64_t KC = kDhChunkFloats / 16;
+  constexpr int64_t KC = kDhChunkFloats / (2 * kLanes);
   const int64_t pairs = (b1 - b0 + 1) / 2;
   for (int64_t i = 0; i < pairs; ++i) {
     const int64_t b = b0 + 2 * (descending ? pairs - 1 - i : i);
     const int64_t bp = std::min<int64_t>(2, b1 - b);
-    const int64_t u = b * 8, valid = std::min<int64_t>(8, H - (b + bp - 1) * 8);
+    const int64_t u = b * kLanes, valid = std::min<int64_t>(kLanes, H - (b + bp - 1) * kLanes);
     for (int64_t k0 = 0; k0 < GH; k0 += KC) {
       const int64_t kc = std::min(KC, GH - k0);
       const bool acc = accumulate || k0 > 0;
-      const float* w = wb + (b * GH + k0) * 8;
-      row_tiles<6>(N, [&](auto rows, int64_t n) {
+      const float* w = wb + (b * GH + k0) * kLanes;
+      row_tiles<kAccRegs / 2>(N, [&](auto rows, int64_t n) {
         constexpr int R = decltype(rows)::value;
         if (bp == 2) {
-          dh_tile<2, R>(w, GH * 8, dg + n * GH + k0, GH, kc, dh + n * H + u, H, valid, acc);
+          dh_tile<2, R>(w, GH * kLanes, dg + n * GH + k0, GH, kc, dh + n * H + u, H, valid, acc);
         } else {
-          dh_tile<1, R>(w, GH * 8, dg + n * GH + k0, GH, kc, dh + n * H + u, H, valid, acc);
+          dh_tile<1, R>(w, GH * kLanes, dg + n * GH + k0, GH, kc, dh + n * H + u, H, valid, acc);
         }
       });
     }
@@ -262,14 +278,16 @@ inline void dot_tile(const float* __restrict__ w, int64_t ld_w, int64_t rows,
   }
 }
 
-// The same result as recurrent_gates_blocks, from W_hh itself: rows in pairs through R = 4
-// tiles, a last odd row through an R = 8 tile.
+// The same result as recurrent_gates_blocks, from W_hh itself: each block's units 8 at a
+// time, rows in pairs through R = 4 tiles, a last odd row through an R = 8 tile.
 template <int G>
 void recurrent_gates_rows(const float* w_hh, const float* h, int64_t N, int64_t H, float* out,
                           int64_t b0, int64_t b1, bool accumulate, bool descending) {
-  for (int64_t i = 0; i < b1 - b0; ++i) {
-    const int64_t b = descending ? b1 - 1 - i : b0 + i;
-    const int64_t u = b * 8, valid = std::min<int64_t>(8, H - u);
+  for (int64_t i = 0; i < (b1 - b0) * (kLanes / 8); ++i) {
+    const int64_t b = descending ? b1 * (kLanes / 8) - 1 - i : b0 * (kLanes / 8) + i;
+    const int64_t u = b * 8;
+    if (u >= H) continue;  // the last block's empty half
+    const int64_t valid = std::min<int64_t>(8, H - u);
     for (int k = 0; k < G; ++k) {
       const float* w = w_hh + (k * H + u) * H;
       float* o = out + k * H + u;

@@ -12,14 +12,23 @@ import torch
 
 def machine_header(threads: int, device: str) -> dict:
     cpu = platform.processor() or platform.machine()
+    # family and model tell apart CPUs that share a model name ('AMD EPYC': Zen 3 is
+    # family 25, Zen 5 family 26)
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break  # the first processor's block is enough
     except OSError:
         pass
+    cpu = fields.get("model name", cpu)
+    cpu_id = (f"family {fields['cpu family']} model {fields['model']}"
+              if "cpu family" in fields and "model" in fields else "")
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -49,11 +58,15 @@ def machine_header(threads: int, device: str) -> dict:
             "timing": "CUDA events per call, device idle before it; median"})
     else:
         header["timing"] = "perf_counter per call; median"
+    from .. import _ops
+    header["cpu_isa"] = _ops.get_cpu_isa()  # which build of rnnfast's CPU kernels ran
+    if cpu_id:
+        header["cpu_id"] = cpu_id
     return header
 
 
 def header_line(header: dict) -> str:
-    keys = ["device", "gpu", "capability", "cpu", "cpu_threads", "torch", "cuda", "cudnn", "tf32",
+    keys = ["device", "gpu", "capability", "cpu", "cpu_id", "cpu_isa", "cpu_threads", "torch", "cuda", "cudnn", "tf32",
             "rnnfast_commit", "date"]
     return " | ".join(f"{k}: {header[k]}" for k in keys if k in header)
 

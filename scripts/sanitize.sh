@@ -31,6 +31,6 @@ if [ $# -eq 0 ]; then
   set -- tests/test_ops.py tests/test_parity.py tests/test_packed.py tests/test_packed_ops.py \
     tests/test_proj.py \
     tests/test_cells_convert.py tests/test_bad_input.py tests/test_properties.py \
-    tests/test_simple_rnn.py tests/test_cuda_path.py -k "not converted_model_trains"
+    tests/test_simple_rnn.py tests/test_cuda_path.py tests/test_cpu_isa.py -k "not converted_model_trains"
 fi
 exec "$PY" -m pytest -q -p no:cacheprovider "$@"

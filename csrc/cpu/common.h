@@ -411,10 +411,16 @@ void reverse_time_loop(const Tensor& dg_hh, const StepRows& L, const Tensor& w_h
 // torch.nn's level, for the price of transposing the [M, P] result. Where P is wide the
 // transpose only costs: at N = 1, H = 1024 the LSTM backward's three [4H, H] transposes
 // (about 10 ms each on 2 cores) were half its fixed cost (64 ms a call at T = 25).
+// Where weight_gemm takes oneDNN (onednn_weight_gemms: AVX-512 CPUs under torch 2.14), so
+// do these, as a^T (b^T)^T: on 2 cores of a Zen 5 with M = 1024, P = 2048, K = 512 (the
+// LSTM's dW at T = 64, N = 16, H = 512) MKL's at::mm took ~2x oneDNN's time, and the two
+// dW GEMMs were 44% of a forward+backward.
 constexpr int64_t kNarrowGradColumns = 64;
 inline Tensor mm_tn(const Tensor& a, const Tensor& b) {
   if (b.size(1) < a.size(1) && b.size(1) < kNarrowGradColumns)
     return at::mm(b.t(), a).t().contiguous();
+  if (onednn_weight_gemms() && a.scalar_type() == at::kFloat)
+    return weight_gemm(a.t(), b.t(), std::nullopt);
   return at::mm(a.t(), b);
 }
 

@@ -325,7 +325,8 @@ template <typename F>
 void forward_steps(int64_t s0, int64_t s1, int64_t H, const StepWeights& w, int64_t fma_per_unit,
                    const F& step) {
   const int64_t nb = unit_blocks(H, w.lanes);
-  in_step_region(nb, step_threads(nb, fma_per_unit * w.lanes), [&](int64_t b0, int64_t b1, auto barrier) {
+  const int64_t threads = step_threads(nb, fma_per_unit * w.lanes);
+  in_step_region(nb, threads, [&](int64_t b0, int64_t b1, auto barrier) {
     for (int64_t s = s0; s < s1; ++s) {
       if (b0 < b1) step(s, b0, b1);
       barrier();
@@ -342,7 +343,8 @@ void backward_steps(int64_t T, int64_t H, const StepWeights& w, int64_t fma_per_
                     const A& gate_grads, const B& recurrent_grad) {
   if (T == 0) return;
   const int64_t nb = unit_blocks(H, w.lanes);
-  in_step_region(nb, step_threads(nb, fma_per_unit * w.lanes), [&](int64_t b0, int64_t b1, auto barrier) {
+  const int64_t threads = step_threads(nb, fma_per_unit * w.lanes);
+  in_step_region(nb, threads, [&](int64_t b0, int64_t b1, auto barrier) {
     if (b0 < b1) gate_grads(T - 1, b0, b1);
     barrier();
     for (int64_t s = T - 1; s >= 0; --s) {
@@ -412,9 +414,12 @@ void reverse_time_loop(const Tensor& dg_hh, const StepRows& L, const Tensor& w_h
 // transpose only costs: at N = 1, H = 1024 the LSTM backward's three [4H, H] transposes
 // (about 10 ms each on 2 cores) were half its fixed cost (64 ms a call at T = 25).
 // Where weight_gemm takes oneDNN (onednn_weight_gemms: AVX-512 CPUs under torch 2.14), so
-// do these, as a^T (b^T)^T: on 2 cores of a Zen 5 with M = 1024, P = 2048, K = 512 (the
-// LSTM's dW at T = 64, N = 16, H = 512) MKL's at::mm took ~2x oneDNN's time, and the two
-// dW GEMMs were 44% of a forward+backward.
+// do these, as a^T (b^T)^T: on 2 cores of a Zen 5, MKL's at::mm took 1.3x-1.6x oneDNN's
+// time (its reorder of a^T included) at M = 640-6400, P = 512-2048, K = 256-512; in the
+// LSTM's forward+backward at T = 64, N = 16, H = 512 the two dW GEMMs by at::mm had been
+// 44% of the time. (Transposing dg once for both, then one GEMM for dW_hh, gained 4-6% at
+// N = 16 but lost 6% at T = 100, N = 64, H = 256, where oneDNN's own reorder beat
+// at::Tensor's transposing copy.)
 constexpr int64_t kNarrowGradColumns = 64;
 inline Tensor mm_tn(const Tensor& a, const Tensor& b) {
   if (b.size(1) < a.size(1) && b.size(1) < kNarrowGradColumns)

@@ -44,7 +44,7 @@ template <int GP, int NR, bool PREFETCH_OUT = true, int SPLITS = 0>
 inline void gates_tile(const float* __restrict__ w, int64_t w_stride, const float* __restrict__ h,
                        int64_t ld_h, int64_t K, float* __restrict__ out, int64_t ld_out,
                        int64_t gate_stride, int64_t valid, bool accumulate,
-                       int64_t w_gate_stride = kLanes) {
+                       int64_t w_gate_stride = kLanes, const float* next_w = nullptr) {
   constexpr int S = SPLITS > 0 ? SPLITS : splits_for(NR * GP);
   // the outputs are rows 4*G*H bytes apart, last written by the input projection (long
   // gone from L1): fetch them while the K loop runs, not at the end
@@ -58,6 +58,8 @@ inline void gates_tile(const float* __restrict__ w, int64_t w_stride, const floa
   auto step = [&](int q, int64_t j) {
     vfl wv[GP];
     for (int k = 0; k < GP; ++k) wv[k] = loadl(w + j * w_stride + k * w_gate_stride);
+    if (next_w != nullptr)
+      for (int k = 0; k < GP; ++k) __builtin_prefetch(next_w + j * w_stride + k * w_gate_stride);
     for (int r = 0; r < NR; ++r) {
       const float x = h[r * ld_h + j];
       for (int k = 0; k < GP; ++k) acc[q][r][k] += wv[k] * x;
@@ -90,7 +92,7 @@ inline void gates_tile(const float* __restrict__ w, int64_t w_stride, const floa
 template <int BP, int NR>
 inline void dh_tile(const float* __restrict__ wb, int64_t w_block, const float* __restrict__ dg,
                     int64_t ld_dg, int64_t K, float* __restrict__ out, int64_t ld_out,
-                    int64_t valid, bool accumulate) {
+                    int64_t valid, bool accumulate, const float* next_w = nullptr) {
   constexpr int S = splits_for(NR * 2);
   vfl acc[S][NR][BP];
   for (int q = 0; q < S; ++q)
@@ -99,6 +101,8 @@ inline void dh_tile(const float* __restrict__ wb, int64_t w_block, const float* 
   auto step = [&](int q, int64_t g) {
     vfl wv[BP];
     for (int c = 0; c < BP; ++c) wv[c] = loadl(wb + c * w_block + g * kLanes);
+    if (next_w != nullptr)
+      for (int c = 0; c < BP; ++c) __builtin_prefetch(next_w + c * w_block + g * kLanes);
     for (int r = 0; r < NR; ++r) {
       const float x = dg[r * ld_dg + g];
       for (int c = 0; c < BP; ++c) acc[q][r][c] += wv[c] * x;
@@ -130,12 +134,14 @@ inline void dh_tile(const float* __restrict__ wb, int64_t w_block, const float* 
 constexpr int64_t kWeightChunkFloats = 8192;
 constexpr int64_t kDhChunkFloats = 4096;
 
-// All N rows through tiles of NR rows, the remainder through tiles of 2 and 1:
-// tile(rows_tag, n) is called with std::integral_constant<int, rows>.
+// All N rows through tiles of NR rows, the remainder through tiles of 4 (where NR > 4), 2
+// and 1: tile(rows_tag, n) is called with std::integral_constant<int, rows>.
 template <int NR, typename F>
 inline void row_tiles(int64_t N, const F& tile) {
   int64_t n = 0;
   for (; n + NR <= N; n += NR) tile(std::integral_constant<int, NR>{}, n);
+  if constexpr (NR > 4)
+    for (; n + 4 <= N; n += 4) tile(std::integral_constant<int, 4>{}, n);
   for (; n + 2 <= N; n += 2) tile(std::integral_constant<int, 2>{}, n);
   for (; n < N; ++n) tile(std::integral_constant<int, 1>{}, n);
 }
@@ -185,12 +191,21 @@ void recurrent_gates_blocks(const float* wf, const float* h, int64_t N, int64_t 
       const int64_t kc = std::min(KC, H - k0);
       const bool acc = accumulate || k0 > 0;
       const float* w = wf + (b * H + k0) * G * kLanes;
+      // The first row tile fetches the weights of the chunk that comes next (this block's
+      // next, or the next block's first) while it runs: a block of W_hh that is not in
+      // this core's L2 (H = 1024: 256 KiB a block, 8 MiB a thread) otherwise arrives
+      // from L3 at the demand of the next chunk's first tile.
+      const int64_t next_b = descending ? b - 1 : b + 1;
+      const float* next_w = k0 + KC < H ? w + KC * G * kLanes
+                            : i + 1 < b1 - b0 ? wf + next_b * H * G * kLanes
+                                              : nullptr;
       row_tiles<NR>(N, [&](auto rows, int64_t n) {
         // Elman's lone blocks split K as its pairs do, so that a block's sums do not depend
         // on whether it was paired (that depends on the threads' block ranges)
         constexpr int R = decltype(rows)::value;
         gates_tile<G, R, /*PREFETCH_OUT=*/(G > 1), splits_for(R * (G == 1 ? 2 : G))>(
-            w, G * kLanes, h + n * H + k0, H, kc, out + n * G * H + u, G * H, H, valid, acc);
+            w, G * kLanes, h + n * H + k0, H, kc, out + n * G * H + u, G * H, H, valid, acc,
+            kLanes, n == 0 ? next_w : nullptr);
       });
     }
   }
@@ -211,12 +226,20 @@ inline void recurrent_dh_blocks(const float* wb, const float* dg, int64_t N, int
       const int64_t kc = std::min(KC, GH - k0);
       const bool acc = accumulate || k0 > 0;
       const float* w = wb + (b * GH + k0) * kLanes;
+      // the first row tile fetches the next chunk's weights, as in recurrent_gates_blocks
+      const int64_t next_b = descending ? b - 2 : b + 2;
+      const float* next_w = k0 + KC < GH ? w + KC * kLanes
+                            : i + 1 < pairs ? wb + next_b * GH * kLanes
+                                            : nullptr;
       row_tiles<kAccRegs / 2>(N, [&](auto rows, int64_t n) {
         constexpr int R = decltype(rows)::value;
+        const float* pf = n == 0 ? next_w : nullptr;
         if (bp == 2) {
-          dh_tile<2, R>(w, GH * kLanes, dg + n * GH + k0, GH, kc, dh + n * H + u, H, valid, acc);
+          dh_tile<2, R>(w, GH * kLanes, dg + n * GH + k0, GH, kc, dh + n * H + u, H, valid, acc,
+                        pf);
         } else {
-          dh_tile<1, R>(w, GH * kLanes, dg + n * GH + k0, GH, kc, dh + n * H + u, H, valid, acc);
+          dh_tile<1, R>(w, GH * kLanes, dg + n * GH + k0, GH, kc, dh + n * H + u, H, valid, acc,
+                        pf);
         }
       });
     }

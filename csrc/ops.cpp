@@ -289,6 +289,16 @@ PyObject* python_call(F body) {
   return nullptr;
 }
 
+// arg's text, or null with a TypeError saying `expected` set where arg is not a str
+const char* str_argument(PyObject* arg, const char* expected) {
+  const char* text = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (text == nullptr) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_TypeError, expected);
+  }
+  return text;
+}
+
 PyObject* py_cuda_path(PyObject*, PyObject*) {
   return python_call([] {
     return PyUnicode_FromString(rnnfast::kPathNames[static_cast<int>(rnnfast::cuda_path_mode())]);
@@ -297,13 +307,9 @@ PyObject* py_cuda_path(PyObject*, PyObject*) {
 
 PyObject* py_set_cuda_path(PyObject*, PyObject* arg) {
   return python_call([arg]() -> PyObject* {
-    const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
-    if (name == nullptr) {
-      PyErr_Clear();
-      PyErr_SetString(PyExc_TypeError,
-                      "expected the path as a str: 'auto', 'persistent', 'cluster' or 'step'");
-      return nullptr;
-    }
+    const char* name = str_argument(
+        arg, "expected the path as a str: 'auto', 'persistent', 'cluster' or 'step'");
+    if (name == nullptr) return nullptr;
     const int mode = rnnfast::parse_path("rnnfast.cuda_path", name);
     const int previous = static_cast<int>(rnnfast::cuda_path_mode());
     rnnfast::path_mode.store(mode);
@@ -385,13 +391,9 @@ PyObject* py_cpu_isa(PyObject*, PyObject*) {
 // _C._set_cpu_isa(name) -> the previous setting
 PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   return python_call([arg]() -> PyObject* {
-    const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
-    if (name == nullptr) {
-      PyErr_Clear();
-      PyErr_SetString(PyExc_TypeError,
-                      "expected the CPU ISA as a str: 'baseline', 'avx2' or 'avx512'");
-      return nullptr;
-    }
+    const char* name =
+        str_argument(arg, "expected the CPU ISA as a str: 'baseline', 'avx2' or 'avx512'");
+    if (name == nullptr) return nullptr;
     const rnnfast::cpu::CpuIsa previous = rnnfast::cpu::set_cpu_isa("rnnfast.cpu_isa", name);
     return PyUnicode_FromString(rnnfast::cpu::cpu_isa_name(previous));
   });

@@ -178,3 +178,24 @@ def test_bad_environment_variable_is_a_clear_error_at_the_first_call():
     out = _in_fresh_process("avx1024", code)
     assert out.returncode == 0, out.stderr
     assert "RNNFAST_CPU_ISA: expected 'baseline', 'avx2' or 'avx512', but got 'avx1024'" in out.stdout
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_weight_gradients_over_many_rows(cell):
+    """T * N = 2100 rows: on a CPU where the weight gradients go through oneDNN (AVX-512,
+    torch 2.14 on) they are summed over chunks of at most 1000 rows (csrc/cpu/common.h,
+    mm_tn); C and H of 64 and more keep them off the narrow-output path."""
+    T, N, C, H = 70, 30, 72, 80
+    m, f, m64 = make_pair(cell, C, H, seed=11)
+    torch.manual_seed(12)
+    x = torch.randn(T, N, C)
+    outs = []
+    for mod, dtype in ((f, torch.float32), (m, torch.float32), (m64, torch.float64)):
+        xi = x.to(dtype).detach().clone().requires_grad_()
+        y, _ = mod(xi)
+        (y * torch.linspace(-1, 1, H, dtype=dtype)).sum().backward()
+        outs.append((xi.grad, {n: p.grad for n, p in mod.named_parameters()}))
+    (dx, g), (dx_t, g_t), (dx_r, g_r) = outs
+    assert_close_to_ref("dx", dx, dx_t, dx_r)
+    for name in g:
+        assert_close_to_ref(f"d{name}", g[name], g_t[name], g_r[name])

@@ -414,19 +414,38 @@ void reverse_time_loop(const Tensor& dg_hh, const StepRows& L, const Tensor& w_h
 // transpose only costs: at N = 1, H = 1024 the LSTM backward's three [4H, H] transposes
 // (about 10 ms each on 2 cores) were half its fixed cost (64 ms a call at T = 25).
 // Where weight_gemm takes oneDNN (onednn_weight_gemms: AVX-512 CPUs under torch 2.14), so
-// do these, as a^T (b^T)^T: on 2 cores of a Zen 5, MKL's at::mm took 1.3x-1.6x oneDNN's
-// time (its reorder of a^T included) at M = 640-6400, P = 512-2048, K = 256-512; in the
-// LSTM's forward+backward at T = 64, N = 16, H = 512 the two dW GEMMs by at::mm had been
-// 44% of the time. (Transposing dg once for both, then one GEMM for dW_hh, gained 4-6% at
-// N = 16 but lost 6% at T = 100, N = 64, H = 256, where oneDNN's own reorder beat
-// at::Tensor's transposing copy.)
+// do these, as sums over chunks of about kTnChunkRows rows of a^T (b^T)^T, each chunk's
+// a^T and b^T copied out first (oneDNN's linear reads both with the reduction contiguous).
+// A whole a^T is a copy whose rows are M floats apart: at M = 16384 (a power of two, as T
+// * N often is) the transposing copy of a [16384, 1024] took 42 ms, as long as the GEMM
+// by MKL, whose rows then all fall in one L1 set; in chunks of 1000 rows they are 4000
+// bytes apart. Measured on 2 cores of a Zen 5 against at::mm (MKL, 256-bit code there),
+// interleaved: 1.3x-1.6x faster at M = 1024-102400, P = 1024-2048, K = 256-512 (M = 16384,
+// P = 1024, K = 256: 32 against 44 ms); whole chunks of 2000 or 4000 rows were 2-10%
+// slower than 1000. (Transposing dg once for both dW GEMMs, unchunked, had gained 4-6% at
+// N = 16 but lost 6% at T = 100, N = 64, H = 256.)
 constexpr int64_t kNarrowGradColumns = 64;
+constexpr int64_t kTnChunkRows = 1000;
 inline Tensor mm_tn(const Tensor& a, const Tensor& b) {
   if (b.size(1) < a.size(1) && b.size(1) < kNarrowGradColumns)
     return at::mm(b.t(), a).t().contiguous();
-  if (onednn_weight_gemms() && a.scalar_type() == at::kFloat)
-    return weight_gemm(a.t(), b.t(), std::nullopt);
-  return at::mm(a.t(), b);
+  const int64_t K = a.size(0);
+  if (!(onednn_weight_gemms() && a.scalar_type() == at::kFloat) || K == 0)
+    return at::mm(a.t(), b);
+  // chunks as even as they go, each at most kTnChunkRows rows; summed in order
+  const int64_t chunks = (K + kTnChunkRows - 1) / kTnChunkRows, rows = (K + chunks - 1) / chunks;
+  Tensor out;
+  for (int64_t k0 = 0; k0 < K; k0 += rows) {
+    const int64_t k = std::min(rows, K - k0);
+    Tensor part = weight_gemm(a.narrow(0, k0, k).t().contiguous(),
+                              b.narrow(0, k0, k).t().contiguous(), std::nullopt);
+    if (out.defined()) {
+      out.add_(part);
+    } else {
+      out = std::move(part);
+    }
+  }
+  return out;
 }
 
 // The backward's whole-sequence GEMMs at the smallest sizes (small_gemm; all contiguous,

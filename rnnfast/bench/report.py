@@ -9,6 +9,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from .. import _ops
+
 
 def machine_header(threads: int, device: str) -> dict:
     cpu = platform.processor() or platform.machine()
@@ -58,7 +60,6 @@ def machine_header(threads: int, device: str) -> dict:
             "timing": "CUDA events per call, device idle before it; median"})
     else:
         header["timing"] = "perf_counter per call; median"
-    from .. import _ops
     header["cpu_isa"] = _ops.get_cpu_isa()  # which build of rnnfast's CPU kernels ran
     if cpu_id:
         header["cpu_id"] = cpu_id
@@ -66,8 +67,8 @@ def machine_header(threads: int, device: str) -> dict:
 
 
 def header_line(header: dict) -> str:
-    keys = ["device", "gpu", "capability", "cpu", "cpu_id", "cpu_isa", "cpu_threads", "torch", "cuda", "cudnn", "tf32",
-            "rnnfast_commit", "date"]
+    keys = ["device", "gpu", "capability", "cpu", "cpu_id", "cpu_isa", "cpu_threads", "torch",
+            "cuda", "cudnn", "tf32", "rnnfast_commit", "date"]
     return " | ".join(f"{k}: {header[k]}" for k in keys if k in header)
 
 

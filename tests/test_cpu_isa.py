@@ -14,7 +14,9 @@ import torch
 import rnnfast
 from rnnfast import _ops
 
-from helpers import assert_close_to_ref, make_pair
+from helpers import compare_all, make_pair, run_three
+from test_packed import test_packed_matches_torch_and_reference as packed_case
+from test_parity import _inputs
 
 ISAS = ["baseline", "avx2", "avx512"]
 ORDER = {name: i for i, name in enumerate(ISAS)}
@@ -56,32 +58,22 @@ def _run_isa_or_check_refusal(isa):
 SIZES = [(1, 5), (2, 24), (3, 40), (13, 16), (13, 37), (7, 300)]
 
 
+def _check_against_torch_and_reference(cell, T, N, C, H, seed, bidirectional):
+    """Outputs, final states and the gradients of x, h0 (c0) and every parameter, against
+    torch.nn and the float64 reference loop (helpers.run_three)."""
+    m, f, m64 = make_pair(cell, C, H, seed=seed, bidirectional=bidirectional)
+    x, hx, upstream = _inputs(cell, 1, bidirectional, False, True, torch.float32, T=T, N=N, C=C,
+                              H=H, seed=seed + 1)
+    compare_all(*run_three(cell, x, hx, m, f, m64, upstream))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
 @pytest.mark.parametrize("N,H", SIZES)
 def test_each_build_matches_reference_and_torch(isa, cell, N, H):
     if not _run_isa_or_check_refusal(isa):
         return
-    T, C = 5, 11
-    m, f, m64 = make_pair(cell, C, H, bidirectional=True, seed=N * 1000 + H)
-    torch.manual_seed(1)
-    x = torch.randn(T, N, C)
-    dy = torch.randn(T, N, 2 * H)
-    outs = []
-    for mod, dtype in ((f, torch.float32), (m, torch.float32), (m64, torch.float64)):
-        xi = x.to(dtype).detach().clone().requires_grad_()
-        y, hn = mod(xi)
-        hn = hn[0] if isinstance(hn, tuple) else hn
-        dhn = torch.ones_like(hn)
-        ((y * dy.to(dtype)).sum() + (hn * dhn).sum()).backward()
-        grads = {n: p.grad for n, p in mod.named_parameters()}
-        outs.append((y.detach(), hn.detach(), xi.grad, grads))
-    (y, hn, dx, g), (y_t, hn_t, dx_t, g_t), (y_r, hn_r, dx_r, g_r) = outs
-    assert_close_to_ref(f"{isa} y", y, y_t, y_r)
-    assert_close_to_ref(f"{isa} hn", hn, hn_t, hn_r)
-    assert_close_to_ref(f"{isa} dx", dx, dx_t, dx_r)
-    for name in g:
-        assert_close_to_ref(f"{isa} d{name}", g[name], g_t[name], g_r[name])
+    _check_against_torch_and_reference(cell, 5, N, 11, H, seed=N * 1000 + H, bidirectional=True)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -117,27 +109,14 @@ def test_each_build_gives_the_same_bits_on_one_thread_or_two(isa, cell):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_each_build_runs_packed_sequences(isa):
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_each_build_runs_packed_sequences(isa, cell):
+    """test_packed's check (torch.nn and a per-sequence reference) at its GEMM size, two
+    bidirectional directions, under each build."""
     if not _run_isa_or_check_refusal(isa):
         return
-    from torch.nn.utils.rnn import pack_sequence
-    m, f, m64 = make_pair("lstm", 7, 40, bidirectional=True, seed=5)
-    torch.manual_seed(4)
-    seqs = [torch.randn(t, 7) for t in (9, 6, 6, 2, 1)]
-    outs = []
-    for mod, dtype in ((f, torch.float32), (m, torch.float32), (m64, torch.float64)):
-        packed = pack_sequence([s.to(dtype).clone() for s in seqs])
-        packed.data.requires_grad_()
-        y, (hn, cn) = mod(packed)
-        (y.data.square().sum() + hn.sum() + cn.sum()).backward()
-        outs.append((y.data.detach(), hn.detach(), cn.detach(),
-                     [p.grad for p in mod.parameters()]))
-    (y, hn, cn, g), (y_t, hn_t, cn_t, g_t), (y_r, hn_r, cn_r, g_r) = outs
-    assert_close_to_ref("y", y, y_t, y_r)
-    assert_close_to_ref("hn", hn, hn_t, hn_r)
-    assert_close_to_ref("cn", cn, cn_t, cn_r)
-    for a, b, r in zip(g, g_t, g_r):
-        assert_close_to_ref("grad", a, b, r)
+    packed_case(cell, [9, 9, 8, 6, 6, 5, 3, 2, 2, 1], False, 1, True, True, torch.float32, "ops",
+                size=(24, 40))
 
 
 def test_the_context_manager_sets_and_restores():
@@ -185,17 +164,4 @@ def test_weight_gradients_over_many_rows(cell):
     """T * N = 2100 rows: on a CPU where the weight gradients go through oneDNN (AVX-512,
     torch 2.14 on) they are summed over chunks of at most 1000 rows (csrc/cpu/common.h,
     mm_tn); C and H of 64 and more keep them off the narrow-output path."""
-    T, N, C, H = 70, 30, 72, 80
-    m, f, m64 = make_pair(cell, C, H, seed=11)
-    torch.manual_seed(12)
-    x = torch.randn(T, N, C)
-    outs = []
-    for mod, dtype in ((f, torch.float32), (m, torch.float32), (m64, torch.float64)):
-        xi = x.to(dtype).detach().clone().requires_grad_()
-        y, _ = mod(xi)
-        (y * torch.linspace(-1, 1, H, dtype=dtype)).sum().backward()
-        outs.append((xi.grad, {n: p.grad for n, p in mod.named_parameters()}))
-    (dx, g), (dx_t, g_t), (dx_r, g_r) = outs
-    assert_close_to_ref("dx", dx, dx_t, dx_r)
-    for name in g:
-        assert_close_to_ref(f"d{name}", g[name], g_t[name], g_r[name])
+    _check_against_torch_and_reference(cell, 70, 30, 72, 80, seed=11, bidirectional=False)

@@ -208,15 +208,18 @@ class GRUFunction(torch.autograd.Function):
 # ---- which build of the CPU step kernels runs (csrc/cpu/kernels.cpp) ----
 
 def get_cpu_isa():
-    """The build of the CPU step kernels that runs: 'avx512' (16-wide; AVX-512 F, VL, BW
-    and DQ), 'avx2' (8-wide, AVX2 and FMA) or 'baseline'. The default is the best the CPU
-    has; the environment variable RNNFAST_CPU_ISA sets the initial value."""
+    """The build of the CPU step kernels that runs: 'avx512bf16' (the AVX-512 build, whose
+    bfloat16 layers also run their forward GEMMs in bfloat16 with float32 sums, with h
+    rounded to bfloat16 for each step's GEMM), 'avx512' (16-wide; AVX-512 F, VL, BW and
+    DQ; bfloat16 layers computed in float32), 'avx2' (8-wide, AVX2 and FMA) or 'baseline'.
+    The default is the best the CPU has; the environment variable RNNFAST_CPU_ISA sets the
+    initial value."""
     return _C._cpu_isa()
 
 
 def set_cpu_isa(isa):
-    """Sets the build of the CPU step kernels for every later call ('avx512', 'avx2' or
-    'baseline', one the CPU can run) and returns the previous setting; for tests and
+    """Sets the build of the CPU step kernels for every later call ('avx512bf16', 'avx512',
+    'avx2' or 'baseline', one the CPU can run) and returns the previous setting; for tests and
     benchmarks. A call that has started keeps the build it started with."""
     return _C._set_cpu_isa(isa)
 

@@ -3,7 +3,11 @@ baseline with 8-unit blocks; csrc/cpu/kernels.cpp) and the best the CPU has runs
 build this CPU can run is checked here against the float64 reference and torch.nn, at
 sizes that reach each part of the step GEMMs' tiling: the dot-product kernel (N * G <= 4),
 row tiles and their 2- and 1-row remainders, partial unit blocks, the Elman pair tiles,
-K chunks, and one thread or two. A build this CPU cannot run must be refused by name."""
+K chunks, and one thread or two. A build this CPU cannot run must be refused by name.
+
+avx512bf16 is the AVX-512 build whose bfloat16 layers run their forward GEMMs (the input
+projection and each step's recurrent GEMM) in bfloat16 with float32 sums
+(csrc/cpu/gemm_bf16_impl.h); its tests below run bfloat16 layers."""
 import os
 import subprocess
 import sys
@@ -18,7 +22,7 @@ from helpers import compare_all, make_pair, run_three
 from test_packed import test_packed_matches_torch_and_reference as packed_case
 from test_parity import _inputs
 
-ISAS = ["baseline", "avx2", "avx512"]
+ISAS = ["baseline", "avx2", "avx512", "avx512bf16"]
 ORDER = {name: i for i, name in enumerate(ISAS)}
 
 
@@ -128,7 +132,7 @@ def test_the_context_manager_sets_and_restores():
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="expected 'baseline', 'avx2' or 'avx512', but got 'sse9'"):
+    with pytest.raises(ValueError, match="expected 'baseline', 'avx2', 'avx512' or 'avx512bf16', but got 'sse9'"):
         _ops.set_cpu_isa("sse9")
     with pytest.raises(TypeError, match="expected the CPU ISA as a str"):
         _ops.set_cpu_isa(2)
@@ -156,7 +160,7 @@ def test_bad_environment_variable_is_a_clear_error_at_the_first_call():
             "    print('ValueError:', e)\n")
     out = _in_fresh_process("avx1024", code)
     assert out.returncode == 0, out.stderr
-    assert "RNNFAST_CPU_ISA: expected 'baseline', 'avx2' or 'avx512', but got 'avx1024'" in out.stdout
+    assert "RNNFAST_CPU_ISA: expected 'baseline', 'avx2', 'avx512' or 'avx512bf16', but got 'avx1024'" in out.stdout
 
 
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
@@ -165,3 +169,93 @@ def test_weight_gradients_over_many_rows(cell):
     torch 2.14 on) they are summed over chunks of at most 1000 rows (csrc/cpu/common.h,
     mm_tn); C and H of 64 and more keep them off the narrow-output path."""
     _check_against_torch_and_reference(cell, 70, 30, 72, 80, seed=11, bidirectional=False)
+
+
+# ---- the bfloat16 GEMMs (avx512bf16) ----
+# (N, C, H): odd C and odd H pad the last pair and the last 16-unit block; N = 13 leaves a
+# partial row group after full tiles of every height (8, 6, 4); H = 300 takes the LSTM's
+# weights in two K chunks (128 pairs each) and C = 600 the projection's in three.
+BF16_SIZES = [(1, 11, 5), (2, 16, 24), (13, 11, 37), (13, 9, 16), (7, 600, 300)]
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+@pytest.mark.parametrize("N,C,H", BF16_SIZES)
+def test_bf16_gemms_match_reference_and_torch(cell, N, C, H):
+    """bfloat16 layers under avx512bf16: every output, final state and gradient against
+    torch.nn in bfloat16 and the float64 reference (twice torch.nn's error at most)."""
+    if not _run_isa_or_check_refusal("avx512bf16"):
+        return
+    m, f, m64 = make_pair(cell, C, H, torch.bfloat16, seed=N * 1000 + H, bidirectional=True)
+    x, hx, upstream = _inputs(cell, 1, True, False, True, torch.bfloat16, T=6, N=N, C=C, H=H,
+                              seed=N + H)
+    compare_all(*run_three(cell, x, hx, m, f, m64, upstream))
+
+
+@pytest.mark.parametrize("cell,G", [("rnn", 1), ("lstm", 4), ("gru", 3)])
+def test_bf16_gemms_run_and_stay_close_to_float32(cell, G):
+    """The bfloat16 GEMMs do run for a bfloat16 layer under avx512bf16 (the training
+    workspace, kept in float32, differs from avx512's, which computes in float32; avx512
+    gives the same bits twice) and the two stay close."""
+    if not _run_isa_or_check_refusal("avx512bf16"):
+        return
+    torch.manual_seed(5)
+    T, N, C, H = 7, 5, 18, 40
+    x = torch.randn(T, N, C).bfloat16()
+    h0 = torch.randn(N, H).bfloat16()
+    w_ih = (torch.randn(G * H, C) / C ** 0.5).bfloat16()
+    w_hh = (torch.randn(G * H, H) / H ** 0.5).bfloat16()
+    b_ih, b_hh = torch.randn(G * H).bfloat16(), torch.randn(G * H).bfloat16()
+
+    def run():
+        ops = torch.ops.rnnfast
+        if cell == "lstm":
+            return ops.lstm_forward(x, h0, torch.randn(N, H, generator=torch.Generator().manual_seed(1))
+                                    .bfloat16(), w_ih, w_hh, b_ih, b_hh, False, True)[3]
+        if cell == "gru":
+            return ops.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False, True)[2]
+        # Elman keeps no workspace: its bfloat16 y (1400 values, some of which round
+        # differently)
+        return ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, 0, False, True)[0].float()
+
+    with _ops.cpu_isa("avx512bf16"):
+        fast = run()
+    with _ops.cpu_isa("avx512"):
+        exact = run()
+    with _ops.cpu_isa("avx512"):
+        again = run()
+    assert torch.equal(exact, again)
+    assert not torch.equal(fast, exact)
+    torch.testing.assert_close(fast, exact, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_bf16_gemms_run_packed_sequences(cell):
+    """test_packed's check in bfloat16 under avx512bf16: sequences that end at different
+    steps (their state rows leave the step GEMMs) in both directions."""
+    if not _run_isa_or_check_refusal("avx512bf16"):
+        return
+    packed_case(cell, [9, 9, 8, 6, 6, 5, 3, 2, 2, 1], False, 1, True, True, torch.bfloat16,
+                "ops", size=(24, 40))
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_bf16_gemms_give_the_same_bits_on_one_thread_or_two(cell):
+    """The bfloat16 projection splits rows over threads and the steps split unit blocks;
+    neither may change a sum: the forward's outputs are bit-identical on 1 and 2 threads."""
+    if not _run_isa_or_check_refusal("avx512bf16"):
+        return
+    _, f, _ = make_pair(cell, 10, 72, torch.bfloat16, seed=4)
+    torch.manual_seed(6)
+    x = torch.randn(6, 20, 10).bfloat16()
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                y, hn = f(x)
+            results.append([y] + (list(hn) if cell == "lstm" else [hn]))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -114,7 +114,7 @@ Tensor final_state(const StepRows& L, bool reverse, const Tensor& init, int64_t 
 // 0.47x-0.58x of its time at M = 1024-6400, K and P 256-2048.
 inline bool onednn_weight_gemms() {
 #if defined(RNNFAST_TORCH_VERSION) && RNNFAST_TORCH_VERSION >= 214
-  static const bool use = best_cpu_isa() == CpuIsa::kAvx512;
+  static const bool use = best_cpu_isa() >= CpuIsa::kAvx512;
   return use;
 #else
   return true;
@@ -235,12 +235,18 @@ inline Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Projec
 constexpr int64_t kProjectionChunkFloats = int64_t{1} << 22;
 class ProjectedChunks {
  public:
-  // x [R, C] laid out as L says
+  // x [R, C] laid out as L says. bf16_gates: the layer's gates G where x and w_ih hold
+  // bfloat16 values and the bfloat16 GEMM is to run (uses_bf16_gemms), else 0.
   ProjectedChunks(const Tensor& x, const StepRows& L, const Tensor& w_ih, ProjectionBias bias,
-                  bool reverse)
-      : x_(x), L_(L), w_ih_(w_ih), bias_(std::move(bias)), reverse_(reverse) {
+                  bool reverse, int64_t bf16_gates = 0)
+      : x_(x), L_(L), w_ih_(w_ih), bias_(std::move(bias)), reverse_(reverse),
+        bf16_gates_(bf16_gates) {
     const int64_t step_floats = std::max<int64_t>(1, L.N * w_ih.size(0));
     steps_per_chunk = std::max<int64_t>(1, kProjectionChunkFloats / step_floats);
+    if (bf16_gates_ > 0) {
+      w_bf16_ = pack_bf16_weights(w_ih, bf16_gates_);
+      bias_sum_ = bias_.summed(w_ih.size(0));
+    }
   }
   int64_t steps_per_chunk;
 
@@ -249,7 +255,10 @@ class ProjectedChunks {
     const int64_t T = L_.T, n = s1 - s0;
     t_lo_ = reverse_ ? T - s1 : s0;
     row_lo_ = L_.offset(t_lo_);
-    chunk_ = input_projection(x_.narrow(0, row_lo_, L_.offset(t_lo_ + n) - row_lo_), w_ih_, bias_);
+    const Tensor x = x_.narrow(0, row_lo_, L_.offset(t_lo_ + n) - row_lo_);
+    chunk_ = bf16_gates_ > 0 ? projection_bf16(x, w_bf16_, bf16_gates_,
+                                               w_ih_.size(0) / bf16_gates_, bias_sum_)
+                             : input_projection(x, w_ih_, bias_);
   }
   // Pre-activations [rows(t), G*H] of the step at time t, which the last chunk must hold.
   template <typename scalar_t>
@@ -264,6 +273,9 @@ class ProjectedChunks {
   Tensor w_ih_;
   ProjectionBias bias_;
   bool reverse_;
+  int64_t bf16_gates_;
+  Tensor w_bf16_;                      // w_ih packed for projection_bf16
+  std::optional<Tensor> bias_sum_;
   Tensor chunk_;
   int64_t t_lo_ = 0, row_lo_ = 0;
 };

@@ -16,14 +16,16 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_rows(const Tensor& x, const StepR
                                                     const Tensor& w_hh,
                                                     const std::optional<Tensor>& b_ih,
                                                     const std::optional<Tensor>& b_hh,
-                                                    bool reverse, bool training) {
+                                                    bool reverse, bool training,
+                                                    bool bf16_values) {
   if (is_half(x))
     return in_float32(x.scalar_type(), /*workspace=*/2, gru_forward_rows, x, L, h0, w_ih, w_hh,
-                      b_ih, b_hh, reverse, training);
+                      b_ih, b_hh, reverse, training, x.scalar_type() == at::kBFloat16);
+  const bool bf16 = uses_bf16_gemms(bf16_values);
   const int64_t T = L.T, N = L.N, R = x.size(0), H = w_hh.size(1);
   // b_hr and b_hz fold into the input projection; b_hn must stay inside r * (...).
   const Tensor b_hn = b_hh ? b_hh->narrow(0, 2 * H, H) : at::zeros({H}, x.options());
-  ProjectedChunks xp(x, L, w_ih, ProjectionBias(b_ih, b_hh, 2 * H), reverse);
+  ProjectedChunks xp(x, L, w_ih, ProjectionBias(b_ih, b_hh, 2 * H), reverse, bf16 ? 3 : 0);
   Tensor y = at::empty({R, H}, x.options());
   Tensor workspace = at::empty({training ? R : 0, 4 * H}, x.options());
   Tensor hh = at::empty({N, 3 * H}, x.options());  // W_hh h_{t-1}, no bias
@@ -50,7 +52,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_rows(const Tensor& x, const StepR
       });
     };
     const StepWeights wf =
-        std::is_same_v<scalar_t, float> ? forward_step_weights(w_hh, 3, N) : StepWeights{};
+        std::is_same_v<scalar_t, float> ? forward_step_weights(w_hh, 3, N, bf16) : StepWeights{};
     for (int64_t s0 = 0; s0 < T; s0 += xp.steps_per_chunk) {
       const int64_t s1 = std::min(T, s0 + xp.steps_per_chunk);
       xp.project(s0, s1);
@@ -146,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_cpu(const Tensor& x, const Tensor
   check_layer_inputs("rnnfast::gru_forward", 3, x, h0, w_ih, w_hh, b_ih, b_hh);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   auto [y, hn, ws] = gru_forward_rows(x.view({T * N, x.size(2)}), StepRows::dense(T, N), h0, w_ih,
-                                      w_hh, b_ih, b_hh, reverse, training);
+                                      w_hh, b_ih, b_hh, reverse, training, false);
   return {y.view({T, N, H}), hn, ws.view({training ? T : 0, N, 4 * H})};
 }
 
@@ -176,7 +178,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_packed_forward_cpu(
   check_packed_inputs("rnnfast::gru_packed_forward", 3, x, batch_sizes, h0, w_ih, w_hh, b_ih,
                       b_hh);
   return gru_forward_rows(x, StepRows::packed(batch_sizes), h0, w_ih, w_hh, b_ih, b_hh, reverse,
-                          training);
+                          training, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_packed_backward_cpu(

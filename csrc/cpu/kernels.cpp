@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 // Explicit instantiations, emitted in each ISA's namespace and for the dispatchers.
 #define RNNFAST_INSTANTIATE(T)                                                              \
@@ -57,6 +58,19 @@ RNNFAST_INSTANTIATE_STEP_GEMMS(4)
 #undef RNNFAST_ACC_REGS
 #pragma GCC pop_options
 
+// the bfloat16 GEMMs, with the AVX-512 build's step-GEMM helpers they use
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,prefer-vector-width=512")
+#define RNNFAST_LANES 16
+#define RNNFAST_ACC_REGS 24
+namespace rnnfast::cpu::avx512bf16 {
+#include "step_gemm_impl.h"
+#include "gemm_bf16_impl.h"
+}  // namespace rnnfast::cpu::avx512bf16
+#undef RNNFAST_LANES
+#undef RNNFAST_ACC_REGS
+#pragma GCC pop_options
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define RNNFAST_LANES 8
@@ -87,15 +101,17 @@ namespace rnnfast::cpu::base {
 namespace rnnfast::cpu {
 
 namespace {
-constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512", "avx512bf16"};
+constexpr int kIsaCount = 4;
 std::atomic<int> isa_setting{-1};  // -1: not read from RNNFAST_CPU_ISA yet
 
 CpuIsa parse_isa(const char* what, const std::string& name) {
   int found = -1;
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < kIsaCount; ++i)
     if (name == kIsaNames[i]) found = i;
-  TORCH_CHECK_VALUE(found >= 0, what, ": expected 'baseline', 'avx2' or 'avx512', but got '",
-                    name, "'");
+  TORCH_CHECK_VALUE(found >= 0, what,
+                    ": expected 'baseline', 'avx2', 'avx512' or 'avx512bf16', but got '", name,
+                    "'");
   const CpuIsa best = best_cpu_isa();
   TORCH_CHECK_VALUE(found <= static_cast<int>(best), what, ": this CPU cannot run the '", name,
                     "' kernels (the most it has is '", cpu_isa_name(best), "')");
@@ -110,7 +126,7 @@ CpuIsa best_cpu_isa() {
 #ifdef RNNFAST_HAVE_X86_BUILDS
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return CpuIsa::kAvx512;
+      return __builtin_cpu_supports("avx512bf16") ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::kAvx2;
 #endif
     return CpuIsa::kBaseline;
@@ -139,7 +155,7 @@ CpuIsa set_cpu_isa(const char* what, const std::string& name) {
 
 #ifdef RNNFAST_HAVE_X86_BUILDS
 #define RNNFAST_ISA_CALL(isa, fn, ...)                               \
-  ((isa) == CpuIsa::kAvx512 ? avx512::fn(__VA_ARGS__)                \
+  ((isa) >= CpuIsa::kAvx512 ? avx512::fn(__VA_ARGS__)                \
    : (isa) == CpuIsa::kAvx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
 #else
 #define RNNFAST_ISA_CALL(isa, fn, ...) base::fn(__VA_ARGS__)
@@ -240,17 +256,94 @@ at::Tensor pack_backward_weights(const at::Tensor& w_hh, int64_t L) {
 StepWeights step_weights(at::Tensor tensor, int64_t G, bool packed, CpuIsa isa) {
   StepWeights w;
   w.tensor = std::move(tensor);
-  w.data = w.tensor.data_ptr<float>();
+  if (w.tensor.scalar_type() == at::kBFloat16) {
+    w.bf16 = true;
+    w.data16 = reinterpret_cast<const uint16_t*>(w.tensor.data_ptr<at::BFloat16>());
+  } else {
+    w.data = w.tensor.data_ptr<float>();
+  }
   w.G = G;
   w.packed = packed;
   w.isa = isa;
   w.lanes = isa_lanes(isa);
   return w;
 }
+
+// One buffer per thread for the bfloat16 pairs of h (recurrent_gates_blocks), grown as
+// needed and kept for later calls.
+uint32_t* thread_pairs(int64_t count) {
+  thread_local std::vector<uint32_t> pairs;
+  if (static_cast<int64_t>(pairs.size()) < count) pairs.resize(count);
+  return pairs.data();
+}
 }  // namespace
 
-StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N) {
+bool uses_bf16_gemms(bool bf16_values) {
+  return bf16_values && cpu_isa() == CpuIsa::kAvx512Bf16;
+}
+
+at::Tensor pack_bf16_weights(const at::Tensor& w, int64_t G) {
+  const int64_t P = w.size(0), K = w.size(1), H = G > 0 ? P / G : 0;
+  const int64_t L = 16, nb = (H + L - 1) / L, Kp = (K + 1) / 2;
+  at::Tensor packed = at::zeros({nb, Kp, G, L, 2}, w.options().dtype(at::kBFloat16));
+  const at::Tensor wc = w.contiguous();
+  const float* src = wc.data_ptr<float>();
+  at::BFloat16* p = packed.data_ptr<at::BFloat16>();
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t valid = std::min(L, H - b * L);
+      for (int64_t k = 0; k < G; ++k)
+        for (int64_t u = 0; u < valid; ++u) {
+          const float* row = src + (k * H + b * L + u) * K;
+          at::BFloat16* d = p + ((b * Kp * G + k) * L + u) * 2;
+          for (int64_t j = 0; j < K; ++j) d[(j / 2) * G * L * 2 + (j % 2)] = row[j];
+        }
+    }
+  });
+  return packed;
+}
+
+at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t G, int64_t H,
+                           const std::optional<at::Tensor>& bias) {
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), Kp = (K + 1) / 2;
+  at::Tensor out = at::empty({M, G * H}, xc.options());
+  const std::optional<at::Tensor> bc =
+      bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const float* bp = bc ? bc->data_ptr<float>() : nullptr;
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  const float* xp = xc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // panels of 48 rows (8 tiles of 6 LSTM rows), each thread a run of them
+  constexpr int64_t kPanel = 48;
+#ifdef RNNFAST_HAVE_X86_BUILDS
+  at::parallel_for(0, (M + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<uint32_t> pairs(kPanel * Kp);
+    for (int64_t q = p0; q < p1; ++q) {
+      const int64_t m0 = q * kPanel, m = std::min(kPanel, M - m0);
+      switch (G) {
+        case 1:
+          avx512bf16::projection_rows_bf16<1>(wp, xp, m0, m, K, H, bp, op, pairs.data());
+          break;
+        case 3:
+          avx512bf16::projection_rows_bf16<3>(wp, xp, m0, m, K, H, bp, op, pairs.data());
+          break;
+        default:
+          TORCH_CHECK(G == 4, "rnnfast: no bfloat16 projection for ", G, " gates");
+          avx512bf16::projection_rows_bf16<4>(wp, xp, m0, m, K, H, bp, op, pairs.data());
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "rnnfast: the bfloat16 projection needs an x86-64 build");
+#endif
+  return out;
+}
+
+StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N, bool bf16_values) {
   const CpuIsa isa = cpu_isa();
+  if (bf16_values && isa == CpuIsa::kAvx512Bf16)
+    return step_weights(pack_bf16_weights(w_hh, G), G, true, isa);
   const bool packed = N * G > kMaxDotRowsTimesGates;
   return step_weights(packed ? pack_forward_weights(w_hh, G, isa_lanes(isa)) : w_hh.contiguous(),
                       G, packed, isa);
@@ -266,8 +359,17 @@ StepWeights backward_step_weights(const at::Tensor& w_hh) {
 void recurrent_gates_blocks(const StepWeights& w, const float* h, int64_t N, int64_t H,
                             float* out, int64_t b0, int64_t b1, bool accumulate,
                             bool descending) {
+#ifdef RNNFAST_HAVE_X86_BUILDS
+#define RNNFAST_BF16_GATES(G)                                                                \
+  avx512bf16::recurrent_gates_blocks_bf16<G>(w.data16, h, N, H, out, b0, b1, accumulate,     \
+                                             descending, thread_pairs(N * ((H + 1) / 2)));
+#else
+#define RNNFAST_BF16_GATES(G) TORCH_CHECK(false, "rnnfast: bfloat16 step GEMMs need x86-64");
+#endif
 #define RNNFAST_GATES(G)                                                                      \
-  if (w.packed) {                                                                             \
+  if (w.bf16) {                                                                               \
+    RNNFAST_BF16_GATES(G)                                                                     \
+  } else if (w.packed) {                                                                             \
     RNNFAST_ISA_CALL(w.isa, recurrent_gates_blocks<G>, w.data, h, N, H, out, b0, b1,          \
                      accumulate, descending);                                                 \
   } else {                                                                                    \
@@ -286,6 +388,7 @@ void recurrent_gates_blocks(const StepWeights& w, const float* h, int64_t N, int
       RNNFAST_GATES(4)
   }
 #undef RNNFAST_GATES
+#undef RNNFAST_BF16_GATES
 }
 
 void recurrent_dh_blocks(const StepWeights& w, const float* dg, int64_t N, int64_t GH, int64_t H,

@@ -38,8 +38,10 @@ void gru_backward_block(const scalar_t* dy, scalar_t* dh_carry, const scalar_t* 
 
 // ---- which build of the kernels runs ----
 // The kernels are compiled once per ISA (kernels.cpp) and picked at run time: the best the
-// CPU has, or the one RNNFAST_CPU_ISA (baseline, avx2, avx512) or set_cpu_isa names.
-enum class CpuIsa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+// CPU has, or the one RNNFAST_CPU_ISA (baseline, avx2, avx512, avx512bf16) or set_cpu_isa
+// names. avx512bf16 is the AVX-512 build plus the bfloat16 GEMMs (gemm_bf16_impl.h) in the
+// forward of bfloat16 layers; under avx512 those run in float32 as on the other builds.
+enum class CpuIsa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 CpuIsa best_cpu_isa();      // what this CPU (and this build) can run
 CpuIsa cpu_isa();           // the current setting
 // Sets it for every later call; throws c10::ValueError for a name that is not an ISA or
@@ -49,7 +51,7 @@ const char* cpu_isa_name(CpuIsa isa);
 
 // ---- weight-stationary recurrent GEMMs (float32); see step_gemm_impl.h ----
 // Units go in blocks of one vector: 16 in the AVX-512 build, 8 in the others.
-inline int64_t isa_lanes(CpuIsa isa) { return isa == CpuIsa::kAvx512 ? 16 : 8; }
+inline int64_t isa_lanes(CpuIsa isa) { return isa >= CpuIsa::kAvx512 ? 16 : 8; }
 
 // The recurrent weights as one build of the step kernels reads them, made once per op
 // call (the build is fixed then, so that a change of setting cannot reach a running call):
@@ -57,16 +59,30 @@ inline int64_t isa_lanes(CpuIsa isa) { return isa == CpuIsa::kAvx512 ? 16 : 8; }
 // packing) for batches of N rows with N * G <= 4, where the dot-product kernel is faster
 // (measured: Elman up to N = 4, GRU and LSTM at N = 1); backward: packed to
 // [ceil(H/L)][G*H][L]. L = lanes, units padded with zeros.
+// With bf16 (forward only): packed as gemm_bf16_impl.h says, in bfloat16, 16-unit blocks.
 constexpr int64_t kMaxDotRowsTimesGates = 4;
 struct StepWeights {
-  at::Tensor tensor;  // keeps `data` alive
+  at::Tensor tensor;  // keeps `data` / `data16` alive
   const float* data = nullptr;
+  const uint16_t* data16 = nullptr;  // the bfloat16 packing
   int64_t G = 0;
   bool packed = false;
+  bool bf16 = false;
   CpuIsa isa = CpuIsa::kBaseline;
   int64_t lanes = 8;  // units per block
 };
-StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N);
+// bf16_values: w_hh holds bfloat16 values (a bfloat16 layer, run in float32); then, where
+// the setting is avx512bf16, the step GEMMs run in bfloat16 (uses_bf16_gemms).
+StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N,
+                                 bool bf16_values = false);
+bool uses_bf16_gemms(bool bf16_values);  // bf16_values and cpu_isa() is avx512bf16
+
+// The input projection of a bfloat16 layer in bfloat16 with float32 results: pre [M, G*H]
+// = x [M, K] W^T + bias, x and w [G*H, K] float32 tensors holding bfloat16 values, w
+// packed once (pack_bf16_weights) for all chunks. Only where uses_bf16_gemms(true).
+at::Tensor pack_bf16_weights(const at::Tensor& w, int64_t G);
+at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t G, int64_t H,
+                           const std::optional<at::Tensor>& bias);
 StepWeights backward_step_weights(const at::Tensor& w_hh);
 
 // out[n][k*H + u] (+)= (h W_hh^T)[n][k*H + u] for the units of blocks [b0, b1), visiting

@@ -14,12 +14,13 @@ namespace {
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_rows(
     const Tensor& x, const StepRows& L, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
     const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
-    bool reverse, bool training) {
+    bool reverse, bool training, bool bf16_values) {
   if (is_half(x))
     return in_float32(x.scalar_type(), /*workspace=*/3, lstm_forward_rows, x, L, h0, c0, w_ih,
-                      w_hh, b_ih, b_hh, reverse, training);
+                      w_hh, b_ih, b_hh, reverse, training, x.scalar_type() == at::kBFloat16);
   const int64_t T = L.T, N = L.N, R = x.size(0), H = w_hh.size(1);
-  ProjectedChunks pre(x, L, w_ih, ProjectionBias(b_ih, b_hh), reverse);
+  const bool bf16 = uses_bf16_gemms(bf16_values);
+  ProjectedChunks pre(x, L, w_ih, ProjectionBias(b_ih, b_hh), reverse, bf16 ? 4 : 0);
   Tensor y = at::empty({R, H}, x.options());
   // Training keeps i, f, g, o and c of every step; inference only c of the last two
   // steps, in turns (the kernel's c_prev and c never alias). In a packed sequence a row
@@ -62,7 +63,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_rows(
       });
     };
     const StepWeights wf =
-        std::is_same_v<scalar_t, float> ? forward_step_weights(w_hh, 4, N) : StepWeights{};
+        std::is_same_v<scalar_t, float> ? forward_step_weights(w_hh, 4, N, bf16) : StepWeights{};
     for (int64_t s0 = 0; s0 < T; s0 += pre.steps_per_chunk) {
       const int64_t s1 = std::min(T, s0 + pre.steps_per_chunk);
       pre.project(s0, s1);
@@ -162,7 +163,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_cpu(
   check_same_shape(op, "c0", c0, h0.sizes(), x);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   auto [y, hn, cn, ws] = lstm_forward_rows(x.view({T * N, x.size(2)}), StepRows::dense(T, N), h0,
-                                           c0, w_ih, w_hh, b_ih, b_hh, reverse, training);
+                                           c0, w_ih, w_hh, b_ih, b_hh, reverse, training, false);
   return {y.view({T, N, H}), hn, cn, ws.view({training ? T : 0, N, 5 * H})};
 }
 
@@ -196,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_packed_forward_cpu(
   check_packed_inputs(op, 4, x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh);
   check_same_shape(op, "c0", c0, h0.sizes(), x);
   return lstm_forward_rows(x, StepRows::packed(batch_sizes), h0, c0, w_ih, w_hh, b_ih, b_hh,
-                           reverse, training);
+                           reverse, training, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_packed_backward_cpu(

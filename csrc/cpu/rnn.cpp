@@ -14,13 +14,16 @@ std::tuple<Tensor, Tensor> rnn_forward_rows(const Tensor& x, const StepRows& L, 
                                             const Tensor& w_ih, const Tensor& w_hh,
                                             const std::optional<Tensor>& b_ih,
                                             const std::optional<Tensor>& b_hh, int64_t activation,
-                                            bool reverse) {
+                                            bool reverse, bool bf16_values) {
   if (is_half(x))
     return in_float32(x.scalar_type(), -1, rnn_forward_rows, x, L, h0, w_ih, w_hh, b_ih, b_hh,
-                      activation, reverse);
+                      activation, reverse, x.scalar_type() == at::kBFloat16);
   const int64_t T = L.T, N = L.N, H = w_hh.size(1);
+  const bool bf16 = uses_bf16_gemms(bf16_values);
   // y starts as the pre-activations of every step and is overwritten in place with h_t
-  Tensor y = input_projection(x, w_ih, ProjectionBias(b_ih, b_hh));
+  const ProjectionBias bias(b_ih, b_hh);
+  Tensor y = bf16 ? projection_bf16(x, pack_bf16_weights(w_ih, 1), 1, H, bias.summed(H))
+                  : input_projection(x, w_ih, bias);
   // a generic lambda, so that `if constexpr` below discards the float-only path for double
   auto body = [&](auto zero) {
     using scalar_t = decltype(zero);
@@ -31,7 +34,7 @@ std::tuple<Tensor, Tensor> rnn_forward_rows(const Tensor& x, const StepRows& L, 
     // row 0 of h_{t-1} for the rows of step s that continue (init: that start from h0)
     auto h_src = [&](int64_t s, bool init) -> const scalar_t* { return init ? h0p : step(s - 1); };
     if constexpr (std::is_same_v<scalar_t, float>) {
-      const StepWeights wf = forward_step_weights(w_hh, 1, N);
+      const StepWeights wf = forward_step_weights(w_hh, 1, N, bf16);
       forward_steps(0, T, H, wf, N * H, [&](int64_t s, int64_t b0, int64_t b1) {
         float* pre = step(s);
         const int64_t n = L.rows(t_of(s));
@@ -111,7 +114,7 @@ std::tuple<Tensor, Tensor> rnn_forward_cpu(const Tensor& x, const Tensor& h0, co
   check_activation("rnnfast::rnn_forward", activation);
   const int64_t T = x.size(0), N = x.size(1), H = w_hh.size(1);
   auto [y, hn] = rnn_forward_rows(x.view({T * N, x.size(2)}), StepRows::dense(T, N), h0, w_ih,
-                                  w_hh, b_ih, b_hh, activation, reverse);
+                                  w_hh, b_ih, b_hh, activation, reverse, false);
   return {y.view({T, N, H}), hn};
 }
 
@@ -142,7 +145,7 @@ std::tuple<Tensor, Tensor> rnn_packed_forward_cpu(
   check_packed_inputs(op, 1, x, batch_sizes, h0, w_ih, w_hh, b_ih, b_hh);
   check_activation(op, activation);
   return rnn_forward_rows(x, StepRows::packed(batch_sizes), h0, w_ih, w_hh, b_ih, b_hh,
-                          activation, reverse);
+                          activation, reverse, false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_packed_backward_cpu(

@@ -228,6 +228,49 @@ def test_bf16_gemms_run_and_stay_close_to_float32(cell, G):
     torch.testing.assert_close(fast, exact, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("cell,G", [("rnn", 1), ("lstm", 4), ("gru", 3)])
+def test_bf16_backward_gemms_run_and_stay_close_to_float32(cell, G):
+    """The backward op of a bfloat16 layer, on the same forward results: under avx512bf16
+    its dx, dW_ih and dW_hh come from bfloat16 GEMMs (gate gradients rounded to bfloat16),
+    so they differ from avx512's somewhere, and stay close; dh0 and the bias gradients
+    (float32 throughout) are the same bits."""
+    if not _run_isa_or_check_refusal("avx512bf16"):
+        return
+    g = torch.Generator().manual_seed(8)
+    T, N, C, H = 9, 6, 20, 24
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).bfloat16()
+    x, h0, c0 = r(T, N, C), r(N, H), r(N, H)
+    w_ih, w_hh = r(G * H, C, scale=C ** -0.5), r(G * H, H, scale=H ** -0.5)
+    b_ih, b_hh = r(G * H), r(G * H)
+    dy, dhn, dcn = r(T, N, H), r(N, H), r(N, H)
+    ops = torch.ops.rnnfast
+    if cell == "lstm":
+        y, _, _, ws = ops.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, False, True)
+        run = lambda: ops.lstm_backward(dy, dhn, dcn, x, h0, c0, w_ih, w_hh, y, ws, False)
+        names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db"]
+    elif cell == "gru":
+        y, _, ws = ops.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, False, True)
+        run = lambda: ops.gru_backward(dy, dhn, x, h0, w_ih, w_hh, y, ws, False)
+        names = ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+    else:
+        y, _ = ops.rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, 0, False, True)
+        run = lambda: ops.rnn_backward(dy, dhn, x, h0, w_ih, w_hh, y, 0, False)
+        names = ["dx", "dh0", "dw_ih", "dw_hh", "db"]
+    with _ops.cpu_isa("avx512bf16"):
+        fast = dict(zip(names, run()))
+    with _ops.cpu_isa("avx512"):
+        exact = dict(zip(names, run()))
+    for name in names:
+        if name in ("dx", "dw_ih", "dw_hh"):
+            assert not torch.equal(fast[name], exact[name]), name
+            torch.testing.assert_close(fast[name].float(), exact[name].float(), rtol=0.03,
+                                       atol=0.03 * exact[name].abs().max().item(), msg=name)
+        else:
+            assert torch.equal(fast[name], exact[name]), name
+
+
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
 def test_bf16_gemms_run_packed_sequences(cell):
     """test_packed's check in bfloat16 under avx512bf16: sequences that end at different

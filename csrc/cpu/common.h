@@ -559,6 +559,24 @@ inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor
 }
 
 // db [G*H] = the sum over all rows of the gate gradients dg [R, G*H].
+// The backward's whole-sequence GEMMs of a bfloat16 layer where uses_bf16_gemms: dx, dW_ih
+// and dW_hh through torch's bfloat16 GEMMs (oneDNN's with AVX512-BF16: float32 sums, each
+// result rounded to bfloat16 once, as the op returns it), from the gate gradients rounded
+// to bfloat16 (x, h and the weights hold bfloat16 values already). Else the float32 ones.
+inline Tensor as_bf16(const Tensor& t) { return t.to(at::kBFloat16); }
+inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor& w_ih,
+                              bool bf16) {
+  if (!bf16) return input_grads(dg_ih, x, w_ih);
+  InputGrads g = input_grads(as_bf16(dg_ih), as_bf16(x), as_bf16(w_ih));
+  return {g.dx.to(at::kFloat), g.dw_ih.to(at::kFloat)};
+}
+inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const Tensor& h0,
+                                    const StepRows& L, bool reverse, bool bf16) {
+  if (!bf16) return recurrent_weight_grad(dg_hh, y, h0, L, reverse);
+  return recurrent_weight_grad(as_bf16(dg_hh), as_bf16(y), as_bf16(h0), L, reverse)
+      .to(at::kFloat);
+}
+
 inline Tensor bias_grad(const Tensor& dg) {
   if (small_gemm(dg.numel(), dg)) {
     const int64_t M = dg.size(0), P = dg.size(1);

@@ -92,10 +92,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_rows(const Tensor& x, const StepR
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_rows(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const StepRows& L, const Tensor& h0,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, const Tensor& workspace,
-    bool reverse) {
+    bool reverse, bool bf16_values) {
   if (is_half(x))
     return in_float32(x.scalar_type(), -1, gru_backward_rows, dy, dhn, x, L, h0, w_ih, w_hh, y,
-                      workspace, reverse);
+                      workspace, reverse, x.scalar_type() == at::kBFloat16);
+  const bool bf16 = uses_bf16_gemms(bf16_values);
   const int64_t T = L.T, R = x.size(0), H = w_hh.size(1);
   Tensor dg_ih = at::empty({R, 3 * H}, x.options());
   Tensor dg_hh = at::empty({R, 3 * H}, x.options());
@@ -128,11 +129,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_rows(
             at::zeros_like(w_ih),  at::zeros_like(w_hh),
             at::zeros({3 * H}, x.options()), at::zeros({3 * H}, x.options())};
   }
-  InputGrads in = input_grads(dg_ih, x, w_ih);
+  InputGrads in = input_grads(dg_ih, x, w_ih, bf16);
   return {in.dx,
           dh_carry,
           in.dw_ih,
-          recurrent_weight_grad(dg_hh, y, h0, L, reverse),
+          recurrent_weight_grad(dg_hh, y, h0, L, reverse, bf16),
           bias_grad(dg_ih),
           bias_grad(dg_hh)};
 }
@@ -165,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_cpu(
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   auto g = gru_backward_rows(dy.view({T * N, H}), dhn, x.view({T * N, C}), StepRows::dense(T, N),
                              h0, w_ih, w_hh, y.view({T * N, H}), workspace.view({T * N, 4 * H}),
-                             reverse);
+                             reverse, false);
   std::get<0>(g) = std::get<0>(g).view({T, N, C});
   return g;
 }
@@ -194,7 +195,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_packed_backward_c
   check_same_shape(op, "dy", dy, {R, H}, x);
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   return gru_backward_rows(dy, dhn, x, StepRows::packed(batch_sizes), h0, w_ih, w_hh, y,
-                           workspace, reverse);
+                           workspace, reverse, false);
 }
 
 }  // namespace rnnfast

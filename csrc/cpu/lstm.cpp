@@ -111,10 +111,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_rows(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_rows(
     const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const StepRows& L,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& y,
-    const Tensor& workspace, bool reverse) {
+    const Tensor& workspace, bool reverse, bool bf16_values) {
   if (is_half(x))
     return in_float32(x.scalar_type(), -1, lstm_backward_rows, dy, dhn, dcn, x, L, h0, c0, w_ih,
-                      w_hh, y, workspace, reverse);
+                      w_hh, y, workspace, reverse, x.scalar_type() == at::kBFloat16);
+  const bool bf16 = uses_bf16_gemms(bf16_values);
   const int64_t T = L.T, R = x.size(0), H = w_hh.size(1);
   Tensor dg = at::empty({R, 4 * H}, x.options());
   Tensor dh_carry = dhn.clone();
@@ -146,8 +147,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_rows(
     return {at::zeros_like(x), dh_carry, dc, at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({4 * H}, x.options())};
   }
-  InputGrads in = input_grads(dg, x, w_ih);
-  return {in.dx, dh_carry, dc, in.dw_ih, recurrent_weight_grad(dg, y, h0, L, reverse),
+  InputGrads in = input_grads(dg, x, w_ih, bf16);
+  return {in.dx, dh_carry, dc, in.dw_ih, recurrent_weight_grad(dg, y, h0, L, reverse, bf16),
           bias_grad(dg)};
 }
 
@@ -183,7 +184,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cpu(
   check_same_shape(op, "dcn", dcn, {N, H}, x);
   auto g = lstm_backward_rows(dy.view({T * N, H}), dhn, dcn, x.view({T * N, C}),
                               StepRows::dense(T, N), h0, c0, w_ih, w_hh, y.view({T * N, H}),
-                              workspace.view({T * N, 5 * H}), reverse);
+                              workspace.view({T * N, 5 * H}), reverse, false);
   std::get<0>(g) = std::get<0>(g).view({T, N, C});
   return g;
 }
@@ -215,7 +216,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_packed_backward_
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   check_same_shape(op, "dcn", dcn, {N, H}, x);
   return lstm_backward_rows(dy, dhn, dcn, x, StepRows::packed(batch_sizes), h0, c0, w_ih, w_hh, y,
-                            workspace, reverse);
+                            workspace, reverse, false);
 }
 
 }  // namespace rnnfast

@@ -72,10 +72,12 @@ std::tuple<Tensor, Tensor> rnn_forward_rows(const Tensor& x, const StepRows& L, 
 // returns (dx [R, C], dh0, dw_ih, dw_hh, db)
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_rows(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const StepRows& L, const Tensor& h0,
-    const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, int64_t activation, bool reverse) {
+    const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, int64_t activation, bool reverse,
+    bool bf16_values) {
   if (is_half(x))
     return in_float32(x.scalar_type(), -1, rnn_backward_rows, dy, dhn, x, L, h0, w_ih, w_hh, y,
-                      activation, reverse);
+                      activation, reverse, x.scalar_type() == at::kBFloat16);
+  const bool bf16 = uses_bf16_gemms(bf16_values);
   const int64_t R = x.size(0), H = w_hh.size(1);
   Tensor dg = at::empty({R, H}, x.options());
   Tensor dh_carry = dhn.clone();
@@ -98,8 +100,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_rows(
     return {at::zeros_like(x), dh_carry, at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({H}, x.options())};
   }
-  InputGrads in = input_grads(dg, x, w_ih);
-  return {in.dx, dh_carry, in.dw_ih, recurrent_weight_grad(dg, y, h0, L, reverse), bias_grad(dg)};
+  InputGrads in = input_grads(dg, x, w_ih, bf16);
+  return {in.dx, dh_carry, in.dw_ih, recurrent_weight_grad(dg, y, h0, L, reverse, bf16),
+          bias_grad(dg)};
 }
 
 }  // namespace
@@ -130,7 +133,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
   check_same_shape(op, "dy", dy, {T, N, H}, x);
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   auto g = rnn_backward_rows(dy.view({T * N, H}), dhn, x.view({T * N, C}), StepRows::dense(T, N),
-                             h0, w_ih, w_hh, y.view({T * N, H}), activation, reverse);
+                             h0, w_ih, w_hh, y.view({T * N, H}), activation, reverse, false);
   std::get<0>(g) = std::get<0>(g).view({T, N, C});
   return g;
 }
@@ -161,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_packed_backward_cpu(
   check_same_shape(op, "dy", dy, {R, H}, x);
   check_same_shape(op, "dhn", dhn, {N, H}, x);
   return rnn_backward_rows(dy, dhn, x, StepRows::packed(batch_sizes), h0, w_ih, w_hh, y,
-                           activation, reverse);
+                           activation, reverse, false);
 }
 
 }  // namespace rnnfast

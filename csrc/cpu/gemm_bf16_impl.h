@@ -57,8 +57,9 @@ inline void to_bf16_pairs(const float* a, int64_t ld_a, int64_t M, int64_t K, in
 }
 
 // rows per tile of the bfloat16 GEMMs (and the row groups of to_bf16_pairs): as many as
-// keep 24 accumulators (8 for one gate)
-constexpr int64_t bf16_tile_rows(int64_t G) { return G == 1 ? 8 : 24 / G; }
+// keep 24 accumulators, 12 for one gate (Elman forward N = 64, H = 1024 on a Zen 5: 8 rows,
+// 8 accumulators in flight, ran at 0.77x torch.nn, 12 at 1.14x)
+constexpr int64_t bf16_tile_rows(int64_t G) { return G == 1 ? 12 : 24 / G; }
 
 // Rows [0, NR) x gates [0, GP) of out[n][k * gate_stride + u] = (accumulate ? out : 0) +
 // bias[k * gate_stride + u] (if given) + sum_p a[p * ld_p + n] . w[p][k][u] for u < valid,

@@ -71,6 +71,12 @@ inline void gates_tile_bf16(const uint16_t* __restrict__ w, int64_t w_stride,
                             int64_t valid, bool accumulate, const float* bias,
                             const uint16_t* next_w = nullptr) {
   constexpr int S = splits_for(NR * GP);
+  // the outputs of the first K chunk of a step were last written by the input projection,
+  // long gone from L1: fetch them while the K loop runs, not at the end (as the float32
+  // tiles do; not for one gate, whose rows H floats apart would crowd one L1 set)
+  if (accumulate && GP > 1)
+    for (int r = 0; r < NR; ++r)
+      for (int k = 0; k < GP; ++k) __builtin_prefetch(out + r * ld_out + k * gate_stride, 1, 3);
   __m512 acc[S][NR][GP];
   for (int q = 0; q < S; ++q)
     for (int r = 0; r < NR; ++r)

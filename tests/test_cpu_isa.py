@@ -283,21 +283,27 @@ def test_bf16_gemms_run_packed_sequences(cell):
 
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
 def test_bf16_gemms_give_the_same_bits_on_one_thread_or_two(cell):
-    """The bfloat16 projection splits rows over threads and the steps split unit blocks;
-    neither may change a sum: the forward's outputs are bit-identical on 1 and 2 threads."""
+    """The bfloat16 projection splits rows over threads and the step GEMMs split unit
+    blocks; neither may change a sum: y, hn (cn) and dh0 (dc0) are bit-identical on 1 and
+    2 threads (dx and dW come from torch's GEMMs)."""
     if not _run_isa_or_check_refusal("avx512bf16"):
         return
     _, f, _ = make_pair(cell, 10, 72, torch.bfloat16, seed=4)
     torch.manual_seed(6)
     x = torch.randn(6, 20, 10).bfloat16()
+    h0 = torch.randn(1, 20, 72).bfloat16().requires_grad_()
+    c0 = torch.randn(1, 20, 72).bfloat16().requires_grad_()
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            with torch.no_grad():
-                y, hn = f(x)
-            results.append([y] + (list(hn) if cell == "lstm" else [hn]))
+            h0.grad = c0.grad = None
+            y, hn = f(x, (h0, c0) if cell == "lstm" else h0)
+            finals = list(hn) if cell == "lstm" else [hn]
+            ((y.float() ** 2).sum() + sum((s.float() ** 2).sum() for s in finals)).backward()
+            grads = [h0.grad.clone()] + ([c0.grad.clone()] if cell == "lstm" else [])
+            results.append([y.detach()] + [s.detach() for s in finals] + grads)
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):

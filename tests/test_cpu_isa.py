@@ -89,12 +89,18 @@ def test_each_build_gives_the_same_bits_on_one_thread_or_two(isa, cell):
     through torch's GEMMs, whose sums may depend on the thread count."""
     if not _run_isa_or_check_refusal(isa):
         return
-    H = 72  # 9 blocks of 8 (4 + 5 on two threads), 5 of 16 (3 + 2)
-    _, f, _ = make_pair(cell, 9, H, seed=3)
-    torch.manual_seed(2)
-    x = torch.randn(6, 20, 9)
-    h0 = torch.randn(1, 20, H, requires_grad=True)
-    c0 = torch.randn(1, 20, H, requires_grad=True)
+    _assert_same_bits_on_one_thread_or_two(cell, torch.float32, C=9, seeds=(3, 2))
+
+
+def _assert_same_bits_on_one_thread_or_two(cell, dtype, C, seeds):
+    """y, hn (cn) and dh0 (dc0) of one layer with H = 72 (9 blocks of 8 units: 4 + 5 on two
+    threads; 5 of 16: 3 + 2), N = 20, T = 6, are bit-identical on 1 and 2 threads."""
+    H = 72
+    _, f, _ = make_pair(cell, C, H, dtype, seed=seeds[0])
+    torch.manual_seed(seeds[1])
+    x = torch.randn(6, 20, C).to(dtype)
+    h0 = torch.randn(1, 20, H).to(dtype).requires_grad_()
+    c0 = torch.randn(1, 20, H).to(dtype).requires_grad_()
     results = []
     threads = torch.get_num_threads()
     try:
@@ -103,7 +109,7 @@ def test_each_build_gives_the_same_bits_on_one_thread_or_two(isa, cell):
             h0.grad = c0.grad = None
             y, hn = f(x, (h0, c0) if cell == "lstm" else h0)
             finals = list(hn) if cell == "lstm" else [hn]
-            ((y * y).sum() + sum((s * s).sum() for s in finals)).backward()
+            ((y.float() ** 2).sum() + sum((s.float() ** 2).sum() for s in finals)).backward()
             grads = [h0.grad.clone()] + ([c0.grad.clone()] if cell == "lstm" else [])
             results.append([y.detach()] + [s.detach() for s in finals] + grads)
     finally:
@@ -288,23 +294,4 @@ def test_bf16_gemms_give_the_same_bits_on_one_thread_or_two(cell):
     2 threads (dx and dW come from torch's GEMMs)."""
     if not _run_isa_or_check_refusal("avx512bf16"):
         return
-    _, f, _ = make_pair(cell, 10, 72, torch.bfloat16, seed=4)
-    torch.manual_seed(6)
-    x = torch.randn(6, 20, 10).bfloat16()
-    h0 = torch.randn(1, 20, 72).bfloat16().requires_grad_()
-    c0 = torch.randn(1, 20, 72).bfloat16().requires_grad_()
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            h0.grad = c0.grad = None
-            y, hn = f(x, (h0, c0) if cell == "lstm" else h0)
-            finals = list(hn) if cell == "lstm" else [hn]
-            ((y.float() ** 2).sum() + sum((s.float() ** 2).sum() for s in finals)).backward()
-            grads = [h0.grad.clone()] + ([c0.grad.clone()] if cell == "lstm" else [])
-            results.append([y.detach()] + [s.detach() for s in finals] + grads)
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    _assert_same_bits_on_one_thread_or_two(cell, torch.bfloat16, C=10, seeds=(4, 6))

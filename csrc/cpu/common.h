@@ -235,8 +235,9 @@ inline Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Projec
 constexpr int64_t kProjectionChunkFloats = int64_t{1} << 22;
 class ProjectedChunks {
  public:
-  // x [R, C] laid out as L says. bf16_gates: the layer's gates G where x and w_ih hold
-  // bfloat16 values and the bfloat16 GEMM is to run (uses_bf16_gemms), else 0.
+  // x [R, C] laid out as L says. bf16_gates: the layer's gates G where x (in bfloat16, or
+  // float32) and w_ih hold bfloat16 values and the bfloat16 GEMM is to run
+  // (uses_bf16_gemms), else 0.
   ProjectedChunks(const Tensor& x, const StepRows& L, const Tensor& w_ih, ProjectionBias bias,
                   bool reverse, int64_t bf16_gates = 0)
       : x_(x), L_(L), w_ih_(w_ih), bias_(std::move(bias)), reverse_(reverse),
@@ -562,13 +563,14 @@ inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor
 // The backward's whole-sequence GEMMs of a bfloat16 layer where uses_bf16_gemms: dx, dW_ih
 // and dW_hh through torch's bfloat16 GEMMs (oneDNN's with AVX512-BF16: float32 sums, each
 // result rounded to bfloat16 once, as the op returns it), from the gate gradients rounded
-// to bfloat16 (x, h and the weights hold bfloat16 values already). Else the float32 ones.
+// to bfloat16 (x, h and the weights hold bfloat16 values already; x comes in bfloat16,
+// GemmInput). Else the float32 ones. dx stays in bfloat16, the dtype the op returns.
 inline Tensor as_bf16(const Tensor& t) { return t.to(at::kBFloat16); }
 inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor& w_ih,
                               bool bf16) {
   if (!bf16) return input_grads(dg_ih, x, w_ih);
   InputGrads g = input_grads(as_bf16(dg_ih), as_bf16(x), as_bf16(w_ih));
-  return {g.dx.to(at::kFloat), g.dw_ih.to(at::kFloat)};
+  return {g.dx, g.dw_ih.to(at::kFloat)};
 }
 inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const Tensor& h0,
                                     const StepRows& L, bool reverse, bool bf16) {
@@ -609,6 +611,17 @@ inline std::optional<Tensor> to_float32(const std::optional<Tensor>& t) {
 }
 template <typename T>
 const T& to_float32(const T& value) { return value; }  // flags and sizes pass through
+// x of a bfloat16 op whose GEMMs run in bfloat16 (uses_bf16_gemms) goes to the float32 op
+// as it is: only those GEMMs read x (the forward's projection_bf16, the backward's
+// input_grads), so a float32 copy of it would be made only to be rounded back. Else x is
+// made float32 like the rest. The float32 op then takes its dtype from w_hh, not x.
+struct GemmInput {
+  const Tensor& x;
+};
+inline Tensor to_float32(const GemmInput& in) {
+  return in.x.scalar_type() == at::kBFloat16 && uses_bf16_gemms(true) ? in.x
+                                                                      : to_float32(in.x);
+}
 // every tensor of `results` in `dtype`, except the one at index `workspace` (-1: none)
 template <typename Tuple>
 Tuple from_float32(at::ScalarType dtype, Tuple results, int workspace = -1) {

@@ -56,6 +56,23 @@ inline void to_bf16_pairs(const float* a, int64_t ld_a, int64_t M, int64_t K, in
   }
 }
 
+// The same from bfloat16 values: a row's pairs are its uint32 words, copied into place.
+inline void to_bf16_pairs(const uint16_t* a, int64_t ld_a, int64_t M, int64_t K, int64_t NR,
+                          uint32_t* out) {
+  const int64_t Kp = (K + 1) / 2, K2 = K / 2;
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t g = m / NR, r = m % NR, w = std::min(NR, M - g * NR);
+    const uint16_t* src = a + m * ld_a;
+    uint32_t* dst = out + g * NR * Kp + r;
+    for (int64_t p = 0; p < K2; ++p) {
+      uint32_t v;
+      std::memcpy(&v, src + 2 * p, 4);
+      dst[p * w] = v;
+    }
+    if (K % 2 != 0) dst[K2 * w] = src[K - 1];
+  }
+}
+
 // rows per tile of the bfloat16 GEMMs (and the row groups of to_bf16_pairs): as many as
 // keep 24 accumulators, 12 for one gate (Elman forward N = 64, H = 1024 on a Zen 5: 8 rows,
 // 8 accumulators in flight, ran at 0.77x torch.nn, 12 at 1.14x)
@@ -164,10 +181,10 @@ void recurrent_gates_blocks_bf16(const uint16_t* wp, const float* h, int64_t N, 
                        nullptr);
 }
 
-// Rows [m0, m0 + M) of out [., G*H] = x [., K] W^T + bias, x in float32 holding bfloat16
-// values, through `pairs` (M * ceil(K/2)).
-template <int G>
-void projection_rows_bf16(const uint16_t* wp, const float* x, int64_t m0, int64_t M, int64_t K,
+// Rows [m0, m0 + M) of out [., G*H] = x [., K] W^T + bias, x in bfloat16 (uint16_t) or in
+// float32 holding bfloat16 values, through `pairs` (M * ceil(K/2)).
+template <int G, typename X>
+void projection_rows_bf16(const uint16_t* wp, const X* x, int64_t m0, int64_t M, int64_t K,
                           int64_t H, const float* bias, float* out, uint32_t* pairs) {
   const int64_t nb = (H + kBf16Lanes - 1) / kBf16Lanes;
   to_bf16_pairs(x + m0 * K, K, M, K, bf16_tile_rows(G), pairs);

@@ -307,33 +307,38 @@ at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_
                            const std::optional<at::Tensor>& bias) {
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), Kp = (K + 1) / 2;
-  at::Tensor out = at::empty({M, G * H}, xc.options());
+  at::Tensor out = at::empty({M, G * H}, xc.options().dtype(at::kFloat));
   const std::optional<at::Tensor> bc =
       bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const float* bp = bc ? bc->data_ptr<float>() : nullptr;
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
-  const float* xp = xc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   // panels of 48 rows (8 tiles of 6 LSTM rows), each thread a run of them
   constexpr int64_t kPanel = 48;
 #ifdef RNNFAST_HAVE_X86_BUILDS
-  at::parallel_for(0, (M + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<uint32_t> pairs(kPanel * Kp);
-    for (int64_t q = p0; q < p1; ++q) {
-      const int64_t m0 = q * kPanel, m = std::min(kPanel, M - m0);
-      switch (G) {
-        case 1:
-          avx512bf16::projection_rows_bf16<1>(wp, xp, m0, m, K, H, bp, op, pairs.data());
-          break;
-        case 3:
-          avx512bf16::projection_rows_bf16<3>(wp, xp, m0, m, K, H, bp, op, pairs.data());
-          break;
-        default:
-          TORCH_CHECK(G == 4, "rnnfast: no bfloat16 projection for ", G, " gates");
-          avx512bf16::projection_rows_bf16<4>(wp, xp, m0, m, K, H, bp, op, pairs.data());
+  auto run = [&](const auto* xp) {
+    at::parallel_for(0, (M + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<uint32_t> pairs(kPanel * Kp);
+      for (int64_t q = p0; q < p1; ++q) {
+        const int64_t m0 = q * kPanel, m = std::min(kPanel, M - m0);
+        switch (G) {
+          case 1:
+            avx512bf16::projection_rows_bf16<1>(wp, xp, m0, m, K, H, bp, op, pairs.data());
+            break;
+          case 3:
+            avx512bf16::projection_rows_bf16<3>(wp, xp, m0, m, K, H, bp, op, pairs.data());
+            break;
+          default:
+            TORCH_CHECK(G == 4, "rnnfast: no bfloat16 projection for ", G, " gates");
+            avx512bf16::projection_rows_bf16<4>(wp, xp, m0, m, K, H, bp, op, pairs.data());
+        }
       }
-    }
-  });
+    });
+  };
+  if (xc.scalar_type() == at::kBFloat16)
+    run(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()));
+  else
+    run(xc.data_ptr<float>());
 #else
   TORCH_CHECK(false, "rnnfast: the bfloat16 projection needs an x86-64 build");
 #endif

@@ -78,8 +78,9 @@ StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N,
 bool uses_bf16_gemms(bool bf16_values);  // bf16_values and cpu_isa() is avx512bf16
 
 // The input projection of a bfloat16 layer in bfloat16 with float32 results: pre [M, G*H]
-// = x [M, K] W^T + bias, x and w [G*H, K] float32 tensors holding bfloat16 values, w
-// packed once (pack_bf16_weights) for all chunks. Only where uses_bf16_gemms(true).
+// = x [M, K] W^T + bias, x in bfloat16 or a float32 tensor holding bfloat16 values, w
+// [G*H, K] float32 holding bfloat16 values, packed once (pack_bf16_weights) for all
+// chunks. Only where uses_bf16_gemms(true).
 at::Tensor pack_bf16_weights(const at::Tensor& w, int64_t G);
 at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t G, int64_t H,
                            const std::optional<at::Tensor>& bias);

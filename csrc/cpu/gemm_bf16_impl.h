@@ -73,6 +73,68 @@ inline void to_bf16_pairs(const uint16_t* a, int64_t ld_a, int64_t M, int64_t K,
   }
 }
 
+// 16 vectors of 16 uint32 transposed in place: v[i][j] <- v[j][i].
+inline void transpose16(__m512i v[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {  // 128-bit lane l of t[i]: v[i][4l], v[i+1][4l], ...
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // lane l of u[i + m]: column 4l + m of rows i..i+3
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {  // column 4l + m: lane l of u[m], u[4 + m], u[8 + m], u[12 + m]
+    const __m512i a01 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44);
+    const __m512i a23 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xee);
+    const __m512i b01 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44);
+    const __m512i b23 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xee);
+    v[m] = _mm512_shuffle_i32x4(a01, b01, 0x88);
+    v[4 + m] = _mm512_shuffle_i32x4(a01, b01, 0xdd);
+    v[8 + m] = _mm512_shuffle_i32x4(a23, b23, 0x88);
+    v[12 + m] = _mm512_shuffle_i32x4(a23, b23, 0xdd);
+  }
+}
+
+// pairs [j/2, j/2 + 16) of a row of K values (K - j of them left), zeros past K
+inline __m512i row_pairs(const float* row, int64_t j, int64_t K) {
+  const int64_t left = K - j;
+  if (left >= 32)
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + j + 16), _mm512_loadu_ps(row + j));
+  const __mmask16 lo = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+  const __mmask16 hi = left > 16 ? __mmask16((1u << (left - 16)) - 1) : __mmask16(0);
+  return (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, row + j + 16),
+                                      _mm512_maskz_loadu_ps(lo, row + j));
+}
+inline __m512i row_pairs(const uint16_t* row, int64_t j, int64_t K) {
+  const int64_t left = K - j;
+  if (left >= 32) return _mm512_loadu_si512(row + j);
+  return _mm512_maskz_loadu_epi16((__mmask32)((1ull << left) - 1), row + j);
+}
+
+// Unit block b of the packing above, for w [G*H rows, K] in float32 (holding bfloat16
+// values) or bfloat16 (uint16_t), into dst: per gate, 16 pairs of its 16 rows at a time,
+// transposed in registers; units past H and the odd K's last half-pair as zeros.
+template <typename W>
+void pack_block_bf16(const W* w, int64_t K, int64_t H, int64_t G, int64_t b, uint32_t* dst) {
+  const int64_t u0 = b * kBf16Lanes, valid = std::min<int64_t>(kBf16Lanes, H - u0);
+  const int64_t Kp = (K + 1) / 2;
+  for (int64_t k = 0; k < G; ++k) {
+    const W* rows = w + (k * H + u0) * K;
+    for (int64_t j = 0; j < K; j += 32) {
+      __m512i v[16];
+      for (int64_t u = 0; u < 16; ++u)
+        v[u] = u < valid ? row_pairs(rows + u * K, j, K) : _mm512_setzero_si512();
+      transpose16(v);
+      const int64_t p0 = j / 2, pairs = std::min<int64_t>(16, Kp - p0);
+      for (int64_t q = 0; q < pairs; ++q)
+        _mm512_storeu_si512(dst + ((p0 + q) * G + k) * kBf16Lanes, v[q]);
+    }
+  }
+}
+
 // rows per tile of the bfloat16 GEMMs (and the row groups of to_bf16_pairs): as many as
 // keep 24 accumulators, 12 for one gate (Elman forward N = 64, H = 1024 on a Zen 5: 8 rows,
 // 8 accumulators in flight, ran at 0.77x torch.nn, 12 at 1.14x)

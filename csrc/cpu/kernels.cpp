@@ -285,21 +285,23 @@ bool uses_bf16_gemms(bool bf16_values) {
 at::Tensor pack_bf16_weights(const at::Tensor& w, int64_t G) {
   const int64_t P = w.size(0), K = w.size(1), H = G > 0 ? P / G : 0;
   const int64_t L = 16, nb = (H + L - 1) / L, Kp = (K + 1) / 2;
-  at::Tensor packed = at::zeros({nb, Kp, G, L, 2}, w.options().dtype(at::kBFloat16));
+  at::Tensor packed = at::empty({nb, Kp, G, L, 2}, w.options().dtype(at::kBFloat16));
   const at::Tensor wc = w.contiguous();
-  const float* src = wc.data_ptr<float>();
-  at::BFloat16* p = packed.data_ptr<at::BFloat16>();
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t valid = std::min(L, H - b * L);
-      for (int64_t k = 0; k < G; ++k)
-        for (int64_t u = 0; u < valid; ++u) {
-          const float* row = src + (k * H + b * L + u) * K;
-          at::BFloat16* d = p + ((b * Kp * G + k) * L + u) * 2;
-          for (int64_t j = 0; j < K; ++j) d[(j / 2) * G * L * 2 + (j % 2)] = row[j];
-        }
-    }
-  });
+  uint32_t* p = reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>());
+#ifdef RNNFAST_HAVE_X86_BUILDS
+  auto run = [&](const auto* src) {
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        avx512bf16::pack_block_bf16(src, K, H, G, b, p + b * Kp * G * L);
+    });
+  };
+  if (wc.scalar_type() == at::kBFloat16)
+    run(reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()));
+  else
+    run(wc.data_ptr<float>());
+#else
+  TORCH_CHECK(false, "rnnfast: the bfloat16 packing needs an x86-64 build");
+#endif
   return packed;
 }
 

@@ -611,10 +611,11 @@ inline std::optional<Tensor> to_float32(const std::optional<Tensor>& t) {
 }
 template <typename T>
 const T& to_float32(const T& value) { return value; }  // flags and sizes pass through
-// x of a bfloat16 op whose GEMMs run in bfloat16 (uses_bf16_gemms) goes to the float32 op
-// as it is: only those GEMMs read x (the forward's projection_bf16, the backward's
-// input_grads), so a float32 copy of it would be made only to be rounded back. Else x is
-// made float32 like the rest. The float32 op then takes its dtype from w_hh, not x.
+// An operand of a bfloat16 op that only its GEMMs read where they run in bfloat16
+// (uses_bf16_gemms) goes to the float32 op as it is: x in both directions (the forward's
+// projection_bf16, the backward's input_grads) and the forward's weights (packed for the
+// bfloat16 GEMMs: pack_bf16_weights). A float32 copy would be made only to be rounded
+// back. Else it is made float32 like the rest. The float32 op takes its dtype from h0.
 struct GemmInput {
   const Tensor& x;
 };

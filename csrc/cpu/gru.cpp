@@ -18,18 +18,18 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_rows(const Tensor& x, const StepR
                                                     const std::optional<Tensor>& b_hh,
                                                     bool reverse, bool training,
                                                     bool bf16_values) {
-  if (is_half(w_hh))
+  if (is_half(h0))
     return in_float32(x.scalar_type(), /*workspace=*/2, gru_forward_rows, GemmInput{x}, L, h0,
-                      w_ih, w_hh, b_ih, b_hh, reverse, training,
+                      GemmInput{w_ih}, GemmInput{w_hh}, b_ih, b_hh, reverse, training,
                       x.scalar_type() == at::kBFloat16);
   const bool bf16 = uses_bf16_gemms(bf16_values);
   const int64_t T = L.T, N = L.N, R = x.size(0), H = w_hh.size(1);
   // b_hr and b_hz fold into the input projection; b_hn must stay inside r * (...).
-  const Tensor b_hn = b_hh ? b_hh->narrow(0, 2 * H, H) : at::zeros({H}, w_hh.options());
+  const Tensor b_hn = b_hh ? b_hh->narrow(0, 2 * H, H) : at::zeros({H}, h0.options());
   ProjectedChunks xp(x, L, w_ih, ProjectionBias(b_ih, b_hh, 2 * H), reverse, bf16 ? 3 : 0);
-  Tensor y = at::empty({R, H}, w_hh.options());
-  Tensor workspace = at::empty({training ? R : 0, 4 * H}, w_hh.options());
-  Tensor hh = at::empty({N, 3 * H}, w_hh.options());  // W_hh h_{t-1}, no bias
+  Tensor y = at::empty({R, H}, h0.options());
+  Tensor workspace = at::empty({training ? R : 0, 4 * H}, h0.options());
+  Tensor hh = at::empty({N, 3 * H}, h0.options());  // W_hh h_{t-1}, no bias
   // a generic lambda, so that `if constexpr` below discards the float-only path for double
   auto body = [&](auto zero) {
     using scalar_t = decltype(zero);
@@ -81,7 +81,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_rows(const Tensor& x, const StepR
       }
     }
   };
-  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "gru_forward_cpu", [&] { body(scalar_t(0)); });
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "gru_forward_cpu", [&] { body(scalar_t(0)); });
   const char* yb = static_cast<const char*>(y.data_ptr());
   Tensor hn = final_state(L, reverse, h0, H, [&](int64_t s) {
     return yb + L.offset(time_index(s, T, reverse)) * H * y.element_size();
@@ -94,13 +94,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_rows(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const StepRows& L, const Tensor& h0,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, const Tensor& workspace,
     bool reverse, bool bf16_values) {
-  if (is_half(w_hh))
+  if (is_half(h0))
     return in_float32(x.scalar_type(), -1, gru_backward_rows, dy, dhn, GemmInput{x}, L, h0,
                       w_ih, w_hh, y, workspace, reverse, x.scalar_type() == at::kBFloat16);
   const bool bf16 = uses_bf16_gemms(bf16_values);
   const int64_t T = L.T, R = x.size(0), H = w_hh.size(1);
-  Tensor dg_ih = at::empty({R, 3 * H}, w_hh.options());
-  Tensor dg_hh = at::empty({R, 3 * H}, w_hh.options());
+  Tensor dg_ih = at::empty({R, 3 * H}, h0.options());
+  Tensor dg_hh = at::empty({R, 3 * H}, h0.options());
   Tensor dh_carry = dhn.clone();
   // the body for one dtype, dispatched below
   auto body = [&](auto zero) {
@@ -124,11 +124,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_rows(
     reverse_time_loop<scalar_t>(dg_hh, L, w_hh, reverse, dh_carry, /*accumulate=*/true,
                                 gate_grads);
   };
-  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "gru_backward_cpu", [&] { body(scalar_t(0)); });
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "gru_backward_cpu", [&] { body(scalar_t(0)); });
   if (R == 0 || H == 0) {
     return {at::zeros_like(x),     dh_carry,
             at::zeros_like(w_ih),  at::zeros_like(w_hh),
-            at::zeros({3 * H}, w_hh.options()), at::zeros({3 * H}, w_hh.options())};
+            at::zeros({3 * H}, h0.options()), at::zeros({3 * H}, h0.options())};
   }
   InputGrads in = input_grads(dg_ih, x, w_ih, bf16);
   return {in.dx,

@@ -15,19 +15,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_rows(
     const Tensor& x, const StepRows& L, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
     const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
     bool reverse, bool training, bool bf16_values) {
-  if (is_half(w_hh))
+  if (is_half(h0))
     return in_float32(x.scalar_type(), /*workspace=*/3, lstm_forward_rows, GemmInput{x}, L, h0,
-                      c0, w_ih, w_hh, b_ih, b_hh, reverse, training,
+                      c0, GemmInput{w_ih}, GemmInput{w_hh}, b_ih, b_hh, reverse, training,
                       x.scalar_type() == at::kBFloat16);
   const int64_t T = L.T, N = L.N, R = x.size(0), H = w_hh.size(1);
   const bool bf16 = uses_bf16_gemms(bf16_values);
   ProjectedChunks pre(x, L, w_ih, ProjectionBias(b_ih, b_hh), reverse, bf16 ? 4 : 0);
-  Tensor y = at::empty({R, H}, w_hh.options());
+  Tensor y = at::empty({R, H}, h0.options());
   // Training keeps i, f, g, o and c of every step; inference only c of the last two
   // steps, in turns (the kernel's c_prev and c never alias). In a packed sequence a row
   // that has ended is not written again, so its last c stays in its turn's buffer.
-  Tensor workspace = at::empty({training ? R : 0, 5 * H}, w_hh.options());
-  Tensor c_turns = at::empty({training ? 0 : 2, N, H}, w_hh.options());
+  Tensor workspace = at::empty({training ? R : 0, 5 * H}, h0.options());
+  Tensor c_turns = at::empty({training ? 0 : 2, N, H}, h0.options());
   // a generic lambda, so that `if constexpr` below discards the float-only path for double
   auto body = [&](auto zero) {
     using scalar_t = decltype(zero);
@@ -93,7 +93,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_rows(
       }
     }
   };
-  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "lstm_forward_cpu", [&] { body(scalar_t(0)); });
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_forward_cpu", [&] { body(scalar_t(0)); });
   const int64_t es = y.element_size();
   const char *yb = static_cast<const char*>(y.data_ptr()),
              *wsb = static_cast<const char*>(workspace.data_ptr()),
@@ -113,13 +113,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_rows(
     const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const StepRows& L,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& y,
     const Tensor& workspace, bool reverse, bool bf16_values) {
-  if (is_half(w_hh))
+  if (is_half(h0))
     return in_float32(x.scalar_type(), -1, lstm_backward_rows, dy, dhn, dcn, GemmInput{x}, L,
                       h0, c0, w_ih, w_hh, y, workspace, reverse,
                       x.scalar_type() == at::kBFloat16);
   const bool bf16 = uses_bf16_gemms(bf16_values);
   const int64_t T = L.T, R = x.size(0), H = w_hh.size(1);
-  Tensor dg = at::empty({R, 4 * H}, w_hh.options());
+  Tensor dg = at::empty({R, 4 * H}, h0.options());
   Tensor dh_carry = dhn.clone();
   Tensor dc = dcn.clone();
   // the body for one dtype, dispatched below
@@ -144,10 +144,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_rows(
     };
     reverse_time_loop<scalar_t>(dg, L, w_hh, reverse, dh_carry, /*accumulate=*/false, gate_grads);
   };
-  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "lstm_backward_cpu", [&] { body(scalar_t(0)); });
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_backward_cpu", [&] { body(scalar_t(0)); });
   if (R == 0 || H == 0) {
     return {at::zeros_like(x), dh_carry, dc, at::zeros_like(w_ih), at::zeros_like(w_hh),
-            at::zeros({4 * H}, w_hh.options())};
+            at::zeros({4 * H}, h0.options())};
   }
   InputGrads in = input_grads(dg, x, w_ih, bf16);
   return {in.dx, dh_carry, dc, in.dw_ih, recurrent_weight_grad(dg, y, h0, L, reverse, bf16),

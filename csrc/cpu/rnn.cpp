@@ -15,9 +15,10 @@ std::tuple<Tensor, Tensor> rnn_forward_rows(const Tensor& x, const StepRows& L, 
                                             const std::optional<Tensor>& b_ih,
                                             const std::optional<Tensor>& b_hh, int64_t activation,
                                             bool reverse, bool bf16_values) {
-  if (is_half(w_hh))
-    return in_float32(x.scalar_type(), -1, rnn_forward_rows, GemmInput{x}, L, h0, w_ih, w_hh,
-                      b_ih, b_hh, activation, reverse, x.scalar_type() == at::kBFloat16);
+  if (is_half(h0))
+    return in_float32(x.scalar_type(), -1, rnn_forward_rows, GemmInput{x}, L, h0,
+                      GemmInput{w_ih}, GemmInput{w_hh}, b_ih, b_hh, activation, reverse,
+                      x.scalar_type() == at::kBFloat16);
   const int64_t T = L.T, N = L.N, H = w_hh.size(1);
   const bool bf16 = uses_bf16_gemms(bf16_values);
   // y starts as the pre-activations of every step and is overwritten in place with h_t
@@ -61,7 +62,7 @@ std::tuple<Tensor, Tensor> rnn_forward_rows(const Tensor& x, const StepRows& L, 
       }
     }
   };
-  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "rnn_forward_cpu", [&] { body(scalar_t(0)); });
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rnn_forward_cpu", [&] { body(scalar_t(0)); });
   const char* yb = static_cast<const char*>(y.data_ptr());
   Tensor hn = final_state(L, reverse, h0, H, [&](int64_t s) {
     return yb + L.offset(time_index(s, T, reverse)) * H * y.element_size();
@@ -74,12 +75,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_rows(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const StepRows& L, const Tensor& h0,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, int64_t activation, bool reverse,
     bool bf16_values) {
-  if (is_half(w_hh))
+  if (is_half(h0))
     return in_float32(x.scalar_type(), -1, rnn_backward_rows, dy, dhn, GemmInput{x}, L, h0,
                       w_ih, w_hh, y, activation, reverse, x.scalar_type() == at::kBFloat16);
   const bool bf16 = uses_bf16_gemms(bf16_values);
   const int64_t R = x.size(0), H = w_hh.size(1);
-  Tensor dg = at::empty({R, H}, w_hh.options());
+  Tensor dg = at::empty({R, H}, h0.options());
   Tensor dh_carry = dhn.clone();
   // the body for one dtype, dispatched below
   auto body = [&](auto zero) {
@@ -95,10 +96,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_rows(
     };
     reverse_time_loop<scalar_t>(dg, L, w_hh, reverse, dh_carry, /*accumulate=*/false, gate_grads);
   };
-  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "rnn_backward_cpu", [&] { body(scalar_t(0)); });
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rnn_backward_cpu", [&] { body(scalar_t(0)); });
   if (R == 0 || H == 0) {
     return {at::zeros_like(x), dh_carry, at::zeros_like(w_ih), at::zeros_like(w_hh),
-            at::zeros({H}, w_hh.options())};
+            at::zeros({H}, h0.options())};
   }
   InputGrads in = input_grads(dg, x, w_ih, bf16);
   return {in.dx, dh_carry, in.dw_ih, recurrent_weight_grad(dg, y, h0, L, reverse, bf16),

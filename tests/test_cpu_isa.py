@@ -11,6 +11,8 @@ projection and each step's recurrent GEMM) in bfloat16 with float32 sums
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -295,3 +297,39 @@ def test_bf16_gemms_give_the_same_bits_on_one_thread_or_two(cell):
     if not _run_isa_or_check_refusal("avx512bf16"):
         return
     _assert_same_bits_on_one_thread_or_two(cell, torch.bfloat16, C=10, seeds=(4, 6))
+
+
+def test_a_bf16_call_keeps_the_gemms_it_began_with_while_the_setting_changes():
+    """set_cpu_isa from another thread during bfloat16 calls: every call must finish and give
+    exactly what one of the two settings gives (the bfloat16 GEMMs or not), never fail on
+    operands prepared for one and run by the other (x and the weights stay bfloat16 for the
+    bfloat16 GEMMs)."""
+    if not _run_isa_or_check_refusal("avx512bf16"):
+        return
+    torch.manual_seed(0)
+    m = rnnfast.LSTM(24, 32).bfloat16()
+    x = torch.randn(3, 2, 24).bfloat16()
+    refs = []
+    for isa in ("avx512bf16", "avx512"):
+        with _ops.cpu_isa(isa), torch.no_grad():
+            refs.append(m(x)[0])
+    assert not torch.equal(refs[0], refs[1])
+    stop = threading.Event()
+
+    def flip():
+        i = 0
+        while not stop.is_set():
+            _ops.set_cpu_isa(("avx512", "avx512bf16")[i % 2])
+            i += 1
+            time.sleep(0)  # lets the calls take the GIL back
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        with torch.no_grad():
+            for _ in range(1000):
+                y = m(x)[0]
+                assert torch.equal(y, refs[0]) or torch.equal(y, refs[1])
+    finally:
+        stop.set()
+        flipper.join()

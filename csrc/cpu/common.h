@@ -611,17 +611,27 @@ inline std::optional<Tensor> to_float32(const std::optional<Tensor>& t) {
 }
 template <typename T>
 const T& to_float32(const T& value) { return value; }  // flags and sizes pass through
-// An operand of a bfloat16 op that only its GEMMs read where they run in bfloat16
-// (uses_bf16_gemms) goes to the float32 op as it is: x in both directions (the forward's
-// projection_bf16, the backward's input_grads) and the forward's weights (packed for the
-// bfloat16 GEMMs: pack_bf16_weights). A float32 copy would be made only to be rounded
-// back. Else it is made float32 like the rest. The float32 op takes its dtype from h0.
+// An operand of a bfloat16 op that only its GEMMs read where they run in bfloat16 goes to
+// the float32 op as it is (keep): x in both directions (the forward's projection_bf16, the
+// backward's input_grads) and the forward's weights (packed for the bfloat16 GEMMs:
+// pack_bf16_weights). A float32 copy would be made only to be rounded back. Else it is
+// made float32 like the rest. The float32 op takes its dtype from h0.
 struct GemmInput {
   const Tensor& x;
+  bool keep;
 };
-inline Tensor to_float32(const GemmInput& in) {
-  return in.x.scalar_type() == at::kBFloat16 && uses_bf16_gemms(true) ? in.x
-                                                                      : to_float32(in.x);
+inline Tensor to_float32(const GemmInput& in) { return in.keep ? in.x : to_float32(in.x); }
+// keep, for all of a call's GemmInputs at once: x holds bfloat16 and the setting runs the
+// bfloat16 GEMMs (uses_bf16_gemms)
+inline bool keeps_bf16(const Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && uses_bf16_gemms(true);
+}
+// Whether the float32 op of a bfloat16 layer (bf16_values) runs its GEMMs in bfloat16: where
+// x came in bfloat16 (keeps_bf16 decided so as the call began, and its operands suit
+// nothing else), or else where the setting says so now (float32 operands suit either), so
+// that set_cpu_isa from another thread during a call cannot mismatch the two.
+inline bool bf16_gemms_of(bool bf16_values, const Tensor& x) {
+  return bf16_values && (x.scalar_type() == at::kBFloat16 || uses_bf16_gemms(true));
 }
 // every tensor of `results` in `dtype`, except the one at index `workspace` (-1: none)
 template <typename Tuple>

@@ -18,11 +18,13 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_rows(const Tensor& x, const StepR
                                                     const std::optional<Tensor>& b_hh,
                                                     bool reverse, bool training,
                                                     bool bf16_values) {
-  if (is_half(h0))
-    return in_float32(x.scalar_type(), /*workspace=*/2, gru_forward_rows, GemmInput{x}, L, h0,
-                      GemmInput{w_ih}, GemmInput{w_hh}, b_ih, b_hh, reverse, training,
+  if (is_half(h0)) {
+    const bool keep = keeps_bf16(x);
+    return in_float32(x.scalar_type(), /*workspace=*/2, gru_forward_rows, GemmInput{x, keep}, L, h0,
+                      GemmInput{w_ih, keep}, GemmInput{w_hh, keep}, b_ih, b_hh, reverse, training,
                       x.scalar_type() == at::kBFloat16);
-  const bool bf16 = uses_bf16_gemms(bf16_values);
+  }
+  const bool bf16 = bf16_gemms_of(bf16_values, x);
   const int64_t T = L.T, N = L.N, R = x.size(0), H = w_hh.size(1);
   // b_hr and b_hz fold into the input projection; b_hn must stay inside r * (...).
   const Tensor b_hn = b_hh ? b_hh->narrow(0, 2 * H, H) : at::zeros({H}, h0.options());
@@ -94,10 +96,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_rows(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const StepRows& L, const Tensor& h0,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, const Tensor& workspace,
     bool reverse, bool bf16_values) {
-  if (is_half(h0))
-    return in_float32(x.scalar_type(), -1, gru_backward_rows, dy, dhn, GemmInput{x}, L, h0,
+  if (is_half(h0)) {
+    const bool keep = keeps_bf16(x);
+    return in_float32(x.scalar_type(), -1, gru_backward_rows, dy, dhn, GemmInput{x, keep}, L, h0,
                       w_ih, w_hh, y, workspace, reverse, x.scalar_type() == at::kBFloat16);
-  const bool bf16 = uses_bf16_gemms(bf16_values);
+  }
+  const bool bf16 = bf16_gemms_of(bf16_values, x);
   const int64_t T = L.T, R = x.size(0), H = w_hh.size(1);
   Tensor dg_ih = at::empty({R, 3 * H}, h0.options());
   Tensor dg_hh = at::empty({R, 3 * H}, h0.options());

@@ -347,10 +347,9 @@ at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_
   return out;
 }
 
-StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N, bool bf16_values) {
+StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N, bool bf16_gemms) {
+  if (bf16_gemms) return step_weights(pack_bf16_weights(w_hh, G), G, true, CpuIsa::kAvx512Bf16);
   const CpuIsa isa = cpu_isa();
-  if (bf16_values && isa == CpuIsa::kAvx512Bf16)
-    return step_weights(pack_bf16_weights(w_hh, G), G, true, isa);
   const bool packed = N * G > kMaxDotRowsTimesGates;
   return step_weights(packed ? pack_forward_weights(w_hh, G, isa_lanes(isa)) : w_hh.contiguous(),
                       G, packed, isa);

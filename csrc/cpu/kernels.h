@@ -71,10 +71,10 @@ struct StepWeights {
   CpuIsa isa = CpuIsa::kBaseline;
   int64_t lanes = 8;  // units per block
 };
-// bf16_values: w_hh holds bfloat16 values (a bfloat16 layer, run in float32); then, where
-// the setting is avx512bf16, the step GEMMs run in bfloat16 (uses_bf16_gemms).
+// bf16_gemms: the op runs its GEMMs in bfloat16 (bf16_gemms_of in common.h, decided once a
+// call): w_hh, holding bfloat16 values, is packed for them.
 StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N,
-                                 bool bf16_values = false);
+                                 bool bf16_gemms = false);
 bool uses_bf16_gemms(bool bf16_values);  // bf16_values and cpu_isa() is avx512bf16
 
 // The input projection of a bfloat16 layer in bfloat16 with float32 results: pre [M, G*H]

@@ -15,12 +15,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_rows(
     const Tensor& x, const StepRows& L, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
     const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
     bool reverse, bool training, bool bf16_values) {
-  if (is_half(h0))
-    return in_float32(x.scalar_type(), /*workspace=*/3, lstm_forward_rows, GemmInput{x}, L, h0,
-                      c0, GemmInput{w_ih}, GemmInput{w_hh}, b_ih, b_hh, reverse, training,
-                      x.scalar_type() == at::kBFloat16);
+  if (is_half(h0)) {
+    const bool keep = keeps_bf16(x);
+    return in_float32(x.scalar_type(), /*workspace=*/3, lstm_forward_rows, GemmInput{x, keep},
+                      L, h0, c0, GemmInput{w_ih, keep}, GemmInput{w_hh, keep}, b_ih, b_hh,
+                      reverse, training, x.scalar_type() == at::kBFloat16);
+  }
   const int64_t T = L.T, N = L.N, R = x.size(0), H = w_hh.size(1);
-  const bool bf16 = uses_bf16_gemms(bf16_values);
+  const bool bf16 = bf16_gemms_of(bf16_values, x);
   ProjectedChunks pre(x, L, w_ih, ProjectionBias(b_ih, b_hh), reverse, bf16 ? 4 : 0);
   Tensor y = at::empty({R, H}, h0.options());
   // Training keeps i, f, g, o and c of every step; inference only c of the last two
@@ -113,11 +115,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_rows(
     const Tensor& dy, const Tensor& dhn, const Tensor& dcn, const Tensor& x, const StepRows& L,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const Tensor& y,
     const Tensor& workspace, bool reverse, bool bf16_values) {
-  if (is_half(h0))
-    return in_float32(x.scalar_type(), -1, lstm_backward_rows, dy, dhn, dcn, GemmInput{x}, L,
+  if (is_half(h0)) {
+    const bool keep = keeps_bf16(x);
+    return in_float32(x.scalar_type(), -1, lstm_backward_rows, dy, dhn, dcn, GemmInput{x, keep}, L,
                       h0, c0, w_ih, w_hh, y, workspace, reverse,
                       x.scalar_type() == at::kBFloat16);
-  const bool bf16 = uses_bf16_gemms(bf16_values);
+  }
+  const bool bf16 = bf16_gemms_of(bf16_values, x);
   const int64_t T = L.T, R = x.size(0), H = w_hh.size(1);
   Tensor dg = at::empty({R, 4 * H}, h0.options());
   Tensor dh_carry = dhn.clone();

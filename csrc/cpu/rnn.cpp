@@ -15,12 +15,14 @@ std::tuple<Tensor, Tensor> rnn_forward_rows(const Tensor& x, const StepRows& L, 
                                             const std::optional<Tensor>& b_ih,
                                             const std::optional<Tensor>& b_hh, int64_t activation,
                                             bool reverse, bool bf16_values) {
-  if (is_half(h0))
-    return in_float32(x.scalar_type(), -1, rnn_forward_rows, GemmInput{x}, L, h0,
-                      GemmInput{w_ih}, GemmInput{w_hh}, b_ih, b_hh, activation, reverse,
+  if (is_half(h0)) {
+    const bool keep = keeps_bf16(x);
+    return in_float32(x.scalar_type(), -1, rnn_forward_rows, GemmInput{x, keep}, L, h0,
+                      GemmInput{w_ih, keep}, GemmInput{w_hh, keep}, b_ih, b_hh, activation, reverse,
                       x.scalar_type() == at::kBFloat16);
+  }
   const int64_t T = L.T, N = L.N, H = w_hh.size(1);
-  const bool bf16 = uses_bf16_gemms(bf16_values);
+  const bool bf16 = bf16_gemms_of(bf16_values, x);
   // y starts as the pre-activations of every step and is overwritten in place with h_t
   const ProjectionBias bias(b_ih, b_hh);
   Tensor y = bf16 ? projection_bf16(x, pack_bf16_weights(w_ih, 1), 1, H, bias.summed(H))
@@ -75,10 +77,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_rows(
     const Tensor& dy, const Tensor& dhn, const Tensor& x, const StepRows& L, const Tensor& h0,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& y, int64_t activation, bool reverse,
     bool bf16_values) {
-  if (is_half(h0))
-    return in_float32(x.scalar_type(), -1, rnn_backward_rows, dy, dhn, GemmInput{x}, L, h0,
+  if (is_half(h0)) {
+    const bool keep = keeps_bf16(x);
+    return in_float32(x.scalar_type(), -1, rnn_backward_rows, dy, dhn, GemmInput{x, keep}, L, h0,
                       w_ih, w_hh, y, activation, reverse, x.scalar_type() == at::kBFloat16);
-  const bool bf16 = uses_bf16_gemms(bf16_values);
+  }
+  const bool bf16 = bf16_gemms_of(bf16_values, x);
   const int64_t R = x.size(0), H = w_hh.size(1);
   Tensor dg = at::empty({R, H}, h0.options());
   Tensor dh_carry = dhn.clone();

@@ -613,9 +613,10 @@ template <typename T>
 const T& to_float32(const T& value) { return value; }  // flags and sizes pass through
 // An operand of a bfloat16 op that only its GEMMs read where they run in bfloat16 goes to
 // the float32 op as it is (keep): x in both directions (the forward's projection_bf16, the
-// backward's input_grads) and the forward's weights (packed for the bfloat16 GEMMs:
-// pack_bf16_weights). A float32 copy would be made only to be rounded back. Else it is
-// made float32 like the rest. The float32 op takes its dtype from h0.
+// backward's input_grads), the forward's weights (packed for the bfloat16 GEMMs:
+// pack_bf16_weights), the backward's W_ih (input_grads) and the LSTM backward's y (only the
+// dW_hh GEMM reads it there). A float32 copy would be made only to be rounded back. Else
+// it is made float32 like the rest. The float32 op takes its dtype from h0.
 struct GemmInput {
   const Tensor& x;
   bool keep;

@@ -99,7 +99,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_rows(
   if (is_half(h0)) {
     const bool keep = keeps_bf16(x);
     return in_float32(x.scalar_type(), -1, gru_backward_rows, dy, dhn, GemmInput{x, keep}, L, h0,
-                      w_ih, w_hh, y, workspace, reverse, x.scalar_type() == at::kBFloat16);
+                      GemmInput{w_ih, keep}, w_hh, y, workspace, reverse,
+                      x.scalar_type() == at::kBFloat16);
   }
   const bool bf16 = bf16_gemms_of(bf16_values, x);
   const int64_t T = L.T, R = x.size(0), H = w_hh.size(1);

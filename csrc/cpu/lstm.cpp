@@ -118,7 +118,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_rows(
   if (is_half(h0)) {
     const bool keep = keeps_bf16(x);
     return in_float32(x.scalar_type(), -1, lstm_backward_rows, dy, dhn, dcn, GemmInput{x, keep}, L,
-                      h0, c0, w_ih, w_hh, y, workspace, reverse,
+                      h0, c0, GemmInput{w_ih, keep}, w_hh, GemmInput{y, keep}, workspace, reverse,
                       x.scalar_type() == at::kBFloat16);
   }
   const bool bf16 = bf16_gemms_of(bf16_values, x);

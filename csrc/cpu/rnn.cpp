@@ -80,7 +80,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_rows(
   if (is_half(h0)) {
     const bool keep = keeps_bf16(x);
     return in_float32(x.scalar_type(), -1, rnn_backward_rows, dy, dhn, GemmInput{x, keep}, L, h0,
-                      w_ih, w_hh, y, activation, reverse, x.scalar_type() == at::kBFloat16);
+                      GemmInput{w_ih, keep}, w_hh, y, activation, reverse,
+                      x.scalar_type() == at::kBFloat16);
   }
   const bool bf16 = bf16_gemms_of(bf16_values, x);
   const int64_t R = x.size(0), H = w_hh.size(1);

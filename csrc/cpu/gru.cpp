@@ -29,8 +29,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward_rows(const Tensor& x, const StepR
   // b_hr and b_hz fold into the input projection; b_hn must stay inside r * (...).
   const Tensor b_hn = b_hh ? b_hh->narrow(0, 2 * H, H) : at::zeros({H}, h0.options());
   ProjectedChunks xp(x, L, w_ih, ProjectionBias(b_ih, b_hh, 2 * H), reverse, bf16 ? 3 : 0);
-  Tensor y = at::empty({R, H}, h0.options());
-  Tensor workspace = at::empty({training ? R : 0, 4 * H}, h0.options());
+  Tensor y = empty_large({R, H}, h0.options());
+  Tensor workspace = empty_large({training ? R : 0, 4 * H}, h0.options());
   Tensor hh = at::empty({N, 3 * H}, h0.options());  // W_hh h_{t-1}, no bias
   // a generic lambda, so that `if constexpr` below discards the float-only path for double
   auto body = [&](auto zero) {
@@ -104,8 +104,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_rows(
   }
   const bool bf16 = bf16_gemms_of(bf16_values, x);
   const int64_t T = L.T, R = x.size(0), H = w_hh.size(1);
-  Tensor dg_ih = at::empty({R, 3 * H}, h0.options());
-  Tensor dg_hh = at::empty({R, 3 * H}, h0.options());
+  Tensor dg_ih = empty_large({R, 3 * H}, h0.options());
+  Tensor dg_hh = empty_large({R, 3 * H}, h0.options());
   Tensor dh_carry = dhn.clone();
   // the body for one dtype, dispatched below
   auto body = [&](auto zero) {

@@ -15,6 +15,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 // Explicit instantiations, emitted in each ISA's namespace and for the dispatchers.
 #define RNNFAST_INSTANTIATE(T)                                                              \
   template void elman_forward_block<T>(T*, int64_t, int64_t, int64_t, int64_t, int64_t);    \
@@ -278,6 +282,19 @@ uint32_t* thread_pairs(int64_t count) {
 }
 }  // namespace
 
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (t.nbytes() >= 4 * kHuge && last > first)  // a hint: its failure changes nothing
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return t;
+}
+
 bool uses_bf16_gemms(bool bf16_values) {
   return bf16_values && cpu_isa() == CpuIsa::kAvx512Bf16;
 }
@@ -309,7 +326,7 @@ at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_
                            const std::optional<at::Tensor>& bias) {
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), Kp = (K + 1) / 2;
-  at::Tensor out = at::empty({M, G * H}, xc.options().dtype(at::kFloat));
+  at::Tensor out = empty_large({M, G * H}, xc.options().dtype(at::kFloat));
   const std::optional<at::Tensor> bc =
       bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const float* bp = bc ? bc->data_ptr<float>() : nullptr;

@@ -76,6 +76,10 @@ struct StepWeights {
 StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N,
                                  bool bf16_gemms = false);
 bool uses_bf16_gemms(bool bf16_values);  // bf16_values and cpu_isa() is avx512bf16
+// at::empty, for buffers of many MiB that a call allocates and fills anew each time: on
+// Linux its whole 2 MiB pages are marked for transparent huge pages (madvise), so that the
+// first touch maps 2 MiB at a time rather than 4 KiB (where THP is set to `madvise`).
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // The input projection of a bfloat16 layer in bfloat16 with float32 results: pre [M, G*H]
 // = x [M, K] W^T + bias, x in bfloat16 or a float32 tensor holding bfloat16 values, w

@@ -24,11 +24,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_forward_rows(
   const int64_t T = L.T, N = L.N, R = x.size(0), H = w_hh.size(1);
   const bool bf16 = bf16_gemms_of(bf16_values, x);
   ProjectedChunks pre(x, L, w_ih, ProjectionBias(b_ih, b_hh), reverse, bf16 ? 4 : 0);
-  Tensor y = at::empty({R, H}, h0.options());
+  Tensor y = empty_large({R, H}, h0.options());
   // Training keeps i, f, g, o and c of every step; inference only c of the last two
   // steps, in turns (the kernel's c_prev and c never alias). In a packed sequence a row
   // that has ended is not written again, so its last c stays in its turn's buffer.
-  Tensor workspace = at::empty({training ? R : 0, 5 * H}, h0.options());
+  Tensor workspace = empty_large({training ? R : 0, 5 * H}, h0.options());
   Tensor c_turns = at::empty({training ? 0 : 2, N, H}, h0.options());
   // a generic lambda, so that `if constexpr` below discards the float-only path for double
   auto body = [&](auto zero) {
@@ -123,7 +123,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_rows(
   }
   const bool bf16 = bf16_gemms_of(bf16_values, x);
   const int64_t T = L.T, R = x.size(0), H = w_hh.size(1);
-  Tensor dg = at::empty({R, 4 * H}, h0.options());
+  Tensor dg = empty_large({R, 4 * H}, h0.options());
   Tensor dh_carry = dhn.clone();
   Tensor dc = dcn.clone();
   // the body for one dtype, dispatched below
@@ -153,8 +153,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_rows(
     return {at::zeros_like(x), dh_carry, dc, at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({4 * H}, h0.options())};
   }
-  InputGrads in = input_grads(dg, x, w_ih, bf16);
-  return {in.dx, dh_carry, dc, in.dw_ih, recurrent_weight_grad(dg, y, h0, L, reverse, bf16),
+  // the GEMMs' operand, rounded to bfloat16 once for both where they run in bfloat16
+  const Tensor dg_gemm = bf16 ? as_bf16(dg) : dg;
+  InputGrads in = input_grads(dg_gemm, x, w_ih, bf16);
+  return {in.dx, dh_carry, dc, in.dw_ih, recurrent_weight_grad(dg_gemm, y, h0, L, reverse, bf16),
           bias_grad(dg)};
 }
 

@@ -85,7 +85,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_rows(
   }
   const bool bf16 = bf16_gemms_of(bf16_values, x);
   const int64_t R = x.size(0), H = w_hh.size(1);
-  Tensor dg = at::empty({R, H}, h0.options());
+  Tensor dg = empty_large({R, H}, h0.options());
   Tensor dh_carry = dhn.clone();
   // the body for one dtype, dispatched below
   auto body = [&](auto zero) {
@@ -106,8 +106,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_rows(
     return {at::zeros_like(x), dh_carry, at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({H}, h0.options())};
   }
-  InputGrads in = input_grads(dg, x, w_ih, bf16);
-  return {in.dx, dh_carry, in.dw_ih, recurrent_weight_grad(dg, y, h0, L, reverse, bf16),
+  // the GEMMs' operand, rounded to bfloat16 once for both where they run in bfloat16
+  const Tensor dg_gemm = bf16 ? as_bf16(dg) : dg;
+  InputGrads in = input_grads(dg_gemm, x, w_ih, bf16);
+  return {in.dx, dh_carry, in.dw_ih, recurrent_weight_grad(dg_gemm, y, h0, L, reverse, bf16),
           bias_grad(dg)};
 }
 

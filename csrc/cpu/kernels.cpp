@@ -295,6 +295,18 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   return t;
 }
 
+namespace {
+// f(pointer to t's values): uint16_t bits where t is bfloat16, else float (holding
+// bfloat16 values), the two sources the bfloat16 GEMMs' conversions read
+template <typename F>
+void with_bf16_values(const at::Tensor& t, const F& f) {
+  if (t.scalar_type() == at::kBFloat16)
+    f(reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()));
+  else
+    f(t.data_ptr<float>());
+}
+}  // namespace
+
 bool uses_bf16_gemms(bool bf16_values) {
   return bf16_values && cpu_isa() == CpuIsa::kAvx512Bf16;
 }
@@ -306,16 +318,12 @@ at::Tensor pack_bf16_weights(const at::Tensor& w, int64_t G) {
   const at::Tensor wc = w.contiguous();
   uint32_t* p = reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>());
 #ifdef RNNFAST_HAVE_X86_BUILDS
-  auto run = [&](const auto* src) {
+  with_bf16_values(wc, [&](const auto* src) {
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         avx512bf16::pack_block_bf16(src, K, H, G, b, p + b * Kp * G * L);
     });
-  };
-  if (wc.scalar_type() == at::kBFloat16)
-    run(reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()));
-  else
-    run(wc.data_ptr<float>());
+  });
 #else
   TORCH_CHECK(false, "rnnfast: the bfloat16 packing needs an x86-64 build");
 #endif
@@ -335,7 +343,7 @@ at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_
   // panels of 48 rows (8 tiles of 6 LSTM rows), each thread a run of them
   constexpr int64_t kPanel = 48;
 #ifdef RNNFAST_HAVE_X86_BUILDS
-  auto run = [&](const auto* xp) {
+  with_bf16_values(xc, [&](const auto* xp) {
     at::parallel_for(0, (M + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
       std::vector<uint32_t> pairs(kPanel * Kp);
       for (int64_t q = p0; q < p1; ++q) {
@@ -353,11 +361,7 @@ at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_
         }
       }
     });
-  };
-  if (xc.scalar_type() == at::kBFloat16)
-    run(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()));
-  else
-    run(xc.data_ptr<float>());
+  });
 #else
   TORCH_CHECK(false, "rnnfast: the bfloat16 projection needs an x86-64 build");
 #endif

@@ -235,9 +235,9 @@ inline Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Projec
 constexpr int64_t kProjectionChunkFloats = int64_t{1} << 22;
 class ProjectedChunks {
  public:
-  // x [R, C] laid out as L says. bf16_gates: the layer's gates G where x (in bfloat16, or
-  // float32) and w_ih hold bfloat16 values and the bfloat16 GEMM is to run
-  // (uses_bf16_gemms), else 0.
+  // x [R, C] laid out as L says. bf16_gates: the layer's gates G where x and w_ih (each in
+  // bfloat16, or float32) hold bfloat16 values and the bfloat16 GEMM is to run
+  // (bf16_gemms_of), else 0.
   ProjectedChunks(const Tensor& x, const StepRows& L, const Tensor& w_ih, ProjectionBias bias,
                   bool reverse, int64_t bf16_gates = 0)
       : x_(x), L_(L), w_ih_(w_ih), bias_(std::move(bias)), reverse_(reverse),
@@ -560,11 +560,12 @@ inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor
 }
 
 // db [G*H] = the sum over all rows of the gate gradients dg [R, G*H].
-// The backward's whole-sequence GEMMs of a bfloat16 layer where uses_bf16_gemms: dx, dW_ih
+// The backward's whole-sequence GEMMs of a bfloat16 layer where bf16_gemms_of: dx, dW_ih
 // and dW_hh through torch's bfloat16 GEMMs (oneDNN's with AVX512-BF16: float32 sums, each
 // result rounded to bfloat16 once, as the op returns it), from the gate gradients rounded
-// to bfloat16 (x, h and the weights hold bfloat16 values already; x comes in bfloat16,
-// GemmInput). Else the float32 ones. dx stays in bfloat16, the dtype the op returns.
+// to bfloat16 (x, h and the weights hold bfloat16 values already; x and W_ih, and the
+// LSTM's y, come in bfloat16: GemmInput). Else the float32 ones. dx stays in bfloat16, the
+// dtype the op returns.
 inline Tensor as_bf16(const Tensor& t) { return t.to(at::kBFloat16); }
 inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor& w_ih,
                               bool bf16) {

@@ -82,9 +82,9 @@ bool uses_bf16_gemms(bool bf16_values);  // bf16_values and cpu_isa() is avx512b
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // The input projection of a bfloat16 layer in bfloat16 with float32 results: pre [M, G*H]
-// = x [M, K] W^T + bias, x in bfloat16 or a float32 tensor holding bfloat16 values, w
-// [G*H, K] float32 holding bfloat16 values, packed once (pack_bf16_weights) for all
-// chunks. Only where uses_bf16_gemms(true).
+// = x [M, K] W^T + bias, x and w [G*H, K] in bfloat16 or float32 holding bfloat16
+// values, w packed once (pack_bf16_weights) for all chunks. Only where a call runs the
+// bfloat16 GEMMs (bf16_gemms_of in common.h).
 at::Tensor pack_bf16_weights(const at::Tensor& w, int64_t G);
 at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t G, int64_t H,
                            const std::optional<at::Tensor>& bias);

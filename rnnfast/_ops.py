@@ -210,8 +210,10 @@ class GRUFunction(torch.autograd.Function):
 def get_cpu_isa():
     """The build of the CPU step kernels that runs: 'avx512bf16' (the AVX-512 build, whose
     bfloat16 layers also run their GEMMs in bfloat16 with float32 sums: the forward's, with
-    h rounded to bfloat16 for each step's, and the backward's dx and weight gradients), 'avx512' (16-wide; AVX-512 F, VL, BW and
-    DQ; bfloat16 layers computed in float32), 'avx2' (8-wide, AVX2 and FMA) or 'baseline'.
+    h rounded to bfloat16 for each step's, and the backward's, each step's dh and the
+    whole-sequence dx and weight gradients, with the gate gradients rounded to bfloat16),
+    'avx512' (16-wide; AVX-512 F, VL, BW and DQ; bfloat16 layers computed in float32),
+    'avx2' (8-wide, AVX2 and FMA) or 'baseline'.
     The default is the best the CPU has; the environment variable RNNFAST_CPU_ISA sets the
     initial value."""
     return _C._cpu_isa()

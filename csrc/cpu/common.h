@@ -385,13 +385,14 @@ inline UnitRange units_of(int64_t b0, int64_t b1, int64_t H, const StepWeights& 
 // dh_carry; then dh_carry's rows of that step = dg_hh's rows W_hh, or += where gate_grads
 // leaves a direct term there (GRU). The state rows a step does not run keep their carry:
 // dhn for sequences not yet begun (read backwards), dh0 for those already ended.
-// float32 runs weight-stationary (backward_steps); other dtypes with BLAS per step.
+// float32 runs weight-stationary (backward_steps), its dh GEMM in bfloat16 where bf16 (the
+// op's bf16_gemms_of: dg_hh rounded to bfloat16 for it); other dtypes with BLAS per step.
 template <typename scalar_t, typename F>
 void reverse_time_loop(const Tensor& dg_hh, const StepRows& L, const Tensor& w_hh, bool reverse,
-                       Tensor& dh_carry, bool accumulate, const F& gate_grads) {
+                       Tensor& dh_carry, bool accumulate, bool bf16, const F& gate_grads) {
   const int64_t T = L.T, N = L.N, GH = dg_hh.size(1), H = w_hh.size(1);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const StepWeights wb = backward_step_weights(w_hh);
+    const StepWeights wb = backward_step_weights(w_hh, bf16);
     const float* dg = dg_hh.data_ptr<float>();
     float* dhc = dh_carry.data_ptr<float>();
     backward_steps(

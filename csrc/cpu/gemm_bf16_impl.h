@@ -243,6 +243,17 @@ void recurrent_gates_blocks_bf16(const uint16_t* wp, const float* h, int64_t N, 
                        nullptr);
 }
 
+// The backward's dh step for unit blocks [b0, b1): dh [N, H] (+)= bf16(dg) [N, K] W_hh, K =
+// G*H, through the one-gate tile, with W_hh^T [H, K] packed as one gate; dg rounded to
+// bfloat16 by each thread for itself into `pairs` (N * ceil(K/2)).
+inline void recurrent_dh_blocks_bf16(const uint16_t* wp, const float* dg, int64_t N, int64_t K,
+                                     int64_t H, float* dh, int64_t b0, int64_t b1,
+                                     bool accumulate, bool descending, uint32_t* pairs) {
+  to_bf16_pairs(dg, K, N, K, bf16_tile_rows(1), pairs);
+  gates_blocks_bf16<1>(wp, pairs, N, (K + 1) / 2, H, dh, b0, b1, accumulate, descending,
+                       nullptr);
+}
+
 // Rows [m0, m0 + M) of out [., G*H] = x [., K] W^T + bias, x in bfloat16 (uint16_t) or in
 // float32 holding bfloat16 values, through `pairs` (M * ceil(K/2)).
 template <int G, typename X>

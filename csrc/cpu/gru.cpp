@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward_rows(
                                      ghp + (off + m0) * 3 * H, m, H, u0, count);
       });
     };
-    reverse_time_loop<scalar_t>(dg_hh, L, w_hh, reverse, dh_carry, /*accumulate=*/true,
+    reverse_time_loop<scalar_t>(dg_hh, L, w_hh, reverse, dh_carry, /*accumulate=*/true, bf16,
                                 gate_grads);
   };
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "gru_backward_cpu", [&] { body(scalar_t(0)); });

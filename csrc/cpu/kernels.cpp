@@ -376,11 +376,12 @@ StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N, b
                       G, packed, isa);
 }
 
-StepWeights backward_step_weights(const at::Tensor& w_hh) {
+StepWeights backward_step_weights(const at::Tensor& w_hh, bool bf16_gemms) {
+  const int64_t H = w_hh.size(1), G = H > 0 ? w_hh.size(0) / H : 0;
+  if (bf16_gemms)
+    return step_weights(pack_bf16_weights(w_hh.t(), 1), G, true, CpuIsa::kAvx512Bf16);
   const CpuIsa isa = cpu_isa();
-  const int64_t H = w_hh.size(1);
-  return step_weights(pack_backward_weights(w_hh, isa_lanes(isa)),
-                      H > 0 ? w_hh.size(0) / H : 0, true, isa);
+  return step_weights(pack_backward_weights(w_hh, isa_lanes(isa)), G, true, isa);
 }
 
 void recurrent_gates_blocks(const StepWeights& w, const float* h, int64_t N, int64_t H,
@@ -420,6 +421,15 @@ void recurrent_gates_blocks(const StepWeights& w, const float* h, int64_t N, int
 
 void recurrent_dh_blocks(const StepWeights& w, const float* dg, int64_t N, int64_t GH, int64_t H,
                          float* dh, int64_t b0, int64_t b1, bool accumulate, bool descending) {
+  if (w.bf16) {
+#ifdef RNNFAST_HAVE_X86_BUILDS
+    avx512bf16::recurrent_dh_blocks_bf16(w.data16, dg, N, GH, H, dh, b0, b1, accumulate,
+                                         descending, thread_pairs(N * ((GH + 1) / 2)));
+    return;
+#else
+    TORCH_CHECK(false, "rnnfast: bfloat16 step GEMMs need x86-64");
+#endif
+  }
   RNNFAST_ISA_CALL(w.isa, recurrent_dh_blocks, w.data, dg, N, GH, H, dh, b0, b1, accumulate,
                    descending);
 }

@@ -88,7 +88,8 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 at::Tensor pack_bf16_weights(const at::Tensor& w, int64_t G);
 at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t G, int64_t H,
                            const std::optional<at::Tensor>& bias);
-StepWeights backward_step_weights(const at::Tensor& w_hh);
+// bf16_gemms: as forward_step_weights, the dh step in bfloat16 (W_hh^T packed as one gate).
+StepWeights backward_step_weights(const at::Tensor& w_hh, bool bf16_gemms = false);
 
 // out[n][k*H + u] (+)= (h W_hh^T)[n][k*H + u] for the units of blocks [b0, b1), visiting
 // the blocks in descending order when asked (alternate steps go opposite ways, so that

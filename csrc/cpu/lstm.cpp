@@ -146,7 +146,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_rows(
                                       dgp + (off + m0) * 4 * H, m, H, u0, count);
       });
     };
-    reverse_time_loop<scalar_t>(dg, L, w_hh, reverse, dh_carry, /*accumulate=*/false, gate_grads);
+    reverse_time_loop<scalar_t>(dg, L, w_hh, reverse, dh_carry, /*accumulate=*/false, bf16,
+                                gate_grads);
   };
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_backward_cpu", [&] { body(scalar_t(0)); });
   if (R == 0 || H == 0) {

@@ -99,7 +99,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_rows(
       elman_backward_block<scalar_t>(dyp + o, dhc + n0 * H, yp + o, dgp + o, rows, H, u0, count,
                                      activation);
     };
-    reverse_time_loop<scalar_t>(dg, L, w_hh, reverse, dh_carry, /*accumulate=*/false, gate_grads);
+    reverse_time_loop<scalar_t>(dg, L, w_hh, reverse, dh_carry, /*accumulate=*/false, bf16,
+                                gate_grads);
   };
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rnn_backward_cpu", [&] { body(scalar_t(0)); });
   if (R == 0 || H == 0) {

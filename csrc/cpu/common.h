@@ -565,20 +565,18 @@ inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor
 // and dW_hh through torch's bfloat16 GEMMs (oneDNN's with AVX512-BF16: float32 sums, each
 // result rounded to bfloat16 once, as the op returns it), from the gate gradients rounded
 // to bfloat16 (x, h and the weights hold bfloat16 values already; x and W_ih, and the
-// LSTM's y, come in bfloat16: GemmInput). Else the float32 ones. dx stays in bfloat16, the
-// dtype the op returns.
+// LSTM's y, come in bfloat16: GemmInput). Else the float32 ones. Their results stay in
+// bfloat16, the dtype the op returns.
 inline Tensor as_bf16(const Tensor& t) { return t.to(at::kBFloat16); }
 inline InputGrads input_grads(const Tensor& dg_ih, const Tensor& x, const Tensor& w_ih,
                               bool bf16) {
   if (!bf16) return input_grads(dg_ih, x, w_ih);
-  InputGrads g = input_grads(as_bf16(dg_ih), as_bf16(x), as_bf16(w_ih));
-  return {g.dx, g.dw_ih.to(at::kFloat)};
+  return input_grads(as_bf16(dg_ih), as_bf16(x), as_bf16(w_ih));
 }
 inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const Tensor& h0,
                                     const StepRows& L, bool reverse, bool bf16) {
   if (!bf16) return recurrent_weight_grad(dg_hh, y, h0, L, reverse);
-  return recurrent_weight_grad(as_bf16(dg_hh), as_bf16(y), as_bf16(h0), L, reverse)
-      .to(at::kFloat);
+  return recurrent_weight_grad(as_bf16(dg_hh), as_bf16(y), as_bf16(h0), L, reverse);
 }
 
 inline Tensor bias_grad(const Tensor& dg) {
@@ -627,14 +625,14 @@ inline Tensor to_float32(const GemmInput& in) { return in.keep ? in.x : to_float
 // keep, for all of a call's GemmInputs at once: x holds bfloat16 and the setting runs the
 // bfloat16 GEMMs (uses_bf16_gemms)
 inline bool keeps_bf16(const Tensor& x) {
-  return x.scalar_type() == at::kBFloat16 && uses_bf16_gemms(true);
+  return x.scalar_type() == at::kBFloat16 && uses_bf16_gemms();
 }
 // Whether the float32 op of a bfloat16 layer (bf16_values) runs its GEMMs in bfloat16: where
 // x came in bfloat16 (keeps_bf16 decided so as the call began, and its operands suit
 // nothing else), or else where the setting says so now (float32 operands suit either), so
 // that set_cpu_isa from another thread during a call cannot mismatch the two.
 inline bool bf16_gemms_of(bool bf16_values, const Tensor& x) {
-  return bf16_values && (x.scalar_type() == at::kBFloat16 || uses_bf16_gemms(true));
+  return bf16_values && (x.scalar_type() == at::kBFloat16 || uses_bf16_gemms());
 }
 // every tensor of `results` in `dtype`, except the one at index `workspace` (-1: none)
 template <typename Tuple>

@@ -273,8 +273,8 @@ StepWeights step_weights(at::Tensor tensor, int64_t G, bool packed, CpuIsa isa) 
   return w;
 }
 
-// One buffer per thread for the bfloat16 pairs of h (recurrent_gates_blocks), grown as
-// needed and kept for later calls.
+// One buffer per thread for the bfloat16 pairs the bfloat16 GEMMs read (h or dg of a step,
+// a panel of x), grown as needed and kept for later calls.
 uint32_t* thread_pairs(int64_t count) {
   thread_local std::vector<uint32_t> pairs;
   if (static_cast<int64_t>(pairs.size()) < count) pairs.resize(count);
@@ -307,9 +307,7 @@ void with_bf16_values(const at::Tensor& t, const F& f) {
 }
 }  // namespace
 
-bool uses_bf16_gemms(bool bf16_values) {
-  return bf16_values && cpu_isa() == CpuIsa::kAvx512Bf16;
-}
+bool uses_bf16_gemms() { return cpu_isa() == CpuIsa::kAvx512Bf16; }
 
 at::Tensor pack_bf16_weights(const at::Tensor& w, int64_t G) {
   const int64_t P = w.size(0), K = w.size(1), H = G > 0 ? P / G : 0;
@@ -345,19 +343,19 @@ at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_
 #ifdef RNNFAST_HAVE_X86_BUILDS
   with_bf16_values(xc, [&](const auto* xp) {
     at::parallel_for(0, (M + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
-      std::vector<uint32_t> pairs(kPanel * Kp);
+      uint32_t* pairs = thread_pairs(kPanel * Kp);
       for (int64_t q = p0; q < p1; ++q) {
         const int64_t m0 = q * kPanel, m = std::min(kPanel, M - m0);
         switch (G) {
           case 1:
-            avx512bf16::projection_rows_bf16<1>(wp, xp, m0, m, K, H, bp, op, pairs.data());
+            avx512bf16::projection_rows_bf16<1>(wp, xp, m0, m, K, H, bp, op, pairs);
             break;
           case 3:
-            avx512bf16::projection_rows_bf16<3>(wp, xp, m0, m, K, H, bp, op, pairs.data());
+            avx512bf16::projection_rows_bf16<3>(wp, xp, m0, m, K, H, bp, op, pairs);
             break;
           default:
             TORCH_CHECK(G == 4, "rnnfast: no bfloat16 projection for ", G, " gates");
-            avx512bf16::projection_rows_bf16<4>(wp, xp, m0, m, K, H, bp, op, pairs.data());
+            avx512bf16::projection_rows_bf16<4>(wp, xp, m0, m, K, H, bp, op, pairs);
         }
       }
     });

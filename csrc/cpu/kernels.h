@@ -75,7 +75,7 @@ struct StepWeights {
 // call): w_hh, holding bfloat16 values, is packed for them.
 StepWeights forward_step_weights(const at::Tensor& w_hh, int64_t G, int64_t N,
                                  bool bf16_gemms = false);
-bool uses_bf16_gemms(bool bf16_values);  // bf16_values and cpu_isa() is avx512bf16
+bool uses_bf16_gemms();  // the setting (avx512bf16) runs bfloat16 layers' GEMMs in bfloat16
 // at::empty, for buffers of many MiB that a call allocates and fills anew each time: on
 // Linux its whole 2 MiB pages are marked for transparent huge pages (madvise), so that the
 // first touch maps 2 MiB at a time rather than 4 KiB (where THP is set to `madvise`).

@@ -8,7 +8,8 @@ machine, and writes the rows as JSON.
         --dtype bfloat16 lstm:64:16:256:256 gru:100:64:2048:128 ...
 
 A shape is cell:T:N:C:H (cell: lstm, gru, rnn). Each checkout needs its extension built
-in place (python setup.py build_ext --inplace).
+in place (python setup.py build_ext --inplace). One checkout under two settings: name it
+twice, with --env-old and/or --env-new (KEY=VALUE, repeatable) for each side's children.
 """
 import argparse
 import json
@@ -45,9 +46,10 @@ print(json.dumps({"ratio": out["torch.nn"][0] / out["rnnfast"][0], "from": rnnfa
 """
 
 
-def ratio(checkout, shape, mode, dtype):
+def ratio(checkout, shape, mode, dtype, extra_env=()):
     # run in the checkout: `python -c` puts the working directory first on sys.path
     env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout))
+    env.update(kv.split("=", 1) for kv in extra_env)
     cmd = [sys.executable, "-c", CHILD, *shape.split(":"), mode, dtype]
     res = subprocess.run(cmd, env=env, cwd=os.path.abspath(checkout), capture_output=True,
                          text=True, check=False)
@@ -69,7 +71,12 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--env-old", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--env-new", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
+    for kv in args.env_old + args.env_new:
+        if "=" not in kv:
+            ap.error(f"--env-old/--env-new take KEY=VALUE; got {kv!r}")
     rows = []
     for shape in args.shapes:
         cell, T, N, C, H = shape.split(":")
@@ -79,7 +86,8 @@ def main():
             got = {"old": [], "new": []}
             for _ in range(args.rounds):
                 for name in ("old", "new"):
-                    got[name].append(ratio(getattr(args, name), shape, mode, args.dtype))
+                    got[name].append(ratio(getattr(args, name), shape, mode, args.dtype,
+                                           getattr(args, "env_" + name)))
             row = dict(cell=cell, T=int(T), N=int(N), C=int(C), H=int(H), mode=mode,
                        dtype=args.dtype, old=statistics.median(got["old"]),
                        new=statistics.median(got["new"]), old_runs=got["old"],
@@ -89,6 +97,7 @@ def main():
                   f"new {row['new']:.2f}x", flush=True)
     with open(args.json, "w") as f:
         json.dump({"old": os.path.abspath(args.old), "new": os.path.abspath(args.new),
+                   "env_old": args.env_old, "env_new": args.env_new,
                    "torch": __import__("torch").__version__, "rows": rows}, f, indent=1)
 
 

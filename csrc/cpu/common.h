@@ -14,6 +14,7 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -439,8 +440,37 @@ void reverse_time_loop(const Tensor& dg_hh, const StepRows& L, const Tensor& w_h
 // slower than 1000. (Transposing dg once for both dW GEMMs, unchunked, had gained 4-6% at
 // N = 16 but lost 6% at T = 100, N = 64, H = 256.)
 constexpr int64_t kNarrowGradColumns = 64;
+// RNNFAST_CPU_WEIGHT_GRADS=aten: the old path (for A/B runs)
+inline bool own_weight_grads() {
+  static const bool own = [] {
+    const char* v = std::getenv("RNNFAST_CPU_WEIGHT_GRADS");
+    return !(v && std::string(v) == "aten");
+  }();
+  return own;
+}
 constexpr int64_t kTnChunkRows = 1000;
+// In float32 rnnfast's own kernel does it instead (weight_grad_f32, kernels.h), reading a
+// and b as they lie, over one or more segments of rows (a [K_i, M], b [K_i, P] each, rows
+// contiguous, a's rows equally far apart in all, and b's).
+inline Tensor mm_tn_f32(std::initializer_list<std::pair<Tensor, Tensor>> parts) {
+  const Tensor &a0 = parts.begin()->first, &b0 = parts.begin()->second;
+  const int64_t M = a0.size(1), P = b0.size(1), lda = a0.stride(0), ldb = b0.stride(0);
+  std::vector<TnSegment> segs;
+  for (const auto& [a, b] : parts) {
+    TORCH_INTERNAL_ASSERT(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                          a.size(1) == M && b.size(1) == P && a.size(0) == b.size(0) &&
+                          (a.size(0) <= 1 || (a.stride(0) == lda && b.stride(0) == ldb)) &&
+                          (M <= 1 || a.stride(1) == 1) && (P <= 1 || b.stride(1) == 1));
+    segs.push_back({a.const_data_ptr<float>(), b.const_data_ptr<float>(), a.size(0)});
+  }
+  Tensor out = at::empty({M, P}, a0.options());
+  weight_grad_f32(cpu_isa(), segs.data(), static_cast<int>(segs.size()), lda, ldb, M, P,
+                  out.mutable_data_ptr<float>(), false);
+  return out;
+}
+
 inline Tensor mm_tn(const Tensor& a, const Tensor& b) {
+  if (a.scalar_type() == at::kFloat && own_weight_grads()) return mm_tn_f32({{a, b}});
   if (b.size(1) < a.size(1) && b.size(1) < kNarrowGradColumns)
     return at::mm(b.t(), a).t().contiguous();
   const int64_t K = a.size(0);
@@ -524,6 +554,11 @@ inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const 
       }
     });
     return dw_hh;
+  }
+  if (y.scalar_type() == at::kFloat && own_weight_grads()) {
+    const int64_t rest = (T - 1) * N;
+    return mm_tn_f32({{dg_hh.narrow(0, first * N, N), h0},
+                      {dg_hh.narrow(0, reverse ? 0 : N, rest), y.narrow(0, reverse ? N : 0, rest)}});
   }
   Tensor dw_hh = mm_tn(dg_hh.narrow(0, first * N, N), h0);
   if (T > 1) {

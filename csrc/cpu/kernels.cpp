@@ -432,4 +432,31 @@ void recurrent_dh_blocks(const StepWeights& w, const float* dg, int64_t N, int64
                    descending);
 }
 
+void weight_grad_f32(CpuIsa isa, const TnSegment* segs, int nseg, int64_t lda, int64_t ldb,
+                     int64_t P, int64_t K, float* out, bool accumulate) {
+  if (isa == CpuIsa::kAvx512Bf16) isa = CpuIsa::kAvx512;  // float32: the AVX-512 build
+  const int64_t lanes = isa_lanes(isa), rem = K % lanes;
+  int64_t M = 0;
+  for (int s = 0; s < nseg; ++s) M += segs[s].rows;
+  if (P == 0 || K == 0) return;
+  if (M == 0) {
+    if (!accumulate) std::memset(out, 0, P * K * sizeof(float));
+    return;
+  }
+  // the last K % lanes columns of b, zero-padded to whole vectors
+  std::vector<float> tail(rem > 0 ? M * lanes : 0, 0.0f);
+  if (rem > 0) {
+    int64_t row = 0;
+    for (int s = 0; s < nseg; ++s)
+      for (int64_t m = 0; m < segs[s].rows; ++m, ++row)
+        std::memcpy(tail.data() + row * lanes, segs[s].b + m * ldb + K - rem, rem * sizeof(float));
+  }
+  // rows of out in groups of 12 (whole tiles of 6 or 4), split between the threads
+  constexpr int64_t kGroup = 12;
+  at::parallel_for(0, (P + kGroup - 1) / kGroup, 1, [&](int64_t g0, int64_t g1) {
+    RNNFAST_ISA_CALL(isa, weight_grad_tn, segs, nseg, lda, ldb, K, tail.data(), out, g0 * kGroup,
+                     std::min(P, g1 * kGroup), accumulate);
+  });
+}
+
 }  // namespace rnnfast::cpu

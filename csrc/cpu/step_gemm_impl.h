@@ -326,3 +326,101 @@ void recurrent_gates_rows(const float* w_hh, const float* h, int64_t N, int64_t 
     }
   }
 }
+
+// ---- weight gradients: out [P, K] (+)= a^T b over rows m, a [m][P], b [m][K] ----
+// dW = dg^T x (or h_{t-1}) from the gate gradients as they lie, row-major [rows, G*H]: no
+// transposed copies. A tile holds kTnRows rows of out (that many consecutive entries of
+// each a row, broadcast) by kTnVecs vectors of columns (one b row's, loaded), and sums a
+// chunk of kTnRowChunk rows of a and b in registers; each chunk's sums are added to out in
+// row order (a fixed order per output, one thread per output: deterministic).
+constexpr int kTnVecs = kLanes == 16 ? 4 : 3;
+constexpr int kTnRows = kAccRegs / kTnVecs;  // 6 (AVX-512) or 4
+// rows of a and b a tile sums before it goes on: the chunk of b that the tiles of one
+// column block read over and over (128 rows x 4 vectors: 32 KiB) stays in L1
+constexpr int64_t kTnRowChunk = 128;
+
+// out[r][c] (+)= sum_{m < M} a[m * lda + r] * b[m * ldb + c] for r < PR, c < cols
+// (cols <= KV * kLanes; b holds KV whole vectors a row, loaded whatever cols is).
+template <int PR, int KV>
+inline void tn_tile(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
+                    int64_t ldb, int64_t M, float* __restrict__ out, int64_t ld_out,
+                    int64_t cols, bool accumulate) {
+  vfl acc[PR][KV];
+  for (int r = 0; r < PR; ++r)
+    for (int v = 0; v < KV; ++v) acc[r][v] = vfl{};
+  for (int64_t m = 0; m < M; ++m) {
+    vfl bv[KV];
+    for (int v = 0; v < KV; ++v) bv[v] = loadl(b + m * ldb + v * kLanes);
+    for (int r = 0; r < PR; ++r) {
+      const float x = a[m * lda + r];
+      for (int v = 0; v < KV; ++v) acc[r][v] += bv[v] * x;
+    }
+  }
+  for (int r = 0; r < PR; ++r)
+    for (int v = 0; v < KV; ++v) {
+      float* o = out + r * ld_out + v * kLanes;
+      const int64_t n = std::min<int64_t>(kLanes, cols - v * kLanes);
+      if (n == kLanes) {
+        storel(o, accumulate ? loadl(o) + acc[r][v] : acc[r][v]);
+      } else {
+        for (int64_t u = 0; u < n; ++u) o[u] = accumulate ? o[u] + acc[r][v][u] : acc[r][v][u];
+      }
+    }
+}
+
+// f(std::integral_constant<int, n>) for a run-time n in [1, MAX]
+template <int MAX, typename F>
+inline void with_count(int64_t n, const F& f) {
+  if constexpr (MAX >= 1) {
+    if (n == MAX) {
+      f(std::integral_constant<int, MAX>{});
+    } else {
+      with_count<MAX - 1>(n, f);
+    }
+  }
+}
+
+// Rows [p0, p1) of out [P, K] (ld_out K) (+)= the sum over the segments of a^T b. Each
+// segment has its own a (rows lda apart) and b (rows ldb apart) and row count. tail: where
+// K is not a multiple of kLanes, its last K % kLanes columns of every row of b, all
+// segments' rows in order, zero-padded to kLanes (made by the caller).
+using ::rnnfast::cpu::TnSegment;
+inline void weight_grad_tn(const TnSegment* segs, int nseg, int64_t lda, int64_t ldb, int64_t K,
+                           const float* tail, float* out, int64_t p0, int64_t p1,
+                           bool accumulate) {
+  const int64_t full = K - K % kLanes;  // columns in whole vectors
+  int64_t tail_row = 0;                 // the segment's first row in `tail`
+  bool acc = accumulate;
+  for (int s = 0; s < nseg; ++s) {
+    const TnSegment& g = segs[s];
+    for (int64_t m0 = 0; m0 < g.rows; m0 += kTnRowChunk) {
+      const int64_t mc = std::min(kTnRowChunk, g.rows - m0);
+      const float* a = g.a + m0 * lda;
+      // one column block (vectors of b from `b`, rows ldb_ apart) over all rows [p0, p1)
+      auto block = [&](auto vecs, const float* b, int64_t ldb_, int64_t c0, int64_t cols) {
+        constexpr int KV = decltype(vecs)::value;
+        int64_t p = p0;
+        for (; p + kTnRows <= p1; p += kTnRows)
+          tn_tile<kTnRows, KV>(a + p, lda, b, ldb_, mc, out + p * K + c0, K, cols, acc);
+        if (p < p1)
+          with_count<kTnRows - 1>(p1 - p, [&](auto rows) {
+            tn_tile<decltype(rows)::value, KV>(a + p, lda, b, ldb_, mc, out + p * K + c0, K,
+                                               cols, acc);
+          });
+      };
+      const float* b = g.b + m0 * ldb;
+      int64_t c0 = 0;
+      for (; c0 + kTnVecs * kLanes <= full; c0 += kTnVecs * kLanes)
+        block(std::integral_constant<int, kTnVecs>{}, b + c0, ldb, c0, kTnVecs * kLanes);
+      if (c0 < full)
+        with_count<kTnVecs - 1>((full - c0) / kLanes, [&](auto vecs) {
+          block(vecs, b + c0, ldb, c0, full - c0);
+        });
+      if (full < K)
+        block(std::integral_constant<int, 1>{}, tail + (tail_row + m0) * kLanes, kLanes, full,
+              K - full);
+      acc = true;
+    }
+    tail_row += g.rows;
+  }
+}

@@ -440,19 +440,20 @@ void reverse_time_loop(const Tensor& dg_hh, const StepRows& L, const Tensor& w_h
 // slower than 1000. (Transposing dg once for both dW GEMMs, unchunked, had gained 4-6% at
 // N = 16 but lost 6% at T = 100, N = 64, H = 256.)
 constexpr int64_t kNarrowGradColumns = 64;
-// RNNFAST_CPU_WEIGHT_GRADS=aten: the old path (for A/B runs)
-inline bool own_weight_grads() {
+// float32 weight gradients by weight_grad_f32 (kernels.h) under the AVX-512 settings;
+// RNNFAST_CPU_WEIGHT_GRADS=aten keeps the ATen path below (for A/B runs)
+inline bool own_weight_grads(CpuIsa isa) {
   static const bool own = [] {
     const char* v = std::getenv("RNNFAST_CPU_WEIGHT_GRADS");
     return !(v && std::string(v) == "aten");
   }();
-  return own;
+  return own && isa >= CpuIsa::kAvx512;
 }
 constexpr int64_t kTnChunkRows = 1000;
 // In float32 rnnfast's own kernel does it instead (weight_grad_f32, kernels.h), reading a
 // and b as they lie, over one or more segments of rows (a [K_i, M], b [K_i, P] each, rows
 // contiguous, a's rows equally far apart in all, and b's).
-inline Tensor mm_tn_f32(std::initializer_list<std::pair<Tensor, Tensor>> parts) {
+inline Tensor mm_tn_f32(CpuIsa isa, std::initializer_list<std::pair<Tensor, Tensor>> parts) {
   const Tensor &a0 = parts.begin()->first, &b0 = parts.begin()->second;
   const int64_t M = a0.size(1), P = b0.size(1), lda = a0.stride(0), ldb = b0.stride(0);
   std::vector<TnSegment> segs;
@@ -464,13 +465,14 @@ inline Tensor mm_tn_f32(std::initializer_list<std::pair<Tensor, Tensor>> parts) 
     segs.push_back({a.const_data_ptr<float>(), b.const_data_ptr<float>(), a.size(0)});
   }
   Tensor out = at::empty({M, P}, a0.options());
-  weight_grad_f32(cpu_isa(), segs.data(), static_cast<int>(segs.size()), lda, ldb, M, P,
+  weight_grad_f32(isa, segs.data(), static_cast<int>(segs.size()), lda, ldb, M, P,
                   out.mutable_data_ptr<float>(), false);
   return out;
 }
 
 inline Tensor mm_tn(const Tensor& a, const Tensor& b) {
-  if (a.scalar_type() == at::kFloat && own_weight_grads()) return mm_tn_f32({{a, b}});
+  if (const CpuIsa isa = cpu_isa(); a.scalar_type() == at::kFloat && own_weight_grads(isa))
+    return mm_tn_f32(isa, {{a, b}});
   if (b.size(1) < a.size(1) && b.size(1) < kNarrowGradColumns)
     return at::mm(b.t(), a).t().contiguous();
   const int64_t K = a.size(0);
@@ -555,9 +557,9 @@ inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const 
     });
     return dw_hh;
   }
-  if (y.scalar_type() == at::kFloat && own_weight_grads()) {
+  if (const CpuIsa isa = cpu_isa(); y.scalar_type() == at::kFloat && own_weight_grads(isa)) {
     const int64_t rest = (T - 1) * N;
-    return mm_tn_f32({{dg_hh.narrow(0, first * N, N), h0},
+    return mm_tn_f32(isa, {{dg_hh.narrow(0, first * N, N), h0},
                       {dg_hh.narrow(0, reverse ? 0 : N, rest), y.narrow(0, reverse ? N : 0, rest)}});
   }
   Tensor dw_hh = mm_tn(dg_hh.narrow(0, first * N, N), h0);

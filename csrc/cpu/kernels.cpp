@@ -434,8 +434,9 @@ void recurrent_dh_blocks(const StepWeights& w, const float* dg, int64_t N, int64
 
 void weight_grad_f32(CpuIsa isa, const TnSegment* segs, int nseg, int64_t lda, int64_t ldb,
                      int64_t P, int64_t K, float* out, bool accumulate) {
-  if (isa == CpuIsa::kAvx512Bf16) isa = CpuIsa::kAvx512;  // float32: the AVX-512 build
-  const int64_t lanes = isa_lanes(isa), rem = K % lanes;
+  TORCH_CHECK(isa >= CpuIsa::kAvx512, "rnnfast: weight_grad_f32 runs on the AVX-512 build only");
+  constexpr int64_t lanes = 16;
+  const int64_t rem = K % lanes;
   int64_t M = 0;
   for (int s = 0; s < nseg; ++s) M += segs[s].rows;
   if (P == 0 || K == 0) return;
@@ -451,11 +452,13 @@ void weight_grad_f32(CpuIsa isa, const TnSegment* segs, int nseg, int64_t lda, i
       for (int64_t m = 0; m < segs[s].rows; ++m, ++row)
         std::memcpy(tail.data() + row * lanes, segs[s].b + m * ldb + K - rem, rem * sizeof(float));
   }
-  // rows of out in groups of 12 (whole tiles of 6 or 4), split between the threads
+  // rows of out in groups of 12 (two whole tiles), split between the threads
   constexpr int64_t kGroup = 12;
   at::parallel_for(0, (P + kGroup - 1) / kGroup, 1, [&](int64_t g0, int64_t g1) {
-    RNNFAST_ISA_CALL(isa, weight_grad_tn, segs, nseg, lda, ldb, K, tail.data(), out, g0 * kGroup,
-                     std::min(P, g1 * kGroup), accumulate);
+#ifdef RNNFAST_HAVE_X86_BUILDS
+    avx512::weight_grad_tn(segs, nseg, lda, ldb, K, tail.data(), out, g0 * kGroup,
+                           std::min(P, g1 * kGroup), accumulate);
+#endif
   });
 }
 

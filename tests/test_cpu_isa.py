@@ -173,9 +173,11 @@ def test_bad_environment_variable_is_a_clear_error_at_the_first_call():
 
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
 def test_weight_gradients_over_many_rows(cell):
-    """T * N = 2100 rows: on a CPU where the weight gradients go through oneDNN (AVX-512,
-    torch 2.14 on) they are summed over chunks of at most 1000 rows (csrc/cpu/common.h,
-    mm_tn); C and H of 64 and more keep them off the narrow-output path."""
+    """T * N = 2100 rows: under the AVX-512 settings the float32 weight gradients run
+    rnnfast's own kernel (weight_grad_f32), which sums chunks of 256 rows (eight whole, one
+    partial) and dW_hh's two row segments (h0's rows, then y's); elsewhere ATen, which on
+    torch 2.14 with AVX-512 sums chunks of at most 1000 rows through oneDNN (mm_tn). C and
+    H of 64 and more keep the ATen path off its narrow-output branch."""
     _check_against_torch_and_reference(cell, 70, 30, 72, 80, seed=11, bidirectional=False)
 
 
@@ -284,6 +286,18 @@ def test_bf16_gemms_run_packed_sequences(cell):
         return
     packed_case(cell, [9, 9, 8, 6, 6, 5, 3, 2, 2, 1], False, 1, True, True, torch.bfloat16,
                 "ops", size=(24, 40))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bf16_gemms_project_in_chunks(cell):
+    """Past 4M floats of pre-activations the bfloat16 projection runs in chunks of steps,
+    each written into one buffer that the call reuses (csrc/cpu/common.h, ProjectedChunks):
+    one sequence of 1100 steps and fifteen of 80, so that in reverse the chunks grow (the
+    buffer is replaced) and forward they shrink (the buffer's front is reused)."""
+    if not _run_isa_or_check_refusal("avx512bf16"):
+        return
+    packed_case(cell, [1100] + [80] * 15, False, 1, True, True, torch.bfloat16, "ops",
+                size=(4, 128))
 
 
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])

@@ -329,10 +329,15 @@ at::Tensor pack_bf16_weights(const at::Tensor& w, int64_t G) {
 }
 
 at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t G, int64_t H,
-                           const std::optional<at::Tensor>& bias) {
+                           const std::optional<at::Tensor>& bias, const at::Tensor& buffer) {
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), Kp = (K + 1) / 2;
-  at::Tensor out = empty_large({M, G * H}, xc.options().dtype(at::kFloat));
+  at::Tensor out;
+  if (buffer.defined() && buffer.numel() >= M * G * H) {
+    out = buffer.view(-1).narrow(0, 0, M * G * H).view({M, G * H});
+  } else {
+    out = empty_large({M, G * H}, xc.options().dtype(at::kFloat));
+  }
   const std::optional<at::Tensor> bc =
       bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const float* bp = bc ? bc->data_ptr<float>() : nullptr;

@@ -84,10 +84,12 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 // The input projection of a bfloat16 layer in bfloat16 with float32 results: pre [M, G*H]
 // = x [M, K] W^T + bias, x and w [G*H, K] in bfloat16 or float32 holding bfloat16
 // values, w packed once (pack_bf16_weights) for all chunks. Only where a call runs the
-// bfloat16 GEMMs (bf16_gemms_of in common.h).
+// bfloat16 GEMMs (bf16_gemms_of in common.h). buffer: float32 storage of at least M*G*H
+// values that the result is written into (and views), else a new tensor.
 at::Tensor pack_bf16_weights(const at::Tensor& w, int64_t G);
 at::Tensor projection_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t G, int64_t H,
-                           const std::optional<at::Tensor>& bias);
+                           const std::optional<at::Tensor>& bias,
+                           const at::Tensor& buffer = at::Tensor());
 // bf16_gemms: as forward_step_weights, the dh step in bfloat16 (W_hh^T packed as one gate).
 StepWeights backward_step_weights(const at::Tensor& w_hh, bool bf16_gemms = false);
 

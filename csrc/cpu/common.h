@@ -430,7 +430,14 @@ void reverse_time_loop(const Tensor& dg_hh, const StepRows& L, const Tensor& w_h
 }
 
 // a^T b for a [K, M], b [K, P]: the weight-gradient GEMMs, reducing over all T*N rows.
-// MKL sums a long K far less accurately when the output is narrow (P of a few columns)
+// In float32 under the AVX-512 settings rnnfast's own kernel runs them (weight_grad_f32,
+// kernels.h): it reads a and b as they lie, with no transposed copies, at 200-250 GFMA/s
+// on 2 Zen 5 cores. The ATen path below serves the rest (float64, AVX2 and baseline
+// CPUs, where that kernel's 256-bit build ran at 0.8x MKL) and
+// RNNFAST_CPU_WEIGHT_GRADS=aten. Against it, on the Zen 5, the LSTM forward+backward in
+// float32 went from 0.84x-1.03x of torch.nn to 1.00x-1.25x at T = 64-100, N = 16-64, H =
+// 128-512 (benchmarks/results/cpu-zen5-f32-weight-grads-ab-2026-11-29.json).
+// On that path: MKL sums a long K far less accurately when the output is narrow (P of a few columns)
 // than when it is wide; computing (b^T a)^T when P is narrow and P < M keeps the error at
 // torch.nn's level, for the price of transposing the [M, P] result. Where P is wide the
 // transpose only costs: at N = 1, H = 1024 the LSTM backward's three [4H, H] transposes
@@ -447,8 +454,9 @@ void reverse_time_loop(const Tensor& dg_hh, const StepRows& L, const Tensor& w_h
 // slower than 1000. (Transposing dg once for both dW GEMMs, unchunked, had gained 4-6% at
 // N = 16 but lost 6% at T = 100, N = 64, H = 256.)
 constexpr int64_t kNarrowGradColumns = 64;
-// float32 weight gradients by weight_grad_f32 (kernels.h) under the AVX-512 settings;
-// RNNFAST_CPU_WEIGHT_GRADS=aten keeps the ATen path below (for A/B runs)
+constexpr int64_t kTnChunkRows = 1000;
+// float32 weight gradients by weight_grad_f32 under the AVX-512 settings (isa: the setting
+// read once by the caller), unless RNNFAST_CPU_WEIGHT_GRADS=aten
 inline bool own_weight_grads(CpuIsa isa) {
   static const bool own = [] {
     const char* v = std::getenv("RNNFAST_CPU_WEIGHT_GRADS");
@@ -456,10 +464,8 @@ inline bool own_weight_grads(CpuIsa isa) {
   }();
   return own && isa >= CpuIsa::kAvx512;
 }
-constexpr int64_t kTnChunkRows = 1000;
-// In float32 rnnfast's own kernel does it instead (weight_grad_f32, kernels.h), reading a
-// and b as they lie, over one or more segments of rows (a [K_i, M], b [K_i, P] each, rows
-// contiguous, a's rows equally far apart in all, and b's).
+// a^T b by weight_grad_f32, summed over one or more segments of rows (a [K_i, M], b [K_i,
+// P] each, rows contiguous, a's rows equally far apart in all, and b's).
 inline Tensor mm_tn_f32(CpuIsa isa, std::initializer_list<std::pair<Tensor, Tensor>> parts) {
   const Tensor &a0 = parts.begin()->first, &b0 = parts.begin()->second;
   const int64_t M = a0.size(1), P = b0.size(1), lda = a0.stride(0), ldb = b0.stride(0);

@@ -479,7 +479,7 @@ inline Tensor mm_tn_f32(CpuIsa isa, std::initializer_list<std::pair<Tensor, Tens
   }
   Tensor out = at::empty({M, P}, a0.options());
   weight_grad_f32(isa, segs.data(), static_cast<int>(segs.size()), lda, ldb, M, P,
-                  out.mutable_data_ptr<float>(), false);
+                  out.mutable_data_ptr<float>());
   return out;
 }
 

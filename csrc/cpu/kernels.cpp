@@ -438,15 +438,19 @@ void recurrent_dh_blocks(const StepWeights& w, const float* dg, int64_t N, int64
 }
 
 void weight_grad_f32(CpuIsa isa, const TnSegment* segs, int nseg, int64_t lda, int64_t ldb,
-                     int64_t P, int64_t K, float* out, bool accumulate) {
+                     int64_t P, int64_t K, float* out) {
+#ifdef RNNFAST_HAVE_X86_BUILDS
   TORCH_CHECK(isa >= CpuIsa::kAvx512, "rnnfast: weight_grad_f32 runs on the AVX-512 build only");
+#else
+  TORCH_CHECK(false, "rnnfast: weight_grad_f32 needs an x86-64 build");
+#endif
   constexpr int64_t lanes = 16;
   const int64_t rem = K % lanes;
   int64_t M = 0;
   for (int s = 0; s < nseg; ++s) M += segs[s].rows;
   if (P == 0 || K == 0) return;
   if (M == 0) {
-    if (!accumulate) std::memset(out, 0, P * K * sizeof(float));
+    std::memset(out, 0, P * K * sizeof(float));
     return;
   }
   // the last K % lanes columns of b, zero-padded to whole vectors
@@ -462,7 +466,7 @@ void weight_grad_f32(CpuIsa isa, const TnSegment* segs, int nseg, int64_t lda, i
   at::parallel_for(0, (P + kGroup - 1) / kGroup, 1, [&](int64_t g0, int64_t g1) {
 #ifdef RNNFAST_HAVE_X86_BUILDS
     avx512::weight_grad_tn(segs, nseg, lda, ldb, K, tail.data(), out, g0 * kGroup,
-                           std::min(P, g1 * kGroup), accumulate);
+                           std::min(P, g1 * kGroup));
 #endif
   });
 }

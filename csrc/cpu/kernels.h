@@ -102,7 +102,7 @@ void recurrent_gates_blocks(const StepWeights& w, const float* h, int64_t N, int
 void recurrent_dh_blocks(const StepWeights& w, const float* dg, int64_t N, int64_t GH, int64_t H,
                          float* dh, int64_t b0, int64_t b1, bool accumulate, bool descending);
 
-// ---- weight gradients in float32: out [P, K] (+)= sum over segments of a^T b ----
+// ---- weight gradients in float32: out [P, K] = the sum over segments of a^T b ----
 // a: rows of P (lda apart), b: rows of K (ldb apart), `rows` rows each; the segments' rows
 // are summed as if one matrix, in order (dW_hh's h_{t-1} comes from h0 and from y). Every
 // output is summed by one thread in a fixed order: results do not depend on the thread
@@ -114,6 +114,6 @@ struct TnSegment {
   int64_t rows;
 };
 void weight_grad_f32(CpuIsa isa, const TnSegment* segs, int nseg, int64_t lda, int64_t ldb,
-                     int64_t P, int64_t K, float* out, bool accumulate);
+                     int64_t P, int64_t K, float* out);
 
 }  // namespace rnnfast::cpu

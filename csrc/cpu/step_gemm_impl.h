@@ -327,7 +327,7 @@ void recurrent_gates_rows(const float* w_hh, const float* h, int64_t N, int64_t 
   }
 }
 
-// ---- weight gradients: out [P, K] (+)= a^T b over rows m, a [m][P], b [m][K] ----
+// ---- weight gradients: out [P, K] = a^T b over rows m, a [m][P], b [m][K] ----
 // dW = dg^T x (or h_{t-1}) from the gate gradients as they lie, row-major [rows, G*H]: no
 // transposed copies. A tile holds kTnRows rows of out (that many consecutive entries of
 // each a row, broadcast) by kTnVecs vectors of columns (one b row's, loaded), and sums a
@@ -385,17 +385,16 @@ inline void with_count(int64_t n, const F& f) {
   }
 }
 
-// Rows [p0, p1) of out [P, K] (ld_out K) (+)= the sum over the segments of a^T b. Each
+// Rows [p0, p1) of out [P, K] (ld_out K) = the sum over the segments of a^T b. Each
 // segment has its own a (rows lda apart) and b (rows ldb apart) and row count. tail: where
 // K is not a multiple of kLanes, its last K % kLanes columns of every row of b, all
 // segments' rows in order, zero-padded to kLanes (made by the caller).
 using ::rnnfast::cpu::TnSegment;
 inline void weight_grad_tn(const TnSegment* segs, int nseg, int64_t lda, int64_t ldb, int64_t K,
-                           const float* tail, float* out, int64_t p0, int64_t p1,
-                           bool accumulate) {
+                           const float* tail, float* out, int64_t p0, int64_t p1) {
   const int64_t full = K - K % kLanes;  // columns in whole vectors
   int64_t tail_row = 0;                 // the segment's first row in `tail`
-  bool acc = accumulate;
+  bool acc = false;                     // the first chunk writes, the others add
   for (int s = 0; s < nseg; ++s) {
     const TnSegment& g = segs[s];
     for (int64_t m0 = 0; m0 < g.rows; m0 += kTnRowChunk) {

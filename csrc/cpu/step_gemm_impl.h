@@ -334,8 +334,8 @@ void recurrent_gates_rows(const float* w_hh, const float* h, int64_t N, int64_t 
 // chunk of kTnRowChunk rows of a and b in registers; each chunk's sums are added to out in
 // row order (a fixed order per output, one thread per output: deterministic).
 // Built for AVX-512 only (weight_grad_f32 in kernels.cpp). Measured alone on 2 Zen 5 cores:
-// 200-250 GFMA/s at M = 1024-6400, P = 512-2048, K = 128-512, against 95-110 for MKL's
-// a^T b and 113-163 for oneDNN with transposed chunks.
+// 200-250 GFMA/s at M = 1024-6400, P = 512-4096, K = 128-1024, against 95-110 for MKL's
+// a^T b and 113-198 for oneDNN with transposed chunks.
 constexpr int kTnVecs = 4;
 constexpr int kTnRows = kAccRegs / kTnVecs;  // 6
 // rows of a and b a tile sums before it goes on: the chunk of b that the tiles of one
@@ -343,6 +343,11 @@ constexpr int kTnRows = kAccRegs / kTnVecs;  // 6
 // 64 to 1024 rows measured: 256 and 512 best, 1024 up to 0.7x as fast; copying each chunk
 // of a into tile order first (its rows are 4-8 KiB apart, one L1 set) lost 5-20%.
 constexpr int64_t kTnRowChunk = 256;
+// rows of out that go through all column blocks before the next ones start: their chunk of
+// a (256 rows by 48 floats, rows up to 16 KiB apart) stays in L2 across the column blocks
+// rather than coming again from L3 for each (48, 96, 192 and all of a thread's rows
+// measured: 48 best, 2-5% ahead of all rows at P = 1024-4096)
+constexpr int64_t kTnOutRowBlock = 48;
 
 // out[r][c] (+)= sum_{m < M} a[m * lda + r] * b[m * ldb + c] for r < PR, c < cols
 // (cols <= KV * kLanes; b holds KV whole vectors a row, loaded whatever cols is).
@@ -400,29 +405,32 @@ inline void weight_grad_tn(const TnSegment* segs, int nseg, int64_t lda, int64_t
     for (int64_t m0 = 0; m0 < g.rows; m0 += kTnRowChunk) {
       const int64_t mc = std::min(kTnRowChunk, g.rows - m0);
       const float* a = g.a + m0 * lda;
-      // one column block (vectors of b from `b`, rows ldb_ apart) over all rows [p0, p1)
-      auto block = [&](auto vecs, const float* b, int64_t ldb_, int64_t c0, int64_t cols) {
-        constexpr int KV = decltype(vecs)::value;
-        int64_t p = p0;
-        for (; p + kTnRows <= p1; p += kTnRows)
-          tn_tile<kTnRows, KV>(a + p, lda, b, ldb_, mc, out + p * K + c0, K, cols, acc);
-        if (p < p1)
-          with_count<kTnRows - 1>(p1 - p, [&](auto rows) {
-            tn_tile<decltype(rows)::value, KV>(a + p, lda, b, ldb_, mc, out + p * K + c0, K,
-                                               cols, acc);
-          });
-      };
       const float* b = g.b + m0 * ldb;
-      int64_t c0 = 0;
-      for (; c0 + kTnVecs * kLanes <= full; c0 += kTnVecs * kLanes)
-        block(std::integral_constant<int, kTnVecs>{}, b + c0, ldb, c0, kTnVecs * kLanes);
-      if (c0 < full)
-        with_count<kTnVecs - 1>((full - c0) / kLanes, [&](auto vecs) {
-          block(vecs, b + c0, ldb, c0, full - c0);
-        });
-      if (full < K)
-        block(std::integral_constant<int, 1>{}, tail + (tail_row + m0) * kLanes, kLanes, full,
-              K - full);
+      for (int64_t q0 = p0; q0 < p1; q0 += kTnOutRowBlock) {
+        const int64_t q1 = std::min(p1, q0 + kTnOutRowBlock);
+        // rows [q0, q1) of out by one column block: vectors of bv, rows ldv apart
+        auto block = [&](auto vecs, const float* bv, int64_t ldv, int64_t c0, int64_t cols) {
+          constexpr int KV = decltype(vecs)::value;
+          int64_t p = q0;
+          for (; p + kTnRows <= q1; p += kTnRows)
+            tn_tile<kTnRows, KV>(a + p, lda, bv, ldv, mc, out + p * K + c0, K, cols, acc);
+          if (p < q1)
+            with_count<kTnRows - 1>(q1 - p, [&](auto rows) {
+              tn_tile<decltype(rows)::value, KV>(a + p, lda, bv, ldv, mc, out + p * K + c0, K,
+                                                 cols, acc);
+            });
+        };
+        int64_t c0 = 0;
+        for (; c0 + kTnVecs * kLanes <= full; c0 += kTnVecs * kLanes)
+          block(std::integral_constant<int, kTnVecs>{}, b + c0, ldb, c0, kTnVecs * kLanes);
+        if (c0 < full)
+          with_count<kTnVecs - 1>((full - c0) / kLanes, [&](auto vecs) {
+            block(vecs, b + c0, ldb, c0, full - c0);
+          });
+        if (full < K)
+          block(std::integral_constant<int, 1>{}, tail + (tail_row + m0) * kLanes, kLanes, full,
+                K - full);
+      }
       acc = true;
     }
     tail_row += g.rows;

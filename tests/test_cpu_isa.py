@@ -181,6 +181,33 @@ def test_weight_gradients_over_many_rows(cell):
     _check_against_torch_and_reference(cell, 70, 30, 72, 80, seed=11, bidirectional=False)
 
 
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_float32_weight_gradients_give_the_same_bits_on_one_thread_or_two(cell):
+    """Under avx512 the float32 weight gradients come from rnnfast's own kernel, whose
+    threads split the rows of dW; each entry must be summed in the same order whatever the
+    split: dW_ih and dW_hh bit-identical on 1 and 2 threads. 600 rows (chunks of 256, the
+    last partial), C = 40 (two whole vectors and a tail of 8 columns), H = 72 (dW's 216 or
+    288 rows: blocks of 48 and partial tiles on either split)."""
+    if not _run_isa_or_check_refusal("avx512"):
+        return
+    _, f, _ = make_pair(cell, 40, 72, torch.float32, seed=5)
+    torch.manual_seed(6)
+    x = torch.randn(20, 30, 40)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            f.zero_grad()
+            y, _ = f(x)
+            (y ** 2).sum().backward()
+            results.append([f.weight_ih_l0.grad.clone(), f.weight_hh_l0.grad.clone()])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 # ---- the bfloat16 GEMMs (avx512bf16) ----
 # (N, C, H): odd C and odd H pad the last pair and the last 16-unit block; N = 13 leaves a
 # partial row group after full tiles of every height (8, 6, 4); H = 300 takes the LSTM's

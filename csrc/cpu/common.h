@@ -437,11 +437,12 @@ void reverse_time_loop(const Tensor& dg_hh, const StepRows& L, const Tensor& w_h
 // RNNFAST_CPU_WEIGHT_GRADS=aten. Against it, on the Zen 5, the LSTM forward+backward in
 // float32 went from 0.84x-1.03x of torch.nn to 1.00x-1.25x at T = 64-100, N = 16-64, H =
 // 128-512 (benchmarks/results/cpu-zen5-f32-weight-grads-ab-2026-11-29.json).
-// On that path: MKL sums a long K far less accurately when the output is narrow (P of a few columns)
-// than when it is wide; computing (b^T a)^T when P is narrow and P < M keeps the error at
-// torch.nn's level, for the price of transposing the [M, P] result. Where P is wide the
-// transpose only costs: at N = 1, H = 1024 the LSTM backward's three [4H, H] transposes
-// (about 10 ms each on 2 cores) were half its fixed cost (64 ms a call at T = 25).
+// On that path: MKL sums a long K far less accurately when the output is narrow (P of a
+// few columns) than when it is wide; computing (b^T a)^T when P is narrow and P < M keeps
+// the error at torch.nn's level, for the price of transposing the [M, P] result. Where P
+// is wide the transpose only costs: at N = 1, H = 1024 the LSTM backward's three [4H, H]
+// transposes (about 10 ms each on 2 cores) were half its fixed cost (64 ms a call at T =
+// 25).
 // Where weight_gemm takes oneDNN (onednn_weight_gemms: AVX-512 CPUs under torch 2.14), so
 // do these, as sums over chunks of about kTnChunkRows rows of a^T (b^T)^T, each chunk's
 // a^T and b^T copied out first (oneDNN's linear reads both with the reduction contiguous).
@@ -573,7 +574,8 @@ inline Tensor recurrent_weight_grad(const Tensor& dg_hh, const Tensor& y, const 
   if (const CpuIsa isa = cpu_isa(); y.scalar_type() == at::kFloat && own_weight_grads(isa)) {
     const int64_t rest = (T - 1) * N;
     return mm_tn_f32(isa, {{dg_hh.narrow(0, first * N, N), h0},
-                      {dg_hh.narrow(0, reverse ? 0 : N, rest), y.narrow(0, reverse ? N : 0, rest)}});
+                           {dg_hh.narrow(0, reverse ? 0 : N, rest),
+                            y.narrow(0, reverse ? N : 0, rest)}});
   }
   Tensor dw_hh = mm_tn(dg_hh.narrow(0, first * N, N), h0);
   if (T > 1) {

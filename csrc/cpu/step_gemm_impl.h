@@ -378,18 +378,6 @@ inline void tn_tile(const float* __restrict__ a, int64_t lda, const float* __res
     }
 }
 
-// f(std::integral_constant<int, n>) for a run-time n in [1, MAX]
-template <int MAX, typename F>
-inline void with_count(int64_t n, const F& f) {
-  if constexpr (MAX >= 1) {
-    if (n == MAX) {
-      f(std::integral_constant<int, MAX>{});
-    } else {
-      with_count<MAX - 1>(n, f);
-    }
-  }
-}
-
 // Rows [p0, p1) of out [P, K] (ld_out K) = the sum over the segments of a^T b. Each
 // segment has its own a (rows lda apart) and b (rows ldb apart) and row count. tail: where
 // K is not a multiple of kLanes, its last K % kLanes columns of every row of b, all
@@ -408,25 +396,17 @@ inline void weight_grad_tn(const TnSegment* segs, int nseg, int64_t lda, int64_t
       const float* b = g.b + m0 * ldb;
       for (int64_t q0 = p0; q0 < p1; q0 += kTnOutRowBlock) {
         const int64_t q1 = std::min(p1, q0 + kTnOutRowBlock);
-        // rows [q0, q1) of out by one column block: vectors of bv, rows ldv apart
+        // rows [q0, q1) of out by one column block: vectors of bv, rows ldv apart; rows and
+        // whole vectors both in row_tiles' steps (6 or 4 at a time, then 4, 2, 1)
         auto block = [&](auto vecs, const float* bv, int64_t ldv, int64_t c0, int64_t cols) {
-          constexpr int KV = decltype(vecs)::value;
-          int64_t p = q0;
-          for (; p + kTnRows <= q1; p += kTnRows)
-            tn_tile<kTnRows, KV>(a + p, lda, bv, ldv, mc, out + p * K + c0, K, cols, acc);
-          if (p < q1)
-            with_count<kTnRows - 1>(q1 - p, [&](auto rows) {
-              tn_tile<decltype(rows)::value, KV>(a + p, lda, bv, ldv, mc, out + p * K + c0, K,
-                                                 cols, acc);
-            });
-        };
-        int64_t c0 = 0;
-        for (; c0 + kTnVecs * kLanes <= full; c0 += kTnVecs * kLanes)
-          block(std::integral_constant<int, kTnVecs>{}, b + c0, ldb, c0, kTnVecs * kLanes);
-        if (c0 < full)
-          with_count<kTnVecs - 1>((full - c0) / kLanes, [&](auto vecs) {
-            block(vecs, b + c0, ldb, c0, full - c0);
+          row_tiles<kTnRows>(q1 - q0, [&](auto rows, int64_t n) {
+            tn_tile<decltype(rows)::value, decltype(vecs)::value>(
+                a + q0 + n, lda, bv, ldv, mc, out + (q0 + n) * K + c0, K, cols, acc);
           });
+        };
+        row_tiles<kTnVecs>(full / kLanes, [&](auto vecs, int64_t v) {
+          block(vecs, b + v * kLanes, ldb, v * kLanes, decltype(vecs)::value * kLanes);
+        });
         if (full < K)
           block(std::integral_constant<int, 1>{}, tail + (tail_row + m0) * kLanes, kLanes, full,
                 K - full);
